@@ -302,7 +302,7 @@ _V3 = dict(
 PRESETS: dict[str, dict] = {
     # Every feature on, small enough to train in minutes on 2 CPU cores.
     "tiny": dict(
-        vocab_size=2048, hidden_size=128, num_hidden_layers=3, first_k_dense_replace=1,
+        vocab_size=2048, hidden_size=128, num_hidden_layers=3, first_k_dense_replace=1, initializer_range=0.02,
         intermediate_size=320, num_attention_heads=4, q_lora_rank=64, kv_lora_rank=32,
         qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, max_position_embeddings=1024,
         n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=64,

@@ -1,0 +1,263 @@
+"""Checkpoints in the Hugging Face layout (SPEC §1.5): ``load_pretrained`` and ``save_pretrained``.
+
+A directory holds ``config.json`` and one ``model.safetensors`` or shards listed in
+``model.safetensors.index.json``. Names follow DeepSeek's release:
+
+    model.embed_tokens.weight, model.norm.weight, lm_head.weight
+    model.layers.{i}.self_attn.{q_a_proj,q_a_layernorm,q_b_proj | q_proj, kv_a_proj_with_mqa,
+                               kv_a_layernorm, kv_b_proj, o_proj}.weight
+    model.layers.{i}.mlp.{gate_proj,up_proj,down_proj}.weight                  dense layers
+    model.layers.{i}.mlp.gate.weight, .gate.e_score_correction_bias            MoE layers
+    model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.weight, mlp.shared_experts.*
+    model.layers.{L+k}.{enorm,hnorm,eh_proj,shared_head.norm,shared_head.head,embed_tokens} + block  MTP
+
+Our modules store the routed experts stacked (``w13`` = gate ‖ up, ``w2`` = down) for the grouped
+GEMM; this file is the one place that maps between the two layouts. FP8 checkpoints (E4M3 weights
+with a float32 ``weight_scale_inv`` per 128×128 block) are dequantised on load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+
+_INDEX = "model.safetensors.index.json"
+_SINGLE = "model.safetensors"
+
+
+# ---------------------------------------------------------------------------------- name mapping
+def _hf_names(model: nn.Module) -> Iterator[tuple[str, str, int | None, str | None]]:
+    """(our state-dict key, HF key, expert index or None, which part of a stacked expert weight)."""
+    cfg: ModelConfig = model.cfg
+    L = cfg.num_hidden_layers
+    for key in model.state_dict():
+        if key.startswith("mtp."):
+            k, rest = key[4:].split(".", 1)
+            prefix, rest = f"model.layers.{L + int(k)}.", rest
+        elif key.startswith("lm_head."):
+            if cfg.tie_word_embeddings:
+                continue
+            yield key, key, None, None
+            continue
+        else:
+            prefix, rest = "model.", key
+        m = re.fullmatch(r"(.*mlp\.experts)\.(w13|w2)", rest)
+        if m:
+            n_exp = cfg.n_routed_experts
+            parts = ("gate_proj", "up_proj") if m.group(2) == "w13" else ("down_proj",)
+            for e in range(n_exp):
+                for part in parts:
+                    yield key, f"{prefix}{m.group(1)}.{e}.{part}.weight", e, part
+        else:
+            yield key, prefix + rest, None, None
+
+
+def _mtp_shared_names(cfg: ModelConfig) -> list[str]:
+    """Copies of the shared embedding and head that the HF layout stores in each MTP layer."""
+    L = cfg.num_hidden_layers
+    out = []
+    for k in range(cfg.num_nextn_predict_layers):
+        out += [f"model.layers.{L + k}.embed_tokens.weight", f"model.layers.{L + k}.shared_head.head.weight"]
+    return out
+
+
+# ---------------------------------------------------------------------------------- reading
+class _TensorSource:
+    """Lazy access to the tensors of a safetensors checkpoint directory (single file or shards)."""
+
+    def __init__(self, path: str):
+        from safetensors import safe_open
+
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"checkpoint directory not found: {path}")
+        index = os.path.join(path, _INDEX)
+        if os.path.exists(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        else:
+            files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+            if not files:
+                raise FileNotFoundError(f"no .safetensors files in {path}")
+            weight_map = {}
+            for fn in files:
+                with safe_open(os.path.join(path, fn), "pt") as f:
+                    weight_map.update({k: fn for k in f.keys()})
+        self.path, self.weight_map, self._open, self._safe_open = path, weight_map, {}, safe_open
+
+    def keys(self) -> set[str]:
+        return set(self.weight_map)
+
+    def get(self, name: str) -> torch.Tensor:
+        fn = self.weight_map[name]
+        if fn not in self._open:
+            full = os.path.join(self.path, fn)
+            if not os.path.exists(full):
+                raise FileNotFoundError(f"{_INDEX} names shard {fn}, which is missing from {self.path}")
+            self._open[fn] = self._safe_open(full, "pt")
+        return self._open[fn].get_tensor(name)
+
+
+def _read(src: _TensorSource, name: str, dtype: torch.dtype) -> torch.Tensor:
+    t = src.get(name)
+    scale_name = name[: -len("weight")] + "weight_scale_inv" if name.endswith("weight") else None
+    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        if scale_name is None or scale_name not in src.weight_map:
+            raise ValueError(f"{name} is stored in {t.dtype} but has no {scale_name}")
+        from .fp8.quant import dequantize_weight
+
+        t = dequantize_weight(t, src.get(scale_name).float())
+    return t.to(dtype)
+
+
+def load_pretrained(path: str | os.PathLike, device=None, dtype: torch.dtype | None = None) -> nn.Module:
+    """Load an HF-layout DeepSeek-V3-family checkpoint (BF16/FP32, or FP8 + weight_scale_inv).
+
+    The MTP layers are loaded when present; when *all* of them are absent (a checkpoint written by
+    ``transformers``, which has no MTP), the model is built without MTP. Any other missing or
+    unexpected tensor raises ``ValueError`` listing them.
+    """
+    from .model import Transformer
+
+    path = os.fspath(path)
+    cfg = ModelConfig.from_hf(path)
+    cfg.quantization_config = None  # weights are dequantised into `dtype`
+    src = _TensorSource(path)
+    available = src.keys()
+    L = cfg.num_hidden_layers
+    has_mtp = any(k.startswith(f"model.layers.{L}.") for k in available)
+    if cfg.num_nextn_predict_layers and not has_mtp:
+        cfg = cfg.replace(num_nextn_predict_layers=0)
+    dtype = dtype or torch.float32
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    plan = list(_hf_names(model))
+    needed = {hf for _, hf, _, _ in plan}
+    ignorable = set(_mtp_shared_names(cfg))
+    missing = sorted(needed - available)
+    bias_names = {n for n in missing if n.endswith("e_score_correction_bias")}
+    if cfg.topk_method != "noaux_tc":  # V2-style gates have no selection bias
+        missing = [n for n in missing if n not in bias_names]
+    scale_names = {n for n in available if n.endswith("weight_scale_inv")}
+    unexpected = sorted(available - needed - ignorable - scale_names
+                        - {n for n in available if n.endswith("rotary_emb.inv_freq")})
+    if missing or unexpected:
+        msg = [f"checkpoint {path} does not match the model its config.json describes:"]
+        if missing:
+            msg.append(f"  missing ({len(missing)}): " + ", ".join(missing[:20]) + (" …" if len(missing) > 20 else ""))
+        if unexpected:
+            msg.append(f"  unexpected ({len(unexpected)}): " + ", ".join(unexpected[:20])
+                       + (" …" if len(unexpected) > 20 else ""))
+        raise ValueError("\n".join(msg))
+
+    state = {}
+    shapes = {k: v for k, v in model.state_dict().items()}
+    for key, hf, e, part in plan:
+        if hf not in available:  # optional bias of a V2-style gate
+            state[key] = torch.zeros(shapes[key].shape, dtype=torch.float32)
+            continue
+        keep_fp32 = key.endswith("e_score_correction_bias")
+        t = _read(src, hf, torch.float32 if keep_fp32 else dtype)
+        if e is None:
+            if tuple(t.shape) != tuple(shapes[key].shape):
+                raise ValueError(f"{hf}: shape {tuple(t.shape)} in the checkpoint, "
+                                 f"{tuple(shapes[key].shape)} expected from config.json")
+            state[key] = t
+            continue
+        full = state.get(key)
+        if full is None:
+            full = state[key] = torch.empty(shapes[key].shape, dtype=dtype)
+        inter = cfg.moe_intermediate_size
+        target = {"gate_proj": full[e, :inter], "up_proj": full[e, inter:], "down_proj": full[e]}[part]
+        if tuple(t.shape) != tuple(target.shape):
+            raise ValueError(f"{hf}: shape {tuple(t.shape)}, expected {tuple(target.shape)}")
+        target.copy_(t)
+    if cfg.tie_word_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    model = model.to_empty(device=device or "cpu")
+    model.load_state_dict(state, strict=True, assign=False)
+    model._freqs = torch.empty(0, dtype=torch.complex64)
+    return model
+
+
+# ---------------------------------------------------------------------------------- writing
+def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors under their HF names (per-expert, MTP at index num_hidden_layers)."""
+    sd = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    inter = model.cfg.moe_intermediate_size
+    for key, hf, e, part in _hf_names(model):
+        t = sd[key]
+        if e is not None:
+            t = {"gate_proj": t[e, :inter], "up_proj": t[e, inter:], "down_proj": t[e]}[part]
+        out[hf] = t.detach().contiguous()
+    for name in _mtp_shared_names(model.cfg):
+        out[name] = (sd["embed_tokens.weight"] if name.endswith("embed_tokens.weight") else sd["lm_head.weight"]).detach()
+    return out
+
+
+def _fp8_quantisable(name: str, t: torch.Tensor) -> bool:
+    """The official FP8 release quantises every Linear except embedding, head and MoE gate."""
+    if t.dim() != 2 or not name.endswith("_proj.weight"):
+        return False
+    return not any(s in name for s in ("embed_tokens", "shared_head.head", "lm_head", "mlp.gate.weight"))
+
+
+def save_pretrained(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = None,
+                    fp8: bool = False, max_shard_bytes: int = 4 << 30) -> None:
+    """Write ``config.json`` + safetensors (sharded with an index when large) in the HF layout.
+
+    ``fp8=True`` block-quantises the Linear weights to E4M3 with 128×128 ``weight_scale_inv``
+    (as the official DeepSeek-V3 release); the config then carries ``quantization_config``.
+    """
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    tensors = hf_state_dict(model)
+    if dtype is not None:
+        tensors = {k: (v if k.endswith("e_score_correction_bias") else v.to(dtype)) for k, v in tensors.items()}
+    cfg = model.cfg.replace(quantization_config=None)
+    if fp8:
+        from .fp8.quant import quantize_weight
+
+        for name in [n for n, t in tensors.items() if _fp8_quantisable(n, t)]:
+            q, s = quantize_weight(tensors[name].float())
+            tensors[name] = q.contiguous()
+            tensors[name[: -len("weight")] + "weight_scale_inv"] = s.float().contiguous()
+        cfg = cfg.replace(quantization_config={"activation_scheme": "dynamic", "fmt": "e4m3",
+                                               "quant_method": "fp8", "weight_block_size": [128, 128]})
+    tensors = {k: v.cpu().contiguous() for k, v in tensors.items()}
+    # shard
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensors[name]
+        size += nbytes
+    hf_cfg = cfg.to_hf()
+    hf_cfg["torch_dtype"] = str(dtype or next(iter(tensors.values())).dtype).replace("torch.", "")
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf_cfg, f, indent=2, sort_keys=True)
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(path, _SINGLE), metadata=meta)
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, start=1):
+        fn = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(path, fn), metadata=meta)
+        for k, v in shard.items():
+            weight_map[k] = fn
+            total += v.numel() * v.element_size()
+    with open(os.path.join(path, _INDEX), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)

@@ -1,0 +1,102 @@
+"""Multi-head Latent Attention (SPEC §1.1), training/prefill form with a compressed latent cache.
+
+Shapes (DeepSeek-V3): d=7168, H=128, q_lora 1536, kv_lora 512, qk_nope 128, qk_rope 64, v 128.
+
+    q      = q_b(norm(q_a(x)))                       [B, T, H, 128+64]   (or q_proj(x) without q-LoRA)
+    c_kv, k_pe = kv_a(x)                             [B, T, 512], [B, T, 64] (one RoPE key for all heads)
+    k_nope, v  = kv_b(norm(c_kv))                    [B, S, H, 128], [B, S, H, 128]
+    out    = o(softmax(q·k / sqrt(192) · mscale²) v)  [B, T, d]
+
+Only ``norm(c_kv)`` and the rotated ``k_pe`` are cached for decoding: 576 values per token per layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import RMSNorm
+from .rope import apply_rope
+
+
+class LatentCache:
+    """Per-layer cache of the normalised KV latent and the rotated RoPE key (the MLA cache)."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, num_layers: int,
+                 device=None, dtype=torch.float32):
+        self.max_len = max_len
+        self.kv = torch.zeros(num_layers, batch_size, max_len, cfg.kv_lora_rank, device=device, dtype=dtype)
+        self.pe = torch.zeros(num_layers, batch_size, max_len, cfg.qk_rope_head_dim, device=device, dtype=dtype)
+
+    def update(self, layer: int, start: int, kv: torch.Tensor, pe: torch.Tensor):
+        end = start + kv.shape[1]
+        if end > self.max_len:
+            raise ValueError(f"cache holds {self.max_len} positions, asked to write up to {end}")
+        self.kv[layer, : kv.shape[0], start:end] = kv
+        self.pe[layer, : kv.shape[0], start:end] = pe
+        return self.kv[layer, : kv.shape[0], :end], self.pe[layer, : kv.shape[0], :end]
+
+    def bytes_per_token(self) -> int:
+        return self.kv.shape[0] * (self.kv.shape[-1] + self.pe.shape[-1]) * self.kv.element_size()
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0, linear: type[nn.Module] = nn.Linear):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.h = cfg.num_attention_heads
+        self.nope, self.rope, self.vdim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_rank = cfg.kv_lora_rank
+        self.scale = cfg.softmax_scale
+        d, qk = cfg.hidden_size, cfg.qk_head_dim
+        if cfg.q_lora_rank:
+            self.q_a_proj = linear(d, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = linear(cfg.q_lora_rank, self.h * qk, bias=False)
+        else:
+            self.q_proj = linear(d, self.h * qk, bias=False)
+        self.kv_a_proj_with_mqa = linear(d, self.kv_rank + self.rope, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.kv_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = linear(self.kv_rank, self.h * (self.nope + self.vdim), bias=False)
+        self.o_proj = linear(self.h * self.vdim, d, bias=False)
+        self.has_q_lora = bool(cfg.q_lora_rank)
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, cache: LatentCache | None = None,
+                start_pos: int = 0) -> torch.Tensor:
+        """x: [B, T, d] at positions start_pos … start_pos+T−1; freqs_cis: [T, rope/2]."""
+        return self.o_proj(self.core(x, freqs_cis, cache, start_pos))
+
+    def core(self, x, freqs_cis, cache=None, start_pos=0):
+        """Everything but the output projection: [B, T, d] → [B, T, H·v]."""
+        B, T, _ = x.shape
+        if self.has_q_lora:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        else:
+            q = self.q_proj(x)
+        q = q.view(B, T, self.h, self.nope + self.rope)
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+        q_pe = apply_rope(q_pe, freqs_cis)
+
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)
+        k_pe = apply_rope(k_pe, freqs_cis)                       # [B, T, rope], shared by all heads
+        if cache is not None:
+            c_kv, k_pe = cache.update(self.layer_idx, start_pos, c_kv, k_pe)
+        S = c_kv.shape[1]
+        kv = self.kv_b_proj(c_kv).view(B, S, self.h, self.nope + self.vdim)
+        k_nope, v = kv.split([self.nope, self.vdim], dim=-1)
+
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)                         # [B, H, T, 192]
+        k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, S, self.h, self.rope)], dim=-1).transpose(1, 2)
+        v = v.transpose(1, 2)                                                          # [B, H, S, 128]
+        if T == S:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        elif T == 1:
+            o = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        else:  # chunked prefill on top of a cache: query i sees keys 0 … start_pos+i
+            qpos = torch.arange(start_pos, start_pos + T, device=x.device)
+            mask = torch.arange(S, device=x.device)[None, :] <= qpos[:, None]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        return o.transpose(1, 2).reshape(B, T, self.h * self.vdim)

@@ -1,0 +1,164 @@
+"""DeepSeekMoE (SPEC §1.2): the gate, routed experts as a grouped GEMM, shared experts.
+
+Routing, per token (DeepSeek-V3):
+    s      = sigmoid(x · Wᵍᵀ)                       affinities, [N, E] (softmax for V2 configs)
+    biased = s + b                                  b only steers *selection* (aux-loss-free balancing)
+    group score = sum of the top-2 biased affinities inside each of n_group groups
+    keep the topk_group best groups, mask the rest to −inf, take the top-k experts
+    g      = s[chosen] / Σ s[chosen] · routed_scaling_factor     (gate values from unbiased scores)
+
+Routed experts: the (token, expert) pairs are sorted by expert so every expert sees one contiguous
+segment; the experts then run as one grouped GEMM over those segments (``torch._grouped_mm``) or,
+where that is slower or unsupported, as one matmul per expert segment — never a loop over tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import MLP
+
+
+@dataclass
+class Routing:
+    indices: torch.Tensor   # [N, k] chosen experts
+    weights: torch.Tensor   # [N, k] gate values (fp32)
+    scores: torch.Tensor    # [N, E] unbiased affinities (fp32), for the sequence-wise balance loss
+    counts: torch.Tensor    # [E] tokens routed to each expert (long)
+
+
+def route(scores: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_group: int = 1,
+          topk_group: int = 1, group_score: str = "top2") -> torch.Tensor:
+    """Expert indices [N, top_k] chosen from affinities [N, E] (group-limited when n_group > 1).
+
+    ``group_score``: "top2" (V3: sum of the two best biased affinities of a group) or "max" (V2).
+    """
+    choice = scores if bias is None else scores + bias
+    n, e = choice.shape
+    if n_group > 1 and topk_group < n_group:
+        grouped = choice.view(n, n_group, e // n_group)
+        if group_score == "top2":
+            gscore = grouped.topk(min(2, e // n_group), dim=-1).values.sum(-1)
+        else:
+            gscore = grouped.amax(-1)
+        keep = gscore.topk(topk_group, dim=-1).indices                       # [N, topk_group]
+        gmask = torch.ones(n, n_group, dtype=torch.bool, device=choice.device).scatter_(1, keep, False)
+        choice = choice.masked_fill(gmask.repeat_interleave(e // n_group, dim=1), float("-inf"))
+    return choice.topk(top_k, dim=-1).indices
+
+
+class Gate(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k, self.n_group, self.topk_group = cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group
+        self.scoring, self.scale, self.norm = cfg.scoring_func, cfg.routed_scaling_factor, cfg.norm_topk_prob
+        self.group_score = "top2" if cfg.topk_method == "noaux_tc" else "max"
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        # Selection bias for auxiliary-loss-free balancing; updated by the trainer, not by gradients.
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
+        bias = self.e_score_correction_bias if self.group_score == "top2" else None
+        idx = route(scores.detach(), bias, self.top_k, self.n_group, self.topk_group, self.group_score)
+        w = scores.gather(1, idx)
+        if self.norm and self.top_k > 1:
+            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        w = w * self.scale
+        counts = torch.bincount(idx.flatten(), minlength=scores.shape[1])
+        return Routing(idx, w, scores, counts)
+
+
+class _GroupedMM(torch.autograd.Function):
+    """y = segment-wise x_e @ w_eᵀ via torch._grouped_mm, with a grouped backward (works on CPU)."""
+
+    @staticmethod
+    def forward(ctx, x, w, offs):
+        ctx.save_for_backward(x, w, offs)
+        return torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, offs = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = torch._grouped_mm(dy, w, offs=offs) if ctx.needs_input_grad[0] else None
+        dw = torch._grouped_mm(dy.t(), x, offs=offs) if ctx.needs_input_grad[1] else None
+        return dx, dw, None
+
+
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Per-expert x_e @ w_eᵀ over contiguous segments. x [M, K], w [E, N, K], counts [E] → [M, N]."""
+    if backend == "auto":
+        backend = "grouped_mm" if _grouped_mm_ok(x, w) else "segments"
+    if backend == "grouped_mm":
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        return _GroupedMM.apply(x, w, offs)
+    if backend != "segments":
+        raise ValueError(f"unknown grouped GEMM backend {backend!r} (auto, grouped_mm, segments)")
+    sizes = counts.tolist()
+    outs = [seg @ w[e].t() for e, seg in enumerate(x.split(sizes)) if sizes[e]]
+    return torch.cat(outs) if outs else x.new_zeros(0, w.shape[1])
+
+
+def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    # On CPU a loop of per-expert matmuls is faster than torch._grouped_mm (benchmarks/); on CUDA the
+    # grouped kernel needs BF16 and 16-byte aligned rows.
+    return (x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16
+            and w.dtype == torch.bfloat16 and x.shape[1] % 8 == 0 and w.shape[1] % 8 == 0)
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts with stacked weights: w13 [E, 2I, d] (gate ‖ up), w2 [E, d, I]."""
+
+    def __init__(self, num_experts: int, dim: int, inter: int):
+        super().__init__()
+        self.num_experts, self.dim, self.inter = num_experts, dim, inter
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * inter, dim))
+        self.w2 = nn.Parameter(torch.empty(num_experts, dim, inter))
+        self.backend = "auto"
+
+    def reset_expert_parameters(self):  # marker for init_weights
+        pass
+
+    def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x_sorted: tokens grouped by expert (segment e has counts[e] rows) → [M, d]."""
+        h = grouped_linear(x_sorted, self.w13.to(x_sorted.dtype), counts, self.backend)
+        gate, up = h.split(self.inter, dim=-1)
+        return grouped_linear(F.silu(gate) * up, self.w2.to(x_sorted.dtype), counts, self.backend)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.gate = Gate(cfg)
+        self.experts = GroupedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts else None)
+
+    def forward(self, x: torch.Tensor, stats: list | None = None) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        r = self.gate(flat)
+        if stats is not None:
+            stats.append(r)
+        y = combine(self.experts, flat, r)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        return y.view(shape)
+
+
+def combine(experts: GroupedExperts, flat: torch.Tensor, r: Routing) -> torch.Tensor:
+    """Σ_k g_k · expert_{i_k}(x) for every token, through an expert-sorted grouped GEMM."""
+    k = r.indices.shape[1]
+    order = r.indices.flatten().argsort(stable=True)        # (token, slot) pairs sorted by expert
+    token = order // k
+    y = experts(flat[token], r.counts)
+    y = y * r.weights.flatten()[order].unsqueeze(1).to(y.dtype)
+    return torch.zeros_like(flat).index_add_(0, token, y.to(flat.dtype))
