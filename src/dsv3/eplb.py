@@ -35,6 +35,7 @@ as ``rebalance_experts_greedy`` for comparison.
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 from typing import Tuple
 
@@ -52,6 +53,8 @@ __all__ = [
 ]
 
 _EPS = 1e-12
+_HOT_STARTS = 4  # _solve_domain: how many of the hottest experts get extra starts with fewer replicas
+_GOOD_ENOUGH = 1e-3  # ... tried only while the max GPU load is above the mean by more than this
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,20 +124,24 @@ def is_hierarchical(num_groups: int, num_nodes: int) -> bool:
 # building blocks (one layer, numpy)
 
 
-def _greedy_counts(w: np.ndarray, num_slots: int, cap: int | None = None) -> np.ndarray:
+def _greedy_counts(w: np.ndarray, num_slots: int, cap=None, pin: tuple[int, int] | None = None) -> np.ndarray:
     """Replica counts: one each, then each extra slot to the expert with the largest load per
-    replica (ties: lowest index), never above ``cap`` replicas. This minimises the largest
-    per-replica load for the given number of slots."""
+    replica (ties: lowest index), never above ``cap`` replicas (an int or one per expert). This
+    minimises the largest per-replica load for the given number of slots. ``pin=(e, v)`` fixes
+    expert e at v replicas. None when the caps leave too few slots."""
     n = len(w)
     cnt = np.ones(n, dtype=np.int64)
-    if cap is not None and cap <= 1:
-        return cnt
-    heap = [(-float(w[e]), e) for e in range(n)]
+    if pin is not None:
+        cnt[pin[0]] = pin[1]
+    caps = np.full(n, num_slots) if cap is None else np.broadcast_to(np.asarray(cap), (n,))
+    heap = [(-float(w[e]) / cnt[e], e) for e in range(n) if cnt[e] < caps[e] and (pin is None or e != pin[0])]
     heapq.heapify(heap)
-    for _ in range(num_slots - n):
+    for _ in range(num_slots - int(cnt.sum())):
+        if not heap:
+            return None  # the caps leave no room
         _, e = heapq.heappop(heap)
         cnt[e] += 1
-        if cap is None or cnt[e] < cap:
+        if cnt[e] < caps[e]:
             heapq.heappush(heap, (-float(w[e]) / cnt[e], e))
     return cnt
 
@@ -263,19 +270,116 @@ def _round_robin(expert: np.ndarray, num_packs: int) -> np.ndarray:
     return gpu
 
 
-def _solve_domain(w: np.ndarray, num_slots: int, num_packs: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """Replicate the experts of one domain (a node, or everything) into ``num_slots`` replicas
-    and pack them onto ``num_packs`` GPUs. Returns (replica expert ids, replica GPU, max load)."""
+def _count_moves(w, cnt, expert, gpu, num_packs, cap):
+    """Every move "replica r of expert a (c_a >= 2) becomes a replica of expert b, on the same
+    GPU" scored by the resulting maximum GPU load: [replicas, experts] (inf where not allowed:
+    b == a, b at the cap, or b already on that GPU)."""
     n = len(w)
-    cap = max(num_packs, -(-num_slots // n))  # above K replicas a duplicate is forced anyway
-    cnt = _greedy_counts(w, num_slots, cap)
+    has = np.zeros((num_packs, n))
+    np.add.at(has, (gpu, expert), 1.0)
+    gl = np.bincount(gpu, weights=(w / cnt)[expert], minlength=num_packs)
+    rs = np.flatnonzero(cnt[expert] >= 2)
+    a, x = expert[rs], gpu[rs]
+    share_a = w[a] / cnt[a]
+    grow_a = w[a] / (cnt[a] - 1) - share_a  # on every GPU that keeps a replica of a
+    base = gl[None, :] + has[:, a].T * grow_a[:, None]  # [nr, K]
+    base[np.arange(len(rs)), x] -= grow_a + share_a
+    shrink_b = w / cnt - w / (cnt + 1)  # on every GPU holding b
+    new = base[:, None, :] - (has.T * shrink_b[:, None])[None]  # [nr, n, K]
+    new[np.arange(len(rs)), :, x] += (w / (cnt + 1))[None, :]
+    score = new.max(-1)
+    bad = (has[x, :] > 0) | (cnt >= cap)[None, :]
+    bad[np.arange(len(rs)), a] = True
+    score[bad] = np.inf
+    return rs, score
+
+
+def _refine_counts(w, cnt, expert, gpu, num_packs, cap, tries: int = 4) -> None:
+    """Local search over replica counts: move a replica from one expert to another (in place,
+    then swap-refine) while that lowers the maximum GPU load. The greedy counts minimise the
+    largest replica, not the largest GPU; with several replicas per GPU another split can pack
+    better (the reference gets such splits only through same-GPU duplicates). In place."""
+    n = len(w)
+    cur = float(np.bincount(gpu, weights=(w / cnt)[expert], minlength=num_packs).max())
+    tol = _EPS * max(float(w.sum()), 1.0)
+    for _ in range(2 * (len(expert) - n) + 8):
+        rs, score = _count_moves(w, cnt, expert, gpu, num_packs, cap)
+        if score.size == 0:
+            return
+        flat = np.argsort(score, axis=None, kind="stable")[:tries]
+        done = False
+        for f in flat:
+            i, b = np.unravel_index(int(f), score.shape)
+            if not np.isfinite(score[i, b]):
+                break
+            r = rs[i]
+            c2, e2, g2 = cnt.copy(), expert.copy(), gpu.copy()
+            c2[e2[r]] -= 1
+            c2[b] += 1
+            e2[r] = b
+            _refine_swaps(g2, e2, (w / c2)[e2], num_packs, n)
+            new = float(np.bincount(g2, weights=(w / c2)[e2], minlength=num_packs).max())
+            if new < cur - tol:
+                cnt[:], expert[:], gpu[:], cur, done = c2, e2, g2, new, True
+                break
+        if not done:
+            return
+
+
+def _pack_counts(w: np.ndarray, cnt: np.ndarray, num_packs: int):
+    """Replicas of ``cnt`` packed onto GPUs: distinct packing, repair, swap refinement."""
+    n = len(w)
     expert, load = _replicas(w, cnt)
     gpu = _pack_distinct(expert, load, num_packs, n)
     if not _repair_duplicates(gpu, expert, load, num_packs, n):
         gpu = _round_robin(expert, num_packs)
     _refine_swaps(gpu, expert, load, num_packs, n)
-    gmax = float(np.bincount(gpu, weights=load, minlength=num_packs).max())
-    return expert, gpu, gmax
+    return expert, gpu, float(np.bincount(gpu, weights=load, minlength=num_packs).max())
+
+
+def _solve_domain(w: np.ndarray, num_slots: int, num_packs: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Replicate the experts of one domain (a node, or everything) into ``num_slots`` replicas
+    and pack them onto ``num_packs`` GPUs. Returns (replica expert ids, replica GPU, max load).
+
+    Start: the greedy counts (capped at one replica per GPU), packed. With several replicas per
+    GPU and a maximum above the mean, more starts: one of the hottest replicated experts gets
+    fewer replicas than the greedy gave it, the freed slots going greedily either to all others
+    or only to experts the greedy left with one replica. Two hot experts whose replicas cannot all
+    sit on distinct GPUs collide on some GPU (their shares add up); fewer replicas of one of them
+    can avoid that — a change the one-replica-at-a-time count search cannot reach, since each of
+    its steps alone makes the collision worse. Each start is packed; the best two get the count
+    local search."""
+    n = len(w)
+    per_gpu = num_slots // num_packs
+    cap = max(num_packs, -(-num_slots // n))  # above K replicas a duplicate is forced anyway
+    cnt = _greedy_counts(w, num_slots, cap)
+    expert, gpu, gmax = _pack_counts(w, cnt, num_packs)
+    if per_gpu == 1 or n < per_gpu or num_slots == n:  # one replica per GPU: greedy is optimal
+        return expert, gpu, gmax
+    mean = float(w.sum()) / num_packs
+    starts = [(gmax, cnt, expert, gpu)]
+    hot = [int(e) for e in np.argsort(-w, kind="stable")[:_HOT_STARTS] if cnt[e] >= 2]
+    for e in hot if gmax > mean * (1 + _GOOD_ENOUGH) else []:
+        frozen = np.where(cnt >= 2, cnt, cap)  # variant 2: the other replicated experts keep their counts
+        for v in range(int(cnt[e]) - 1, 0, -1):
+            if w[e] / v >= gmax:  # this start cannot win (and fewer replicas cannot either)
+                break
+            for c_cap in (cap, frozen):
+                c2 = _greedy_counts(w, num_slots, c_cap, pin=(e, v))
+                if c2 is None or float((w / c2).max()) >= gmax or any(np.array_equal(c2, t[1]) for t in starts):
+                    continue
+                e2, g2, m2 = _pack_counts(w, c2, num_packs)
+                starts.append((m2, c2, e2, g2))
+    starts.sort(key=lambda t: t[0])
+    best = None
+    for m0, c0, e0, g0 in starts[:2]:
+        c0, e0, g0 = c0.copy(), e0.copy(), g0.copy()
+        if m0 > mean * (1 + 1e-9):
+            _refine_counts(w, c0, e0, g0, num_packs, cap)
+        m1 = float(np.bincount(g0, weights=(w / c0)[e0], minlength=num_packs).max())
+        if best is None or m1 < best[2]:
+            best = (e0, g0, m1)
+    return best
 
 
 def _refine_partition(values: np.ndarray, pack: np.ndarray, num_packs: int) -> np.ndarray:
@@ -308,6 +412,26 @@ def _layout(num_slots_per_gpu: int, gpu_experts: list[list[int]]) -> np.ndarray:
     return np.array([e for lst in gpu_experts for e in sorted(lst)], dtype=np.int64)
 
 
+_MAX_PARTITIONS = 5000  # group-to-node partitions searched exhaustively up to this many
+
+
+def _num_partitions(num_items: int, num_packs: int) -> int:
+    per = num_items // num_packs
+    return math.factorial(num_items) // (math.factorial(per) ** num_packs * math.factorial(num_packs))
+
+
+def _partitions(items: list[int], per: int):
+    """All ways to split ``items`` into unordered blocks of ``per`` (blocks as sorted tuples)."""
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for comb in itertools.combinations(rest, per - 1):
+        left = [i for i in rest if i not in comb]
+        for tail in _partitions(left, per):
+            yield [(first, *comb)] + tail
+
+
 def _place_layer(w: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int) -> np.ndarray:
     num_logical = len(w)
     if not is_hierarchical(num_groups, num_nodes):
@@ -316,23 +440,36 @@ def _place_layer(w: np.ndarray, num_replicas: int, num_groups: int, num_nodes: i
     gpus_per_node = num_gpus // num_nodes
     slots_per_node = num_replicas // num_nodes
     group_load = w.reshape(num_groups, group_size).sum(1)
-    candidates = [_balanced_packing(group_load, num_nodes)]
-    refined = _refine_partition(group_load, candidates[0], num_nodes)
-    if not np.array_equal(refined, candidates[0]):
-        candidates.insert(0, refined)
+
+    # candidate group-to-node partitions, each with a lower bound on its max GPU load
+    if _num_partitions(num_groups, num_nodes) <= _MAX_PARTITIONS:
+        parts = list(_partitions(list(range(num_groups)), num_groups // num_nodes))
+    else:  # the reference's greedy packing and its swap refinement
+        parts = []
+        greedy = _balanced_packing(group_load, num_nodes)
+        for pack in (_refine_partition(group_load, greedy, num_nodes), greedy):
+            parts.append([tuple(np.flatnonzero(pack == n).tolist()) for n in range(num_nodes)])
+    bounds = [max(group_load[list(b)].sum() for b in p) / gpus_per_node for p in parts]
+
+    # exact search over the candidates (by our domain solver), cheapest bound first, pruned
+    cache: dict[tuple, tuple] = {}
     best, best_max = None, math.inf
-    for node_of_group in candidates:
-        gpu_experts, layer_max = [], 0.0
-        for node in range(num_nodes):
-            groups = np.flatnonzero(node_of_group == node)
-            experts = (groups[:, None] * group_size + np.arange(group_size)).ravel()
-            rexp, rgpu, gmax = _solve_domain(w[experts], slots_per_node, gpus_per_node)
-            layer_max = max(layer_max, gmax)
-            for g in range(gpus_per_node):
-                gpu_experts.append(experts[rexp[rgpu == g]].tolist())
+    for i in np.argsort(bounds, kind="stable"):
+        if bounds[i] >= best_max * (1 - 1e-12):
+            break
+        layer_max = 0.0
+        for block in parts[i]:
+            if block not in cache:
+                experts = (np.array(block)[:, None] * group_size + np.arange(group_size)).ravel()
+                rexp, rgpu, gmax = _solve_domain(w[experts], slots_per_node, gpus_per_node)
+                cache[block] = ([experts[rexp[rgpu == g]].tolist() for g in range(gpus_per_node)], gmax)
+            layer_max = max(layer_max, cache[block][1])
+            if layer_max >= best_max:
+                break
         if layer_max < best_max * (1 - 1e-12):
-            best, best_max = gpu_experts, layer_max
-    return _layout(num_replicas // num_gpus, best)
+            best, best_max = parts[i], layer_max
+    gpu_experts = [lst for block in best for lst in cache[block][0]]
+    return _layout(num_replicas // num_gpus, gpu_experts)
 
 
 def _place_layer_greedy(w, num_replicas, num_groups, num_nodes, num_gpus) -> np.ndarray:

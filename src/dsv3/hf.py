@@ -198,7 +198,8 @@ def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             t = {"gate_proj": t[e, :inter], "up_proj": t[e, inter:], "down_proj": t[e]}[part]
         out[hf] = t.detach().contiguous()
     for name in _mtp_shared_names(model.cfg):
-        out[name] = (sd["embed_tokens.weight"] if name.endswith("embed_tokens.weight") else sd["lm_head.weight"]).detach()
+        src = sd["embed_tokens.weight"] if name.endswith("embed_tokens.weight") else sd["lm_head.weight"]
+        out[name] = src.detach().clone()  # a stored copy, as in DeepSeek's release
     return out
 
 

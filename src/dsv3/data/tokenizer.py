@@ -204,7 +204,7 @@ class Tokenizer:
         with fs.open(file, "r", encoding="utf-8") as f:
             tok = _HFTokenizer.from_str(f.read())
         names = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN}
-        config = file.rsplit("/", 1)[0] + "/tokenizer_config.json" if "/" in file else "tokenizer_config.json"
+        config = (file.rsplit("/", 1)[0] + "/" if "/" in file else "") + "tokenizer_config.json"
         if fs.exists(config):
             with fs.open(config, "r", encoding="utf-8") as f:
                 cfg = json.load(f)
@@ -240,7 +240,8 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         """Number of ids, added tokens included (the largest id + 1)."""
-        return max(self.hf.get_vocab(with_added_tokens=True).values()) + 1
+        added = self.hf.get_added_tokens_decoder()
+        return max(self.hf.get_vocab_size(with_added_tokens=True), max(added, default=-1) + 1)
 
     def _id(self, token: str | None) -> int | None:
         return None if token is None else self.hf.token_to_id(token)
@@ -264,9 +265,10 @@ class Tokenizer:
     # ------------------------------------------------------------------ encode / decode
     def encode(self, text: str, add_bos: bool = False, split_rate: float = 0.0,
                rng: RngLike = None) -> list[int]:
-        """Token ids of ``text`` (no special tokens unless ``add_bos``).  With ``split_rate > 0``
-        each punctuation+line-break token is split into its parts with that probability, drawn
-        from ``rng`` (a ``random.Random``, a numpy ``Generator`` or an int seed)."""
+        """Token ids of ``text`` (no bos unless ``add_bos``; special-token strings written in the
+        text map to their ids).  With ``split_rate > 0`` each punctuation+line-break token is
+        split into its parts with that probability, drawn from ``rng`` (a ``random.Random``, a
+        numpy ``Generator``, an int seed, or None for fresh entropy)."""
         ids = self.hf.encode(text, add_special_tokens=False).ids
         if split_rate > 0:
             ids = self.random_split(ids, split_rate, rng)

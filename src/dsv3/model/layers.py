@@ -36,13 +36,13 @@ class MLP(nn.Module):
 
 
 def init_weights(module: nn.Module, std: float) -> None:
-    """Normal(0, std) for every Linear/Embedding and stacked expert weight, ones for norms."""
-    for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.Embedding)) or hasattr(m, "reset_expert_parameters"):
-            for name, p in m.named_parameters(recurse=False):
-                if name == "bias":
-                    nn.init.zeros_(p)
-                else:
-                    nn.init.normal_(p, mean=0.0, std=std)
-        elif isinstance(m, RMSNorm):
-            nn.init.ones_(m.weight)
+    """Normal(0, std) for every matrix (Linear, embedding, gate, stacked experts); ones for norms."""
+    norms = {id(m.weight) for m in module.modules() if isinstance(m, RMSNorm)}
+    with torch.no_grad():
+        for p in module.parameters():
+            if id(p) in norms:
+                p.fill_(1.0)
+            elif p.dim() >= 2:
+                p.normal_(0.0, std)
+            else:
+                p.zero_()

@@ -123,9 +123,6 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, inter))
         self.backend = "auto"
 
-    def reset_expert_parameters(self):  # marker for init_weights
-        pass
-
     def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x_sorted: tokens grouped by expert (segment e has counts[e] rows) → [M, d]."""
         h = grouped_linear(x_sorted, self.w13.to(x_sorted.dtype), counts, self.backend)

@@ -1,0 +1,152 @@
+"""Training checkpoints: tensors in safetensors, metadata in JSON, written atomically.
+
+A checkpoint is a directory ``RUN/checkpoints/step-000123/`` holding ``model.safetensors``,
+``optim.safetensors``, ``extra.safetensors`` (RNG state, EMA …) and ``meta.json`` (step, data
+position, non-tensor optimizer state, and the SHA-256 of every file). It is first written as
+``.tmp-step-000123``: each file fsync'ed, then the directory renamed into place and the parent
+fsync'ed, so a crash leaves either the old set of checkpoints or the new one, never half a
+checkpoint under a final name. On load, checksums are verified, newest first; a checkpoint that
+fails is skipped with a warning naming it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import warnings
+
+import torch
+
+_NAME = re.compile(r"^step-(\d{9})$")
+_FILES = ("model.safetensors", "optim.safetensors", "extra.safetensors")
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def flatten_optimizer_state(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split ``optimizer.state_dict()`` into tensors (for safetensors) and JSON-able metadata."""
+    tensors, meta_state = {}, {}
+    for pid, st in sd["state"].items():
+        meta_state[str(pid)] = {}
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.detach().contiguous().cpu()
+            else:
+                meta_state[str(pid)][k] = v
+    groups = []
+    for g in sd["param_groups"]:
+        groups.append({k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in g.items()})
+    return tensors, {"state": meta_state, "param_groups": groups}
+
+
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict = {int(pid): dict(v) for pid, v in meta["state"].items()}
+    for key, t in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = t
+    groups = []
+    for g in meta["param_groups"]:
+        g = dict(g)
+        if isinstance(g.get("moment_dtype"), str):
+            g["moment_dtype"] = getattr(torch, g["moment_dtype"].replace("torch.", ""))
+        groups.append(g)
+    return {"state": state, "param_groups": groups}
+
+
+def save_checkpoint(ckpt_root: str, step: int, model_state: dict[str, torch.Tensor],
+                    optim_tensors: dict[str, torch.Tensor], extra_tensors: dict[str, torch.Tensor],
+                    meta: dict, keep: int = 3) -> str:
+    """Write one checkpoint atomically and prune to the newest ``keep``. Returns its path."""
+    from safetensors.torch import save_file
+
+    os.makedirs(ckpt_root, exist_ok=True)
+    name = f"step-{step:09d}"
+    final = os.path.join(ckpt_root, name)
+    tmp = os.path.join(ckpt_root, f".tmp-{name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    groups = {"model.safetensors": model_state, "optim.safetensors": optim_tensors,
+              "extra.safetensors": extra_tensors}
+    checksums = {}
+    for fn, tensors in groups.items():
+        path = os.path.join(tmp, fn)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path)
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        checksums[fn] = _sha256(path)
+    meta = dict(meta, step=step, checksums=checksums)
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(ckpt_root)
+    for old in list_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
+    return final
+
+
+def list_checkpoints(ckpt_root: str) -> list[str]:
+    """Checkpoint directory names, oldest first (temporary directories excluded)."""
+    if not os.path.isdir(ckpt_root):
+        return []
+    return sorted(n for n in os.listdir(ckpt_root) if _NAME.match(n))
+
+
+def verify_checkpoint(path: str) -> dict:
+    """Return the checkpoint's metadata, or raise ValueError saying what is wrong with it."""
+    meta_path = os.path.join(path, "meta.json")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"unreadable meta.json ({e})") from None
+    for fn in _FILES:
+        p = os.path.join(path, fn)
+        if not os.path.exists(p):
+            raise ValueError(f"{fn} is missing")
+        if _sha256(p) != meta.get("checksums", {}).get(fn):
+            raise ValueError(f"{fn} does not match its checksum (truncated or corrupted)")
+    return meta
+
+
+def load_latest(ckpt_root: str) -> tuple[str, dict, dict[str, dict[str, torch.Tensor]]] | None:
+    """The newest checkpoint that verifies: (path, meta, {file: tensors}); None if there is none.
+
+    Checkpoints that fail verification are skipped with a warning naming them.
+    """
+    from safetensors.torch import load_file
+
+    for name in reversed(list_checkpoints(ckpt_root)):
+        path = os.path.join(ckpt_root, name)
+        try:
+            meta = verify_checkpoint(path)
+            tensors = {fn: load_file(os.path.join(path, fn)) for fn in _FILES}
+        except Exception as e:  # noqa: BLE001 - any failure means: skip this one
+            warnings.warn(f"skipping checkpoint {path}: {e}", stacklevel=2)
+            continue
+        return path, meta, tensors
+    return None

@@ -1,0 +1,162 @@
+"""``dsv3 info --config NAME_OR_PATH [--json]``: what a config costs, computed from the config alone.
+
+- parameters: total / activated per token (main model, the report's 671B / 37B) and the MTP modules
+  (as stored in the HF layout, embedding and head copies included: the report's 14B, 685B in all);
+- layers: dense FFN, MoE and MTP;
+- KV cache per token over all layers in BF16: MLA's latent (c_kv + the shared RoPE key) against what
+  full multi-head K/V would cost;
+- weight memory at BF16 and at FP8 as DeepSeek ships it: Linear weights of attention, FFNs, experts
+  and the MTP projection 1 byte each plus one FP32 scale per 128×128 block; embedding, output head,
+  MoE gate and norms BF16; the selection bias FP32.
+
+No weight is allocated: tensor shapes are enumerated from the config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+from ..config import ModelConfig
+from ..params import count_parameters, kv_cache_bytes_per_token
+
+BF16, FP32 = 2, 4
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, metavar="NAME_OR_PATH",
+                        help="a preset (tiny, small, deepseek-v3, deepseek-v2-lite), an HF config.json, "
+                             "or a checkpoint directory holding one")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+# ------------------------------------------------------------------------------------ tensors
+def _tensors(cfg: ModelConfig, with_mtp: bool) -> list[tuple[tuple[int, ...], str]]:
+    """Every stored tensor as (shape, kind); kind: "linear" (FP8-quantisable), "bf16", "fp32"."""
+    d, h = cfg.hidden_size, cfg.num_attention_heads
+    out: list[tuple[tuple[int, ...], str]] = []
+    lin = lambda n, k: out.append(((n, k), "linear"))       # noqa: E731
+    keep = lambda *shape: out.append((tuple(shape), "bf16"))  # noqa: E731
+
+    def ffn(inter: int) -> None:
+        lin(inter, d), lin(inter, d), lin(d, inter)
+
+    def block(moe: bool) -> None:
+        keep(d), keep(d)                                       # input / post-attention norms
+        if cfg.q_lora_rank:
+            lin(cfg.q_lora_rank, d), keep(cfg.q_lora_rank), lin(h * cfg.qk_head_dim, cfg.q_lora_rank)
+        else:
+            lin(h * cfg.qk_head_dim, d)
+        lin(cfg.kv_lora_rank + cfg.qk_rope_head_dim, d), keep(cfg.kv_lora_rank)
+        lin(h * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank)
+        lin(d, h * cfg.v_head_dim)
+        if not moe:
+            ffn(cfg.intermediate_size)
+            return
+        keep(cfg.n_routed_experts, d)                          # gate
+        out.append(((cfg.n_routed_experts,), "fp32"))         # e_score_correction_bias
+        for _ in range(cfg.n_routed_experts):
+            ffn(cfg.moe_intermediate_size)
+        if cfg.n_shared_experts:
+            ffn(cfg.moe_intermediate_size * cfg.n_shared_experts)
+
+    keep(cfg.vocab_size, d)                                    # embedding
+    for i in range(cfg.num_hidden_layers):
+        block(cfg.is_moe_layer(i))
+    keep(d)                                                    # final norm
+    if not cfg.tie_word_embeddings:
+        keep(cfg.vocab_size, d)                                # output head
+    if with_mtp:
+        for _ in range(cfg.num_nextn_predict_layers):
+            keep(d), keep(d), lin(d, 2 * d), keep(d)           # enorm, hnorm, eh_proj, shared_head.norm
+            keep(cfg.vocab_size, d), keep(cfg.vocab_size, d)   # stored copies of embedding and head
+            block(cfg.n_routed_experts > 0)
+    return out
+
+
+def weight_bytes(cfg: ModelConfig, fp8: bool, with_mtp: bool = False) -> int:
+    """Bytes of the weights at BF16, or at FP8 with 128×128 block scales (official layout)."""
+    bn, bk = (cfg.quantization_config or {}).get("weight_block_size", [128, 128])
+    total = 0
+    for shape, kind in _tensors(cfg, with_mtp):
+        n = math.prod(shape)
+        if kind == "fp32":
+            total += FP32 * n
+        elif kind == "linear" and fp8:
+            total += n + FP32 * math.ceil(shape[0] / bn) * math.ceil(shape[1] / bk)
+        else:
+            total += BF16 * n
+    return total
+
+
+def info(cfg: ModelConfig, name: str = "") -> dict:
+    p = count_parameters(cfg)
+    kv = kv_cache_bytes_per_token(cfg, BF16)
+    return {
+        "config": name,
+        "total_parameters": p["total"],
+        "activated_parameters": p["activated"],
+        "mtp_parameters": p["mtp"],
+        "mtp_own_parameters": p["mtp_own"],
+        "total_with_mtp_parameters": p["total_with_mtp"],
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "dense_layers": cfg.num_dense_layers,
+        "moe_layers": cfg.num_moe_layers,
+        "mtp_layers": cfg.num_nextn_predict_layers,
+        "routed_experts": cfg.n_routed_experts,
+        "shared_experts": cfg.n_shared_experts,
+        "experts_per_token": cfg.num_experts_per_tok,
+        "kv_cache_bytes_per_token_bf16": kv["mla_latent"],
+        "kv_cache_full_mha_bytes_per_token_bf16": kv["full_mha"],
+        "kv_cache_compression": kv["ratio"],
+        "weight_bytes_bf16": weight_bytes(cfg, fp8=False),
+        "weight_bytes_fp8": weight_bytes(cfg, fp8=True),
+        "checkpoint_bytes_bf16": weight_bytes(cfg, fp8=False, with_mtp=True),
+        "checkpoint_bytes_fp8": weight_bytes(cfg, fp8=True, with_mtp=True),
+    }
+
+
+# ------------------------------------------------------------------------------------ output
+def _count(n: float) -> str:
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def _bytes(n: float) -> str:
+    for unit, div in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def render(r: dict) -> str:
+    lines = [
+        f"config {r['config']}",
+        "parameters",
+        f"  total (main model)       {_count(r['total_parameters']):>10}  ({r['total_parameters']:,})",
+        f"  activated per token      {_count(r['activated_parameters']):>10}  ({r['activated_parameters']:,})",
+        f"  MTP modules              {_count(r['mtp_parameters']):>10}  ({r['mtp_parameters']:,}; "
+        f"{_count(r['mtp_own_parameters'])} not shared with the main model)",
+        f"  total with MTP           {_count(r['total_with_mtp_parameters']):>10}  ({r['total_with_mtp_parameters']:,})",
+        f"layers  {r['num_hidden_layers']} = {r['dense_layers']} dense + {r['moe_layers']} MoE "
+        f"(+ {r['mtp_layers']} MTP); experts {r['routed_experts']} routed + {r['shared_experts']} shared, "
+        f"{r['experts_per_token']} per token",
+        "KV cache per token, BF16, all layers",
+        f"  MLA latent (c_kv + RoPE key)  {r['kv_cache_bytes_per_token_bf16']:>12,} B",
+        f"  full multi-head K/V           {r['kv_cache_full_mha_bytes_per_token_bf16']:>12,} B"
+        f"  ({r['kv_cache_compression']:.1f}x more)",
+        "weight memory             main model     checkpoint (with MTP)",
+        f"  BF16                  {_bytes(r['weight_bytes_bf16']):>12}   {_bytes(r['checkpoint_bytes_bf16']):>12}",
+        f"  FP8 (128x128 scales)  {_bytes(r['weight_bytes_fp8']):>12}   {_bytes(r['checkpoint_bytes_fp8']):>12}",
+    ]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = ModelConfig.load(args.config)
+    r = info(cfg, str(args.config))
+    print(json.dumps(r, indent=2) if args.json else render(r))
+    return 0

@@ -1,0 +1,180 @@
+"""FP8 Linear layers with fine-grained scaling in all three GEMMs — SPEC §2.3, report Fig. 6.
+
+For y = x Wᵀ (x [T, K] tokens × channels, W [N, K] FP32 master weight):
+
+    Fprop  y  = x · Wᵀ     x 1×128 tiles along K   · W 128×128 blocks
+    Dgrad  dx = dy · W     dy 1×128 tiles along N  · Wᵀ 128×128 blocks (the same quantised W,
+                                                      transposed: square blocks make that free)
+    Wgrad  dW = dyᵀ · x    both 1×128 tiles along T (the token dimension): dyᵀ [N, T], xᵀ [K, T]
+
+Saved for backward: x in FP8 (q + 1×128 scales, ≈1.03 bytes/element instead of 2 for BF16)
+and a reference to the master weight (a parameter, no activation memory). Wgrad re-quantises
+x along the token dim from that FP8 copy (dequantise → transpose → quantise 128×1), the
+round trip the report describes for its FP8 activation cache. The weight is re-quantised in
+backward rather than saved, so no per-micro-batch FP8 weight copy is held.
+
+Gradients: dx in x's dtype, dW in FP32 (master-gradient precision).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .gemm import fp8_gemm, fp8_grouped_gemm, segment_bounds
+from .quant import (dequantize_activation, quantize_activation, quantize_activation_t,
+                    quantize_weight)
+
+
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    return x.dtype if x.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+
+
+class _FP8LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, backend):
+        k = x.shape[-1]
+        x2 = x.reshape(-1, k)
+        x_q, x_s = quantize_activation(x2)
+        w_q, w_s = quantize_weight(weight)
+        y = fp8_gemm(x_q, x_s, w_q, w_s, out_dtype=_out_dtype(x), backend=backend)
+        ctx.save_for_backward(x_q, x_s, weight)
+        ctx.backend, ctx.x_shape, ctx.x_dtype = backend, x.shape, x.dtype
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x_q, x_s, weight = ctx.saved_tensors
+        n = weight.shape[0]
+        dy2 = dy.reshape(-1, n)
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dy_q, dy_s = quantize_activation(dy2)                    # 1×128 along N
+            w_q, w_s = quantize_weight(weight)
+            dx = fp8_gemm(dy_q, dy_s, w_q.t().contiguous(), w_s.t().contiguous(),
+                          out_dtype=_out_dtype(dy), backend=ctx.backend)
+            dx = dx.reshape(ctx.x_shape).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            dw = _wgrad(dy2, x_q, x_s, ctx.backend)
+        return dx, dw, None
+
+
+def _wgrad(dy2, x_q, x_s, backend):
+    """dW [N, K] = dyᵀ x, both operands quantised 1×128 along the token dim."""
+    dyt_q, dyt_s = quantize_activation_t(dy2)                       # [N, T], [N, T/128]
+    xt_q, xt_s = quantize_activation_t(dequantize_activation(x_q, x_s))   # [K, T], [K, T/128]
+    return fp8_gemm(dyt_q, dyt_s, xt_q, xt_s, out_dtype=torch.float32, backend=backend)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Functional FP8 linear without bias: x [..., K] @ weight [N, K]ᵀ, differentiable."""
+    return _FP8LinearFn.apply(x, weight, backend)
+
+
+class FP8Linear(nn.Module):
+    """Drop-in for ``nn.Linear(in_features, out_features, bias=False)`` computing Fprop, Dgrad
+    and Wgrad in FP8 with fine-grained scales; the weight stays an FP32 master parameter."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 device=None, dtype=None, backend: str = "auto"):
+        super().__init__()
+        if bias:
+            raise ValueError("FP8Linear has no bias (DeepSeek-V3's Linears have none)")
+        self.in_features, self.out_features, self.backend = in_features, out_features, backend
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device,
+                                               dtype=dtype or torch.float32))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))      # as nn.Linear
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, backend: str = "auto") -> "FP8Linear":
+        if linear.bias is not None:
+            raise ValueError("FP8Linear.from_linear needs a Linear without bias")
+        new = cls(linear.in_features, linear.out_features, device=linear.weight.device,
+                  backend=backend)
+        with torch.no_grad():
+            new.weight.copy_(linear.weight.float())
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _FP8LinearFn.apply(x, self.weight, self.backend)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8"
+
+
+# --------------------------------------------------------------------------------------------
+# Grouped experts (MoE): tokens sorted by expert, contiguous segments.
+# --------------------------------------------------------------------------------------------
+
+class _FP8GroupedLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weights, segs, backend):
+        x_q, x_s = quantize_activation(x)
+        w_q, w_s = quantize_weight(weights)                          # [E, N, K], [E, N/128, K/128]
+        y = fp8_grouped_gemm(x_q, x_s, w_q, w_s, offsets=[0] + [e for _, e in segs],
+                             out_dtype=_out_dtype(x), backend=backend)
+        ctx.save_for_backward(x_q, x_s, weights)
+        ctx.segs, ctx.backend, ctx.x_dtype = segs, backend, x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x_q, x_s, weights = ctx.saved_tensors
+        segs, backend = ctx.segs, ctx.backend
+        offsets = [0] + [e for _, e in segs]
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dy_q, dy_s = quantize_activation(dy)
+            w_q, w_s = quantize_weight(weights)
+            dx = fp8_grouped_gemm(dy_q, dy_s, w_q.transpose(1, 2).contiguous(),
+                                  w_s.transpose(1, 2).contiguous(), offsets=offsets,
+                                  out_dtype=_out_dtype(dy), backend=backend).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            dw = torch.zeros_like(weights, dtype=torch.float32)
+            for e, (s0, s1) in enumerate(segs):
+                if s1 > s0:   # token tiles never straddle two experts
+                    dw[e] = _wgrad(dy[s0:s1], x_q[s0:s1], x_s[s0:s1], backend)
+        return dx, dw, None, None
+
+
+def fp8_grouped_linear(x_sorted: torch.Tensor, weights: torch.Tensor, counts=None,
+                       offsets=None, backend: str = "auto") -> torch.Tensor:
+    """Per-expert FP8 linear: rows of `x_sorted` [T, K] belonging to expert e (contiguous,
+    `counts` [E] or `offsets` [E+1]) are multiplied by `weights[e]` [N, K]ᵀ → [T, N].
+    Differentiable in x and weights (FP32 master weights [E, N, K])."""
+    segs = segment_bounds(counts, offsets, total=x_sorted.shape[0])
+    if weights.dim() != 3 or len(segs) != weights.shape[0]:
+        raise ValueError(f"weights must be [E, N, K] with E = {len(segs)} segments")
+    return _FP8GroupedLinearFn.apply(x_sorted, weights, segs, backend)
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring the activation memory a forward pass keeps for backward.
+# --------------------------------------------------------------------------------------------
+
+def saved_activation_bytes(fn, *args, exclude=(), **kwargs) -> int:
+    """Bytes of tensors autograd saves while running ``fn(*args, **kwargs)``, not counting
+    tensors that share storage with `exclude` (pass the parameters: they live anyway). A saved
+    input counts: keeping it alive for backward is the cost being measured. Each storage counts
+    once. FP8Linear keeps ≈ T·K·(1 + 4/128) bytes, a BF16 nn.Linear 2·T·K."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude if torch.is_tensor(t)}
+    seen: set = set()
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip and ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args, **kwargs)
+    del out
+    return total

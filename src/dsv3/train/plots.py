@@ -1,0 +1,98 @@
+"""``dsv3 plot RUN_DIR``: loss curves, MaxVio over time and expert-load heat maps from metrics.jsonl."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut short by a killed process
+    return rows
+
+
+def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
+    """Write loss.png, max_vio.png and expert_load.png; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = read_metrics(run_dir)
+    out_dir = out_dir or os.path.join(run_dir, "plots")
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+
+    train = [r for r in rows if "loss" in r]
+    val = [r for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train (next token)", lw=1)
+        if "mtp" in train[0]:
+            ax.plot([r["step"] for r in train], [r["mtp"] for r in train], label="train (MTP depth 1)", lw=1, alpha=0.7)
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+    ax.set_xlabel("step"), ax.set_ylabel("cross-entropy (nats/token)"), ax.set_title("loss")
+    ax.grid(alpha=0.3), ax.legend()
+    written.append(_save(fig, out_dir, "loss.png"))
+
+    vio = [r for r in rows if "max_vio" in r]
+    if vio:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot([r["step"] for r in vio], [r["max_vio"] for r in vio], lw=1, label="batch MaxVio (mean over layers)")
+        vval = [r for r in rows if "val_max_vio" in r]
+        if vval:
+            ax.plot([r["step"] for r in vval], [r["val_max_vio"] for r in vval], "o-", label="validation MaxVio_global")
+        ax.set_xlabel("step"), ax.set_ylabel("MaxVio"), ax.set_title("expert load imbalance")
+        ax.grid(alpha=0.3), ax.legend()
+        written.append(_save(fig, out_dir, "max_vio.png"))
+
+    loads = [r for r in rows if "expert_load" in r]
+    if loads:
+        arr = np.array([r["expert_load"] for r in loads], dtype=float)   # [steps, layers, experts]
+        arr = arr / arr.sum(-1, keepdims=True) * arr.shape[-1]            # 1.0 = perfectly balanced
+        n_layers = arr.shape[1]
+        fig, axes = plt.subplots(n_layers, 1, figsize=(8, 2.2 * n_layers + 0.6), squeeze=False)
+        steps = [r["step"] for r in loads]
+        for i in range(n_layers):
+            ax = axes[i, 0]
+            im = ax.imshow(arr[:, i].T, aspect="auto", cmap="magma", vmin=0, vmax=max(2.0, float(arr.max())),
+                           extent=[steps[0], steps[-1], arr.shape[-1] - 0.5, -0.5], interpolation="nearest")
+            ax.set_ylabel(f"MoE layer {i}\nexpert")
+            fig.colorbar(im, ax=ax, label="load / mean")
+        axes[-1, 0].set_xlabel("step")
+        fig.suptitle("tokens per expert relative to the mean")
+        written.append(_save(fig, out_dir, "expert_load.png"))
+    return written
+
+
+def _save(fig, out_dir: str, name: str) -> str:
+    import matplotlib.pyplot as plt
+
+    path = os.path.join(out_dir, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a run directory holding metrics.jsonl")
+    p.add_argument("--out", default=None, help="where to write the PNGs (default RUN_DIR/plots)")
+
+
+def run(args) -> int:
+    for path in plot_run(args.run_dir, args.out):
+        print(path)
+    return 0

@@ -1,0 +1,375 @@
+"""The training loop (SPEC §1.3–1.4, §2.4–2.5).
+
+One step = ``grad_accum`` micro-batches of forward_train → loss (next-token CE + λ·MTP CE +
+α·sequence balance loss) → backward → gradient all-reduce over data-parallel ranks → clip 1.0 →
+AdamW (ZeRO-1: optimizer state sharded over ranks) → aux-loss-free bias update from the step's
+expert loads (all-reduced, so every rank applies the same update) → metrics → maybe checkpoint.
+
+The batch at step k is a pure function of (seed, k) (see ``data.dataset``) and every piece of
+state (model, optimizer, step, RNG, EMA) is in the checkpoint, so a resumed run repeats the
+uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .. import balance
+from ..checkpoint import flatten_optimizer_state, list_checkpoints, load_latest, save_checkpoint, \
+    unflatten_optimizer_state
+from ..config import ModelConfig
+from ..model import Transformer
+from .optim import AdamW, lr_at, param_groups
+
+
+@dataclass
+class TrainConfig:
+    out: str = "runs/tiny"
+    data: str = "data/tiny"              # prepared token directory (see dsv3.data.dataset.prepare)
+    steps: int = 300
+    batch_size: int = 16                 # global batch, in sequences
+    seq_len: int = 256
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 30
+    weight_decay: float = 0.1
+    betas: tuple = (0.9, 0.95)
+    clip: float = 1.0
+    seed: int = 0
+    bias_update_speed: float = 1e-3      # γ of the aux-loss-free rule; 0 disables it
+    balance_alpha: float = 1e-4          # α of the sequence-wise balance loss; 0 disables it
+    mtp_lambda: float = 0.3              # λ of the MTP loss
+    precision: str = "auto"              # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp8
+    bf16_moments: bool = False
+    recompute: bool = False
+    ema_decay: float = 0.0               # > 0: keep an EMA of the parameters on the CPU
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 100
+    keep: int = 3
+    log_every: int = 1
+    progress: bool = True
+    device: str = "auto"
+
+    def validate(self, cfg: ModelConfig) -> None:
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "keep"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be positive, got {self.lr}")
+        if self.seq_len + cfg.num_nextn_predict_layers > cfg.max_position_embeddings:
+            raise ValueError(f"--seq-len {self.seq_len} (+{cfg.num_nextn_predict_layers} MTP) exceeds the "
+                             f"model's max_position_embeddings ({cfg.max_position_embeddings})")
+        if self.precision not in ("auto", "fp32", "bf16", "fp8"):
+            raise ValueError(f"--precision must be auto, fp32, bf16 or fp8, got {self.precision!r}")
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    group: object = None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_from_env(device: torch.device) -> DistInfo:
+    """Join the process group torchrun describes (gloo on CPU, NCCL on GPU); single process otherwise."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), dist.group.WORLD)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def compute_loss(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor, mtp_lambda: float,
+                 balance_alpha: float) -> tuple[torch.Tensor, dict]:
+    """Total loss of one micro-batch and its parts. inputs/targets: [B, T + D] (see TokenDataset.batch)."""
+    out = model.forward_train(inputs)
+    T = out.logits.shape[1]
+    V = out.logits.shape[-1]
+    main = F.cross_entropy(out.logits.reshape(-1, V), targets[:, :T].reshape(-1))
+    parts = {"main": main.detach()}
+    loss = main
+    if out.mtp_logits:
+        mtp = sum(F.cross_entropy(lg.reshape(-1, V), targets[:, k:k + T].reshape(-1))
+                  for k, lg in enumerate(out.mtp_logits, start=1)) / len(out.mtp_logits)
+        parts["mtp"] = mtp.detach()
+        loss = loss + mtp_lambda * mtp
+    B = inputs.shape[0]
+    if balance_alpha > 0 and out.routing:
+        bal = sum(balance.sequence_balance_loss(r.scores.view(B, T, -1), r.indices.view(B, T, -1), balance_alpha)
+                  for r in out.routing)
+        parts["balance"] = bal.detach()
+        loss = loss + bal
+    counts = torch.stack([r.counts for r in out.routing]) if out.routing else None
+    return loss, {"parts": parts, "counts": counts}
+
+
+class Trainer:
+    def __init__(self, cfg: ModelConfig, tc: TrainConfig, dataset, val_dataset=None, tokenizer=None):
+        tc.validate(cfg)
+        self.cfg, self.tc = cfg, tc
+        self.device = pick_device(tc.device)
+        self.dist = dist_from_env(self.device)
+        if tc.batch_size % (self.dist.world * tc.grad_accum):
+            raise ValueError(f"--batch-size {tc.batch_size} must be divisible by world size × grad accum "
+                             f"({self.dist.world} × {tc.grad_accum})")
+        self.dataset, self.val_dataset, self.tokenizer = dataset, val_dataset, tokenizer
+        precision = tc.precision if tc.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
+        self.precision = precision
+        torch.manual_seed(tc.seed)
+        self.model = Transformer(cfg)
+        if precision == "fp8":
+            from ..fp8.model import convert_to_fp8   # FP8 Linear layers (dsv3.fp8)
+            convert_to_fp8(self.model)
+        self.model.to(self.device)
+        self.model.recompute = tc.recompute
+        groups = param_groups(self.model, tc.weight_decay)
+        moment_dtype = torch.bfloat16 if tc.bf16_moments else torch.float32
+        opt_kwargs = dict(lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay, moment_dtype=moment_dtype)
+        if self.dist.world > 1:
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+            self.optimizer = ZeroRedundancyOptimizer(groups, optimizer_class=AdamW, **opt_kwargs)
+        else:
+            self.optimizer = AdamW(groups, **opt_kwargs)
+        self.ema = ({k: v.detach().float().cpu().clone() for k, v in self.model.state_dict().items()}
+                    if tc.ema_decay > 0 else None)
+        self.step = 0
+        self.metrics_path = os.path.join(tc.out, "metrics.jsonl")
+        self.ckpt_root = os.path.join(tc.out, "checkpoints")
+
+    # ------------------------------------------------------------------ state
+    def state(self) -> tuple[dict, dict, dict, dict]:
+        model_state = {k: v for k, v in self.model.state_dict().items()}
+        if self.dist.world > 1:
+            self.optimizer.consolidate_state_dict(to=0)
+            osd = self.optimizer.state_dict() if self.dist.main else {"state": {}, "param_groups": []}
+        else:
+            osd = self.optimizer.state_dict()
+        optim_tensors, optim_meta = flatten_optimizer_state(osd)
+        extra = {"rng_cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            extra["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        if self.ema is not None:
+            extra.update({f"ema.{k}": v for k, v in self.ema.items()})
+        meta = {"optimizer": optim_meta, "data_step": self.step, "train_config": _jsonable(asdict(self.tc)),
+                "model_config": self.cfg.to_hf(), "world_size": self.dist.world}
+        return model_state, optim_tensors, extra, meta
+
+    def save(self) -> None:
+        model_state, optim_tensors, extra, meta = self.state()
+        if self.dist.main:
+            save_checkpoint(self.ckpt_root, self.step, model_state, optim_tensors, extra, meta, keep=self.tc.keep)
+        if self.dist.world > 1:
+            dist.barrier()
+
+    def resume(self) -> bool:
+        """Load the newest valid checkpoint; returns False when there is none."""
+        found = load_latest(self.ckpt_root)
+        if found is None:
+            return False
+        path, meta, tensors = found
+        self.model.load_state_dict({k: v.to(self.device) for k, v in tensors["model.safetensors"].items()})
+        osd = unflatten_optimizer_state(tensors["optim.safetensors"], meta["optimizer"])
+        self.optimizer.load_state_dict(osd)
+        extra = tensors["extra.safetensors"]
+        torch.set_rng_state(extra["rng_cpu"])
+        if "rng_cuda" in extra and self.device.type == "cuda":
+            torch.cuda.set_rng_state(extra["rng_cuda"], self.device)
+        if self.ema is not None:
+            self.ema = {k[4:]: v for k, v in extra.items() if k.startswith("ema.")} or self.ema
+        self.step = int(meta["step"])
+        if self.dist.main:
+            _truncate_metrics(self.metrics_path, self.step)
+            print(f"resumed from {path} (step {self.step})", flush=True)
+        return True
+
+    # ------------------------------------------------------------------ one step
+    def _autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return torch.autocast(self.device.type, enabled=False)
+
+    def train_step(self) -> dict:
+        tc, model = self.tc, self.model
+        model.train()
+        lr = lr_at(self.step, tc.lr, tc.steps, tc.warmup, tc.min_lr_ratio)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        D = self.cfg.num_nextn_predict_layers
+        local_bs = tc.batch_size // self.dist.world
+        inputs, targets = self.dataset.batch(self.step, local_bs, tc.seed, extra=D,
+                                             rank=self.dist.rank, world_size=self.dist.world)
+        inputs, targets = inputs.to(self.device), targets.to(self.device)
+        totals, counts = {}, None
+        for mi, sl in enumerate(_micro_slices(local_bs, tc.grad_accum)):
+            with self._autocast():
+                loss, info = compute_loss(model, inputs[sl], targets[sl], tc.mtp_lambda, tc.balance_alpha)
+            (loss / tc.grad_accum).backward()
+            for k, v in info["parts"].items():
+                totals[k] = totals.get(k, 0.0) + v.float() / tc.grad_accum
+            if info["counts"] is not None:
+                counts = info["counts"] if counts is None else counts + info["counts"]
+        self._reduce_gradients()
+        if counts is not None and self.dist.world > 1:
+            dist.all_reduce(counts)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if counts is not None and tc.bias_update_speed > 0:
+            for moe, c in zip(model.moe_layers(), counts):
+                balance.update_bias(moe.gate.e_score_correction_bias, c, tc.bias_update_speed)
+        if self.ema is not None:
+            self._update_ema()
+        stats = torch.stack([totals[k] for k in sorted(totals)])
+        if self.dist.world > 1:
+            dist.all_reduce(stats)
+            stats /= self.dist.world
+        out = {k: float(v) for k, v in zip(sorted(totals), stats)}
+        out.update(lr=lr, grad_norm=float(grad_norm))
+        out["loss"] = out["main"]
+        if counts is not None:
+            out["max_vio"] = balance.max_vio(counts)
+            out["expert_load"] = counts.tolist()
+        self.step += 1
+        return out
+
+    def _reduce_gradients(self) -> None:
+        if self.dist.world == 1:
+            return
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.dist.world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        d = self.tc.ema_decay
+        for k, v in self.model.state_dict().items():
+            if v.is_floating_point():
+                self.ema[k].mul_(d).add_(v.detach().float().cpu(), alpha=1 - d)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean next-token loss over the validation batches and MaxVio_global over them."""
+        if self.val_dataset is None:
+            return {}
+        self.model.eval()
+        D = self.cfg.num_nextn_predict_layers
+        total, n, vio = 0.0, 0, balance.MaxVio()
+        for inputs, targets in self.val_dataset.val_batches(self.tc.batch_size, self.tc.eval_batches, extra=D):
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            with self._autocast():
+                out = self.model.forward_train(inputs)
+            T = out.logits.shape[1]
+            total += float(F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]),
+                                           targets[:, :T].reshape(-1), reduction="sum"))
+            n += targets[:, :T].numel()
+            if out.routing:
+                vio.add(torch.stack([r.counts for r in out.routing]))
+        res = {"val_loss": total / max(n, 1)}
+        if vio.counts is not None:
+            res["val_max_vio"] = vio.value
+        return res
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict:
+        tc = self.tc
+        from tqdm.auto import tqdm
+
+        summary = {}
+        if self.step == 0 and self.val_dataset is not None:
+            first = self.evaluate()
+            summary["val_loss_start"] = first["val_loss"]
+            self._log({"step": 0, **first})
+        bar = tqdm(total=tc.steps, initial=self.step, disable=not (tc.progress and self.dist.main),
+                   dynamic_ncols=True, desc="train")
+        tokens_per_step = tc.batch_size * tc.seq_len
+        t_last = time.perf_counter()
+        while self.step < tc.steps:
+            rec = self.train_step()
+            now = time.perf_counter()
+            rec["tokens_per_s"] = tokens_per_step / max(now - t_last, 1e-9)
+            t_last = now
+            if not math.isfinite(rec["loss"]):
+                raise FloatingPointError(f"loss became {rec['loss']} at step {self.step}; stopping "
+                                         f"(the last checkpoint is kept in {self.ckpt_root})")
+            line = {"step": self.step, **rec}
+            if self.val_dataset is not None and (self.step % tc.eval_every == 0 or self.step == tc.steps):
+                line.update(self.evaluate())
+            if self.step % tc.log_every == 0 or "val_loss" in line:
+                self._log(line)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                            lr=f"{rec['lr']:.1e}", maxvio=f"{rec.get('max_vio', 0):.2f}", refresh=False)
+            bar.update(1)
+            if tc.save_every > 0 and (self.step % tc.save_every == 0 or self.step == tc.steps):
+                self.save()
+        bar.close()
+        if self.val_dataset is not None:
+            summary["val_loss_end"] = self.evaluate()["val_loss"]
+        return summary
+
+    def _log(self, rec: dict) -> None:
+        if not self.dist.main:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def _micro_slices(batch: int, accum: int) -> list[slice]:
+    size = batch // accum
+    return [slice(i * size, (i + 1) * size) for i in range(accum)]
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Keep only well-formed lines for steps ≤ ``step`` (a killed run may have logged further)."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("step", 0) <= step:
+                keep.append(json.dumps(rec) + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+
+def has_checkpoints(out: str) -> bool:
+    return bool(list_checkpoints(os.path.join(out, "checkpoints")))
