@@ -205,7 +205,7 @@ def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _fp8_quantisable(name: str, t: torch.Tensor) -> bool:
     """The official FP8 release quantises every Linear except embedding, head and MoE gate."""
-    if t.dim() != 2 or not name.endswith("_proj.weight"):
+    if t.dim() != 2 or not name.endswith(("_proj.weight", "_proj_with_mqa.weight")):
         return False
     return not any(s in name for s in ("embed_tokens", "shared_head.head", "lm_head", "mlp.gate.weight"))
 

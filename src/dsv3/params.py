@@ -58,9 +58,11 @@ def count_parameters(cfg: ModelConfig) -> dict:
     nd, nm = cfg.num_dense_layers, cfg.num_moe_layers
     total = embed_head + nd * dense_t + nm * moe_t + d
     activated = embed_head + nd * dense_t + nm * moe_a + d
-    # MTP module: enorm, hnorm, eh_proj (2d→d), one MoE block, shared_head.norm
-    per_mtp_t = 3 * d + 2 * d * d + moe_t
-    per_mtp_a = 3 * d + 2 * d * d + moe_a
+    # MTP module: enorm, hnorm, eh_proj (2d→d), one block (MoE unless the model has no experts),
+    # shared_head.norm
+    mtp_t, mtp_a = (moe_t, moe_a) if cfg.n_routed_experts > 0 else (dense_t, dense_t)
+    per_mtp_t = 3 * d + 2 * d * d + mtp_t
+    per_mtp_a = 3 * d + 2 * d * d + mtp_a
     D = cfg.num_nextn_predict_layers
     mtp = D * (per_mtp_t + 2 * v * d)
     return {

@@ -18,7 +18,7 @@ def _a(default, why: str):
 @dataclass
 class Assumptions:
     # ---------------------------------------------------------------- compute efficiency
-    fp8_gemm_efficiency: float = _a(0.60, (
+    fp8_gemm_efficiency: float = _a(0.55, (
         "fraction of the dense FP8 peak an FP8 Linear (1x128 activation / 128x128 weight scales, FP32 "
         "promotion every 128 K) reaches. DeepGEMM on H800 (SPEC §2.3): 1265-1426 TFLOPS for large dense "
         "training shapes and 1346 grouped = 0.64-0.72 of 1979, measured after its April-2025 "
@@ -27,7 +27,7 @@ class Assumptions:
     bf16_gemm_efficiency: float = _a(0.70, (
         "fraction of the dense BF16 peak a large BF16 GEMM (output head, MoE gate, and every Linear in a "
         "BF16 run) reaches: cuBLAS on H100/H800 sustains ~650-750 of 989 TFLOPS on big shapes"))
-    attention_efficiency: float = _a(0.45, (
+    attention_efficiency: float = _a(0.40, (
         "fraction of the BF16 peak the attention core (FlashAttention-style, causal, 4K) reaches over its "
         "forward + backward hardware FLOPs. FlashAttention-3 on H100 reaches ~0.6 forward and ~0.45 "
         "backward at head dim 128; MLA's 192/128 head dims have no better-tuned kernel"))

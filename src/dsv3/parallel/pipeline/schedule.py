@@ -26,20 +26,25 @@ Vocabulary
 Communication model checked by :func:`validate`
 -----------------------------------------------
 Each rank runs its list in order. Before action ``k`` it posts *one batch* holding the sends produced
-by action ``k−1`` and the receives action ``k`` needs (``batch_isend_irecv``), and waits until every
+by action ``k−1`` and the receives listed in action ``k``'s ``posts``, and waits until every
 operation of the batch is matched by the peer (a send is matched once the receiver has posted the
-receive, and vice versa: the blocking, rendezvous reading). After its last action a rank posts a
-final batch of its remaining sends. Between one pair of ranks messages must be received in the
-order they are sent (point-to-point channels are FIFO, untagged). The runtime must follow the same
-rule to inherit the deadlock-freedom proved here.
+receive, and vice versa: the blocking, rendezvous reading of ``batch_isend_irecv`` + ``wait``).
+After its last action a rank posts a final batch of its remaining sends. Between one pair of ranks
+messages are matched in the order they are posted (untagged point-to-point channels are FIFO), so
+``posts`` lists receives in the sender's order: a message sent early but used late (DualPipe's
+two directions share each link) is received early and kept. A runtime that follows this rule
+inherits the deadlock-freedom checked here. DualPipe's middle ranks run their first forward and
+backward back to back as one unit (an FB action with ``overlapped=False``): as two separate
+actions the two middle ranks would both block sending an activation the other only receives later.
 
-Micro-batch minimums (``ValueError`` below them)
-------------------------------------------------
-* ``1f1b``, ``zb1p``: ``num_microbatches >= 1`` (the Table 2 bubble needs ``>= PP``).
-* ``dualpipe``: ``PP`` even, ``num_microbatches`` even and ``>= 2·PP − 2`` (each direction
-  ``>= PP − 1``; DeepSeek's reference asserts ``>= 2·PP``; our construction degrades gracefully
-  by one step — see :data:`MIN_MICROBATCHES`).
-* ``dualpipev``: ``num_microbatches >= 2·PP − 1`` (the cut-in-half form of the above).
+Micro-batch minimums (``ValueError`` below them, with the rule)
+---------------------------------------------------------------
+* ``1f1b``, ``zb1p``: ``num_microbatches >= 1`` (Table 2's bubble needs ``>= PP``).
+* ``dualpipe``: ``PP`` even, ``num_microbatches`` even and ``>= 2·PP − 2`` (``PP − 1`` per
+  direction; ``>= 2`` for PP = 2). DeepSeek's reference asks for ``>= 2·PP``; with one step fewer
+  the rank-0 main loop is empty but the schedule stays valid with the same bubble and memory.
+* ``dualpipev``: ``num_microbatches >= 2·PP − 1`` (the cut-in-half form of the same bound; any PP).
+Below these, the step counts of the construction go negative.
 """
 
 from __future__ import annotations
@@ -161,7 +166,7 @@ MIN_MICROBATCHES = {
 _RULES = {
     "1f1b": ">= 1",
     "zb1p": ">= 1",
-    "dualpipe": ">= 2*PP-2, i.e. at least PP-1 per direction",
+    "dualpipe": "at least PP-1 per direction, i.e. >= 2*PP-2, and >= 2",
     "dualpipev": ">= 2*PP-1",
 }
 

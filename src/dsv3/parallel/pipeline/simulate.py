@@ -8,8 +8,10 @@ between two stages on the same rank are free).
 Event-driven and exact: each rank runs its actions in order; an action starts when the rank is free
 and every input is there — the previous stage's forward (``+ comm`` when it ran on another rank), the
 same stage's forward and the next stage's backward for a backward, the ``I`` for a ``W``. Sends are
-asynchronous (they never stall the sender); :func:`~dsv3.parallel.pipeline.schedule.validate`
-checks separately that the order is also deadlock-free under blocking send/receive.
+asynchronous (they never stall the sender): this is the ideal Table 2 describes.
+:func:`~dsv3.parallel.pipeline.schedule.validate` checks separately that the order is also
+deadlock-free under blocking send/receive, and ``simulate(..., blocking=True)`` times that
+rendezvous model instead (an upper bound for a ``batch_isend_irecv`` runtime).
 
 Definitions (per rank ``r``):
 
@@ -17,6 +19,8 @@ Definitions (per rank ``r``):
 * ``bubble[r] = makespan − busy[r]``: idle time of ``r`` inside the whole step (start and end
   included). This is the sense of the DualPipe README / report Table 2: for 1F1B, ``makespan =
   (M + PP − 1)(F + B)`` and ``busy = M(F + B)`` on every rank, so ``bubble = (PP − 1)(F + B)``.
+  For DualPipe the ranks differ (the middle ones overlap more pairs) and the table gives the worst
+  rank; see :func:`table2` for the exact correspondence and the cost regime where it holds.
 * ``peak_activations[r]``: most micro-batch activations held at once, in *stage* units (DualPipeV's
   stages are half as big as the others'): +1 when a forward starts, −1 when the B or I consuming it
   ends — an FB holds its new forward and its backward's input together, hence DualPipe's ``PP + 1``.
@@ -119,11 +123,13 @@ def table2(name: str, num_ranks: int, F: float = 1.0, B: float = 2.0, W: float =
       bubble is ``(R − 1)(F&B + B − 3W)`` in its own (half-size) chunk costs and its activations
       ``2R + 1`` half-size chunks. Parameters are per rank in units of model/num_ranks (DualPipeV: 1;
       the table's "2×" is relative to model/(2R)).
-    * The closed forms assume the deferred W's fill the holes they are meant to fill. Exact regime:
-      1F1B always; ZB1P when ``W <= F`` and ``W <= B − W`` (otherwise the bubble is
-      ``(PP−1)·max(F, B−W, F+B−2W)``); DualPipe/DualPipeV when ``B >= 2F``, ``W <= B − W`` and
-      ``max(F, B) <= F&B <= F + B`` (checked on random costs; outside it the simulated bubble is
-      larger, e.g. with a very effective overlap F&B < B + … the rank-to-rank term dominates).
+    * The closed forms assume the deferred W's exactly fill the holes they are moved into, so they
+      hold in a regime of costs (``regime`` in the result). 1F1B: always. ZB1P: when ``W <= F`` and
+      ``W <= B − W``; in general the bubble is ``(PP−1)·max(F, B−W, F+B−2W)`` (the last rank waits
+      ``(PP−1)F`` for its first input whatever is deferred). DualPipe/DualPipeV: when ``B >= 2F``,
+      ``W <= B − W`` and ``max(F, B) <= F&B <= F + B`` (the report's setting, B ≈ 2F); there the
+      worst-rank bubble equals the table. Outside it (e.g. B close to F) the simulated worst-rank
+      bubble is larger; on random costs it was never below the closed form.
     """
     fb = F + B if FB is None else FB
     p = num_ranks
