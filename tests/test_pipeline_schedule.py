@@ -190,7 +190,8 @@ def test_validation_catches_rendezvous_deadlock():
     sched = _from_programs("dualpipe", p, m, progs)
     with pytest.raises(S.ScheduleError, match="deadlock under blocking send/recv"):
         pipeline.validate(sched)
-    pipeline.simulate(sched)  # fine with buffered sends: the dependencies alone are satisfiable
+    pipeline.validate(sched, blocking=False)  # fine with buffered sends: dependencies are satisfiable
+    pipeline.simulate(sched)
 
 
 def test_validation_catches_fifo_mismatch():
@@ -214,3 +215,19 @@ def test_dualpipe_prefetches_receives_in_channel_order():
     assert posts == sends
     early = [a for a in v.actions[1] if any(m not in a.recvs for m in a.posts)]
     assert early, "some receive is posted ahead of its use"
+
+
+def test_custom_schedule_round_trip_and_errors():
+    ref = pipeline.build_schedule("zb1p", 3, 5)
+    progs = [[(k, st, mb) for a in row for k, st, mb in a.parts()] for row in ref.actions]
+    again = pipeline.custom_schedule("mine", 3, 5, progs, placement="zb1p")
+    assert [[str(a) for a in r] for r in again.actions] == [[str(a) for a in r] for r in ref.actions]
+    assert pipeline.simulate(again).bubble == pipeline.simulate(ref).bubble
+    with pytest.raises(ValueError, match="micro-batch 5 of 5"):
+        pipeline.custom_schedule("bad", 3, 5, [progs[0] + [("F", 0, 5)]] + progs[1:], placement="zb1p")
+    with pytest.raises(ValueError, match="bad action tuple"):
+        pipeline.custom_schedule("bad", 3, 5, [[("X", 0, 0)]] + progs[1:], placement="zb1p")
+    with pytest.raises(ValueError, match="unknown placement"):
+        pipeline.custom_schedule("bad", 3, 5, progs, placement="gpipe")
+    with pytest.raises(S.ScheduleError, match="no backward"):
+        pipeline.custom_schedule("bad", 3, 5, [progs[0][:-2]] + progs[1:], placement="zb1p")

@@ -97,7 +97,11 @@ def test_table2_exact_in_regime_and_a_lower_bound_outside():
     """Random costs: inside the documented regime the closed form is exact; outside, the simulated
     worst-rank bubble is never below it. ZB1P outside: (PP−1)·max(F, B−W, F+B−2W)."""
     rng = random.Random(0)
-    scheds = {(n, p): pipeline.build_schedule(n, p, 3 * p if n != "dualpipe" else 4 * p) for n in pipeline.SCHEDULES for p in (4, 8)}
+    scheds = {
+        (n, p): pipeline.build_schedule(n, p, 3 * p if n != "dualpipe" else 4 * p)
+        for n in pipeline.SCHEDULES
+        for p in (4, 8)
+    }
     inside = 0
     for _ in range(60):
         F, B = rng.uniform(0.3, 2.0), rng.uniform(0.3, 5.0)

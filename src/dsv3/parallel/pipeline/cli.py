@@ -57,7 +57,10 @@ def run(args) -> int:
             f"{r:>4}  {st:<10} {res.busy[r]:>9.4g} {res.bubble[r]:>9.4g} {res.peak_activations[r]:>8} "
             f"{res.param_copies[r]:>5.3g}x"
         )
-    print(f"makespan {res.makespan:.6g}; max bubble {max(res.bubble):.6g}; peak activations {max(res.peak_activations)}")
+    print(
+        f"makespan {res.makespan:.6g}; max bubble {max(res.bubble):.6g}; "
+        f"peak activations {max(res.peak_activations)}"
+    )
     print(
         f"Table 2 (PP={closed['pp']}): bubble {closed['bubble']:.6g}, activations {closed['activations']}, "
         f"parameters {closed['param_copies']:g}x"

@@ -1,7 +1,7 @@
 """Timeline pictures of simulated schedules, in the style of the DeepSeek-V3 report's Figure 5.
 
-One row per rank, time to the right. Forward orange, full backward green, backward-for-input light
-green, backward-for-weights blue; an overlapped forward & backward pair is one box with a thick
+One row per rank, time to the right. Forward orange, full backward green, backward-for-input
+teal, backward-for-weights blue; an overlapped forward & backward pair is one box with a thick
 black border (forward on top, backward below). The second stage a rank holds — DualPipe's reverse
 direction, DualPipeV's way back up the V — is drawn in a darker shade. Numbers are micro-batch ids
 (counted per direction for DualPipe, as in the report). matplotlib is imported only when drawing.
@@ -14,7 +14,7 @@ from .simulate import SimResult
 _COLORS = {  # (first stage of the rank, second stage of the rank)
     "F": ("#fbd3b4", "#f0a060"),
     "B": ("#b9dca0", "#6fae4f"),
-    "I": ("#ddeecf", "#9fcd87"),
+    "I": ("#b3e3d8", "#4fae9b"),
     "W": ("#bcd3f0", "#7ea6db"),
 }
 _NAMES = {"F": "forward", "B": "backward (full)", "I": "backward for input", "W": "backward for weights"}
@@ -43,13 +43,15 @@ def plot_timeline(result: SimResult, path: str | None = None, *, title: str | No
     else:
         fig = ax.figure
     unit = min(result.costs.F or 1.0, result.costs.B or 1.0)
-    fs = max(4.0, min(9.0, 7.0 * unit * 60 / span))
+    inches_per_time = fig.get_size_inches()[0] * 0.85 / span
+    fs = max(3.5, min(9.0, 0.5 * inches_per_time * 72 * unit))  # two digits fit a 1-unit box
 
     def box(x, y, w, h, kind, stage, mb, lw=0.4, ec="#555555"):
         second = stage >= p
         ax.add_patch(Rectangle((x, y), w, h, facecolor=_COLORS[kind][second], edgecolor=ec, linewidth=lw))
         if w > 0:
-            ax.text(x + w / 2, y + h / 2, _label(sched, mb), ha="center", va="center", fontsize=fs * (0.8 if h < 0.6 else 1))
+            size = fs * (0.85 if h < 0.6 else 1)
+            ax.text(x + w / 2, y + h / 2, _label(sched, mb), ha="center", va="center", fontsize=size)
 
     for r, row in enumerate(result.timeline):
         y = p - 1 - r  # rank 0 on top
@@ -78,15 +80,20 @@ def plot_timeline(result: SimResult, path: str | None = None, *, title: str | No
         other = "reverse direction" if sched.name == "dualpipe" else "second stage of the rank (V way back)"
         handles.append(Patch(facecolor=_COLORS["F"][1], edgecolor="#555555", label=f"darker: {other}"))
     if any(a.kind == "FB" and a.overlapped for row in sched.actions for a in row):
-        handles.append(Patch(facecolor="white", edgecolor="black", linewidth=1.4, label="overlapped forward & backward"))
-    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.5 / (p + 2)), ncol=len(handles), fontsize=8, frameon=False)
+        label = "overlapped forward & backward"
+        handles.append(Patch(facecolor="white", edgecolor="black", linewidth=1.4, label=label))
+    anchor = (0.5, -0.12 - 0.5 / (p + 2))
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=anchor, ncol=len(handles), fontsize=8, frameon=False)
     c = result.costs
+    used = {k for row in sched.actions for a in row for k, _, _ in a.parts()}
+    cost_text = f"F={c.F:g} B={c.B:g}" + (f" W={c.W:g}" if "W" in used else "")
+    cost_text += f" F&B={c.FB:g}" if any(a.kind == "FB" and a.overlapped for row in sched.actions for a in row) else ""
+    cost_text += f" comm={c.comm:g}" if c.comm else ""
     ax.set_title(
         title
         or (
             f"{sched.name}: {p} ranks, {sched.num_microbatches} micro-batches — makespan {result.makespan:g}, "
-            f"max bubble {max(result.bubble):g}, peak activations {max(result.peak_activations)} "
-            f"(F={c.F:g} B={c.B:g} W={c.W:g} F&B={c.FB:g})"
+            f"max bubble {max(result.bubble):g}, peak activations {max(result.peak_activations)} ({cost_text})"
         ),
         fontsize=10,
     )

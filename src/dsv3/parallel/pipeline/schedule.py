@@ -68,7 +68,8 @@ class Message:
     dst_rank: int
 
     def __str__(self) -> str:
-        return f"{self.kind}(mb{self.microbatch} s{self.src_stage}->s{self.dst_stage} r{self.src_rank}->r{self.dst_rank})"
+        route = f"s{self.src_stage}->s{self.dst_stage} r{self.src_rank}->r{self.dst_rank}"
+        return f"{self.kind}(mb{self.microbatch} {route})"
 
 
 @dataclass(frozen=True)
@@ -395,7 +396,9 @@ def build_schedule(name: str, num_ranks: int, num_microbatches: int, *, check: b
     return sched
 
 
-def custom_schedule(name: str, num_ranks: int, num_microbatches: int, programs, *, placement: str, check: bool = True) -> Schedule:
+def custom_schedule(
+    name: str, num_ranks: int, num_microbatches: int, programs, *, placement: str, check: bool = True
+) -> Schedule:
     """A schedule from hand-written (or foreign) per-rank lists on one of our placements.
 
     ``programs[r]`` holds tuples ``(kind, stage, microbatch)`` for F/B/I/W and
@@ -420,7 +423,8 @@ def custom_schedule(name: str, num_ranks: int, num_microbatches: int, programs, 
             for mb in (t[2], t[4]) if len(t) == 5 else (t[2],):
                 if not 0 <= mb < m:
                     raise ValueError(f"rank {r}: action {t!r} names micro-batch {mb} of {m}")
-    sched = Schedule(name, p, m, len(s2r), s2r, chunk, paths, dirs, _attach_comm([list(x) for x in programs], s2r, paths))
+    actions = _attach_comm([list(x) for x in programs], s2r, paths)
+    sched = Schedule(name, p, m, len(s2r), s2r, chunk, paths, dirs, actions)
     if check:
         validate(sched)
     return sched
@@ -489,7 +493,8 @@ def validate(sched: Schedule, *, blocking: bool = True) -> None:
                     if got is None or got[0] != r:
                         what = {"BI": "backward", "F": "forward", "I": "input-grad"}[dk]
                         raise ScheduleError(
-                            f"rank {r} action {a} needs the {what} of micro-batch {dm} at stage {ds} earlier on the same rank"
+                            f"rank {r} action {a} needs the {what} of micro-batch {dm} at stage {ds} "
+                            "earlier on the same rank"
                         )
     kinds_b: dict[tuple[int, int], str] = {}
     for r, row in enumerate(sched.actions):
@@ -544,7 +549,8 @@ def _check_channels(sched: Schedule) -> None:
         for i, (x, y) in enumerate(zip(s, g)):
             if x != y:
                 raise ScheduleError(
-                    f"channel rank {ch[0]}->{ch[1]}: message #{i} is sent as {x} but received as {y} (FIFO order differs)"
+                    f"channel rank {ch[0]}->{ch[1]}: message #{i} is sent as {x} but received as {y} "
+                    "(FIFO order differs)"
                 )
 
 

@@ -91,7 +91,7 @@ class SimResult:
             "num_ranks": s.num_ranks,
             "num_microbatches": s.num_microbatches,
             "num_stages": s.num_stages,
-            "costs": {"F": self.costs.F, "B": self.costs.B, "W": self.costs.W, "FB": self.costs.FB, "comm": self.costs.comm},
+            "costs": {k: getattr(self.costs, k) for k in ("F", "B", "W", "FB", "comm")},
             "makespan": self.makespan,
             "busy": self.busy,
             "bubble": self.bubble,
@@ -141,10 +141,12 @@ def table2(name: str, num_ranks: int, F: float = 1.0, B: float = 2.0, W: float =
         return {"bubble": (p - 1) * (F + B - 2 * W), "param_copies": 1.0, "activations": p, "pp": p, "regime": ok}
     ok = B >= 2 * F - eps and W <= B - W + eps and max(F, B) - eps <= fb <= F + B + eps
     if name == "dualpipe":
-        return {"bubble": (p / 2 - 1) * (fb + B - 3 * W), "param_copies": 2.0, "activations": p + 1, "pp": p, "regime": ok}
+        bubble = (p / 2 - 1) * (fb + B - 3 * W)
+        return {"bubble": bubble, "param_copies": 2.0, "activations": p + 1, "pp": p, "regime": ok}
     if name == "dualpipev":
         pp = 2 * p
-        return {"bubble": (pp / 2 - 1) * (fb + B - 3 * W), "param_copies": 1.0, "activations": pp + 1, "pp": pp, "regime": ok}
+        bubble = (pp / 2 - 1) * (fb + B - 3 * W)
+        return {"bubble": bubble, "param_copies": 1.0, "activations": pp + 1, "pp": pp, "regime": ok}
     raise ValueError(f"unknown schedule {name!r}")
 
 
