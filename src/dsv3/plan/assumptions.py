@@ -19,18 +19,22 @@ def _a(default, why: str):
 class Assumptions:
     # ---------------------------------------------------------------- compute efficiency
     fp8_gemm_efficiency: float = _a(0.55, (
-        "fraction of the dense FP8 peak an FP8 Linear (1x128 activation / 128x128 weight scales, FP32 "
-        "promotion every 128 K) reaches. DeepGEMM on H800 (SPEC §2.3): 1265-1426 TFLOPS for large dense "
-        "training shapes and 1346 grouped = 0.64-0.72 of 1979, measured after its April-2025 "
-        "optimisations; its first release peaked at ~1350 (0.68) on its best shape. V3's other shapes "
-        "(K=512/1536/2048, the Wgrad GEMMs) are slower, so 0.60"))
+        "fraction of the dense FP8 peak reached by the FP8 Linears (1x128 activation / 128x128 weight "
+        "scales, FP32 promotion every 128 K), averaged over Fprop, Dgrad and Wgrad. DeepGEMM on H800 "
+        "(SPEC §2.3) reaches 1265-1426 TFLOPS (0.64-0.72 of 1979) on the largest forward shapes, after "
+        "its April-2025 optimisations; its first release (Feb 2025, after V3 was trained) peaked at "
+        "~1350 (0.68) on its best shape. V3 also runs small-K shapes (wkv_b K=512, wq_b K=1536, expert "
+        "down-projections K=2048), a narrow one (wkv_a N=576), and Dgrad/Wgrad GEMMs whose operands are "
+        "first transposed and re-quantised (DeepGEMM shipped Wgrad kernels only in May 2025): 0.55 "
+        "(~1090 TFLOPS) for the mix"))
     bf16_gemm_efficiency: float = _a(0.70, (
         "fraction of the dense BF16 peak a large BF16 GEMM (output head, MoE gate, and every Linear in a "
         "BF16 run) reaches: cuBLAS on H100/H800 sustains ~650-750 of 989 TFLOPS on big shapes"))
     attention_efficiency: float = _a(0.40, (
         "fraction of the BF16 peak the attention core (FlashAttention-style, causal, 4K) reaches over its "
-        "forward + backward hardware FLOPs. FlashAttention-3 on H100 reaches ~0.6 forward and ~0.45 "
-        "backward at head dim 128; MLA's 192/128 head dims have no better-tuned kernel"))
+        "forward + backward hardware FLOPs. FlashAttention-3 (H100, BF16, head dim 128) reaches ~0.6 "
+        "forward and ~0.45 backward: ~0.48 over both. MLA's query/key head dim 192 is not a tuned tile "
+        "size; padded to 256 it wastes a third of the score FLOPs (60% of the total): 0.48 / 1.2 = 0.40"))
     flash_backward_flops_ratio: float = _a(2.5, (
         "attention-core backward hardware FLOPs / forward FLOPs: FlashAttention recomputes the scores "
         "(5 matmuls backward vs 2 forward). MFU counts the model's 2x, time uses this"))

@@ -107,7 +107,8 @@ class Block:
 
 
 def make_block(cfg: ModelConfig, kind: str, index: int, seq_len: int) -> Block:
-    moe = kind in ("moe", "mtp")
+    # an MTP module's block is a MoE block unless the model has no routed experts (as params.py counts)
+    moe = kind == "moe" or (kind == "mtp" and cfg.n_routed_experts > 0)
     lins = attention_linears(cfg) + ffn_linears(cfg, moe)
     total_params = layer_params(cfg, moe)[0]
     if kind == "mtp":

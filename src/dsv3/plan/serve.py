@@ -163,7 +163,8 @@ def plan_serving(cfg: ModelConfig, gpu: GPU, unit: ServeUnit | str, a: Assumptio
     out.update({
         "context_tokens": ctx, "batch_per_attention_group": batch,
         "tokens_per_expert_per_step": batch * q_per_seq * (u.ep // u.tp) * k_targets / (u.ep * experts_per_gpu),
-        "step_s": {"memory": t_mem, "compute": t_compute, "infiniband": t_ib, "step": t_step},
+        "step_s": {"memory": t_mem, "compute": t_compute, "infiniband": t_ib,
+                   "step": t_step if batch else None},
         "bound": bound,
         "tokens_per_user_per_s": emitted / t_step if batch else 0.0,
         "tokens_per_s_per_node": per_node,

@@ -24,7 +24,7 @@ Step time of the slowest pipeline rank::
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from ..config import ModelConfig
 from .activations import (RECOMPUTE, block_activation_bytes, block_elementwise_bytes, block_recompute_bytes,
@@ -32,7 +32,7 @@ from .activations import (RECOMPUTE, block_activation_bytes, block_elementwise_b
 from .assumptions import Assumptions
 from .comm import EPTraffic, ep_traffic
 from .flops import Block, fp8_weight_bytes, head_linear, model_blocks, token_work
-from .hardware import GPU, Cluster
+from .hardware import CATALOGUE, GPU, Cluster
 from .schedules import ScheduleModel, schedule_model
 
 GB = 1e9
@@ -92,7 +92,7 @@ def validate_layout(cfg: ModelConfig, cluster: Cluster, lay: Layout) -> Schedule
     if lay.gpus % lay.pp:
         raise ValueError(f"{lay.gpus} GPUs do not split into PP {lay.pp} stages (PP must divide the GPU count)")
     dp = lay.dp
-    if cfg.num_moe_layers and cfg.n_routed_experts % lay.ep:
+    if cfg.n_routed_experts and cfg.n_routed_experts % lay.ep:
         raise ValueError(f"EP {lay.ep} does not divide the {cfg.n_routed_experts} routed experts")
     if dp % lay.ep:
         raise ValueError(f"EP {lay.ep} must divide DP = gpus / PP = {dp} (experts are sharded inside a stage)")
@@ -240,15 +240,6 @@ def _stage_cost(cfg: ModelConfig, idx: int, blocks: list[Block], *, embedding: b
     return st
 
 
-@dataclass
-class TrainPlan:
-    inputs: dict
-    result: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return {**self.result, "inputs": self.inputs}
-
-
 def plan_training(cfg: ModelConfig, cluster: Cluster, lay: Layout, a: Assumptions | None = None,
                   tokens: float = REPORT_TOKENS, model_name: str | None = None) -> dict:
     """The whole training estimate as a JSON-ready dict (see docs/planner.md for every key)."""
@@ -263,11 +254,11 @@ def plan_training(cfg: ModelConfig, cluster: Cluster, lay: Layout, a: Assumption
     rates = _Rates(gpu, lay, a, sm_frac)
     ib_bw = gpu.nic_gbps * 1e9 * a.ib_efficiency
     nvl_bw = gpu.nvlink_gbps * 1e9 * a.nvlink_efficiency
+    blocks = model_blocks(cfg, lay.seq_len)
     traffic = (ep_traffic(cfg, lay.ep, gpn, fp8_dispatch=fp8, topk_group=lay.topk_group)
-               if cfg.num_moe_layers else None)
+               if any(b.has_moe for b in blocks) else None)
 
     # ---- stages
-    blocks = model_blocks(cfg, lay.seq_len)
     sizes = split_blocks(len(blocks), sched.num_stages, lay.layer_split)
     stages, start = [], 0
     for s, n in enumerate(sizes):
@@ -279,7 +270,7 @@ def plan_training(cfg: ModelConfig, cluster: Cluster, lay: Layout, a: Assumption
     mtp_embed_copy = cfg.num_nextn_predict_layers > 0 and sched.name in ("1f1b", "zb1p") and P > 1
     # pipeline neighbours are on other nodes when a stage fills whole nodes
     p2p_bw = ib_bw if dp >= gpn else nvl_bw
-    t_p2p = 2.0 * cfg.hidden_size / p2p_bw        # per token, one direction (BF16 activations)
+    t_p2p = 2.0 * cfg.hidden_size / p2p_bw if P > 1 else 0.0   # per token, one direction (BF16)
 
     # ---- per rank
     copies = 2 if sched.name == "dualpipe" else 1
@@ -314,8 +305,8 @@ def plan_training(cfg: ModelConfig, cluster: Cluster, lay: Layout, a: Assumption
             "weights (bf16 working copy)": a.working_weight_bytes * (p_ne + p_e),
             "weights (fp8 copy of Linears)": fp8_weight_bytes(p_fp8) if fp8 and a.fp8_weight_cache else 0.0,
             "gradients (fp32)": a.grad_bytes * (p_ne + p_e),
-            "master weights (fp32, ZeRO-1)": a.master_weight_bytes * shard,
-            "adam moments (bf16, ZeRO-1)": 2 * a.adam_moment_bytes * shard,
+            "master weights (fp32)": a.master_weight_bytes * shard,
+            "adam moments (bf16)": 2 * a.adam_moment_bytes * shard,
             "activations": sched.peak_inflight_rank(r) * T_mb * mean(lambda s: s.activation_bytes),
             "transient (one block's backward)": T_mb * max(s.transient_bytes for s in held),
             "runtime overhead": a.runtime_overhead_gb * GB,
@@ -366,7 +357,7 @@ def plan_training(cfg: ModelConfig, cluster: Cluster, lay: Layout, a: Assumption
             "per_gpu_per_step_slowest_rank": {"ib_bytes": worst["ep_ib_bytes"],
                                               "nvlink_bytes": worst["ep_nvlink_bytes"]},
         }
-    pp_bytes = sched.chunk_executions * 2 * T_mb * 2 * cfg.hidden_size
+    pp_bytes = sched.chunk_executions * 2 * T_mb * 2 * cfg.hidden_size if P > 1 else 0.0
 
     out = {
         "model": model_name or "custom",
@@ -377,6 +368,7 @@ def plan_training(cfg: ModelConfig, cluster: Cluster, lay: Layout, a: Assumption
         "over_capacity": mem_worst["memory_total_gb"] > gpu.hbm_gb,
         "mfu": mfu,
         "mfu_vs_bf16_peak": tw.model_flops * tps / (lay.gpus * gpu.bf16_tflops * 1e12),
+        "mfu_vs_fp8_peak": (tw.model_flops * tps / (lay.gpus * gpu.fp8_tflops * 1e12)) if gpu.fp8_tflops else None,
         "tokens_per_second": tps,
         "tokens_per_second_per_gpu": tps / lay.gpus,
         "step_time_s": step,
@@ -386,7 +378,7 @@ def plan_training(cfg: ModelConfig, cluster: Cluster, lay: Layout, a: Assumption
         "dollars": total_gph * a.dollars_per_gpu_hour,
         "layout": {**asdict(lay), "dp": dp, "microbatches_per_step": N, "tokens_per_microbatch": T_mb,
                    "tokens_per_step": tokens_per_step, "ep_nodes": (traffic.ep_nodes if traffic else 0),
-                   "experts_per_gpu": (cfg.n_routed_experts // lay.ep if cfg.num_moe_layers else 0),
+                   "experts_per_gpu": cfg.n_routed_experts // lay.ep,
                    "expert_copies": dp // lay.ep, "cluster": cluster.to_dict()},
         "schedule": {**sched.to_dict(), "sm_fraction_for_compute": sm_frac},
         "stage_split": {"blocks_per_stage": sizes, "rule": "ceil; the head/MTP stage, then the embedding "
@@ -418,16 +410,16 @@ def plan_training(cfg: ModelConfig, cluster: Cluster, lay: Layout, a: Assumption
             f"rank {mem_worst['rank']} needs {mem_worst['memory_total_gb']:.1f} GB, more than the "
             f"{gpu.hbm_gb:g} GB of a {gpu.name}: this layout does not fit")
     if cfg == ModelConfig.preset("deepseek-v3"):
-        implied_tps = 1e12 / (REPORT_GPU_HOURS_PER_T * a.goodput * 3600) * lay.gpus
+        # the report's figures were measured on H800: its implied MFU uses H800 peaks, whatever GPU is planned
+        h800 = CATALOGUE["h800"]
+        wall = REPORT_GPU_HOURS_PER_T * 3600                       # GPU-seconds per 1e12 tokens
         out["reference"] = {
             "report_gpu_hours_per_trillion_tokens": REPORT_GPU_HOURS_PER_T,
             "ratio_to_report": gph_T / REPORT_GPU_HOURS_PER_T,
             "report_pretraining_gpu_hours_14.8T": REPORT_PRETRAIN_GPU_HOURS,
             "planner_gpu_hours_14.8T": gph_T * REPORT_TOKENS / 1e12,
-            "implied_mfu_fp8_peak": tw.model_flops * 1e12 / (REPORT_GPU_HOURS_PER_T * 3600 * gpu.peak_tflops("fp8") * 1e12)
-            if gpu.fp8_tflops else None,
-            "implied_mfu_bf16_peak": tw.model_flops * 1e12 / (REPORT_GPU_HOURS_PER_T * 3600 * gpu.bf16_tflops * 1e12),
-            "implied_step_mfu_fp8_peak_at_goodput": tw.model_flops * implied_tps / (lay.gpus * gpu.peak_tflops("fp8") * 1e12)
-            if gpu.fp8_tflops else None,
+            "implied_mfu_fp8_peak": tw.model_flops * 1e12 / (wall * h800.fp8_tflops * 1e12),
+            "implied_mfu_bf16_peak": tw.model_flops * 1e12 / (wall * h800.bf16_tflops * 1e12),
+            "implied_step_mfu_fp8_peak_at_goodput": tw.model_flops * 1e12 / (wall * a.goodput * h800.fp8_tflops * 1e12),
         }
     return out
