@@ -21,6 +21,7 @@ SHAPES = [
     (3, 18, 24, 3, 2, 4),     # global (3 groups over 2 nodes), 6 replicas per GPU
     (2, 16, 20, 4, 5, 20),    # decode-like global: one replica per GPU
     (2, 16, 16, 4, 2, 4),     # no redundant experts
+    (2, 32, 40, 16, 2, 8),    # hierarchical with too many group partitions to search them all
 ]
 
 

@@ -21,15 +21,29 @@ Two policies, chosen as in the reference:
   so group-limited routing keeps its node bound.
 * global (otherwise, decode): replicate over all experts, pack onto all GPUs.
 
-Against the reference this implementation (1) never puts two replicas of one expert on the same
-GPU while a placement without that exists (EPLB issue #22): replica counts are capped at the
-number of GPUs of the packing domain, the packing prefers GPUs that lack the expert, and a repair
-pass removes what is left; (2) balances at least as well: after the reference's greedy
-(replicate the expert with the largest load per replica; sort replicas and give each to the
-lightest GPU with room), a local search swaps replicas between the heaviest GPU and the others
-while that lowers the maximum, and the group-to-node packing is refined the same way, keeping the
-reference's packing as a candidate when it turns out better. The reference's greedy itself is kept
-as ``rebalance_experts_greedy`` for comparison.
+Against the reference this implementation
+
+1. never puts two replicas of one expert on the same GPU while a placement without that exists
+   (EPLB issue #22): replica counts are capped at the number of GPUs of the packing domain (then
+   a duplicate-free layout always exists), the packing sends each replica to the lightest GPU with
+   room *that lacks its expert*, and a repair pass swaps away whatever is left (a round-robin
+   layout is the last resort). No step afterwards may bring a second copy onto a GPU. When a
+   domain has more slots per GPU than experts, duplicates are forced; they are kept to the
+   fewest the counts allow.
+2. balances at least as well. It starts from the reference's greedy (replicate the expert with
+   the largest load per replica; sort the replicas and give each to the lightest GPU with room)
+   and improves it: a swap search (a replica of the heaviest GPU against a lighter one elsewhere
+   while the larger new load stays below the maximum), a search over replica counts (moving one
+   replica from an expert to another; extra starts that give a hot expert fewer replicas, which
+   untangles two hot experts colliding on a GPU), and, in the hierarchical policy, an exact
+   search over the group-to-node partitions (pruned by the node mean as a lower bound; when
+   there are more than ``_MAX_PARTITIONS`` of them, the reference's packing and its swap
+   refinement). Where the reference's own placement is duplicate-free, ours is at least as
+   balanced layer by layer: that placement is one of the starts and every step only lowers the
+   maximum.
+
+``rebalance_experts_greedy`` is a reimplementation of the reference for comparison (it matches
+deepseek-ai/EPLB's balancedness; tie-breaking may differ).
 """
 
 from __future__ import annotations
@@ -54,7 +68,8 @@ __all__ = [
 
 _EPS = 1e-12
 _HOT_STARTS = 4  # _solve_domain: how many of the hottest experts get extra starts with fewer replicas
-_GOOD_ENOUGH = 1e-3  # ... tried only while the max GPU load is above the mean by more than this
+_GOOD_ENOUGH = 1e-3
+_MAX_RECEIVERS = 32  # _count_moves: experts considered for an extra replica  # ... tried only while the max GPU load is above the mean by more than this
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,26 +287,30 @@ def _round_robin(expert: np.ndarray, num_packs: int) -> np.ndarray:
 
 def _count_moves(w, cnt, expert, gpu, num_packs, cap):
     """Every move "replica r of expert a (c_a >= 2) becomes a replica of expert b, on the same
-    GPU" scored by the resulting maximum GPU load: [replicas, experts] (inf where not allowed:
-    b == a, b at the cap, or b already on that GPU)."""
+    GPU" scored by the resulting maximum GPU load: (replicas r, receivers b, score [r, b]), inf
+    where not allowed (b == a, b at the cap, b already on that GPU). Receivers: the
+    ``_MAX_RECEIVERS`` experts with the largest load per replica and those on the heaviest GPU."""
     n = len(w)
     has = np.zeros((num_packs, n))
     np.add.at(has, (gpu, expert), 1.0)
     gl = np.bincount(gpu, weights=(w / cnt)[expert], minlength=num_packs)
     rs = np.flatnonzero(cnt[expert] >= 2)
     a, x = expert[rs], gpu[rs]
+    # receivers: the experts with the largest load per replica and those on the heaviest GPU
+    h = int(np.argmax(gl))
+    recv = np.union1d(np.argsort(-(w / cnt), kind="stable")[:_MAX_RECEIVERS], expert[gpu == h])
     share_a = w[a] / cnt[a]
     grow_a = w[a] / (cnt[a] - 1) - share_a  # on every GPU that keeps a replica of a
     base = gl[None, :] + has[:, a].T * grow_a[:, None]  # [nr, K]
     base[np.arange(len(rs)), x] -= grow_a + share_a
-    shrink_b = w / cnt - w / (cnt + 1)  # on every GPU holding b
-    new = base[:, None, :] - (has.T * shrink_b[:, None])[None]  # [nr, n, K]
-    new[np.arange(len(rs)), :, x] += (w / (cnt + 1))[None, :]
+    wb, cb = w[recv], cnt[recv]
+    shrink_b = wb / cb - wb / (cb + 1)  # on every GPU holding b
+    new = base[:, None, :] - (has[:, recv].T * shrink_b[:, None])[None]  # [nr, nb, K]
+    new[np.arange(len(rs)), :, x] += (wb / (cb + 1))[None, :]
     score = new.max(-1)
-    bad = (has[x, :] > 0) | (cnt >= cap)[None, :]
-    bad[np.arange(len(rs)), a] = True
+    bad = (has[x][:, recv] > 0) | (cb >= cap)[None, :] | (a[:, None] == recv[None, :])
     score[bad] = np.inf
-    return rs, score
+    return rs, recv, score
 
 
 def _refine_counts(w, cnt, expert, gpu, num_packs, cap, tries: int = 4) -> None:
@@ -303,15 +322,16 @@ def _refine_counts(w, cnt, expert, gpu, num_packs, cap, tries: int = 4) -> None:
     cur = float(np.bincount(gpu, weights=(w / cnt)[expert], minlength=num_packs).max())
     tol = _EPS * max(float(w.sum()), 1.0)
     for _ in range(2 * (len(expert) - n) + 8):
-        rs, score = _count_moves(w, cnt, expert, gpu, num_packs, cap)
+        rs, recv, score = _count_moves(w, cnt, expert, gpu, num_packs, cap)
         if score.size == 0:
             return
         flat = np.argsort(score, axis=None, kind="stable")[:tries]
         done = False
         for f in flat:
-            i, b = np.unravel_index(int(f), score.shape)
-            if not np.isfinite(score[i, b]):
+            i, j = np.unravel_index(int(f), score.shape)
+            if not np.isfinite(score[i, j]):
                 break
+            b = recv[j]
             r = rs[i]
             c2, e2, g2 = cnt.copy(), expert.copy(), gpu.copy()
             c2[e2[r]] -= 1
@@ -361,7 +381,8 @@ def _solve_domain(w: np.ndarray, num_slots: int, num_packs: int) -> tuple[np.nda
     hot = [int(e) for e in np.argsort(-w, kind="stable")[:_HOT_STARTS] if cnt[e] >= 2]
     for e in hot if gmax > mean * (1 + _GOOD_ENOUGH) else []:
         frozen = np.where(cnt >= 2, cnt, cap)  # variant 2: the other replicated experts keep their counts
-        for v in range(int(cnt[e]) - 1, 0, -1):
+        c = int(cnt[e])
+        for v in sorted({c - 1, c - 2, c - 3, -(-3 * c // 4), -(-c // 2), -(-c // 3), 1} - {0, -1, -2, c}, reverse=True):
             if w[e] / v >= gmax:  # this start cannot win (and fewer replicas cannot either)
                 break
             for c_cap in (cap, frozen):

@@ -91,6 +91,9 @@ class MLA(nn.Module):
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)                         # [B, H, T, 192]
         k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, S, self.h, self.rope)], dim=-1).transpose(1, 2)
         v = v.transpose(1, 2)                                                          # [B, H, S, 128]
+        pad = q.shape[-1] - self.vdim
+        if pad > 0:  # fused (flash) SDPA kernels need one head dim: zero columns leave o unchanged
+            v = F.pad(v, (0, pad))
         if T == S:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         elif T == 1:
@@ -99,4 +102,6 @@ class MLA(nn.Module):
             qpos = torch.arange(start_pos, start_pos + T, device=x.device)
             mask = torch.arange(S, device=x.device)[None, :] <= qpos[:, None]
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        if pad > 0:
+            o = o[..., : self.vdim]
         return o.transpose(1, 2).reshape(B, T, self.h * self.vdim)
