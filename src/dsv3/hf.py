@@ -100,8 +100,12 @@ class _TensorSource:
             full = os.path.join(self.path, fn)
             if not os.path.exists(full):
                 raise FileNotFoundError(f"{_INDEX} names shard {fn}, which is missing from {self.path}")
-            self._open[fn] = self._safe_open(full, "pt")
-        return self._open[fn].get_tensor(name)
+            handle = self._safe_open(full, "pt")
+            self._open[fn] = (handle, set(handle.keys()))
+        handle, names = self._open[fn]
+        if name not in names:
+            raise ValueError(f"{_INDEX} places {name} in {fn}, which does not hold it (missing tensor)")
+        return handle.get_tensor(name)
 
 
 def _read(src: _TensorSource, name: str, dtype: torch.dtype) -> torch.Tensor:
@@ -181,6 +185,10 @@ def load_pretrained(path: str | os.PathLike, device=None, dtype: torch.dtype | N
     if cfg.tie_word_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     model = model.to_empty(device=device or "cpu")
+    if cfg.tie_word_embeddings:  # to_empty() gives every module its own tensor: tie them again
+        model.lm_head.weight = model.embed_tokens.weight
+    for p in model.parameters():  # weights in `dtype`; buffers (the fp32 selection bias) keep theirs
+        p.data = p.data.to(dtype)
     model.load_state_dict(state, strict=True, assign=False)
     model._freqs = torch.empty(0, dtype=torch.complex64)
     return model
