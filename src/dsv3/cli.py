@@ -27,18 +27,18 @@ class CLIError(Exception):
     """A user-facing error: printed as one line, exit code 2."""
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+def build_parser(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, dict]:
+    """The top-level parser; only the command named in ``argv`` has its module imported, so a
+    command whose module fails to import cannot break the others."""
     parser = argparse.ArgumentParser(prog="dsv3", description="DeepSeek-V3 training and inference system")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = next((a for a in (argv or []) if not a.startswith("-")), None)
     modules = {}
     for name, (modname, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
-        try:
-            mod = importlib.import_module(modname)
-        except ModuleNotFoundError as e:
-            if e.name and modname.startswith(e.name):  # the command's module is not built yet
-                continue
-            raise
+        if name != wanted and argv is not None:
+            continue
+        mod = importlib.import_module(modname)
         mod.add_arguments(p)
         modules[name] = mod
     return parser, modules
@@ -46,14 +46,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser, modules = build_parser()
+    parser, modules = build_parser(argv)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    if args.command not in modules:
-        print(f"dsv3: command {args.command!r} is not available in this build", file=sys.stderr)
-        return 2
     try:
         return int(modules[args.command].run(args) or 0)
     except (CLIError, ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError) as e:
