@@ -19,6 +19,15 @@ E4M3_REL = 2.0 ** -4          # half an ulp of a 3-bit mantissa
 E4M3_ABS = 2.0 ** -10         # half the subnormal spacing, in units of the tile scale
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Small matrices: one intra-op thread is faster, and immune to a busy shared CPU.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
@@ -210,6 +219,11 @@ def test_gemm_output_dtypes_batch_dims_and_auto():
     assert batched.shape == (3, 4, 40)
     torch.testing.assert_close(batched.reshape(12, 40), ref, rtol=1e-5, atol=0)
     assert fp8.available_backends("cpu") == ["torch"]
+    # non-contiguous operands (a transposed weight, as Dgrad uses) are accepted
+    w_q, w_s = fp8.quantize_weight(_nasty((256, 384), seed=13))
+    d_q, d_s = fp8.quantize_activation(_nasty((12, 256), seed=14))
+    ref_t = fp8.fp8_gemm(d_q, d_s, w_q.t().contiguous(), w_s.t().contiguous(), torch.float32)
+    assert torch.equal(fp8.fp8_gemm(d_q, d_s, w_q.t(), w_s.t(), torch.float32), ref_t)
 
 
 def test_gemm_rejects_bad_operands():
@@ -388,7 +402,7 @@ def test_round_to_bits():
 
 
 def test_limited_accumulation_and_promotion():
-    a_q, a_s, b_q, b_s, a_d, b_d = _operands(16, 16, 4096, seed=40)
+    a_q, a_s, b_q, b_s, a_d, b_d = _operands(8, 8, 2048, seed=40)
     exact = a_d @ b_d.T
     wide = fp8.fp8_gemm_emulated(a_q, a_s, b_q, b_s, acc_bits=53, chunk=32)
     assert ((wide.double() - exact).abs() / exact.abs().max()).max() < 1e-6

@@ -81,17 +81,32 @@ def _b_row_scales(b_s: torch.Tensor, n: int, kind: str, block: int) -> torch.Ten
 # Reference backend: plain torch
 # --------------------------------------------------------------------------------------------
 
+_TORCH_CHUNK_BYTES = 64 << 20    # cap on the [groups, M, N] FP32 partials held at once
+
+
 def _gemm_torch(a_q, a_s, b_q, b_s, out_dtype, block, kind):
     m, k = a_q.shape
     n = b_q.shape[0]
-    af, bf = a_q.float(), b_q.float()
-    sa = a_s.float()                                   # [M, G]
-    sb = _b_row_scales(b_s, n, kind, block)            # [N, G]
-    acc = torch.zeros(m, n, dtype=torch.float32, device=a_q.device)
-    for g in range(_cdiv(k, block)):
-        k0, k1 = g * block, min(k, (g + 1) * block)
-        part = af[:, k0:k1] @ bf[:, k0:k1].T            # exact E4M3 products, FP32 sum of ≤128
-        acc += part * sa[:, g, None] * sb[None, :, g]   # promotion with the group's scales
+    g_all = _cdiv(k, block)
+    with torch.autocast(a_q.device.type, enabled=False):   # FP32 matmuls, whatever the caller
+        af, bf = a_q.float(), b_q.float()
+        if g_all * block != k:                               # zero-pad the partial last group
+            af = torch.nn.functional.pad(af, (0, g_all * block - k))
+            bf = torch.nn.functional.pad(bf, (0, g_all * block - k))
+        a3 = af.reshape(m, g_all, block).transpose(0, 1)     # [G, M, 128]
+        b3 = bf.reshape(n, g_all, block).transpose(0, 1)     # [G, N, 128]
+        sa = a_s.float().t()                                 # [G, M]
+        sb = _b_row_scales(b_s, n, kind, block).t()          # [G, N]
+        acc = torch.zeros(m, n, dtype=torch.float32, device=a_q.device)
+        step = max(1, _TORCH_CHUNK_BYTES // max(1, 4 * m * n))
+        for g0 in range(0, g_all, step):
+            g1 = min(g_all, g0 + step)
+            # per group: exact E4M3 products summed in FP32 over ≤ 128 elements ...
+            part = torch.bmm(a3[g0:g1], b3[g0:g1].transpose(1, 2))      # [g, M, N]
+            # ... then promoted: times the group's two scales, added into the FP32 accumulator
+            part *= sa[g0:g1, :, None]
+            part *= sb[g0:g1, None, :]
+            acc += part.sum(0)
     return acc.to(out_dtype)
 
 
@@ -99,33 +114,35 @@ def _gemm_torch(a_q, a_s, b_q, b_s, out_dtype, block, kind):
 # cuBLAS block-scaled backend: torch._scaled_mm
 # --------------------------------------------------------------------------------------------
 
-def _scaled_mm_variants(a_q, a_s, b_q, b_s, kind):
-    """Candidate argument layouts for torch._scaled_mm's block-scaled recipes.
-
-    cuBLAS wants A row-major, B column-major ([K, N] view of our [N, K]); 1×128 scales
-    "outer-dim-major" (stride (1, M)); 128×128 scales as [L4, ceil(N/128)] K-major, where the
-    K-block count may need padding to a multiple of 4. The exact conventions moved between torch
-    releases, so the probe tries each and keeps the first that matches the reference.
-    """
-    sa = a_s.float().t().contiguous().t()
-    if kind == "row":
-        yield "row", (sa, b_s.float().t().contiguous())       # [G, N] == outer-major [N, G]ᵀ
-        return
-    bs = b_s.float().contiguous()                               # [NB, G]
-    yield "block", (sa, bs.t())                                 # [G, NB], stride (1, G)
+def _pad4(bs: torch.Tensor) -> torch.Tensor:
     g = bs.shape[1]
-    if g % 4:
-        pad = torch.nn.functional.pad(bs, (0, 4 - g % 4), value=1.0)
-        yield "block_pad4", (sa, pad.t())                       # [L4, NB], stride (1, L4)
+    return torch.nn.functional.pad(bs, (0, (-g) % 4), value=1.0) if g % 4 else bs
 
 
-def _call_scaled_mm(a_q, b_q, sa, sb, out_dtype):
+# name -> (b-scale kind, builder of scale_b from our b_s). cuBLAS wants A row-major, B
+# column-major (the [K, N] view of our [N, K]), 1×128 scales "outer-dim-major" (stride (1, M)),
+# and 128×128 scales K-block-major, the K-block count possibly padded to a multiple of 4. The
+# exact conventions moved between torch releases, so a probe tries each candidate on the device
+# and keeps the first that reproduces the torch reference.
+_SCALED_MM_LAYOUTS = {
+    "row_gn": ("row", lambda bs: bs.t().contiguous()),                  # [G, N] contiguous
+    "row_ng": ("row", lambda bs: bs.t().contiguous().t()),              # [N, G], stride (1, N)
+    "blk_t_pad4": ("block", lambda bs: _pad4(bs.contiguous()).t()),     # [L4, NB], stride (1, L4)
+    "blk_t": ("block", lambda bs: bs.contiguous().t()),                 # [G, NB], stride (1, G)
+    "blk": ("block", lambda bs: bs.contiguous()),                       # [NB, G]
+}
+
+
+def _call_scaled_mm(a_q, a_s, b_q, b_s, layout, out_dtype):
+    sa = a_s.float().t().contiguous().t()                               # [M, G], stride (1, M)
+    sb = _SCALED_MM_LAYOUTS[layout][1](b_s.float())
     return torch._scaled_mm(a_q, b_q.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype)
 
 
 @functools.lru_cache(maxsize=None)
-def _scaled_mm_layout(device_index: int, kind: str):
-    """Which `_scaled_mm_variants` entry works on this device for this b-scale kind, or None."""
+def _scaled_mm_layout(device_index: int, kind: str, out_dtype: torch.dtype):
+    """Which layout in `_SCALED_MM_LAYOUTS` works on this device for this b-scale kind and
+    output dtype, or None (not supported: "auto" then uses Triton)."""
     if not hasattr(torch, "_scaled_mm"):
         return None
     dev = torch.device("cuda", device_index)
@@ -139,13 +156,16 @@ def _scaled_mm_layout(device_index: int, kind: str):
     a_q, a_s = quantize_activation(a)
     b_q, b_s = quantize_activation(b) if kind == "row" else quantize_weight(b)
     ref = _gemm_torch(a_q, a_s, b_q, b_s, torch.float32, BLOCK, kind)
-    for name, (sa, sb) in _scaled_mm_variants(a_q, a_s, b_q, b_s, kind):
+    tol = 1e-4 if out_dtype == torch.float32 else 1e-2
+    for name, (k_name, _) in _SCALED_MM_LAYOUTS.items():
+        if k_name != kind:
+            continue
         try:
-            out = _call_scaled_mm(a_q, b_q, sa, sb, torch.float32)
+            out = _call_scaled_mm(a_q, a_s, b_q, b_s, name, out_dtype)
+            torch.cuda.synchronize(dev)
         except Exception:  # noqa: BLE001 — an unsupported layout raises; try the next one
             continue
-        err = (out.float() - ref).abs().max() / ref.abs().max()
-        if bool(err < 1e-3):
+        if out.shape == ref.shape and bool((out.float() - ref).abs().max() < tol * ref.abs().max()):
             return name
     return None
 
@@ -156,13 +176,10 @@ def _gemm_scaled_mm(a_q, a_s, b_q, b_s, out_dtype, block, kind):
     k, n = a_q.shape[1], b_q.shape[0]
     if k % BLOCK or n % 16:
         raise _ShapeUnsupported("scaled_mm backend needs K a multiple of 128 and N of 16")
-    layout = _scaled_mm_layout(a_q.device.index or 0, kind)
+    layout = _scaled_mm_layout(a_q.device.index or 0, kind, out_dtype)
     if layout is None:
         raise _ShapeUnsupported("torch._scaled_mm block-scaled GEMM is not available here")
-    for name, (sa, sb) in _scaled_mm_variants(a_q, a_s, b_q, b_s, kind):
-        if name == layout:
-            return _call_scaled_mm(a_q.contiguous(), b_q.contiguous(), sa, sb, out_dtype)
-    raise RuntimeError(f"scaled_mm layout {layout} not applicable to this shape")
+    return _call_scaled_mm(a_q.contiguous(), a_s, b_q.contiguous(), b_s, layout, out_dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,7 +256,7 @@ def fp8_gemm(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch
                 break
             except _ShapeUnsupported:
                 continue
-            except RuntimeError as err:
+            except Exception as err:  # noqa: BLE001 — e.g. a Triton compile error: fall back
                 if name not in _warned:
                     _warned.add(name)
                     warnings.warn(f"fp8_gemm: backend {name!r} failed ({err}); falling back",
@@ -281,6 +298,10 @@ def fp8_grouped_gemm(a_q, a_s, b_q, b_s, counts=None, offsets=None,
     a_q e4m3 [T, K], a_s [T, ceil(K/128)] — tokens sorted by expert, expert e owning rows
     offsets[e]:offsets[e+1] (or given as counts [E]); b_q e4m3 [E, N, K] with b_s
     [E, ceil(N/128), ceil(K/128)] (or [E, N, ceil(K/128)]). Returns [T, N].
+
+    Backends: "triton" (one launch over a host-built tile schedule), "torch" (a loop of
+    reference GEMMs); "auto" takes Triton where usable. There is no grouped cuBLAS path, so
+    "scaled_mm" means the torch loop here.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -302,9 +323,12 @@ def fp8_grouped_gemm(a_q, a_s, b_q, b_s, counts=None, offsets=None,
             kind = _b_scale_kind(b_s[0], n, _cdiv(k, block), block)
             return triton_kernels.fp8_grouped_gemm(a_q, a_s, b_q, b_s, segs, out_dtype,
                                                    b_row_scales=(kind == "row"))
-        except RuntimeError:
+        except Exception as err:  # noqa: BLE001 — compile/launch failure: use the reference
             if backend == "triton":
                 raise
+            if "grouped-triton" not in _warned:
+                _warned.add("grouped-triton")
+                warnings.warn(f"fp8_grouped_gemm: triton failed ({err}); falling back", stacklevel=2)
     out = torch.zeros(t, n, dtype=out_dtype, device=a_q.device)
     for i, (s0, s1) in enumerate(segs):
         if s1 > s0:

@@ -23,9 +23,17 @@ import math
 import torch
 from torch import nn
 
-from .gemm import fp8_gemm, fp8_grouped_gemm, segment_bounds
+from .gemm import fp8_gemm, fp8_grouped_gemm, segment_bounds, triton_usable
 from .quant import (dequantize_activation, quantize_activation, quantize_activation_t,
                     quantize_weight)
+
+
+def _quant_act(x: torch.Tensor, backend: str, pow2_scale: bool = False):
+    """1×128 quantisation; the fused Triton kernel on CUDA (bit-identical to the torch one)."""
+    if backend in ("auto", "triton") and x.is_cuda and triton_usable(x.device):
+        from . import triton_kernels
+        return triton_kernels.act_quant(x, pow2_scale=pow2_scale)
+    return quantize_activation(x, pow2_scale=pow2_scale)
 
 
 def _out_dtype(x: torch.Tensor) -> torch.dtype:
@@ -34,10 +42,10 @@ def _out_dtype(x: torch.Tensor) -> torch.dtype:
 
 class _FP8LinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, backend):
+    def forward(ctx, x, weight, backend, pow2_scale=False):
         k = x.shape[-1]
         x2 = x.reshape(-1, k)
-        x_q, x_s = quantize_activation(x2)
+        x_q, x_s = _quant_act(x2, backend, pow2_scale)
         w_q, w_s = quantize_weight(weight)
         y = fp8_gemm(x_q, x_s, w_q, w_s, out_dtype=_out_dtype(x), backend=backend)
         ctx.save_for_backward(x_q, x_s, weight)
@@ -51,14 +59,14 @@ class _FP8LinearFn(torch.autograd.Function):
         dy2 = dy.reshape(-1, n)
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            dy_q, dy_s = quantize_activation(dy2)                    # 1×128 along N
+            dy_q, dy_s = _quant_act(dy2, ctx.backend)                 # 1×128 along N
             w_q, w_s = quantize_weight(weight)
             dx = fp8_gemm(dy_q, dy_s, w_q.t().contiguous(), w_s.t().contiguous(),
                           out_dtype=_out_dtype(dy), backend=ctx.backend)
             dx = dx.reshape(ctx.x_shape).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             dw = _wgrad(dy2, x_q, x_s, ctx.backend)
-        return dx, dw, None
+        return dx, dw, None, None
 
 
 def _wgrad(dy2, x_q, x_s, backend):
@@ -68,9 +76,12 @@ def _wgrad(dy2, x_q, x_s, backend):
     return fp8_gemm(dyt_q, dyt_s, xt_q, xt_s, out_dtype=torch.float32, backend=backend)
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """Functional FP8 linear without bias: x [..., K] @ weight [N, K]ᵀ, differentiable."""
-    return _FP8LinearFn.apply(x, weight, backend)
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "auto",
+               pow2_scale: bool = False) -> torch.Tensor:
+    """Functional FP8 linear without bias: x [..., K] @ weight [N, K]ᵀ, differentiable.
+    `pow2_scale` rounds the input's tile scales up to powers of two (the report does this for
+    the attention-output Linear's input and the FP8 MoE dispatch)."""
+    return _FP8LinearFn.apply(x, weight, backend, pow2_scale)
 
 
 class FP8Linear(nn.Module):
@@ -78,11 +89,12 @@ class FP8Linear(nn.Module):
     and Wgrad in FP8 with fine-grained scales; the weight stays an FP32 master parameter."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 device=None, dtype=None, backend: str = "auto"):
+                 device=None, dtype=None, backend: str = "auto", pow2_scale: bool = False):
         super().__init__()
         if bias:
             raise ValueError("FP8Linear has no bias (DeepSeek-V3's Linears have none)")
-        self.in_features, self.out_features, self.backend = in_features, out_features, backend
+        self.in_features, self.out_features = in_features, out_features
+        self.backend, self.pow2_scale = backend, pow2_scale
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device,
                                                dtype=dtype or torch.float32))
         self.reset_parameters()
@@ -91,20 +103,24 @@ class FP8Linear(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))      # as nn.Linear
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, backend: str = "auto") -> "FP8Linear":
+    def from_linear(cls, linear: nn.Linear, backend: str = "auto",
+                    pow2_scale: bool = False) -> "FP8Linear":
+        """An FP8Linear that *shares* `linear`'s weight Parameter (no copy, same init)."""
         if linear.bias is not None:
             raise ValueError("FP8Linear.from_linear needs a Linear without bias")
-        new = cls(linear.in_features, linear.out_features, device=linear.weight.device,
-                  backend=backend)
-        with torch.no_grad():
-            new.weight.copy_(linear.weight.float())
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.backend, new.pow2_scale = backend, pow2_scale
+        new.weight = linear.weight
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _FP8LinearFn.apply(x, self.weight, self.backend)
+        return _FP8LinearFn.apply(x, self.weight, self.backend, self.pow2_scale)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, fp8"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, fp8"
+                + (", pow2 input scales" if self.pow2_scale else ""))
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,7 +130,7 @@ class FP8Linear(nn.Module):
 class _FP8GroupedLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weights, segs, backend):
-        x_q, x_s = quantize_activation(x)
+        x_q, x_s = _quant_act(x, backend)
         w_q, w_s = quantize_weight(weights)                          # [E, N, K], [E, N/128, K/128]
         y = fp8_grouped_gemm(x_q, x_s, w_q, w_s, offsets=[0] + [e for _, e in segs],
                              out_dtype=_out_dtype(x), backend=backend)
@@ -129,7 +145,7 @@ class _FP8GroupedLinearFn(torch.autograd.Function):
         offsets = [0] + [e for _, e in segs]
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            dy_q, dy_s = quantize_activation(dy)
+            dy_q, dy_s = _quant_act(dy, backend)
             w_q, w_s = quantize_weight(weights)
             dx = fp8_grouped_gemm(dy_q, dy_s, w_q.transpose(1, 2).contiguous(),
                                   w_s.transpose(1, 2).contiguous(), offsets=offsets,
