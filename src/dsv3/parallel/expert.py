@@ -1,0 +1,571 @@
+"""Expert parallelism: dispatch / combine over an expert-parallel group (SPEC §2.2, §3).
+
+The routed experts are spread over the R ranks of an expert-parallel (EP) group, S = P/R physical
+experts per rank (P = logical experts + redundant replicas). One MoE step, per rank:
+
+    gate → logical top-k [N, k]  →  physical top-k (a replica per (token, expert))
+    layout          tokens per rank / node / expert, which ranks and nodes each token visits
+    plan            the hops: row indices to send and split sizes (counts exchanged first)
+    dispatch        rows → ranks holding their experts (one copy per (token, rank))
+    local experts   (row, slot) pairs sorted by local expert, one grouped GEMM, × gate value,
+                    summed per received row
+    combine         the reverse path, summing partial outputs back into token order
+
+Paths:
+- flat: one ``all_to_all_single`` over the EP group, one copy per (token, target rank).
+- two-hop (report §3.2.2): hop 1 over the inter-node group sends one copy per (token, target node)
+  to the rank with the same in-node index there; hop 2 over the intra-node group forwards it to
+  the ranks of that node holding its experts. Combine runs hop 2 back (the forwarding rank sums
+  its node's partial outputs) and then hop 1 back, so every (token, node) pair crosses nodes once
+  each way.
+
+Node-limited routing: with experts placed rank-major, gate group g lives on node
+g // (n_group / nodes) when ``n_group`` is a multiple of the number of nodes, so a token visits at
+most ``topk_group`` nodes.
+
+Autograd: ``_Dispatch`` and ``_Combine`` are custom Functions whose backward passes are each other
+(dispatch's backward combines the gradients of the copies, combine's backward dispatches the
+output gradient along the same plan). Optional FP8 dispatch quantises each token once at its
+origin (E4M3, 1×128 scales) and forwards bytes; gradients travel in the activation dtype.
+
+Counters (:class:`CommCounters`) record rows and bytes each rank sends, split into ``inter``
+(another node), ``intra`` (same node, another rank) and ``self``, for the payload and the metadata
+(top-k ids, gate values), forward and backward.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import ModelConfig
+from ..model.layers import MLP
+from ..model.moe import Gate, GroupedExperts, MoE, Routing
+from .mesh import EPComm
+
+try:  # the FP8 quantiser (dsv3.fp8); FP8 dispatch is unavailable without it
+    from ..fp8.quant import FP8_DTYPE, dequantize_activation, quantize_activation
+except ImportError:  # pragma: no cover
+    quantize_activation = dequantize_activation = FP8_DTYPE = None
+
+
+# ----------------------------------------------------------------------------------------- layout
+@dataclass
+class DispatchLayout:
+    """Where the tokens of one rank go (the analogue of DeepEP's ``get_dispatch_layout``)."""
+    num_tokens_per_rank: torch.Tensor     # [R] tokens with at least one expert on rank r
+    num_tokens_per_node: torch.Tensor     # [nodes] tokens with at least one expert on node n
+    num_tokens_per_expert: torch.Tensor   # [P] (token, slot) pairs per physical expert
+    is_token_in_rank: torch.Tensor        # [N, R] bool
+    is_token_in_node: torch.Tensor        # [N, nodes] bool
+
+    @property
+    def nodes_per_token(self) -> torch.Tensor:
+        return self.is_token_in_node.sum(1)
+
+    @property
+    def ranks_per_token(self) -> torch.Tensor:
+        return self.is_token_in_rank.sum(1)
+
+
+def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int,
+                        ranks_per_node: int = 1) -> DispatchLayout:
+    """Layout of physical top-k ids [N, k] (-1 = no expert) for experts placed rank-major,
+    ``num_experts / num_ranks`` per rank, ``ranks_per_node`` ranks per node."""
+    if topk_idx.dim() != 2:
+        raise ValueError(f"topk_idx must be [N, k], got shape {tuple(topk_idx.shape)}")
+    if num_experts % num_ranks:
+        raise ValueError(f"num_experts ({num_experts}) must be divisible by num_ranks ({num_ranks})")
+    if num_ranks % ranks_per_node:
+        raise ValueError(f"ranks_per_node ({ranks_per_node}) must divide num_ranks ({num_ranks})")
+    n = topk_idx.shape[0]
+    per_rank = num_experts // num_ranks
+    valid = topk_idx >= 0
+    rows = torch.arange(n, device=topk_idx.device).unsqueeze(1).expand_as(topk_idx)[valid]
+    experts = topk_idx[valid]
+    in_rank = torch.zeros(n, num_ranks, dtype=torch.bool, device=topk_idx.device)
+    in_rank[rows, experts // per_rank] = True
+    in_node = in_rank.view(n, num_ranks // ranks_per_node, ranks_per_node).any(-1)
+    return DispatchLayout(in_rank.sum(0), in_node.sum(0), torch.bincount(experts, minlength=num_experts),
+                          in_rank, in_node)
+
+
+# ----------------------------------------------------------------------------------------- counters
+class CommCounters:
+    """Rows and bytes this rank sends, keyed ``"{phase}.{scope}.{tokens|bytes}"``.
+
+    phase: dispatch, combine (payload, forward), dispatch_meta (top-k ids + gate values),
+    combine_meta (gate-value gradients), bwd_dispatch / bwd_combine (gradients, backward);
+    scope: inter (to another node), intra (another rank of this node), self.
+    ``node_visits[j]``: tokens that visited j nodes (forward).
+    """
+
+    def __init__(self):
+        self.data: dict[str, int] = defaultdict(int)
+        self.node_visits: list[int] = []
+
+    def record(self, phase: str, hop: "Hop", splits: list[int], row_bytes: int) -> None:
+        for peer, rows in enumerate(splits):
+            if rows:
+                scope = "self" if peer == hop.me else ("inter" if hop.remote[peer] else "intra")
+                self.data[f"{phase}.{scope}.tokens"] += rows
+                self.data[f"{phase}.{scope}.bytes"] += rows * row_bytes
+
+    def add_visits(self, nodes_per_token: torch.Tensor, num_nodes: int) -> None:
+        h = torch.bincount(nodes_per_token, minlength=num_nodes + 1).tolist()
+        self.node_visits = [a + b for a, b in zip(h, self.node_visits + [0] * (len(h) - len(self.node_visits)))]
+
+    def get(self, key: str) -> int:
+        return self.data.get(key, 0)
+
+    def as_dict(self) -> dict:
+        return {**dict(sorted(self.data.items())), "node_visits": list(self.node_visits)}
+
+    def reset(self) -> None:
+        self.data.clear()
+        self.node_visits = []
+
+
+# ----------------------------------------------------------------------------------------- hops
+@dataclass
+class Hop:
+    """One all-to-all: rows ``index`` of the hop's input, grouped by destination peer."""
+    kind: str                   # "flat" (EP group), "inter" (same in-node index), "intra" (one node)
+    index: torch.Tensor         # [n_send] rows of the input, destination-major
+    send_splits: list[int]      # rows to each peer of the group
+    recv_splits: list[int]      # rows from each peer
+    n_in: int                   # rows of the hop's input
+    me: int                     # this rank's index in the group
+    remote: list[bool]          # peer j on another node
+    group: object = field(default=None, repr=False)
+
+    @property
+    def size(self) -> int:
+        return len(self.send_splits)
+
+    @property
+    def n_out(self) -> int:
+        return sum(self.recv_splits)
+
+
+@dataclass
+class DispatchPlan:
+    layout: DispatchLayout
+    hops: list[Hop]
+    recv_topk: torch.Tensor     # [M, k] physical top-k ids of the rows this rank receives
+    num_tokens: int
+
+
+def _rows_bytes(t: torch.Tensor) -> torch.Tensor:
+    flat = t.reshape(t.shape[0], math.prod(t.shape[1:]))
+    if flat.stride(-1) != 1 or not flat.is_contiguous():     # e.g. expanded (stride-0) gradients
+        flat = torch.empty(flat.shape, dtype=flat.dtype, device=flat.device).copy_(flat)
+    return flat.view(torch.uint8)
+
+
+def _all_to_all(tensors: list[torch.Tensor], send: list[int], recv: list[int], group) -> list[torch.Tensor]:
+    """Row-wise all_to_all_single of several tensors at once (packed as bytes, one call)."""
+    if len(send) == 1:
+        return [t.clone() for t in tensors]
+    bufs = [_rows_bytes(t) for t in tensors]
+    packed = bufs[0] if len(bufs) == 1 else torch.cat(bufs, dim=1)
+    out = packed.new_empty(sum(recv), packed.shape[1])
+    dist.all_to_all_single(out, packed, recv, send, group=group)
+    res, off = [], 0
+    for t, b in zip(tensors, bufs):
+        w = b.shape[1]
+        res.append(out[:, off:off + w].contiguous().view(t.dtype).reshape(out.shape[0], *t.shape[1:]))
+        off += w
+    return res
+
+
+def _exchange_counts(send: torch.Tensor, group) -> list[int]:
+    if send.numel() == 1:
+        return send.tolist()
+    send = send.to(torch.int64).contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    return recv.tolist()
+
+
+def _make_hop(kind, dest, rows, size, me, remote, group, n_in) -> Hop:
+    send = torch.bincount(dest, minlength=size)
+    return Hop(kind, rows, send.tolist(), _exchange_counts(send, group), n_in, me, remote, group)
+
+
+def plan_dispatch(topk_idx: torch.Tensor, num_experts: int, comm: EPComm, two_hop: bool = False,
+                  counters: CommCounters | None = None) -> DispatchPlan:
+    """Layout, hops and the received rows' top-k ids (collective over the EP group: counts and ids
+    are exchanged here, before any payload moves)."""
+    R, G = comm.size, comm.ranks_per_node
+    layout = get_dispatch_layout(topk_idx, num_experts, R, G)
+    if counters is not None:
+        counters.add_visits(layout.nodes_per_token, comm.num_nodes)
+    n = topk_idx.shape[0]
+    per_rank = num_experts // R
+    if not two_hop or comm.num_nodes == 1 or G == 1:
+        dest, rows = layout.is_token_in_rank.t().nonzero(as_tuple=True)     # rank-major, token order
+        hop = _make_hop("flat", dest, rows, R, comm.rank, [j // G != comm.node for j in range(R)],
+                        comm.group, n)
+        hops = [hop]
+    else:
+        dest, rows = layout.is_token_in_node.t().nonzero(as_tuple=True)     # node-major, token order
+        hop1 = _make_hop("inter", dest, rows, comm.num_nodes, comm.node,
+                         [j != comm.node for j in range(comm.num_nodes)], comm.inter, n)
+        (fwd_topk,) = _all_to_all([topk_idx.index_select(0, rows)], hop1.send_splits, hop1.recv_splits, comm.inter)
+        if counters is not None:
+            counters.record("dispatch_meta", hop1, hop1.send_splits, topk_idx.element_size() * topk_idx.shape[1])
+        # On the forwarding rank: which ranks of this node each received row visits.
+        m = fwd_topk.shape[0]
+        valid = fwd_topk >= 0
+        rank_of = torch.where(valid, fwd_topk // per_rank, -1)
+        here = valid & (rank_of // G == comm.node)
+        in_local = torch.zeros(m, G, dtype=torch.bool, device=fwd_topk.device)
+        r_rows = torch.arange(m, device=fwd_topk.device).unsqueeze(1).expand_as(fwd_topk)[here]
+        in_local[r_rows, rank_of[here] % G] = True
+        dest2, rows2 = in_local.t().nonzero(as_tuple=True)
+        hop2 = _make_hop("intra", dest2, rows2, G, comm.local, [False] * G, comm.intra, m)
+        hops = [hop1, hop2]
+        topk_idx = fwd_topk
+    last = hops[-1]
+    (recv_topk,) = _all_to_all([topk_idx.index_select(0, last.index)], last.send_splits, last.recv_splits, last.group)
+    if counters is not None:
+        counters.record("dispatch_meta", last, last.send_splits, topk_idx.element_size() * topk_idx.shape[1])
+    return DispatchPlan(layout, hops, recv_topk, n)
+
+
+# ----------------------------------------------------------------------------------------- dispatch / combine
+def _dispatch_rows(tensors, plan: DispatchPlan, counters, phases):
+    """Forward every tensor's rows along the plan's hops (row copies per destination)."""
+    for hop in plan.hops:
+        tensors = [t.index_select(0, hop.index) for t in tensors]
+        if counters is not None:
+            _record(counters, tensors, phases, hop, hop.send_splits)
+        tensors = _all_to_all(tensors, hop.send_splits, hop.recv_splits, hop.group)
+    return tensors
+
+
+def _combine_rows(tensors, plan: DispatchPlan, counters, phases):
+    """The reverse path: send rows back hop by hop, summing the copies of a row (in fp32)."""
+    for hop in reversed(plan.hops):
+        if counters is not None:
+            _record(counters, tensors, phases, hop, hop.recv_splits)
+        back = _all_to_all(tensors, hop.recv_splits, hop.send_splits, hop.group)
+        tensors = [torch.zeros(hop.n_in, *b.shape[1:], dtype=torch.float32, device=b.device)
+                   .index_add_(0, hop.index, b.float()).to(b.dtype) for b in back]
+    return tensors
+
+
+def _row_bytes(t: torch.Tensor) -> int:
+    return t.element_size() * math.prod(t.shape[1:])
+
+
+def _record(counters: CommCounters, tensors, phases, hop: Hop, splits) -> None:
+    """One record per phase: a row of a phase may span several tensors (FP8 values + scales)."""
+    per_phase: dict[str, int] = {}
+    for t, ph in zip(tensors, phases):
+        per_phase[ph] = per_phase.get(ph, 0) + _row_bytes(t)
+    for ph, nbytes in per_phase.items():
+        counters.record(ph, hop, splits, nbytes)
+
+
+class _Dispatch(torch.autograd.Function):
+    """(x [N, d], w [N, k]) → (x_recv [M, d], w_recv [M, k]); backward = combine of the gradients."""
+
+    @staticmethod
+    def forward(ctx, x, w, plan, fp8, counters):
+        ctx.plan, ctx.counters = plan, counters
+        if fp8:
+            q, s = quantize_activation(x)
+            q_r, s_r, w_r = _dispatch_rows([q.view(torch.uint8), s, w], plan, counters,
+                                           ["dispatch", "dispatch", "dispatch_meta"])
+            x_r = dequantize_activation(q_r.view(FP8_DTYPE), s_r, dtype=x.dtype)
+        else:
+            x_r, w_r = _dispatch_rows([x, w], plan, counters, ["dispatch", "dispatch_meta"])
+        return x_r, w_r
+
+    @staticmethod
+    def backward(ctx, gx, gw):
+        gx, gw = _combine_rows([gx.contiguous(), gw.contiguous()], ctx.plan, ctx.counters,
+                               ["bwd_combine", "combine_meta"])
+        return gx, gw, None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    """y_rows [M, d] → y [N, d] (sum of a token's partial outputs); backward = dispatch of the gradient."""
+
+    @staticmethod
+    def forward(ctx, y, plan, counters):
+        ctx.plan, ctx.counters = plan, counters
+        return _combine_rows([y], plan, counters, ["combine"])[0]
+
+    @staticmethod
+    def backward(ctx, g):
+        return _dispatch_rows([g.contiguous()], ctx.plan, ctx.counters, ["bwd_dispatch"])[0], None, None
+
+
+def dispatch(x, w, plan: DispatchPlan, fp8: bool = False, counters: CommCounters | None = None):
+    """Differentiable dispatch of tokens x [N, d] and gate values w [N, k] along ``plan``."""
+    if fp8 and quantize_activation is None:
+        raise RuntimeError("FP8 dispatch needs dsv3.fp8.quant, which could not be imported")
+    return _Dispatch.apply(x, w, plan, fp8, counters)
+
+
+def combine(y, plan: DispatchPlan, counters: CommCounters | None = None):
+    """Differentiable combine of received rows' outputs y [M, d] back to token order [N, d]."""
+    return _Combine.apply(y, plan, counters)
+
+
+# ----------------------------------------------------------------------------------------- placement
+@dataclass
+class Placement:
+    """Physical experts (slots) → logical experts, rank-major: rank r holds slots [r·S, (r+1)·S).
+
+    Same conventions as ``eplb.rebalance_experts`` for one layer: phy2log [P], log2phy [L, width]
+    padded with -1, logcnt [L]."""
+    phy2log: torch.Tensor
+    log2phy: torch.Tensor
+    logcnt: torch.Tensor
+
+    @classmethod
+    def from_phy2log(cls, phy2log, num_logical: int, num_ranks: int) -> "Placement":
+        p = torch.as_tensor(phy2log, dtype=torch.int64).flatten()
+        if p.numel() % num_ranks:
+            raise ValueError(f"placement: {p.numel()} physical experts do not divide over {num_ranks} ranks")
+        if p.numel() and (p.min() < 0 or p.max() >= num_logical):
+            raise ValueError(f"placement: phy2log values must lie in [0, {num_logical})")
+        logcnt = torch.bincount(p, minlength=num_logical)
+        if (logcnt == 0).any():
+            missing = (logcnt == 0).nonzero().flatten().tolist()
+            raise ValueError(f"placement: logical experts {missing} have no replica")
+        width = int(logcnt.max())
+        log2phy = torch.full((num_logical, width), -1, dtype=torch.int64)
+        order = p.argsort(stable=True)
+        starts = torch.cumsum(logcnt, 0) - logcnt
+        log2phy[p[order], torch.arange(p.numel()) - starts[p[order]]] = order
+        return cls(p, log2phy, logcnt)
+
+    @property
+    def num_physical(self) -> int:
+        return self.phy2log.numel()
+
+
+def shared_expert_placement(num_routed: int, num_ranks: int) -> torch.Tensor:
+    """phy2log for 'shared expert as a routed one': each rank holds its E/R routed experts plus one
+    replica of the shared expert (logical id ``num_routed``)."""
+    if num_routed % num_ranks:
+        raise ValueError(f"num_routed ({num_routed}) must be divisible by num_ranks ({num_ranks})")
+    per = num_routed // num_ranks
+    return torch.tensor([e for r in range(num_ranks) for e in [*range(r * per, (r + 1) * per), num_routed]])
+
+
+class LoadWindow:
+    """Logical-expert loads of the last ``window`` steps (for the next rebalance)."""
+
+    def __init__(self, num_logical: int, window: int = 16):
+        if window < 1:
+            raise ValueError(f"LoadWindow.window = {window}: must be >= 1")
+        self.buf = torch.zeros(window, num_logical, dtype=torch.int64)
+        self.steps = 0
+
+    def add(self, counts: torch.Tensor) -> None:
+        self.buf[self.steps % self.buf.shape[0]] = counts.detach().to("cpu", torch.int64)
+        self.steps += 1
+
+    def total(self) -> torch.Tensor:
+        return self.buf.sum(0)
+
+
+# ----------------------------------------------------------------------------------------- the layer
+class ExpertParallelMoE(nn.Module):
+    """DeepSeekMoE with its routed experts spread over an EP group (same parameters as ``MoE``;
+    the gate and shared expert are replicated, each rank holds S = P/R physical experts).
+
+    Options: ``two_hop`` (inter-node then intra-node forwarding), ``fp8_dispatch``, ``placement``
+    (phy2log of redundant experts, e.g. from ``eplb.rebalance_experts``), ``shared_as_routed``
+    (the shared expert becomes logical expert E, selected by every token with gate value 1),
+    ``replica_choice`` ("spread": replica (t + rank) mod count of the token's local index t;
+    "local": prefer a replica on this rank, then on this node, spread among those).
+    """
+
+    def __init__(self, cfg: ModelConfig, comm: EPComm, *, two_hop: bool = False, fp8_dispatch: bool = False,
+                 placement=None, shared_as_routed: bool = False, replica_choice: str = "spread",
+                 load_window: int = 16):
+        super().__init__()
+        if fp8_dispatch and quantize_activation is None:
+            raise ValueError("ExpertParallelMoE.fp8_dispatch: dsv3.fp8.quant is not available")
+        if replica_choice not in ("spread", "local"):
+            raise ValueError(f"ExpertParallelMoE.replica_choice = {replica_choice!r}: 'spread' or 'local'")
+        if shared_as_routed and cfg.n_shared_experts != 1:
+            raise ValueError(f"ExpertParallelMoE.shared_as_routed needs n_shared_experts == 1 "
+                             f"(got {cfg.n_shared_experts}): the shared expert must match a routed one")
+        self.comm, self.two_hop, self.fp8_dispatch = comm, two_hop, fp8_dispatch
+        self.shared_as_routed, self.replica_choice = shared_as_routed, replica_choice
+        self.num_routed = cfg.n_routed_experts
+        self.num_logical = cfg.n_routed_experts + int(shared_as_routed)
+        self.top_k = cfg.num_experts_per_tok
+        self.gate = Gate(cfg)
+        if placement is None:
+            placement = (shared_expert_placement(self.num_routed, comm.size) if shared_as_routed
+                         else torch.arange(self.num_routed))
+        self.placement = Placement.from_phy2log(placement, self.num_logical, comm.size)
+        self.slots = self.placement.num_physical // comm.size
+        self.experts = GroupedExperts(self.slots, cfg.hidden_size, cfg.moe_intermediate_size)
+        for p in self.experts.parameters():
+            p.expert_parallel = True       # differs per rank: keep out of data-parallel all-reduces
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts and not shared_as_routed else None)
+        self.load = LoadWindow(self.num_logical, load_window)
+        self.counters = CommCounters()
+        self.last_plan: DispatchPlan | None = None
+        self._build_choice()
+
+    # ------------------------------------------------------------------ placement
+    @property
+    def local_logical(self) -> torch.Tensor:
+        """Logical expert of each of this rank's slots."""
+        r = self.comm.rank
+        return self.placement.phy2log[r * self.slots:(r + 1) * self.slots]
+
+    def _build_choice(self) -> None:
+        """Per logical expert, the replicas this rank may route to (all, or the nearest ones)."""
+        pl, S, G = self.placement, self.slots, self.comm.ranks_per_node
+        table, cnt = pl.log2phy.clone(), pl.logcnt.clone()
+        if self.replica_choice == "local":
+            for e in range(self.num_logical):
+                reps = pl.log2phy[e, :pl.logcnt[e]]
+                ranks = reps // S
+                for keep in (ranks == self.comm.rank, ranks // G == self.comm.node):
+                    if keep.any():
+                        reps = reps[keep]
+                        break
+                table[e] = -1
+                table[e, :reps.numel()] = reps
+                cnt[e] = reps.numel()
+        self._table, self._cnt = table, cnt
+
+    def to_physical(self, logical: torch.Tensor) -> torch.Tensor:
+        """Logical top-k [N, k] → physical: replica (t + rank) mod (replicas) of each chosen expert."""
+        dev = logical.device
+        table, cnt = self._table.to(dev), self._cnt.to(dev)
+        t = torch.arange(logical.shape[0], device=dev).unsqueeze(1) + self.comm.rank
+        return table[logical, t % cnt[logical]]
+
+    def set_placement(self, phy2log, move_weights: bool = True) -> None:
+        """Serve a new placement; ``move_weights`` redistributes expert weights (collective: a sum
+        over the EP group of a table of every logical expert, each filled by its first replica)."""
+        new = Placement.from_phy2log(phy2log, self.num_logical, self.comm.size)
+        if new.num_physical != self.placement.num_physical:
+            raise ValueError(f"set_placement: {new.num_physical} physical experts, the layer has "
+                             f"{self.placement.num_physical}")
+        if move_weights:
+            old = self.placement
+            first = old.log2phy[:, 0]                                   # [L] first replica (slot id)
+            r0 = self.comm.rank * self.slots
+            mine = (first >= r0) & (first < r0 + self.slots)
+            with torch.no_grad():
+                for p in (self.experts.w13, self.experts.w2):
+                    table = p.new_zeros(self.num_logical, *p.shape[1:])
+                    table[mine.to(p.device)] = p[(first[mine] - r0).to(p.device)]
+                    if self.comm.size > 1:
+                        dist.all_reduce(table, group=self.comm.group)
+                    p.copy_(table[new.phy2log[r0:r0 + self.slots].to(p.device)])
+        self.placement = new
+        self._build_choice()
+
+    def rebalance(self, num_groups: int | None = None, num_nodes: int | None = None) -> torch.Tensor:
+        """Re-place the experts from the windowed logical loads with ``eplb.rebalance_experts``
+        (collective: loads are summed over the EP group, so every rank computes the same placement)."""
+        from ..eplb import rebalance_experts
+
+        load = self.logical_load()
+        groups = num_groups or (self.gate.n_group if not self.shared_as_routed else 1)
+        phy2log, _, _ = rebalance_experts(load[None].double(), self.placement.num_physical, groups,
+                                          num_nodes or self.comm.num_nodes, self.comm.size)
+        self.set_placement(phy2log[0])
+        return phy2log[0]
+
+    def logical_load(self) -> torch.Tensor:
+        """Tokens per logical expert over the window, summed over the EP group (collective)."""
+        load = self.load.total()
+        if self.comm.size > 1:
+            dist.all_reduce(load, group=self.comm.group)
+        return load
+
+    # ------------------------------------------------------------------ weights
+    @torch.no_grad()
+    def load_from(self, moe: MoE) -> None:
+        """Copy a single-process ``MoE``'s parameters (this rank's experts, the gate, the shared expert)."""
+        self.gate.load_state_dict(moe.gate.state_dict())
+        w13, w2 = moe.experts.w13, moe.experts.w2
+        if self.shared_as_routed:
+            s = moe.shared_experts
+            w13 = torch.cat([w13, torch.cat([s.gate_proj.weight, s.up_proj.weight])[None]])
+            w2 = torch.cat([w2, s.down_proj.weight[None]])
+        self.experts.w13.copy_(w13[self.local_logical.to(w13.device)])
+        self.experts.w2.copy_(w2[self.local_logical.to(w2.device)])
+        if self.shared_experts is not None:
+            self.shared_experts.load_state_dict(moe.shared_experts.state_dict())
+
+    def sync_replica_grads(self) -> None:
+        """Sum the gradients of all replicas of each redundant expert (collective over the EP group)
+        so that replicas stay identical after the optimizer step."""
+        red = (self.placement.logcnt > 1).nonzero().flatten()
+        if red.numel() == 0:
+            return
+        pos = torch.full((self.num_logical,), -1, dtype=torch.int64)
+        pos[red] = torch.arange(red.numel())
+        slot_pos = pos[self.local_logical]
+        mine = slot_pos >= 0
+        slot_pos, mine = slot_pos.to(self.experts.w13.device), mine.to(self.experts.w13.device)
+        for p in (self.experts.w13, self.experts.w2):
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            buf = p.grad.new_zeros(red.numel(), *p.shape[1:]).index_add_(0, slot_pos[mine], p.grad[mine])
+            if self.comm.size > 1:
+                dist.all_reduce(buf, group=self.comm.group)
+            p.grad[mine] = buf[slot_pos[mine]]
+
+    # ------------------------------------------------------------------ forward
+    def _local_experts(self, x: torch.Tensor, w: torch.Tensor, topk: torch.Tensor) -> torch.Tensor:
+        """Received rows x [M, d] with their top-k [M, k] → Σ over this rank's slots g·expert(x), [M, d]."""
+        base = self.comm.rank * self.slots
+        local = topk - base
+        row, slot = ((local >= 0) & (local < self.slots)).nonzero(as_tuple=True)
+        e = local[row, slot]
+        order = e.argsort(stable=True)
+        row, slot, e = row[order], slot[order], e[order]
+        y = self.experts(x[row], torch.bincount(e, minlength=self.slots))
+        y = y * w[row, slot].unsqueeze(1).to(y.dtype)
+        out = torch.zeros_like(x).index_add_(0, row, y.to(x.dtype))
+        if row.numel() == 0 and torch.is_grad_enabled():
+            # nothing to compute here, but keep the graph connected so that every rank runs the
+            # backward collectives, and expert gradients are zeros rather than None
+            out = out + 0.0 * (x.sum() + w.sum() + self.experts.w13.sum() + self.experts.w2.sum()).to(x.dtype)
+        return out
+
+    def forward(self, x: torch.Tensor, stats: list | None = None) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        r: Routing = self.gate(flat)
+        if stats is not None:
+            stats.append(r)
+        logical, w = r.indices, r.weights
+        if self.shared_as_routed:
+            n = logical.shape[0]
+            logical = torch.cat([logical, logical.new_full((n, 1), self.num_routed)], 1)
+            w = torch.cat([w, w.new_ones(n, 1)], 1)
+        self.load.add(torch.bincount(logical.flatten(), minlength=self.num_logical))
+        phys = self.to_physical(logical)
+        plan = plan_dispatch(phys, self.placement.num_physical, self.comm, self.two_hop, self.counters)
+        self.last_plan = plan
+        x_r, w_r = dispatch(flat, w, plan, self.fp8_dispatch, self.counters)
+        y = combine(self._local_experts(x_r, w_r, plan.recv_topk), plan, self.counters)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        return y.view(shape)
