@@ -48,6 +48,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run in --out and start again")
     p.add_argument("--device", default="auto")
+    p.add_argument("--pp", type=int, default=d.pp, help="pipeline-parallel ranks (under torchrun: world = pp × dp)")
+    p.add_argument("--schedule", default=d.schedule, choices=["1f1b", "zb1p", "dualpipe", "dualpipev"],
+                   help="pipeline schedule with --pp > 1")
+    p.add_argument("--microbatches", type=int, default=d.microbatches,
+                   help="pipeline micro-batches per step (default: the fewest the schedule allows)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--sample-prompt", default="def ", help="prompt for the sample printed at the end ('' to skip)")
@@ -128,7 +133,8 @@ def run(args) -> int:
                      recompute=args.recompute, ema_decay=args.ema, bias_update_speed=args.bias_update_speed,
                      balance_alpha=args.balance_alpha, mtp_lambda=args.mtp_lambda, eval_every=args.eval_every,
                      eval_batches=args.eval_batches, save_every=args.save_every, keep=args.keep,
-                     progress=not args.no_progress, device=args.device)
+                     progress=not args.no_progress, device=args.device, pp=args.pp, schedule=args.schedule,
+                     microbatches=args.microbatches)
     tc.validate(cfg)
     info = dist_from_env(pick_device(args.device))
     if info.main:

@@ -12,6 +12,7 @@ uninterrupted one exactly.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -59,6 +60,9 @@ class TrainConfig:
     log_every: int = 1
     progress: bool = True
     device: str = "auto"
+    pp: int = 1                          # pipeline-parallel ranks (SPEC §2.1); world = pp × data-parallel
+    schedule: str = "1f1b"               # pipeline schedule with pp > 1: 1f1b | zb1p | dualpipe | dualpipev
+    microbatches: int = 0                # pipeline micro-batches per step (0: the fewest the schedule allows)
 
     def validate(self, cfg: ModelConfig) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "keep"):
@@ -71,6 +75,12 @@ class TrainConfig:
                              f"model's max_position_embeddings ({cfg.max_position_embeddings})")
         if self.precision not in ("auto", "fp32", "bf16", "fp8"):
             raise ValueError(f"--precision must be auto, fp32, bf16 or fp8, got {self.precision!r}")
+        if self.pp < 1 or self.microbatches < 0:
+            raise ValueError(f"--pp must be >= 1 and --microbatches >= 0, got {self.pp}, {self.microbatches}")
+        if self.schedule not in ("1f1b", "zb1p", "dualpipe", "dualpipev"):
+            raise ValueError(f"--schedule must be 1f1b, zb1p, dualpipe or dualpipev, got {self.schedule!r}")
+        if self.pp > 1 and (self.grad_accum != 1 or self.ema_decay > 0):
+            raise ValueError("with --pp > 1 use --microbatches instead of --grad-accum; --ema is not supported")
 
 
 @dataclass
@@ -105,24 +115,39 @@ def compute_loss(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor
                  balance_alpha: float) -> tuple[torch.Tensor, dict]:
     """Total loss of one micro-batch and its parts. inputs/targets: [B, T + D] (see TokenDataset.batch)."""
     out = model.forward_train(inputs)
-    T = out.logits.shape[1]
-    V = out.logits.shape[-1]
-    main = F.cross_entropy(out.logits.reshape(-1, V), targets[:, :T].reshape(-1))
-    parts = {"main": main.detach()}
-    loss = main
-    if out.mtp_logits:
-        mtp = sum(F.cross_entropy(lg.reshape(-1, V), targets[:, k:k + T].reshape(-1))
-                  for k, lg in enumerate(out.mtp_logits, start=1)) / len(out.mtp_logits)
-        parts["mtp"] = mtp.detach()
-        loss = loss + mtp_lambda * mtp
-    B = inputs.shape[0]
-    if balance_alpha > 0 and out.routing:
-        bal = sum(balance.sequence_balance_loss(r.scores.view(B, T, -1), r.indices.view(B, T, -1), balance_alpha)
-                  for r in out.routing)
+    loss, parts = token_loss(out.logits, out.mtp_logits, targets, mtp_lambda)
+    bal = routing_balance_loss(out.routing, inputs.shape[0], out.logits.shape[1], balance_alpha)
+    if bal is not None:
         parts["balance"] = bal.detach()
         loss = loss + bal
     counts = torch.stack([r.counts for r in out.routing]) if out.routing else None
     return loss, {"parts": parts, "counts": counts}
+
+
+def token_loss(logits: torch.Tensor, mtp_logits: list, targets: torch.Tensor,
+               mtp_lambda: float) -> tuple[torch.Tensor, dict]:
+    """Next-token CE + λ · mean MTP CE (depth k predicts targets[:, k:k+T]); also used by the pipeline's
+    last stage."""
+    T = logits.shape[1]
+    V = logits.shape[-1]
+    main = F.cross_entropy(logits.reshape(-1, V), targets[:, :T].reshape(-1))
+    parts = {"main": main.detach()}
+    loss = main
+    if mtp_logits:
+        mtp = sum(F.cross_entropy(lg.reshape(-1, V), targets[:, k:k + T].reshape(-1))
+                  for k, lg in enumerate(mtp_logits, start=1)) / len(mtp_logits)
+        parts["mtp"] = mtp.detach()
+        loss = loss + mtp_lambda * mtp
+    return loss, parts
+
+
+def routing_balance_loss(routing: list, B: int, T: int, balance_alpha: float):
+    """Σ over MoE layers of the sequence-wise balance loss (None when off or no MoE layer); the pipeline
+    adds each stage's layers on that stage."""
+    if balance_alpha <= 0 or not routing:
+        return None
+    return sum(balance.sequence_balance_loss(r.scores.view(B, T, -1), r.indices.view(B, T, -1), balance_alpha)
+               for r in routing)
 
 
 class Trainer:
@@ -131,9 +156,13 @@ class Trainer:
         self.cfg, self.tc = cfg, tc
         self.device = pick_device(tc.device)
         self.dist = dist_from_env(self.device)
-        if tc.batch_size % (self.dist.world * tc.grad_accum):
-            raise ValueError(f"--batch-size {tc.batch_size} must be divisible by world size × grad accum "
-                             f"({self.dist.world} × {tc.grad_accum})")
+        if self.dist.world % tc.pp:
+            raise ValueError(f"--pp {tc.pp} must divide the number of processes ({self.dist.world}); "
+                             f"run under torchrun --nproc-per-node {tc.pp} (or a multiple)")
+        dp = self.dist.world // tc.pp
+        if tc.batch_size % (dp * tc.grad_accum):
+            raise ValueError(f"--batch-size {tc.batch_size} must be divisible by data-parallel world size × "
+                             f"grad accum ({dp} × {tc.grad_accum})")
         self.dataset, self.val_dataset, self.tokenizer = dataset, val_dataset, tokenizer
         precision = tc.precision if tc.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
         self.precision = precision
@@ -144,12 +173,20 @@ class Trainer:
             convert_to_fp8(self.model)
         self.model.to(self.device)
         self.model.recompute = tc.recompute
-        groups = param_groups(self.model, tc.weight_decay)
+        self.pipe = None
+        if tc.pp > 1:   # this rank's pipeline stages; the optimizer only sees their parameters
+            from ..parallel.pipeline.stages import PipelineParallel
+            self.pipe = PipelineParallel(
+                self.model, tc.schedule, tc.pp, tc.microbatches or None, local_batch=tc.batch_size // dp,
+                loss_fn=functools.partial(token_loss, mtp_lambda=tc.mtp_lambda), autocast=self._autocast,
+                balance_fn=functools.partial(routing_balance_loss, balance_alpha=tc.balance_alpha), device=self.device)
+        groups = param_groups(self.pipe.module if self.pipe else self.model, tc.weight_decay)
         moment_dtype = torch.bfloat16 if tc.bf16_moments else torch.float32
         opt_kwargs = dict(lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay, moment_dtype=moment_dtype)
-        if self.dist.world > 1:
+        if self.dist.world > 1 and (self.pipe is None or self.pipe.dp > 1):
             from torch.distributed.optim import ZeroRedundancyOptimizer
-            self.optimizer = ZeroRedundancyOptimizer(groups, optimizer_class=AdamW, **opt_kwargs)
+            self.optimizer = ZeroRedundancyOptimizer(groups, optimizer_class=AdamW, **opt_kwargs,
+                                                     process_group=self.pipe.dp_group if self.pipe else None)
         else:
             self.optimizer = AdamW(groups, **opt_kwargs)
         self.ema = ({k: v.detach().float().cpu().clone() for k, v in self.model.state_dict().items()}
@@ -160,8 +197,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def state(self) -> tuple[dict, dict, dict, dict]:
+        if self.pipe is not None:
+            self.pipe.gather_full_model()
         model_state = {k: v for k, v in self.model.state_dict().items()}
-        if self.dist.world > 1:
+        if self.pipe is not None:   # optimizer state stays on the pipeline ranks (no --resume with --pp)
+            osd = {"state": {}, "param_groups": []}
+        elif self.dist.world > 1:
             self.optimizer.consolidate_state_dict(to=0)
             osd = self.optimizer.state_dict() if self.dist.main else {"state": {}, "param_groups": []}
         else:
@@ -185,6 +226,8 @@ class Trainer:
 
     def resume(self) -> bool:
         """Load the newest valid checkpoint; returns False when there is none."""
+        if self.pipe is not None:
+            raise ValueError("--resume is not supported with --pp > 1 yet (checkpoints hold no optimizer state)")
         found = load_latest(self.ckpt_root)
         if found is None:
             return False
@@ -216,6 +259,8 @@ class Trainer:
         lr = lr_at(self.step, tc.lr, tc.steps, tc.warmup, tc.min_lr_ratio)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
+        if self.pipe is not None:
+            return self._pipeline_step(lr)
         D = self.cfg.num_nextn_predict_layers
         local_bs = tc.batch_size // self.dist.world
         inputs, targets = self.dataset.batch(self.step, local_bs, tc.seed, extra=D,
@@ -254,6 +299,26 @@ class Trainer:
         self.step += 1
         return out
 
+    def _pipeline_step(self, lr: float) -> dict:
+        """train_step with --pp > 1: every micro-batch runs through the pipeline schedule; gradients are
+        summed over parameter copies, averaged over data-parallel replicas and clipped globally."""
+        tc, pipe = self.tc, self.pipe
+        inputs, targets = self.dataset.batch(self.step, tc.batch_size // pipe.dp, tc.seed,
+                                             extra=self.cfg.num_nextn_predict_layers, rank=pipe.dp_rank,
+                                             world_size=pipe.dp)
+        res = pipe.train_step(inputs.to(self.device), targets.to(self.device), tc.clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if res.counts is not None and tc.bias_update_speed > 0:   # global counts: every rank updates every bias
+            for moe, c in zip(self.model.moe_layers(), res.counts):
+                balance.update_bias(moe.gate.e_score_correction_bias, c, tc.bias_update_speed)
+        out = dict(res.parts, lr=lr, grad_norm=res.grad_norm, loss=res.parts["main"])
+        if res.counts is not None:
+            out["max_vio"] = balance.max_vio(res.counts)
+            out["expert_load"] = res.counts.tolist()
+        self.step += 1
+        return out
+
     def _reduce_gradients(self) -> None:
         if self.dist.world == 1:
             return
@@ -279,6 +344,8 @@ class Trainer:
         """Mean next-token loss over the validation batches and MaxVio_global over them."""
         if self.val_dataset is None:
             return {}
+        if self.pipe is not None:
+            self.pipe.gather_full_model()
         self.model.eval()
         D = self.cfg.num_nextn_predict_layers
         total, n, vio = 0.0, 0, balance.MaxVio()
@@ -320,7 +387,8 @@ class Trainer:
                 raise FloatingPointError(f"loss became {rec['loss']} at step {self.step}; stopping "
                                          f"(the last checkpoint is kept in {self.ckpt_root})")
             line = {"step": self.step, **rec}
-            if self.val_dataset is not None and (self.step % tc.eval_every == 0 or self.step == tc.steps):
+            if self.val_dataset is not None and ((tc.eval_every > 0 and self.step % tc.eval_every == 0)
+                                                 or self.step == tc.steps):
                 line.update(self.evaluate())
             if self.step % tc.log_every == 0 or "val_loss" in line:
                 self._log(line)
@@ -330,6 +398,8 @@ class Trainer:
             if tc.save_every > 0 and (self.step % tc.save_every == 0 or self.step == tc.steps):
                 self.save()
         bar.close()
+        if self.pipe is not None:
+            self.pipe.gather_full_model()   # the whole model on every rank for the export
         if self.val_dataset is not None:
             summary["val_loss_end"] = self.evaluate()["val_loss"]
         return summary
