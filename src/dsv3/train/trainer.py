@@ -35,7 +35,7 @@ from .optim import AdamW, lr_at, param_groups
 class TrainConfig:
     out: str = "runs/tiny"
     data: str = "data/tiny"              # prepared token directory (see dsv3.data.dataset.prepare)
-    steps: int = 300
+    steps: int = 500
     batch_size: int = 16                 # global batch, in sequences
     seq_len: int = 256
     grad_accum: int = 1
@@ -375,7 +375,7 @@ class Trainer:
             summary["val_loss_start"] = first["val_loss"]
             self._log({"step": 0, **first})
         bar = tqdm(total=tc.steps, initial=self.step, disable=not (tc.progress and self.dist.main),
-                   dynamic_ncols=True, desc="train")
+                   dynamic_ncols=True, desc="train", mininterval=1.0)
         tokens_per_step = tc.batch_size * tc.seq_len
         t_last = time.perf_counter()
         while self.step < tc.steps:
