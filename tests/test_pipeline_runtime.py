@@ -4,7 +4,12 @@ Each check spawns its ranks once and runs several schedules inside them: the per
 every parameter gradient must match the unsplit model run micro-batch by micro-batch (fp32, < 1e-6
 relative), a no-grad pass must return the same losses and logits, a killed rank must make its peer
 raise a clear error quickly, and ``dsv3 train --pp 2 --schedule dualpipev`` under torchrun must follow
-the single-process loss curve.
+the single-process loss curve and, killed with SIGKILL and resumed, repeat its uninterrupted run exactly.
+
+Memory: every rank gives storage only to the parameters and buffers of its own stages (the rest stays
+on ``meta``), initialised bit for bit like the single-process model; the whole model and optimizer
+state gathered to rank 0 for a checkpoint equal the single-process ones in the single-process layout,
+and loading such a checkpoint restores each rank's share.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import functools
 import json
 import os
 import queue
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -24,6 +31,7 @@ import torch
 import torch.multiprocessing as mp
 
 from dsv3 import ModelConfig, Transformer
+from dsv3.checkpoint import list_checkpoints
 from dsv3.parallel.pipeline import build_schedule
 from dsv3.parallel.pipeline.stages import split_layers
 
@@ -78,7 +86,10 @@ def _pipe(model, name, pp, M, b, timeout=60):
 
 
 def _reference(inputs, targets, M):
-    """Unsplit model, micro-batch by micro-batch: (losses [M], grads by name, eval logits per mb)."""
+    """Unsplit model, micro-batch by micro-batch: (losses [M], grads by name, eval losses, eval logits per
+    mb, (model and optimizer state dicts after one AdamW step on those gradients), (cross-entropy sum,
+    tokens, expert loads) of an evaluation of the first 3 rows)."""
+    from dsv3.train.optim import AdamW, param_groups
     from dsv3.train.trainer import compute_loss
 
     model = _model()
@@ -96,7 +107,15 @@ def _reference(inputs, targets, M):
             loss, _ = compute_loss(model, inputs[sl], targets[sl], LAM, ALPHA)
             eval_losses.append(loss)
             logits.append(model.forward_train(inputs[sl]).logits)
-    return torch.stack(losses), grads, torch.stack(eval_losses), logits
+        few = model.forward_train(inputs[:3])   # an evaluation batch smaller than the micro-batch count
+        T = few.logits.shape[1]
+        ce = torch.nn.functional.cross_entropy(few.logits.reshape(-1, few.logits.shape[-1]),
+                                               targets[:3, :T].reshape(-1), reduction="sum")
+        few = (float(ce), targets[:3, :T].numel(), torch.stack([r.counts for r in few.routing]))
+    opt = AdamW(param_groups(model, 0.1), lr=1e-2)
+    opt.step()
+    state = ({k: v.clone() for k, v in model.state_dict().items()}, opt.state_dict())
+    return torch.stack(losses), grads, torch.stack(eval_losses), logits, state, few
 
 
 def _rel(a, b):
@@ -109,16 +128,19 @@ def _check_schedule(name, pp, M, b=2, dp=1):
     import torch.distributed as dist
 
     inputs, targets = _batch(M * dp, b)
-    ref_losses, ref_grads, ref_eval, ref_logits = _reference(inputs, targets, M * dp)
+    ref_losses, ref_grads, ref_eval, ref_logits, ref_state, ref_few = _reference(inputs, targets, M * dp)
     model = _model()
     pipe = _pipe(model, name, pp, M, b)
     assert pipe.dp == dp
+    out0 = _check_storage(pipe, model)
+    ce, n, counts = pipe.evaluate(inputs[:3], targets[:3])   # the trainer's evaluation: whole batch, all ranks
+    out0["eval_few"] = abs(ce - ref_few[0]) / ref_few[0] if n == ref_few[1] and torch.equal(counts, ref_few[2]) else 1.0
     d = pipe.dp_rank
     mine = slice(d * M * b, (d + 1) * M * b)
     inputs, targets = inputs[mine], targets[mine]
     ref_losses, ref_eval, ref_logits = ref_losses[d * M:(d + 1) * M], ref_eval[d * M:(d + 1) * M], ref_logits[d * M:]
     res = pipe.train_step(inputs, targets, clip=None)
-    out = {"loss": _rel(res.losses, ref_losses), "grad": 0.0, "bitwise_grads": True, "params": 0}
+    out = {"loss": _rel(res.losses, ref_losses), "grad": 0.0, "bitwise_grads": True, "params": 0, **out0}
     me = dist.get_rank()
     out["groups"] = (dist.get_process_group_ranks(pipe.pp_group) == pipe.ranks and me in pipe.ranks
                      and (dp == 1 or dist.get_process_group_ranks(pipe.dp_group)
@@ -145,6 +167,69 @@ def _check_schedule(name, pp, M, b=2, dp=1):
     gathered = [None] * pp
     dist.all_gather_object(gathered, names, group=pipe.pp_group)
     out["covered"] = set().union(*map(set, gathered)) == {n for n, _ in model.named_parameters()}
+    out.update(_check_state(pipe, model, ref_grads, ref_state))
+    return out
+
+
+def _check_storage(pipe, model):
+    """Only held tensors have storage, and a meta-built model materialised for this rank equals the
+    single-process initialisation bit for bit."""
+    from dsv3.parallel.pipeline.stages import materialize
+
+    sd = model.state_dict()
+    storage = all(v.is_meta != pipe.held(k) for k, v in sd.items())
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        lazy = Transformer(_cfg())
+    materialize(lazy, pipe.held, "cpu")
+    torch.manual_seed(0)
+    plain = Transformer(_cfg()).state_dict()
+    lazy_sd = lazy.state_dict()
+    init = {k for k, v in lazy_sd.items() if not v.is_meta} == {k for k in sd if pipe.held(k)}
+    init &= all(torch.equal(v, plain[k]) for k, v in lazy_sd.items() if not v.is_meta)
+    return {"storage": storage, "init": init}
+
+
+def _check_state(pipe, model, ref_grads, ref_state):
+    """One optimizer step on the reference gradients, gathered to rank 0 (must equal the single-process
+    model and optimizer state dicts exactly, same layout); then the reference state loaded into a fresh
+    optimizer and this rank's zeroed share, and gathered again."""
+    import torch.distributed as dist
+
+    from dsv3.train.optim import AdamW, param_groups
+
+    def optimizer():
+        groups = param_groups(pipe.module, 0.1)
+        if pipe.dp == 1:
+            return AdamW(groups, lr=1e-2)
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+        return ZeroRedundancyOptimizer(groups, optimizer_class=AdamW, lr=1e-2, process_group=pipe.dp_group)
+
+    name = {id(p): n for n, p in model.named_parameters()}
+    groups = [[name[id(p)] for p in g["params"]] for g in param_groups(model, 0.1)]
+    for n, p in pipe.named_parameters():
+        p.grad = ref_grads[n].clone() if n in ref_grads else None
+    opt = optimizer()
+    opt.step()
+    ref_sd, ref_osd = ref_state
+
+    def same(ms, osd):
+        if dist.get_rank() != 0:
+            return ms == {} and osd["state"] == {}
+        ok = ms.keys() == ref_sd.keys() and all(torch.equal(ms[k], ref_sd[k]) for k in ms)
+        ok &= [g["params"] for g in osd["param_groups"]] == [g["params"] for g in ref_osd["param_groups"]]
+        ok &= osd["state"].keys() == ref_osd["state"].keys()
+        for i, st in ref_osd["state"].items():
+            ok &= st.keys() == osd["state"][i].keys() and all(torch.equal(osd["state"][i][k], v) for k, v in st.items())
+        return bool(ok)
+
+    out = {"gathered": same(*pipe.gather_state(opt, groups))}
+    with torch.no_grad():
+        for _, p in pipe.named_parameters():
+            p.zero_()
+    opt = optimizer()
+    pipe.load_state(ref_sd.__getitem__, opt, groups, ref_osd["param_groups"], lambda i: ref_osd["state"].get(i, {}))
+    out["loaded"] = same(*pipe.gather_state(opt, groups))
     return out
 
 
@@ -240,6 +325,8 @@ def _assert_matches(out, exits, world):
         assert status == "ok", f"rank {rank}:\n{payload}"
         for name, r in payload.items():
             assert r["covered"] and r["groups"], name
+            assert r["storage"] and r["init"] and r["eval_few"] < 1e-6, (rank, name, r)
+            assert r["gathered"] and r["loaded"], (rank, name, r)
             assert r["loss"] < 1e-6 and r["grad"] < 1e-6, (rank, name, r)
             assert r["eval_loss"] < 1e-6 and r["eval_logits"] < 1e-6, (rank, name, r)
 
@@ -286,27 +373,42 @@ def _metrics(run_dir):
     return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
 
 
-def test_train_cli_pp2_dualpipev_follows_the_single_process_curve(tmp_path):
+_PP = ["--pp", "2", "--schedule", "dualpipev", "--microbatches", "4"]
+
+
+def _torchrun(args, out, extra=()):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "dsv3.cli",
+            *args, "--out", str(out), *_PP, *extra]
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory):
+    """One single-process and one uninterrupted ``--pp 2 --schedule dualpipev`` run of ``dsv3 train``
+    (4 steps, a checkpoint after every step), run side by side; returns (args, single dir, pp dir)."""
     from dsv3.data import prepare
 
-    data = tmp_path / "tokens"
+    tmp = tmp_path_factory.mktemp("cli")
+    data = tmp / "tokens"
     prepare("builtin", str(data), vocab_size=512, max_bytes=60_000, progress=False, val_fraction=0.1)
-    cfg = tmp_path / "config.json"
+    cfg = tmp / "config.json"
     cfg.write_text(json.dumps(_cfg(vocab_size=512, hidden_size=64, max_position_embeddings=64).to_hf()))
-    args = ["train", "--config", str(cfg), "--data", str(data), "--steps", "3", "--batch-size", "4",
-            "--seq-len", "32", "--warmup", "1", "--save-every", "0", "--eval-every", "3", "--eval-batches", "1",
+    args = ["train", "--config", str(cfg), "--data", str(data), "--steps", "4", "--batch-size", "4",
+            "--seq-len", "32", "--warmup", "1", "--save-every", "1", "--eval-every", "2", "--eval-batches", "1",
             "--no-progress", "--no-plots", "--sample-prompt", "", "--balance-alpha", "1e-3"]
-    one, two = tmp_path / "one", tmp_path / "two"
+    one, two = tmp / "one", tmp / "two"
     ref = subprocess.Popen([sys.executable, "-m", "dsv3.cli", *args, "--out", str(one)], env=_env(),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    pp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                         "-m", "dsv3.cli", *args, "--out", str(two), "--pp", "2", "--schedule", "dualpipev",
-                         "--microbatches", "4"], env=_env(), capture_output=True, text=True, timeout=240)
+    pp = subprocess.run(_torchrun(args, two), env=_env(), capture_output=True, text=True, timeout=240)
     _, err = ref.communicate(timeout=240)
     assert ref.returncode == 0, err[-3000:]
     assert pp.returncode == 0, pp.stderr[-3000:]
+    return args, one, two
+
+
+def test_train_cli_pp2_dualpipev_follows_the_single_process_curve(cli_runs):
+    _, one, two = cli_runs
     a, b = _metrics(one), _metrics(two)
-    assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 3]
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 3, 4]
     for ra, rb in zip(a, b):
         for key in ("loss", "mtp", "balance", "grad_norm", "val_loss"):
             if key in ra:
@@ -314,3 +416,60 @@ def test_train_cli_pp2_dualpipev_follows_the_single_process_curve(tmp_path):
         if "expert_load" in ra:
             assert rb["expert_load"] == ra["expert_load"]
     assert (two / "final" / "model.safetensors").exists() or any((two / "final").iterdir())
+    # the checkpoint holds the whole model and the optimizer state, laid out as the single-process one's
+    from safetensors import safe_open
+
+    for fn in ("model.safetensors", "optim.safetensors"):
+        with safe_open(str(one / "checkpoints" / "step-000000004" / fn), "pt") as fa, \
+                safe_open(str(two / "checkpoints" / "step-000000004" / fn), "pt") as fb:
+            assert set(fa.keys()) == set(fb.keys()) and len(list(fa.keys())) > 10, fn
+            for k in fa.keys():
+                assert torch.allclose(fb.get_tensor(k), fa.get_tensor(k), rtol=1e-3, atol=1e-5), (fn, k)
+
+
+def _children(pid: int) -> list[int]:
+    """Process ids whose parent is ``pid`` (from /proc)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == pid:
+                out.append(int(d))
+    return out
+
+
+def test_train_cli_pp2_resume_after_sigkill_repeats_the_uninterrupted_run(cli_runs, tmp_path):
+    args, _, uninterrupted = cli_runs
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(_torchrun(args, run), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:   # kill both ranks once step 2 is logged
+        if metrics.exists() and any('"step": 2,' in line for line in metrics.read_text().splitlines()):
+            break
+        time.sleep(0.05)
+    for pid in _children(proc.pid):     # torchrun's workers run in sessions of their own
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    assert list_checkpoints(str(run / "checkpoints")), "the killed run should have left a checkpoint"
+    done = subprocess.run(_torchrun(args, run, ["--resume"]), env=_env(), capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = re.search(r"resumed from \S+ \(step (\d+)\)", done.stdout)
+    assert resumed and 1 <= int(resumed.group(1)) < 4, done.stdout[-2000:]   # killed mid-way
+    a, b = _metrics(uninterrupted), _metrics(run)
+    assert [r["step"] for r in b] == [0, 1, 2, 3, 4]
+    for ra, rb in zip(a, b):            # exactly equal: CPU fp32, the same arithmetic after the resume
+        for key in ("loss", "mtp", "balance", "grad_norm", "val_loss", "expert_load"):
+            assert rb.get(key) == ra.get(key), (ra["step"], key, ra.get(key), rb.get(key))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,14 +37,42 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def init_weights(module: nn.Module, std: float) -> None:
-    """Normal(0, std) for every matrix (Linear, embedding, gate, stacked experts); ones for norms."""
+def init_weights(module: nn.Module, std: float, seed: int | None = None, names=None) -> int:
+    """Normal(0, std) for every matrix (Linear, embedding, gate, stacked experts); ones for norms;
+    zeros for other 1-D parameters. Returns the base seed used (also stored as ``module.init_seed``).
+
+    Every parameter is drawn from its own generator seeded by (``seed``, its name in ``module``), so
+    its value does not depend on which other parameters exist or were materialised: a pipeline rank
+    that builds the model on the ``meta`` device and materialises only its stages initialises them
+    exactly like the single-process model (:mod:`dsv3.parallel.pipeline.stages`). ``seed`` defaults to
+    ``torch.initial_seed()`` (the value given to ``torch.manual_seed``), so ``torch.manual_seed(s);
+    Transformer(cfg)`` is reproducible. Parameters on the ``meta`` device are skipped; ``names``
+    (optional) restricts the initialisation to those parameter names. Draws are made on the CPU and
+    copied, so the values do not depend on the device either.
+    """
+    if seed is None:
+        seed = torch.initial_seed()
+    seed = int(seed)
+    module.init_seed = seed
     norms = {id(m.weight) for m in module.modules() if isinstance(m, RMSNorm)}
     with torch.no_grad():
-        for p in module.parameters():
+        for name, p in module.named_parameters():
+            if p.is_meta or (names is not None and name not in names):
+                continue
             if id(p) in norms:
                 p.fill_(1.0)
             elif p.dim() >= 2:
-                p.normal_(0.0, std)
+                g = torch.Generator(device="cpu").manual_seed(param_seed(seed, name))
+                if p.device.type == "cpu":
+                    p.normal_(0.0, std, generator=g)
+                else:
+                    p.copy_(torch.empty(p.shape, dtype=p.dtype).normal_(0.0, std, generator=g))
             else:
                 p.zero_()
+    return seed
+
+
+def param_seed(seed: int, name: str) -> int:
+    """The seed of parameter ``name``'s generator under base seed ``seed`` (63-bit, stable)."""
+    digest = hashlib.blake2b(f"{int(seed)}/{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)

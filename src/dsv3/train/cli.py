@@ -53,6 +53,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="pipeline schedule with --pp > 1")
     p.add_argument("--microbatches", type=int, default=d.microbatches,
                    help="pipeline micro-batches per step (default: the fewest the schedule allows)")
+    p.add_argument("--ep", type=int, default=d.ep,
+                   help="expert-parallel ranks: each MoE layer's experts spread over groups of EP ranks "
+                        "(under torchrun; EP must divide the world, world = dp × ep)")
+    p.add_argument("--gpus-per-node", type=int, default=d.gpus_per_node,
+                   help="ranks per node for --ep (simulated nodes on one machine; default: torchrun's local world)")
+    p.add_argument("--two-hop", action="store_true",
+                   help="--ep dispatch: one inter-node send per (token, node), then intra-node forwarding")
+    p.add_argument("--fp8-dispatch", action="store_true", help="--ep dispatch in FP8 (E4M3, 1×128 scales)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--sample-prompt", default="def ", help="prompt for the sample printed at the end ('' to skip)")
@@ -134,7 +142,8 @@ def run(args) -> int:
                      balance_alpha=args.balance_alpha, mtp_lambda=args.mtp_lambda, eval_every=args.eval_every,
                      eval_batches=args.eval_batches, save_every=args.save_every, keep=args.keep,
                      progress=not args.no_progress, device=args.device, pp=args.pp, schedule=args.schedule,
-                     microbatches=args.microbatches)
+                     microbatches=args.microbatches, ep=args.ep, gpus_per_node=args.gpus_per_node,
+                     two_hop=args.two_hop, fp8_dispatch=args.fp8_dispatch)
     tc.validate(cfg)
     info = dist_from_env(pick_device(args.device))
     if info.main:
@@ -148,19 +157,21 @@ def run(args) -> int:
     if trainer.step >= tc.steps and info.main:
         print(f"the run in {args.out} is already at step {trainer.step} of {tc.steps}")
     summary = trainer.fit()
+    model = trainer.full_model()   # with --ep: the experts gathered to rank 0 (collective)
     if info.main:
-        _finish(args, trainer, tokenizer, summary)
+        _finish(args, trainer, tokenizer, summary, model)
     if info.world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return 0
 
 
-def _finish(args, trainer, tokenizer, summary: dict) -> None:
+def _finish(args, trainer, tokenizer, summary: dict, model=None) -> None:
     from ..hf import save_pretrained
 
+    model = trainer.model if model is None else model
     final = os.path.join(args.out, "final")
-    save_pretrained(trainer.model, final)
+    save_pretrained(model, final)
     tokenizer.save(final)
     if "val_loss_start" in summary:
         print(f"validation loss: {summary['val_loss_start']:.4f} before training")
@@ -176,6 +187,6 @@ def _finish(args, trainer, tokenizer, summary: dict) -> None:
     if args.sample_prompt:
         from ..infer.generate import generate_text
         print(f"sample ({args.sample_prompt!r}):")
-        generate_text(trainer.model, tokenizer, args.sample_prompt, max_new_tokens=80, temperature=0.8,
+        generate_text(model, tokenizer, args.sample_prompt, max_new_tokens=80, temperature=0.8,
                       top_k=50, seed=args.seed, stream=sys.stdout)
         print()

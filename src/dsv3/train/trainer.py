@@ -5,6 +5,10 @@ One step = ``grad_accum`` micro-batches of forward_train → loss (next-token CE
 AdamW (ZeRO-1: optimizer state sharded over ranks) → aux-loss-free bias update from the step's
 expert loads (all-reduced, so every rank applies the same update) → metrics → maybe checkpoint.
 
+With ``--ep`` the MoE layers keep only this rank's experts (``parallel.ep_model``): expert gradients are
+summed over the ranks holding the same experts and divided by the world size, the clipping norm counts
+each expert once, and checkpoints / the export hold the gathered single-process model and optimizer state.
+
 The batch at step k is a pure function of (seed, k) (see ``data.dataset``) and every piece of
 state (model, optimizer, step, RNG, EMA) is in the checkpoint, so a resumed run repeats the
 uninterrupted one exactly.
@@ -12,6 +16,7 @@ uninterrupted one exactly.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -63,6 +68,10 @@ class TrainConfig:
     pp: int = 1                          # pipeline-parallel ranks (SPEC §2.1); world = pp × data-parallel
     schedule: str = "1f1b"               # pipeline schedule with pp > 1: 1f1b | zb1p | dualpipe | dualpipev
     microbatches: int = 0                # pipeline micro-batches per step (0: the fewest the schedule allows)
+    ep: int = 1                          # expert-parallel ranks (SPEC §2.2); must divide the world (pp = 1)
+    gpus_per_node: int = 0               # ranks per (simulated) node for EP; 0: torchrun's LOCAL_WORLD_SIZE
+    two_hop: bool = False                # EP dispatch: inter-node hop, then intra-node forwarding
+    fp8_dispatch: bool = False           # EP dispatch in FP8 (E4M3, 1×128 scales)
 
     def validate(self, cfg: ModelConfig) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "keep"):
@@ -81,6 +90,16 @@ class TrainConfig:
             raise ValueError(f"--schedule must be 1f1b, zb1p, dualpipe or dualpipev, got {self.schedule!r}")
         if self.pp > 1 and (self.grad_accum != 1 or self.ema_decay > 0):
             raise ValueError("with --pp > 1 use --microbatches instead of --grad-accum; --ema is not supported")
+        if self.ep < 1 or self.gpus_per_node < 0:
+            raise ValueError(f"--ep must be >= 1 and --gpus-per-node >= 0, got {self.ep}, {self.gpus_per_node}")
+        if self.ep > 1 and self.pp > 1:
+            raise ValueError("--ep > 1 together with --pp > 1 is not supported yet")
+        if self.ep > 1 and self.ema_decay > 0:
+            raise ValueError("--ema is not supported with --ep > 1 yet")
+        if self.ep > 1 and cfg.n_routed_experts % self.ep:
+            raise ValueError(f"--ep {self.ep} must divide the model's routed experts ({cfg.n_routed_experts})")
+        if self.ep == 1 and (self.two_hop or self.fp8_dispatch or self.gpus_per_node):
+            raise ValueError("--two-hop, --fp8-dispatch and --gpus-per-node need --ep > 1")
 
 
 @dataclass
@@ -167,11 +186,15 @@ class Trainer:
         precision = tc.precision if tc.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
         self.precision = precision
         torch.manual_seed(tc.seed)
-        self.model = Transformer(cfg)
+        # --pp: shapes only here; PipelineParallel gives storage to (and initialises) this rank's stages
+        with torch.device("meta") if tc.pp > 1 else contextlib.nullcontext():
+            self.model = Transformer(cfg)
+        self.ep_mesh = self._expert_parallel() if tc.ep > 1 else None   # keeps only this rank's experts
         if precision == "fp8":
             from ..fp8.model import convert_to_fp8   # FP8 Linear layers (dsv3.fp8)
             convert_to_fp8(self.model)
-        self.model.to(self.device)
+        if tc.pp == 1:
+            self.model.to(self.device)
         self.model.recompute = tc.recompute
         self.pipe = None
         if tc.pp > 1:   # this rank's pipeline stages; the optimizer only sees their parameters
@@ -183,7 +206,10 @@ class Trainer:
         groups = param_groups(self.pipe.module if self.pipe else self.model, tc.weight_decay)
         moment_dtype = torch.bfloat16 if tc.bf16_moments else torch.float32
         opt_kwargs = dict(lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay, moment_dtype=moment_dtype)
-        if self.dist.world > 1 and (self.pipe is None or self.pipe.dp > 1):
+        if self.ep_mesh is not None:   # ZeRO-1 for the replicated parameters, a local optimizer for the experts
+            from ..parallel.ep_model import ExpertParallelOptimizer
+            self.optimizer = ExpertParallelOptimizer(groups, AdamW, self.model, **opt_kwargs)
+        elif self.dist.world > 1 and (self.pipe is None or self.pipe.dp > 1):
             from torch.distributed.optim import ZeroRedundancyOptimizer
             self.optimizer = ZeroRedundancyOptimizer(groups, optimizer_class=AdamW, **opt_kwargs,
                                                      process_group=self.pipe.dp_group if self.pipe else None)
@@ -197,11 +223,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def state(self) -> tuple[dict, dict, dict, dict]:
-        if self.pipe is not None:
-            self.pipe.gather_full_model()
-        model_state = {k: v for k, v in self.model.state_dict().items()}
-        if self.pipe is not None:   # optimizer state stays on the pipeline ranks (no --resume with --pp)
-            osd = {"state": {}, "param_groups": []}
+        if self.pipe is not None:   # every rank's share sent to rank 0, into CPU memory (PipelineParallel.gather_state)
+            model_state, pipe_osd = self.pipe.gather_state(self.optimizer, self._param_names_by_group())
+        elif self.ep_mesh is not None:   # the experts gathered: rank 0 writes the single-process model
+            from ..parallel.ep_model import full_state_dict
+            model_state = full_state_dict(self.model, keep=self.dist.main)
+        else:
+            model_state = {k: v for k, v in self.model.state_dict().items()}
+        if self.pipe is not None:   # on rank 0: every rank's share, in the single-process layout
+            osd = pipe_osd
         elif self.dist.world > 1:
             self.optimizer.consolidate_state_dict(to=0)
             osd = self.optimizer.state_dict() if self.dist.main else {"state": {}, "param_groups": []}
@@ -227,12 +257,17 @@ class Trainer:
     def resume(self) -> bool:
         """Load the newest valid checkpoint; returns False when there is none."""
         if self.pipe is not None:
-            raise ValueError("--resume is not supported with --pp > 1 yet (checkpoints hold no optimizer state)")
+            return self._resume_pipeline()
         found = load_latest(self.ckpt_root)
         if found is None:
             return False
         path, meta, tensors = found
-        self.model.load_state_dict({k: v.to(self.device) for k, v in tensors["model.safetensors"].items()})
+        model_sd = {k: v.to(self.device) for k, v in tensors["model.safetensors"].items()}
+        if self.ep_mesh is not None:   # a single-process checkpoint: take this rank's experts
+            from ..parallel.ep_model import load_full_state_dict
+            load_full_state_dict(self.model, model_sd)
+        else:
+            self.model.load_state_dict(model_sd)
         osd = unflatten_optimizer_state(tensors["optim.safetensors"], meta["optimizer"])
         self.optimizer.load_state_dict(osd)
         extra = tensors["extra.safetensors"]
@@ -241,6 +276,68 @@ class Trainer:
             torch.cuda.set_rng_state(extra["rng_cuda"], self.device)
         if self.ema is not None:
             self.ema = {k[4:]: v for k, v in extra.items() if k.startswith("ema.")} or self.ema
+        self.step = int(meta["step"])
+        if self.dist.main:
+            _truncate_metrics(self.metrics_path, self.step)
+            print(f"resumed from {path} (step {self.step})", flush=True)
+        return True
+
+    def _param_names_by_group(self) -> list[list[str]]:
+        """Parameter names of each optimizer group as a single-process run orders them: the numbering
+        of the optimizer state in checkpoints, whatever --pp."""
+        name = {id(p): n for n, p in self.model.named_parameters()}
+        return [[name[id(p)] for p in g["params"]] for g in param_groups(self.model, self.tc.weight_decay)]
+
+    def _resume_pipeline(self) -> bool:
+        """resume() with --pp > 1: rank 0 picks the newest checkpoint that verifies (skipping broken ones
+        with a warning, like ``load_latest``); every rank then reads only the tensors it holds and the
+        optimizer state of its parameters, by key, from the checkpoint's safetensors files."""
+        import warnings
+
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        from ..checkpoint import verify_checkpoint
+
+        choice = [None]
+        if self.dist.main:
+            for name in reversed(list_checkpoints(self.ckpt_root)):
+                path = os.path.join(self.ckpt_root, name)
+                try:
+                    verify_checkpoint(path)
+                except Exception as e:  # noqa: BLE001 - any failure means: skip this one
+                    warnings.warn(f"skipping checkpoint {path}: {e}", stacklevel=2)
+                    continue
+                choice[0] = path
+                break
+        dist.broadcast_object_list(choice, src=0)
+        path = choice[0]
+        if path is None:
+            return False
+        with open(os.path.join(path, "meta.json")) as f:
+            meta = json.load(f)
+        om = meta["optimizer"]
+        groups = unflatten_optimizer_state({}, om)["param_groups"] or None
+        if groups is None and self.dist.main:
+            warnings.warn(f"{path} holds no optimizer state (an older --pp checkpoint): the optimizer restarts "
+                          f"from zero", stacklevel=2)
+        with safe_open(os.path.join(path, "model.safetensors"), "pt") as fm, \
+                safe_open(os.path.join(path, "optim.safetensors"), "pt") as fo:
+            by_index: dict = {}
+            for key in fo.keys():
+                i, k = key.split(".", 1)
+                by_index.setdefault(int(i), []).append(k)
+
+            def optim_state(i: int) -> dict:
+                st = dict(om["state"].get(str(i), {}))
+                st.update({k: fo.get_tensor(f"{i}.{k}") for k in by_index.get(i, ())})
+                return st
+
+            self.pipe.load_state(fm.get_tensor, self.optimizer, self._param_names_by_group(), groups, optim_state)
+        extra = load_file(os.path.join(path, "extra.safetensors"))
+        torch.set_rng_state(extra["rng_cpu"])
+        if "rng_cuda" in extra and self.device.type == "cuda":
+            torch.cuda.set_rng_state(extra["rng_cuda"], self.device)
         self.step = int(meta["step"])
         if self.dist.main:
             _truncate_metrics(self.metrics_path, self.step)
@@ -278,7 +375,11 @@ class Trainer:
         self._reduce_gradients()
         if counts is not None and self.dist.world > 1:
             dist.all_reduce(counts)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip)
+        if self.ep_mesh is not None:   # global norm: each expert counted once
+            from ..parallel.ep_model import clip_grad_norm_
+            grad_norm = clip_grad_norm_(model.parameters(), tc.clip, self.ep_mesh.expert_group, self.ep_mesh.spec.ep)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if counts is not None and tc.bias_update_speed > 0:
@@ -309,9 +410,10 @@ class Trainer:
         res = pipe.train_step(inputs.to(self.device), targets.to(self.device), tc.clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if res.counts is not None and tc.bias_update_speed > 0:   # global counts: every rank updates every bias
+        if res.counts is not None and tc.bias_update_speed > 0:   # global counts: every holder of a gate updates it
             for moe, c in zip(self.model.moe_layers(), res.counts):
-                balance.update_bias(moe.gate.e_score_correction_bias, c, tc.bias_update_speed)
+                if not moe.gate.e_score_correction_bias.is_meta:
+                    balance.update_bias(moe.gate.e_score_correction_bias, c, tc.bias_update_speed)
         out = dict(res.parts, lr=lr, grad_norm=res.grad_norm, loss=res.parts["main"])
         if res.counts is not None:
             out["max_vio"] = balance.max_vio(res.counts)
@@ -322,7 +424,12 @@ class Trainer:
     def _reduce_gradients(self) -> None:
         if self.dist.world == 1:
             return
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        params = list(self.model.parameters())
+        if self.ep_mesh is not None:   # experts: sum over the ranks holding them, / world (see parallel.ep_model)
+            from ..parallel.ep_model import reduce_expert_gradients
+            reduce_expert_gradients(self.model, self.ep_mesh.expert_data_group, self.ep_mesh.spec.edp, self.dist.world)
+            params = [p for p in params if not getattr(p, "expert_parallel", False)]
+        grads = [p.grad for p in params if p.grad is not None]
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat)
         flat /= self.dist.world
@@ -330,6 +437,28 @@ class Trainer:
         for g in grads:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
+
+    def _expert_parallel(self):
+        """The process mesh for --ep (world = dp × ep, pp = 1) and the model's MoE layers converted to
+        expert-parallel ones holding this rank's experts."""
+        from ..parallel.ep_model import convert_to_expert_parallel
+        from ..parallel.mesh import Mesh
+
+        tc = self.tc
+        if self.dist.world % tc.ep:
+            raise ValueError(f"--ep {tc.ep} must divide the number of processes ({self.dist.world}); "
+                             f"run under torchrun --nproc-per-node {tc.ep} (or a multiple)")
+        mesh = Mesh.from_env(pp=1, ep=tc.ep, gpus_per_node=tc.gpus_per_node or None)
+        convert_to_expert_parallel(self.model, mesh.expert_comm(), two_hop=tc.two_hop, fp8_dispatch=tc.fp8_dispatch)
+        return mesh
+
+    def full_model(self):
+        """The whole model for export: ``self.model``, or with --ep a plain Transformer with the experts
+        gathered, on rank 0 (``None`` on the other ranks; collective)."""
+        if self.ep_mesh is None:
+            return self.model
+        from ..parallel.ep_model import full_model
+        return full_model(self.model, keep=self.dist.main)
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -345,7 +474,7 @@ class Trainer:
         if self.val_dataset is None:
             return {}
         if self.pipe is not None:
-            self.pipe.gather_full_model()
+            return self._pipeline_evaluate()
         self.model.eval()
         D = self.cfg.num_nextn_predict_layers
         total, n, vio = 0.0, 0, balance.MaxVio()
@@ -359,6 +488,24 @@ class Trainer:
             n += targets[:, :T].numel()
             if out.routing:
                 vio.add(torch.stack([r.counts for r in out.routing]))
+        res = {"val_loss": total / max(n, 1)}
+        if vio.counts is not None:
+            res["val_max_vio"] = vio.value
+        return res
+
+    @torch.no_grad()
+    def _pipeline_evaluate(self) -> dict:
+        """evaluate() with --pp > 1: each validation batch runs forward-only through the pipeline (the
+        runtime's no-grad path; each data-parallel replica takes its share of the rows); the sums are
+        all-reduced, so every rank returns the same numbers. No rank gathers the model."""
+        self.model.eval()
+        D = self.cfg.num_nextn_predict_layers
+        total, n, vio = 0.0, 0, balance.MaxVio()
+        for inputs, targets in self.val_dataset.val_batches(self.tc.batch_size, self.tc.eval_batches, extra=D):
+            ce, tokens, counts = self.pipe.evaluate(inputs, targets)
+            total, n = total + ce, n + tokens
+            if counts is not None:
+                vio.add(counts)
         res = {"val_loss": total / max(n, 1)}
         if vio.counts is not None:
             res["val_max_vio"] = vio.value
@@ -398,8 +545,8 @@ class Trainer:
             if tc.save_every > 0 and (self.step % tc.save_every == 0 or self.step == tc.steps):
                 self.save()
         bar.close()
-        if self.pipe is not None:
-            self.pipe.gather_full_model()   # the whole model on every rank for the export
+        if self.pipe is not None:   # the whole model on rank 0 only (its device), for the export and sample
+            self.pipe.gather_to_root()
         if self.val_dataset is not None:
             summary["val_loss_end"] = self.evaluate()["val_loss"]
         return summary

@@ -24,21 +24,44 @@ are not supported with pipelining (``ValueError``).
 Process layout (the same as :mod:`dsv3.parallel.mesh`): ``rank = pp_rank · dp + dp_rank``;
 pipeline ranks of one data-parallel replica share ``dp_rank``.
 
-Every rank builds the whole model from the same seed (so initialisation equals the single-process
-run) and trains only the modules its stages use. Parameters it does not hold go stale until
-:meth:`PipelineParallel.gather_full_model` (for evaluation, checkpoints, export) broadcasts them
-from their owners; the memory saving of PP is therefore not realised by this version.
+What a rank holds in memory
+---------------------------
+Only its own stages. The trainer builds the :class:`~dsv3.model.Transformer` on the ``meta`` device
+(shapes only, no storage); :class:`PipelineParallel` then gives storage on the rank's device to exactly
+the parameters and buffers whose holders include this rank (its chunks, DualPipe's mirrored copy, the
+1F1B/ZB1P embedding replica) and initialises them with :func:`dsv3.model.layers.init_weights` — every
+parameter from its own generator seeded by (base seed, parameter name) — so they equal those of a
+single-process ``torch.manual_seed(s); Transformer(cfg)`` bit for bit. A model passed in fully
+materialised (tests, benchmarks) is trimmed the same way: the parameters the rank does not hold go
+back to ``meta`` and their memory is released.
+
+Evaluation runs on the pipeline (:meth:`PipelineParallel.evaluate`, the runtime's no-grad path).
+Whole-model state exists in one place only, global rank 0, and only when asked for:
+
+* :meth:`PipelineParallel.gather_state` (checkpoints) sends every tensor — parameters, buffers and
+  optimizer state, each from its first holder — to rank 0 (one rank after another, in flat buckets of
+  at most 256 MiB) into **CPU** memory, and returns there the full ``model.safetensors`` state dict and an optimizer state dict laid out
+  exactly like a single-process run's. Cost: rank 0 briefly holds the whole model plus the whole
+  optimizer state in host RAM (≈ 3× the fp32 parameter bytes with fp32 moments); no rank holds
+  more than its share on the device. :meth:`PipelineParallel.load_state` (``--resume``) reads only
+  the held tensors and this rank's optimizer state from the checkpoint files (lazily, by key).
+* :meth:`PipelineParallel.gather_to_root` (the final Hugging Face export and sample) materialises the
+  whole model on rank 0's device and fills it from the owners; the other ranks keep their share.
+  Cost: the full parameter set on rank 0's device at the end of training.
 """
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
+from ...model.layers import init_weights
 from ...model.rope import precompute_freqs_cis
 from .runtime import PipelineRuntime, PipelineStage
 from .schedule import MIN_MICROBATCHES, Schedule, build_schedule
@@ -169,6 +192,75 @@ def build_stages(model, schedule: Schedule, rank: int, **kw) -> dict[int, ModelS
             for s in schedule.stages_of(rank)}
 
 
+@torch.no_grad()
+def materialize(model: nn.Module, keep, device, *, init: bool = True) -> list[str]:
+    """Give storage on ``device`` to every parameter/buffer of ``model`` whose state-dict key satisfies
+    ``keep`` and is still on ``meta`` (or move it there from another device), and send every other one
+    to ``meta`` (releasing its memory).
+
+    ``init``: initialise the new parameters exactly as the single-process model does
+    (:func:`~dsv3.model.layers.init_weights` with the model's ``init_seed``); new buffers are zero
+    (the only buffer, the gates' correction bias, starts at zero). Kept tensors that have storage keep
+    their values. Returns the keys of the newly materialised parameters and buffers.
+    """
+    device = torch.device(device)
+    fresh_params, fresh = [], []
+    for mname, mod in model.named_modules():
+        for table, is_param in ((mod._parameters, True), (mod._buffers, False)):
+            for name, t in list(table.items()):
+                if t is None:
+                    continue
+                key = f"{mname}.{name}" if mname else name
+                want = keep(key)
+                if want and t.is_meta:
+                    new = torch.empty(t.shape, dtype=t.dtype, device=device)
+                    if not is_param or not init:
+                        new.zero_()
+                    fresh.append(key)
+                elif not want and not t.is_meta:
+                    new = torch.empty(t.shape, dtype=t.dtype, device="meta")
+                elif want and t.device != device:
+                    new = t.detach().to(device)
+                else:
+                    continue
+                if is_param:
+                    table[name] = nn.Parameter(new, requires_grad=t.requires_grad)
+                    if want and t.is_meta:
+                        fresh_params.append(key)
+                else:
+                    table[name] = new
+    if init and fresh_params:
+        init_weights(model, model.cfg.initializer_range, seed=getattr(model, "init_seed", None),
+                     names=set(fresh_params))
+    return fresh
+
+
+def materialized_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes of the parameters and buffers of ``model`` that have storage (are not on ``meta``)."""
+    out = {"parameters": 0, "buffers": 0, "parameters_total": 0}
+    for p in model.parameters():
+        out["parameters_total"] += p.numel() * p.element_size()
+        if not p.is_meta:
+            out["parameters"] += p.numel() * p.element_size()
+    for b in model.buffers():
+        if not b.is_meta:
+            out["buffers"] += b.numel() * b.element_size()
+    return out
+
+
+def _buckets(descr: list, cap: int) -> list[list[int]]:
+    """Consecutive runs of ``descr`` entries (key, shape, dtype) of one dtype and at most ``cap`` bytes."""
+    out, size = [], 0
+    for i, (_, shape, dtype) in enumerate(descr):
+        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if not out or dtype != descr[out[-1][0]][2] or size + n > cap:
+            out.append([])
+            size = 0
+        out[-1].append(i)
+        size += n
+    return out
+
+
 def default_microbatches(name: str, pp: int, local_batch: int) -> int:
     """The fewest micro-batches ``name`` accepts on ``pp`` ranks that divide the local batch."""
     need = MIN_MICROBATCHES[name](pp)
@@ -191,9 +283,11 @@ class PipelineParallel:
     """This rank's share of a pipeline-parallel (× data-parallel) dsv3 model.
 
     Needs an initialised default process group of ``pp · dp`` ranks; every rank must construct it
-    (it creates process groups). ``model`` is this rank's full model, built from the same seed on
-    every rank. ``train_step`` runs forward and backward of all micro-batches by the schedule, sums
-    gradients over parameter copies, averages over data-parallel replicas and clips by the global
+    (it creates process groups). ``model``: the whole :class:`~dsv3.model.Transformer`, normally built
+    on the ``meta`` device after ``torch.manual_seed(seed)`` (the same on every rank); this rank's
+    parameters and buffers are materialised on ``device`` and initialised like the single-process
+    model, every other one stays on (or goes back to) ``meta`` — see the module doc. ``train_step``
+    runs forward and backward of all micro-batches by the schedule, sums gradients over parameter copies, averages over data-parallel replicas and clips by the global
     norm; the caller then steps its optimizer over :attr:`module`'s parameters.
     """
 
@@ -216,6 +310,7 @@ class PipelineParallel:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         if self.device.type == "cuda":  # NCCL point-to-point runs on the current device
             torch.cuda.set_device(self.device)
+        materialize(model, self._keeps, self.device)   # only this rank's stages get memory
         self.ranks = [r * self.dp + self.dp_rank for r in range(pp)]
         # process groups: every rank creates every group, in one order
         groups: dict[tuple, object] = {}
@@ -245,6 +340,13 @@ class PipelineParallel:
 
     def held(self, key: str) -> bool:
         return self.pp_rank in self.holders[key]
+
+    def _keeps(self, key: str) -> bool:   # state-dict entries unknown to the holders map stay local
+        return key not in self.holders or self.held(key)
+
+    def _owns(self, key: str) -> bool:    # the first holder speaks for all copies
+        hs = self.holders.get(key)
+        return hs[0] == self.pp_rank if hs else self.pp_rank == 0
 
     def named_parameters(self):
         """(name in the full model, parameter) of every parameter this rank holds."""
@@ -325,23 +427,182 @@ class PipelineParallel:
                     p.grad.mul_(coef.to(p.grad.device, p.grad.dtype))
         return float(total)
 
+    # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def gather_full_model(self) -> None:
-        """Broadcast every parameter and buffer from its first holder, so the full model on every rank
-        is current (evaluation, checkpoints, export)."""
-        sd = self.model.state_dict()
-        for owner in range(self.pp):
-            keys = sorted(k for k in sd if self.holders[k] and self.holders[k][0] == owner)
-            by_dtype: dict = {}
-            for k in keys:
-                by_dtype.setdefault(sd[k].dtype, []).append(k)
-            for dtype in sorted(by_dtype, key=str):
-                ks = by_dtype[dtype]
-                flat = torch.cat([sd[k].reshape(-1) for k in ks])
-                dist.broadcast(flat, src=self.ranks[owner], group=self.pp_group)
-                if owner != self.pp_rank:
-                    off = 0
-                    for k in ks:
-                        n = sd[k].numel()
-                        sd[k].copy_(flat[off:off + n].view_as(sd[k]))
-                        off += n
+    def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor):
+        """No-grad pass of one evaluation batch through the pipeline (every rank passes the same rows;
+        each data-parallel replica takes its share, in up to M micro-batches).
+
+        Returns (sum of the next-token cross-entropy, number of target tokens, expert loads
+        [MoE layers, experts] or None), summed over the whole world, on every rank. A replica with
+        fewer rows than micro-batches runs a stand-in row in the empty ones and drops its results.
+        """
+        M, dev = self.num_microbatches, self.device
+        mine = torch.tensor_split(torch.arange(inputs.shape[0]), self.dp)[self.dp_rank]
+        data, real = [], []
+        for rows in torch.tensor_split(mine, M):
+            real.append(len(rows) > 0)
+            rows = rows if len(rows) else torch.zeros(1, dtype=torch.long)
+            data.append((inputs[rows].to(dev), targets[rows].to(dev)))
+        res = self.runtime.run(data, train=False)
+        stats = torch.zeros(2, dtype=torch.float64, device=dev)
+        n_moe = len(self.model.moe_layers())
+        counts = torch.zeros(n_moe, self.model.cfg.n_routed_experts, dtype=torch.long, device=dev) if n_moe else None
+        for (s, mb), info in res.info.items():
+            if not real[mb]:
+                continue
+            if "logits" in info:
+                logits, tgt = info["logits"], data[mb][1][:, :info["logits"].shape[1]]
+                stats[0] += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                                            reduction="sum").double()
+                stats[1] += tgt.numel()
+            if info["counts"] is not None:
+                counts[self.stages[s].moe_rows] += info["counts"]
+        dist.all_reduce(stats)
+        if counts is not None:
+            dist.all_reduce(counts)
+        return float(stats[0]), int(stats[1]), counts
+
+    # ------------------------------------------------------------------ whole-model state on rank 0
+    def _gather_to_root(self, tensors: dict, extra, sink, bucket_bytes: int = 256 << 20) -> list:
+        """Pipeline ranks 1…PP−1 of data-parallel replica 0 send ``tensors`` (key -> tensor) to global
+        rank 0 one rank after another; there ``sink(key, tensor)`` receives each one (rank 0's own
+        ``tensors`` are not passed through it). A small picklable header (keys, shapes, dtypes, and the
+        rank's ``extra`` object) travels first, then the tensors in flat buckets of one dtype and at most
+        ``bucket_bytes`` (or one tensor), so the extra memory on either side is one bucket. Returns on
+        rank 0 the list of the other ranks' ``extra`` objects, elsewhere ``[]``."""
+        if self.dp_rank != 0:
+            return []
+        root, grp = self.ranks[0], self.pp_group
+        if self.pp_rank != 0:
+            descr = [(k, tuple(t.shape), t.dtype) for k, t in tensors.items()]
+            dist.send_object_list([(descr, extra)], dst=root, group=grp, device=self.device)
+            values = list(tensors.values())
+            for bucket in _buckets(descr, bucket_bytes):
+                flat = torch.cat([values[i].detach().reshape(-1).to(self.device) for i in bucket])
+                dist.send(flat, dst=root, group=grp)
+            return []
+        extras = []
+        for r in range(1, self.pp):
+            header = [None]
+            dist.recv_object_list(header, src=self.ranks[r], group=grp, device=self.device)
+            descr, ext = header[0]
+            extras.append(ext)
+            for bucket in _buckets(descr, bucket_bytes):
+                sizes = [math.prod(descr[i][1]) for i in bucket]
+                flat = torch.empty(sum(sizes), dtype=descr[bucket[0]][2], device=self.device)
+                dist.recv(flat, src=self.ranks[r], group=grp)
+                for i, part in zip(bucket, flat.split(sizes)):
+                    sink(descr[i][0], part.view(descr[i][1]))
+        return extras
+
+    @torch.no_grad()
+    def gather_to_root(self) -> None:
+        """Materialise the whole model on global rank 0 (on its device) and fill it from the first holder
+        of every parameter and buffer, for the final export and sample; every other rank keeps only its
+        share. Collective over the pipeline of data-parallel replica 0 (the other replicas return at once).
+        Cost: the full parameter set on rank 0's device."""
+        if self.dp_rank != 0:
+            return
+        mine = {k: v for k, v in self.model.state_dict().items() if self._owns(k) and self.pp_rank != 0}
+        if self.pp_rank == 0:
+            materialize(self.model, lambda k: True, self.device, init=False)
+        sd = self.model.state_dict() if self.pp_rank == 0 else {}
+        self._gather_to_root(mine, None, lambda k, t: sd[k].copy_(t))
+
+    def _optimizer_state(self, optimizer):
+        """This rank's optimizer state dict (consolidated over data parallel when ``optimizer`` is ZeRO),
+        or None on the replicas that do not hold the consolidated copy."""
+        if hasattr(optimizer, "consolidate_state_dict"):
+            optimizer.consolidate_state_dict(to=0)   # rank 0 of the data-parallel group
+            return optimizer.state_dict() if self.dp_rank == 0 else None
+        return optimizer.state_dict()
+
+    def _names(self, optimizer) -> list[str]:
+        """Full-model parameter name of each of ``optimizer``'s parameters, in its state-dict order."""
+        name_of = {id(p): n for n, p in self.model.named_parameters()}
+        return [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+    @torch.no_grad()
+    def gather_state(self, optimizer, groups: list[list[str]]) -> tuple[dict, dict]:
+        """The whole model's state dict and the optimizer state, gathered on global rank 0 (in CPU memory).
+
+        ``groups``: the parameter names of each optimizer parameter group as a single-process run
+        orders them (``param_groups(model)``); the returned optimizer state dict uses that run's
+        numbering, so a checkpoint looks the same whatever ``--pp``. Every tensor comes from the first
+        holder of its parameter (copies are identical). Elsewhere returns ``({}, empty)``. Collective:
+        every rank must call it (ZeRO consolidation over data parallel first).
+        """
+        empty = {"state": {}, "param_groups": []}
+        local = self._optimizer_state(optimizer)
+        if self.dp_rank != 0:
+            return {}, empty
+        names = self._names(optimizer)
+        tensors = {("m", k): v for k, v in self.model.state_dict().items() if self._owns(k)}
+        plain: dict = {}
+        for i, st in local["state"].items():
+            n = names[i]
+            if not self._owns(n):
+                continue
+            for sk, v in st.items():
+                if torch.is_tensor(v):
+                    tensors[("o", n, sk)] = v
+                else:
+                    plain.setdefault(n, {})[sk] = v
+        if self.pp_rank != 0:
+            self._gather_to_root(tensors, plain, None)
+            return {}, empty
+        got: dict = {}
+
+        def sink(k, t):   # a copy: t is a view of the receive bucket
+            got[k] = t.to("cpu", copy=True)
+
+        extras = self._gather_to_root({}, None, sink)
+        got.update({k: v.detach().cpu() for k, v in tensors.items()})
+        model_state = {k: got[("m", k)] for k in self.model.state_dict() if ("m", k) in got}
+        index = {n: i for i, n in enumerate(n for g in groups for n in g)}
+        state: dict = {}
+        for key, t in got.items():
+            if key[0] == "o":
+                state.setdefault(index[key[1]], {})[key[2]] = t
+        for ext in [plain, *extras]:
+            for n, d in ext.items():
+                state.setdefault(index[n], {}).update(d)
+        if len(local["param_groups"]) != len(groups):
+            raise ValueError(f"the optimizer has {len(local['param_groups'])} parameter groups, expected {len(groups)}")
+        param_groups = [dict({k: v for k, v in g.items() if k != "params"}, params=[index[n] for n in names_j])
+                        for g, names_j in zip(local["param_groups"], groups)]
+        return model_state, {"state": dict(sorted(state.items())), "param_groups": param_groups}
+
+    @torch.no_grad()
+    def load_state(self, model_tensor, optimizer, groups: list[list[str]], optim_groups: list | None,
+                   optim_state) -> None:
+        """Restore this rank's share from a checkpoint written by :meth:`gather_state` (or by a
+        single-process run: same layout).
+
+        ``model_tensor(key)`` reads one tensor of ``model.safetensors``; ``optim_state(index)`` gives the
+        saved state of the parameter numbered ``index`` in ``groups`` order (dict, may be empty);
+        ``optim_groups``: the saved parameter groups (hyper-parameters), or None to leave the optimizer
+        as it is. Only held tensors are read.
+        """
+        for k, v in self.model.state_dict().items():
+            if not v.is_meta:
+                v.copy_(model_tensor(k))
+        if optim_groups is None:
+            return
+        if len(optim_groups) != len(optimizer.param_groups):
+            raise ValueError(f"the checkpoint has {len(optim_groups)} optimizer parameter groups, the optimizer "
+                             f"{len(optimizer.param_groups)}")
+        index = {n: i for i, n in enumerate(n for g in groups for n in g)}
+        names = self._names(optimizer)
+        state, local_groups, i = {}, [], 0
+        for g, saved in zip(optimizer.param_groups, optim_groups):
+            ids = []
+            for _ in g["params"]:
+                st = optim_state(index[names[i]])
+                if st:
+                    state[i] = st
+                ids.append(i)
+                i += 1
+            local_groups.append(dict({k: v for k, v in saved.items() if k != "params"}, params=ids))
+        optimizer.load_state_dict({"state": state, "param_groups": local_groups})
