@@ -14,14 +14,12 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import socket
 import time
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from dsv3 import ModelConfig
 from dsv3.balance import update_bias
@@ -30,6 +28,7 @@ from dsv3.model.moe import MoE
 from dsv3.parallel.expert import (CommCounters, ExpertParallelMoE, Placement, get_dispatch_layout,
                                   shared_expert_placement)
 from dsv3.parallel.mesh import EPComm, MeshSpec, build_mesh
+from gloo_ranks import free_port, spawn_ranks
 
 TOL = 1e-6
 PHASES = ("dispatch", "combine", "dispatch_meta", "combine_meta", "bwd_dispatch", "bwd_combine")
@@ -282,24 +281,8 @@ def _worker(rank, world, gpus_per_node, port, out_path):
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(world: int, gpus_per_node: int, out_path: str, timeout: float = 80.0) -> dict:
-    ctx = mp.start_processes(_worker, args=(world, gpus_per_node, _free_port(), out_path), nprocs=world,
-                             join=False, start_method="spawn")
-    deadline = time.time() + timeout
-    while not ctx.join(timeout=max(1.0, deadline - time.time())):
-        if time.time() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            raise TimeoutError(f"{world} gloo ranks did not finish in {timeout} s")
-    with open(out_path) as f:
-        return json.load(f)
+    return spawn_ranks(_worker, (world, gpus_per_node, free_port(), out_path), world, out_path, timeout)
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import datetime
 import json
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from dsv3.parallel.mesh import KINDS, EPComm, Mesh, MeshSpec, build_mesh
+from gloo_ranks import free_port, spawn_ranks
 
 
 def _is_partition(groups, world):
@@ -104,24 +102,8 @@ def _worker(rank, world, gpn, pp, ep, port, out):
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(world, gpn, pp, ep, out, timeout=60.0):
-    ctx = mp.start_processes(_worker, args=(world, gpn, pp, ep, _free_port(), out), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline = time.time() + timeout
-    while not ctx.join(timeout=max(1.0, deadline - time.time())):
-        if time.time() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            raise TimeoutError(f"{world} gloo ranks did not finish in {timeout} s")
-    with open(out) as f:
-        return json.load(f)
+    return spawn_ranks(_worker, (world, gpn, pp, ep, free_port(), out), world, out, timeout)
 
 
 @pytest.mark.parametrize("world,gpn,pp,ep", [(4, 2, 1, None), (8, 2, 2, 2)])

@@ -106,6 +106,11 @@ class Transformer(nn.Module):
         blocks = [b for b in self.layers if b.is_moe] + [m for m in self.mtp if m.is_moe]
         return [b.mlp for b in blocks]
 
+    def moe_layer_names(self) -> list[str]:
+        """Names of ``moe_layers()``: "layer i" for the trunk, "MTP k" for the MTP blocks."""
+        return ([f"layer {i}" for i, b in enumerate(self.layers) if b.is_moe]
+                + [f"MTP {k}" for k, m in enumerate(self.mtp, start=1) if m.is_moe])
+
     def new_cache(self, batch_size: int, max_len: int, dtype=None) -> LatentCache:
         p = self.embed_tokens.weight
         return LatentCache(self.cfg, batch_size, max_len, self.cfg.num_hidden_layers, p.device, dtype or p.dtype)

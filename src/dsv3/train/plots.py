@@ -65,11 +65,14 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
         n_layers = arr.shape[1]
         fig, axes = plt.subplots(n_layers, 1, figsize=(8, 2.2 * n_layers + 0.6), squeeze=False)
         steps = [r["step"] for r in loads]
+        names = next((r["moe_layers"] for r in rows if "moe_layers" in r), None)
+        if not names or len(names) != n_layers:
+            names = [f"MoE layer {i}" for i in range(n_layers)]
         for i in range(n_layers):
             ax = axes[i, 0]
             im = ax.imshow(arr[:, i].T, aspect="auto", cmap="magma", vmin=0, vmax=max(2.0, float(arr.max())),
                            extent=[steps[0], steps[-1], arr.shape[-1] - 0.5, -0.5], interpolation="nearest")
-            ax.set_ylabel(f"MoE layer {i}\nexpert")
+            ax.set_ylabel(f"{names[i]}\nexpert")
             fig.colorbar(im, ax=ax, label="load / mean")
         axes[-1, 0].set_xlabel("step")
         fig.suptitle("tokens per expert relative to the mean")

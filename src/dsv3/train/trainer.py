@@ -22,7 +22,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
@@ -520,7 +520,7 @@ class Trainer:
         if self.step == 0 and self.val_dataset is not None:
             first = self.evaluate()
             summary["val_loss_start"] = first["val_loss"]
-            self._log({"step": 0, **first})
+            self._log({"step": 0, **first, "moe_layers": self.model.moe_layer_names()})
         bar = tqdm(total=tc.steps, initial=self.step, disable=not (tc.progress and self.dist.main),
                    dynamic_ncols=True, desc="train", mininterval=1.0)
         tokens_per_step = tc.batch_size * tc.seq_len
