@@ -11,7 +11,6 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -22,42 +21,18 @@ from safetensors.torch import load_file
 from dsv3 import ModelConfig
 from dsv3.checkpoint import load_latest
 from dsv3.cli import main as cli
+from helpers import cli_env, free_port
 
 ARGS = ["--steps", "3", "--batch-size", "4", "--seq-len", "32", "--save-every", "2", "--eval-every", "3",
         "--eval-batches", "2", "--no-progress", "--no-plots", "--sample-prompt", "", "--warmup", "2"]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from dsv3.data import iter_documents, prepare
-
-    root = tmp_path_factory.mktemp("corpus")
-    for i, d in enumerate(iter_documents("builtin", max_bytes=400_000)):
-        (root / f"doc{i:04d}.txt").write_text(d)
-    out = tmp_path_factory.mktemp("tokens")
-    prepare(str(root), str(out), vocab_size=2048, progress=False, val_fraction=0.1)
-    return str(out)
-
-
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    src = os.path.join(os.path.dirname(__file__), "..", "src")
-    env["PYTHONPATH"] = os.path.abspath(src) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _train(out, data, nproc=1, extra=()):
     cmd = [sys.executable, "-m", "dsv3.cli", "train", "--out", str(out), "--data", data, *ARGS, *extra]
     if nproc > 1:
-        cmd[1:3] = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(_port()),
+        cmd[1:3] = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(free_port()),
                     "-m", "dsv3.cli"]
-    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=180)
+    res = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stderr[-3000:]
     return res
 

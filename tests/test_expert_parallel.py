@@ -28,7 +28,7 @@ from dsv3.model.moe import MoE
 from dsv3.parallel.expert import (CommCounters, ExpertParallelMoE, Placement, get_dispatch_layout,
                                   shared_expert_placement)
 from dsv3.parallel.mesh import EPComm, MeshSpec, build_mesh
-from gloo_ranks import free_port, spawn_ranks
+from helpers import free_port, spawn_ranks
 
 TOL = 1e-6
 PHASES = ("dispatch", "combine", "dispatch_meta", "combine_meta", "bwd_dispatch", "bwd_combine")

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from dsv3.parallel.mesh import KINDS, EPComm, Mesh, MeshSpec, build_mesh
-from gloo_ranks import free_port, spawn_ranks
+from helpers import free_port, spawn_ranks
 
 
 def _is_partition(groups, world):

@@ -34,6 +34,7 @@ from dsv3 import ModelConfig, Transformer
 from dsv3.checkpoint import list_checkpoints
 from dsv3.parallel.pipeline import build_schedule
 from dsv3.parallel.pipeline.stages import split_layers
+from helpers import cli_env
 
 LAM, ALPHA = 0.3, 1e-2
 
@@ -362,13 +363,6 @@ def test_dead_or_stalled_rank_makes_the_other_raise(tmp_path, mode):
 # dsv3 train --pp 2 --schedule dualpipev under torchrun
 
 
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    src = os.path.join(os.path.dirname(__file__), "..", "src")
-    env["PYTHONPATH"] = os.path.abspath(src) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 def _metrics(run_dir):
     return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
 
@@ -396,9 +390,9 @@ def cli_runs(tmp_path_factory):
             "--seq-len", "32", "--warmup", "1", "--save-every", "1", "--eval-every", "2", "--eval-batches", "1",
             "--no-progress", "--no-plots", "--sample-prompt", "", "--balance-alpha", "1e-3"]
     one, two = tmp / "one", tmp / "two"
-    ref = subprocess.Popen([sys.executable, "-m", "dsv3.cli", *args, "--out", str(one)], env=_env(),
+    ref = subprocess.Popen([sys.executable, "-m", "dsv3.cli", *args, "--out", str(one)], env=cli_env(),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    pp = subprocess.run(_torchrun(args, two), env=_env(), capture_output=True, text=True, timeout=240)
+    pp = subprocess.run(_torchrun(args, two), env=cli_env(), capture_output=True, text=True, timeout=240)
     _, err = ref.communicate(timeout=240)
     assert ref.returncode == 0, err[-3000:]
     assert pp.returncode == 0, pp.stderr[-3000:]
@@ -445,7 +439,7 @@ def _children(pid: int) -> list[int]:
 def test_train_cli_pp2_resume_after_sigkill_repeats_the_uninterrupted_run(cli_runs, tmp_path):
     args, _, uninterrupted = cli_runs
     run = tmp_path / "killed"
-    proc = subprocess.Popen(_torchrun(args, run), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_torchrun(args, run), env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = run / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:   # kill both ranks once step 2 is logged
@@ -463,7 +457,7 @@ def test_train_cli_pp2_resume_after_sigkill_repeats_the_uninterrupted_run(cli_ru
         proc.kill()
         proc.wait()
     assert list_checkpoints(str(run / "checkpoints")), "the killed run should have left a checkpoint"
-    done = subprocess.run(_torchrun(args, run, ["--resume"]), env=_env(), capture_output=True, text=True,
+    done = subprocess.run(_torchrun(args, run, ["--resume"]), env=cli_env(), capture_output=True, text=True,
                           timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     resumed = re.search(r"resumed from \S+ \(step (\d+)\)", done.stdout)

@@ -15,29 +15,10 @@ import torch
 
 from dsv3.checkpoint import list_checkpoints, load_latest, save_checkpoint
 from dsv3.cli import main as cli
+from helpers import cli_env
 
 SMALL = ["--steps", "6", "--batch-size", "4", "--seq-len", "32", "--save-every", "2", "--eval-every", "3",
          "--eval-batches", "2", "--no-progress", "--no-plots", "--sample-prompt", "", "--warmup", "2"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from dsv3.data import iter_documents, prepare
-
-    root = tmp_path_factory.mktemp("corpus")
-    docs = list(iter_documents("builtin", max_bytes=400_000))
-    for i, d in enumerate(docs):
-        (root / f"doc{i:04d}.txt").write_text(d)
-    out = tmp_path_factory.mktemp("tokens")
-    prepare(str(root), str(out), vocab_size=2048, progress=False, val_fraction=0.1)
-    return str(out)
-
-
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    src = os.path.join(os.path.dirname(__file__), "..", "src")
-    env["PYTHONPATH"] = os.path.abspath(src) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 def _train_cmd(out, data, extra=()):
@@ -51,12 +32,12 @@ def _losses(run_dir) -> dict[int, float]:
 
 def test_resume_after_sigkill_repeats_the_uninterrupted_run(tmp_path, data_dir):
     ref = tmp_path / "ref"
-    subprocess.run(_train_cmd(ref, data_dir), check=True, env=_env(), capture_output=True)
+    subprocess.run(_train_cmd(ref, data_dir), check=True, env=cli_env(), capture_output=True)
     expected = _losses(ref)
     assert sorted(expected) == list(range(1, 7))
 
     run = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cmd(run, data_dir), env=_env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_train_cmd(run, data_dir), env=cli_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     metrics = run / "metrics.jsonl"
     deadline = time.time() + 120
@@ -67,7 +48,7 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_run(tmp_path, data_dir):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert list_checkpoints(run / "checkpoints"), "the killed run should have left a checkpoint"
-    done = subprocess.run(_train_cmd(run, data_dir, ["--resume"]), env=_env(), capture_output=True, text=True)
+    done = subprocess.run(_train_cmd(run, data_dir, ["--resume"]), env=cli_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "resumed from" in done.stdout
     assert _losses(run) == expected    # exactly equal, CPU fp32
@@ -106,11 +87,11 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
 def test_two_rank_zero1_matches_one_rank(tmp_path, data_dir):
     one = tmp_path / "one"
-    subprocess.run(_train_cmd(one, data_dir, ["--save-every", "0"]), check=True, env=_env(), capture_output=True)
+    subprocess.run(_train_cmd(one, data_dir, ["--save-every", "0"]), check=True, env=cli_env(), capture_output=True)
     two = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
            "-m", "dsv3.cli", "train", "--out", str(two), "--data", data_dir, *SMALL, "--save-every", "0"]
-    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    res = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = _losses(one), _losses(two)
     assert sorted(a) == sorted(b)

@@ -1,4 +1,4 @@
-"""Shared helper for multi-process tests: spawn gloo ranks with a deadline, read their JSON result."""
+"""Shared test helpers: spawn gloo ranks with a deadline, the environment for CLI subprocesses."""
 
 from __future__ import annotations
 
@@ -29,3 +29,14 @@ def spawn_ranks(worker, args: tuple, world: int, out_path: str, timeout: float =
             raise TimeoutError(f"{world} gloo ranks did not finish in {timeout} s")
     with open(out_path) as f:
         return json.load(f)
+
+
+def cli_env() -> dict:
+    """Environment for running ``python -m dsv3.cli`` in a subprocess: this checkout's src on the path,
+    one thread per process (several ranks share the machine)."""
+    import os
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    src = os.path.join(os.path.dirname(__file__), "..", "src")
+    env["PYTHONPATH"] = os.path.abspath(src) + os.pathsep + env.get("PYTHONPATH", "")
+    return env

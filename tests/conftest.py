@@ -1,0 +1,15 @@
+import pytest
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A small prepared token directory (400 KB of stdlib sources, 2048-id tokenizer), shared by the
+    training tests."""
+    from dsv3.data import iter_documents, prepare
+
+    root = tmp_path_factory.mktemp("corpus")
+    for i, d in enumerate(iter_documents("builtin", max_bytes=400_000)):
+        (root / f"doc{i:04d}.txt").write_text(d)
+    out = tmp_path_factory.mktemp("tokens")
+    prepare(str(root), str(out), vocab_size=2048, progress=False, val_fraction=0.1)
+    return str(out)
