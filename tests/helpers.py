@@ -40,3 +40,18 @@ def cli_env() -> dict:
     src = os.path.join(os.path.dirname(__file__), "..", "src")
     env["PYTHONPATH"] = os.path.abspath(src) + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+def small_config(**kw):
+    """A smaller-than-tiny ModelConfig with every feature on (q-LoRA, 4 groups with group-limited
+    routing, a dense first layer, MTP); keyword arguments override fields."""
+    from dsv3 import ModelConfig
+
+    base = dict(vocab_size=97, hidden_size=32, num_hidden_layers=3, first_k_dense_replace=1,
+                intermediate_size=48, num_attention_heads=2, q_lora_rank=24, kv_lora_rank=16,
+                qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, max_position_embeddings=64,
+                n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=3, moe_intermediate_size=16,
+                n_group=4, topk_group=2, routed_scaling_factor=2.5, num_nextn_predict_layers=1,
+                initializer_range=0.1)
+    base.update(kw)
+    return ModelConfig.preset("tiny").replace(**base)

@@ -30,24 +30,18 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from dsv3 import ModelConfig, Transformer
+from dsv3 import Transformer
 from dsv3.checkpoint import list_checkpoints
 from dsv3.parallel.pipeline import build_schedule
 from dsv3.parallel.pipeline.stages import split_layers
-from helpers import cli_env
-
-LAM, ALPHA = 0.3, 1e-2
+from helpers import cli_env, small_config
 
 
 def _cfg(**kw):
-    base = dict(vocab_size=97, hidden_size=32, num_hidden_layers=4, first_k_dense_replace=1,
-                intermediate_size=48, num_attention_heads=2, q_lora_rank=24, kv_lora_rank=16,
-                qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, max_position_embeddings=64,
-                n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=3, moe_intermediate_size=16,
-                n_group=4, topk_group=2, routed_scaling_factor=2.5, num_nextn_predict_layers=1,
-                initializer_range=0.1)
-    base.update(kw)
-    return ModelConfig.preset("tiny").replace(**base)
+    return small_config(**{"num_hidden_layers": 4, **kw})
+
+
+LAM, ALPHA = 0.3, 1e-2
 
 
 def _model():
