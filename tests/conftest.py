@@ -13,3 +13,14 @@ def data_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("tokens")
     prepare(str(root), str(out), vocab_size=2048, progress=False, val_fraction=0.1)
     return str(out)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tests of tiny matrices: faster, and immune to a busy shared CPU."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -19,13 +19,7 @@ E4M3_REL = 2.0 ** -4          # half an ulp of a 3-bit mantissa
 E4M3_ABS = 2.0 ** -10         # half the subnormal spacing, in units of the tile scale
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Small matrices: one intra-op thread is faster, and immune to a busy shared CPU.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gen(seed):

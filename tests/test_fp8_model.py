@@ -11,13 +11,7 @@ from dsv3 import fp8
 from dsv3.fp8.model import convert_to_fp8, fp8_summary
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matrices: one intra-op thread is faster, and immune to a busy shared CPU.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -27,13 +27,7 @@ if CUDA and torch.cuda.get_device_capability() < (8, 9):
     pytest.skip("Triton FP8 kernels need sm89+", allow_module_level=True)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Small matrices: one intra-op thread is faster, and immune to a busy shared CPU.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(shape, seed):
