@@ -453,13 +453,18 @@ def _partitions(items: list[int], per: int):
             yield [(first, *comb)] + tail
 
 
-def _place_layer(w: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int) -> np.ndarray:
-    num_logical = len(w)
+def _domains(num_logical, num_replicas, num_groups, num_nodes, num_gpus):
+    """(groups, nodes, experts per group, GPUs per node, slots per node) of the placement domains;
+    the global policy is one domain holding every expert and GPU."""
     if not is_hierarchical(num_groups, num_nodes):
         num_groups = num_nodes = 1
-    group_size = num_logical // num_groups
-    gpus_per_node = num_gpus // num_nodes
-    slots_per_node = num_replicas // num_nodes
+    return (num_groups, num_nodes, num_logical // num_groups, num_gpus // num_nodes,
+            num_replicas // num_nodes)
+
+
+def _place_layer(w: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int) -> np.ndarray:
+    num_groups, num_nodes, group_size, gpus_per_node, slots_per_node = _domains(
+        len(w), num_replicas, num_groups, num_nodes, num_gpus)
     group_load = w.reshape(num_groups, group_size).sum(1)
 
     # candidate group-to-node partitions, each with a lower bound on its max GPU load
@@ -495,12 +500,8 @@ def _place_layer(w: np.ndarray, num_replicas: int, num_groups: int, num_nodes: i
 
 def _place_layer_greedy(w, num_replicas, num_groups, num_nodes, num_gpus) -> np.ndarray:
     """The reference algorithm: greedy group packing, uncapped greedy replication, plain packing."""
-    num_logical = len(w)
-    if not is_hierarchical(num_groups, num_nodes):
-        num_groups = num_nodes = 1
-    group_size = num_logical // num_groups
-    gpus_per_node = num_gpus // num_nodes
-    slots_per_node = num_replicas // num_nodes
+    num_groups, num_nodes, group_size, gpus_per_node, slots_per_node = _domains(
+        len(w), num_replicas, num_groups, num_nodes, num_gpus)
     node_of_group = _balanced_packing(w.reshape(num_groups, group_size).sum(1), num_nodes)
     row = []
     for node in range(num_nodes):
