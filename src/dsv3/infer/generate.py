@@ -8,30 +8,23 @@ import sys
 
 import torch
 
-
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits [B, V] → token ids [B]. temperature 0 = greedy; top-k then nucleus (top-p) filtering."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p          # keep the smallest prefix reaching top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+from .sampling import sample_next
 
 
 @torch.no_grad()
 def generate(model, prompt_ids: list[int], max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int = 0, eos_id: int | None = None, on_token=None) -> list[int]:
-    """Prefill the prompt into a latent cache, then decode one token at a time."""
+             top_p: float = 1.0, seed: int = 0, eos_id: int | None = None, on_token=None,
+             speculative: bool = False, stats: dict | None = None) -> list[int]:
+    """Prefill the prompt into a latent cache, then decode one token at a time (or two per step
+    with ``speculative``: MTP drafts, the main model verifies; :mod:`dsv3.infer.speculative`).
+    ``stats``, a dict, receives the speculative decoding statistics (acceptance rate …)."""
+    if speculative:
+        from .speculative import generate_speculative
+        out, st = generate_speculative(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed,
+                                       eos_id, on_token)
+        if stats is not None:
+            stats.update(st.as_dict())
+        return out
     model.eval()
     if not prompt_ids:
         raise ValueError("the prompt encodes to no tokens")
@@ -59,7 +52,8 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int = 64, temperature
 
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 1.0,
-                  top_k: int = 0, top_p: float = 1.0, seed: int = 0, stream=None) -> str:
+                  top_k: int = 0, top_p: float = 1.0, seed: int = 0, stream=None, speculative: bool = False,
+                  stats: dict | None = None) -> str:
     """Generate and (optionally) stream the decoded text as it grows."""
     ids = tokenizer.encode(prompt)
     if stream is not None:
@@ -77,7 +71,8 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, tempe
                 stream.flush()
                 shown[0] = len(text)
 
-    generate(model, ids, max_new_tokens, temperature, top_k, top_p, seed, tokenizer.eos_id, on_token)
+    generate(model, ids, max_new_tokens, temperature, top_k, top_p, seed, tokenizer.eos_id, on_token, speculative,
+             stats)
     return prompt + tokenizer.decode(produced)
 
 
@@ -90,6 +85,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--speculative", action="store_true",
+                   help="draft with the MTP module and verify two tokens per forward (same output distribution)")
 
 
 def run(args) -> int:
@@ -105,8 +102,15 @@ def run(args) -> int:
         raise ValueError("--max-new-tokens must be positive")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model = load_pretrained(args.model, device=device)
+    if args.speculative and not len(model.mtp):
+        raise ValueError(f"--speculative: {args.model} has no MTP module (num_nextn_predict_layers = 0)")
     tokenizer = Tokenizer.from_file(tok_path)
+    stats: dict = {}
     generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
-                  args.top_p, args.seed, stream=sys.stdout)
+                  args.top_p, args.seed, stream=sys.stdout, speculative=args.speculative, stats=stats)
     sys.stdout.write("\n")
+    if stats:
+        print(f"speculative: {stats['accepted']}/{stats['drafted']} drafts accepted "
+              f"({stats['acceptance_rate']:.1%}), {stats['tokens_per_forward']:.2f} tokens per forward",
+              file=sys.stderr)
     return 0

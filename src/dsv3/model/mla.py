@@ -8,6 +8,18 @@ Shapes (DeepSeek-V3): d=7168, H=128, q_lora 1536, kv_lora 512, qk_nope 128, qk_r
     out    = o(softmax(q·k / sqrt(192) · mscale²) v)  [B, T, d]
 
 Only ``norm(c_kv)`` and the rotated ``k_pe`` are cached for decoding: 576 values per token per layer.
+
+Two ways to attend against that cache (``MLA.attn_impl``):
+
+* naive:    up-project every cached latent through ``kv_b`` to per-head k_nope and v, then attend.
+* absorbed: fold ``kv_b`` into the query and the output instead (SPEC §1.1). With W_uk, W_uv the
+  k_nope and v halves of ``kv_b`` [H, 128, 512]:
+      q_lat = q_nope · W_uk                       [B, H, T, 512]
+      score = q_lat · c_kvᵀ + q_pe · k_peᵀ        [B, H, T, S]   (the latent acts as a 1-head key)
+      o     = (softmax(score) · c_kv) · W_uvᵀ     [B, T, H, 128]
+  Nothing of size S×H is ever formed, so a decode step reads the 576-value cache and no more.
+  "auto" (default) picks whichever needs fewer multiply-adds for the given T and S: absorbed for
+  decoding and speculative verification, naive for long prefills.
 """
 
 from __future__ import annotations
@@ -62,6 +74,18 @@ class MLA(nn.Module):
         self.kv_b_proj = linear(self.kv_rank, self.h * (self.nope + self.vdim), bias=False)
         self.o_proj = linear(self.h * self.vdim, d, bias=False)
         self.has_q_lora = bool(cfg.q_lora_rank)
+        self.attn_impl = "auto"          # "auto" | "naive" | "absorbed" (used only with a cache)
+
+    def use_absorbed(self, T: int, S: int) -> bool:
+        """Whether T queries against S cached positions take the absorbed path (see module doc)."""
+        if self.attn_impl not in ("auto", "naive", "absorbed"):
+            raise ValueError(f"attn_impl = {self.attn_impl!r}: expected 'auto', 'naive' or 'absorbed'")
+        if self.attn_impl != "auto":
+            return self.attn_impl == "absorbed"
+        r, n, v, pe = self.kv_rank, self.nope, self.vdim, self.rope
+        naive = S * r * (n + v) + T * S * (n + pe + v)          # per head: expand the cache, attend
+        absorbed = T * r * (n + v) + T * S * (2 * r + pe)       # per head: fold W_uk/W_uv, attend in latent
+        return absorbed < naive
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, cache: LatentCache | None = None,
                 start_pos: int = 0) -> torch.Tensor:
@@ -84,6 +108,8 @@ class MLA(nn.Module):
         k_pe = apply_rope(k_pe, freqs_cis)                       # [B, T, rope], shared by all heads
         if cache is not None:
             c_kv, k_pe = cache.update(self.layer_idx, start_pos, c_kv, k_pe)
+            if self.use_absorbed(T, c_kv.shape[1]):
+                return self._absorbed_attention(q_nope, q_pe, c_kv, k_pe, start_pos)
         S = c_kv.shape[1]
         kv = self.kv_b_proj(c_kv).view(B, S, self.h, self.nope + self.vdim)
         k_nope, v = kv.split([self.nope, self.vdim], dim=-1)
@@ -98,10 +124,33 @@ class MLA(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         elif T == 1:
             o = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        else:  # chunked prefill on top of a cache: query i sees keys 0 … start_pos+i
-            qpos = torch.arange(start_pos, start_pos + T, device=x.device)
-            mask = torch.arange(S, device=x.device)[None, :] <= qpos[:, None]
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=_chunk_mask(start_pos, T, S, x.device),
+                                               scale=self.scale)
         if pad > 0:
             o = o[..., : self.vdim]
         return o.transpose(1, 2).reshape(B, T, self.h * self.vdim)
+
+    def _absorbed_attention(self, q_nope, q_pe, c_kv, k_pe, start_pos):
+        """Attention directly against the latent cache. q_nope [B, T, H, nope], q_pe [B, T, H, rope],
+        c_kv [B, S, r], k_pe [B, S, rope] → [B, T, H·v]."""
+        B, T = q_nope.shape[:2]
+        S = c_kv.shape[1]
+        w = self.kv_b_proj.weight.to(q_nope.dtype).view(self.h, self.nope + self.vdim, self.kv_rank)
+        w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]                              # [H, nope|v, r]
+        q_lat = torch.einsum("bthn,hnr->bhtr", q_nope, w_uk)                           # [B, H, T, r]
+        score = torch.matmul(q_lat, c_kv.unsqueeze(1).transpose(-1, -2))              # [B, H, T, S]
+        score = score + torch.matmul(q_pe.transpose(1, 2), k_pe.unsqueeze(1).transpose(-1, -2))
+        score = score.to(torch.promote_types(score.dtype, torch.float32)) * self.scale    # softmax in ≥ fp32
+        if T > 1:
+            score = score.masked_fill(~_chunk_mask(start_pos, T, S, score.device), float("-inf"))
+        p = score.softmax(-1).to(c_kv.dtype)
+        o_lat = torch.matmul(p, c_kv.unsqueeze(1))                                    # [B, H, T, r]
+        o = torch.einsum("bhtr,hvr->bthv", o_lat, w_uv)                                # [B, T, H, v]
+        return o.reshape(B, T, self.h * self.vdim)
+
+
+def _chunk_mask(start_pos: int, T: int, S: int, device) -> torch.Tensor:
+    """[T, S] bool: query i (at position start_pos+i) sees cached keys 0 … start_pos+i."""
+    qpos = torch.arange(start_pos, start_pos + T, device=device)
+    return torch.arange(S, device=device)[None, :] <= qpos[:, None]

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .layers import MLP
+from .layers import MLP, at_least_fp32
 
 
 @dataclass
@@ -63,7 +63,7 @@ class Gate(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> Routing:
-        logits = F.linear(x.float(), self.weight.float())
+        logits = F.linear(at_least_fp32(x), at_least_fp32(self.weight))
         scores = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
         bias = self.e_score_correction_bias if self.group_score == "top2" else None
         idx = route(scores.detach(), bias, self.top_k, self.n_group, self.topk_group, self.group_score)

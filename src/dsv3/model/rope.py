@@ -11,6 +11,7 @@ import math
 import torch
 
 from ..config import ModelConfig, yarn_mscale
+from .layers import at_least_fp32
 
 
 def _correction_dim(num_rotations: float, dim: int, base: float, max_pos: int) -> float:
@@ -61,7 +62,7 @@ def precompute_freqs_cis(cfg: ModelConfig, max_len: int, device=None) -> torch.T
 def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs of the last dim. x: [B, T, H, D] (or [B, T, D]); freqs_cis: [T, D/2]."""
     dtype = x.dtype
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    xc = torch.view_as_complex(at_least_fp32(x).reshape(*x.shape[:-1], -1, 2))
     shape = [1] * xc.dim()
     shape[1], shape[-1] = freqs_cis.shape[0], freqs_cis.shape[1]
     out = torch.view_as_real(xc * freqs_cis.view(shape)).flatten(-2)

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
-from .layers import MLP, RMSNorm, init_weights
+from .layers import MLP, RMSNorm, at_least_fp32, init_weights
 from .mla import MLA, LatentCache
 from .moe import MoE, Routing
 from .rope import precompute_freqs_cis
@@ -62,9 +62,9 @@ class MTPModule(Block):
         self.shared_head = nn.Module()
         self.shared_head.norm = RMSNorm(d, cfg.rms_norm_eps)
 
-    def forward_mtp(self, h_prev, emb_next, freqs_cis, stats=None, recompute=False):
+    def forward_mtp(self, h_prev, emb_next, freqs_cis, stats=None, recompute=False, cache=None, start_pos=0):
         h = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))
-        return super().forward(h, freqs_cis, stats=stats, recompute=recompute)
+        return super().forward(h, freqs_cis, cache, start_pos, stats, recompute)
 
 
 @dataclass
@@ -111,9 +111,12 @@ class Transformer(nn.Module):
         return ([f"layer {i}" for i, b in enumerate(self.layers) if b.is_moe]
                 + [f"MTP {k}" for k, m in enumerate(self.mtp, start=1) if m.is_moe])
 
-    def new_cache(self, batch_size: int, max_len: int, dtype=None) -> LatentCache:
+    def new_cache(self, batch_size: int, max_len: int, dtype=None, mtp: bool = False) -> LatentCache:
+        """A latent cache for the trunk's layers, and for the MTP modules too with ``mtp=True``
+        (speculative decoding: the MTP blocks attend over their own past positions)."""
         p = self.embed_tokens.weight
-        return LatentCache(self.cfg, batch_size, max_len, self.cfg.num_hidden_layers, p.device, dtype or p.dtype)
+        layers = self.cfg.num_hidden_layers + (len(self.mtp) if mtp else 0)
+        return LatentCache(self.cfg, batch_size, max_len, layers, p.device, dtype or p.dtype)
 
     def _trunk(self, tokens, start_pos=0, cache=None, stats=None):
         T = tokens.shape[1]
@@ -125,10 +128,34 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------ entry points
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: LatentCache | None = None) -> torch.Tensor:
-        """tokens [B, T] → logits [B, T, V] (fp32). With a cache, positions start at ``start_pos``."""
+        """tokens [B, T] → logits [B, T, V] (fp32; fp64 for an fp64 model). With a cache, positions start at ``start_pos``."""
         _check_tokens(tokens, self.cfg.vocab_size)
         h, _ = self._trunk(tokens, start_pos, cache)
-        return self.lm_head(self.norm(h)).float()
+        return at_least_fp32(self.lm_head(self.norm(h)))
+
+    def forward_hidden(self, tokens: torch.Tensor, start_pos: int = 0,
+                       cache: LatentCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like ``forward`` but also returns the last block's output h [B, T, d] (before the final
+        norm): the input of the first MTP module."""
+        _check_tokens(tokens, self.cfg.vocab_size)
+        h, _ = self._trunk(tokens, start_pos, cache)
+        return at_least_fp32(self.lm_head(self.norm(h))), h
+
+    def forward_mtp(self, hidden: torch.Tensor, next_tokens: torch.Tensor, start_pos: int = 0,
+                    cache: LatentCache | None = None, depth: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """MTP module ``depth`` at positions start_pos … start_pos+T−1: ``hidden`` [B, T, d] are the
+        previous depth's outputs there (the trunk's for depth 1) and ``next_tokens`` [B, T] the tokens
+        that follow each position (t_{i+depth}). Returns (logits for t_{i+depth+1} [B, T, V], the
+        module's output h [B, T, d]). With a cache made by ``new_cache(..., mtp=True)``."""
+        if not 1 <= depth <= len(self.mtp):
+            raise ValueError(f"MTP depth {depth}: the model has {len(self.mtp)} MTP module(s)")
+        _check_tokens(next_tokens, self.cfg.vocab_size)
+        if next_tokens.shape != hidden.shape[:2]:
+            raise ValueError(f"next_tokens {tuple(next_tokens.shape)} must match hidden {tuple(hidden.shape[:2])}")
+        module = self.mtp[depth - 1]
+        freqs = self.freqs_cis(start_pos, hidden.shape[1], hidden.device)
+        h = module.forward_mtp(hidden, self.embed_tokens(next_tokens), freqs, cache=cache, start_pos=start_pos)
+        return at_least_fp32(self.lm_head(module.shared_head.norm(h))), h
 
     def forward_train(self, tokens: torch.Tensor) -> TrainOutput:
         """tokens [B, T + D] (D = MTP depth): main logits over the first T positions, MTP depth k
@@ -141,11 +168,11 @@ class Transformer(nn.Module):
             raise ValueError(f"forward_train needs more than D={D} tokens per row, got {tokens.shape[1]}")
         routing: list[Routing] = []
         h, freqs = self._trunk(tokens[:, :T], stats=routing)
-        out = TrainOutput(self.lm_head(self.norm(h)).float(), [], routing)
+        out = TrainOutput(at_least_fp32(self.lm_head(self.norm(h))), [], routing)
         for k, module in enumerate(self.mtp, start=1):
             emb = self.embed_tokens(tokens[:, k:k + T])
             h = module.forward_mtp(h, emb, freqs, stats=routing, recompute=self.recompute)
-            out.mtp_logits.append(self.lm_head(module.shared_head.norm(h)).float())
+            out.mtp_logits.append(at_least_fp32(self.lm_head(module.shared_head.norm(h))))
         return out
 
 

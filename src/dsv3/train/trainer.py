@@ -491,6 +491,7 @@ class Trainer:
         res = {"val_loss": total / max(n, 1)}
         if vio.counts is not None:
             res["val_max_vio"] = vio.value
+            res["val_max_vio_per_layer"] = vio.per_layer()
         return res
 
     @torch.no_grad()
@@ -509,6 +510,7 @@ class Trainer:
         res = {"val_loss": total / max(n, 1)}
         if vio.counts is not None:
             res["val_max_vio"] = vio.value
+            res["val_max_vio_per_layer"] = vio.per_layer()
         return res
 
     # ------------------------------------------------------------------ the loop
