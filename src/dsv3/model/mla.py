@@ -34,7 +34,12 @@ from .rope import apply_rope
 
 
 class LatentCache:
-    """Per-layer cache of the normalised KV latent and the rotated RoPE key (the MLA cache)."""
+    """Per-layer cache of the normalised KV latent and the rotated RoPE key (the MLA cache).
+
+    ``kv`` [layers, batch, max_len, kv_lora_rank], ``pe`` [layers, batch, max_len, rope]. A forward
+    over B rows uses cache rows 0 … B−1; ``rows(a, b)`` is a view of rows a … b−1 (writes go through),
+    so one cache can hold independent sequences (the batched engine, :mod:`dsv3.infer.engine`).
+    """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, num_layers: int,
                  device=None, dtype=torch.float32):
@@ -42,13 +47,30 @@ class LatentCache:
         self.kv = torch.zeros(num_layers, batch_size, max_len, cfg.kv_lora_rank, device=device, dtype=dtype)
         self.pe = torch.zeros(num_layers, batch_size, max_len, cfg.qk_rope_head_dim, device=device, dtype=dtype)
 
-    def update(self, layer: int, start: int, kv: torch.Tensor, pe: torch.Tensor):
-        end = start + kv.shape[1]
-        if end > self.max_len:
-            raise ValueError(f"cache holds {self.max_len} positions, asked to write up to {end}")
-        self.kv[layer, : kv.shape[0], start:end] = kv
-        self.pe[layer, : kv.shape[0], start:end] = pe
-        return self.kv[layer, : kv.shape[0], :end], self.pe[layer, : kv.shape[0], :end]
+    def rows(self, start: int, end: int) -> "LatentCache":
+        view = object.__new__(LatentCache)
+        view.max_len, view.kv, view.pe = self.max_len, self.kv[:, start:end], self.pe[:, start:end]
+        return view
+
+    def update(self, layer: int, start, kv: torch.Tensor, pe: torch.Tensor):
+        """Write kv/pe [B, T, ·] at positions start … start+T−1 (``start`` an int, or a LongTensor [B]
+        of per-row positions); return the cached [B, S, ·] up to the furthest position written."""
+        B, T = kv.shape[:2]
+        if isinstance(start, torch.Tensor):
+            end = int(start.max()) + T
+            if end > self.max_len or int(start.min()) < 0:
+                raise ValueError(f"cache holds {self.max_len} positions, asked to write up to {end}")
+            pos = start.to(self.kv.device)[:, None] + torch.arange(T, device=self.kv.device)
+            rows = torch.arange(B, device=self.kv.device)[:, None].expand(B, T)
+            self.kv[layer, rows, pos] = kv.to(self.kv.dtype)
+            self.pe[layer, rows, pos] = pe.to(self.pe.dtype)
+        else:
+            end = start + T
+            if end > self.max_len:
+                raise ValueError(f"cache holds {self.max_len} positions, asked to write up to {end}")
+            self.kv[layer, :B, start:end] = kv
+            self.pe[layer, :B, start:end] = pe
+        return self.kv[layer, :B, :end], self.pe[layer, :B, :end]
 
     def bytes_per_token(self) -> int:
         return self.kv.shape[0] * (self.kv.shape[-1] + self.pe.shape[-1]) * self.kv.element_size()
@@ -88,8 +110,9 @@ class MLA(nn.Module):
         return absorbed < naive
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, cache: LatentCache | None = None,
-                start_pos: int = 0) -> torch.Tensor:
-        """x: [B, T, d] at positions start_pos … start_pos+T−1; freqs_cis: [T, rope/2]."""
+                start_pos: int | torch.Tensor = 0) -> torch.Tensor:
+        """x: [B, T, d] at positions start_pos … start_pos+T−1; freqs_cis: [T, rope/2]. With a cache,
+        ``start_pos`` may be a LongTensor [B] (rows at different positions; freqs_cis [B, T, rope/2])."""
         return self.o_proj(self.core(x, freqs_cis, cache, start_pos))
 
     def core(self, x, freqs_cis, cache=None, start_pos=0):
@@ -108,7 +131,7 @@ class MLA(nn.Module):
         k_pe = apply_rope(k_pe, freqs_cis)                       # [B, T, rope], shared by all heads
         if cache is not None:
             c_kv, k_pe = cache.update(self.layer_idx, start_pos, c_kv, k_pe)
-            if self.use_absorbed(T, c_kv.shape[1]):
+            if isinstance(start_pos, torch.Tensor) or self.use_absorbed(T, c_kv.shape[1]):
                 return self._absorbed_attention(q_nope, q_pe, c_kv, k_pe, start_pos)
         S = c_kv.shape[1]
         kv = self.kv_b_proj(c_kv).view(B, S, self.h, self.nope + self.vdim)
@@ -142,7 +165,7 @@ class MLA(nn.Module):
         score = torch.matmul(q_lat, c_kv.unsqueeze(1).transpose(-1, -2))              # [B, H, T, S]
         score = score + torch.matmul(q_pe.transpose(1, 2), k_pe.unsqueeze(1).transpose(-1, -2))
         score = score.to(torch.promote_types(score.dtype, torch.float32)) * self.scale    # softmax in ≥ fp32
-        if T > 1:
+        if T > 1 or isinstance(start_pos, torch.Tensor):
             score = score.masked_fill(~_chunk_mask(start_pos, T, S, score.device), float("-inf"))
         p = score.softmax(-1).to(c_kv.dtype)
         o_lat = torch.matmul(p, c_kv.unsqueeze(1))                                    # [B, H, T, r]
@@ -150,7 +173,11 @@ class MLA(nn.Module):
         return o.reshape(B, T, self.h * self.vdim)
 
 
-def _chunk_mask(start_pos: int, T: int, S: int, device) -> torch.Tensor:
-    """[T, S] bool: query i (at position start_pos+i) sees cached keys 0 … start_pos+i."""
+def _chunk_mask(start_pos, T: int, S: int, device) -> torch.Tensor:
+    """[T, S] bool: query i (at position start_pos+i) sees cached keys 0 … start_pos+i; with per-row
+    positions (``start_pos`` a LongTensor [B]) [B, 1, T, S], broadcasting over the heads."""
+    if isinstance(start_pos, torch.Tensor):
+        qpos = start_pos.to(device)[:, None] + torch.arange(T, device=device)                # [B, T]
+        return (torch.arange(S, device=device) <= qpos[..., None])[:, None]
     qpos = torch.arange(start_pos, start_pos + T, device=device)
     return torch.arange(S, device=device)[None, :] <= qpos[:, None]

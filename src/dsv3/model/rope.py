@@ -60,10 +60,13 @@ def precompute_freqs_cis(cfg: ModelConfig, max_len: int, device=None) -> torch.T
 
 
 def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of the last dim. x: [B, T, H, D] (or [B, T, D]); freqs_cis: [T, D/2]."""
+    """Rotate interleaved pairs of the last dim. x: [B, T, H, D] (or [B, T, D]); freqs_cis: [T, D/2],
+    or [B, T, D/2] when the rows of the batch sit at different positions."""
     dtype = x.dtype
     xc = torch.view_as_complex(at_least_fp32(x).reshape(*x.shape[:-1], -1, 2))
     shape = [1] * xc.dim()
-    shape[1], shape[-1] = freqs_cis.shape[0], freqs_cis.shape[1]
+    shape[1], shape[-1] = freqs_cis.shape[-2], freqs_cis.shape[-1]
+    if freqs_cis.dim() == 3:
+        shape[0] = freqs_cis.shape[0]
     out = torch.view_as_real(xc * freqs_cis.view(shape)).flatten(-2)
     return out.to(dtype)

@@ -91,7 +91,12 @@ class Transformer(nn.Module):
         init_weights(self, cfg.initializer_range)
 
     # ------------------------------------------------------------------ helpers
-    def freqs_cis(self, start: int, length: int, device) -> torch.Tensor:
+    def freqs_cis(self, start, length: int, device) -> torch.Tensor:
+        """[length, rope/2] for positions start …; [B, length, rope/2] for per-row starts (LongTensor [B])."""
+        if isinstance(start, torch.Tensor):
+            pos = start.to(device)[:, None] + torch.arange(length, device=device)
+            table = self.freqs_cis(0, int(pos.max()) + 1, device)
+            return table[pos]
         end = start + length
         if end > self.cfg.max_position_embeddings:
             raise ValueError(f"positions up to {end} exceed max_position_embeddings "
@@ -127,8 +132,10 @@ class Transformer(nn.Module):
         return h, freqs
 
     # ------------------------------------------------------------------ entry points
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: LatentCache | None = None) -> torch.Tensor:
-        """tokens [B, T] → logits [B, T, V] (fp32; fp64 for an fp64 model). With a cache, positions start at ``start_pos``."""
+    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0,
+                cache: LatentCache | None = None) -> torch.Tensor:
+        """tokens [B, T] → logits [B, T, V] (fp32; fp64 for an fp64 model). With a cache, positions start
+        at ``start_pos``: an int, or a LongTensor [B] when the rows are at different positions."""
         _check_tokens(tokens, self.cfg.vocab_size)
         h, _ = self._trunk(tokens, start_pos, cache)
         return at_least_fp32(self.lm_head(self.norm(h)))
