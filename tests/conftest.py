@@ -24,3 +24,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, data_dir):
+    """A small random model saved in the HF layout with the corpus tokenizer (for generate / serve)."""
+    import os
+    import shutil
+
+    import torch
+
+    from dsv3 import Transformer, save_pretrained
+    from helpers import small_config
+
+    out = tmp_path_factory.mktemp("gen_model")
+    torch.manual_seed(0)
+    save_pretrained(Transformer(small_config(vocab_size=2048, max_position_embeddings=128)), out)
+    shutil.copy(os.path.join(data_dir, "tokenizer.json"), out / "tokenizer.json")
+    return str(out)

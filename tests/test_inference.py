@@ -1,8 +1,6 @@
 """Inference: the absorbed MLA path against the naive one, cached MTP, sampling, plain and
 speculative (MTP-drafted) generation, and the ``dsv3 generate`` command."""
 
-import os
-import shutil
 import subprocess
 import sys
 
@@ -190,17 +188,6 @@ def test_speculative_sampling_is_reproducible_and_streams(one_thread):
     a, _ = generate_speculative(m, [3, 4], 20, temperature=1.0, top_k=8, seed=7, on_token=seen.append)
     b, _ = generate_speculative(m, [3, 4], 20, temperature=1.0, top_k=8, seed=7)
     assert a == b == seen and len(a) == 20
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, data_dir):
-    from dsv3 import save_pretrained
-
-    out = tmp_path_factory.mktemp("gen_model")
-    torch.manual_seed(0)
-    save_pretrained(Transformer(small_config(vocab_size=2048, max_position_embeddings=128)), out)
-    shutil.copy(os.path.join(data_dir, "tokenizer.json"), out / "tokenizer.json")
-    return str(out)
 
 
 def _cli(*args):

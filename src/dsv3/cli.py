@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("dsv3.commands.info", "parameters, KV-cache bytes and weight memory of a config"),
     "train": ("dsv3.train.cli", "train a model (tiny preset on the built-in corpus by default)"),
     "generate": ("dsv3.infer.generate", "generate text from a trained model directory"),
+    "serve": ("dsv3.infer.server", "serve a model over HTTP (OpenAI-style completions, batched engine)"),
     "plot": ("dsv3.train.plots", "draw loss / MaxVio / expert-load pictures of a run directory"),
     "pipeline": ("dsv3.parallel.pipeline.cli", "build and simulate a pipeline schedule (1f1b, zb1p, dualpipe, dualpipev)"),
     "eplb": ("dsv3.eplb_cli", "place experts (with replicas) on GPUs from a load file"),

@@ -32,7 +32,8 @@ class Request:
     params: SamplingParams
     seed: int = 0
     eos_id: int | None = None
-    on_token: object = None                  # callable(token_id) or None
+    on_token: object = None                  # callable(token_id) or None, called for each token
+    on_done: object = None                   # callable(request) or None, called once when finished
     id: int = 0
     output: list[int] = field(default_factory=list)
     done: bool = False
@@ -61,7 +62,7 @@ class Engine:
 
     def submit(self, prompt_ids: list[int], max_new_tokens: int = 64, temperature: float = 1.0,
                top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int | None = None,
-               on_token=None) -> Request:
+               on_token=None, on_done=None) -> Request:
         if not prompt_ids:
             raise ValueError("the prompt encodes to no tokens")
         if len(prompt_ids) >= self.max_len:
@@ -72,7 +73,7 @@ class Engine:
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         req = Request(list(prompt_ids), max_new_tokens, SamplingParams(temperature, top_k, top_p), seed, eos_id,
-                      on_token, next(self._ids))
+                      on_token, on_done, next(self._ids))
         req._gen = torch.Generator(device=self.device).manual_seed(seed)
         req._limit = min(len(prompt_ids) + max_new_tokens, self.max_len)
         self.waiting.append(req)
@@ -127,6 +128,8 @@ class Engine:
             req.done, req.finish_reason = True, "length"
         if req.done:
             finished.append(req)
+            if req.on_done is not None:
+                req.on_done(req)
 
     def _compact(self) -> None:
         """Drop finished rows; the last running row moves into each hole (its cache row is copied)."""
