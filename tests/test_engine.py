@@ -1,6 +1,8 @@
 """The batched engine: per-row positions in one forward, continuous batching, equality with
 single-request generation (greedy and sampled), limits and bad input."""
 
+import os
+
 import pytest
 import torch
 
@@ -90,3 +92,49 @@ def test_engine_bad_input():
     with pytest.raises(ValueError, match="top_p"):
         eng.submit([3], 4, top_p=0.0)
     assert eng.idle
+
+
+def test_prefix_cache_on_disk(tmp_path, one_thread):
+    import glob
+
+    from dsv3.infer.prefix_cache import PrefixCache
+
+    m = _model(seed=3)
+    g = torch.Generator().manual_seed(1)
+    shared = torch.randint(3, 97, (21,), generator=g).tolist()           # 2 full blocks of 8, then 5
+    prompts = [shared + torch.randint(3, 97, (n,), generator=g).tolist() for n in (3, 6)]
+    refs = [generate(m, p, 6, temperature=0) for p in prompts]
+
+    store = PrefixCache(tmp_path / "kv", m, block_tokens=8)
+    eng = Engine(m, max_batch=2, prefix_cache=store)
+    first = eng.submit(prompts[0], 6, temperature=0)
+    eng.run()
+    assert first.output == refs[0] and eng.cached_prompt_tokens == 0
+    files = glob.glob(str(tmp_path / "kv" / "*" / "*" / "*.safetensors"))
+    assert len(files) == 3 and not glob.glob(str(tmp_path / "kv" / "**" / "*.tmp-*"), recursive=True)
+
+    eng = Engine(m, max_batch=2, prefix_cache=PrefixCache(tmp_path / "kv", m, block_tokens=8))
+    again, other = eng.submit(prompts[0], 6, temperature=0), eng.submit(prompts[1], 6, temperature=0)
+    eng.run()
+    assert again.output == refs[0] and other.output == refs[1]
+    assert eng.cached_prompt_tokens == 16 + 16                # prompt 0 keeps its last token to compute
+
+    # a damaged block is a miss with a warning, never wrong output
+    newest = sorted(files, key=lambda f: os.path.getmtime(f))[0]
+    with open(newest, "r+b") as f:
+        f.truncate(20)
+    eng = Engine(m, prefix_cache=PrefixCache(tmp_path / "kv", m, block_tokens=8))
+    with pytest.warns(UserWarning, match="unreadable block"):
+        r = eng.submit(prompts[1], 6, temperature=0)
+        eng.run()
+    assert r.output == refs[1]
+    eng = Engine(m, prefix_cache=PrefixCache(tmp_path / "kv", m, block_tokens=8))   # it was rewritten
+    r = eng.submit(prompts[1], 6, temperature=0)
+    eng.run()
+    assert r.output == refs[1] and eng.cached_prompt_tokens == 24         # 3 full blocks of prompt 1
+
+    # another model (other weights) never reads these blocks
+    other_model = _model(seed=4)
+    assert PrefixCache(tmp_path / "kv", other_model, block_tokens=8).fingerprint != store.fingerprint
+    with pytest.raises(ValueError, match="block_tokens"):
+        PrefixCache(tmp_path / "kv", m, block_tokens=0)

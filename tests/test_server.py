@@ -83,7 +83,7 @@ def test_bad_requests(served):
     assert client.get("/v1/models").json()["data"][0]["id"] == "tiny-test"
 
 
-def test_dsv3_serve_command(model_dir):
+def test_dsv3_serve_command(model_dir, tmp_path):
     import subprocess
     import sys
     import time
@@ -93,7 +93,8 @@ def test_dsv3_serve_command(model_dir):
     from helpers import cli_env, free_port
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "dsv3.cli", "serve", "--model", model_dir, "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "dsv3.cli", "serve", "--model", model_dir, "--port", str(port),
+                             "--prefix-cache", str(tmp_path / "kv"), "--prefix-block", "4"],
                             env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -106,9 +107,15 @@ def test_dsv3_serve_command(model_dir):
                 pass
             assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
             time.sleep(0.5)
-        r = httpx.post(url + "/v1/completions", json={"prompt": "import ", "max_tokens": 8, "temperature": 0},
-                       timeout=60)
-        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        prompt = "import os, sys, json\nfrom collections import OrderedDict\n"
+        texts = []
+        for _ in range(2):
+            r = httpx.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": 8, "temperature": 0},
+                           timeout=60)
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+            texts.append(r.json()["choices"][0]["text"])
+        health = httpx.get(url + "/health", timeout=5).json()
+        assert texts[0] == texts[1] and health["prompt_tokens_from_disk_cache"] >= 4   # the second hit disk
     finally:
         proc.terminate()
         proc.wait(timeout=30)

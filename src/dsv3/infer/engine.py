@@ -43,7 +43,9 @@ class Request:
 
 
 class Engine:
-    def __init__(self, model, max_batch: int = 8, max_len: int | None = None):
+    def __init__(self, model, max_batch: int = 8, max_len: int | None = None, prefix_cache=None):
+        """``prefix_cache``: a :class:`dsv3.infer.prefix_cache.PrefixCache` (on-disk latent blocks of
+        earlier prompts); a prompt starting with cached blocks skips their prefill."""
         if max_batch < 1:
             raise ValueError(f"max_batch = {max_batch}: must be >= 1")
         self.model = model.eval()
@@ -59,6 +61,9 @@ class Engine:
         self._next: list[int] = []            # per running row: the sampled token not yet fed
         self._ids = itertools.count()
         self.steps = 0                        # batched decode forwards
+        self.prefix_cache = prefix_cache
+        self.prompt_tokens = 0                # prompt tokens admitted
+        self.cached_prompt_tokens = 0         # of which read from the prefix cache instead of computed
 
     def submit(self, prompt_ids: list[int], max_new_tokens: int = 64, temperature: float = 1.0,
                top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int | None = None,
@@ -92,7 +97,7 @@ class Engine:
         while self.waiting and len(self.running) < self.max_batch:
             req = self.waiting.popleft()
             row = len(self.running)
-            logits = self.model(torch.tensor([req.prompt], device=self.device), 0, self.cache.rows(row, row + 1))
+            logits = self._prefill(req.prompt, row)
             self.running.append(req)
             self._next.append(-1)
             self._emit(row, logits[0, -1], finished)
@@ -112,6 +117,24 @@ class Engine:
             self.step()
 
     # ------------------------------------------------------------------ internals
+    def _prefill(self, prompt: list[int], row: int) -> torch.Tensor:
+        """Fill cache row ``row`` with the prompt (cached blocks from disk first); last logits [1, T, V]."""
+        start = 0
+        if self.prefix_cache is not None:         # keep ≥ 1 token to compute: its logits start decoding
+            kvs, pes = self.prefix_cache.load(prompt, max_tokens=len(prompt) - 1)
+            for kv, pe in zip(kvs, pes):
+                n = kv.shape[1]
+                self.cache.kv[:, row, start:start + n] = kv.to(self.cache.kv)
+                self.cache.pe[:, row, start:start + n] = pe.to(self.cache.pe)
+                start += n
+        tokens = torch.tensor([prompt[start:]], device=self.device)
+        logits = self.model(tokens, start, self.cache.rows(row, row + 1))
+        if self.prefix_cache is not None:
+            self.prefix_cache.store(prompt, self.cache.kv[:, row], self.cache.pe[:, row])
+        self.prompt_tokens += len(prompt)
+        self.cached_prompt_tokens += start
+        return logits
+
     def _emit(self, row: int, logits: torch.Tensor, finished: list) -> None:
         req = self.running[row]
         if req.done:

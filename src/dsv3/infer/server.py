@@ -1,6 +1,7 @@
 """``dsv3 serve``: an HTTP server over the batched engine, with OpenAI-style completions.
 
     dsv3 serve --model RUN/final [--host 127.0.0.1] [--port 8000] [--max-batch 8]
+               [--prefix-cache DIR_OR_URL [--prefix-block 64]]
 
     POST /v1/completions  {"prompt": "def ", "max_tokens": 64, "temperature": 0.8, "top_p": 0.95,
                            "top_k": 0, "seed": 0, "stream": false}
@@ -75,14 +76,14 @@ class EngineWorker:
         self._thread.join(timeout=5)
 
 
-def create_app(model, tokenizer, model_name: str = "dsv3", max_batch: int = 8):
+def create_app(model, tokenizer, model_name: str = "dsv3", max_batch: int = 8, prefix_cache=None):
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, HTTPException
     from fastapi.responses import StreamingResponse
     from pydantic import BaseModel, Field
 
-    worker = EngineWorker(Engine(model, max_batch=max_batch))
+    worker = EngineWorker(Engine(model, max_batch=max_batch, prefix_cache=prefix_cache))
 
     class CompletionRequest(BaseModel):
         prompt: str
@@ -104,7 +105,8 @@ def create_app(model, tokenizer, model_name: str = "dsv3", max_batch: int = 8):
     @app.get("/health")
     def health():
         e = worker.engine
-        return {"status": "ok", "running": len(e.running), "waiting": len(e.waiting), "steps": e.steps}
+        return {"status": "ok", "running": len(e.running), "waiting": len(e.waiting), "steps": e.steps,
+                "prompt_tokens": e.prompt_tokens, "prompt_tokens_from_disk_cache": e.cached_prompt_tokens}
 
     @app.get("/v1/models")
     def models():
@@ -165,6 +167,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together in one forward")
+    p.add_argument("--prefix-cache", default=None, metavar="DIR_OR_URL",
+                   help="keep prompt-prefix latent caches on disk (any path, mount or fsspec URL) and reuse them")
+    p.add_argument("--prefix-block", type=int, default=64, help="tokens per prefix-cache block")
     p.add_argument("--device", default="auto")
 
 
@@ -183,7 +188,11 @@ def run(args) -> int:
         raise ValueError("dsv3 serve needs fastapi and uvicorn: pip install 'dsv3[serve]'") from None
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model = load_pretrained(args.model, device=device)
+    store = None
+    if args.prefix_cache:
+        from .prefix_cache import PrefixCache
+        store = PrefixCache(args.prefix_cache, model, args.prefix_block)
     app = create_app(model, Tokenizer.from_file(tok_path), os.path.basename(os.path.normpath(args.model)),
-                     args.max_batch)
+                     args.max_batch, store)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

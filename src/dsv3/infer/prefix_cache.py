@@ -1,0 +1,111 @@
+"""An on-disk cache of MLA latent-cache blocks for repeated prompt prefixes (SPEC §3, §5: DeepSeek's
+"context caching on disk", which 3FS serves; here any local path, mount or fsspec URL).
+
+A prompt is cut into blocks of ``block_tokens``. Block k is stored under a chained hash of the model's
+fingerprint and every token up to the end of block k, so a hit on block k means the whole prefix
+matched. A file holds that block's cached latent and RoPE key for every layer: with MLA that is
+(kv_lora_rank + qk_rope_head_dim) values per token per layer — 70,272 bytes per token for DeepSeek-V3
+in BF16, which is what makes keeping attention state on disk pay.
+
+Files are written to a temporary name and renamed, so a crash never leaves half a block under a real
+name; a file that is unreadable or does not match is skipped with a warning (a miss), never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+import warnings
+
+import fsspec
+import torch
+
+
+def model_fingerprint(model) -> str:
+    """A hash of the config and of a sample of every parameter: caches of different models never mix."""
+    h = hashlib.sha256(json.dumps(model.cfg.to_hf(), sort_keys=True, default=str).encode())
+    for name, p in model.state_dict().items():
+        flat = p.detach().reshape(-1)
+        sample = flat[:: max(flat.numel() // 64, 1)][:64].to(torch.float64).cpu()
+        h.update(name.encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+class PrefixCache:
+    def __init__(self, root: str | os.PathLike, model, block_tokens: int = 64):
+        if block_tokens < 1:
+            raise ValueError(f"block_tokens = {block_tokens}: must be >= 1")
+        self.fs, self.root = fsspec.core.url_to_fs(os.fspath(root))
+        self.block = block_tokens
+        self.fingerprint = model_fingerprint(model)
+        self.dir = f"{self.root.rstrip('/')}/{self.fingerprint}"
+        self.fs.makedirs(self.dir, exist_ok=True)
+        self.hit_tokens = 0           # prompt tokens whose cache came from disk
+        self.lookup_tokens = 0        # prompt tokens looked up
+        self._damaged: set[str] = set()   # unreadable files seen by load(): store() rewrites them
+
+    def _keys(self, ids: list[int]) -> list[str]:
+        """Chained hashes of the full blocks of ``ids``."""
+        keys, h = [], hashlib.sha256(self.fingerprint.encode())
+        for k in range(len(ids) // self.block):
+            h = h.copy()
+            h.update(json.dumps(ids[k * self.block:(k + 1) * self.block]).encode())
+            keys.append(h.hexdigest())
+        return keys
+
+    def _path(self, key: str) -> str:
+        return f"{self.dir}/{key[:2]}/{key}.safetensors"
+
+    def load(self, ids: list[int], max_tokens: int | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The blocks of the longest cached prefix of ``ids`` (at most ``max_tokens`` tokens): lists of
+        kv [layers, block, r] and pe [layers, block, rope], block k covering positions k·block … (k+1)·block − 1."""
+        from safetensors.torch import load
+
+        kvs, pes = [], []
+        for key in self._keys(ids[:max_tokens]):
+            path = self._path(key)
+            try:
+                with self.fs.open(path, "rb") as f:
+                    t = load(f.read())
+                kv, pe = t["kv"], t["pe"]
+                if kv.shape[1] != self.block or pe.shape[1] != self.block or (kvs and kv.shape != kvs[0].shape):
+                    raise ValueError(f"block shapes {tuple(kv.shape)}, {tuple(pe.shape)}")
+            except FileNotFoundError:
+                break
+            except Exception as e:   # unreadable or foreign: a miss, and a warning naming the file
+                warnings.warn(f"prefix cache: skipping unreadable block {path}: {e}")
+                self._damaged.add(path)
+                break
+            kvs.append(kv)
+            pes.append(pe)
+        self.lookup_tokens += len(ids)
+        self.hit_tokens += len(kvs) * self.block
+        return kvs, pes
+
+    def store(self, ids: list[int], kv: torch.Tensor, pe: torch.Tensor) -> int:
+        """Save the full blocks of ``ids`` not yet on disk from one sequence's cache, kv
+        [layers, ≥len(ids), r] and pe [layers, ≥len(ids), rope]. Returns the number of blocks written."""
+        from safetensors.torch import save
+
+        written = 0
+        for k, key in enumerate(self._keys(ids)):
+            path = self._path(key)
+            if path not in self._damaged and self.fs.exists(path):
+                continue
+            sl = slice(k * self.block, (k + 1) * self.block)
+            data = save({"kv": kv[:, sl].contiguous().cpu(), "pe": pe[:, sl].contiguous().cpu()})
+            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            with self.fs.open(tmp, "wb") as f:
+                f.write(data)
+            self.fs.mv(tmp, path)
+            self._damaged.discard(path)
+            written += 1
+        return written
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_tokens / self.lookup_tokens if self.lookup_tokens else 0.0
