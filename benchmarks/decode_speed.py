@@ -9,7 +9,11 @@ and, for the acceptance rate under sampling, dsv3 + MTP at temperature 0.8 / top
 tokens/s, the ratios, the MTP acceptance rate and tokens per forward, and how many greedy tokens
 agree with transformers' (a correctness check: same weights must give the same text).
 
-Part 2, one MLA layer with DeepSeek-V3's head shapes (16 heads instead of 128): the time of one
+Part 2, batched throughput on the same model and prompts: all prompts at once through the dsv3
+engine (continuous batching, one forward per step for every request) against transformers'
+``generate`` on the same batch (equal prompt lengths, so no padding is needed).
+
+Part 3, one MLA layer with DeepSeek-V3's head shapes (16 heads instead of 128): the time of one
 decode step against S cached positions, naive (up-project the whole cache every step, as a model
 caching the latent but not absorbing would) vs absorbed.
 
@@ -114,6 +118,40 @@ def part1(args) -> dict:
 
 
 def part2(args) -> dict:
+    from transformers import DeepseekV3ForCausalLM
+
+    from dsv3.infer.engine import Engine
+
+    model_dir = Path(args.model)
+    ours = dsv3.load_pretrained(model_dir, dtype=torch.float32).eval()
+    hf = DeepseekV3ForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    prompts = _prompts(model_dir, args.prompts, args.prompt_len)
+    n = args.new_tokens
+    times = {"transformers": [], "dsv3 engine": []}
+    same = True
+    for rep in range(args.reps):
+        order = ["transformers", "dsv3 engine"] if rep % 2 == 0 else ["dsv3 engine", "transformers"]
+        for name in order:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                if name == "transformers":
+                    out = hf.generate(torch.tensor(prompts), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                      use_cache=True, pad_token_id=0)[:, args.prompt_len:].tolist()
+                else:
+                    eng = Engine(ours, max_batch=len(prompts))
+                    reqs = [eng.submit(p, n, temperature=0) for p in prompts]
+                    eng.run()
+                    mine = [r.output for r in reqs]
+            times[name].append(time.perf_counter() - t0)
+        same = same and sum(a == b for a, b in zip(out, mine)) >= len(prompts) // 2
+    tok_s = {k: len(prompts) * n / statistics.median(v) for k, v in times.items()}
+    print("batched: " + ", ".join(f"{k} {v:.0f} tok/s" for k, v in tok_s.items()), flush=True)
+    return {"batch": len(prompts), "new_tokens": n, "tokens_per_s": tok_s,
+            "engine_vs_transformers": tok_s["dsv3 engine"] / tok_s["transformers"],
+            "most_outputs_identical": same}
+
+
+def part3(args) -> dict:
     cfg = dsv3.ModelConfig.preset("deepseek-v3").replace(num_attention_heads=16, max_position_embeddings=65536)
     torch.manual_seed(0)
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32     # CPU GEMV is slow in bf16
@@ -146,7 +184,7 @@ def part2(args) -> dict:
 
 
 def _markdown(r: dict) -> str:
-    p1, p2 = r["part1"], r["part2"]
+    p1, pb, p2 = r["part1"], r["part2"], r["part3"]
     t = p1["tokens_per_s"]
     rows = "\n".join(f"| {k} | {t[k]:.1f} | {p1['speedup_vs_transformers'][k]:.2f}× |" for k in t)
     ctx = "\n".join(f"| {x['context']} | {x['naive_ms']:.2f} | {x['absorbed_ms']:.2f} | {x['speedup']:.1f}× |"
@@ -171,6 +209,11 @@ def _markdown(r: dict) -> str:
   {p1['greedy_tokens_agreeing_with_transformers']} (of {p1['new_tokens']}).
 - Cache per token (fp32): dsv3 {cb['dsv3 latent']:,} B (latent + RoPE key) vs transformers {cb['transformers K+V']:,} B (per-head K and V).
 
+## Batched: {pb['batch']} requests × {pb['new_tokens']} new tokens, greedy
+
+dsv3 engine {pb['tokens_per_s']['dsv3 engine']:.0f} tokens/s, transformers `generate` on the same batch
+{pb['tokens_per_s']['transformers']:.0f} tokens/s: **{pb['engine_vs_transformers']:.2f}×**.
+
 ## One decode step of an MLA layer ({p2['layer']})
 
 | cached positions | naive (ms) | absorbed (ms) | speedup |
@@ -187,6 +230,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192])
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--reps", type=int, default=3, help="repetitions of the batched comparison")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
@@ -197,7 +241,7 @@ def main() -> None:
     res = {"benchmark": "decode_speed", "date": datetime.date.today().isoformat(), "torch": torch.__version__,
            "transformers": transformers.__version__,
            "device": f"CPU ({platform.machine()}), {torch.get_num_threads()} torch threads",
-           "part1": part1(args), "part2": part2(args)}
+           "part1": part1(args), "part2": part2(args), "part3": part3(args)}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "decode_speed.json"), "w") as f:
         json.dump(res, f, indent=1)

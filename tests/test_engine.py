@@ -138,3 +138,29 @@ def test_prefix_cache_on_disk(tmp_path, one_thread):
     assert PrefixCache(tmp_path / "kv", other_model, block_tokens=8).fingerprint != store.fingerprint
     with pytest.raises(ValueError, match="block_tokens"):
         PrefixCache(tmp_path / "kv", m, block_tokens=0)
+
+
+def test_speculative_engine_matches_single_request_speculative(tmp_path, one_thread):
+    from dsv3.infer.prefix_cache import PrefixCache
+    from dsv3.infer.speculative import generate_speculative
+
+    m = _model(seed=5, vocab_size=12)                    # small vocabulary: drafts often right, sometimes not
+    g = torch.Generator().manual_seed(2)
+    shared = torch.randint(3, 12, (9,), generator=g).tolist()
+    specs = [(shared + torch.randint(3, 12, (n,), generator=g).tolist(), k, t, i)
+             for i, (n, k, t) in enumerate([(2, 14, 0.0), (5, 9, 1.0), (1, 1, 0.0), (7, 12, 0.8), (3, 11, 0.0)])]
+    refs = [generate_speculative(m, p, k, temperature=t, seed=s) for p, k, t, s in specs]
+    for store in (None, PrefixCache(tmp_path / "kv", m, block_tokens=4)):
+        for _ in range(2 if store else 1):               # with a store: the second pass hits disk
+            eng = Engine(m, max_batch=3, speculative=True, prefix_cache=store)
+            reqs = [eng.submit(p, k, temperature=t, seed=s) for p, k, t, s in specs[:3]]
+            eng.step()
+            reqs += [eng.submit(p, k, temperature=t, seed=s) for p, k, t, s in specs[3:]]
+            eng.run()
+            for r, (ref, st) in zip(reqs, refs):
+                assert r.output == ref
+            assert eng.drafted == sum(st.drafted for _, st in refs)
+            assert eng.accepted == sum(st.accepted for _, st in refs) and 0 < eng.accepted < eng.drafted
+    assert eng.cached_prompt_tokens > 0
+    with pytest.raises(ValueError, match="MTP"):
+        Engine(_model(num_nextn_predict_layers=0), speculative=True)

@@ -94,7 +94,7 @@ def test_dsv3_serve_command(model_dir, tmp_path):
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "dsv3.cli", "serve", "--model", model_dir, "--port", str(port),
-                             "--prefix-cache", str(tmp_path / "kv"), "--prefix-block", "4"],
+                             "--prefix-cache", str(tmp_path / "kv"), "--prefix-block", "4", "--speculative"],
                             env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -116,6 +116,7 @@ def test_dsv3_serve_command(model_dir, tmp_path):
             texts.append(r.json()["choices"][0]["text"])
         health = httpx.get(url + "/health", timeout=5).json()
         assert texts[0] == texts[1] and health["prompt_tokens_from_disk_cache"] >= 4   # the second hit disk
+        assert health["speculative_acceptance_rate"] is not None
     finally:
         proc.terminate()
         proc.wait(timeout=30)

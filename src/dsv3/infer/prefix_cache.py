@@ -47,31 +47,40 @@ class PrefixCache:
         self.lookup_tokens = 0        # prompt tokens looked up
         self._damaged: set[str] = set()   # unreadable files seen by load(): store() rewrites them
 
-    def _keys(self, ids: list[int]) -> list[str]:
-        """Chained hashes of the full blocks of ``ids``."""
-        keys, h = [], hashlib.sha256(self.fingerprint.encode())
-        for k in range(len(ids) // self.block):
-            h = h.copy()
-            h.update(json.dumps(ids[k * self.block:(k + 1) * self.block]).encode())
-            keys.append(h.hexdigest())
+    def _keys(self, ids: list[int], layers: int, lookahead: int = 0, max_tokens: int | None = None) -> list[str]:
+        """Chained hashes of the full blocks of ``ids`` (ending at most at ``max_tokens``) followed by
+        ``lookahead`` more tokens, which the key also covers: the MTP layers' cache at a position
+        depends on the next token too. ``layers``: the layers a block holds, so caches of different
+        shapes never mix."""
+        B, n = self.block, len(ids) if max_tokens is None else min(max_tokens, len(ids))
+        keys, h = [], hashlib.sha256(f"{self.fingerprint}/{layers}/{lookahead}".encode())
+        k = 0
+        while (k + 1) * B <= n and (k + 1) * B + lookahead <= len(ids):
+            h.update(json.dumps(ids[k * B:(k + 1) * B]).encode())
+            key = h.copy()
+            key.update(json.dumps(ids[(k + 1) * B:(k + 1) * B + lookahead]).encode())
+            keys.append(key.hexdigest())
+            k += 1
         return keys
 
     def _path(self, key: str) -> str:
         return f"{self.dir}/{key[:2]}/{key}.safetensors"
 
-    def load(self, ids: list[int], max_tokens: int | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def load(self, ids: list[int], layers: int, max_tokens: int | None = None,
+             lookahead: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The blocks of the longest cached prefix of ``ids`` (at most ``max_tokens`` tokens): lists of
         kv [layers, block, r] and pe [layers, block, rope], block k covering positions k·block … (k+1)·block − 1."""
         from safetensors.torch import load
 
         kvs, pes = [], []
-        for key in self._keys(ids[:max_tokens]):
+        for key in self._keys(ids, layers, lookahead, max_tokens):
             path = self._path(key)
             try:
                 with self.fs.open(path, "rb") as f:
                     t = load(f.read())
                 kv, pe = t["kv"], t["pe"]
-                if kv.shape[1] != self.block or pe.shape[1] != self.block or (kvs and kv.shape != kvs[0].shape):
+                if kv.shape[:2] != (layers, self.block) or pe.shape[:2] != (layers, self.block) or (
+                        kvs and kv.shape != kvs[0].shape):
                     raise ValueError(f"block shapes {tuple(kv.shape)}, {tuple(pe.shape)}")
             except FileNotFoundError:
                 break
@@ -85,13 +94,13 @@ class PrefixCache:
         self.hit_tokens += len(kvs) * self.block
         return kvs, pes
 
-    def store(self, ids: list[int], kv: torch.Tensor, pe: torch.Tensor) -> int:
+    def store(self, ids: list[int], kv: torch.Tensor, pe: torch.Tensor, lookahead: int = 0) -> int:
         """Save the full blocks of ``ids`` not yet on disk from one sequence's cache, kv
         [layers, ≥len(ids), r] and pe [layers, ≥len(ids), rope]. Returns the number of blocks written."""
         from safetensors.torch import save
 
         written = 0
-        for k, key in enumerate(self._keys(ids)):
+        for k, key in enumerate(self._keys(ids, kv.shape[0], lookahead)):
             path = self._path(key)
             if path not in self._damaged and self.fs.exists(path):
                 continue

@@ -1,7 +1,7 @@
 """``dsv3 serve``: an HTTP server over the batched engine, with OpenAI-style completions.
 
     dsv3 serve --model RUN/final [--host 127.0.0.1] [--port 8000] [--max-batch 8]
-               [--prefix-cache DIR_OR_URL [--prefix-block 64]]
+               [--prefix-cache DIR_OR_URL [--prefix-block 64]] [--speculative]
 
     POST /v1/completions  {"prompt": "def ", "max_tokens": 64, "temperature": 0.8, "top_p": 0.95,
                            "top_k": 0, "seed": 0, "stream": false}
@@ -76,14 +76,15 @@ class EngineWorker:
         self._thread.join(timeout=5)
 
 
-def create_app(model, tokenizer, model_name: str = "dsv3", max_batch: int = 8, prefix_cache=None):
+def create_app(model, tokenizer, model_name: str = "dsv3", max_batch: int = 8, prefix_cache=None,
+               speculative: bool = False):
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, HTTPException
     from fastapi.responses import StreamingResponse
     from pydantic import BaseModel, Field
 
-    worker = EngineWorker(Engine(model, max_batch=max_batch, prefix_cache=prefix_cache))
+    worker = EngineWorker(Engine(model, max_batch=max_batch, prefix_cache=prefix_cache, speculative=speculative))
 
     class CompletionRequest(BaseModel):
         prompt: str
@@ -106,7 +107,8 @@ def create_app(model, tokenizer, model_name: str = "dsv3", max_batch: int = 8, p
     def health():
         e = worker.engine
         return {"status": "ok", "running": len(e.running), "waiting": len(e.waiting), "steps": e.steps,
-                "prompt_tokens": e.prompt_tokens, "prompt_tokens_from_disk_cache": e.cached_prompt_tokens}
+                "prompt_tokens": e.prompt_tokens, "prompt_tokens_from_disk_cache": e.cached_prompt_tokens,
+                "speculative_acceptance_rate": e.acceptance_rate if e.speculative else None}
 
     @app.get("/v1/models")
     def models():
@@ -170,6 +172,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix-cache", default=None, metavar="DIR_OR_URL",
                    help="keep prompt-prefix latent caches on disk (any path, mount or fsspec URL) and reuse them")
     p.add_argument("--prefix-block", type=int, default=64, help="tokens per prefix-cache block")
+    p.add_argument("--speculative", action="store_true",
+                   help="MTP speculative decoding in the engine (same output distribution, fewer forwards)")
     p.add_argument("--device", default="auto")
 
 
@@ -193,6 +197,6 @@ def run(args) -> int:
         from .prefix_cache import PrefixCache
         store = PrefixCache(args.prefix_cache, model, args.prefix_block)
     app = create_app(model, Tokenizer.from_file(tok_path), os.path.basename(os.path.normpath(args.model)),
-                     args.max_batch, store)
+                     args.max_batch, store, args.speculative)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
