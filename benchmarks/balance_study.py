@@ -70,6 +70,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--val-fraction", type=float, default=0.1)
+    ap.add_argument("--doc-bytes", type=int, default=4096,
+                    help="cut files into ~this many bytes before the train/val split (0: whole files)")
     ap.add_argument("--runs", default=DEFAULT_RUNS, help=f"comma-separated, from {', '.join(RUNS)}")
     ap.add_argument("--workers", type=int, default=3, help="runs trained at once, one torch thread each")
     ap.add_argument("--data", default=None, help="a prepared token directory (default: prepare the builtin corpus)")
@@ -81,9 +83,10 @@ def main() -> None:
         ap.error(f"--runs: unknown run(s) {unknown or args.runs!r}; choose from {', '.join(RUNS)}")
     data = args.data
     if data is None:
-        data = os.path.join(tempfile.gettempdir(), f"dsv3-balance-study-data-val{args.val_fraction:g}")
+        data = os.path.join(tempfile.gettempdir(),
+                            f"dsv3-balance-study-data-val{args.val_fraction:g}-doc{args.doc_bytes}")
         if not os.path.exists(os.path.join(data, "index.json")):
-            prepare(None, data, vocab_size=2048, val_fraction=args.val_fraction)
+            prepare(None, data, vocab_size=2048, val_fraction=args.val_fraction, doc_bytes=args.doc_bytes or None)
     jobs = [(*RUNS[k], data, args.steps, args.batch_size, args.seq_len) for k in keys]
     with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
         finished = pool.map(run_one, jobs, chunksize=1)
@@ -93,7 +96,10 @@ def main() -> None:
     val = TokenDataset(data, "val", args.seq_len)
     res = {"benchmark": "balance_study", "date": datetime.date.today().isoformat(), "torch": torch.__version__,
            "preset": "tiny", "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
-           "val_tokens": val.num_tokens, "val_fraction": args.val_fraction, "runs": results,
+           "val_tokens": val.num_tokens, "val_fraction": args.val_fraction,
+           "doc_bytes": json.load(open(os.path.join(data, "index.json"))).get("doc_bytes"),
+           "val_documents": json.load(open(os.path.join(data, "index.json")))["splits"]["val"]["documents"],
+           "runs": results,
            "val_curves": val_curves,
            "reference": "Wang et al.: MaxVio_global 0.04 loss-free vs 0.72 (1B) / 0.52 (3B) with an aux loss"}
     os.makedirs(args.out, exist_ok=True)

@@ -240,3 +240,20 @@ def test_builtin_corpus_and_training_a_tokenizer(tmp_path):
     ds = TokenDataset(tmp_path / "b", "train", seq_len=32, tokenizer=saved)
     x, _ = ds.batch(0, 2)
     assert x.shape == (2, 32)
+
+
+def test_doc_bytes_cuts_files_into_pieces_at_line_boundaries(corpus_dir, tok, tmp_path):
+    from dsv3.data.dataset import split_document
+
+    text = "".join(f"line {i} {'é' * (i % 7)}\n" for i in range(200))
+    pieces = split_document(text, 300)
+    assert "".join(pieces) == text and len(pieces) > 5
+    assert all(p.endswith("\n") for p in pieces) and all(len(p.encode()) < 300 + 30 for p in pieces)
+    assert split_document(text, None) == [text] and split_document("short", 300) == ["short"]
+    whole = list(iter_documents(str(corpus_dir)))
+    cut = list(iter_documents(str(corpus_dir), doc_bytes=64))
+    assert "".join(cut) == "".join(whole) and len(cut) > len(whole)
+    index = prepare(str(corpus_dir), tmp_path / "cut", tok, val_fraction=0.2, doc_bytes=64, progress=False)
+    assert index["doc_bytes"] == 64 and index["splits"]["val"]["documents"] == int(len(cut) * 0.2)
+    with pytest.raises(ValueError, match="doc_bytes"):
+        prepare(str(corpus_dir), tmp_path / "bad", tok, doc_bytes=0, progress=False)

@@ -88,10 +88,14 @@ def resolve_files(source, suffixes: Sequence[str] = TEXT_SUFFIXES):
 
 
 def iter_documents(source=None, *, max_bytes: int | None = None, text_field: str = "text",
-                   suffixes: Sequence[str] = TEXT_SUFFIXES) -> Iterator[str]:
+                   suffixes: Sequence[str] = TEXT_SUFFIXES, doc_bytes: int | None = None) -> Iterator[str]:
     """Yield the documents of ``source`` in a fixed order: one per text file, one per line of a
     ``.jsonl`` file (its ``text_field``).  Stops once ``max_bytes`` of UTF-8 text were yielded
-    (default for the builtin corpus: ``BUILTIN_MAX_BYTES``).  Blank documents are skipped."""
+    (default for the builtin corpus: ``BUILTIN_MAX_BYTES``).  Blank documents are skipped.
+    ``doc_bytes``: cut longer documents at line boundaries into pieces of about that size, each a
+    document of its own (so a validation split samples every file, not a few whole files)."""
+    if doc_bytes is not None and doc_bytes <= 0:
+        raise ValueError(f"doc_bytes = {doc_bytes}: must be positive")
     if max_bytes is None and (source is None or source == BUILTIN):
         max_bytes = BUILTIN_MAX_BYTES
     total = 0
@@ -108,13 +112,29 @@ def iter_documents(source=None, *, max_bytes: int | None = None, text_field: str
                     texts.append(obj[text_field])
         else:
             texts = [raw.decode("utf-8", errors="replace")]
-        for text in texts:
+        for text in (piece for t in texts for piece in split_document(t, doc_bytes)):
             if not text.strip():
                 continue
             yield text
             total += len(text.encode("utf-8"))
             if max_bytes is not None and total >= max_bytes:
                 return
+
+
+def split_document(text: str, doc_bytes: int | None) -> list[str]:
+    """``text`` cut after a newline once a piece reaches ``doc_bytes`` (UTF-8); pieces join back to it."""
+    if doc_bytes is None or len(text.encode("utf-8")) <= doc_bytes:
+        return [text]
+    pieces, current, size = [], [], 0
+    for line in text.splitlines(keepends=True):
+        current.append(line)
+        size += len(line.encode("utf-8"))
+        if size >= doc_bytes:
+            pieces.append("".join(current))
+            current, size = [], 0
+    if current:
+        pieces.append("".join(current))
+    return pieces
 
 
 def is_val(index: int, val_fraction: float) -> bool:
@@ -174,13 +194,15 @@ def prepare(source, out_dir: str | os.PathLike, tokenizer: Tokenizer | str | Non
             vocab_size: int = 2048, val_fraction: float = 0.02, split_rate: float = 0.1,
             seed: int = 0, max_bytes: int | None = None, shard_tokens: int = 2**24,
             text_field: str = "text", suffixes: Sequence[str] = TEXT_SUFFIXES,
-            chunk_bytes: int = 2**22, progress: bool = True) -> dict:
+            chunk_bytes: int = 2**22, doc_bytes: int | None = None, progress: bool = True) -> dict:
     """Tokenise ``source`` into token shards under ``out_dir`` (local path or fsspec URL) and
     return the index (also written to ``out_dir/index.json``).
 
     ``tokenizer``: a :class:`Tokenizer`, a path to a tokenizer.json (or its directory), or None
     to train a ``vocab_size`` BPE tokenizer on the training documents first.  Documents are
-    encoded ``chunk_bytes`` at a time with the Rust tokenizer's parallel ``encode_batch``."""
+    encoded ``chunk_bytes`` at a time with the Rust tokenizer's parallel ``encode_batch``.
+    ``doc_bytes``: cut documents into pieces of about that size first (:func:`iter_documents`); the
+    train/validation split then picks pieces, so every file contributes to both."""
     from tqdm.auto import tqdm
 
     if not 0 <= val_fraction < 1:
@@ -193,7 +215,7 @@ def prepare(source, out_dir: str | os.PathLike, tokenizer: Tokenizer | str | Non
         max_bytes = BUILTIN_MAX_BYTES
     resolve_files(source, suffixes)                 # missing paths fail before any work
     docs = lambda: iter_documents(source, max_bytes=max_bytes, text_field=text_field,  # noqa: E731
-                                  suffixes=suffixes)
+                                  suffixes=suffixes, doc_bytes=doc_bytes)
     if next(iter(docs()), None) is None:
         raise ValueError(f"empty corpus: no text in {_describe(source)}")
     if tokenizer is None:
@@ -247,7 +269,7 @@ def prepare(source, out_dir: str | os.PathLike, tokenizer: Tokenizer | str | Non
     index = {"format": FORMAT, "dtype": np.dtype(dtype).name, "vocab_size": tokenizer.vocab_size,
              "tokenizer_sha256": tokenizer.fingerprint(), "bos_id": tokenizer.bos_id,
              "eos_id": tokenizer.eos_id, "source": _describe(source), "max_bytes": max_bytes,
-             "val_fraction": val_fraction, "split_rate": split_rate, "seed": seed,
+             "val_fraction": val_fraction, "doc_bytes": doc_bytes, "split_rate": split_rate, "seed": seed,
              "shard_tokens": shard_tokens, "splits": splits}
     with fs.open(f"{root}/{INDEX}", "w", encoding="utf-8") as f:   # last: marks completion
         json.dump(index, f, indent=2, ensure_ascii=False)
