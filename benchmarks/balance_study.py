@@ -76,7 +76,12 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=3, help="runs trained at once, one torch thread each")
     ap.add_argument("--data", default=None, help="a prepared token directory (default: prepare the builtin corpus)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--replot", action="store_true", help="only redraw the picture from OUT/balance_study.json")
     args = ap.parse_args()
+    if args.replot:
+        with open(os.path.join(args.out, "balance_study.json")) as f:
+            plot(json.load(f), os.path.join(args.out, "balance_study.png"))
+        return
     keys = [k.strip() for k in args.runs.split(",") if k.strip()]
     unknown = [k for k in keys if k not in RUNS]
     if unknown or not keys:
@@ -100,34 +105,42 @@ def main() -> None:
            "doc_bytes": json.load(open(os.path.join(data, "index.json"))).get("doc_bytes"),
            "val_documents": json.load(open(os.path.join(data, "index.json")))["splits"]["val"]["documents"],
            "runs": results,
-           "val_curves": val_curves,
+           "val_curves": val_curves, "batch_curves": curves,
            "reference": "Wang et al.: MaxVio_global 0.04 loss-free vs 0.72 (1B) / 0.52 (3B) with an aux loss"}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "balance_study.json"), "w") as f:
         json.dump(res, f, indent=1)
+    plot(res, os.path.join(args.out, "balance_study.png"))
+
+
+def plot(res: dict, path: str) -> None:
+    """Batch MaxVio over training, validation MaxVio at the evaluations (a 16-batch sample of the
+    split), and the final MaxVio_global over the whole split with the validation losses."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    results = res["runs"]
     fig, (a, v, b) = plt.subplots(1, 3, figsize=(18, 4.5))
-    for name, pts in curves.items():
+    for name, pts in res["batch_curves"].items():
         a.plot([s for s, _ in pts], [x for _, x in pts], lw=0.6, alpha=0.8, label=name)
     a.set_xlabel("step"), a.set_ylabel("batch MaxVio (mean over MoE layers)"), a.set_yscale("log"), a.legend()
-    for name, pts in val_curves.items():
+    for name, pts in res["val_curves"].items():
         v.plot([s for s, _, _ in pts], [x for _, x, _ in pts], marker="o", ms=3, label=name)
-    v.axhline(0.1, color="k", ls=":", lw=1, label="target 0.1")
-    v.set_xlabel("step"), v.set_ylabel("validation MaxVio (first 16 batches)"), v.set_yscale("log"), v.legend()
+    v.set_xlabel("step"), v.set_ylabel("validation MaxVio, 16-batch sample (65K tokens)"), v.set_yscale("log")
+    v.legend()
     names = list(results)
     b.bar(names, [results[n]["val_max_vio_global"] for n in names], color=[f"C{i}" for i in range(len(names))])
     for i, n in enumerate(names):
         b.text(i, results[n]["val_max_vio_global"], f"{results[n]['val_max_vio_global']:.3f}\nval loss {results[n]['val_loss']:.3f}",
                ha="center", va="bottom", fontsize=8)
+    b.axhline(0.1, color="k", ls=":", lw=1, label="target for loss-free: 0.1")
+    b.legend(fontsize=8)
     b.tick_params(axis="x", labelsize=8)
-    b.set_ylabel(f"validation MaxVio_global ({val.num_tokens / 1e3:.0f}K tokens)")
+    b.set_ylabel(f"validation MaxVio_global, whole split ({res['val_tokens'] / 1e3:.0f}K tokens)")
     fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "balance_study.png"), dpi=110)
-
+    fig.savefig(path, dpi=110)
 
 if __name__ == "__main__":
     main()
