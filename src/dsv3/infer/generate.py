@@ -89,22 +89,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="draft with the MTP module and verify two tokens per forward (same output distribution)")
 
 
-def run(args) -> int:
+def load_model_dir(path: str, device: str = "auto"):
+    """(model, tokenizer) from a model directory in the HF layout with its tokenizer.json; clear
+    errors for a missing directory or tokenizer. ``device`` "auto": CUDA when there is one."""
     from ..data import Tokenizer
     from ..hf import load_pretrained
 
-    if not os.path.isdir(args.model):
-        raise FileNotFoundError(f"model directory not found: {args.model}")
-    tok_path = os.path.join(args.model, "tokenizer.json")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model directory not found: {path}")
+    tok_path = os.path.join(path, "tokenizer.json")
     if not os.path.exists(tok_path):
-        raise FileNotFoundError(f"{args.model} has no tokenizer.json")
+        raise FileNotFoundError(f"{path} has no tokenizer.json")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    return load_pretrained(path, device=device), Tokenizer.from_file(tok_path)
+
+
+def run(args) -> int:
     if args.max_new_tokens <= 0:
         raise ValueError("--max-new-tokens must be positive")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    model = load_pretrained(args.model, device=device)
+    model, tokenizer = load_model_dir(args.model, args.device)
     if args.speculative and not len(model.mtp):
         raise ValueError(f"--speculative: {args.model} has no MTP module (num_nextn_predict_layers = 0)")
-    tokenizer = Tokenizer.from_file(tok_path)
     stats: dict = {}
     generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
                   args.top_p, args.seed, stream=sys.stdout, speculative=args.speculative, stats=stats)

@@ -22,8 +22,6 @@ import threading
 import time
 import uuid
 
-import torch
-
 from .engine import Engine
 
 
@@ -178,25 +176,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from ..data import Tokenizer
-    from ..hf import load_pretrained
+    from .generate import load_model_dir
 
-    if not os.path.isdir(args.model):
-        raise FileNotFoundError(f"model directory not found: {args.model}")
-    tok_path = os.path.join(args.model, "tokenizer.json")
-    if not os.path.exists(tok_path):
-        raise FileNotFoundError(f"{args.model} has no tokenizer.json")
     try:
         import uvicorn
     except ImportError:
         raise ValueError("dsv3 serve needs fastapi and uvicorn: pip install 'dsv3[serve]'") from None
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    model = load_pretrained(args.model, device=device)
+    model, tokenizer = load_model_dir(args.model, args.device)
     store = None
     if args.prefix_cache:
         from .prefix_cache import PrefixCache
         store = PrefixCache(args.prefix_cache, model, args.prefix_block)
-    app = create_app(model, Tokenizer.from_file(tok_path), os.path.basename(os.path.normpath(args.model)),
-                     args.max_batch, store, args.speculative)
+    app = create_app(model, tokenizer, os.path.basename(os.path.normpath(args.model)), args.max_batch, store,
+                     args.speculative)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
