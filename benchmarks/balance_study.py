@@ -76,11 +76,11 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=3, help="runs trained at once, one torch thread each")
     ap.add_argument("--data", default=None, help="a prepared token directory (default: prepare the builtin corpus)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    ap.add_argument("--replot", action="store_true", help="only redraw the picture from OUT/balance_study.json")
+    ap.add_argument("--replot", action="store_true", help="only rewrite the .md and .png from OUT/balance_study.json")
     args = ap.parse_args()
     if args.replot:
         with open(os.path.join(args.out, "balance_study.json")) as f:
-            plot(json.load(f), os.path.join(args.out, "balance_study.png"))
+            write(json.load(f), args.out)
         return
     keys = [k.strip() for k in args.runs.split(",") if k.strip()]
     unknown = [k for k in keys if k not in RUNS]
@@ -108,9 +108,36 @@ def main() -> None:
            "val_curves": val_curves, "batch_curves": curves,
            "reference": "Wang et al.: MaxVio_global 0.04 loss-free vs 0.72 (1B) / 0.52 (3B) with an aux loss"}
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "balance_study.json"), "w") as f:
-        json.dump(res, f, indent=1)
-    plot(res, os.path.join(args.out, "balance_study.png"))
+    write(res, args.out)
+
+
+def write(res: dict, out: str) -> None:
+    """balance_study.json (the curves compact, four decimals), .md (the table) and .png."""
+    res = dict(res, batch_curves={k: [(s, round(v, 4)) for s, v in c] for k, c in res["batch_curves"].items()})
+    text = json.dumps({k: v for k, v in res.items() if k != "batch_curves"}, indent=1)
+    with open(os.path.join(out, "balance_study.json"), "w") as f:      # one line per curve
+        f.write(text[:-2] + ',\n "batch_curves": {\n' + ",\n".join(
+            f"  {json.dumps(k)}: {json.dumps(c)}" for k, c in res["batch_curves"].items()) + "\n }\n}\n")
+    rows = "\n".join(f"| {name} | {r['val_max_vio_global']:.3f} | "
+                      + " / ".join(f"{x:.3f}" for x in r["val_max_vio_per_layer"])
+                      + f" | {r['val_loss']:.4f} | {r['train_max_vio_last100']:.3f} |" for name, r in res["runs"].items())
+    with open(os.path.join(out, "balance_study.md"), "w") as f:
+        f.write(f"""# Load-balancing study (benchmarks/balance_study.py)
+
+{res['date']}, torch {res['torch']}; preset `{res['preset']}`, {res['steps']} steps of {res['batch_size']} × {res['seq_len']}
+tokens, same seed and data. Validation split: {res['val_tokens']:,} tokens in {res['val_documents']} pieces
+(val_fraction {res['val_fraction']}, files cut into {res['doc_bytes']}-byte pieces first). MaxVio_global: loads
+summed over the whole split, then the mean over the MoE layers (MTP included).
+
+| run | validation MaxVio_global | per layer | validation loss | batch MaxVio, last 100 steps |
+|---|---|---|---|---|
+{rows}
+
+Reference: {res['reference']}.
+
+![balance study](balance_study.png)
+""")
+    plot(res, os.path.join(out, "balance_study.png"))
 
 
 def plot(res: dict, path: str) -> None:
