@@ -1,7 +1,7 @@
 """A batched decoding engine: many requests share one latent cache and one forward per step.
 
 Continuous batching: a request joins as soon as a slot is free (its prompt is prefilled into its own
-cache row), every step decodes one token for all running requests in a single forward, each row at
+cache row; requests admitted together are prefilled in one padded forward), every step decodes one token for all running requests in a single forward, each row at
 its own position (absorbed MLA with a per-row mask), and a finished request frees its slot at once.
 Running requests always occupy cache rows 0 … n−1: when one finishes, the last row moves into its
 place, so the batched forward runs on a contiguous view of exactly n rows.
@@ -108,12 +108,17 @@ class Engine:
     def step(self) -> list[Request]:
         """Admit waiting requests into free slots (prefill), then decode every running request in one
         batched forward. Returns the requests that finished during this step."""
-        finished = []
+        finished, new = [], []
         while self.waiting and len(self.running) < self.max_batch:
             self.running.append(self.waiting.popleft())
             self._next.append(-1)
             self._draft.append(None)
-            self._admit(len(self.running) - 1, finished)
+            new.append(len(self.running) - 1)
+        if len(new) > 1 and self.prefix_cache is None:     # with a prefix cache, rows start at different places
+            self._admit_together(new, finished)
+        else:
+            for row in new:
+                self._admit(row, finished)
         self._compact()
         if self.running:
             (self._speculative_step if self.speculative else self._plain_step)(finished)
@@ -145,6 +150,31 @@ class Engine:
         self._emit(row, t, finished)
         if not req.done:
             self._set_draft(row, mtp_logits[:, -1])
+
+    def _admit_together(self, rows: list[int], finished: list) -> None:
+        """Prefill several new requests (contiguous rows) in one forward, right-padded to the longest
+        prompt: causal attention keeps the padding out of every real position, and the cache entries it
+        leaves beyond a prompt are overwritten by that row's own tokens before they are ever read."""
+        reqs = [self.running[r] for r in rows]
+        lens = [len(q.prompt) for q in reqs]
+        T, n = max(lens), len(rows)
+        view = self.cache.rows(rows[0], rows[0] + n)
+        tokens = torch.tensor([q.prompt + [0] * (T - len(q.prompt)) for q in reqs], device=self.device)
+        logits, h = self.model.forward_hidden(tokens, 0, view)
+        self.prompt_tokens += sum(lens)
+        last = logits[torch.arange(n, device=self.device), torch.tensor(lens, device=self.device) - 1]   # [n, V]
+        if not self.speculative:
+            for i, row in enumerate(rows):
+                self._emit(row, self._sample_plain(reqs[i], last[i]), finished)
+            return
+        ts = [int(sample(probabilities(last[i:i + 1], q.params), q._gen)) for i, q in enumerate(reqs)]
+        nxt = torch.tensor([q.prompt[1:] + [t] + [0] * (T - len(q.prompt)) for q, t in zip(reqs, ts)],
+                           device=self.device)
+        mtp_logits, _ = self.model.forward_mtp(h, nxt, 0, view)
+        for i, row in enumerate(rows):
+            self._emit(row, ts[i], finished)
+            if not reqs[i].done:
+                self._set_draft(row, mtp_logits[i:i + 1, lens[i] - 1])
 
     def _store_prefix(self, prompt: list[int], row: int) -> None:
         """Blocks of a speculative engine hold the MTP layers too, whose entry at a position depends on
