@@ -13,11 +13,16 @@ A directory holds ``config.json`` and one ``model.safetensors`` or shards listed
 
 Our modules store the routed experts stacked (``w13`` = gate ‖ up, ``w2`` = down) for the grouped
 GEMM; this file is the one place that maps between the two layouts. FP8 checkpoints (E4M3 weights
-with a float32 ``weight_scale_inv`` per 128×128 block) are dequantised on load.
+with a float32 ``weight_scale_inv`` per 128×128 block) are dequantised on load, or — with
+``load_pretrained(..., fp8="keep")`` — kept in E4M3 and executed by the block-scaled FP8 GEMM
+(:mod:`dsv3.fp8.inference`): the quantised Linears become ``FP8InferenceLinear`` and the routed
+experts ``FP8InferenceExperts``; ``kv_b_proj`` is still dequantised (absorbed MLA reads its
+weight as a matrix), and embedding, norms, gate and head are as stored (never FP8 in the release).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -38,6 +43,8 @@ def _hf_names(model: nn.Module) -> Iterator[tuple[str, str, int | None, str | No
     cfg: ModelConfig = model.cfg
     L = cfg.num_hidden_layers
     for key in model.state_dict():
+        if key.endswith("_scale_inv"):       # FP8 scales of kept weights: see hf_state_dict
+            continue
         if key.startswith("mtp."):
             k, rest = key[4:].split(".", 1)
             prefix, rest = f"model.layers.{L + int(k)}.", rest
@@ -94,7 +101,7 @@ class _TensorSource:
     def keys(self) -> set[str]:
         return set(self.weight_map)
 
-    def get(self, name: str) -> torch.Tensor:
+    def _handle(self, name: str):
         fn = self.weight_map[name]
         if fn not in self._open:
             full = os.path.join(self.path, fn)
@@ -105,7 +112,14 @@ class _TensorSource:
         handle, names = self._open[fn]
         if name not in names:
             raise ValueError(f"{_INDEX} places {name} in {fn}, which does not hold it (missing tensor)")
-        return handle.get_tensor(name)
+        return handle
+
+    def dtype(self, name: str) -> str:
+        """The stored dtype's safetensors name ("F8_E4M3", "BF16", …) without reading the tensor."""
+        return self._handle(name).get_slice(name).get_dtype()
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._handle(name).get_tensor(name)
 
 
 def _read(src: _TensorSource, name: str, dtype: torch.dtype) -> torch.Tensor:
@@ -120,8 +134,54 @@ def _read(src: _TensorSource, name: str, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype)
 
 
-def load_pretrained(path: str | os.PathLike, device=None, dtype: torch.dtype | None = None) -> nn.Module:
+FP8_MODES = ("auto", "keep", "dequant")
+
+
+def _is_fp8_config(qcfg) -> bool:
+    return isinstance(qcfg, dict) and qcfg.get("quant_method") == "fp8"
+
+
+def _scale_name(hf: str) -> str:
+    return hf[: -len("weight")] + "weight_scale_inv"
+
+
+def _fp8_keep_plan(model: nn.Module, plan, src: _TensorSource) -> dict[str, nn.Module]:
+    """{module path: module} of the Linears / grouped experts whose checkpoint tensors are all E4M3
+    with their scales, and that can run in FP8: not kv_b_proj (absorbed MLA reads its weight as a
+    matrix), not the head, embedding, gate or norms (plain nn.Linear and GroupedExperts only)."""
+    from .model.moe import GroupedExperts
+
+    hf_of: dict[str, list[str]] = {}
+    for key, hf, _, _ in plan:
+        hf_of.setdefault(key, []).append(hf)
+    available = src.keys()
+
+    def stored_fp8(key: str) -> bool:
+        names = hf_of.get(key)
+        return bool(names) and all(hf in available and _scale_name(hf) in available
+                                   and src.dtype(hf) == "F8_E4M3" for hf in names)
+
+    out: dict[str, nn.Module] = {}
+    for path, m in model.named_modules():
+        if type(m) is nn.Linear and m.bias is None and "." in path:
+            if path.rsplit(".", 1)[1] not in ("kv_b_proj", "lm_head") and stored_fp8(path + ".weight"):
+                out[path] = m
+        elif isinstance(m, GroupedExperts) and stored_fp8(path + ".w13") and stored_fp8(path + ".w2"):
+            out[path] = m
+    return out
+
+
+def load_pretrained(path: str | os.PathLike, device=None, dtype: torch.dtype | None = None,
+                    fp8: str = "dequant") -> nn.Module:
     """Load an HF-layout DeepSeek-V3-family checkpoint (BF16/FP32, or FP8 + weight_scale_inv).
+
+    ``fp8`` — what to do with E4M3 weights: "dequant" (default) multiplies them out into `dtype`;
+    "keep" keeps them in E4M3 with their 128×128 ``weight_scale_inv`` and runs those Linears and
+    routed experts through the block-scaled FP8 GEMM (activations quantised 1×128 on the fly; about
+    half the weight memory of BF16; :mod:`dsv3.fp8.inference`, inference only); "auto" is "keep"
+    for a checkpoint whose config.json has an FP8 ``quantization_config``, else "dequant". A
+    checkpoint without E4M3 tensors loads the same under every mode. Everything that is not kept
+    in FP8 is loaded in `dtype` (default float32).
 
     The MTP layers are loaded when present; when *all* of them are absent (a checkpoint written by
     ``transformers``, which has no MTP), the model is built without MTP. Any other missing or
@@ -129,9 +189,18 @@ def load_pretrained(path: str | os.PathLike, device=None, dtype: torch.dtype | N
     """
     from .model import Transformer
 
+    if fp8 not in FP8_MODES:
+        raise ValueError(f"fp8 = {fp8!r}: expected one of {', '.join(FP8_MODES)}")
     path = os.fspath(path)
     cfg = ModelConfig.from_hf(path)
-    cfg.quantization_config = None  # weights are dequantised into `dtype`
+    qcfg = cfg.quantization_config
+    keep = fp8 == "keep" or (fp8 == "auto" and _is_fp8_config(qcfg))
+    if keep and qcfg is not None and list(qcfg.get("weight_block_size", [128, 128])) != [128, 128]:
+        if fp8 == "keep":
+            raise ValueError(f"fp8='keep' needs 128x128 weight blocks; {path} has "
+                             f"weight_block_size {qcfg.get('weight_block_size')}")
+        keep = False
+    cfg.quantization_config = None  # set again below when weights stay quantised
     src = _TensorSource(path)
     available = src.keys()
     L = cfg.num_hidden_layers
@@ -160,11 +229,30 @@ def load_pretrained(path: str | os.PathLike, device=None, dtype: torch.dtype | N
                        + (" …" if len(unexpected) > 20 else ""))
         raise ValueError("\n".join(msg))
 
+    kept = _fp8_keep_plan(model, plan, src) if keep else {}
+    if kept:
+        from .fp8.inference import FP8InferenceExperts, FP8InferenceLinear
+        from .fp8.quant import FP8_DTYPE
+
+        for mpath, m in kept.items():
+            parent, name = mpath.rsplit(".", 1)
+            new = (FP8InferenceLinear(m.in_features, m.out_features, device="meta") if isinstance(m, nn.Linear)
+                   else FP8InferenceExperts(m.num_experts, m.dim, m.inter, device="meta"))
+            setattr(model.get_submodule(parent), name, new)
+        model.cfg.quantization_config = copy.deepcopy(qcfg) or {
+            "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
+    kept_keys = {p + ".weight" for p, m in kept.items() if isinstance(m, nn.Linear)}
+    kept_keys |= {p + s for p, m in kept.items() if not isinstance(m, nn.Linear) for s in (".w13", ".w2")}
+
     state = {}
     shapes = {k: v for k, v in model.state_dict().items()}
+    inter = cfg.moe_intermediate_size
     for key, hf, e, part in plan:
         if hf not in available:  # optional bias of a V2-style gate
             state[key] = torch.zeros(shapes[key].shape, dtype=torch.float32)
+            continue
+        if key in kept_keys:
+            _read_fp8_into(state, shapes, src, key, hf, e, part, inter, FP8_DTYPE)
             continue
         keep_fp32 = key.endswith("e_score_correction_bias")
         t = _read(src, hf, torch.float32 if keep_fp32 else dtype)
@@ -177,7 +265,6 @@ def load_pretrained(path: str | os.PathLike, device=None, dtype: torch.dtype | N
         full = state.get(key)
         if full is None:
             full = state[key] = torch.empty(shapes[key].shape, dtype=dtype)
-        inter = cfg.moe_intermediate_size
         target = {"gate_proj": full[e, :inter], "up_proj": full[e, inter:], "down_proj": full[e]}[part]
         if tuple(t.shape) != tuple(target.shape):
             raise ValueError(f"{hf}: shape {tuple(t.shape)}, expected {tuple(target.shape)}")
@@ -187,17 +274,62 @@ def load_pretrained(path: str | os.PathLike, device=None, dtype: torch.dtype | N
     model = model.to_empty(device=device or "cpu")
     if cfg.tie_word_embeddings:  # to_empty() gives every module its own tensor: tie them again
         model.lm_head.weight = model.embed_tokens.weight
-    for p in model.parameters():  # weights in `dtype`; buffers (the fp32 selection bias) keep theirs
-        p.data = p.data.to(dtype)
+    for p in model.parameters():  # weights in `dtype` (kept FP8 ones stay); buffers keep theirs
+        if p.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+            p.data = p.data.to(dtype)
     model.load_state_dict(state, strict=True, assign=False)
     model._freqs = torch.empty(0, dtype=torch.complex64)
     return model
 
 
+def _read_fp8_into(state, shapes, src, key, hf, e, part, inter, fp8_dtype) -> None:
+    """Put the E4M3 tensor `hf` and its scales into `state[key]` / `state[key + "_scale_inv"]`
+    (for a stacked expert weight: into expert `e`'s rows of them)."""
+    from .fp8.inference import expand_block_scales
+    from .fp8.quant import BLOCK, _cdiv
+
+    q, s = src.get(hf), src.get(_scale_name(hf)).float()
+    n, k = q.shape if q.dim() == 2 else (None, None)
+    if q.dim() != 2 or tuple(s.shape) != (_cdiv(n, BLOCK), _cdiv(k, BLOCK)):
+        raise ValueError(f"{hf}: shape {tuple(q.shape)} with {_scale_name(hf)} {tuple(s.shape)}; "
+                         f"expected a 2-D weight and [ceil(N/{BLOCK}), ceil(K/{BLOCK})] scales")
+    skey = key + "_scale_inv"
+    if e is None:
+        if tuple(q.shape) != tuple(shapes[key].shape):
+            raise ValueError(f"{hf}: shape {tuple(q.shape)} in the checkpoint, "
+                             f"{tuple(shapes[key].shape)} expected from config.json")
+        state[key], state[skey] = q, s
+        return
+    full = state.get(key)
+    if full is None:
+        full = state[key] = torch.empty(shapes[key].shape, dtype=fp8_dtype)
+        state[skey] = torch.empty(shapes[skey].shape, dtype=torch.float32)
+    fs = state[skey]
+    target = {"gate_proj": full[e, :inter], "up_proj": full[e, inter:], "down_proj": full[e]}[part]
+    if tuple(q.shape) != tuple(target.shape):
+        raise ValueError(f"{hf}: shape {tuple(q.shape)}, expected {tuple(target.shape)}")
+    target.copy_(q)
+    if part == "down_proj":
+        fs[e].copy_(s)
+        return
+    rows = s if fs.shape[1] != 2 * inter else expand_block_scales(s, inter)   # row scales when I % 128
+    r = rows.shape[0]
+    (fs[e, :r] if part == "gate_proj" else fs[e, r:]).copy_(rows)
+
+
 # ---------------------------------------------------------------------------------- writing
 def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's tensors under their HF names (per-expert, MTP at index num_hidden_layers)."""
+    """The model's tensors under their HF names (per-expert, MTP at index num_hidden_layers).
+    Weights kept in FP8 (``load_pretrained(..., fp8="keep")``) come out dequantised, in the
+    dtype of the model's embedding."""
     sd = model.state_dict()
+    fp8_keys = [k for k, v in sd.items() if v.dtype == torch.float8_e4m3fn and k + "_scale_inv" in sd]
+    if fp8_keys:
+        from .fp8.inference import dequantize_fp8
+
+        dtype = model.embed_tokens.weight.dtype
+        for k in fp8_keys:
+            sd[k] = dequantize_fp8(sd[k], sd.pop(k + "_scale_inv"), dtype=dtype)
     out: dict[str, torch.Tensor] = {}
     inter = model.cfg.moe_intermediate_size
     for key, hf, e, part in _hf_names(model):

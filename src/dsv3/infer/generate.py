@@ -87,27 +87,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--speculative", action="store_true",
                    help="draft with the MTP module and verify two tokens per forward (same output distribution)")
+    add_fp8_argument(p)
 
 
-def load_model_dir(path: str, device: str = "auto"):
+def add_fp8_argument(p: argparse.ArgumentParser) -> None:
+    """``--fp8 {auto,keep,dequant}`` (generate and serve)."""
+    p.add_argument("--fp8", default="auto", choices=("auto", "keep", "dequant"),
+                   help="FP8 checkpoints: keep the E4M3 weights and run FP8 GEMMs (keep; what auto does for "
+                        "a checkpoint with an FP8 quantization_config) or dequantise them at load (dequant)")
+
+
+def load_model_dir(path: str, device: str = "auto", fp8: str = "auto"):
     """(model, tokenizer) from a model directory in the HF layout with its tokenizer.json; clear
-    errors for a missing directory or tokenizer. ``device`` "auto": CUDA when there is one."""
+    errors for a missing directory or tokenizer. ``device`` "auto": CUDA when there is one.
+    ``fp8`` (--fp8): "auto" keeps an FP8 checkpoint's E4M3 weights and runs them through the FP8
+    GEMMs, "keep" the same, "dequant" dequantises them at load (see :func:`dsv3.hf.load_pretrained`)."""
     from ..data import Tokenizer
-    from ..hf import load_pretrained
+    from ..hf import FP8_MODES, load_pretrained
 
+    if fp8 not in FP8_MODES:
+        raise ValueError(f"--fp8 {fp8!r}: expected one of {', '.join(FP8_MODES)}")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model directory not found: {path}")
     tok_path = os.path.join(path, "tokenizer.json")
     if not os.path.exists(tok_path):
         raise FileNotFoundError(f"{path} has no tokenizer.json")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    return load_pretrained(path, device=device), Tokenizer.from_file(tok_path)
+    return load_pretrained(path, device=device, fp8=fp8), Tokenizer.from_file(tok_path)
 
 
 def run(args) -> int:
     if args.max_new_tokens <= 0:
         raise ValueError("--max-new-tokens must be positive")
-    model, tokenizer = load_model_dir(args.model, args.device)
+    model, tokenizer = load_model_dir(args.model, args.device, getattr(args, "fp8", "auto"))
     if args.speculative and not len(model.mtp):
         raise ValueError(f"--speculative: {args.model} has no MTP module (num_nextn_predict_layers = 0)")
     stats: dict = {}
