@@ -121,6 +121,7 @@ def part2(args) -> dict:
     from transformers import DeepseekV3ForCausalLM
 
     from dsv3.infer.engine import Engine
+    from dsv3.infer.sampling import SamplingParams
 
     model_dir = Path(args.model)
     ours = dsv3.load_pretrained(model_dir, dtype=torch.float32).eval()
@@ -139,7 +140,7 @@ def part2(args) -> dict:
                                       use_cache=True, pad_token_id=0)[:, args.prompt_len:].tolist()
                 else:
                     eng = Engine(ours, max_batch=len(prompts))
-                    reqs = [eng.submit(p, n, temperature=0) for p in prompts]
+                    reqs = [eng.submit(p, n, SamplingParams(0.0)) for p in prompts]
                     eng.run()
                     mine = [r.output for r in reqs]
             times[name].append(time.perf_counter() - t0)

@@ -30,6 +30,7 @@ import torch
 
 import dsv3
 from dsv3.infer.engine import Engine
+from dsv3.infer.sampling import SamplingParams
 from dsv3.infer.prefix_cache import PrefixCache
 
 ROOT = Path(__file__).resolve().parent
@@ -61,11 +62,12 @@ def main() -> None:
 
     def serve(store):
         ttft, outputs = [], []
-        eng = Engine(model, max_batch=1, prefix_cache=store)
+        eng = Engine(model, max_batch=1, prefix_cache=store, block_size=args.block)
         for p in prompts:
             t0 = time.perf_counter()
-            req = eng.submit(p, args.new_tokens, temperature=0)
-            eng.step()                                 # admission = prefill + first token
+            req = eng.submit(p, args.new_tokens, SamplingParams(0.0))
+            while not req.output:                      # admission, prefill chunks, first token
+                eng.step()
             ttft.append(time.perf_counter() - t0)
             eng.run()
             outputs.append(req.output)

@@ -1,13 +1,16 @@
-"""The batched engine: per-row positions in one forward, continuous batching, equality with
-single-request generation (greedy and sampled), limits and bad input."""
+"""The batched engine over the paged latent cache: per-row positions in one forward, continuous
+batching, equality with single-request generation (greedy and sampled) through block boundaries,
+prefix sharing, preemption and chunked prefill; limits, memory and bad input."""
 
+import math
 import os
 
 import pytest
 import torch
 
 from dsv3 import Transformer
-from dsv3.infer.engine import Engine
+from dsv3.infer.engine import ContextOverflow, Engine
+from dsv3.infer.sampling import SamplingParams
 from dsv3.infer.generate import generate
 from helpers import small_config
 
@@ -46,13 +49,13 @@ def test_engine_matches_single_request_generation(one_thread):
              for i, (n, k, t, tp) in enumerate([(5, 12, 0.0, 1.0), (9, 7, 1.0, 0.9), (2, 15, 0.7, 1.0),
                                                 (13, 1, 0.0, 1.0), (4, 10, 1.0, 1.0), (7, 9, 0.0, 1.0)])]
     eng = Engine(m, max_batch=3, max_len=40)
-    reqs = [eng.submit(s["prompt"], s["max_new_tokens"], s["temperature"], top_p=s["top_p"], seed=s["seed"])
-            for s in specs[:4]]
+    reqs = [eng.submit(s["prompt"], s["max_new_tokens"], SamplingParams(s["temperature"], top_p=s["top_p"]),
+                       seed=s["seed"]) for s in specs[:4]]
     for _ in range(3):                                            # the rest arrive while others run
         eng.step()
     assert len(eng.running) <= 3
-    reqs += [eng.submit(s["prompt"], s["max_new_tokens"], s["temperature"], top_p=s["top_p"], seed=s["seed"])
-             for s in specs[4:]]
+    reqs += [eng.submit(s["prompt"], s["max_new_tokens"], SamplingParams(s["temperature"], top_p=s["top_p"]),
+                        seed=s["seed"]) for s in specs[4:]]
     eng.run()
     for r, s in zip(reqs, specs):
         ref = generate(m, s["prompt"], s["max_new_tokens"], s["temperature"], top_p=s["top_p"], seed=s["seed"])
@@ -60,18 +63,23 @@ def test_engine_matches_single_request_generation(one_thread):
     assert eng.idle and eng.steps < sum(s["max_new_tokens"] for s in specs)   # rows shared forwards
 
 
-def test_engine_eos_position_limit_and_streaming(one_thread):
+GREEDY = SamplingParams(0.0)
+
+
+def test_engine_stop_tokens_position_limit_and_streaming(one_thread):
     m = _model(seed=2, max_position_embeddings=24)
     prompt = [5, 6, 7, 8]
     plain = generate(m, prompt, 100, temperature=0)
     assert len(plain) == 20                                       # capped by max_position_embeddings
-    eng = Engine(m, max_batch=2)
+    eng = Engine(m, max_batch=2, block_size=4)
     seen = []
-    a = eng.submit(prompt, 100, temperature=0, on_token=seen.append)
-    b = eng.submit(prompt, 100, temperature=0, eos_id=plain[5])
+    a = eng.submit(prompt, 20, GREEDY, on_token=lambda r: seen.append(r.output[-1]))
+    b = eng.submit(prompt, 20, GREEDY, stop_ids={plain[5]})
     eng.run()
     assert a.output == plain == seen and a.finish_reason == "length"
-    assert b.output == plain[:plain.index(plain[5]) + 1] and b.finish_reason == "eos"
+    assert b.output == plain[:plain.index(plain[5]) + 1] and b.finish_reason == "stop"
+    with pytest.raises(ContextOverflow, match="context holds 24"):
+        eng.submit(prompt, 21)
 
 
 def test_engine_bad_input():
@@ -83,14 +91,21 @@ def test_engine_bad_input():
     eng = Engine(m, max_batch=2, max_len=16)
     with pytest.raises(ValueError, match="no tokens"):
         eng.submit([])
-    with pytest.raises(ValueError, match="16 positions"):
-        eng.submit(list(range(16)))
+    with pytest.raises(ContextOverflow, match="16"):
+        eng.submit(list(range(16)), 1)
     with pytest.raises(ValueError, match="token ids"):
         eng.submit([3, 97])
     with pytest.raises(ValueError, match="max_new_tokens"):
         eng.submit([3], 0)
-    with pytest.raises(ValueError, match="top_p"):
-        eng.submit([3], 4, top_p=0.0)
+    with pytest.raises(ValueError, match="logprobs"):
+        eng.submit([3], 2, logprobs=-1)
+    for bad, field in [(dict(top_p=0.0), "top_p"), (dict(temperature=float("nan")), "temperature"),
+                       (dict(presence_penalty=3.0), "presence_penalty"), (dict(logit_bias={5: 1e9}), "logit_bias"),
+                       (dict(temperature=float("inf")), "temperature")]:
+        with pytest.raises(ValueError, match=field):
+            SamplingParams(**bad)
+    with pytest.raises(ValueError, match="cache_memory"):
+        Engine(m, cache_memory=10)
     assert eng.idle
 
 
@@ -106,30 +121,31 @@ def test_prefix_cache_on_disk(tmp_path, one_thread):
     refs = [generate(m, p, 6, temperature=0) for p in prompts]
 
     store = PrefixCache(tmp_path / "kv", m, block_tokens=8)
-    eng = Engine(m, max_batch=2, prefix_cache=store)
-    first = eng.submit(prompts[0], 6, temperature=0)
+    eng = Engine(m, max_batch=2, prefix_cache=store, block_size=8)
+    first = eng.submit(prompts[0], 6, GREEDY)
     eng.run()
     assert first.output == refs[0] and eng.cached_prompt_tokens == 0
     files = glob.glob(str(tmp_path / "kv" / "*" / "*" / "*.safetensors"))
     assert len(files) == 3 and not glob.glob(str(tmp_path / "kv" / "**" / "*.tmp-*"), recursive=True)
 
-    eng = Engine(m, max_batch=2, prefix_cache=PrefixCache(tmp_path / "kv", m, block_tokens=8))
-    again, other = eng.submit(prompts[0], 6, temperature=0), eng.submit(prompts[1], 6, temperature=0)
+    eng = Engine(m, max_batch=2, prefix_cache=PrefixCache(tmp_path / "kv", m, block_tokens=8), block_size=8)
+    again, other = eng.submit(prompts[0], 6, GREEDY), eng.submit(prompts[1], 6, GREEDY)
     eng.run()
     assert again.output == refs[0] and other.output == refs[1]
-    assert eng.cached_prompt_tokens == 16 + 16                # prompt 0 keeps its last token to compute
+    # prompt 0's 2 blocks from disk; prompt 1 shares them in memory (admitted together: after prompt 0's prefill)
+    assert again.cached_tokens == 16 and eng.cached_prompt_tokens >= 16
 
     # a damaged block is a miss with a warning, never wrong output
     newest = sorted(files, key=lambda f: os.path.getmtime(f))[0]
     with open(newest, "r+b") as f:
         f.truncate(20)
-    eng = Engine(m, prefix_cache=PrefixCache(tmp_path / "kv", m, block_tokens=8))
+    eng = Engine(m, prefix_cache=PrefixCache(tmp_path / "kv", m, block_tokens=8), block_size=8)
     with pytest.warns(UserWarning, match="unreadable block"):
-        r = eng.submit(prompts[1], 6, temperature=0)
+        r = eng.submit(prompts[1], 6, GREEDY)
         eng.run()
     assert r.output == refs[1]
-    eng = Engine(m, prefix_cache=PrefixCache(tmp_path / "kv", m, block_tokens=8))   # it was rewritten
-    r = eng.submit(prompts[1], 6, temperature=0)
+    eng = Engine(m, prefix_cache=PrefixCache(tmp_path / "kv", m, block_tokens=8), block_size=8)  # rewritten
+    r = eng.submit(prompts[1], 6, GREEDY)
     eng.run()
     assert r.output == refs[1] and eng.cached_prompt_tokens == 24         # 3 full blocks of prompt 1
 
@@ -152,10 +168,10 @@ def test_speculative_engine_matches_single_request_speculative(tmp_path, one_thr
     refs = [generate_speculative(m, p, k, temperature=t, seed=s) for p, k, t, s in specs]
     for store in (None, PrefixCache(tmp_path / "kv", m, block_tokens=4)):
         for _ in range(2 if store else 1):               # with a store: the second pass hits disk
-            eng = Engine(m, max_batch=3, speculative=True, prefix_cache=store)
-            reqs = [eng.submit(p, k, temperature=t, seed=s) for p, k, t, s in specs[:3]]
+            eng = Engine(m, max_batch=3, speculative=True, prefix_cache=store, block_size=4)
+            reqs = [eng.submit(p, k, SamplingParams(t), seed=s) for p, k, t, s in specs[:3]]
             eng.step()
-            reqs += [eng.submit(p, k, temperature=t, seed=s) for p, k, t, s in specs[3:]]
+            reqs += [eng.submit(p, k, SamplingParams(t), seed=s) for p, k, t, s in specs[3:]]
             eng.run()
             for r, (ref, st) in zip(reqs, refs):
                 assert r.output == ref
@@ -164,3 +180,147 @@ def test_speculative_engine_matches_single_request_speculative(tmp_path, one_thr
     assert eng.cached_prompt_tokens > 0
     with pytest.raises(ValueError, match="MTP"):
         Engine(_model(num_nextn_predict_layers=0), speculative=True)
+
+
+def _specs(g, lengths, vocab=97, temps=(0.0, 1.0, 0.7)):
+    return [(torch.randint(3, vocab, (n,), generator=g).tolist(), k, SamplingParams(temps[i % len(temps)]), i)
+            for i, (n, k) in enumerate(lengths)]
+
+
+def _check_against_generate(m, eng, specs, reqs):
+    for r, (prompt, k, params, seed) in zip(reqs, specs):
+        ref = generate(m, prompt, k, params.temperature, seed=seed)
+        assert r.done and r.finish_reason == "length" and r.output == ref, (r.id, r.error)
+
+
+def test_paged_block_boundaries_and_chunked_prefill(one_thread):
+    m = _model(seed=6, max_position_embeddings=160)
+    g = torch.Generator().manual_seed(3)
+    specs = _specs(g, [(63, 6), (64, 6), (65, 6), (1, 9), (130, 5)])
+    eng = Engine(m, max_batch=4, block_size=64, prefill_chunk=48)    # the long prompts take several steps
+    reqs = [eng.submit(p, k, sp, seed=s) for p, k, sp, s in specs]
+    eng.step()
+    assert reqs[0]._computed == 48 and not reqs[0].output           # a chunk, not the whole prompt
+    eng.run()
+    _check_against_generate(m, eng, specs, reqs)
+    assert eng.pool.num_used == 0 or all(eng.pool.ref[b] == 0 for b in range(eng.pool.num_blocks))
+
+
+def test_prefill_chunks_interleave_with_decoding(one_thread):
+    m = _model(seed=7, max_position_embeddings=200)
+    eng = Engine(m, max_batch=2, block_size=16, prefill_chunk=16)
+    a = eng.submit([5, 6, 7], 30, GREEDY)
+    eng.step()
+    eng.step()
+    n = len(a.output)
+    b = eng.submit([3 + i % 90 for i in range(96)], 2, GREEDY)                 # 96 prompt tokens: 6 chunks
+    for _ in range(5):
+        eng.step()
+    assert len(a.output) == n + 5 and not b.output and b._computed == 80     # a kept decoding while b prefilled
+    eng.step()
+    assert len(b.output) == 2                                     # the last chunk, its first token, then a decode
+    eng.run()
+    assert b.output == generate(m, [3 + i % 90 for i in range(96)], 2, temperature=0)
+
+
+def test_prefix_sharing_in_memory(one_thread):
+    m = _model(seed=8, max_position_embeddings=120)
+    g = torch.Generator().manual_seed(4)
+    shared = torch.randint(3, 97, (40,), generator=g).tolist()              # 5 full blocks of 8
+    prompts = [shared + torch.randint(3, 97, (n,), generator=g).tolist() for n in (3, 9, 0)]
+    eng = Engine(m, max_batch=3, block_size=8)
+    first = eng.submit(prompts[0], 5, GREEDY)
+    eng.run()
+    used_one = math.ceil((len(prompts[0]) + 1) / 8)
+    later = [eng.submit(p, 5, SamplingParams(0.9), seed=i) for i, p in enumerate(prompts[1:])]
+    eng.step()
+    assert later[0].cached_tokens == 40 and later[1].cached_tokens == 32    # the last keeps a token to compute
+    shared_blocks = set(later[0]._blocks[:4]) & set(later[1]._blocks[:4])
+    assert len(shared_blocks) == 4 and all(eng.pool.ref[b] == 2 for b in shared_blocks)
+    eng.run()
+    assert first.output == generate(m, prompts[0], 5, temperature=0)
+    for r, p, s in zip(later, prompts[1:], range(2)):
+        assert r.output == generate(m, p, 5, 0.9, seed=s)
+    assert used_one > 0 and eng.pool.num_used == 0
+
+
+def test_preemption_reproduces_the_same_tokens(one_thread):
+    m = _model(seed=9, max_position_embeddings=80)
+    g = torch.Generator().manual_seed(5)
+    specs = _specs(g, [(10, 30), (7, 28), (12, 25), (5, 30)])
+    per_block = (m.cfg.kv_lora_rank + m.cfg.qk_rope_head_dim) * m.cfg.num_hidden_layers * 8 * 8
+    eng = Engine(m, max_batch=4, block_size=8, cache_memory=12 * per_block)     # 4 × ~5 blocks needed
+    assert eng.pool.num_blocks == 12
+    reqs = [eng.submit(p, k, sp, seed=s) for p, k, sp, s in specs]
+    eng.run()
+    assert eng.preemptions > 0
+    _check_against_generate(m, eng, specs, reqs)
+
+
+def test_speculative_preemption_and_chunks(one_thread):
+    from dsv3.infer.speculative import generate_speculative
+
+    m = _model(seed=10, vocab_size=12, max_position_embeddings=80)
+    g = torch.Generator().manual_seed(6)
+    specs = [(torch.randint(3, 12, (n,), generator=g).tolist(), k, t, i)
+             for i, (n, k, t) in enumerate([(9, 25, 0.0), (13, 22, 1.0), (6, 24, 0.0)])]
+    refs = [generate_speculative(m, p, k, temperature=t, seed=s)[0] for p, k, t, s in specs]
+    per_block = (m.cfg.kv_lora_rank + m.cfg.qk_rope_head_dim) * (m.cfg.num_hidden_layers + 1) * 4 * 8
+    eng = Engine(m, max_batch=3, block_size=4, speculative=True, prefill_chunk=5, cache_memory=16 * per_block)
+    reqs = [eng.submit(p, k, SamplingParams(t), seed=s) for p, k, t, s in specs]
+    eng.run()
+    assert eng.preemptions > 0
+    for r, ref in zip(reqs, refs):
+        assert r.output == ref
+
+
+def test_abort_logprobs_penalties_and_a_failing_request(one_thread):
+    m = _model(seed=11)
+    eng = Engine(m, max_batch=3, block_size=8)
+    a = eng.submit([5, 6, 7], 20, GREEDY, logprobs=3, prompt_logprobs=2)
+    b = eng.submit([5, 6, 7], 20, GREEDY)
+
+    def boom(req):
+        raise RuntimeError("consumer went away")
+    c = eng.submit([8, 9], 20, GREEDY, on_token=boom)
+    eng.step()
+    eng.abort(b)
+    eng.run()
+    assert b.finish_reason == "abort" and c.finish_reason == "error" and "consumer" in c.error
+    assert a.finish_reason == "length" and a.output == generate(m, [5, 6, 7], 20, temperature=0)
+    with torch.no_grad():
+        lp = torch.log_softmax(m(torch.tensor([[5, 6, 7] + a.output]))[0].float(), -1)
+    for j, e in enumerate(a.output_logprobs):
+        assert e.token == a.output[j] and abs(e.logprob - float(lp[2 + j, e.token])) < 1e-5
+        assert [t for t, _ in e.top] == lp[2 + j].topk(3).indices.tolist()
+    assert a.prompt_logprobs_out[0] is None and len(a.prompt_logprobs_out) == 3
+    assert abs(a.prompt_logprobs_out[2].logprob - float(lp[1, 7])) < 1e-5
+    # penalties and bias change what is sampled; a tiny temperature is greedy, never NaN
+    forced = eng.submit([5, 6, 7], 5, SamplingParams(0.0, logit_bias={42: 100.0}))
+    tiny = eng.submit([5, 6, 7], 5, SamplingParams(1e-300), seed=1)
+    rep = eng.submit([5, 6, 7], 12, SamplingParams(0.0, frequency_penalty=2.0, presence_penalty=2.0))
+    eng.run()
+    assert forced.output == [42] * 5 and tiny.output == a.output[:5]
+    assert len(set(rep.output)) > len(set(a.output[:12]))
+    assert eng.idle and eng.pool.num_used == 0
+
+
+def test_deepseek_v3_shaped_config_serves_within_its_memory_budget(one_thread):
+    """163,840 positions (the real config's context): the cache is sized by the budget, not by
+    max_position_embeddings (which would be 11.5 GB per slot at full width)."""
+    from dsv3.config import ModelConfig
+
+    cfg = ModelConfig.preset("deepseek-v3").replace(hidden_size=256, num_hidden_layers=2, first_k_dense_replace=1,
+                                        intermediate_size=256, moe_intermediate_size=64, n_routed_experts=16,
+                                        num_experts_per_tok=4, n_group=4, topk_group=2, num_attention_heads=4,
+                                        vocab_size=512, num_nextn_predict_layers=1)
+    assert cfg.max_position_embeddings == 163840 and cfg.kv_lora_rank == 512
+    torch.manual_seed(0)
+    m = Transformer(cfg).eval()
+    budget = 64 << 20
+    eng = Engine(m, max_batch=8, cache_memory=budget)
+    assert eng.cache.nbytes() <= budget and eng.max_len == 163840
+    reqs = [eng.submit(torch.randint(3, 512, (n,)).tolist(), 8, GREEDY) for n in (5, 70, 140)]
+    eng.run()
+    assert all(r.finish_reason == "length" and len(r.output) == 8 for r in reqs)
+    assert reqs[1].output == generate(m, reqs[1].prompt, 8, temperature=0)

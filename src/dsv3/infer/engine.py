@@ -1,32 +1,51 @@
-"""A batched decoding engine: many requests share one latent cache and one forward per step.
+"""A batched decoding engine over the paged latent cache (:mod:`dsv3.infer.paged_cache`).
 
-Continuous batching: a request joins as soon as a slot is free (its prompt is prefilled into its own
-cache row; requests admitted together are prefilled in one padded forward), every step decodes one token for all running requests in a single forward, each row at
-its own position (absorbed MLA with a per-row mask), and a finished request frees its slot at once.
-Running requests always occupy cache rows 0 … n−1: when one finishes, the last row moves into its
-place, so the batched forward runs on a contiguous view of exactly n rows.
-
-    engine = Engine(model, max_batch=8)              # speculative=True: MTP drafts, see below
-    a = engine.submit(prompt_ids, max_new_tokens=64, temperature=0.8, top_p=0.95, seed=1)
+    engine = Engine(model, max_batch=8, cache_memory=2 << 30)     # speculative=True: MTP drafts
+    a = engine.submit(prompt_ids, max_new_tokens=64, params=SamplingParams(0.8, top_p=0.95), seed=1)
     engine.run()                    # or engine.step() in a loop; a.output, a.done, a.finish_reason
 
-Each request samples with its own generator, so its tokens equal ``generate(model, prompt, …)`` with
-the same settings, whatever else runs beside it.
+Every step (decided first, then executed):
 
-With ``speculative=True`` every step verifies each row's MTP draft in the same forward that decodes
-it (:mod:`dsv3.infer.speculative`, batched): rows advance by one or two tokens, each at its own
-position, and a request's tokens equal ``generate_speculative(model, prompt, …)``'s.
+1. **Admit** waiting requests, oldest first, while fewer than ``max_batch`` run and the pool has the
+   blocks their prompts need. Full prompt blocks already in memory with the same content are shared
+   (reference counts) and skipped; further blocks may come from the on-disk prefix cache.
+2. **Prefill** up to ``prefill_chunk`` prompt tokens (chunked prefill: a long prompt takes several
+   steps while the running streams keep decoding), several requests in one padded forward.
+3. **Decode** one token for every running request in a single forward, each row at its own position
+   (two with ``speculative``: the row's last token and its MTP draft, verified together).
+   When the pool has no block for a row, the newest request is *preempted*: its blocks are freed and
+   it waits again; on return its prompt and tokens so far are prefilled again and it goes on exactly
+   as it would have (its random generator and draft are kept with it).
+
+Each request samples with its own generator, so its tokens equal ``generate(model, prompt, …)`` with
+the same settings, whatever else runs beside it. The engine is not thread-safe: a server drives it
+from one thread (:class:`dsv3.infer.worker.EngineWorker`).
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 
-from .sampling import SamplingParams, accept_or_resample, probabilities, sample, sample_next
+from ..model.layers import at_least_fp32
+from .paged_cache import BlockPool, PagedLatentCache, block_keys
+from .sampling import (SamplingParams, accept_or_resample, adjust_logits, probabilities, sample,
+                       token_logprobs)
+
+
+class ContextOverflow(ValueError):
+    """The prompt and the tokens asked for do not fit in the model's context."""
+
+
+@dataclass
+class TokenLogprob:
+    token: int
+    logprob: float                                   # log-softmax of the raw model logits
+    top: list = field(default_factory=list)          # [(token id, logprob)] best first
 
 
 @dataclass
@@ -35,65 +54,127 @@ class Request:
     max_new_tokens: int
     params: SamplingParams
     seed: int = 0
-    eos_id: int | None = None
-    on_token: object = None                  # callable(token_id) or None, called for each token
-    on_done: object = None                   # callable(request) or None, called once when finished
+    stop_ids: frozenset = frozenset()        # tokens that end the request ("stop"); kept in output
+    logprobs: int | None = None              # None, or the number of alternatives per output token
+    prompt_logprobs: int | None = None       # None, or the same for the prompt tokens (echo)
+    on_token: object = None                  # callable(request) after each token, or None
+    on_done: object = None                   # callable(request) once at the end, or None
     id: int = 0
     output: list[int] = field(default_factory=list)
+    output_logprobs: list = field(default_factory=list)
+    prompt_logprobs_out: list = field(default_factory=list)
     done: bool = False
-    finish_reason: str | None = None         # "eos" | "length"
+    finish_reason: str | None = None         # "stop" | "length" | "abort" | "error"
+    error: str | None = None
+    cached_tokens: int = 0                   # prompt tokens whose cache was reused (memory or disk)
+    # engine state
     _gen: torch.Generator | None = None
-    _limit: int = 0                          # prompt + output may not exceed this many positions
+    _blocks: list = field(default_factory=list)       # the block table
+    _target: list = field(default_factory=list)       # tokens whose cache the prefill fills
+    _computed: int = 0                                # positions of _target already in the cache
+    _sample_at_end: bool = True                       # a fresh request samples after its prefill
+    _registered: int = 0                              # leading blocks offered for sharing
+    _next: int = -1                                   # the last token, not yet fed
+    _draft: tuple | None = None                       # speculative: (draft [1], its distribution [1, V])
+    _counts: torch.Tensor | None = None               # generated-token counts (penalties)
+    _abort: bool = False
+    _counted: bool = False                            # its prompt is in the engine's token counts
+
+    @property
+    def seq(self) -> list[int]:
+        return self.prompt + self.output
 
 
 class Engine:
-    def __init__(self, model, max_batch: int = 8, max_len: int | None = None, prefix_cache=None,
-                 speculative: bool = False):
-        """``prefix_cache``: a :class:`dsv3.infer.prefix_cache.PrefixCache` (on-disk latent blocks of
-        earlier prompts); a prompt starting with cached blocks skips their prefill. ``speculative``:
-        draft with MTP module 1 and verify two tokens per row per step."""
+    def __init__(self, model, max_batch: int = 8, cache_memory: int | None = None, block_size: int = 64,
+                 prefix_cache=None, speculative: bool = False, prefill_chunk: int = 512,
+                 max_len: int | None = None):
+        """``cache_memory``: bytes for the latent-cache pool (default: what ``max_batch`` full-length
+        sequences need, at most a quarter of the free memory). ``prefix_cache``: a
+        :class:`dsv3.infer.prefix_cache.PrefixCache` (on-disk latent blocks, the second tier).
+        ``speculative``: draft with MTP module 1 and verify two tokens per row per step."""
         if max_batch < 1:
             raise ValueError(f"max_batch = {max_batch}: must be >= 1")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk = {prefill_chunk}: must be >= 1")
         if speculative and not len(model.mtp):
             raise ValueError("speculative decoding needs a model with an MTP module (num_nextn_predict_layers ≥ 1)")
+        if prefix_cache is not None and prefix_cache.block != block_size:
+            raise ValueError(f"the prefix cache's blocks hold {prefix_cache.block} tokens, the engine's {block_size}")
         self.model = model.eval()
-        self.max_len = max_len or model.cfg.max_position_embeddings
-        if not 1 < self.max_len <= model.cfg.max_position_embeddings:
-            raise ValueError(f"max_len = {self.max_len}: must be in 2 … {model.cfg.max_position_embeddings} "
+        cfg = model.cfg
+        self.max_len = max_len or cfg.max_position_embeddings
+        if not 1 < self.max_len <= cfg.max_position_embeddings:
+            raise ValueError(f"max_len = {self.max_len}: must be in 2 … {cfg.max_position_embeddings} "
                              "(max_position_embeddings)")
-        self.max_batch = max_batch
-        self.speculative = speculative
-        self.device = next(model.parameters()).device
-        self.cache = model.new_cache(max_batch, self.max_len, mtp=speculative)
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []      # running[i] lives in cache row i
-        self._next: list[int] = []            # per running row: the last token, not yet fed
-        self._draft: list = []                # per running row (speculative): (draft [1], its distribution q [1, V])
-        self._ids = itertools.count()
-        self.steps = 0                        # batched decode forwards
-        self.drafted = self.accepted = 0      # speculative drafts verified / accepted
+        self.max_batch, self.speculative, self.prefill_chunk = max_batch, speculative, prefill_chunk
+        self.lookahead = int(speculative)
+        p = model.embed_tokens.weight
+        self.device, dtype = p.device, p.dtype
+        self.layers = cfg.num_hidden_layers + (len(model.mtp) if speculative else 0)
+        per_block = PagedLatentCache.bytes_per_block(cfg, block_size, self.layers, dtype)
+        if cache_memory is None:
+            need = max_batch * math.ceil((self.max_len + 1) / block_size) * per_block
+            cache_memory = min(need, free_memory(self.device) // 4)
+        if cache_memory < per_block:
+            raise ValueError(f"cache_memory = {cache_memory} bytes: less than one {block_size}-token block "
+                             f"({per_block} bytes)")
+        self.block_size = block_size
+        self.cache = PagedLatentCache(cfg, int(cache_memory // per_block), block_size, self.layers, self.device, dtype)
+        self.pool = BlockPool(self.cache.num_blocks)
         self.prefix_cache = prefix_cache
-        self.prompt_tokens = 0                # prompt tokens admitted
-        self.cached_prompt_tokens = 0         # of which read from the prefix cache instead of computed
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []          # admission order: the last is the newest
+        self._ids = itertools.count()
+        self.steps = 0                            # engine steps that ran a forward
+        self.drafted = self.accepted = 0          # speculative drafts verified / accepted
+        self.prompt_tokens = 0                    # prompt tokens admitted
+        self.cached_prompt_tokens = 0             # of which reused instead of computed (memory + disk)
+        self.disk_prompt_tokens = 0               # of which read from the on-disk prefix cache
+        self.preemptions = 0
 
-    def submit(self, prompt_ids: list[int], max_new_tokens: int = 64, temperature: float = 1.0,
-               top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int | None = None,
-               on_token=None, on_done=None) -> Request:
+    # ------------------------------------------------------------------ requests
+    def make_request(self, prompt_ids: list[int], max_new_tokens: int = 64, params: SamplingParams | None = None,
+                     seed: int = 0, stop_ids=(), logprobs: int | None = None, prompt_logprobs: int | None = None,
+                     on_token=None, on_done=None) -> Request:
+        """A validated request (not yet queued): ValueError naming what is wrong, ContextOverflow when
+        the prompt and ``max_new_tokens`` exceed the context."""
+        params = params or SamplingParams()
         if not prompt_ids:
             raise ValueError("the prompt encodes to no tokens")
-        if len(prompt_ids) >= self.max_len:
-            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the engine holds {self.max_len} positions")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens = {max_new_tokens}: must be >= 1")
         vocab = self.model.cfg.vocab_size
-        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        req = Request(list(prompt_ids), max_new_tokens, SamplingParams(temperature, top_k, top_p), seed, eos_id,
-                      on_token, on_done, next(self._ids))
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens = {max_new_tokens}: must be an integer >= 1")
+        if len(prompt_ids) + max_new_tokens > self.max_len:
+            raise ContextOverflow(f"the prompt has {len(prompt_ids)} tokens and {max_new_tokens} more were asked "
+                                  f"for; the context holds {self.max_len}")
+        for name, k in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+            if k is not None and (not isinstance(k, int) or not 0 <= k <= vocab):
+                raise ValueError(f"{name} = {k}: must be an integer in [0, {vocab}]")
+        need = math.ceil((len(prompt_ids) + 1 + self.lookahead) / self.block_size)
+        if need > self.pool.num_blocks:
+            raise ContextOverflow(f"the prompt needs {need} cache blocks; the pool has {self.pool.num_blocks} "
+                                  "(give the cache more memory)")
+        req = Request(list(prompt_ids), max_new_tokens, params, seed, frozenset(stop_ids), logprobs,
+                      prompt_logprobs, on_token, on_done, next(self._ids))
         req._gen = torch.Generator(device=self.device).manual_seed(seed)
-        req._limit = min(len(prompt_ids) + max_new_tokens, self.max_len)
-        self.waiting.append(req)
+        req._target = list(prompt_ids)
         return req
+
+    def submit(self, prompt_ids: list[int], max_new_tokens: int = 64, params: SamplingParams | None = None,
+               seed: int = 0, **kwargs) -> Request:
+        req = self.make_request(prompt_ids, max_new_tokens, params, seed, **kwargs)
+        self.enqueue(req)
+        return req
+
+    def enqueue(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def abort(self, req: Request) -> None:
+        """Finish ``req`` with "abort" at the start of the next step (its blocks freed then)."""
+        req._abort = True
 
     @property
     def idle(self) -> bool:
@@ -103,176 +184,360 @@ class Engine:
     def acceptance_rate(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
 
+    def stats(self) -> dict:
+        return {"running": len(self.running), "waiting": len(self.waiting), "steps": self.steps,
+                "blocks_used": self.pool.num_used, "blocks_total": self.pool.num_blocks,
+                "block_size": self.block_size, "cache_bytes": self.cache.nbytes(),
+                "prompt_tokens": self.prompt_tokens, "prefix_hit_tokens": self.cached_prompt_tokens,
+                "prefix_hit_tokens_disk": self.disk_prompt_tokens, "preemptions": self.preemptions,
+                "speculative_acceptance_rate": self.acceptance_rate if self.speculative else None}
+
     # ------------------------------------------------------------------ one engine step
     @torch.no_grad()
     def step(self) -> list[Request]:
-        """Admit waiting requests into free slots (prefill), then decode every running request in one
-        batched forward. Returns the requests that finished during this step."""
-        finished, new = [], []
-        while self.waiting and len(self.running) < self.max_batch:
-            self.running.append(self.waiting.popleft())
-            self._next.append(-1)
-            self._draft.append(None)
-            new.append(len(self.running) - 1)
-        if len(new) > 1 and self.prefix_cache is None:     # with a prefix cache, rows start at different places
-            self._admit_together(new, finished)
-        else:
-            for row in new:
-                self._admit(row, finished)
-        self._compact()
-        if self.running:
-            (self._speculative_step if self.speculative else self._plain_step)(finished)
-            self.steps += 1
-            self._compact()
+        """Admit, prefill one chunk, decode every running request. Returns the requests finished."""
+        finished: list[Request] = []
+        for req in [r for r in self.waiting if r._abort]:
+            self.waiting.remove(req)
+            self._finish(req, "abort", finished)
+        for req in [r for r in self.running if r._abort]:
+            self._finish(req, "abort", finished)
+        self._admit(finished)
+        ran = False
+        chunks = self._plan_prefill()
+        if chunks:
+            self._guard(self._prefill, chunks, [r for r, _ in chunks], finished)
+            ran = True
+        decoding = self._plan_decode(finished)
+        if decoding:
+            self._guard(self._speculative_step if self.speculative else self._plain_step, decoding, decoding,
+                        finished)
+            ran = True
+        self.steps += ran
         return finished
 
     def run(self) -> None:
         while not self.idle:
             self.step()
 
-    # ------------------------------------------------------------------ internals
-    def _positions(self) -> torch.Tensor:
-        """Per running row, the position of its last token (the one fed next)."""
-        return torch.tensor([len(r.prompt) + len(r.output) - 1 for r in self.running], device=self.device)
+    def fail_all(self, message: str) -> list[Request]:
+        """Finish every request with an error (the engine cannot go on with them)."""
+        finished: list[Request] = []
+        for req in list(self.running) + list(self.waiting):
+            if req in self.waiting:
+                self.waiting.remove(req)
+            self._finish(req, "error", finished, message)
+        return finished
 
-    def _admit(self, row: int, finished: list) -> None:
-        req = self.running[row]
-        logits, h, start = self._prefill(req.prompt, row)
-        if not self.speculative:
-            self._store_prefix(req.prompt, row)
-            self._emit(row, self._sample_plain(req, logits[0, -1]), finished)
-            return
-        t = int(sample(probabilities(logits[:, -1], req.params), req._gen))
-        # MTP over the prompt: position j reads h_j and token j+1 (the last one reads t)
-        nxt = torch.tensor([req.prompt[start + 1:] + [t]], device=self.device)
-        mtp_logits, _ = self.model.forward_mtp(h, nxt, start, self.cache.rows(row, row + 1))
-        self._store_prefix(req.prompt, row)
-        self._emit(row, t, finished)
-        if not req.done:
-            self._set_draft(row, mtp_logits[:, -1])
+    # ------------------------------------------------------------------ decide
+    def _admit(self, finished: list) -> None:
+        while self.waiting and len(self.running) < self.max_batch:
+            req = self.waiting[0]
+            if not self._reserve(req):
+                if not self.running:     # nothing to wait for: it can never fit
+                    self.waiting.popleft()
+                    self._finish(req, "error", finished, "the cache pool cannot hold this request")
+                    continue
+                return
+            self.waiting.popleft()
+            self.running.append(req)
 
-    def _admit_together(self, rows: list[int], finished: list) -> None:
-        """Prefill several new requests (contiguous rows) in one forward, right-padded to the longest
-        prompt: causal attention keeps the padding out of every real position, and the cache entries it
-        leaves beyond a prompt are overwritten by that row's own tokens before they are ever read."""
-        reqs = [self.running[r] for r in rows]
-        lens = [len(q.prompt) for q in reqs]
-        T, n = max(lens), len(rows)
-        view = self.cache.rows(rows[0], rows[0] + n)
-        tokens = torch.tensor([q.prompt + [0] * (T - len(q.prompt)) for q in reqs], device=self.device)
-        logits, h = self.model.forward_hidden(tokens, 0, view)
-        self.prompt_tokens += sum(lens)
-        last = logits[torch.arange(n, device=self.device), torch.tensor(lens, device=self.device) - 1]   # [n, V]
-        if not self.speculative:
-            for i, row in enumerate(rows):
-                self._emit(row, self._sample_plain(reqs[i], last[i]), finished)
-            return
-        ts = [int(sample(probabilities(last[i:i + 1], q.params), q._gen)) for i, q in enumerate(reqs)]
-        nxt = torch.tensor([q.prompt[1:] + [t] + [0] * (T - len(q.prompt)) for q, t in zip(reqs, ts)],
-                           device=self.device)
-        mtp_logits, _ = self.model.forward_mtp(h, nxt, 0, view)
-        for i, row in enumerate(rows):
-            self._emit(row, ts[i], finished)
-            if not reqs[i].done:
-                self._set_draft(row, mtp_logits[i:i + 1, lens[i] - 1])
+    def _reserve(self, req: Request) -> bool:
+        """Blocks for ``req``'s prefill (+ its first decode): shared ones found by content, the rest
+        allocated, then filled from the on-disk cache where it has them. False when they don't fit."""
+        bs, target = self.block_size, req._target
+        total = math.ceil((len(target) + 1 + self.lookahead) / bs)
+        shared: list[int] = []
+        # keep ≥ 1 token to compute when its logits are needed (a fresh request samples from them)
+        limit = len(target) - 1 if req._sample_at_end else len(target)
+        keys = [] if req.prompt_logprobs is not None else block_keys(target, bs, self.lookahead)
+        for key in keys[: limit // bs]:
+            b = self.pool.lookup(key)
+            if b is None:
+                break
+            shared.append(b)
+        fresh = self.pool.allocate(total - len(shared))
+        if fresh is None:
+            self.pool.release(shared)
+            return False
+        req._blocks = shared + fresh
+        req._registered = len(shared)
+        req._computed = len(shared) * bs
+        if self.prefix_cache is not None and req.prompt_logprobs is None:
+            kvs, pes = self.prefix_cache.load(target, self.layers, max_tokens=limit, lookahead=self.lookahead)
+            for k in range(len(shared), len(kvs)):
+                self.cache.write_block(req._blocks[k], kvs[k], pes[k])
+            self.disk_prompt_tokens += max(len(kvs) - len(shared), 0) * bs
+            req._computed = max(req._computed, len(kvs) * bs)
+        if not req._counted:
+            req._counted = True
+            self.prompt_tokens += len(target)
+            self.cached_prompt_tokens += req._computed
+            req.cached_tokens = req._computed
+        return True
 
-    def _store_prefix(self, prompt: list[int], row: int) -> None:
-        """Blocks of a speculative engine hold the MTP layers too, whose entry at a position depends on
-        the next token: they are stored only when that token is the prompt's, and keyed with it."""
-        if self.prefix_cache is not None:
-            self.prefix_cache.store(prompt, self.cache.kv[:, row], self.cache.pe[:, row],
-                                    lookahead=int(self.speculative))
+    def _plan_prefill(self) -> list[tuple[Request, int]]:
+        """(request, tokens to compute this step) for the requests still prefilling, oldest first,
+        up to ``prefill_chunk`` tokens in all."""
+        budget, chunks = self.prefill_chunk, []
+        for req in self.running:
+            left = len(req._target) - req._computed
+            if left > 0 and budget > 0:
+                n = min(left, budget)
+                chunks.append((req, n))
+                budget -= n
+            elif left == 0 and req._next < 0 and not req.done:
+                chunks.append((req, 0))          # everything came from the caches: nothing to compute
+        for req, n in chunks:
+            if n == 0:                           # only a resumed request can be wholly cached
+                self._start_decoding(req)
+        return [(r, n) for r, n in chunks if n > 0]
 
-    def _prefill(self, prompt: list[int], row: int):
-        """Fill cache row ``row`` with the prompt (cached blocks from disk first). Returns the logits
-        [1, T, V] and hidden states [1, T, d] of the positions computed, and the first of them."""
-        start = 0
-        layers = self.cache.kv.shape[0]
-        if self.prefix_cache is not None:         # keep ≥ 1 token to compute: its logits start decoding
-            kvs, pes = self.prefix_cache.load(prompt, layers, max_tokens=len(prompt) - 1,
-                                              lookahead=int(self.speculative))
-            for kv, pe in zip(kvs, pes):
-                n = kv.shape[1]
-                self.cache.kv[:, row, start:start + n] = kv.to(self.cache.kv)
-                self.cache.pe[:, row, start:start + n] = pe.to(self.cache.pe)
-                start += n
-        tokens = torch.tensor([prompt[start:]], device=self.device)
-        logits, h = self.model.forward_hidden(tokens, start, self.cache.rows(row, row + 1))
-        self.prompt_tokens += len(prompt)
-        self.cached_prompt_tokens += start
-        return logits, h, start
+    def _plan_decode(self, finished: list) -> list[Request]:
+        """The requests that decode this step, each with blocks for the positions it writes;
+        the newest are preempted while the pool is short."""
+        rows = [r for r in self.running if r._next >= 0 and not r.done]
+        width = 1 + self.lookahead
+        for req in list(rows):
+            if req not in rows:                  # preempted below
+                continue
+            need = math.ceil((len(req.seq) - 1 + width) / self.block_size) - len(req._blocks)
+            while need > 0:
+                got = self.pool.allocate(need)
+                if got is not None:
+                    req._blocks += got
+                    break
+                victim = self.running[-1]
+                if victim is req and len(self.running) == 1:
+                    self._finish(req, "error", finished, "the cache pool is full: give the cache more memory")
+                    rows.remove(req)
+                    break
+                self._preempt(victim)
+                if victim in rows:
+                    rows.remove(victim)
+                if victim is req:
+                    break
+        return rows
 
-    def _plain_step(self, finished: list) -> None:
-        tokens = torch.tensor(self._next, device=self.device)[:, None]
-        logits = self.model(tokens, self._positions(), self.cache.rows(0, len(self.running)))[:, -1]
-        for row, req in enumerate(self.running):
-            self._emit(row, self._sample_plain(req, logits[row]), finished)
+    def _preempt(self, req: Request) -> None:
+        """Free ``req``'s blocks and queue it first: it will prefill its prompt and tokens so far again
+        (all but the last token, which it then decodes: its generator and draft are kept)."""
+        self.pool.release(req._blocks)
+        req._blocks, req._computed, req._registered, req._next = [], 0, 0, -1
+        if req.output:
+            req._target, req._sample_at_end = req.seq[:-1], False
+        else:                                    # nothing sampled yet: it starts over
+            req._target, req._sample_at_end = list(req.prompt), True
+        self.running.remove(req)
+        self.waiting.appendleft(req)
+        self.preemptions += 1
 
-    def _speculative_step(self, finished: list) -> None:
+    # ------------------------------------------------------------------ execute
+    def _guard(self, fn, arg, reqs: list[Request], finished: list) -> None:
+        """Run one forward; if it raises, the requests in it finish with the error, nothing else."""
+        try:
+            fn(arg, finished)
+        except Exception as e:  # noqa: BLE001 — one bad batch must not stop the engine
+            for req in reqs:
+                if not req.done:
+                    self._finish(req, "error", finished, f"{type(e).__name__}: {e}")
+
+    def _prefill(self, chunks: list[tuple[Request, int]], finished: list) -> None:
+        """One padded forward over the next chunk of every prefilling request."""
+        reqs = [r for r, _ in chunks]
+        lens = [n for _, n in chunks]
+        starts = [r._computed for r in reqs]
+        T = max(lens)
+        tokens = torch.tensor([r._target[s:s + n] + [0] * (T - n) for r, s, n in zip(reqs, starts, lens)],
+                              device=self.device)
+        start = torch.tensor(starts, device=self.device)
+        view = self.cache.view([r._blocks for r in reqs], start, lens)
+        pos = starts[0] if len(set(starts)) == 1 else start      # rows at one position: the plain causal path
+        h = self.model._trunk(tokens, pos, view)[0]                            # [n, T, d]
+        complete = [s + n == len(r._target) for r, s, n in zip(reqs, starts, lens)]
+        rows = torch.arange(len(reqs), device=self.device)
+        last = at_least_fp32(self.model.lm_head(self.model.norm(h[rows, torch.tensor(lens, device=self.device) - 1])))
+        for i, req in enumerate(reqs):
+            if req.prompt_logprobs is not None:
+                self._prompt_logprobs(req, h[i, :lens[i]], starts[i])
+        firsts: dict[int, int] = {}
+        for i, req in enumerate(reqs):
+            if complete[i] and req._sample_at_end:
+                try:
+                    firsts[i] = self._sample(req, last[i])
+                except Exception as e:  # noqa: BLE001
+                    self._finish(req, "error", finished, f"{type(e).__name__}: {e}")
+        mtp_last = None
+        if self.speculative:                      # MTP over the chunk: position j reads h_j and token j+1
+            nxt = []
+            for i, (req, s, n) in enumerate(zip(reqs, starts, lens)):
+                follow = req._target[s + 1:s + n + 1]
+                if len(follow) < n:
+                    follow = follow + [firsts.get(i, req.seq[-1] if not req._sample_at_end else 0)]
+                nxt.append(follow + [0] * (T - n))
+            mtp_logits, _ = self.model.forward_mtp(h, torch.tensor(nxt, device=self.device), pos, view)
+            mtp_last = mtp_logits[rows, torch.tensor(lens, device=self.device) - 1]
+        for i, (req, s, n) in enumerate(zip(reqs, starts, lens)):
+            if req.done:
+                continue
+            req._computed = s + n
+            self._register(req)
+            if not complete[i]:
+                continue
+            if req._sample_at_end:
+                self._store_prefix(req)
+                self._emit(req, firsts[i], last[i], finished)
+                if not req.done and self.speculative:
+                    self._set_draft(req, mtp_last[i:i + 1])
+            self._start_decoding(req)
+
+    def _start_decoding(self, req: Request) -> None:
+        if not req._sample_at_end:                # resumed: the cache holds all but the last token
+            req._next = req.seq[-1]
+            req._sample_at_end = True
+            req._target = req.prompt
+
+    def _plain_step(self, rows: list[Request], finished: list) -> None:
+        tokens = torch.tensor([[r._next] for r in rows], device=self.device)
+        start = torch.tensor([len(r.seq) - 1 for r in rows], device=self.device)
+        logits = self.model(tokens, start, self.cache.view([r._blocks for r in rows], start, [1] * len(rows)))[:, -1]
+        plain = [i for i, r in enumerate(rows) if r.params.greedy and not r.params.adjusts]
+        greedy = dict(zip(plain, logits[plain].argmax(-1).tolist())) if plain else {}
+        for i, req in enumerate(rows):
+            try:
+                tid = greedy[i] if i in greedy else self._sample(req, logits[i])
+            except Exception as e:  # noqa: BLE001 — this request alone fails
+                self._finish(req, "error", finished, f"{type(e).__name__}: {e}")
+                continue
+            self._emit(req, tid, logits[i], finished)
+
+    def _speculative_step(self, rows: list[Request], finished: list) -> None:
         """Verify every row's draft with its last token in one forward (positions pos, pos+1), accept
         or resample per row, then one batched MTP forward for the next drafts."""
-        view, pos = self.cache.rows(0, len(self.running)), self._positions()
-        drafts = torch.cat([d for d, _ in self._draft])
-        tokens = torch.stack([torch.tensor(self._next, device=self.device), drafts], dim=1)      # [n, 2]
-        logits, h = self.model.forward_hidden(tokens, pos, view)
+        start = torch.tensor([len(r.seq) - 1 for r in rows], device=self.device)
+        view = self.cache.view([r._blocks for r in rows], start, [2] * len(rows))
+        drafts = torch.cat([r._draft[0] for r in rows])
+        tokens = torch.stack([torch.tensor([r._next for r in rows], device=self.device), drafts], dim=1)
+        logits, h = self.model.forward_hidden(tokens, start, view)
         follow = []                        # per row: the tokens after positions pos, pos+1; where to draft
-        for row, req in enumerate(self.running):
-            p = probabilities(logits[row:row + 1, 0], req.params)
-            token, acc = accept_or_resample(drafts[row:row + 1], p, self._draft[row][1], req._gen)
+        for i, req in enumerate(rows):
+            try:
+                p = probabilities(self._adjusted(req, logits[i:i + 1, 0]), req.params)
+                token, acc = accept_or_resample(drafts[i:i + 1], p, req._draft[1], req._gen)
+            except Exception as e:  # noqa: BLE001
+                self._finish(req, "error", finished, f"{type(e).__name__}: {e}")
+                follow.append((0, 0, 0))
+                continue
             token, acc = int(token), bool(acc)
             self.drafted += 1
             self.accepted += acc
-            self._emit(row, token, finished)
+            self._emit(req, token, logits[i, 0], finished)
             if acc and not req.done:
-                bonus = int(sample(probabilities(logits[row:row + 1, 1], req.params), req._gen))
-                self._emit(row, bonus, finished)
+                bonus = self._sample(req, logits[i, 1])
+                self._emit(req, bonus, logits[i, 1], finished)
                 follow.append((token, bonus, 1))
             else:                          # position pos+1 of the caches is rewritten next step
                 follow.append((token, token, 0))
         nxt = torch.tensor([[a, b] for a, b, _ in follow], device=self.device)
-        mtp_logits, _ = self.model.forward_mtp(h, nxt, pos, view)
-        for row, req in enumerate(self.running):
+        mtp_logits, _ = self.model.forward_mtp(h, nxt, start, view)
+        for i, req in enumerate(rows):
             if not req.done:
-                self._set_draft(row, mtp_logits[row:row + 1, follow[row][2]])
+                self._set_draft(req, mtp_logits[i:i + 1, follow[i][2]])
 
-    def _sample_plain(self, req: Request, logits: torch.Tensor) -> int:
-        p = req.params
-        return int(sample_next(logits[None], p.temperature, p.top_k, p.top_p, req._gen)[0])
+    # ------------------------------------------------------------------ per request
+    def _adjusted(self, req: Request, logits: torch.Tensor) -> torch.Tensor:
+        return adjust_logits(logits, req.params, req._counts)
 
-    def _set_draft(self, row: int, mtp_logits: torch.Tensor) -> None:
-        req = self.running[row]
-        q = probabilities(mtp_logits, req.params)
-        self._draft[row] = (sample(q, req._gen), q)
+    def _sample(self, req: Request, logits: torch.Tensor) -> int:
+        """The next token from raw logits [V] with the request's settings and generator."""
+        adjusted = self._adjusted(req, logits)
+        if req.params.greedy:
+            return int(adjusted.argmax(-1))
+        return int(sample(probabilities(adjusted[None], req.params), req._gen)[0])
 
-    def _emit(self, row: int, tid: int, finished: list) -> None:
-        req = self.running[row]
+    def _set_draft(self, req: Request, mtp_logits: torch.Tensor) -> None:
+        q = probabilities(self._adjusted(req, mtp_logits), req.params)
+        req._draft = (sample(q, req._gen), q)
+
+    def _prompt_logprobs(self, req: Request, h: torch.Tensor, start: int) -> None:
+        """Log-probabilities of prompt tokens start+1 … from the hidden states h [n, d] of positions start …"""
+        targets = req.prompt[start + 1:start + 1 + h.shape[0]]
+        if start == 0 and not req.prompt_logprobs_out:
+            req.prompt_logprobs_out.append(None)
+        if not targets or len(req.prompt_logprobs_out) != start + 1:     # none left, or known already
+            return
+        logits = self.model.lm_head(self.model.norm(h[:len(targets)]))
+        lp, vals, ids = token_logprobs(logits, torch.tensor(targets, device=self.device), req.prompt_logprobs)
+        for j, t in enumerate(targets):
+            req.prompt_logprobs_out.append(TokenLogprob(t, float(lp[j]), list(zip(ids[j].tolist(), vals[j].tolist()))))
+
+    def _emit(self, req: Request, tid: int, logits: torch.Tensor, finished: list) -> None:
         req.output.append(tid)
-        self._next[row] = tid
+        req._next = tid
+        if req.params.presence_penalty or req.params.frequency_penalty:
+            if req._counts is None:
+                req._counts = torch.zeros(logits.shape[-1], device=self.device)
+            req._counts[tid] += 1
+        if req.logprobs is not None:
+            lp, vals, ids = token_logprobs(logits.view(1, -1), torch.tensor([tid]), req.logprobs)
+            req.output_logprobs.append(TokenLogprob(tid, float(lp[0]), list(zip(ids[0].tolist(), vals[0].tolist()))))
+        if tid in req.stop_ids:
+            self._finish(req, "stop", finished)
+        elif len(req.output) >= req.max_new_tokens or len(req.seq) >= self.max_len:
+            self._finish(req, "length", finished)
         if req.on_token is not None:
-            req.on_token(tid)
-        if req.eos_id is not None and tid == req.eos_id:
-            req.done, req.finish_reason = True, "eos"
-        elif len(req.prompt) + len(req.output) >= req._limit:
-            req.done, req.finish_reason = True, "length"
-        if req.done:
-            finished.append(req)
-            if req.on_done is not None:
-                req.on_done(req)
+            try:
+                req.on_token(req)
+            except Exception as e:  # noqa: BLE001 — a broken consumer ends its own request only
+                if not req.done:
+                    self._finish(req, "error", finished, f"token callback failed: {e}")
 
-    def _compact(self) -> None:
-        """Drop finished rows; the last running row moves into each hole (its cache row is copied)."""
-        row = 0
-        while row < len(self.running):
-            if not self.running[row].done:
-                row += 1
-                continue
-            last = len(self.running) - 1
-            if row != last:
-                length = len(self.running[last].prompt) + len(self.running[last].output)
-                self.cache.kv[:, row, :length] = self.cache.kv[:, last, :length]
-                self.cache.pe[:, row, :length] = self.cache.pe[:, last, :length]
-                self.running[row], self._next[row], self._draft[row] = (self.running[last], self._next[last],
-                                                                        self._draft[last])
-            self.running.pop()
-            self._next.pop()
-            self._draft.pop()
+    def _finish(self, req: Request, reason: str, finished: list, error: str | None = None) -> None:
+        if req.done:
+            return
+        req.done, req.finish_reason, req.error = True, reason, error
+        if req._blocks:
+            self.pool.release(req._blocks)
+            req._blocks = []
+        if req in self.running:
+            self.running.remove(req)
+        finished.append(req)
+        if req.on_done is not None:
+            try:
+                req.on_done(req)
+            except Exception:  # noqa: BLE001 — the request is over either way
+                pass
+
+    # ------------------------------------------------------------------ sharing
+    def _register(self, req: Request) -> None:
+        """Offer the request's full, computed prompt blocks for sharing by content."""
+        bs = self.block_size
+        done_blocks = min(req._computed, len(req._target)) // bs
+        if req.prompt_logprobs is not None or done_blocks <= req._registered:
+            return
+        keys = block_keys(req._target[: (done_blocks + 1) * bs + self.lookahead], bs, self.lookahead)
+        for k in range(req._registered, min(done_blocks, len(keys))):
+            self.pool.register(req._blocks[k], keys[k])
+            req._registered = k + 1
+
+    def _store_prefix(self, req: Request) -> None:
+        """Write the prompt's full blocks to the on-disk prefix cache (second tier)."""
+        if self.prefix_cache is None or req.prompt_logprobs is not None:
+            return
+        kv, pe = self.cache.read(req._blocks, len(req.prompt))
+        self.prefix_cache.store(req.prompt, kv, pe, lookahead=self.lookahead)
+
+
+def free_memory(device) -> int:
+    """Bytes free for the cache on ``device``: CUDA's free memory, or the host's available memory."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30

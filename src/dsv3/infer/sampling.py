@@ -1,35 +1,79 @@
-"""Token sampling: temperature, top-k and nucleus (top-p) filtering, and the speculative-sampling
+"""Token sampling: logit adjustments (OpenAI's presence/frequency penalties and logit bias),
+temperature, top-k and nucleus (top-p) filtering, log-probabilities, and the speculative-sampling
 acceptance rule that keeps a drafted token's distribution exactly the target model's."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+GREEDY_BELOW = 1e-5       # any temperature below this samples greedily (dividing by ~0 would overflow)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 1.0      # 0 = greedy
+    temperature: float = 1.0      # < GREEDY_BELOW = greedy
     top_k: int = 0                # 0 = off
     top_p: float = 1.0            # 1 = off
+    presence_penalty: float = 0.0     # subtracted once from every token already generated
+    frequency_penalty: float = 0.0    # subtracted per occurrence in the generated tokens
+    logit_bias: tuple = ()            # ((token id, bias), …): added to the logits
 
     def __post_init__(self):
+        def finite(name, v):
+            if not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{name} = {v!r}: must be a finite number")
+        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
+            finite(name, getattr(self, name))
         if self.temperature < 0:
             raise ValueError(f"temperature = {self.temperature}: must be >= 0")
-        if self.top_k < 0:
-            raise ValueError(f"top_k = {self.top_k}: must be >= 0")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k = {self.top_k}: must be an integer >= 0")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p = {self.top_p}: must be in (0, 1]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} = {getattr(self, name)}: must be in [-2, 2]")
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        bias = tuple((int(t), float(b)) for t, b in bias)
+        for t, b in bias:
+            finite(f"logit_bias[{t}]", b)
+            if t < 0 or not -100 <= b <= 100:
+                raise ValueError(f"logit_bias[{t}] = {b}: token ids must be >= 0 and biases in [-100, 100]")
+        object.__setattr__(self, "logit_bias", bias)
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0
+        return self.temperature < GREEDY_BELOW
+
+    @property
+    def adjusts(self) -> bool:
+        """Whether the logits are changed before sampling (penalties or bias)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
+
+
+def adjust_logits(logits: torch.Tensor, params: SamplingParams, counts: torch.Tensor | None = None) -> torch.Tensor:
+    """logits [..., V] with the penalties and bias applied (OpenAI's definitions): ``counts`` [V] are
+    the occurrences of each token among those generated so far (None: none yet)."""
+    if not params.adjusts:
+        return logits
+    logits = logits.float().clone()
+    if counts is not None and (params.presence_penalty or params.frequency_penalty):
+        c = counts.to(logits.device, logits.dtype)
+        logits -= c * params.frequency_penalty + (c > 0).to(logits.dtype) * params.presence_penalty
+    if params.logit_bias:
+        vocab = logits.shape[-1]
+        ids = torch.tensor([t for t, _ in params.logit_bias if t < vocab], dtype=torch.long, device=logits.device)
+        vals = torch.tensor([b for t, b in params.logit_bias if t < vocab], dtype=logits.dtype, device=logits.device)
+        logits[..., ids] += vals
+    return logits
 
 
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """logits [..., V] → the distribution sampling draws from [..., V] (fp32): temperature, then
-    top-k, then the smallest prefix reaching top-p. Greedy gives the one-hot argmax."""
+    """logits [..., V] (already adjusted) → the distribution sampling draws from [..., V] (fp32):
+    temperature, then top-k, then the smallest prefix reaching top-p. Greedy gives the one-hot argmax."""
     logits = logits.float()
     if params.greedy:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
@@ -43,7 +87,10 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         drop = probs.cumsum(-1) - probs > params.top_p          # keep the smallest prefix reaching top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return logits.softmax(-1)
+    probs = logits.softmax(-1)
+    if not torch.isfinite(probs).all():
+        raise FloatingPointError("the sampling distribution is not finite (the model's logits hold NaN or inf)")
+    return probs
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -58,6 +105,15 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
     if params.greedy:
         return logits.argmax(-1)
     return sample(probabilities(logits, params), generator)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int = 0):
+    """Log-probabilities of the raw model distribution: logits [N, V], tokens [N] → (logprob of each
+    token [N], top-``top`` alternatives (values [N, top], ids [N, top]))."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(-1, tokens.view(-1, 1).to(lp.device)).squeeze(-1)
+    vals, ids = lp.topk(top, dim=-1) if top else (lp[:, :0], lp[:, :0].long())
+    return chosen, vals, ids
 
 
 def accept_or_resample(draft: torch.Tensor, p: torch.Tensor, q: torch.Tensor,

@@ -131,7 +131,7 @@ class MLA(nn.Module):
         k_pe = apply_rope(k_pe, freqs_cis)                       # [B, T, rope], shared by all heads
         if cache is not None:
             c_kv, k_pe = cache.update(self.layer_idx, start_pos, c_kv, k_pe)
-            if isinstance(start_pos, torch.Tensor) or self.use_absorbed(T, c_kv.shape[1]):
+            if self.use_absorbed(T, c_kv.shape[1]):
                 return self._absorbed_attention(q_nope, q_pe, c_kv, k_pe, start_pos)
         S = c_kv.shape[1]
         kv = self.kv_b_proj(c_kv).view(B, S, self.h, self.nope + self.vdim)
@@ -143,7 +143,10 @@ class MLA(nn.Module):
         pad = q.shape[-1] - self.vdim
         if pad > 0:  # fused (flash) SDPA kernels need one head dim: zero columns leave o unchanged
             v = F.pad(v, (0, pad))
-        if T == S:
+        if isinstance(start_pos, torch.Tensor):         # rows at their own positions (a batched cache)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=_chunk_mask(start_pos, T, S, x.device),
+                                               scale=self.scale)
+        elif T == S:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         elif T == 1:
             o = F.scaled_dot_product_attention(q, k, v, scale=self.scale)

@@ -1,0 +1,181 @@
+"""The paged MLA latent cache: fixed-size blocks from one pool, a block table per request.
+
+    pool = PagedLatentCache(cfg, num_blocks=512, block_size=64, num_layers=L)
+    view = pool.view(tables=[[3, 7], [5]], start=torch.tensor([70, 10]), lengths=[1, 1])
+    model(tokens, start_pos, view)          # every MLA layer writes and reads through the view
+
+Per layer the pool holds the normalised latent ``kv`` [num_blocks, block, kv_lora_rank] and the
+rotated RoPE key ``pe`` [num_blocks, block, rope] (FlashMLA's layout: 64-token blocks). Position p
+of a request lives in physical block ``table[p // block]`` at offset ``p % block``; memory is taken
+block by block as a sequence grows, never for ``max_position_embeddings`` up front.
+
+:class:`BlockPool` does the bookkeeping (which blocks are free, reference counts, and reuse of full
+prompt blocks by content: identical prefixes share blocks in memory). A released block whose
+content is known stays findable until it is handed out again, oldest first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict
+
+import torch
+
+from ..config import ModelConfig
+
+
+def block_keys(tokens: list[int], block: int, lookahead: int = 0, salt: bytes = b"") -> list[bytes]:
+    """Chained content keys of the full blocks of ``tokens``: key k covers every token up to the end
+    of block k, plus the ``lookahead`` tokens after it (the MTP layers' cache at a position depends on
+    the next token). Only blocks whose lookahead tokens exist get a key."""
+    keys, parent = [], salt
+    k = 0
+    while (k + 1) * block + lookahead <= len(tokens):
+        h = hashlib.blake2b(parent, digest_size=16)
+        h.update(array("q", tokens[k * block:(k + 1) * block]).tobytes())
+        parent = h.digest()
+        if lookahead:
+            h = h.copy()
+            h.update(array("q", tokens[(k + 1) * block:(k + 1) * block + lookahead]).tobytes())
+        keys.append(h.digest())
+        k += 1
+    return keys
+
+
+class BlockPool:
+    """Allocation and reference counting of ``num_blocks`` blocks, with content-keyed reuse."""
+
+    def __init__(self, num_blocks: int):
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks = {num_blocks}: must be >= 1")
+        self.num_blocks = num_blocks
+        self.ref = [0] * num_blocks
+        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))   # oldest first
+        self.key_of: list[bytes | None] = [None] * num_blocks
+        self.by_key: dict[bytes, int] = {}
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self.free)
+
+    def allocate(self, n: int) -> list[int] | None:
+        """``n`` blocks with reference count 1, or None (nothing taken) when fewer are free."""
+        if n > len(self.free):
+            return None
+        out = []
+        for _ in range(n):
+            b, _ = self.free.popitem(last=False)
+            key = self.key_of[b]
+            if key is not None:               # its old content is overwritten: forget it
+                del self.by_key[key]
+                self.key_of[b] = None
+            self.ref[b] = 1
+            out.append(b)
+        return out
+
+    def release(self, blocks: list[int]) -> None:
+        for b in blocks:
+            if self.ref[b] <= 0:
+                raise RuntimeError(f"block {b} released more often than taken")
+            self.ref[b] -= 1
+            if self.ref[b] == 0:
+                self.free[b] = None
+
+    def lookup(self, key: bytes) -> int | None:
+        """The block holding content ``key`` (its reference count raised), or None."""
+        b = self.by_key.get(key)
+        if b is None:
+            return None
+        if self.ref[b] == 0:
+            del self.free[b]
+        self.ref[b] += 1
+        return b
+
+    def register(self, block: int, key: bytes) -> None:
+        """Declare that ``block`` (in use) holds the content ``key``: later lookups may share it."""
+        if key in self.by_key or self.key_of[block] is not None:
+            return
+        self.by_key[key] = block
+        self.key_of[block] = key
+
+
+class PagedLatentCache:
+    """The block pool's tensors: kv [layers, blocks, block, r], pe [layers, blocks, block, rope]."""
+
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, num_layers: int,
+                 device=None, dtype=torch.float32):
+        if block_size < 1:
+            raise ValueError(f"block_size = {block_size}: must be >= 1")
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.kv = torch.zeros(num_layers, num_blocks, block_size, cfg.kv_lora_rank, device=device, dtype=dtype)
+        self.pe = torch.zeros(num_layers, num_blocks, block_size, cfg.qk_rope_head_dim, device=device, dtype=dtype)
+
+    @staticmethod
+    def bytes_per_block(cfg: ModelConfig, block_size: int, num_layers: int, dtype=torch.float32) -> int:
+        return num_layers * block_size * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * dtype.itemsize
+
+    def nbytes(self) -> int:
+        return self.kv.nbytes + self.pe.nbytes
+
+    def view(self, tables: list[list[int]], start: torch.Tensor, lengths: list[int]) -> "PagedView":
+        return PagedView(self, tables, start, lengths)
+
+    def read(self, blocks: list[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One sequence's first ``length`` positions, contiguous: kv [layers, length, r], pe [layers, length, rope]."""
+        idx = torch.tensor(blocks, device=self.kv.device)
+        kv = self.kv[:, idx].flatten(1, 2)[:, :length]
+        pe = self.pe[:, idx].flatten(1, 2)[:, :length]
+        return kv, pe
+
+    def write_block(self, block: int, kv: torch.Tensor, pe: torch.Tensor) -> None:
+        """Fill one block from kv [layers, block, r], pe [layers, block, rope] (e.g. read from disk)."""
+        self.kv[:, block] = kv.to(self.kv)
+        self.pe[:, block] = pe.to(self.pe)
+
+
+class PagedView:
+    """What one forward over B sequences sees: row b's new tokens sit at positions
+    start[b] … start[b]+lengths[b]−1 (columns beyond lengths[b] are padding: never written).
+    ``update`` has :class:`dsv3.model.mla.LatentCache`'s contract, so MLA runs on it unchanged."""
+
+    def __init__(self, cache: PagedLatentCache, tables: list[list[int]], start: torch.Tensor, lengths: list[int]):
+        dev = cache.kv.device
+        bs = cache.block_size
+        self.cache = cache
+        self.start = start.to(dev)
+        T = max(lengths)
+        self.end = int((self.start + torch.tensor(lengths, device=dev)).max())     # positions to read
+        width = max(len(t) for t in tables)
+        if self.end > width * bs:
+            raise ValueError(f"the block tables cover {width * bs} positions, the forward needs {self.end}")
+        self.table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=dev)
+        s = torch.arange(self.end, device=dev)
+        self.read_idx = self.table[:, s // bs] * bs + s % bs                           # [B, end] flat slots
+        pos = self.start[:, None] + torch.arange(T, device=dev)                        # [B, T]
+        valid = torch.arange(T, device=dev)[None, :] < torch.tensor(lengths, device=dev)[:, None]
+        self.all_valid = bool(valid.all())
+        pos = pos.clamp(max=self.end - 1)
+        slots = self.read_idx.gather(1, pos)                                           # [B, T]
+        self.write_idx = slots[valid]                                                  # [N valid]
+        self.valid = valid
+        self.T = T
+
+    def update(self, layer: int, start_pos, kv: torch.Tensor, pe: torch.Tensor):
+        """Write kv/pe [B, T, ·] of the valid positions; return every row's cached [B, end, ·]."""
+        if kv.shape[1] != self.T:
+            raise ValueError(f"the view was made for {self.T} new positions per row, got {kv.shape[1]}")
+        kv_flat = self.cache.kv[layer].view(-1, kv.shape[-1])
+        pe_flat = self.cache.pe[layer].view(-1, pe.shape[-1])
+        if self.all_valid:
+            kv_flat[self.write_idx] = kv.reshape(-1, kv.shape[-1]).to(kv_flat.dtype)
+            pe_flat[self.write_idx] = pe.reshape(-1, pe.shape[-1]).to(pe_flat.dtype)
+        else:
+            kv_flat[self.write_idx] = kv[self.valid].to(kv_flat.dtype)
+            pe_flat[self.write_idx] = pe[self.valid].to(pe_flat.dtype)
+        return kv_flat[self.read_idx], pe_flat[self.read_idx]
