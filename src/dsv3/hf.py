@@ -145,11 +145,11 @@ def _scale_name(hf: str) -> str:
     return hf[: -len("weight")] + "weight_scale_inv"
 
 
-def _fp8_keep_plan(model: nn.Module, plan, src: _TensorSource) -> dict[str, nn.Module]:
-    """{module path: module} of the Linears / grouped experts whose checkpoint tensors are all E4M3
-    with their scales, and that can run in FP8: not kv_b_proj (absorbed MLA reads its weight as a
-    matrix), not the head, embedding, gate or norms (plain nn.Linear and GroupedExperts only)."""
-    from .model.moe import GroupedExperts
+def _fp8_keep_plan(model: nn.Module, plan, src: _TensorSource) -> set[str]:
+    """Paths of the Linears / grouped experts whose checkpoint tensors are all E4M3 with their
+    scales and that can run in FP8 (``fp8_inference_candidates``: not kv_b_proj, not the head;
+    embedding, gate and norms are not candidates)."""
+    from .fp8.inference import fp8_inference_candidates
 
     hf_of: dict[str, list[str]] = {}
     for key, hf, _, _ in plan:
@@ -161,14 +161,8 @@ def _fp8_keep_plan(model: nn.Module, plan, src: _TensorSource) -> dict[str, nn.M
         return bool(names) and all(hf in available and _scale_name(hf) in available
                                    and src.dtype(hf) == "F8_E4M3" for hf in names)
 
-    out: dict[str, nn.Module] = {}
-    for path, m in model.named_modules():
-        if type(m) is nn.Linear and m.bias is None and "." in path:
-            if path.rsplit(".", 1)[1] not in ("kv_b_proj", "lm_head") and stored_fp8(path + ".weight"):
-                out[path] = m
-        elif isinstance(m, GroupedExperts) and stored_fp8(path + ".w13") and stored_fp8(path + ".w2"):
-            out[path] = m
-    return out
+    return {path for path, m in fp8_inference_candidates(model).items()
+            if all(stored_fp8(f"{path}.{w}") for w in (("weight",) if isinstance(m, nn.Linear) else ("w13", "w2")))}
 
 
 def load_pretrained(path: str | os.PathLike, device=None, dtype: torch.dtype | None = None,
@@ -229,20 +223,16 @@ def load_pretrained(path: str | os.PathLike, device=None, dtype: torch.dtype | N
                        + (" …" if len(unexpected) > 20 else ""))
         raise ValueError("\n".join(msg))
 
-    kept = _fp8_keep_plan(model, plan, src) if keep else {}
+    kept = _fp8_keep_plan(model, plan, src) if keep else set()
+    kept_keys = set()
     if kept:
-        from .fp8.inference import FP8InferenceExperts, FP8InferenceLinear
+        from .fp8.inference import convert_to_fp8_inference
         from .fp8.quant import FP8_DTYPE
 
-        for mpath, m in kept.items():
-            parent, name = mpath.rsplit(".", 1)
-            new = (FP8InferenceLinear(m.in_features, m.out_features, device="meta") if isinstance(m, nn.Linear)
-                   else FP8InferenceExperts(m.num_experts, m.dim, m.inter, device="meta"))
-            setattr(model.get_submodule(parent), name, new)
+        convert_to_fp8_inference(model, select=kept.__contains__)     # empty FP8 modules (meta)
+        kept_keys = {k for k, v in model.state_dict().items() if v.dtype == FP8_DTYPE}
         model.cfg.quantization_config = copy.deepcopy(qcfg) or {
             "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
-    kept_keys = {p + ".weight" for p, m in kept.items() if isinstance(m, nn.Linear)}
-    kept_keys |= {p + s for p, m in kept.items() if not isinstance(m, nn.Linear) for s in (".w13", ".w2")}
 
     state = {}
     shapes = {k: v for k, v in model.state_dict().items()}
@@ -252,7 +242,7 @@ def load_pretrained(path: str | os.PathLike, device=None, dtype: torch.dtype | N
             state[key] = torch.zeros(shapes[key].shape, dtype=torch.float32)
             continue
         if key in kept_keys:
-            _read_fp8_into(state, shapes, src, key, hf, e, part, inter, FP8_DTYPE)
+            _read_fp8_into(state, shapes, src, key, hf, e, part, inter)
             continue
         keep_fp32 = key.endswith("e_score_correction_bias")
         t = _read(src, hf, torch.float32 if keep_fp32 else dtype)
@@ -282,7 +272,7 @@ def load_pretrained(path: str | os.PathLike, device=None, dtype: torch.dtype | N
     return model
 
 
-def _read_fp8_into(state, shapes, src, key, hf, e, part, inter, fp8_dtype) -> None:
+def _read_fp8_into(state, shapes, src, key, hf, e, part, inter) -> None:
     """Put the E4M3 tensor `hf` and its scales into `state[key]` / `state[key + "_scale_inv"]`
     (for a stacked expert weight: into expert `e`'s rows of them)."""
     from .fp8.inference import expand_block_scales
@@ -302,7 +292,7 @@ def _read_fp8_into(state, shapes, src, key, hf, e, part, inter, fp8_dtype) -> No
         return
     full = state.get(key)
     if full is None:
-        full = state[key] = torch.empty(shapes[key].shape, dtype=fp8_dtype)
+        full = state[key] = torch.empty(shapes[key].shape, dtype=torch.float8_e4m3fn)
         state[skey] = torch.empty(shapes[skey].shape, dtype=torch.float32)
     fs = state[skey]
     target = {"gate_proj": full[e, :inter], "up_proj": full[e, inter:], "down_proj": full[e]}[part]

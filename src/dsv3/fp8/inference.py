@@ -33,7 +33,11 @@ from .linear import _out_dtype, _quant_act
 from .quant import BLOCK, FP8_DTYPE, _cdiv, quantize_weight
 
 __all__ = ["FP8InferenceLinear", "FP8InferenceExperts", "dequantize_fp8", "expand_block_scales",
-           "fp8_weight_bytes"]
+           "fp8_weight_bytes", "fp8_inference_candidates", "convert_to_fp8_inference", "HIGH_PRECISION"]
+
+# Linears never run in FP8 here: kv_b_proj (absorbed MLA reads its weight as a matrix; small) and
+# the output head (never FP8 in the release). Embedding, norms and the MoE gate are not nn.Linear.
+HIGH_PRECISION = ("kv_b_proj", "lm_head")
 
 
 def expand_block_scales(s: torch.Tensor, n: int, block: int = BLOCK) -> torch.Tensor:
@@ -183,6 +187,47 @@ class FP8InferenceExperts(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, dim={self.dim}, inter={self.inter}, fp8 e4m3 weights "
                 + ("(w13 row scales)" if self.w13_row_scales else "128x128 scales"))
+
+
+def _is_grouped_experts(m: nn.Module) -> bool:
+    return (isinstance(getattr(m, "w13", None), nn.Parameter) and isinstance(getattr(m, "w2", None), nn.Parameter)
+            and all(hasattr(m, a) for a in ("num_experts", "dim", "inter"))
+            and not isinstance(m, FP8InferenceExperts))
+
+
+def fp8_inference_candidates(model: nn.Module, skip=HIGH_PRECISION) -> dict[str, nn.Module]:
+    """{module path: module} of what can run in FP8: bias-free ``nn.Linear`` children not named in
+    `skip`, and grouped-experts modules (stacked ``w13``/``w2``, duck-typed as in fp8/model.py)."""
+    out = {}
+    for path, m in model.named_modules():
+        if not path:
+            continue
+        if type(m) is nn.Linear and m.bias is None and path.rsplit(".", 1)[-1] not in skip:
+            out[path] = m
+        elif _is_grouped_experts(m):
+            out[path] = m
+    return out
+
+
+def convert_to_fp8_inference(model: nn.Module, select=None, skip=HIGH_PRECISION,
+                             backend: str = "auto") -> nn.Module:
+    """Replace the candidates (:func:`fp8_inference_candidates`; only those whose path `select`
+    accepts, when given) by FP8 inference modules, in place; returns `model`. Weights are
+    quantised 128×128 as ``save_pretrained(fp8=True)`` does; on the ``meta`` device empty FP8
+    modules are made (what ``load_pretrained(fp8="keep")`` then fills from the checkpoint)."""
+    for path, m in fp8_inference_candidates(model, skip).items():
+        if select is not None and not select(path):
+            continue
+        meta = (m.weight if isinstance(m, nn.Linear) else m.w13).is_meta
+        if isinstance(m, nn.Linear):
+            new = (FP8InferenceLinear(m.in_features, m.out_features, device="meta", backend=backend) if meta
+                   else FP8InferenceLinear.from_linear(m, backend))
+        else:
+            new = (FP8InferenceExperts(m.num_experts, m.dim, m.inter, device="meta", backend=backend) if meta
+                   else FP8InferenceExperts.from_experts(m, backend))
+        parent, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, name, new)
+    return model
 
 
 def fp8_weight_bytes(model: nn.Module) -> dict:

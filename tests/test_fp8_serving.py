@@ -1,0 +1,248 @@
+"""FP8 checkpoints served with their E4M3 weights kept (issue 11, item 6): ``load_pretrained(...,
+fp8="keep"|"dequant"|"auto")``, ``FP8InferenceLinear`` / ``FP8InferenceExperts``, ``--fp8``."""
+
+import argparse
+import io
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import dsv3
+from dsv3 import Transformer
+from dsv3.fp8 import (FP8InferenceExperts, FP8InferenceLinear, dequantize_activation, e4m3_error_bound,
+                      fp8_weight_bytes, quantize_activation)
+from dsv3.fp8.inference import convert_to_fp8_inference
+from dsv3.infer.generate import add_arguments, generate, generate_text, load_model_dir
+from dsv3.model.moe import GroupedExperts
+from helpers import small_config
+
+E4M3 = torch.float8_e4m3fn
+# every FP8 Linear's N and K a multiple of 128 (kv_b_proj, kept in high precision, is 192 wide)
+ALIGNED = dict(vocab_size=128, hidden_size=128, intermediate_size=256, moe_intermediate_size=128,
+               q_lora_rank=128, kv_lora_rank=96, num_attention_heads=2, qk_nope_head_dim=32,
+               qk_rope_head_dim=32, v_head_dim=64, initializer_range=0.05)
+# partial blocks in both dims (160 = 128 + 32, 200, 136) and an expert width (48) off the 128 grid
+RAGGED = dict(vocab_size=300, hidden_size=160, intermediate_size=200, moe_intermediate_size=48,
+              q_lora_rank=136, initializer_range=0.05)
+CONFIGS = {"aligned": ALIGNED, "ragged": RAGGED}
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """{name: directory} of FP8 checkpoints (save_pretrained(fp8=True)) of random models."""
+    out = {}
+    for i, (name, kw) in enumerate(CONFIGS.items()):
+        torch.manual_seed(i)
+        d = tmp_path_factory.mktemp(f"fp8_{name}")
+        dsv3.save_pretrained(Transformer(small_config(**kw)), d, fp8=True)
+        out[name] = str(d)
+    return out
+
+
+def fake_quant_reference(model, kept):
+    """`model` (dequantised) with the inputs of the modules that `kept` runs in FP8 quantised and
+    dequantised 1×128 — the numbers the FP8 GEMMs multiply, computed with ordinary matmuls."""
+    fq = lambda x: dequantize_activation(*quantize_activation(x), dtype=x.dtype)  # noqa: E731
+    paths = {p for p, m in kept.named_modules() if isinstance(m, (FP8InferenceLinear, FP8InferenceExperts))}
+    for path, m in model.named_modules():
+        if path not in paths:
+            continue
+        if isinstance(m, nn.Linear):
+            m.register_forward_pre_hook(lambda mod, args: (fq(args[0]),))
+        else:
+            assert isinstance(m, GroupedExperts)
+
+            def forward(x, counts, m=m):
+                h = torch.cat([seg @ m.w13[e].t() for e, seg in enumerate(fq(x).split(counts.tolist()))])
+                a = fq(torch.nn.functional.silu(h[:, :m.inter]) * h[:, m.inter:])
+                return torch.cat([seg @ m.w2[e].t() for e, seg in enumerate(a.split(counts.tolist()))])
+            m.forward = forward
+    return model
+
+
+def test_kept_weights_are_the_checkpoints_e4m3_and_scales(checkpoints, one_thread):
+    from safetensors.torch import load_file
+
+    path = checkpoints["aligned"]
+    stored = load_file(os.path.join(path, "model.safetensors"))
+    m = dsv3.load_pretrained(path, fp8="keep")
+    attn, moe = m.layers[1].self_attn, m.layers[1].mlp
+    for lin, hf in [(attn.q_a_proj, "model.layers.1.self_attn.q_a_proj"), (attn.o_proj, "model.layers.1.self_attn.o_proj"),
+                    (m.layers[0].mlp.down_proj, "model.layers.0.mlp.down_proj"),
+                    (moe.shared_experts.up_proj, "model.layers.1.mlp.shared_experts.up_proj"),
+                    (m.mtp[0].eh_proj, "model.layers.3.eh_proj")]:
+        assert isinstance(lin, FP8InferenceLinear) and lin.weight.dtype == E4M3
+        assert lin.weight_scale_inv.dtype == torch.float32
+        assert torch.equal(lin.weight.view(torch.uint8), stored[hf + ".weight"].view(torch.uint8))
+        assert torch.equal(lin.weight_scale_inv, stored[hf + ".weight_scale_inv"])
+    ex = moe.experts
+    assert isinstance(ex, FP8InferenceExperts) and ex.w13.dtype == ex.w2.dtype == E4M3
+    assert tuple(ex.w13_scale_inv.shape) == (8, 2, 1) and tuple(ex.w2_scale_inv.shape) == (8, 1, 1)
+    e = "model.layers.1.mlp.experts.5"
+    assert torch.equal(ex.w13[5, 128:].view(torch.uint8), stored[e + ".up_proj.weight"].view(torch.uint8))
+    assert torch.equal(ex.w13_scale_inv[5, 1:], stored[e + ".up_proj.weight_scale_inv"])
+    assert torch.equal(ex.w2_scale_inv[5], stored[e + ".down_proj.weight_scale_inv"])
+    # in high precision: kv_b_proj (absorbed MLA reads its matrix), head, embedding, gate, norms
+    assert type(attn.kv_b_proj) is nn.Linear and attn.kv_b_proj.weight.dtype == torch.float32
+    assert type(m.lm_head) is nn.Linear and m.embed_tokens.weight.dtype == torch.float32
+    assert moe.gate.weight.dtype == torch.float32 and moe.gate.e_score_correction_bias.dtype == torch.float32
+    assert m.cfg.quantization_config["quant_method"] == "fp8"
+    # no parameter needs a gradient; .to(dtype) moves nothing out of E4M3
+    assert not any(p.requires_grad for n, p in m.named_parameters() if p.dtype == E4M3)
+    m.to(torch.bfloat16)
+    assert attn.q_a_proj.weight.dtype == E4M3 and attn.q_a_proj.weight_scale_inv.dtype == torch.float32
+    assert ex.w13.dtype == E4M3 and m.embed_tokens.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_kept_logits_equal_dequantised_model_with_quantised_activations(checkpoints, name, one_thread):
+    kept = dsv3.load_pretrained(checkpoints[name], fp8="keep").eval()
+    deq = dsv3.load_pretrained(checkpoints[name], fp8="dequant").eval()
+    if name == "ragged":
+        assert kept.layers[1].mlp.experts.w13_row_scales       # I = 48: one scale row per weight row
+    x = torch.randint(0, kept.cfg.vocab_size, (6, 16), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        a, plain = kept(x), deq(x)
+        a_mtp = kept.forward_train(x).mtp_logits[0]
+        ref = fake_quant_reference(deq, kept)
+        b, b_mtp = ref(x), ref.forward_train(x).mtp_logits[0]
+    # the FP8 GEMMs = the same E4M3 products in FP32, up to summation order: ~4e-7 per position.
+    # Summation order can move an activation across an E4M3 rounding boundary (or flip a near-tie
+    # in routing); the change then spreads to the later positions of its row — hence the median.
+    for u, v in ((a, b), (a_mtp, b_mtp)):
+        per_position = (u - v).norm(dim=-1) / v.norm(dim=-1)
+        assert per_position.median() < 1e-5, per_position
+    # and activation quantisation alone moves the logits of these random models by ~10% (about as
+    # much as quantising the weights did: random networks amplify it; the trained quickstart model
+    # agrees on ≥ 95% of greedy tokens, benchmarks/fp8_serving.py)
+    assert rel_err(a, plain) < 0.25
+
+
+def test_fp8_modules_within_the_activation_quantisation_bound(one_thread):
+    g = torch.Generator().manual_seed(3)
+    for n, k in [(256, 384), (200, 160), (1, 130)]:
+        lin = nn.Linear(k, n, bias=False)
+        nn.init.normal_(lin.weight, generator=g)
+        f = FP8InferenceLinear.from_linear(lin)
+        w = f.dequantized_weight()
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(3, 5, k, generator=g).to(dtype)
+            y = f(x)
+            assert y.dtype == dtype and y.shape == (3, 5, n)
+            xf = x.float()
+            _, s = quantize_activation(xf)
+            bound = e4m3_error_bound(xf, s.repeat_interleave(128, -1)[..., :k]) @ w.abs().t()
+            err = (y.float() - xf @ w.t()).abs()
+            slack = 1e-5 * (xf.abs() @ w.abs().t()) + (0 if dtype == torch.float32 else y.float().abs() * 2 ** -8)
+            assert bool((err <= bound + slack).all())
+    ge = GroupedExperts(4, 160, 48)
+    nn.init.normal_(ge.w13, generator=g)
+    nn.init.normal_(ge.w2, generator=g)
+    fe = FP8InferenceExperts.from_experts(ge)
+    w13, w2 = fe.dequantized_weights()
+    assert rel_err(w13, ge.w13) < 0.05 and rel_err(w2, ge.w2) < 0.05
+    x, counts = torch.randn(13, 160, generator=g), torch.tensor([5, 0, 6, 2])
+    ref = GroupedExperts(4, 160, 48)
+    ref.w13.data, ref.w2.data = w13, w2
+    assert rel_err(fe(x, counts), ref(x, counts)) < 0.06                  # E4M3 activations: ≤ 2^-4 each
+    assert fe(x[:0], torch.zeros(4, dtype=torch.long)).shape == (0, 160)
+
+
+def test_kept_weight_bytes_are_at_most_055_of_the_bf16_load(checkpoints, one_thread):
+    kept = dsv3.load_pretrained(checkpoints["aligned"], fp8="keep", dtype=torch.bfloat16)
+    bf16 = dsv3.load_pretrained(checkpoints["aligned"], fp8="dequant", dtype=torch.bfloat16)
+    kb, bb = fp8_weight_bytes(kept), fp8_weight_bytes(bf16)
+    assert bb["fp8"] == 0 and kb["fp8"] > 0 and kb["scales"] > 0
+    assert kb["total"] <= 0.55 * bb["total"], (kb, bb)
+    # the same count for DeepSeek-V3 itself, on the meta device (no memory)
+    with torch.device("meta"):
+        m = Transformer(dsv3.ModelConfig.preset("deepseek-v3").replace(num_hidden_layers=4))
+    dense = fp8_weight_bytes(m.to(torch.bfloat16))["total"]
+    assert fp8_weight_bytes(convert_to_fp8_inference(m))["total"] <= 0.55 * dense
+
+
+def _tokenizer_dir(path, model_dir):
+    from dsv3.data import Tokenizer
+
+    docs = ["def main(argv):\n    return 0\n", "import os\nimport sys\n", "for i in range(10):\n    print(i)\n"] * 20
+    Tokenizer.train(docs, vocab_size=300).save(path)
+    for f in os.listdir(model_dir):
+        os.symlink(os.path.join(model_dir, f), os.path.join(path, f))
+    return str(path)
+
+
+def test_generate_end_to_end_with_kept_weights(checkpoints, tmp_path, one_thread, capsys):
+    path = _tokenizer_dir(tmp_path / "m", checkpoints["ragged"])
+    model, tok = load_model_dir(path, "cpu")                       # auto: FP8 checkpoint → kept
+    assert isinstance(model.layers[0].self_attn.q_a_proj, FP8InferenceLinear)
+    prompt = tok.encode("def main(")
+    out = generate(model, prompt, 12, temperature=0)
+    # cached decoding (absorbed attention) = full forwards over the growing sequence
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(12):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    assert out == seq[len(prompt):]
+    text = generate_text(model, tok, "import os", 8, temperature=0.8, stream=io.StringIO())
+    assert text.startswith("import os")
+    # the CLI: --fp8 keep / dequant both generate
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    from dsv3.infer.generate import run
+    for mode in ("keep", "dequant"):
+        args = p.parse_args(["--model", path, "--prompt", "def ", "--max-new-tokens", "6", "--temperature", "0",
+                             "--device", "cpu", "--fp8", mode])
+        assert run(args) == 0
+        assert capsys.readouterr().out.startswith("def ")
+    assert p.parse_args(["--model", path, "--prompt", "x"]).fp8 == "auto"
+    # a prefix-cache fingerprint reads the E4M3 weights too
+    from dsv3.infer.prefix_cache import model_fingerprint
+    assert model_fingerprint(model) != model_fingerprint(load_model_dir(path, "cpu", fp8="dequant")[0])
+
+
+def test_load_model_dir_dequant_is_the_old_behaviour(checkpoints, tmp_path, one_thread):
+    path = _tokenizer_dir(tmp_path / "m", checkpoints["aligned"])
+    model, _ = load_model_dir(path, "cpu", fp8="dequant")
+    old = dsv3.load_pretrained(path)                               # the library default: dequantise
+    assert not any(isinstance(m, (FP8InferenceLinear, FP8InferenceExperts)) for m in model.modules())
+    assert model.cfg.quantization_config is None
+    sd, sd_old = model.state_dict(), old.state_dict()
+    assert sd.keys() == sd_old.keys() and all(torch.equal(sd[k], sd_old[k]) for k in sd)
+    # a plain (BF16/FP32) checkpoint loads the same whatever the mode
+    plain = tmp_path / "plain"
+    dsv3.save_pretrained(old, plain)
+    for mode in ("auto", "keep"):
+        m = dsv3.load_pretrained(plain, fp8=mode)
+        assert not any(p.dtype == E4M3 for p in m.parameters())
+
+
+def test_kept_model_saves_back_to_the_same_checkpoint(checkpoints, tmp_path, one_thread):
+    from safetensors.torch import load_file
+
+    kept = dsv3.load_pretrained(checkpoints["ragged"], fp8="keep")
+    dsv3.save_pretrained(kept, tmp_path, fp8=True)
+    a = load_file(os.path.join(checkpoints["ragged"], "model.safetensors"))
+    b = load_file(tmp_path / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        if a[k].dtype == E4M3:
+            assert torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)), k
+        else:
+            assert torch.allclose(a[k].float(), b[k].float(), rtol=1e-6, atol=0), k
+
+
+def test_bad_fp8_values_are_refused(checkpoints, tmp_path):
+    with pytest.raises(ValueError, match="fp8"):
+        dsv3.load_pretrained(checkpoints["aligned"], fp8="bf16")
+    with pytest.raises(ValueError, match="--fp8"):
+        load_model_dir(checkpoints["aligned"], "cpu", fp8=True)
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    with pytest.raises(SystemExit):
+        p.parse_args(["--model", "x", "--prompt", "y", "--fp8", "fp16"])
