@@ -1,193 +1,651 @@
-"""``dsv3 serve``: an HTTP server over the batched engine, with OpenAI-style completions.
+"""``dsv3 serve``: the OpenAI API over the batched engine.
 
-    dsv3 serve --model RUN/final [--host 127.0.0.1] [--port 8000] [--max-batch 8]
-               [--prefix-cache DIR_OR_URL [--prefix-block 64]] [--speculative]
+    dsv3 serve --model RUN/final [--host 127.0.0.1] [--port 8000] [--max-batch 8] [--cache-memory GB]
+               [--prefix-cache DIR_OR_URL] [--speculative] [--api-key KEY] [--served-model-name NAME]
+               [--max-body-bytes N] [--shutdown-grace S] [--fp8 auto|keep|dequant] [--device DEV]
 
-    POST /v1/completions  {"prompt": "def ", "max_tokens": 64, "temperature": 0.8, "top_p": 0.95,
-                           "top_k": 0, "seed": 0, "stream": false}
-    GET  /v1/models, GET /health
+    POST /v1/completions, POST /v1/chat/completions      whole or streamed (server-sent events)
+    GET  /v1/models, GET /v1/models/{id}
+    GET  /health (200 with the engine's counters; 503 while draining or once the engine has stopped)
+    GET  /metrics (Prometheus)
 
-One background thread runs the engine (:class:`dsv3.infer.engine.Engine`): every request in flight
-shares its batched decode steps; ``"stream": true`` returns server-sent events, one per piece of
-text, then ``data: [DONE]``. A bad request gets HTTP 400 (or 422 for a malformed body) naming the
-field. fastapi and uvicorn are needed (``pip install 'dsv3[serve]'``); importing this module is not
-enough to need them.
+The engine runs on its own thread (:class:`dsv3.infer.worker.EngineWorker`); handlers only post
+requests to it and read the tokens it hands back through the event loop, so no handler waits on a
+step. Request bodies are read with a size limit, validated strictly
+(:mod:`dsv3.infer.openai_protocol`), tokenised and templated on a worker thread. Every error is
+answered in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``. A client that goes
+away has its requests aborted at once. SIGTERM (or Ctrl-C) stops taking requests (503), lets those
+in flight finish for up to ``--shutdown-grace`` seconds, aborts the rest and exits 0.
+
+fastapi, uvicorn, prometheus_client and jinja2 are needed (``pip install 'dsv3[serve]'``);
+importing this module is not enough to need them.
 """
 
-import argparse                 # no `from __future__ import annotations`: FastAPI reads the body type
+import argparse                 # no `from __future__ import annotations`: FastAPI reads handler types
 import asyncio
-import json
+import hmac
+import logging
+import math
 import os
-import threading
+import secrets
 import time
 import uuid
 
-from .engine import Engine
+from .openai_protocol import (APIError, ChatCompletionRequest, CompletionRequest, check, error_body,
+                              error_type, parse_body, validate)
+
+SEED_STEP = 0x9E3779B97F4A7C15              # choice j of a request samples with seed + j·SEED_STEP (mod 2^63)
+DEFAULT_MAX_BODY = 8 << 20
 
 
-class TextStream:
-    """Incremental detokenisation: the text a growing list of ids adds, withheld while it ends in a
-    partial UTF-8 character."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.shown = tokenizer, [], 0
-
-    def push(self, tid: int) -> str:
-        self.ids.append(tid)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        piece, self.shown = text[self.shown:], len(text)
-        return piece
+def choice_seed(seed: int, j: int) -> int:
+    return (seed + j * SEED_STEP) % (1 << 63)
 
 
-class EngineWorker:
-    """Runs ``engine.step()`` on a background thread whenever there is work; thread-safe submit."""
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stop = False
-        self._thread = threading.Thread(target=self._loop, name="dsv3-engine", daemon=True)
-        self._thread.start()
-
-    def submit(self, *args, **kwargs):
-        with self._lock:
-            req = self.engine.submit(*args, **kwargs)
-        self._wake.set()
-        return req
-
-    def _loop(self):
-        while not self._stop:
-            self._wake.wait(timeout=0.5)
-            self._wake.clear()
-            while not self._stop:
-                with self._lock:
-                    if self.engine.idle:
-                        break
-                    self.engine.step()
-
-    def close(self):
-        self._stop = True
-        self._wake.set()
-        self._thread.join(timeout=5)
+class ClientGone(Exception):
+    """The client closed its connection before the answer was ready."""
 
 
-def create_app(model, tokenizer, model_name: str = "dsv3", max_batch: int = 8, prefix_cache=None,
-               speculative: bool = False):
+class ServerState:
+    """What the handlers share."""
+
+    def __init__(self, worker, tokenizer, model_name: str, template, api_key: str | None, max_body_bytes: int,
+                 shutdown_grace: float):
+        from .detokenize import TokenBytes
+        from .metrics import ServerMetrics
+
+        self.worker, self.tokenizer, self.model_name, self.template = worker, tokenizer, model_name, template
+        self.api_key, self.max_body_bytes, self.shutdown_grace = api_key, max_body_bytes, shutdown_grace
+        self.tb = TokenBytes(tokenizer)
+        self.metrics = ServerMetrics(worker)
+        self.created = int(time.time())
+        self.draining_since: float | None = None
+        engine = worker.engine
+        self.max_len = engine.max_len
+        self.vocab_size = engine.model.cfg.vocab_size
+        self.stop_ids = {tokenizer.eos_id} if tokenizer.eos_id is not None else set()
+
+    def begin_drain(self) -> None:
+        if self.draining_since is None:
+            self.draining_since = time.monotonic()
+
+    def check_serving(self) -> None:
+        if self.draining_since is not None:
+            raise APIError(503, "the server is shutting down", code="shutting_down")
+        if not self.worker.alive:
+            raise APIError(503, f"the engine has stopped: {self.worker.error}", code="engine_dead")
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"The model `{model}` does not exist. This server serves `{self.model_name}`.",
+                           param="model", code="model_not_found")
+
+
+# --------------------------------------------------------------------------------------- request plumbing
+async def read_json(request, limit: int) -> dict:
+    """The request's JSON object, read with a size limit (413) and parsed strictly (400)."""
+    length = request.headers.get("content-length")
+    if length is not None:
+        check(length.isdigit(), "invalid Content-Length header", None)
+        if int(length) > limit:
+            raise APIError(413, f"the request body has {int(length)} bytes; the limit is {limit} (--max-body-bytes)",
+                           code="request_too_large")
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf += chunk
+        if len(buf) > limit:
+            raise APIError(413, f"the request body exceeds {limit} bytes (--max-body-bytes)", code="request_too_large")
+    if len(buf) > (256 << 10):
+        return await asyncio.to_thread(parse_body, bytes(buf))
+    return parse_body(bytes(buf))
+
+
+async def until_disconnected(receive) -> None:
+    """Returns when the client has gone (``http.disconnect``)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def tokenize_prompts(st: ServerState, prompts: list) -> list[list[int]]:
+    """Token ids of each prompt (strings encoded, id lists checked); an empty string becomes the
+    beginning-of-sentence token. Runs on a worker thread."""
+    texts = [p for p in prompts if isinstance(p, str)]
+    encoded = iter(st.tokenizer.encode_batch(texts) if texts else [])
+    out = []
+    for i, p in enumerate(prompts):
+        ids = next(encoded) if isinstance(p, str) else p
+        if not ids:
+            check(st.tokenizer.bos_id is not None, f"prompt[{i}] is empty", "prompt")
+            ids = [st.tokenizer.bos_id]
+        bad = next((t for t in ids if not 0 <= t < st.vocab_size), None)
+        check(bad is None, f"prompt: token id {bad} is outside the vocabulary [0, {st.vocab_size})", "prompt")
+        out.append(list(ids))
+    return out
+
+
+def sampling_params(st: ServerState, body):
+    from .sampling import SamplingParams
+
+    try:
+        return SamplingParams(temperature=1.0 if body.temperature is None else body.temperature,
+                              top_k=max(body.top_k or 0, 0), top_p=1.0 if body.top_p is None else body.top_p,
+                              presence_penalty=body.presence_penalty or 0.0,
+                              frequency_penalty=body.frequency_penalty or 0.0,
+                              logit_bias=body.bias(st.vocab_size))
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
+
+
+def max_new_tokens(st: ServerState, prompt_len: int, asked: int | None, default: int | None, prompt_param: str,
+                   tokens_param: str) -> int:
+    """The tokens to generate: ``asked`` if it fits the context (else 400), otherwise ``default``
+    (None: the rest of the context) cut to fit."""
+    room = st.max_len - prompt_len
+    if room < 1:
+        raise APIError(400, f"This model's maximum context length is {st.max_len} tokens; the prompt has "
+                            f"{prompt_len}, which leaves no room for a completion.", param=prompt_param,
+                       code="context_length_exceeded")
+    if asked is None:
+        return room if default is None else min(default, room)
+    if prompt_len + asked > st.max_len:
+        raise APIError(400, f"This model's maximum context length is {st.max_len} tokens. However, you requested "
+                            f"{prompt_len + asked} tokens ({prompt_len} in the prompt, {asked} for the completion). "
+                            f"Reduce the prompt or {tokens_param}.", param=tokens_param,
+                       code="context_length_exceeded")
+    return asked
+
+
+def start_all(st: ServerState, gens: list, prompt_param: str) -> asyncio.Queue:
+    """Submit every stream; on any refusal abort those already submitted and raise the API error."""
+    from .engine import ContextOverflow
+
+    loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+    try:
+        for g in gens:
+            g.start(loop, queue)
+    except BaseException as e:
+        for g in gens:
+            g.abort()
+        if isinstance(e, ContextOverflow):
+            raise APIError(400, str(e), param=prompt_param, code="context_length_exceeded") from None
+        if isinstance(e, ValueError):
+            raise APIError(400, str(e)) from None
+        if isinstance(e, RuntimeError):
+            raise APIError(503, str(e), code="engine_unavailable") from None
+        raise
+    return queue
+
+
+async def deltas(st: ServerState, gens: list, queue: asyncio.Queue):
+    """Every delta of ``gens`` as it arrives, until all are finished; an engine that stops leaves
+    no stream waiting."""
+    left = sum(not g.finished for g in gens)
+    while left:
+        try:
+            g = await asyncio.wait_for(queue.get(), timeout=1.0)
+        except asyncio.TimeoutError:
+            if not st.worker.alive:
+                raise APIError(503, f"the engine has stopped: {st.worker.error}", code="engine_dead") from None
+            continue
+        was_finished = g.finished
+        d = g.advance()
+        if g.finished and not was_finished:
+            left -= 1
+            if g.error is not None:
+                raise APIError(500, f"the request failed in the engine: {g.error}", code="engine_error")
+        if d is not None:
+            yield d
+
+
+async def run_whole(st: ServerState, gens: list, queue: asyncio.Queue, request) -> None:
+    """Wait for all of ``gens`` to finish, aborting them if the client goes away."""
+    async def consume():
+        async for _ in deltas(st, gens, queue):
+            pass
+
+    task = asyncio.ensure_future(consume())
+    watch = asyncio.ensure_future(until_disconnected(request.receive))
+    try:
+        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            task.result()
+            return
+        raise ClientGone()
+    finally:
+        watch.cancel()
+        task.cancel()
+        for g in gens:
+            if not g.finished:
+                g.abort()
+
+
+def stream_response(st: ServerState, gens: list, queue: asyncio.Queue, request, head, chunks, tail):
+    """Server-sent events: ``head()`` (chunks before any token), ``chunks(delta)`` per delta,
+    ``tail()`` (the usage chunk), then ``[DONE]``; an error mid-stream is sent as an error event.
+    A client that disconnects has its requests aborted at once."""
+    from fastapi.responses import StreamingResponse
+
+    from .openai_responses import sse
+
+    def abort_all(_=None):
+        for g in gens:
+            if not g.finished:
+                g.abort()
+
+    async def events():
+        watch = asyncio.ensure_future(until_disconnected(request.receive))
+        watch.add_done_callback(lambda t: None if t.cancelled() else abort_all())
+        try:
+            for c in head():
+                yield sse(c)
+            async for d in deltas(st, gens, queue):
+                for c in chunks(d):
+                    yield sse(c)
+            for c in tail():
+                yield sse(c)
+        except APIError as e:
+            yield sse(e.body())
+        finally:
+            watch.cancel()
+            abort_all()
+        yield sse("[DONE]")
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+# --------------------------------------------------------------------------------------- endpoints
+async def completions(st: ServerState, request):
+    """``POST /v1/completions``."""
+    from .generation_stream import GenerationStream
+    from .openai_responses import completion_logprobs, merge_logprobs, usage
+
+    arrival = time.monotonic()
+    st.check_serving()
+    body = validate(CompletionRequest, await read_json(request, st.max_body_bytes))
+    st.check_model(body.model)
+    check(not body.suffix, "suffix: not supported by this server", "suffix")
+    prompts = body.prompts()
+    stops = body.stop_strings()
+    include_usage = body.include_usage()
+    n = body.n or 1
+    best_of = body.best_of or n
+    check(best_of >= n, f"best_of ({best_of}) must be >= n ({n})", "best_of")
+    check(not (body.stream and best_of > n), "best_of > n cannot be streamed", "best_of")
+    check(len(prompts) * best_of <= 64, f"{len(prompts)} prompts × {best_of} choices: at most 64 per request", "n")
+    echo = bool(body.echo)
+    check(body.max_tokens != 0 or echo, "max_tokens: must be >= 1 (0 is allowed with echo only)", "max_tokens")
+    params = sampling_params(st, body)
+    ids_list = await asyncio.to_thread(tokenize_prompts, st, prompts)
+    seed = secrets.randbits(63) if body.seed is None else body.seed
+    engine_logprobs = body.logprobs if body.logprobs is not None else (0 if best_of > n else None)
+    gens, echo_texts = [], []
+    for i, ids in enumerate(ids_list):
+        hide = body.max_tokens == 0
+        mt = max_new_tokens(st, len(ids), 1 if hide else body.max_tokens, 16, "prompt", "max_tokens")
+        p = prompts[i]
+        echo_texts.append(p if isinstance(p, str) else st.tokenizer.decode(ids, skip_special_tokens=True))
+        for j in range(best_of):
+            gens.append(GenerationStream(
+                st.worker, st.tb, i * n + j, ids, mt, params, choice_seed(seed, j), stops, st.stop_ids,
+                logprobs=engine_logprobs,
+                prompt_logprobs=body.logprobs if echo and body.logprobs is not None else None,
+                hide_output=hide, metrics=st.metrics, arrival=arrival))
+    queue = start_all(st, gens, "prompt")
+    cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    want_lp = body.logprobs is not None
+
+    def prompt_part(g):
+        text = echo_texts[g.index // n] if echo else ""
+        lp = completion_logprobs(g.prompt_tokens_out()) if echo and want_lp else None
+        return text, lp
+
+    def the_usage():
+        return usage(sum(len(x) for x in ids_list), sum(g.output_tokens for g in gens if not g.hide_output),
+                     sum(g.cached_tokens for g in gens[::best_of]))
+
+    if body.stream:
+        def chunk(index, text, lp=None, finish=None):
+            c = {"id": cid, "object": "text_completion", "created": created, "model": st.model_name,
+                 "choices": [{"index": index, "text": text, "logprobs": lp, "finish_reason": finish}]}
+            if include_usage:
+                c["usage"] = None
+            return c
+
+        def head():
+            return [chunk(g.index, *prompt_part(g)) for g in gens] if echo else []
+
+        def chunks(d):
+            shift = len(echo_texts[d.index // n]) if echo else 0
+            return [chunk(d.index, d.text, completion_logprobs(d.tokens, shift) if want_lp else None,
+                          d.finish_reason)]
+
+        def tail():
+            if not include_usage:
+                return []
+            return [{"id": cid, "object": "text_completion", "created": created, "model": st.model_name,
+                     "choices": [], "usage": the_usage()}]
+
+        return stream_response(st, gens, queue, request, head, chunks, tail)
+
+    await run_whole(st, gens, queue, request)
+    chosen = []
+    for i in range(len(ids_list)):
+        group = gens[i * best_of:(i + 1) * best_of]
+        if best_of > n:
+            group = sorted(group, key=lambda g: g.cumulative_logprob, reverse=True)[:n]
+        for j, g in enumerate(group):
+            g.index = i * n + j
+            chosen.append(g)
+    choices = []
+    for g in chosen:
+        text, lp = prompt_part(g)
+        if want_lp:
+            lp = merge_logprobs(lp, completion_logprobs(g.tokens, len(text)))
+        choices.append({"index": g.index, "text": text + g.completion_text, "logprobs": lp,
+                        "finish_reason": g.finish_reason})
+    return {"id": cid, "object": "text_completion", "created": created, "model": st.model_name,
+            "choices": choices, "usage": the_usage()}
+
+
+async def chat_completions(st: ServerState, request):
+    """``POST /v1/chat/completions``."""
+    from .chat_template import ChatTemplateError
+    from .generation_stream import GenerationStream
+    from .openai_responses import chat_logprobs, usage
+
+    arrival = time.monotonic()
+    st.check_serving()
+    body = validate(ChatCompletionRequest, await read_json(request, st.max_body_bytes))
+    st.check_model(body.model)
+    messages = body.chat_messages()
+    stops = body.stop_strings()
+    include_usage = body.include_usage()
+    n = body.n or 1
+    check(body.top_logprobs is None or body.logprobs, "top_logprobs: requires logprobs: true", "top_logprobs")
+    check(body.max_tokens != 0, "max_tokens: must be >= 1", "max_tokens")
+    want_lp = bool(body.logprobs)
+    params = sampling_params(st, body)
+
+    def render():
+        try:
+            text = st.template.render(messages, add_generation_prompt=body.add_generation_prompt is not False)
+        except ChatTemplateError as e:
+            raise APIError(400, str(e), param="messages") from None
+        ids = st.tokenizer.encode_batch([text])[0]
+        check(len(ids) > 0, "messages: the chat template rendered no tokens", "messages")
+        return ids
+
+    ids = await asyncio.to_thread(render)
+    asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    mt = max_new_tokens(st, len(ids), asked, None, "messages",
+                        "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
+    seed = secrets.randbits(63) if body.seed is None else body.seed
+    gens = [GenerationStream(st.worker, st.tb, j, ids, mt, params, choice_seed(seed, j), stops, st.stop_ids,
+                             logprobs=(body.top_logprobs or 0) if want_lp else None, metrics=st.metrics,
+                             arrival=arrival) for j in range(n)]
+    queue = start_all(st, gens, "messages")
+    cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def the_usage():
+        return usage(len(ids), sum(g.output_tokens for g in gens), gens[0].cached_tokens)
+
+    if body.stream:
+        def chunk(index, delta, lp=None, finish=None):
+            c = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": st.model_name,
+                 "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
+            if include_usage:
+                c["usage"] = None
+            return c
+
+        def head():
+            return [chunk(g.index, {"role": "assistant", "content": ""}) for g in gens]
+
+        def chunks(d):
+            out = []
+            if d.text or d.tokens:
+                out.append(chunk(d.index, {"content": d.text}, chat_logprobs(d.tokens, st.tb) if want_lp else None))
+            if d.finish_reason is not None:
+                out.append(chunk(d.index, {}, None, d.finish_reason))
+            return out
+
+        def tail():
+            if not include_usage:
+                return []
+            return [{"id": cid, "object": "chat.completion.chunk", "created": created, "model": st.model_name,
+                     "choices": [], "usage": the_usage()}]
+
+        return stream_response(st, gens, queue, request, head, chunks, tail)
+
+    await run_whole(st, gens, queue, request)
+    choices = [{"index": g.index, "message": {"role": "assistant", "content": g.completion_text},
+                "logprobs": chat_logprobs(g.tokens, st.tb) if want_lp else None, "finish_reason": g.finish_reason}
+               for g in gens]
+    return {"id": cid, "object": "chat.completion", "created": created, "model": st.model_name,
+            "choices": choices, "usage": the_usage()}
+
+
+# --------------------------------------------------------------------------------------- the app
+class Gate:
+    """ASGI middleware: the API key on ``/v1/*`` and the count of answers by status code."""
+
+    def __init__(self, app, st: ServerState):
+        self.app, self.st = app, st
+
+    def _authorized(self, scope) -> bool:
+        for name, value in scope.get("headers", []):
+            if name == b"authorization":
+                return hmac.compare_digest(value, b"Bearer " + self.st.api_key.encode("utf-8"))
+        return False
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = []
+
+        async def counted_send(message):
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        try:
+            if self.st.api_key and scope["path"].startswith("/v1") and not self._authorized(scope):
+                from fastapi.responses import JSONResponse
+
+                e = APIError(401, "Incorrect or missing API key: send it as 'Authorization: Bearer KEY'",
+                             code="invalid_api_key")
+                await JSONResponse(e.body(), status_code=401)(scope, receive, counted_send)
+            else:
+                await self.app(scope, receive, counted_send)
+        except asyncio.CancelledError:
+            status.append(499)
+            raise
+        except Exception:
+            status.append(500)
+            raise
+        finally:
+            self.st.metrics.http_requests.labels(code=str(status[0] if status else 499)).inc()
+
+
+def create_app(worker, tokenizer, model_name: str = "dsv3", template=None, api_key: str | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY, shutdown_grace: float = 30.0):
+    """The FastAPI app over a running :class:`dsv3.infer.worker.EngineWorker`. ``template``: a
+    :class:`dsv3.infer.chat_template.ChatTemplate` (default: the DeepSeek-V3-style one)."""
     from contextlib import asynccontextmanager
 
-    from fastapi import FastAPI, HTTPException
-    from fastapi.responses import StreamingResponse
-    from pydantic import BaseModel, Field
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    worker = EngineWorker(Engine(model, max_batch=max_batch, prefix_cache=prefix_cache, speculative=speculative))
+    from .chat_template import DEFAULT_TEMPLATE, ChatTemplate
 
-    class CompletionRequest(BaseModel):
-        prompt: str
-        max_tokens: int = Field(64, ge=1)
-        temperature: float = Field(1.0, ge=0)
-        top_p: float = Field(1.0, gt=0, le=1)
-        top_k: int = Field(0, ge=0)
-        seed: int = 0
-        stream: bool = False
+    if template is None:
+        template = ChatTemplate(DEFAULT_TEMPLATE, tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token,
+                                is_default=True)
+    st = ServerState(worker, tokenizer, model_name, template, api_key, max_body_bytes, shutdown_grace)
 
     @asynccontextmanager
     async def lifespan(app):
         yield
-        worker.close()
+        st.begin_drain()
+        left = st.shutdown_grace - (time.monotonic() - st.draining_since)
+        await asyncio.to_thread(worker.close, max(left, 0.0))
 
-    app = FastAPI(title="dsv3", description="DeepSeek-V3-family completions on the dsv3 engine", lifespan=lifespan)
-    app.state.worker = worker
+    app = FastAPI(title="dsv3", description="DeepSeek-V3-family models behind the OpenAI API", lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.st = st
+
+    @app.exception_handler(APIError)
+    async def api_error(_request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(_request, _e):
+        return Response(status_code=499)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, e):
+        message = f"{e.detail}: {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
+        return JSONResponse(error_body(message, error_type(e.status_code)), status_code=e.status_code,
+                            headers=getattr(e, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request, e):
+        err = (e.errors() or [{}])[0]
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or None
+        return JSONResponse(error_body(f"{loc}: {err.get('msg', 'invalid request')}", "invalid_request_error", loc),
+                            status_code=400)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, e):
+        logging.getLogger("dsv3.serve").error("%s %s failed", request.method, request.url.path,
+                                              exc_info=(type(e), e, e.__traceback__))
+        return JSONResponse(error_body(f"internal server error: {type(e).__name__}", "server_error"), status_code=500)
 
     @app.get("/health")
-    def health():
-        e = worker.engine
-        return {"status": "ok", "running": len(e.running), "waiting": len(e.waiting), "steps": e.steps,
-                "prompt_tokens": e.prompt_tokens, "prompt_tokens_from_disk_cache": e.cached_prompt_tokens,
-                "speculative_acceptance_rate": e.acceptance_rate if e.speculative else None}
+    async def health():
+        stats = worker.stats()
+        if not worker.alive:
+            return JSONResponse({"status": "dead", "error": worker.error, **stats}, status_code=503)
+        if st.draining_since is not None:
+            return JSONResponse({"status": "draining", **stats}, status_code=503)
+        return {"status": "ok", **stats}
+
+    @app.get("/metrics")
+    async def metrics():
+        body, content_type = st.metrics.render()
+        return Response(body, media_type=content_type)
+
+    def model_card():
+        return {"id": st.model_name, "object": "model", "created": st.created, "owned_by": "dsv3",
+                "max_model_len": st.max_len}
 
     @app.get("/v1/models")
-    def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model"}]}
+    async def models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        st.check_model(model_id)
+        return model_card()
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        stream = TextStream(tokenizer)
+    async def completions_route(request: Request):
+        return await completions(st, request)
 
-        def on_token(tid):                     # engine thread → event loop
-            loop.call_soon_threadsafe(queue.put_nowait, stream.push(tid))
+    @app.post("/v1/chat/completions")
+    async def chat_route(request: Request):
+        return await chat_completions(st, request)
 
-        def on_done(_req):                     # the end of the stream
-            loop.call_soon_threadsafe(queue.put_nowait, None)
-
-        ids = tokenizer.encode(body.prompt)
-        try:
-            req = worker.submit(ids, body.max_tokens, body.temperature, body.top_k, body.top_p, body.seed,
-                                tokenizer.eos_id, on_token, on_done)
-        except ValueError as e:
-            raise HTTPException(status_code=400, detail=str(e))
-        cid, created = f"cmpl-{uuid.uuid4().hex[:16]}", int(time.time())
-
-        async def pieces():
-            while (piece := await queue.get()) is not None:
-                yield piece
-
-        def usage():
-            return {"prompt_tokens": len(ids), "completion_tokens": len(req.output),
-                    "total_tokens": len(ids) + len(req.output)}
-
-        if not body.stream:
-            text = "".join([p async for p in pieces()])
-            return {"id": cid, "object": "text_completion", "created": created, "model": model_name,
-                    "choices": [{"index": 0, "text": text, "finish_reason": req.finish_reason}], "usage": usage()}
-
-        def chunk(text, finish_reason=None):
-            return "data: " + json.dumps({"id": cid, "object": "text_completion", "created": created,
-                                          "model": model_name, "choices": [{"index": 0, "text": text,
-                                                                            "finish_reason": finish_reason}]}) + "\n\n"
-
-        async def events():
-            async for piece in pieces():
-                if piece:
-                    yield chunk(piece)
-            yield chunk("", req.finish_reason)
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
-
-    return app
+    return Gate(app, st)
 
 
+# --------------------------------------------------------------------------------------- the command
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="a model directory in the HF layout (with tokenizer.json)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together in one forward")
+    p.add_argument("--model", required=True, metavar="DIR",
+                   help="a model directory in the HF layout with its tokenizer.json (e.g. runs/tiny/final)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="the model id clients send (default: the model directory's name)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $DSV3_API_KEY; none: open)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together in one forward (default 8)")
+    p.add_argument("--cache-memory", type=float, default=None, metavar="GB",
+                   help="GB for the paged latent cache (default: what --max-batch full-context requests need, "
+                        "at most a quarter of free memory)")
     p.add_argument("--prefix-cache", default=None, metavar="DIR_OR_URL",
-                   help="keep prompt-prefix latent caches on disk (any path, mount or fsspec URL) and reuse them")
-    p.add_argument("--prefix-block", type=int, default=64, help="tokens per prefix-cache block")
+                   help="keep prompt-prefix latent blocks on disk (a path, mount or fsspec URL) and reuse them")
     p.add_argument("--speculative", action="store_true",
-                   help="MTP speculative decoding in the engine (same output distribution, fewer forwards)")
-    p.add_argument("--device", default="auto")
+                   help="MTP speculative decoding (same output distribution, fewer forwards)")
+    p.add_argument("--fp8", choices=("auto", "keep", "dequant"), default="auto",
+                   help="FP8 checkpoints: keep the E4M3 weights (auto, keep) or dequantise them at load")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda when there is one)")
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY, metavar="N",
+                   help=f"largest request body accepted; larger ones get 413 (default {DEFAULT_MAX_BODY})")
+    p.add_argument("--shutdown-grace", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM, seconds requests in flight may take to finish before they are aborted "
+                        "(default 30)")
+
+
+def check_args(args) -> None:
+    """Flag values a server cannot start with: ValueError naming the flag (exit code 2)."""
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port}: must be in 1 … 65535")
+    if args.max_batch < 1:
+        raise ValueError(f"--max-batch {args.max_batch}: must be >= 1")
+    if args.cache_memory is not None and not (math.isfinite(args.cache_memory) and args.cache_memory > 0):
+        raise ValueError(f"--cache-memory {args.cache_memory}: must be a positive number of GB")
+    if args.max_body_bytes < 1024:
+        raise ValueError(f"--max-body-bytes {args.max_body_bytes}: must be >= 1024")
+    if not (math.isfinite(args.shutdown_grace) and args.shutdown_grace >= 0):
+        raise ValueError(f"--shutdown-grace {args.shutdown_grace}: must be a number of seconds >= 0")
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        raise ValueError("--served-model-name: must not be empty")
 
 
 def run(args) -> int:
-    from .generate import load_model_dir
-
+    check_args(args)
     try:
+        import fastapi  # noqa: F401
+        import jinja2  # noqa: F401
+        import prometheus_client  # noqa: F401
         import uvicorn
-    except ImportError:
-        raise ValueError("dsv3 serve needs fastapi and uvicorn: pip install 'dsv3[serve]'") from None
-    model, tokenizer = load_model_dir(args.model, args.device)
+    except ImportError as e:
+        raise ValueError(f"dsv3 serve needs the 'serve' extra ({e.name} is missing): pip install 'dsv3[serve]'") \
+            from None
+    from .chat_template import ChatTemplate
+    from .engine import Engine
+    from .generate import load_model_dir
+    from .worker import EngineWorker
+
+    api_key = args.api_key if args.api_key is not None else os.environ.get("DSV3_API_KEY") or None
+    model, tokenizer = load_model_dir(args.model, args.device, fp8=args.fp8)
+    template = ChatTemplate.from_model_dir(args.model, tokenizer)
     store = None
     if args.prefix_cache:
         from .prefix_cache import PrefixCache
-        store = PrefixCache(args.prefix_cache, model, args.prefix_block)
-    app = create_app(model, tokenizer, os.path.basename(os.path.normpath(args.model)), args.max_batch, store,
-                     args.speculative)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+        store = PrefixCache(args.prefix_cache, model)
+    cache_memory = None if args.cache_memory is None else int(args.cache_memory * (1 << 30))
+    engine = Engine(model, max_batch=args.max_batch, cache_memory=cache_memory, prefix_cache=store,
+                    speculative=args.speculative)
+    worker = EngineWorker(engine)
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+    app = create_app(worker, tokenizer, name, template, api_key, args.max_body_bytes, args.shutdown_grace)
+    st = app.st
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):          # SIGTERM / SIGINT: answer 503 from now on, then drain
+            st.begin_drain()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                            timeout_graceful_shutdown=max(args.shutdown_grace, 0.1), lifespan="on")
+    try:
+        Server(config).run()
+    finally:
+        worker.close(grace=0)
     return 0

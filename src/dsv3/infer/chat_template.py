@@ -1,0 +1,114 @@
+"""Chat templates: a model directory's ``chat_template`` rendered with jinja2 the way ``transformers``
+renders it, or a DeepSeek-V3-style default when the directory has none.
+
+The template comes from ``chat_template.jinja`` in the model directory, else from the
+``chat_template`` entry of its ``tokenizer_config.json`` (a string, or a list of named templates of
+which ``"default"`` is taken). It is compiled once in a sandboxed jinja2 environment with the
+settings ``transformers`` uses (``trim_blocks``, ``lstrip_blocks``, the loop-controls extension, a
+``tojson`` filter that keeps non-ASCII text, the ``raise_exception`` and ``strftime_now`` globals)
+and rendered with ``messages``, ``add_generation_prompt`` and the tokenizer's special tokens
+(``bos_token``, ``eos_token``, ``pad_token``).
+
+The default follows DeepSeek-V3's own template: the beginning-of-sentence token, the system
+prompts joined by blank lines, then ``<｜User｜>…`` and ``<｜Assistant｜>…<｜end▁of▁sentence｜>``
+turns, and ``<｜Assistant｜>`` to ask for the next answer.
+
+    tmpl = ChatTemplate.from_model_dir("runs/tiny/final", tokenizer)
+    text = tmpl.render([{"role": "user", "content": "Hi"}])      # then tokenizer.encode(text)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime
+
+USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
+
+DEFAULT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- for m in messages if m['role'] in ('system', 'developer') -%}"
+    "{{ m['content'] }}{% if not loop.last %}{{ '\\n\\n' }}{% endif %}"
+    "{%- endfor -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'user' -%}{{ '" + USER + "' + m['content'] }}"
+    "{%- elif m['role'] == 'assistant' -%}{{ '" + ASSISTANT + "' + m['content'] + eos_token }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '" + ASSISTANT + "' }}{%- endif -%}"
+)
+
+
+class ChatTemplateError(ValueError):
+    """The template failed for these messages (its own ``raise_exception`` included)."""
+
+
+def _raise_exception(message):
+    raise ChatTemplateError(str(message))
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt):
+    return datetime.now().strftime(fmt)
+
+
+def find_template(model_dir: str) -> str | None:
+    """The chat template a model directory carries, or None."""
+    path = os.path.join(model_dir, "chat_template.jinja")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    path = os.path.join(model_dir, "tokenizer_config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        template = json.load(f).get("chat_template")
+    if isinstance(template, list):       # [{"name": "default", "template": "…"}, {"name": "tool_use", …}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    return template if isinstance(template, str) and template else None
+
+
+class ChatTemplate:
+    """A compiled chat template and the special tokens it is rendered with."""
+
+    def __init__(self, source: str, bos_token: str | None = None, eos_token: str | None = None,
+                 pad_token: str | None = None, is_default: bool = False):
+        from jinja2 import TemplateError
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env.filters["tojson"] = _tojson
+        env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = _strftime_now
+        try:
+            self.template = env.from_string(source)
+        except TemplateError as e:
+            raise ValueError(f"the chat template does not compile: {e}") from None
+        self.source, self.is_default = source, is_default
+        self.tokens = {"bos_token": bos_token or "", "eos_token": eos_token or "", "pad_token": pad_token or ""}
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str, tokenizer) -> "ChatTemplate":
+        source = find_template(model_dir)
+        return cls(source or DEFAULT_TEMPLATE, getattr(tokenizer, "bos_token", None),
+                   getattr(tokenizer, "eos_token", None), getattr(tokenizer, "pad_token", None),
+                   is_default=source is None)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The prompt text for ``messages`` ([{"role", "content"}, …]); :class:`ChatTemplateError`
+        if the template refuses them or fails."""
+        from jinja2 import TemplateError
+
+        try:
+            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                        **self.tokens)
+        except ChatTemplateError:
+            raise
+        except (TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError,
+                RecursionError, OverflowError) as e:
+            raise ChatTemplateError(f"the chat template failed on these messages: {type(e).__name__}: {e}") from None

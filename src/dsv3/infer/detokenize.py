@@ -1,0 +1,139 @@
+"""Text from a growing list of token ids, in O(new tokens) per token, and stop strings.
+
+DeepSeek-V3's tokenizer is byte-level: every ordinary token stands for a fixed byte string, so the
+text of a completion is the UTF-8 decoding of the concatenated bytes. :class:`TokenBytes` builds that
+table once per tokenizer; :class:`IncrementalText` feeds each new token's bytes to an incremental
+UTF-8 decoder, which holds back a character split across tokens until its last byte arrives. Special
+tokens (end of sentence, reserved tokens …) give no text. For a tokenizer that is not byte-level the
+fallback decodes a short window of recent ids.
+
+:class:`StopMatcher` finds OpenAI ``stop`` strings in the text as it grows, also across token
+boundaries: it holds back only the longest tail that could still begin a stop string, releases the
+rest, and on a match cuts the text just before it (the stop string itself is not returned).
+"""
+
+from __future__ import annotations
+
+import codecs
+
+
+class TokenBytes:
+    """id → bytes for every token of a byte-level tokenizer (``table`` None when it is not one),
+    and which ids are special."""
+
+    def __init__(self, tokenizer):
+        from ..data.tokenizer import CHAR_TO_BYTE
+
+        hf = tokenizer.hf
+        added = hf.get_added_tokens_decoder()            # id → AddedToken
+        self.special = {i for i, t in added.items() if t.special}
+        size = max(hf.get_vocab_size(with_added_tokens=True), max(added, default=-1) + 1)
+        table: list[bytes] | None = [b""] * size
+        for token, i in hf.get_vocab(with_added_tokens=True).items():
+            if i in added:
+                table[i] = added[i].content.encode("utf-8")
+                continue
+            try:
+                table[i] = bytes(CHAR_TO_BYTE[c] for c in token)
+            except KeyError:                              # not a byte-level vocabulary
+                table = None
+                break
+        self.table, self.tokenizer, self.size = table, tokenizer, size
+
+    def bytes(self, tid: int) -> bytes:
+        if self.table is not None and 0 <= tid < self.size:
+            return self.table[tid]
+        return self.tokenizer.decode([tid]).encode("utf-8", "surrogatepass")
+
+    def token_str(self, tid: int) -> str:
+        """A token's text for logprobs: its UTF-8 text, or ``bytes:\\xNN…`` for a piece of a
+        character (OpenAI's convention)."""
+        b = self.bytes(tid)
+        try:
+            return b.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{x:02x}" for x in b)
+
+
+class IncrementalText:
+    """The text that each new token adds (special tokens add none)."""
+
+    def __init__(self, tb: TokenBytes):
+        self.tb = tb
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.ids: list[int] = []        # fallback only: ids, and the window [start, shown) decoded last
+        self.start = self.shown = 0
+        self.length = 0                 # characters produced so far
+
+    def push(self, tid: int) -> str:
+        if tid in self.tb.special:
+            return ""
+        if self.tb.table is not None:
+            text = self.decoder.decode(self.tb.table[tid] if 0 <= tid < self.tb.size else b"")
+        else:
+            text = self._window(tid)
+        self.length += len(text)
+        return text
+
+    def _window(self, tid: int) -> str:
+        """Decode the ids since the last shown one plus one before it (for tokenizers whose
+        decoding of a token depends on its neighbour); wait while the text ends in a partial character."""
+        self.ids.append(tid)
+        dec = self.tb.tokenizer.decode
+        before = dec(self.ids[self.start:self.shown], skip_special_tokens=True)
+        after = dec(self.ids[self.start:], skip_special_tokens=True)
+        if after.endswith("\ufffd"):
+            return ""
+        self.start, self.shown = self.shown, len(self.ids)
+        return after[len(before):]
+
+    def flush(self) -> str:
+        """Whatever an unfinished character leaves at the end (U+FFFD)."""
+        if self.tb.table is not None:
+            text = self.decoder.decode(b"", final=True)
+        else:
+            dec = self.tb.tokenizer.decode
+            text = dec(self.ids[self.start:], skip_special_tokens=True)[
+                len(dec(self.ids[self.start:self.shown], skip_special_tokens=True)):]
+        self.length += len(text)
+        return text
+
+
+class StopMatcher:
+    """Releases text as it grows, holding back what could begin a stop string; ``feed`` returns
+    (text safe to show, matched)."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.matched = False
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        if self.matched:
+            return "", True
+        if not self.stops:
+            return text, False
+        self.pending += text
+        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            out, self.pending, self.matched = self.pending[:cut], "", True
+            return out, True
+        hold = self._hold()
+        out = self.pending[:len(self.pending) - hold]
+        self.pending = self.pending[len(self.pending) - hold:]
+        return out, False
+
+    def _hold(self) -> int:
+        """Length of the longest tail of ``pending`` that is a proper prefix of a stop string."""
+        best = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.pending)), best, -1):
+                if self.pending.endswith(s[:k]):
+                    best = k
+                    break
+        return best
+
+    def flush(self) -> str:
+        """The held-back text at the end of a completion that matched no stop string."""
+        out, self.pending = self.pending, ""
+        return "" if self.matched else out

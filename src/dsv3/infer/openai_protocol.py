@@ -1,0 +1,277 @@
+"""The OpenAI API's request bodies, their validation, and its error shape, for ``dsv3 serve``.
+
+A request body goes through :func:`parse_body` (strict UTF-8, JSON, no lone surrogates, a JSON
+object) and then :func:`validate` against one of the pydantic models below. The models are strict
+(``"3"`` is not an integer, ``true`` is not a number), finite (``NaN``, ``Infinity`` and ``1e400``,
+which Python's JSON parser turns into ``inf``, are refused) and closed (an argument the server does not
+implement is an error, never silently ignored). Every failure is an :class:`APIError`, which the server
+answers with OpenAI's error body::
+
+    {"error": {"message": "temperature: Input should be less than or equal to 2",
+               "type": "invalid_request_error", "param": "temperature", "code": null}}
+
+Ranges follow OpenAI's documentation (temperature [0, 2], penalties [-2, 2], logit bias [-100, 100],
+``logprobs`` / ``top_logprobs`` up to 20 as vLLM allows); ``top_k`` is an extension (0 or -1 = off).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+INT64_MIN, UINT64_MAX = -(2 ** 63), 2 ** 64 - 1
+MAX_N = 16                  # choices per prompt (n, best_of)
+MAX_STOP = 16               # stop strings per request
+MAX_LOGPROBS = 20
+
+
+# --------------------------------------------------------------------------------------- errors
+class APIError(Exception):
+    """An error for the client: HTTP ``status`` and OpenAI's ``{"error": {…}}`` body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or error_type(status)
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_type(status: int) -> str:
+    """OpenAI's ``type`` for an HTTP status."""
+    if status == 401:
+        return "authentication_error"
+    if status == 404:
+        return "not_found_error"
+    if status == 429:
+        return "rate_limit_error"
+    return "invalid_request_error" if status < 500 else "server_error"
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+# --------------------------------------------------------------------------------------- bodies
+def parse_body(raw: bytes) -> dict:
+    """The JSON object in a request body; 400 for invalid UTF-8, invalid JSON, lone surrogates
+    (``"\\ud800"`` is valid JSON but no text) or a body that is not an object."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise APIError(400, f"the request body is not valid UTF-8 (byte {e.start})", code="invalid_utf8") from None
+    if not text.strip():
+        raise APIError(400, "the request body is empty; send a JSON object", code="invalid_json")
+    try:
+        body = json.loads(text)
+    except RecursionError:
+        raise APIError(400, "the request body nests JSON too deeply", code="invalid_json") from None
+    except ValueError as e:       # JSONDecodeError, and integers of more than 4300 digits
+        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, f"the request body must be a JSON object, not {_json_type(body)}", code="invalid_json")
+    try:
+        bad = _surrogate_path(body, "")
+    except RecursionError:
+        raise APIError(400, "the request body nests JSON too deeply", code="invalid_json") from None
+    if bad is not None:
+        raise APIError(400, f"{bad or 'body'}: the string holds a lone UTF-16 surrogate (invalid Unicode)",
+                       param=bad or None, code="invalid_unicode")
+    return body
+
+
+def _json_type(v: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null",
+            int: "a number", float: "a number"}.get(type(v), type(v).__name__)
+
+
+def _is_text(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _surrogate_path(v: Any, path: str) -> str | None:
+    """The path of the first string (value or key) that cannot be encoded as UTF-8, or None."""
+    if isinstance(v, str):
+        return None if _is_text(v) else path
+    if isinstance(v, dict):
+        for k, x in v.items():
+            sub = f"{path}.{k}" if path else k
+            if not _is_text(k):
+                return path or "body"
+            if (bad := _surrogate_path(x, sub)) is not None:
+                return bad
+    elif isinstance(v, list):
+        for i, x in enumerate(v):
+            if (bad := _surrogate_path(x, f"{path}[{i}]")) is not None:
+                return bad
+    return None
+
+
+def _path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def validate(model: type[BaseModel], body: dict) -> BaseModel:
+    """``model`` validated from ``body``; the first problem becomes a 400 naming its field."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        param = _path(err["loc"]) or None
+        if err["type"] == "extra_forbidden":
+            msg = f"unrecognized request argument supplied: {param} (not supported by this server)"
+        elif err["type"] == "missing":
+            msg = f"{param}: a required argument is missing"
+        else:
+            msg = f"{param}: {err['msg']}" if param else err["msg"]
+        raise APIError(400, msg, param=param) from None
+
+
+def check(cond: bool, message: str, param: str | None) -> None:
+    if not cond:
+        raise APIError(400, message, param=param)
+
+
+# --------------------------------------------------------------------------------------- models
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(_Strict):
+    include_usage: Optional[bool] = None
+
+
+class _Sampling(_Strict):
+    """The fields completions and chat share."""
+    model: Optional[str] = None
+    temperature: Optional[float] = Field(None, ge=0, le=2)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    top_k: Optional[int] = Field(None, ge=-1, le=2 ** 31 - 1)         # extension: 0 or -1 = off
+    n: Optional[int] = Field(None, ge=1, le=MAX_N)
+    stream: Optional[bool] = None
+    stream_options: Optional[StreamOptions] = None
+    stop: Any = None                                                  # str | list[str]: stop_strings()
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    logit_bias: Optional[dict[str, float]] = None                     # token id (as a string) → [-100, 100]
+    seed: Optional[int] = Field(None, ge=INT64_MIN, le=UINT64_MAX)
+    max_tokens: Optional[int] = Field(None, ge=0, le=2 ** 31 - 1)
+    user: Optional[str] = None
+
+    def stop_strings(self) -> list[str]:
+        """``stop`` as a list: a string or a list of up to 16 non-empty strings."""
+        stop = self.stop
+        if stop is None:
+            return []
+        if isinstance(stop, str):
+            stop = [stop]
+        check(isinstance(stop, list), "stop: must be a string or a list of strings", "stop")
+        check(len(stop) <= MAX_STOP, f"stop: at most {MAX_STOP} strings", "stop")
+        for i, s in enumerate(stop):
+            check(isinstance(s, str), f"stop[{i}]: must be a string", "stop")
+            check(s != "", f"stop[{i}]: must not be empty", "stop")
+        return list(dict.fromkeys(stop))
+
+    def bias(self, vocab_size: int) -> dict[int, float]:
+        """``logit_bias`` with integer keys, each a token id of the model and each bias in [-100, 100]."""
+        out = {}
+        for key, value in (self.logit_bias or {}).items():
+            check(key.strip().lstrip("-").isdigit() and key.strip().isascii(),
+                  f"logit_bias: key {key[:40]!r} is not a token id", "logit_bias")
+            tid = int(key)
+            check(0 <= tid < vocab_size, f"logit_bias: token id {tid} is outside the vocabulary [0, {vocab_size})",
+                  "logit_bias")
+            check(-100 <= value <= 100, f"logit_bias[{tid}]: bias {value} must be in [-100, 100]", "logit_bias")
+            out[tid] = float(value)
+        return out
+
+    def include_usage(self) -> bool:
+        check(self.stream_options is None or bool(self.stream), "stream_options: only allowed with stream: true",
+              "stream_options")
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_Sampling):
+    """``POST /v1/completions``."""
+    prompt: Any                                                       # prompts(): str | [str] | [int] | [[int]]
+    suffix: Optional[str] = None
+    echo: Optional[bool] = None
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+    best_of: Optional[int] = Field(None, ge=1, le=MAX_N)
+
+    def prompts(self) -> list[Union[str, list[int]]]:
+        """``prompt`` as a list of prompts, each a string or a list of token ids."""
+        p = self.prompt
+        msg = "prompt: must be a string, a list of strings, a list of token ids or a list of lists of token ids"
+        if isinstance(p, str):
+            return [p]
+        check(isinstance(p, list) and len(p) > 0, msg if not isinstance(p, list) else "prompt: must not be empty",
+              "prompt")
+        if all(isinstance(x, str) for x in p):
+            return list(p)
+        if all(_is_id(x) for x in p):
+            return [list(p)]
+        if all(isinstance(x, list) and x and all(_is_id(t) for t in x) for x in p):
+            return [list(x) for x in p]
+        raise APIError(400, msg, param="prompt")
+
+
+def _is_id(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[TextPart], None] = None
+    name: Optional[str] = None
+
+    def text(self) -> str | None:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text"]
+
+
+class ChatCompletionRequest(_Sampling):
+    """``POST /v1/chat/completions``."""
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+    max_completion_tokens: Optional[int] = Field(None, ge=1, le=2 ** 31 - 1)
+    response_format: Optional[ResponseFormat] = None
+    add_generation_prompt: Optional[bool] = None                      # extension, as vLLM
+
+    def chat_messages(self) -> list[dict]:
+        """The messages as plain dicts for the chat template (text parts joined)."""
+        out = []
+        for i, m in enumerate(self.messages):
+            text = m.text()
+            check(text is not None or m.role == "assistant", f"messages[{i}].content: required for role {m.role!r}",
+                  f"messages[{i}].content")
+            d = {"role": m.role, "content": text or ""}
+            if m.name is not None:
+                d["name"] = m.name
+            out.append(d)
+        return out
