@@ -7,6 +7,9 @@ import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():   # the Triton test below runs the kernels in the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")               # (set before triton is imported)
 from torch import nn
 
 import dsv3
@@ -246,3 +249,33 @@ def test_bad_fp8_values_are_refused(checkpoints, tmp_path):
     add_arguments(p)
     with pytest.raises(SystemExit):
         p.parse_args(["--model", "x", "--prompt", "y", "--fp8", "fp16"])
+
+
+def test_kept_modules_on_the_triton_kernels(one_thread):
+    """The GPU path of the kept modules (Triton GEMM and grouped GEMM; under the interpreter
+    without a GPU) = the torch reference, for aligned and ragged shapes and both w13 scale kinds."""
+    pytest.importorskip("triton")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("TRITON_INTERPRET=0 set by the caller: no GPU to run the Triton kernels on")
+    g = torch.Generator().manual_seed(5)
+    for n, k in [(128, 256), (200, 160)]:
+        lin = nn.Linear(k, n, bias=False)
+        nn.init.normal_(lin.weight, generator=g)
+        f = FP8InferenceLinear.from_linear(lin).to(dev)
+        x = torch.randn(4, k, generator=g).to(dev)
+        f.backend = "torch"
+        ref = f(x)
+        f.backend = "triton"
+        assert rel_err(f(x), ref) < 1e-5
+    for inter in (128, 48):
+        ge = GroupedExperts(3, 128, inter)
+        nn.init.normal_(ge.w13, generator=g)
+        nn.init.normal_(ge.w2, generator=g)
+        fe = FP8InferenceExperts.from_experts(ge).to(dev)
+        assert fe.w13_row_scales == (inter % 128 != 0)
+        x, counts = torch.randn(7, 128, generator=g).to(dev), torch.tensor([3, 0, 4])
+        fe.backend = "torch"
+        ref = fe(x, counts)
+        fe.backend = "triton"
+        assert rel_err(fe(x, counts), ref) < 1e-5
