@@ -238,6 +238,14 @@ def test_kept_model_saves_back_to_the_same_checkpoint(checkpoints, tmp_path, one
             assert torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)), k
         else:
             assert torch.allclose(a[k].float(), b[k].float(), rtol=1e-6, atol=0), k
+    # sharded: the same kept model again
+    dsv3.save_pretrained(kept, tmp_path / "sharded", fp8=True, max_shard_bytes=200_000)
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    again = dsv3.load_pretrained(tmp_path / "sharded", fp8="keep")
+    sd, sd2 = kept.state_dict(), again.state_dict()
+    assert sd.keys() == sd2.keys()
+    assert all(torch.equal(sd[k].view(torch.uint8) if sd[k].dtype == E4M3 else sd[k],
+                           sd2[k].view(torch.uint8) if sd2[k].dtype == E4M3 else sd2[k]) for k in sd)
 
 
 def test_bad_fp8_values_are_refused(checkpoints, tmp_path):
