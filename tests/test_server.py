@@ -1,125 +1,569 @@
-"""``dsv3 serve``'s app: completions (whole and streamed) equal single-request generation, requests
-in flight share the engine, bad requests get a clear 4xx."""
+"""``dsv3 serve`` as a client meets it: a real server process on 127.0.0.1, driven with the official
+``openai`` client (and httpx for raw and malformed requests).
+
+One server per module (started with an API key; the last test stops it with SIGTERM). Every
+parameter is checked for its effect against the model run in this process: greedy text equals
+``generate``, logprobs equal the model's log-softmax, stop strings cut the text (also across token
+boundaries), penalties and logit bias move the tokens the way they should. Then: hundreds of
+malformed requests without one 5xx, a closed stream freeing its slot, and a drain on SIGTERM.
+"""
 
 import json
+import math
 import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 import torch
 
 pytest.importorskip("fastapi")
-from fastapi.testclient import TestClient  # noqa: E402
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
 
-from dsv3 import Transformer  # noqa: E402
-from dsv3.data import Tokenizer  # noqa: E402
-from dsv3.infer.generate import generate_text  # noqa: E402
-from dsv3.infer.server import create_app  # noqa: E402
-from helpers import small_config  # noqa: E402
+from helpers import cli_env, free_port  # noqa: E402
+
+KEY = "sk-test-key"
+NAME = "test-model"
+MAX_BODY = 1 << 20
+
+
+# --------------------------------------------------------------------------------------- the server
+class Served:
+    def __init__(self, proc, url, model, tok, log):
+        self.proc, self.url, self.model, self.tok, self.log = proc, url, model, tok, log
+        self.client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+        self.http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+
+    def health(self):
+        return self.http.get("/health")
+
+    def post(self, path, body, **kw):
+        return self.http.post(path, json=body, **kw)
+
+    def greedy(self, ids, n):
+        """dsv3.infer.generate's greedy tokens for ``ids`` (the reference)."""
+        from dsv3.infer.generate import generate
+        return generate(self.model, ids, n, temperature=0, eos_id=self.tok.eos_id)
+
+    def logsoftmax(self, ids):
+        with torch.no_grad():
+            return torch.log_softmax(self.model(torch.tensor([ids]))[0].double(), -1)
 
 
 @pytest.fixture(scope="module")
-def served(data_dir):
-    torch.manual_seed(0)
-    model = Transformer(small_config(vocab_size=2048, max_position_embeddings=128)).eval()
-    tok = Tokenizer.from_file(os.path.join(data_dir, "tokenizer.json"))
-    with TestClient(create_app(model, tok, "tiny-test", max_batch=3)) as client:
-        yield client, model, tok
+def served(model_dir, tmp_path_factory):
+    from dsv3.infer.generate import load_model_dir
 
-
-def test_completion_equals_generate(served):
-    client, model, tok = served
-    r = client.post("/v1/completions", json={"prompt": "import os\n", "max_tokens": 16, "temperature": 0})
-    assert r.status_code == 200, r.text
-    body = r.json()
-    ref = generate_text(model, tok, "import os\n", 16, temperature=0)
-    assert "import os\n" + body["choices"][0]["text"] == ref
-    assert body["choices"][0]["finish_reason"] in ("length", "eos")
-    assert body["usage"]["completion_tokens"] <= 16 and body["model"] == "tiny-test"
-
-
-def test_stream_pieces_add_up(served):
-    client, model, tok = served
-    req = {"prompt": "def f(x):", "max_tokens": 20, "temperature": 0.8, "top_p": 0.9, "seed": 3}
-    whole = client.post("/v1/completions", json=req).json()["choices"][0]["text"]
-    with client.stream("POST", "/v1/completions", json={**req, "stream": True}) as r:
-        lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
-    assert lines[-1] == "data: [DONE]"
-    chunks = [json.loads(ln[6:]) for ln in lines[:-1]]
-    assert "".join(c["choices"][0]["text"] for c in chunks) == whole
-    assert chunks[-1]["choices"][0]["finish_reason"] in ("length", "eos")
-    assert whole == generate_text(model, tok, "def f(x):", 20, 0.8, 0, 0.9, seed=3)[len("def f(x):"):]
-
-
-def test_concurrent_requests_share_the_engine(served):
-    client, model, tok = served
-    prompts = ["class A:", "for i in", "return ", "x = [", "while True:"]
-    out = {}
-
-    def ask(p):
-        out[p] = client.post("/v1/completions", json={"prompt": p, "max_tokens": 12, "temperature": 0}).json()
-
-    threads = [threading.Thread(target=ask, args=(p,)) for p in prompts]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    for p in prompts:
-        assert p + out[p]["choices"][0]["text"] == generate_text(model, tok, p, 12, temperature=0)
-    health = client.get("/health").json()
-    assert health["status"] == "ok" and health["running"] == 0 and health["waiting"] == 0
-
-
-def test_bad_requests(served):
-    client, _, _ = served
-    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 0})
-    assert r.status_code == 422 and "max_tokens" in r.text
-    r = client.post("/v1/completions", json={"prompt": "x", "top_p": 1.5})
-    assert r.status_code == 422 and "top_p" in r.text
-    r = client.post("/v1/completions", json={"prompt": "", "max_tokens": 4})
-    assert r.status_code == 400 and "no tokens" in r.text
-    r = client.post("/v1/completions", json={"prompt": "y" * 2000, "max_tokens": 4})
-    assert r.status_code == 400 and "positions" in r.text
-    assert client.get("/v1/models").json()["data"][0]["id"] == "tiny-test"
-
-
-def test_dsv3_serve_command(model_dir, tmp_path):
-    import subprocess
-    import sys
-    import time
-
-    import httpx
-
-    from helpers import cli_env, free_port
-
+    torch.set_num_threads(1)
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "dsv3.cli", "serve", "--model", model_dir, "--port", str(port),
-                             "--prefix-cache", str(tmp_path / "kv"), "--prefix-block", "4", "--speculative"],
-                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 90
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
-            time.sleep(0.5)
-        prompt = "import os, sys, json\nfrom collections import OrderedDict\n"
-        texts = []
-        for _ in range(2):
-            r = httpx.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": 8, "temperature": 0},
-                           timeout=60)
-            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
-            texts.append(r.json()["choices"][0]["text"])
-        health = httpx.get(url + "/health", timeout=5).json()
-        assert texts[0] == texts[1] and health["prompt_tokens_from_disk_cache"] >= 4   # the second hit disk
-        assert health["speculative_acceptance_rate"] is not None
-    finally:
-        proc.terminate()
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "dsv3.cli", "serve", "--model", model_dir, "--port", str(port),
+                                 "--max-batch", "4", "--served-model-name", NAME, "--api-key", KEY,
+                                 "--max-body-bytes", str(MAX_BODY), "--shutdown-grace", "30"],
+                                env=cli_env(), stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None, log.read_text()
+        assert time.time() < deadline, "the server did not start in 120 s:\n" + log.read_text()
+        time.sleep(0.3)
+    model, tok = load_model_dir(model_dir, "cpu")
+    s = Served(proc, url, model.eval(), tok, log)
+    yield s
+    if proc.poll() is None:
+        proc.kill()
         proc.wait(timeout=30)
-    r = subprocess.run([sys.executable, "-m", "dsv3.cli", "serve", "--model", model_dir + "-missing"],
-                       env=cli_env(), capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and "not found" in r.stderr
+
+
+def is_error_shape(r) -> bool:
+    e = r.json().get("error")
+    return isinstance(e, dict) and set(e) == {"message", "type", "param", "code"} and isinstance(e["message"], str)
+
+
+# --------------------------------------------------------------------------------------- API
+def test_models_and_unknown_model(served):
+    c = served.client
+    assert [m.id for m in c.models.list().data] == [NAME]
+    assert c.models.retrieve(NAME).id == NAME
+    with pytest.raises(openai.NotFoundError):
+        c.models.retrieve("other-model")
+    with pytest.raises(openai.NotFoundError) as e:
+        c.completions.create(model="other-model", prompt="x", max_tokens=2)
+    assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
+    for method, path, code in (("GET", "/v1/nope", 404), ("DELETE", "/v1/models", 405), ("GET", "/v1/completions", 405)):
+        r = served.http.request(method, path)
+        assert r.status_code == code and is_error_shape(r), r.text
+
+
+def test_greedy_equals_generate_for_every_prompt_form(served):
+    c, tok = served.client, served.tok
+    texts = ["import os\n", "def f(x):"]
+    ref = [served.greedy(tok.encode(t), 12) for t in texts]
+    r = c.completions.create(model=NAME, prompt=texts, max_tokens=12, temperature=0)
+    assert [ch.index for ch in r.choices] == [0, 1]
+    for ch, out in zip(r.choices, ref):
+        assert ch.text == tok.decode(out, skip_special_tokens=True)
+        assert ch.finish_reason == ("stop" if out[-1] == tok.eos_id else "length")
+    assert r.usage.prompt_tokens == sum(len(tok.encode(t)) for t in texts)
+    assert r.usage.completion_tokens == sum(len(o) for o in ref)
+    ids = [tok.encode(t) for t in texts]
+    one = c.completions.create(model=NAME, prompt=ids[1], max_tokens=12, temperature=0)        # list[int]
+    assert one.choices[0].text == r.choices[1].text
+    two = c.completions.create(model=NAME, prompt=ids, max_tokens=12, temperature=0)           # list[list[int]]
+    assert [ch.text for ch in two.choices] == [ch.text for ch in r.choices]
+    tiny = c.completions.create(model=NAME, prompt=texts[0], max_tokens=12, temperature=1e-300)  # served, greedy
+    assert tiny.choices[0].text == r.choices[0].text
+
+
+def test_stream_equals_whole_and_include_usage(served):
+    c = served.client
+    args = dict(model=NAME, prompt="for i in range(", max_tokens=16, temperature=0.9, top_p=0.95, seed=11)
+    whole = c.completions.create(**args)
+    chunks = list(c.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == whole.choices[0].text
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert all(ch.usage is None for ch in chunks[:-1])
+    plain = list(c.completions.create(**args, stream=True))
+    assert all(ch.usage is None for ch in plain) and all(ch.choices for ch in plain)
+
+
+def test_seed(served):
+    c = served.client
+    args = dict(model=NAME, prompt="class A:", max_tokens=16, temperature=1.0)
+    a, b = (c.completions.create(**args, seed=5).choices[0].text for _ in range(2))
+    assert a == b
+    free = {c.completions.create(**args).choices[0].text for _ in range(3)}
+    assert len(free) > 1, "without a seed every request samples the same text"
+
+
+def test_n_and_best_of(served):
+    c = served.client
+    r = c.completions.create(model=NAME, prompt="x = ", max_tokens=10, temperature=1.0, n=3, seed=3, logprobs=0)
+    assert sorted(ch.index for ch in r.choices) == [0, 1, 2]
+    assert len({ch.text for ch in r.choices}) > 1
+    best = max(r.choices, key=lambda ch: sum(ch.logprobs.token_logprobs))
+    b = c.completions.create(model=NAME, prompt="x = ", max_tokens=10, temperature=1.0, n=1, best_of=3, seed=3)
+    assert len(b.choices) == 1 and b.choices[0].text == best.text and b.choices[0].logprobs is None
+    with pytest.raises(openai.BadRequestError):
+        c.completions.create(model=NAME, prompt="x", max_tokens=2, n=3, best_of=2)
+    chat = c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=8, n=3,
+                                     temperature=1.0)
+    assert sorted(ch.index for ch in chat.choices) == [0, 1, 2] and len({ch.message.content for ch in chat.choices}) > 1
+
+
+def test_logprobs_equal_the_model(served):
+    c, tok = served.client, served.tok
+    prompt = "import sys\n"
+    ids = tok.encode(prompt)
+    r = c.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=0, logprobs=3, echo=True)
+    ch = r.choices[0]
+    out = served.greedy(ids, 8)
+    out = out[:-1] if out[-1] == tok.eos_id else out
+    lp = served.logsoftmax(ids + out)
+    seq = ids + out
+    assert ch.text.startswith(prompt) and len(ch.logprobs.tokens) == len(seq)
+    assert ch.logprobs.token_logprobs[0] is None and ch.logprobs.top_logprobs[0] is None
+    for i in range(1, len(seq)):
+        assert math.isclose(ch.logprobs.token_logprobs[i], lp[i - 1, seq[i]].item(), abs_tol=2e-4)
+        top = lp[i - 1].topk(3)
+        assert sorted(ch.logprobs.top_logprobs[i].values(), reverse=True) == pytest.approx(top.values.tolist(), abs=2e-4)
+    assert ch.logprobs.text_offset[:len(ids)] == [len(tok.decode(ids[:i])) for i in range(len(ids))]
+    assert ch.logprobs.text_offset[len(ids)] == len(prompt)
+    chat = c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hello"}], max_tokens=6,
+                                     temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert "".join(bytes(t.bytes).decode("utf-8", "replace") for t in content) == chat.choices[0].message.content
+    for t in content:
+        assert len(t.top_logprobs) == 2 and t.logprob == pytest.approx(t.top_logprobs[0].logprob, abs=1e-5)
+    no = c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hello"}], max_tokens=2)
+    assert no.choices[0].logprobs is None
+
+
+def test_stop_strings_cut_the_text_also_across_tokens(served):
+    c, tok = served.client, served.tok
+    args = dict(model=NAME, prompt="def main():\n", max_tokens=24, temperature=0)
+    full = c.completions.create(**args, logprobs=0).choices[0]
+    toks, offs = full.logprobs.tokens, full.logprobs.text_offset
+    k = next(i for i in range(1, len(toks)) if len(toks[i - 1]) >= 2 and len(toks[i]) >= 1
+             and full.text.find(toks[i - 1][-2:] + toks[i][:1]) == offs[i] - 2)
+    stop = full.text[offs[k] - 2:offs[k] + 1]                   # two characters of one token, one of the next
+    cut = c.completions.create(**args, stop=[stop, "never-there"]).choices[0]
+    assert cut.text == full.text[:full.text.index(stop)] and cut.finish_reason == "stop"
+    streamed = list(c.completions.create(**args, stop=stop, stream=True))
+    assert "".join(ch.choices[0].text for ch in streamed) == cut.text
+    assert streamed[-1].choices[0].finish_reason == "stop"
+    chat_full = c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "go"}], max_tokens=16,
+                                          temperature=0).choices[0].message.content
+    s = chat_full[3:6]
+    chat_cut = c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "go"}], max_tokens=16,
+                                         temperature=0, stop=s).choices[0]
+    assert chat_cut.message.content == chat_full[:chat_full.index(s)] and chat_cut.finish_reason == "stop"
+
+
+def test_finish_reasons_and_hidden_eos(served):
+    c, eos = served.client, served.tok.eos_id
+    r = c.completions.create(model=NAME, prompt="a", max_tokens=5, logit_bias={str(eos): 100}, temperature=0)
+    assert r.choices[0].text == "" and r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 1
+    r = c.completions.create(model=NAME, prompt="a", max_tokens=3, temperature=0, logit_bias={str(eos): -100})
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
+
+
+def test_logit_bias_and_penalties(served):
+    c, tok = served.client, served.tok
+    x = tok.encode(" value")[0]
+    forced = c.completions.create(model=NAME, prompt="z", max_tokens=6, temperature=0.7, seed=1,
+                                  logit_bias={str(x): 100})
+    assert forced.choices[0].text == tok.decode([x]) * 6
+    args = dict(model=NAME, prompt="z", max_tokens=12, temperature=0, logprobs=0, logit_bias={str(x): 3})
+    plain = c.completions.create(**args).choices[0].logprobs.tokens
+    penal = c.completions.create(**args, presence_penalty=2, frequency_penalty=2).choices[0].logprobs.tokens
+    word = tok.decode([x])
+    assert plain.count(word) > penal.count(word) >= 1
+    first = c.completions.create(model=NAME, prompt="z", max_tokens=1, temperature=0, logprobs=0).choices[0]
+    banned = tok.encode(first.text)[0]
+    other = c.completions.create(model=NAME, prompt="z", max_tokens=1, temperature=0, logprobs=0,
+                                 logit_bias={str(banned): -100}).choices[0]
+    assert other.text != first.text
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model=NAME, prompt="z", max_tokens=1, logit_bias={"999999": 1})
+    assert e.value.body["param"] == "logit_bias"
+
+
+def test_chat_uses_the_template(served):
+    from dsv3.infer.chat_template import DEFAULT_TEMPLATE, ChatTemplate
+
+    c, tok = served.client, served.tok
+    messages = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "a loop"}]
+    text = ChatTemplate(DEFAULT_TEMPLATE, tok.bos_token, tok.eos_token).render(messages)
+    assert text.startswith(tok.bos_token) and text.endswith("<｜Assistant｜>")
+    ids = tok.encode(text)
+    chat = c.chat.completions.create(model=NAME, messages=messages, max_completion_tokens=10, temperature=0)
+    assert chat.usage.prompt_tokens == len(ids)
+    ref = served.greedy(ids, 10)
+    assert chat.choices[0].message.content == tok.decode(ref, skip_special_tokens=True)
+    assert chat.choices[0].message.role == "assistant"
+    parts = [{"role": "system", "content": [{"type": "text", "text": "You write "}, {"type": "text", "text": "Python."}]},
+             messages[1]]
+    assert c.chat.completions.create(model=NAME, messages=parts, max_tokens=10, temperature=0).choices[0] \
+        .message.content == chat.choices[0].message.content
+    stream = list(c.chat.completions.create(model=NAME, messages=messages, max_tokens=10, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert stream[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices) == chat.choices[0].message.content
+    assert stream[-1].usage.prompt_tokens == len(ids)
+
+
+def test_chat_template_from_the_model_directory(tmp_path, served):
+    from dsv3.infer.chat_template import ChatTemplate, ChatTemplateError
+
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}{% endif %}"
+        "[{{ m['role'] }}]{{ m['content'] | tojson }}\n{% endfor %}{% if add_generation_prompt %}[bot]{% endif %}")}))
+    t = ChatTemplate.from_model_dir(str(tmp_path), served.tok)
+    assert not t.is_default
+    assert t.render([{"role": "user", "content": "é"}]) == '[user]"é"\n[bot]'
+    with pytest.raises(ChatTemplateError, match="no system"):
+        t.render([{"role": "system", "content": "x"}])
+    (tmp_path / "chat_template.jinja").write_text("{{ bos_token }}{{ messages[0]['content'] }}")
+    assert ChatTemplate.from_model_dir(str(tmp_path), served.tok).render([{"role": "user", "content": "q"}]) \
+        == served.tok.bos_token + "q"
+
+
+def test_context_overflow_and_unsupported(served):
+    c = served.client
+    cases = [(dict(prompt="x", max_tokens=500), "max_tokens"), (dict(prompt="x " * 400, max_tokens=4), "prompt"),
+             (dict(prompt="x", max_tokens=4, suffix="y"), "suffix")]
+    for kw, param in cases:
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(model=NAME, **kw)
+        assert e.value.body["param"] == param, e.value.body
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "x " * 400}], max_tokens=4)
+    assert e.value.body["param"] == "messages"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "x"}], max_tokens=4,
+                                  tools=[{"type": "function", "function": {"name": "f"}}])
+    assert e.value.body["param"] == "tools"
+    r = c.completions.create(model=NAME, prompt="x = 1", max_tokens=0, echo=True, logprobs=1)     # echo only
+    assert r.choices[0].text == "x = 1" and r.usage.completion_tokens == 0
+    r = c.completions.create(model=NAME, prompt="hi", max_tokens=2, user="someone")
+    assert r.usage.completion_tokens == 2
+
+
+def test_api_key(served):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        r = httpx.post(served.url + "/v1/completions", json={"prompt": "x", "max_tokens": 1}, headers=headers)
+        assert r.status_code == 401 and is_error_shape(r)
+        assert httpx.get(served.url + "/v1/models", headers=headers).status_code == 401
+    assert httpx.get(served.url + "/health").status_code == 200
+    bad = openai.OpenAI(base_url=served.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+def test_incremental_text_and_stop_matching(served):
+    """The server's detokenisation equals the tokenizer's decode, piece by piece (both the byte
+    table and the windowed fallback), and stop strings are found across any piece boundaries."""
+    import random
+
+    from dsv3.infer.detokenize import IncrementalText, StopMatcher, TokenBytes
+
+    tok = served.tok
+    tb = TokenBytes(tok)
+    assert tb.table is not None and tok.eos_id in tb.special
+    rng = random.Random(0)
+    texts = ["héllo wörld, 日本語のテキスト 🙂\n\tdef f(x): return x ** 2", "a" * 50, "€€€ ±∞ \u0301e"]
+    for text in texts:
+        ids = tok.encode(text)
+        inc = IncrementalText(tb)
+        assert "".join(inc.push(t) for t in ids) + inc.flush() == text == tok.decode(ids)
+        fallback = TokenBytes(tok)
+        fallback.table = None
+        inc = IncrementalText(fallback)
+        assert "".join(inc.push(t) for t in ids) + inc.flush() == text
+    for _ in range(20):
+        ids = [rng.randrange(tb.size) for _ in range(30)]
+        inc = IncrementalText(tb)
+        assert "".join(inc.push(t) for t in ids) + inc.flush() == tok.decode(ids, skip_special_tokens=True)
+    text = "abcSTOPdef"
+    for stops, want in ((["STOP"], "abc"), (["cS", "TOP"], "ab"), (["zz"], text), (["STOPx"], text), (["f"], "abcSTOPde")):
+        for cut in range(1, len(text)):
+            m = StopMatcher(stops)
+            pieces = [m.feed(text[:cut]), m.feed(text[cut:])]
+            got = "".join(p for p, _ in pieces) + m.flush()
+            assert got == want and any(hit for _, hit in pieces) == (want != text), (stops, cut)
+
+
+# --------------------------------------------------------------------------------------- robustness
+def malformed_requests():
+    """(path, raw body bytes or JSON-able object, headers) of requests that must get a 4xx."""
+    out = []
+    common = ["NaN", "Infinity", "-Infinity", "1e400", "-1e400", "1e30", "99999999999999999999999999", '"1"',
+              "true", "[]", "{}"]
+    bad = {"temperature": ["-1", "2.5", "-0.001"], "top_p": ["0", "-1", "1.5"], "top_k": ["-2", "1.5"],
+           "n": ["0", "-1", "17", "1.5"], "max_tokens": ["-1", "100000", "1.5"], "presence_penalty": ["-3", "2.5"],
+           "frequency_penalty": ["-3", "2.5"], "seed": ["1.5", "-99999999999999999999999999"]}
+    comp = dict(bad, logprobs=["-1", "21", "1.5"], best_of=["0", "-1", "17", "1.5"])
+    for field, extra in comp.items():
+        for v in common + extra:
+            body = f'{{"model": "{NAME}", "prompt": "x", "max_tokens": 2, "{field}": {v}}}'.replace(
+                '"max_tokens": 2, "max_tokens"', '"max_tokens"')
+            out.append(("/v1/completions", body.encode(), None))
+    chat = dict(bad, max_completion_tokens=["0", "-1", "100000"], top_logprobs=["-1", "21", "1.5"])
+    msg = '[{"role": "user", "content": "hi"}]'
+    for field, extra in chat.items():
+        for v in common + extra:
+            body = f'{{"messages": {msg}, "logprobs": true, "{field}": {v}}}'
+            out.append(("/v1/chat/completions", body.encode(), None))
+    nums = common + ["101", "-101"]
+    for v in nums:
+        out.append(("/v1/completions", f'{{"prompt": "x", "max_tokens": 2, "logit_bias": {{"5": {v}}}}}'.encode(), None))
+        out.append(("/v1/chat/completions", f'{{"messages": {msg}, "logit_bias": {{"5": {v}}}}}'.encode(), None))
+    bad_json = [b"", b"{", b'{"prompt": "x",}', b"[1, 2]", b'"just a string"', b"null", b"42", b'{"prompt": "x"} extra',
+                b"[" * 100000 + b"]" * 100000, b'{"prompt": "x", "max_tokens": 1' + b"0" * 5000 + b"}",
+                b"\xff\xfe{", b'{"prompt": "\xc3\x28"}', b'{"prompt": "\xed\xa0\x80"}', b"\x00\x00",
+                b'{"prompt": "\\ud800"}', b'{"prompt": ["ok", "\\udfff"]}', b'{"prompt": "x", "user": "\\ud83d"}',
+                b'{"prompt": "x", "stop": ["\\ud800"]}', b'{"prompt": "x", "model": "\\ud800"}',
+                b'{"prompt": "x", "\\ud800": 1}']
+    for raw in bad_json:
+        out.append(("/v1/completions", raw, None))
+        out.append(("/v1/chat/completions", raw, None))
+    out.append(("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\udc00"}]}', None))
+    objs = [{}, {"prompt": None}, {"prompt": 5}, {"prompt": []}, {"prompt": [[]]}, {"prompt": [1, "a"]},
+            {"prompt": [[1], "a"]}, {"prompt": [-1]}, {"prompt": [10 ** 9]}, {"prompt": [1.5]}, {"prompt": [True]},
+            {"prompt": {"a": 1}}, {"prompt": "x", "stop": 5}, {"prompt": "x", "stop": [""]},
+            {"prompt": "x", "stop": ["a"] * 17}, {"prompt": "x", "stop": [1]}, {"prompt": "x", "echo": "yes"},
+            {"prompt": "x", "stream": "true"}, {"prompt": "x", "stream_options": {"include_usage": True}},
+            {"prompt": "x", "stream": True, "stream_options": {"bogus": 1}}, {"prompt": "x", "suffix": "y"},
+            {"prompt": "x", "model": "unknown"}, {"prompt": "x", "bogus_field": 1}, {"prompt": "x", "logit_bias": []},
+            {"prompt": "x", "logit_bias": {"abc": 1}}, {"prompt": "x", "logit_bias": {"-5": 1}},
+            {"prompt": "x", "logit_bias": {"5": 101}}, {"prompt": "x", "logit_bias": {"5": "1"}},
+            {"prompt": "x", "n": 2, "best_of": 1}, {"prompt": "x", "best_of": 2, "stream": True},
+            {"prompt": ["x"] * 9, "n": 8}, {"prompt": "x", "user": 5}, {"prompt": "x", "max_tokens": 0},
+            {"prompt": "x " * 200}, {"prompt": "x", "max_tokens": 10 ** 30}]
+    for o in objs:
+        out.append(("/v1/completions", o, None))
+    chats = [{}, {"messages": []}, {"messages": None}, {"messages": "hi"}, {"messages": [{}]},
+             {"messages": [{"role": "wizard", "content": "x"}]}, {"messages": [{"role": "user"}]},
+             {"messages": [{"role": "user", "content": None}]}, {"messages": [{"role": "user", "content": 5}]},
+             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+             {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+             {"messages": [{"role": "user", "content": "x", "extra": 1}]},
+             {"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, {"messages": [["user", "x"]]},
+             {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 3},
+             {"messages": [{"role": "user", "content": "x"}], "logprobs": 1},
+             {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+             {"messages": [{"role": "user", "content": "x"}], "tools": []},
+             {"messages": [{"role": "user", "content": "x"}], "functions": [{"name": "f"}]},
+             {"messages": [{"role": "user", "content": "x"}], "model": "unknown"},
+             {"messages": [{"role": "user", "content": "x"}], "stop": [""]},
+             {"messages": [{"role": "user", "content": "x"}], "max_tokens": 100000},
+             {"messages": [{"role": "user", "content": "x " * 200}]}, {"prompt": "x"}]
+    for o in chats:
+        out.append(("/v1/chat/completions", o, None))
+    big = b'{"prompt": "' + b"x" * (MAX_BODY + 10) + b'", "max_tokens": 1}'
+    out.append(("/v1/completions", big, None))
+    out.append(("/v1/completions", b'{"prompt": "x"}', {"Content-Type": "text/plain"}))   # parsed anyway → OK
+    return out
+
+
+def test_fuzz_malformed_requests_get_4xx(served):
+    reqs = malformed_requests()
+    assert len(reqs) >= 300
+    statuses = {}
+    for path, body, headers in reqs:
+        kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+        try:
+            r = served.http.post(path, headers=headers, timeout=60, **kw)
+        except httpx.TransportError:                     # a 413 can close the socket while we still send
+            assert isinstance(body, bytes) and len(body) > MAX_BODY
+            continue
+        statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+        if headers and headers.get("Content-Type") == "text/plain":
+            assert r.status_code == 200
+            continue
+        assert 400 <= r.status_code < 500, (path, body[:200] if isinstance(body, bytes) else body, r.status_code, r.text)
+        assert is_error_shape(r), r.text
+        if isinstance(body, bytes) and len(body) > MAX_BODY:
+            assert r.status_code == 413
+    assert not any(s >= 500 for s in statuses), statuses
+    assert served.health().json()["status"] == "ok"
+    r = served.client.completions.create(model=NAME, prompt="import os\n", max_tokens=12, temperature=0)
+    assert r.choices[0].text == served.tok.decode(served.greedy(served.tok.encode("import os\n"), 12),
+                                                  skip_special_tokens=True)
+
+
+def test_params_are_named_in_errors(served):
+    for field, raw in (("temperature", "NaN"), ("top_p", "Infinity"), ("max_tokens", "1e400"), ("seed", "-Infinity"),
+                       ("presence_penalty", "7"), ("n", "0")):
+        r = served.http.post("/v1/completions", content=f'{{"prompt": "x", "{field}": {raw}}}'.encode())
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+    r = served.post("/v1/chat/completions", {"messages": [{"role": "user", "content": 1}]})
+    assert r.status_code == 400 and r.json()["error"]["param"].startswith("messages[0].content")
+
+
+def wait_idle(served, timeout=3.0):
+    deadline = time.time() + timeout
+    while True:
+        h = served.health().json()
+        if h["running"] == 0 and h["waiting"] == 0:
+            return time.time()
+        assert time.time() < deadline, h
+        time.sleep(0.05)
+
+
+def test_closed_streams_free_their_slots(served):
+    c = served.client
+    streams = [c.completions.create(model=NAME, prompt=f"loop {i}", max_tokens=100, temperature=1.0,
+                                    logit_bias={str(served.tok.eos_id): -100}, stream=True) for i in range(4)]
+    for s in streams:
+        next(iter(s))
+        next(iter(s))
+    assert served.health().json()["running"] >= 1
+    for s in streams:
+        s.close()
+    t0 = time.time()
+    assert wait_idle(served) - t0 < 2.0
+    with pytest.raises(httpx.ReadTimeout):                         # a whole request whose client gives up
+        served.post("/v1/completions", {"prompt": "x", "max_tokens": 100, "logit_bias": {"1": -100}}, timeout=0.5)
+    t0 = time.time()
+    assert wait_idle(served) - t0 < 2.0
+    metrics = served.http.get("/metrics").text
+    assert "dsv3_requests_running 0.0" in metrics
+
+
+def test_metrics(served):
+    text = served.http.get("/metrics").text
+    for name in ('dsv3_http_requests_total{code="200"}', 'dsv3_http_requests_total{code="400"}',
+                 'dsv3_http_requests_total{code="401"}', 'dsv3_http_requests_total{code="404"}',
+                 "dsv3_prompt_tokens_total", "dsv3_completion_tokens_total", "dsv3_time_to_first_token_seconds_count",
+                 "dsv3_inter_token_latency_seconds_count", "dsv3_requests_running", "dsv3_requests_waiting",
+                 "dsv3_cache_blocks_used", "dsv3_cache_blocks_total", "dsv3_prefix_cache_hit_tokens_total"):
+        line = next((ln for ln in text.splitlines() if ln.startswith(name + " ")), None)
+        assert line is not None, name
+    values = {ln.split(" ")[0]: float(ln.split(" ")[1]) for ln in text.splitlines() if ln and not ln.startswith("#")}
+    assert values["dsv3_completion_tokens_total"] > 0 and values["dsv3_time_to_first_token_seconds_count"] > 0
+    assert values["dsv3_cache_blocks_total"] > 0
+
+
+def test_bad_flags_and_help(capsys, model_dir):
+    from dsv3.cli import main
+
+    for argv, flag in ((["--port", "70000"], "--port"), (["--cache-memory", "-1"], "--cache-memory"),
+                       (["--max-batch", "0"], "--max-batch"), (["--shutdown-grace", "nan"], "--shutdown-grace"),
+                       (["--max-body-bytes", "10"], "--max-body-bytes")):
+        assert main(["serve", "--model", model_dir, *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and flag in err[0], err
+    assert main(["serve", "--model", model_dir + "-missing"]) == 2
+    assert "not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    help_text = capsys.readouterr().out
+    for flag in ("--api-key", "--cache-memory", "--prefix-cache", "--speculative", "--served-model-name",
+                 "--max-body-bytes", "--shutdown-grace", "--fp8"):
+        assert flag in help_text
+
+
+def test_health_says_when_the_engine_is_dead(served):
+    """In process, with a stand-in worker whose engine thread has died."""
+    from fastapi.testclient import TestClient
+
+    from dsv3.infer.server import create_app
+
+    class DeadWorker:
+        alive, error = False, "RuntimeError: boom"
+        engine = type("E", (), {"max_len": 128, "model": served.model})()
+
+        def stats(self):
+            return {"running": 0, "waiting": 0}
+
+        def close(self, grace=0):
+            pass
+
+    with TestClient(create_app(DeadWorker(), served.tok, NAME)) as client:
+        r = client.get("/health")
+        assert r.status_code == 503 and r.json()["status"] == "dead" and "boom" in r.json()["error"]
+        r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
+        assert r.status_code == 503 and is_error_shape(r)
+        assert "dsv3_engine_alive 0.0" in client.get("/metrics").text
+
+
+def test_sigterm_drains_in_flight_requests(served):
+    """Last: stops the module's server."""
+    result = {}
+
+    def ask():
+        result["r"] = served.post("/v1/completions", {"prompt": "while True:", "max_tokens": 60,
+                                                      "logit_bias": {str(served.tok.eos_id): -100}})
+
+    t = threading.Thread(target=ask)
+    t.start()
+    deadline = time.time() + 30
+    while served.health().json()["running"] < 1:
+        assert time.time() < deadline
+        time.sleep(0.02)
+    served.proc.send_signal(signal.SIGTERM)
+    t0 = time.time()
+    t.join(timeout=60)
+    r = result["r"]
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 60 and r.json()["choices"][0]["finish_reason"] == "length"
+    assert served.proc.wait(timeout=30) == 0
+    assert time.time() - t0 < 30
+    try:
+        late = httpx.post(served.url + "/v1/completions", json={"prompt": "x"}, timeout=5)
+        assert late.status_code == 503
+    except httpx.TransportError:
+        pass                                       # the listening socket is closed: also a refusal

@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import secrets
+import signal
 import time
 import uuid
 
@@ -641,6 +642,10 @@ def run(args) -> int:
         def handle_exit(self, sig, frame):          # SIGTERM / SIGINT: answer 503 from now on, then drain
             st.begin_drain()
             super().handle_exit(sig, frame)
+            if sig == signal.SIGTERM:                # a drained SIGTERM is a clean exit (0): uvicorn would
+                captured = getattr(self, "_captured_signals", [])   # re-raise it after shutdown
+                while signal.SIGTERM in captured:
+                    captured.remove(signal.SIGTERM)
 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                             timeout_graceful_shutdown=max(args.shutdown_grace, 0.1), lifespan="on")
