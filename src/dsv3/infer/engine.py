@@ -48,7 +48,7 @@ class TokenLogprob:
     top: list = field(default_factory=list)          # [(token id, logprob)] best first
 
 
-@dataclass
+@dataclass(eq=False)                                 # requests are compared by identity
 class Request:
     prompt: list[int]
     max_new_tokens: int

@@ -155,10 +155,13 @@ class PagedView:
         if self.end > width * bs:
             raise ValueError(f"the block tables cover {width * bs} positions, the forward needs {self.end}")
         self.table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=dev)
-        s = torch.arange(self.end, device=dev)
-        self.read_idx = self.table[:, s // bs] * bs + s % bs                           # [B, end] flat slots
+        n = torch.tensor(lengths, device=dev)
+        # a row's positions past its own end read its last position (masked anyway, but never another
+        # request's or an unwritten slot, so nothing non-finite can leak in through 0 · NaN)
+        s = torch.minimum(torch.arange(self.end, device=dev)[None, :], (self.start + n - 1)[:, None])
+        self.read_idx = self.table.gather(1, s // bs) * bs + s % bs                    # [B, end] flat slots
         pos = self.start[:, None] + torch.arange(T, device=dev)                        # [B, T]
-        valid = torch.arange(T, device=dev)[None, :] < torch.tensor(lengths, device=dev)[:, None]
+        valid = torch.arange(T, device=dev)[None, :] < n[:, None]
         self.all_valid = bool(valid.all())
         pos = pos.clamp(max=self.end - 1)
         slots = self.read_idx.gather(1, pos)                                           # [B, T]
@@ -166,8 +169,16 @@ class PagedView:
         self.valid = valid
         self.T = T
 
-    def update(self, layer: int, start_pos, kv: torch.Tensor, pe: torch.Tensor):
-        """Write kv/pe [B, T, ·] of the valid positions; return every row's cached [B, end, ·]."""
+    kernel_backend = "auto"        # of :func:`dsv3.infer.paged_attention.paged_mla_attention`
+
+    @property
+    def uses_kernel(self) -> bool:
+        """On CUDA, absorbed attention runs the paged kernel over the blocks (:meth:`attend`) instead
+        of reading them into contiguous tensors."""
+        return self.cache.kv.device.type == "cuda"
+
+    def write(self, layer: int, kv: torch.Tensor, pe: torch.Tensor) -> None:
+        """Write kv/pe [B, T, ·] of the valid positions into their blocks."""
         if kv.shape[1] != self.T:
             raise ValueError(f"the view was made for {self.T} new positions per row, got {kv.shape[1]}")
         kv_flat = self.cache.kv[layer].view(-1, kv.shape[-1])
@@ -178,4 +189,16 @@ class PagedView:
         else:
             kv_flat[self.write_idx] = kv[self.valid].to(kv_flat.dtype)
             pe_flat[self.write_idx] = pe[self.valid].to(pe_flat.dtype)
-        return kv_flat[self.read_idx], pe_flat[self.read_idx]
+
+    def update(self, layer: int, start_pos, kv: torch.Tensor, pe: torch.Tensor):
+        """Write kv/pe [B, T, ·] of the valid positions; return every row's cached [B, end, ·]."""
+        self.write(layer, kv, pe)
+        r, rope = kv.shape[-1], pe.shape[-1]
+        return (self.cache.kv[layer].view(-1, r)[self.read_idx], self.cache.pe[layer].view(-1, rope)[self.read_idx])
+
+    def attend(self, layer: int, q_lat: torch.Tensor, q_pe: torch.Tensor, scale: float) -> torch.Tensor:
+        """Absorbed attention of q_lat [B, T, H, r], q_pe [B, T, H, rope] over the blocks → o_lat [B, T, H, r]."""
+        from .paged_attention import paged_mla_attention
+
+        return paged_mla_attention(q_lat, q_pe, self.cache.kv[layer], self.cache.pe[layer], self.table,
+                                   self.start, scale, backend=self.kernel_backend)

@@ -130,6 +130,11 @@ class MLA(nn.Module):
         c_kv = self.kv_a_layernorm(c_kv)
         k_pe = apply_rope(k_pe, freqs_cis)                       # [B, T, rope], shared by all heads
         if cache is not None:
+            if getattr(cache, "uses_kernel", False) and self.use_absorbed(T, cache.end):
+                cache.write(self.layer_idx, c_kv, k_pe)        # a paged cache on GPU: the kernel reads the blocks
+                q_lat = torch.einsum("bthn,hnr->bthr", q_nope, self._w_uk_uv(q_nope.dtype)[0])
+                o_lat = cache.attend(self.layer_idx, q_lat, q_pe, self.scale)
+                return self._absorbed_output(o_lat.transpose(1, 2))
             c_kv, k_pe = cache.update(self.layer_idx, start_pos, c_kv, k_pe)
             if self.use_absorbed(T, c_kv.shape[1]):
                 return self._absorbed_attention(q_nope, q_pe, c_kv, k_pe, start_pos)
@@ -160,19 +165,26 @@ class MLA(nn.Module):
     def _absorbed_attention(self, q_nope, q_pe, c_kv, k_pe, start_pos):
         """Attention directly against the latent cache. q_nope [B, T, H, nope], q_pe [B, T, H, rope],
         c_kv [B, S, r], k_pe [B, S, rope] → [B, T, H·v]."""
-        B, T = q_nope.shape[:2]
         S = c_kv.shape[1]
-        w = self.kv_b_proj.weight.to(q_nope.dtype).view(self.h, self.nope + self.vdim, self.kv_rank)
-        w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]                              # [H, nope|v, r]
-        q_lat = torch.einsum("bthn,hnr->bhtr", q_nope, w_uk)                           # [B, H, T, r]
+        T = q_nope.shape[1]
+        q_lat = torch.einsum("bthn,hnr->bhtr", q_nope, self._w_uk_uv(q_nope.dtype)[0])  # [B, H, T, r]
         score = torch.matmul(q_lat, c_kv.unsqueeze(1).transpose(-1, -2))              # [B, H, T, S]
         score = score + torch.matmul(q_pe.transpose(1, 2), k_pe.unsqueeze(1).transpose(-1, -2))
         score = score.to(torch.promote_types(score.dtype, torch.float32)) * self.scale    # softmax in ≥ fp32
         if T > 1 or isinstance(start_pos, torch.Tensor):
             score = score.masked_fill(~_chunk_mask(start_pos, T, S, score.device), float("-inf"))
         p = score.softmax(-1).to(c_kv.dtype)
-        o_lat = torch.matmul(p, c_kv.unsqueeze(1))                                    # [B, H, T, r]
-        o = torch.einsum("bhtr,hvr->bthv", o_lat, w_uv)                                # [B, T, H, v]
+        return self._absorbed_output(torch.matmul(p, c_kv.unsqueeze(1)))             # o_lat [B, H, T, r]
+
+    def _w_uk_uv(self, dtype):
+        """The k_nope and v halves of ``kv_b_proj`` as [H, nope, r] and [H, v, r]."""
+        w = self.kv_b_proj.weight.to(dtype).view(self.h, self.nope + self.vdim, self.kv_rank)
+        return w[:, : self.nope], w[:, self.nope:]
+
+    def _absorbed_output(self, o_lat: torch.Tensor) -> torch.Tensor:
+        """o_lat [B, H, T, r] → [B, T, H·v] through W_uv."""
+        B, _, T, _ = o_lat.shape
+        o = torch.einsum("bhtr,hvr->bthv", o_lat, self._w_uk_uv(o_lat.dtype)[1])      # [B, T, H, v]
         return o.reshape(B, T, self.h * self.vdim)
 
 
