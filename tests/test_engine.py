@@ -318,10 +318,16 @@ def test_deepseek_v3_shaped_config_serves_within_its_memory_budget(one_thread):
     torch.manual_seed(0)
     m = Transformer(cfg).eval()
     budget = 64 << 20
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    before = rss()
     eng = Engine(m, max_batch=8, cache_memory=budget)
     assert eng.cache.nbytes() <= budget and eng.max_len == 163840
     reqs = [eng.submit(torch.randint(3, 512, (n,)).tolist(), 8, GREEDY) for n in (5, 70, 140)]
     eng.run()
+    assert rss() - before < budget + (48 << 20)        # the pool + activations (one full-length row: 0.75 GB)
     assert all(r.finish_reason == "length" and len(r.output) == 8 for r in reqs)
     assert reqs[1].output == generate(m, reqs[1].prompt, 8, temperature=0)
 
