@@ -182,6 +182,18 @@ def _rss_pss(pids: list[int]) -> tuple[int, int]:
     return rss, pss
 
 
+def _cpu_seconds(pids: list[int]) -> float:
+    tick, total = os.sysconf("SC_CLK_TCK"), 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])          # utime + stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / tick
+
+
 class MemorySampler(threading.Thread):
     """Peak RSS / PSS of a process tree, sampled every ``interval`` seconds."""
 
@@ -241,6 +253,10 @@ class Server:
         self.stop()
         sys.exit(f"{self.name} server did not answer /v1/models within {timeout:.0f} s; see {self.log}")
 
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) the server's process tree has used so far."""
+        return _cpu_seconds(_tree(self.proc.pid))
+
     def stop(self):
         if self.proc.poll() is None:
             try:
@@ -280,12 +296,24 @@ def vllm_server(args, model: Path, log: Path) -> Server:
            "--max-num-seqs", str(args.max_batch), "--max-model-len", str(args.max_model_len),
            "--seed", "0"] + args.vllm_arg
     env = dict(os.environ, VLLM_MLA_DISABLE="1", VLLM_CPU_KVCACHE_SPACE=str(args.vllm_kv_gb),
-               VLLM_CPU_OMP_THREADS_BIND=args.vllm_threads_bind, OMP_NUM_THREADS=str(args.threads),
+               VLLM_CPU_OMP_THREADS_BIND=args.vllm_threads_bind,
                VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                PYTHONUNBUFFERED="1", VLLM_CACHE_ROOT=str(Path(args.workdir) / "vllm-cache"))
+    if args.vllm_iomp:                      # vLLM's CPU guide: preload Intel OpenMP (shipped in the venv)
+        env["LD_PRELOAD"] = str(Path(args.workdir) / "vllm-venv" / "lib" / "libiomp5.so")
     env.pop("VIRTUAL_ENV", None)
+    env.pop("OMP_NUM_THREADS", None)        # vLLM sets its processes' threads itself (from the binding)
     env["PATH"] = str(py.parent) + os.pathsep + env.get("PATH", "")
     return Server("vllm", cmd, env, log, port, args.startup_timeout)
+
+
+def vllm_bind(workdir: Path) -> str:
+    """The CPUs vLLM bound its model worker's threads to, from the newest vLLM log."""
+    logs = sorted((workdir / "logs").glob("vllm-round*.log"), key=lambda p: p.stat().st_mtime)
+    for line in reversed(logs[-1].read_text(errors="replace").splitlines() if logs else []):
+        if "local_rank=0, core ids=" in line:
+            return line.split("core ids=", 1)[1].strip()
+    return "?"
 
 
 # ----------------------------------------------------------------------------- the load generator
@@ -379,9 +407,21 @@ def _pct(xs: list[float], q: float) -> float | None:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
+def agreement(a: list[str], b: list[str]) -> dict:
+    """How far the greedy texts agree: identical fraction and the mean share of characters before
+    the first difference."""
+    same, prefix = [], []
+    for x, y in zip(a, b):
+        n = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
+        same.append(x == y)
+        prefix.append(n / max(len(x), len(y), 1))
+    return {"identical": round(sum(same) / len(same), 4) if same else None,
+            "common_prefix_share": round(statistics.mean(prefix), 4) if prefix else None, "n": len(same)}
+
+
 def summarise(runs: list[dict], count_tokens) -> dict:
     """runs: the drive() results of one server at one concurrency, one per round."""
-    tps, ttft, gaps, tpot, ntok, use_usage = [], [], [], [], [], True
+    tps, ttft, gaps, tpot, ntok, chunks, cpu, use_usage = [], [], [], [], [], [], [], True
     for run in runs:
         for r in run["requests"]:
             if r["usage_tokens"] is None:
@@ -392,18 +432,22 @@ def summarise(runs: list[dict], count_tokens) -> dict:
             n = r["usage_tokens"] if use_usage else count_tokens(r["text"])
             toks += n
             ntok.append(n)
+            chunks.append(r["chunks"])
             if r["ttft"] is not None:
                 ttft.append(r["ttft"])
             gaps.extend(r["gaps"])
             if n > 1 and r["ttft"] is not None:
                 tpot.append((r["end"] - r["start"] - r["ttft"]) / (n - 1))
         tps.append(toks / run["wall_s"])
+        cpu.append(run["server_cpu_s"] / max(toks, 1) * 1000)
     ms = lambda x: None if x is None else round(1000 * x, 2)  # noqa: E731
     return {"tokens_per_s": round(statistics.median(tps), 2), "tokens_per_s_rounds": [round(x, 2) for x in tps],
             "ttft_ms_p50": ms(_pct(ttft, .5)), "ttft_ms_p95": ms(_pct(ttft, .95)),
             "itl_ms_p50": ms(_pct(gaps, .5)), "itl_ms_p95": ms(_pct(gaps, .95)), "itl_ms_max": ms(max(gaps, default=None)),
             "tpot_ms_p50": ms(_pct(tpot, .5)),
             "output_tokens_per_request_mean": round(statistics.mean(ntok), 2) if ntok else 0,
+            "stream_chunks_per_request_mean": round(statistics.mean(chunks), 2) if chunks else 0,
+            "server_cpu_ms_per_token": round(statistics.median(cpu), 2),
             "tokens_counted_by": "usage.completion_tokens" if use_usage else "re-tokenising the output text",
             "requests": sum(len(r["requests"]) for r in runs)}
 
@@ -418,13 +462,19 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=64, help="length of each prompt window")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="compute threads for each server")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2,
+                    help="dsv3's torch threads (OMP_NUM_THREADS); vLLM's are set by --vllm-threads-bind")
     ap.add_argument("--max-batch", type=int, default=None,
                     help="requests decoded together (dsv3 --max-batch, vLLM --max-num-seqs); default max concurrency")
     ap.add_argument("--max-model-len", type=int, default=None, help="vLLM --max-model-len (default: the model's)")
     ap.add_argument("--vllm-version", default=VLLM_VERSION)
-    ap.add_argument("--vllm-kv-gb", type=float, default=2, help="VLLM_CPU_KVCACHE_SPACE")
-    ap.add_argument("--vllm-threads-bind", default=None, help="VLLM_CPU_OMP_THREADS_BIND (default 0-<threads-1>)")
+    ap.add_argument("--vllm-kv-gb", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE (GiB, an integer)")
+    ap.add_argument("--vllm-threads-bind", default="auto",
+                    help="VLLM_CPU_OMP_THREADS_BIND: 'auto' (vLLM's default: one CPU kept for its scheduler/API "
+                         "process, the rest for the model), or a CPU list such as 0-1")
+    ap.add_argument("--vllm-iomp", action=argparse.BooleanOptionalAction, default=False,
+                    help="LD_PRELOAD the venv's libiomp5.so for vLLM (its CPU guide's advice)")
+
     ap.add_argument("--vllm-arg", action="append", default=[], help="extra argument for vLLM (repeatable)")
     ap.add_argument("--dsv3-arg", action="append", default=[], help="extra argument for dsv3 serve (repeatable)")
     ap.add_argument("--startup-timeout", type=float, default=600)
@@ -435,7 +485,6 @@ def main() -> None:
     if args.quick:
         args.rounds, args.concurrency, args.prompts = 1, [1, 8], 8
     args.max_batch = args.max_batch or max(args.concurrency)
-    args.vllm_threads_bind = args.vllm_threads_bind or f"0-{args.threads - 1}"
     workdir = Path(args.workdir).resolve()
     args.workdir = str(workdir)
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
@@ -480,7 +529,9 @@ def main() -> None:
                 drive(srv, warm[:1], 1, 8)                               # warm-up, not measured
                 drive(srv, warm, len(warm), 8)
                 for c in args.concurrency:
+                    cpu0 = srv.cpu_s()
                     res = drive(srv, prompts, c, args.max_tokens)
+                    res["server_cpu_s"] = srv.cpu_s() - cpu0
                     runs[name][c].append(res)
                     texts[name][(c, rnd)] = [r["text"] for r in res["requests"]]
                     toks = sum(r["usage_tokens"] or count_tokens(r["text"]) for r in res["requests"])
@@ -495,15 +546,21 @@ def main() -> None:
     per_c = {}
     for c in args.concurrency:
         d, v = summarise(runs["dsv3"][c], count_tokens), summarise(runs["vllm"][c], count_tokens)
-        same = [a == b for rnd in range(args.rounds) for a, b in zip(texts["dsv3"][(c, rnd)], texts["vllm"][(c, rnd)])]
+        agree = agreement([t for rnd in range(args.rounds) for t in texts["dsv3"][(c, rnd)]],
+                          [t for rnd in range(args.rounds) for t in texts["vllm"][(c, rnd)]])
         ratio = lambda k: None if not d[k] or not v[k] else round(d[k] / v[k], 3)  # noqa: E731
-        per_c[c] = {"dsv3": d, "vllm": v, "identical_outputs": round(sum(same) / len(same), 4),
+        per_c[c] = {"dsv3": d, "vllm": v, "identical_outputs": agree["identical"],
+                    "common_prefix_share": agree["common_prefix_share"],
                     "ratio_dsv3_over_vllm": {k: ratio(k) for k in
                                              ("tokens_per_s", "ttft_ms_p50", "ttft_ms_p95", "itl_ms_p50", "itl_ms_p95")}}
     mem = {s: {"peak_rss_mb": max(x["peak_rss_mb"] for x in starts[s]),
                "peak_pss_mb": max(x["peak_pss_mb"] for x in starts[s]),
                "startup_s_median": round(statistics.median(x["startup_s"] for x in starts[s]), 2)} for s in servers}
-    all_same = [a == b for key in texts["dsv3"] for a, b in zip(texts["dsv3"][key], texts["vllm"][key])]
+    keys = list(texts["dsv3"])
+    agree_all = agreement([t for k in keys for t in texts["dsv3"][k]], [t for k in keys for t in texts["vllm"][k]])
+    # each server against itself: the first concurrency's texts vs every other (batching changes numerics?)
+    self_agree = {s: agreement([t for k in keys for t in texts[s][(args.concurrency[0], 0)]],
+                               [t for k in keys for t in texts[s][k]])["identical"] for s in servers}
     rss_ratio = mem["dsv3"]["peak_rss_mb"] / mem["vllm"]["peak_rss_mb"]
     target = {"tokens_per_s_ge_1x_at_every_concurrency": all(per_c[c]["ratio_dsv3_over_vllm"]["tokens_per_s"] >= 1.0
                                                              for c in args.concurrency),
@@ -523,7 +580,9 @@ def main() -> None:
                   "max_tokens": args.max_tokens, "temperature": 0, "rounds": args.rounds,
                   "concurrency": args.concurrency, "max_batch": args.max_batch, "dtype": "float32",
                   "threads": {"dsv3": f"OMP_NUM_THREADS={args.threads}",
-                              "vllm": f"VLLM_CPU_OMP_THREADS_BIND={args.vllm_threads_bind} OMP_NUM_THREADS={args.threads}"},
+                              "vllm": f"VLLM_CPU_OMP_THREADS_BIND={args.vllm_threads_bind}"
+                                      + (" LD_PRELOAD=libiomp5.so" if args.vllm_iomp else "")
+                                      + f" (model worker bound to CPUs {vllm_bind(workdir)})"},
                   "vllm_env": {"VLLM_MLA_DISABLE": "1", "VLLM_CPU_KVCACHE_SPACE": args.vllm_kv_gb},
                   "vllm_args": ["--dtype", "float32", "--max-num-seqs", str(args.max_batch),
                                 "--max-model-len", str(args.max_model_len), *args.vllm_arg],
@@ -536,7 +595,8 @@ def main() -> None:
         "ratios": {"peak_rss": round(rss_ratio, 3),
                    "peak_pss": round(mem["dsv3"]["peak_pss_mb"] / mem["vllm"]["peak_pss_mb"], 3),
                    "startup": round(mem["dsv3"]["startup_s_median"] / mem["vllm"]["startup_s_median"], 3)},
-        "identical_outputs": round(sum(all_same) / len(all_same), 4),
+        "identical_outputs": agree_all["identical"], "common_prefix_share": agree_all["common_prefix_share"],
+        "self_consistency_across_concurrency": self_agree,
         "target": target, "elapsed_s": round(time.time() - t_bench, 1),
         "sample_outputs": {s: texts[s][(args.concurrency[0], 0)][:2] for s in servers},
     }
@@ -562,8 +622,10 @@ def markdown(r: dict) -> str:
         f"max batch {s['max_batch']} on both. Machine: {r['machine']['cpus']} CPUs, "
         f"load average before/after {r['machine']['loadavg_before'][0]:.2f}/{r['machine']['loadavg_after'][0]:.2f}.", "",
         "| concurrency | tok/s dsv3 | tok/s vLLM | ratio | TTFT p50 ms dsv3 / vLLM | TTFT p95 ms dsv3 / vLLM | ratio p95 "
-        "| ITL p50 ms dsv3 / vLLM | ITL p95 ms dsv3 / vLLM | ITL max ms dsv3 / vLLM | identical outputs |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| ITL p50 ms dsv3 / vLLM | ITL p95 ms dsv3 / vLLM | ITL max ms dsv3 / vLLM | TPOT p50 ms dsv3 / vLLM "
+        "| server CPU ms/token dsv3 / vLLM "
+        "| identical outputs |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c, x in r["per_concurrency"].items():
         d, v, q = x["dsv3"], x["vllm"], x["ratio_dsv3_over_vllm"]
@@ -571,6 +633,8 @@ def markdown(r: dict) -> str:
                      f"| {f(d['ttft_ms_p50'])} / {f(v['ttft_ms_p50'])} | {f(d['ttft_ms_p95'])} / {f(v['ttft_ms_p95'])} "
                      f"| {f(q['ttft_ms_p95'])}× | {f(d['itl_ms_p50'])} / {f(v['itl_ms_p50'])} "
                      f"| {f(d['itl_ms_p95'])} / {f(v['itl_ms_p95'])} | {f(d['itl_ms_max'])} / {f(v['itl_ms_max'])} "
+                     f"| {f(d['tpot_ms_p50'])} / {f(v['tpot_ms_p50'])} "
+                     f"| {f(d['server_cpu_ms_per_token'])} / {f(v['server_cpu_ms_per_token'])} "
                      f"| {x['identical_outputs']:.0%} |")
     c0 = next(iter(r["per_concurrency"].values()))
     lines += [
@@ -582,11 +646,19 @@ def markdown(r: dict) -> str:
         f"| {m['vllm']['startup_s_median']:.1f} | {r['ratios']['startup']:.2f}× |",
         f"| processes | {max(x['processes'] for x in m['dsv3']['starts'])} | {max(x['processes'] for x in m['vllm']['starts'])} | |",
         "",
-        f"Greedy outputs identical on both servers: {r['identical_outputs']:.1%} of prompts (all concurrencies and rounds). "
+        f"Peak memory includes vLLM's preallocated KV cache (VLLM_CPU_KVCACHE_SPACE={s['vllm_env']['VLLM_CPU_KVCACHE_SPACE']} GiB).",
+        "",
+        f"Greedy outputs identical on both servers: {r['identical_outputs']:.1%} of prompts (all concurrencies and rounds); "
+        f"on average {r['common_prefix_share']:.1%} of each output agrees before the first difference. Each server "
+        f"against its own outputs at concurrency {s['concurrency'][0]}: dsv3 "
+        f"{r['self_consistency_across_concurrency']['dsv3']:.1%}, vLLM {r['self_consistency_across_concurrency']['vllm']:.1%} identical. "
         f"Output tokens per request (mean): dsv3 {c0['dsv3']['output_tokens_per_request_mean']}, "
         f"vLLM {c0['vllm']['output_tokens_per_request_mean']}; counted by {c0['dsv3']['tokens_counted_by']} (dsv3), "
         f"{c0['vllm']['tokens_counted_by']} (vLLM). tok/s is the median over rounds "
-        "(all output tokens / wall time of the round); TTFT and ITL (gap between streamed pieces) are pooled over rounds.",
+        "(all output tokens / wall time of the round); TTFT, ITL (the gap between streamed pieces of text as the client "
+        "receives them; pieces that arrive together give gaps near 0) and TPOT ((end − first token) / (tokens − 1) per "
+        "request) are pooled over rounds. Server CPU: user + system seconds of the server's process tree during the "
+        "measurement, per output token.",
         "",
         "Target (dsv3 ≥ 1.0× vLLM tok/s at every concurrency, TTFT p95 no worse, ≤ 0.5× memory): "
         + ", ".join(f"{k.replace('_', ' ')}: {'yes' if v else 'no'}" for k, v in r["target"].items()) + ".",
