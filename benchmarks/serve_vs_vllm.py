@@ -517,6 +517,8 @@ def main() -> None:
     starts = {s: [] for s in servers}
     texts = {s: {} for s in servers}                  # (concurrency, round) → list of texts
     load_before = os.getloadavg()
+    git = lambda *a: subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    source = {"commit": git("rev-parse", "HEAD"), "uncommitted_in_src_at_start": git("status", "--porcelain", "src").splitlines()}
     t_bench = time.time()
     for rnd in range(args.rounds):
         order = ["dsv3", "vllm"] if rnd % 2 == 0 else ["vllm", "dsv3"]
@@ -571,7 +573,8 @@ def main() -> None:
     vllm_py = workdir / "vllm-venv" / "bin" / "python"
     import torch
     result = {
-        "benchmark": "serve_vs_vllm", "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "benchmark": "serve_vs_vllm",
+        "dsv3_source": source, "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "torch_dsv3": torch.__version__, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
