@@ -391,7 +391,7 @@ def malformed_requests():
             {"prompt": "x", "logit_bias": {"5": 101}}, {"prompt": "x", "logit_bias": {"5": "1"}},
             {"prompt": "x", "n": 2, "best_of": 1}, {"prompt": "x", "best_of": 2, "stream": True},
             {"prompt": ["x"] * 9, "n": 8}, {"prompt": "x", "user": 5}, {"prompt": "x", "max_tokens": 0},
-            {"prompt": "x " * 200}, {"prompt": "x", "max_tokens": 10 ** 30}]
+            {"prompt": "x " * 200}, {"prompt": "y" * 900_000}, {"prompt": "x", "max_tokens": 10 ** 30}]
     for o in objs:
         out.append(("/v1/completions", o, None))
     chats = [{}, {"messages": []}, {"messages": None}, {"messages": "hi"}, {"messages": [{}]},

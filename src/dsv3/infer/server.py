@@ -31,6 +31,7 @@ import secrets
 import signal
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 from .openai_protocol import (APIError, ChatCompletionRequest, CompletionRequest, check, error_body,
                               error_type, parse_body, validate)
@@ -65,6 +66,24 @@ class ServerState:
         self.max_len = engine.max_len
         self.vocab_size = engine.model.cfg.vocab_size
         self.stop_ids = {tokenizer.eos_id} if tokenizer.eos_id is not None else set()
+        # no token covers more bytes than this, so a text longer than max_len × this cannot fit the
+        # context: refused before tokenising (which costs seconds for megabytes)
+        self.max_text_bytes = self.max_len * max(map(len, self.tb.table)) if self.tb.table is not None else None
+        # tokenising and templating get threads of their own, so a flood of huge prompts cannot starve
+        # the default executor
+        self.executor = ThreadPoolExecutor(max_workers=max(2, (os.cpu_count() or 2) // 2),
+                                           thread_name_prefix="dsv3-tokenize")
+
+    def check_text_fits(self, text: str, param: str) -> None:
+        if self.max_text_bytes is not None and len(text) > self.max_text_bytes \
+                and len(text.encode("utf-8")) > self.max_text_bytes:
+            raise APIError(400, f"This model's maximum context length is {self.max_len} tokens; the {param} text "
+                                f"has {len(text)} characters, more than {self.max_len} tokens can hold.",
+                           param=param, code="context_length_exceeded")
+
+    async def off_loop(self, fn, *args):
+        """``fn(*args)`` on the tokenising threads (never on the event loop)."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     def begin_drain(self) -> None:
         if self.draining_since is None:
@@ -97,7 +116,7 @@ async def read_json(request, limit: int) -> dict:
         if len(buf) > limit:
             raise APIError(413, f"the request body exceeds {limit} bytes (--max-body-bytes)", code="request_too_large")
     if len(buf) > (256 << 10):
-        return await asyncio.to_thread(parse_body, bytes(buf))
+        return await asyncio.get_running_loop().run_in_executor(None, parse_body, bytes(buf))
     return parse_body(bytes(buf))
 
 
@@ -113,6 +132,8 @@ def tokenize_prompts(st: ServerState, prompts: list) -> list[list[int]]:
     """Token ids of each prompt (strings encoded, id lists checked); an empty string becomes the
     beginning-of-sentence token. Runs on a worker thread."""
     texts = [p for p in prompts if isinstance(p, str)]
+    for t in texts:
+        st.check_text_fits(t, "prompt")
     encoded = iter(st.tokenizer.encode_batch(texts) if texts else [])
     out = []
     for i, p in enumerate(prompts):
@@ -279,7 +300,7 @@ async def completions(st: ServerState, request):
     echo = bool(body.echo)
     check(body.max_tokens != 0 or echo, "max_tokens: must be >= 1 (0 is allowed with echo only)", "max_tokens")
     params = sampling_params(st, body)
-    ids_list = await asyncio.to_thread(tokenize_prompts, st, prompts)
+    ids_list = await st.off_loop(tokenize_prompts, st, prompts)
     seed = secrets.randbits(63) if body.seed is None else body.seed
     engine_logprobs = body.logprobs if body.logprobs is not None else (0 if best_of > n else None)
     gens, echo_texts = [], []
@@ -375,11 +396,12 @@ async def chat_completions(st: ServerState, request):
             text = st.template.render(messages, add_generation_prompt=body.add_generation_prompt is not False)
         except ChatTemplateError as e:
             raise APIError(400, str(e), param="messages") from None
+        st.check_text_fits(text, "messages")
         ids = st.tokenizer.encode_batch([text])[0]
         check(len(ids) > 0, "messages: the chat template rendered no tokens", "messages")
         return ids
 
-    ids = await asyncio.to_thread(render)
+    ids = await st.off_loop(render)
     asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     mt = max_new_tokens(st, len(ids), asked, None, "messages",
                         "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
@@ -494,6 +516,7 @@ def create_app(worker, tokenizer, model_name: str = "dsv3", template=None, api_k
         st.begin_drain()
         left = st.shutdown_grace - (time.monotonic() - st.draining_since)
         await asyncio.to_thread(worker.close, max(left, 0.0))
+        st.executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="dsv3", description="DeepSeek-V3-family models behind the OpenAI API", lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None)
@@ -566,15 +589,19 @@ def create_app(worker, tokenizer, model_name: str = "dsv3", template=None, api_k
 
 # --------------------------------------------------------------------------------------- the command
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = ("serve a model over the OpenAI API: /v1/completions and /v1/chat/completions (whole or "
+                     "streamed), /v1/models, /health, /metrics; all requests share one batched engine")
+    p.epilog = ("example: dsv3 serve --model runs/tiny/final --served-model-name tiny --api-key sk-local, then "
+                "OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='sk-local')")
     p.add_argument("--model", required=True, metavar="DIR",
                    help="a model directory in the HF layout with its tokenizer.json (e.g. runs/tiny/final)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     p.add_argument("--served-model-name", default=None, metavar="NAME",
-                   help="the model id clients send (default: the model directory's name)")
+                   help="the model id clients send (default: the --model argument as given)")
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $DSV3_API_KEY; none: open)")
-    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together in one forward (default 8)")
+    p.add_argument("--max-batch", type=int, default=8, metavar="N", help="requests decoded together in one forward (default 8)")
     p.add_argument("--cache-memory", type=float, default=None, metavar="GB",
                    help="GB for the paged latent cache (default: what --max-batch full-context requests need, "
                         "at most a quarter of free memory)")
@@ -582,9 +609,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep prompt-prefix latent blocks on disk (a path, mount or fsspec URL) and reuse them")
     p.add_argument("--speculative", action="store_true",
                    help="MTP speculative decoding (same output distribution, fewer forwards)")
-    p.add_argument("--fp8", choices=("auto", "keep", "dequant"), default="auto",
-                   help="FP8 checkpoints: keep the E4M3 weights (auto, keep) or dequantise them at load")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda when there is one)")
+    from .generate import add_fp8_argument
+    add_fp8_argument(p)
+    p.add_argument("--device", default="auto", metavar="DEV", help="cpu, cuda, cuda:1 … (default: cuda when there is one)")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY, metavar="N",
                    help=f"largest request body accepted; larger ones get 413 (default {DEFAULT_MAX_BODY})")
     p.add_argument("--shutdown-grace", type=float, default=30.0, metavar="S",
@@ -634,7 +661,7 @@ def run(args) -> int:
     engine = Engine(model, max_batch=args.max_batch, cache_memory=cache_memory, prefix_cache=store,
                     speculative=args.speculative)
     worker = EngineWorker(engine)
-    name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+    name = args.served_model_name or os.path.normpath(args.model)      # as vLLM: the --model argument
     app = create_app(worker, tokenizer, name, template, api_key, args.max_body_bytes, args.shutdown_grace)
     st = app.st
 
