@@ -180,6 +180,11 @@ def test_logprobs_equal_the_model(served):
         assert sorted(ch.logprobs.top_logprobs[i].values(), reverse=True) == pytest.approx(top.values.tolist(), abs=2e-4)
     assert ch.logprobs.text_offset[:len(ids)] == [len(tok.decode(ids[:i])) for i in range(len(ids))]
     assert ch.logprobs.text_offset[len(ids)] == len(prompt)
+    chunks = list(c.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=0, logprobs=3, echo=True,
+                                       stream=True))
+    assert "".join(x.choices[0].text for x in chunks) == ch.text
+    assert sum((x.choices[0].logprobs.token_logprobs for x in chunks), []) == ch.logprobs.token_logprobs
+    assert sum((x.choices[0].logprobs.text_offset for x in chunks), []) == ch.logprobs.text_offset
     chat = c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hello"}], max_tokens=6,
                                      temperature=0, logprobs=True, top_logprobs=2)
     content = chat.choices[0].logprobs.content

@@ -23,7 +23,7 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def completion_logprobs(tokens, offset_shift: int = 0, first_is_prompt_start: bool = False) -> dict:
+def completion_logprobs(tokens, offset_shift: int = 0) -> dict:
     """The legacy completions logprobs of ``tokens`` ([TokenOut]); a token without a logprob (the
     first prompt token) gets None."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}

@@ -201,24 +201,34 @@ def start_all(st: ServerState, gens: list, prompt_param: str) -> asyncio.Queue:
 
 
 async def deltas(st: ServerState, gens: list, queue: asyncio.Queue):
-    """Every delta of ``gens`` as it arrives, until all are finished; an engine that stops leaves
-    no stream waiting."""
+    """Every delta of ``gens`` as it arrives, until all are finished. Once a second without news,
+    every stream is polled (nothing can be left waiting on a lost note) and a stopped engine is
+    reported."""
     left = sum(not g.finished for g in gens)
-    while left:
-        try:
-            g = await asyncio.wait_for(queue.get(), timeout=1.0)
-        except asyncio.TimeoutError:
-            if not st.worker.alive:
-                raise APIError(503, f"the engine has stopped: {st.worker.error}", code="engine_dead") from None
-            continue
-        was_finished = g.finished
-        d = g.advance()
-        if g.finished and not was_finished:
-            left -= 1
-            if g.error is not None:
-                raise APIError(500, f"the request failed in the engine: {g.error}", code="engine_error")
-        if d is not None:
-            yield d
+    get = None
+    try:
+        while left:
+            if get is None:
+                get = asyncio.ensure_future(queue.get())
+            done, _ = await asyncio.wait({get}, timeout=1.0)
+            if done:
+                ready, get = [get.result()], None
+            else:
+                if not st.worker.alive:
+                    raise APIError(503, f"the engine has stopped: {st.worker.error}", code="engine_dead")
+                ready = [g for g in gens if not g.finished]
+            for g in ready:
+                was_finished = g.finished
+                d = g.advance()
+                if g.finished and not was_finished:
+                    left -= 1
+                    if g.error is not None:
+                        raise APIError(500, f"the request failed in the engine: {g.error}", code="engine_error")
+                if d is not None:
+                    yield d
+    finally:
+        if get is not None:
+            get.cancel()
 
 
 async def run_whole(st: ServerState, gens: list, queue: asyncio.Queue, request) -> None:
@@ -269,6 +279,9 @@ def stream_response(st: ServerState, gens: list, queue: asyncio.Queue, request, 
                 yield sse(c)
         except APIError as e:
             yield sse(e.body())
+        except Exception as e:  # noqa: BLE001 — a bug here must not cut the stream without a word
+            logging.getLogger("dsv3.serve").exception("stream failed")
+            yield sse(error_body(f"internal server error: {type(e).__name__}", "server_error"))
         finally:
             watch.cancel()
             abort_all()
@@ -336,13 +349,20 @@ async def completions(st: ServerState, request):
                 c["usage"] = None
             return c
 
+        echoed, by_index = set(), {g.index: g for g in gens}
+
         def head():
-            return [chunk(g.index, *prompt_part(g)) for g in gens] if echo else []
+            return []
 
         def chunks(d):
+            out = []
+            if echo and d.index not in echoed:       # the prompt's logprobs exist once its prefill ran
+                echoed.add(d.index)
+                out.append(chunk(d.index, *prompt_part(by_index[d.index])))
             shift = len(echo_texts[d.index // n]) if echo else 0
-            return [chunk(d.index, d.text, completion_logprobs(d.tokens, shift) if want_lp else None,
-                          d.finish_reason)]
+            out.append(chunk(d.index, d.text, completion_logprobs(d.tokens, shift) if want_lp else None,
+                             d.finish_reason))
+            return out
 
         def tail():
             if not include_usage:
