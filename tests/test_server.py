@@ -342,12 +342,30 @@ def test_incremental_text_and_stop_matching(served):
         inc = IncrementalText(tb)
         assert "".join(inc.push(t) for t in ids) + inc.flush() == tok.decode(ids, skip_special_tokens=True)
     text = "abcSTOPdef"
-    for stops, want in ((["STOP"], "abc"), (["cS", "TOP"], "ab"), (["zz"], text), (["STOPx"], text), (["f"], "abcSTOPde")):
+    for stops, want in ((["STOP"], "abc"), (["cS", "TOP"], "ab"), (["zz"], text), (["STOPx"], text), (["f"], "abcSTOPde"),
+                        (["aab", "dd"], text), (["OPdeX", "Pd"], "abcSTO")):
         for cut in range(1, len(text)):
             m = StopMatcher(stops)
             pieces = [m.feed(text[:cut]), m.feed(text[cut:])]
             got = "".join(p for p, _ in pieces) + m.flush()
             assert got == want and any(hit for _, hit in pieces) == (want != text), (stops, cut)
+
+
+def test_concurrent_requests_equal_one_at_a_time(served):
+    """More requests than --max-batch at once: each equals its greedy reference."""
+    tok, out = served.tok, {}
+    prompts = ["class A:", "for i in", "return ", "x = [", "while True:", "import re\n"]
+
+    def ask(p):
+        out[p] = served.client.completions.create(model=NAME, prompt=p, max_tokens=10, temperature=0).choices[0].text
+
+    threads = [threading.Thread(target=ask, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for p in prompts:
+        assert out[p] == tok.decode(served.greedy(tok.encode(p), 10), skip_special_tokens=True)
 
 
 # --------------------------------------------------------------------------------------- robustness
@@ -388,7 +406,8 @@ def malformed_requests():
     objs = [{}, {"prompt": None}, {"prompt": 5}, {"prompt": []}, {"prompt": [[]]}, {"prompt": [1, "a"]},
             {"prompt": [[1], "a"]}, {"prompt": [-1]}, {"prompt": [10 ** 9]}, {"prompt": [1.5]}, {"prompt": [True]},
             {"prompt": {"a": 1}}, {"prompt": "x", "stop": 5}, {"prompt": "x", "stop": [""]},
-            {"prompt": "x", "stop": ["a"] * 17}, {"prompt": "x", "stop": [1]}, {"prompt": "x", "echo": "yes"},
+            {"prompt": "x", "stop": ["a"] * 17}, {"prompt": "x", "stop": [1]}, {"prompt": "x", "stop": "s" * 2000},
+            {"prompt": "x", "logit_bias": {str(i): 1 for i in range(1100)}}, {"prompt": "x", "echo": "yes"},
             {"prompt": "x", "stream": "true"}, {"prompt": "x", "stream_options": {"include_usage": True}},
             {"prompt": "x", "stream": True, "stream_options": {"bogus": 1}}, {"prompt": "x", "suffix": "y"},
             {"prompt": "x", "model": "unknown"}, {"prompt": "x", "bogus_field": 1}, {"prompt": "x", "logit_bias": []},

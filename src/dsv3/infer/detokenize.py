@@ -107,6 +107,14 @@ class StopMatcher:
         self.stops = [s for s in stops if s]
         self.pending = ""
         self.matched = False
+        # per stop string: character → the prefix lengths k (longest first, k < len) whose last
+        # character it is, so that only prefixes ending in the text's last character are tried
+        self._ends = []
+        for s in self.stops:
+            ends: dict[str, list[int]] = {}
+            for k in range(len(s) - 1, 0, -1):
+                ends.setdefault(s[k - 1], []).append(k)
+            self._ends.append(ends)
 
     def feed(self, text: str) -> tuple[str, bool]:
         if self.matched:
@@ -126,9 +134,14 @@ class StopMatcher:
     def _hold(self) -> int:
         """Length of the longest tail of ``pending`` that is a proper prefix of a stop string."""
         best = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(self.pending)), best, -1):
-                if self.pending.endswith(s[:k]):
+        if not self.pending:
+            return 0
+        last = self.pending[-1]
+        for s, ends in zip(self.stops, self._ends):
+            for k in ends.get(last, ()):
+                if k <= best:
+                    break
+                if k <= len(self.pending) and self.pending.endswith(s[:k]):
                     best = k
                     break
         return best

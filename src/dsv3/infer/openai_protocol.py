@@ -24,6 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 INT64_MIN, UINT64_MAX = -(2 ** 63), 2 ** 64 - 1
 MAX_N = 16                  # choices per prompt (n, best_of)
 MAX_STOP = 16               # stop strings per request
+MAX_STOP_CHARS = 1024       # characters per stop string
+MAX_LOGIT_BIAS = 1024       # logit_bias entries
 MAX_LOGPROBS = 20
 
 
@@ -184,11 +186,14 @@ class _Sampling(_Strict):
         for i, s in enumerate(stop):
             check(isinstance(s, str), f"stop[{i}]: must be a string", "stop")
             check(s != "", f"stop[{i}]: must not be empty", "stop")
+            check(len(s) <= MAX_STOP_CHARS, f"stop[{i}]: at most {MAX_STOP_CHARS} characters", "stop")
         return list(dict.fromkeys(stop))
 
     def bias(self, vocab_size: int) -> dict[int, float]:
         """``logit_bias`` with integer keys, each a token id of the model and each bias in [-100, 100]."""
         out = {}
+        check(len(self.logit_bias or {}) <= MAX_LOGIT_BIAS, f"logit_bias: at most {MAX_LOGIT_BIAS} tokens",
+              "logit_bias")
         for key, value in (self.logit_bias or {}).items():
             check(key.strip().lstrip("-").isdigit() and key.strip().isascii(),
                   f"logit_bias: key {key[:40]!r} is not a token id", "logit_bias")
