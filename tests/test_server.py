@@ -285,6 +285,28 @@ def test_chat_template_from_the_model_directory(tmp_path, served):
         == served.tok.bos_token + "q"
 
 
+def test_chat_template_renders_as_transformers(model_dir):
+    transformers = pytest.importorskip("transformers")
+    from dsv3.data import BOS_TOKEN, EOS_TOKEN
+    from dsv3.infer.chat_template import DEFAULT_TEMPLATE, ChatTemplate
+
+    template = ("{%- set ns = namespace(sys='') -%}"
+                "{%- for m in messages %}{% if m['role'] == 'system' %}{% set ns.sys = ns.sys + m['content'] %}"
+                "{% endif %}{% endfor -%}\n{{ bos_token }}{{ ns.sys }}\n{% for m in messages %}\n"
+                "  {% if m['role'] == 'system' %}{% continue %}{% endif %}\n"
+                "  {{ m['role'] | upper }}: {{ m['content'] | tojson }}\n{% endfor %}\n"
+                "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_file=os.path.join(model_dir, "tokenizer.json"),
+                                              bos_token=BOS_TOKEN, eos_token=EOS_TOKEN)
+    messages = [{"role": "system", "content": "Sé brief."}, {"role": "user", "content": 'naïve "q"\n'},
+                {"role": "assistant", "content": "ok"}, {"role": "user", "content": "日本"}]
+    for source in (template, DEFAULT_TEMPLATE):
+        hf.chat_template = source
+        for gen in (True, False):
+            assert ChatTemplate(source, BOS_TOKEN, EOS_TOKEN).render(messages, gen) == \
+                hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+
+
 def test_context_overflow_and_unsupported(served):
     c = served.client
     cases = [(dict(prompt="x", max_tokens=500), "max_tokens"), (dict(prompt="x " * 400, max_tokens=4), "prompt"),
