@@ -67,6 +67,7 @@ def served(model_dir, tmp_path_factory):
                                  "--max-body-bytes", str(MAX_BODY), "--shutdown-grace", "30"],
                                 env=cli_env(), stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
+    model, tok = load_model_dir(model_dir, "cpu")               # the reference, while the server starts
     deadline = time.time() + 120
     while True:
         try:
@@ -77,7 +78,6 @@ def served(model_dir, tmp_path_factory):
         assert proc.poll() is None, log.read_text()
         assert time.time() < deadline, "the server did not start in 120 s:\n" + log.read_text()
         time.sleep(0.3)
-    model, tok = load_model_dir(model_dir, "cpu")
     s = Served(proc, url, model.eval(), tok, log)
     yield s
     if proc.poll() is None:
@@ -552,7 +552,15 @@ def test_bad_flags_and_help(capsys, model_dir):
         assert main(["serve", "--model", model_dir, *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and flag in err[0], err
-    assert main(["serve", "--model", model_dir + "-missing"]) == 2
+    import socket
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert main(["serve", "--model", model_dir, "--port", str(busy.getsockname()[1])]) == 2
+        assert "--port" in capsys.readouterr().err
+    assert main(["serve", "--model", model_dir, "--host", "192.0.2.1"]) == 2           # not this machine's
+    assert "--host 192.0.2.1" in capsys.readouterr().err
+    assert main(["serve", "--model", model_dir + "-missing", "--port", str(free_port())]) == 2
     assert "not found" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
@@ -591,7 +599,7 @@ def test_sigterm_drains_in_flight_requests(served):
     result = {}
 
     def ask():
-        result["r"] = served.post("/v1/completions", {"prompt": "while True:", "max_tokens": 60,
+        result["r"] = served.post("/v1/completions", {"prompt": "while True:", "max_tokens": 40,
                                                       "logit_bias": {str(served.tok.eos_id): -100}})
 
     t = threading.Thread(target=ask)
@@ -602,14 +610,16 @@ def test_sigterm_drains_in_flight_requests(served):
         time.sleep(0.02)
     served.proc.send_signal(signal.SIGTERM)
     t0 = time.time()
+    time.sleep(0.2)
+    try:                                           # during the drain: 503, or the listening socket is closed
+        late = httpx.post(served.url + "/v1/completions", json={"prompt": "x"}, timeout=5,
+                          headers={"Authorization": f"Bearer {KEY}"})
+        assert late.status_code == 503 and is_error_shape(late)
+    except httpx.TransportError:
+        pass
     t.join(timeout=60)
     r = result["r"]
     assert r.status_code == 200, r.text
-    assert r.json()["usage"]["completion_tokens"] == 60 and r.json()["choices"][0]["finish_reason"] == "length"
+    assert r.json()["usage"]["completion_tokens"] == 40 and r.json()["choices"][0]["finish_reason"] == "length"
     assert served.proc.wait(timeout=30) == 0
     assert time.time() - t0 < 30
-    try:
-        late = httpx.post(served.url + "/v1/completions", json={"prompt": "x"}, timeout=5)
-        assert late.status_code == 503
-    except httpx.TransportError:
-        pass                                       # the listening socket is closed: also a refusal

@@ -655,8 +655,25 @@ def check_args(args) -> None:
         raise ValueError("--served-model-name: must not be empty")
 
 
+def check_listen(host: str, port: int) -> None:
+    """Fail early, before a model is loaded, when ``host:port`` cannot be listened on."""
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host}: {e.strerror}") from None
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)       # as uvicorn does
+        try:
+            sock.bind(addr)
+        except OSError as e:
+            raise ValueError(f"--host {host} --port {port}: cannot listen there ({e.strerror})") from None
+
+
 def run(args) -> int:
     check_args(args)
+    check_listen(args.host, args.port)
     try:
         import fastapi  # noqa: F401
         import jinja2  # noqa: F401
