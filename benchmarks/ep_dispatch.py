@@ -12,9 +12,9 @@ and skewed gate scores. Per token: inter-node copies of the naive per-(token, ex
 of the flat per-(token, rank) dispatch (DeepEP normal kernels without the two-hop forwarding), and
 of the two-hop path (one per (token, remote node)); bytes in BF16 and FP8 (E4M3 + 1×128 FP32 scales).
 
-    python benchmarks/ep_dispatch.py [--tokens 512] [--hidden 256] [--iters 20] [--no-timing]
+    python benchmarks/ep_dispatch.py [--tokens 512] [--hidden 256] [--iters 30] [--repeats 3] [--no-timing]
 
-Writes benchmarks/results/ep_dispatch.{json,md}.
+Writes benchmarks/results/ep_dispatch.{json,md} (or --out DIR).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import os
 import platform
 import socket
 import statistics
@@ -41,18 +42,25 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 # ------------------------------------------------------------------------------ part 1: gloo timing
-def _timed(fn, iters, warmup, group):
+def _timed(fns: dict, iters: int, warmup: int, group) -> dict:
+    """Median seconds of each fn, interleaved: every iteration runs all of them (in a rotating order,
+    each after a barrier), so a change in the machine's load hits them alike. Per rank the median,
+    then the slowest rank's."""
+    names = list(fns)
     for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(iters):
-        dist.barrier(group=group)
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    t = torch.tensor([statistics.median(ts)])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)    # the slowest rank's median
-    return float(t)
+        for name in names:
+            fns[name]()
+    ts = {name: [] for name in names}
+    for i in range(iters):
+        for j in range(len(names)):
+            name = names[(i + j) % len(names)]
+            dist.barrier(group=group)
+            t0 = time.perf_counter()
+            fns[name]()
+            ts[name].append(time.perf_counter() - t0)
+    t = torch.tensor([statistics.median(ts[name]) for name in names], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return dict(zip(names, t.tolist()))
 
 
 def _bare(hops, row_bytes):
@@ -90,21 +98,22 @@ def _timing_worker(rank, world, gpn, port, args, out):
             for fp8 in (False, True):
                 if fp8 and dtype == torch.float32:
                     continue
-                c = CommCounters()
 
                 def ours():
                     plan = plan_dispatch(idx, E, comm, two_hop)
                     x_r, w_r = dispatch(x, w, plan, fp8)
-                    combine(x_r * w_r.sum(1, keepdim=True).to(x_r.dtype), plan)
+                    combine(x_r, plan)                          # the experts are not timed
 
-                plan = plan_dispatch(idx, E, comm, two_hop, c)
-                t_ours = _timed(ours, args.iters, 3, comm.group)
-                t_plan = _timed(lambda: plan_dispatch(idx, E, comm, two_hop), args.iters, 3, comm.group)
+                def plan_only():
+                    plan_dispatch(idx, E, comm, two_hop).wait()
+
+                plan = plan_dispatch(idx, E, comm, two_hop, CommCounters())
+                dispatch(x, w, plan, fp8)                  # builds the second hop (two-hop)
                 row = args.hidden + 4 * (-(-args.hidden // 128)) if fp8 else x.element_size() * args.hidden
-                t_bare = _timed(_bare(plan.hops, row), args.iters, 3, comm.group)
+                t = _timed(dict(ours=ours, plan=plan_only, bare=_bare(plan.hops, row)), args.iters, 3, comm.group)
                 name = f"{'two-hop' if two_hop else 'flat'} {str(dtype).split('.')[-1]}{' fp8-dispatch' if fp8 else ''}"
-                res[name] = dict(ours_ms=1e3 * t_ours, plan_ms=1e3 * t_plan, bare_a2a_ms=1e3 * t_bare, overhead=t_ours / t_bare,
-                                 hops=[h.kind for h in plan.hops],
+                res[name] = dict(ours_ms=1e3 * t["ours"], plan_ms=1e3 * t["plan"], bare_a2a_ms=1e3 * t["bare"],
+                                 overhead=t["ours"] / t["bare"], hops=[h.kind for h in plan.hops],
                                  rows_sent_per_rank=[sum(h.send_splits) for h in plan.hops])
     if rank == 0:
         with open(out, "w") as f:
@@ -113,13 +122,21 @@ def _timing_worker(rank, world, gpn, port, args, out):
 
 
 def timing(args) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = RESULTS / ".ep_timing.tmp.json"
-    mp.start_processes(_timing_worker, args=(4, 2, port, args, str(out)), nprocs=4, start_method="spawn")
-    res = json.loads(out.read_text())
-    out.unlink()
+    """``args.repeats`` runs of 4 fresh ranks; per path the run with the median overhead, and every
+    run's overhead."""
+    runs = []
+    for _ in range(args.repeats):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        out = RESULTS / ".ep_timing.tmp.json"
+        mp.start_processes(_timing_worker, args=(4, 2, port, args, str(out)), nprocs=4, start_method="spawn")
+        runs.append(json.loads(out.read_text()))
+        out.unlink()
+    res = {}
+    for name in runs[0]:
+        rs = sorted((r[name] for r in runs), key=lambda r: r["overhead"])
+        res[name] = dict(rs[len(rs) // 2], overhead_runs=[r[name]["overhead"] for r in runs])
     return res
 
 
@@ -180,13 +197,24 @@ def _markdown(res: dict) -> str:
         t = m["timing"]
         lines += [f"## Gloo timing: {t['ranks']} ranks as {t['nodes']} nodes × {t['gpus_per_node']}, "
                   f"{t['tokens']} tokens/rank, hidden {t['hidden']}, 16 experts top-4 (4 groups, top-2)", "",
-                  "| path | dispatch+combine ms | of which plan ms | bare all_to_all ms (same bytes) | overhead |",
-                  "|---|---:|---:|---:|---:|"]
+                  "| path | dispatch+combine ms | of which plan ms | bare all_to_all ms (same bytes) | overhead "
+                  "| overhead, each run |",
+                  "|---|---:|---:|---:|---:|---|"]
         for name, r in res["timing"].items():
+            runs = ", ".join(f"{o:.2f}" for o in r.get("overhead_runs", [r["overhead"]]))
             lines.append(f"| {name} | {r['ours_ms']:.2f} | {r['plan_ms']:.2f} | {r['bare_a2a_ms']:.2f} | "
-                         f"{r['overhead']:.2f}× |")
-        lines += ["", "plan = layout + split-count and top-k-id exchanges (DeepEP's notify step); "
-                  "FP8 rows include the CPU reference quantiser.", ""]
+                         f"{r['overhead']:.2f}× | {runs} |")
+        load = t.get("load_average")
+        lines += ["", "plan = layout + the layer's one count exchange (DeepEP's notify step); the top-k ids and "
+                  "gate values travel in the payload's rows. FP8 rows include the CPU reference quantiser. "
+                  "Bare = the same hops' all_to_all_single calls, there and back, on preallocated buffers of the "
+                  "activation rows alone. Each path's three timings are interleaved iteration by iteration; "
+                  f"the row shown is the median of {t.get('repeats', 1)} runs.",
+                  ""]
+        if load:
+            lines += [f"Machine load at the start (1/5/15-min load average on {t.get('cpus')} CPUs): "
+                      f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} — gloo latency on a loaded machine is noisy.",
+                      ""]
     b = res["bytes"]
     ep = b["nodes"] * b["gpus_per_node"]
     lines += [f"## Inter-node traffic per token: {b['experts']} experts top-{b['top_k']}, EP{ep} "
@@ -208,10 +236,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=512, help="tokens per rank (timing)")
     ap.add_argument("--hidden", type=int, default=256, help="hidden size (timing)")
-    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--repeats", type=int, default=3, help="timing runs (the median is reported)")
     ap.add_argument("--route-tokens", type=int, default=32768, help="tokens for the byte count")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-timing", action="store_true")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="directory for ep_dispatch.{json,md}")
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     meta = dict(benchmark="ep_dispatch", date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -220,12 +250,15 @@ def main():
     res = {"meta": meta}
     if not args.no_timing:
         meta["timing"] = dict(ranks=4, nodes=2, gpus_per_node=2, tokens=args.tokens, hidden=args.hidden,
-                              iters=args.iters, statistic="median per rank, max over ranks")
+                              iters=args.iters, repeats=args.repeats,
+                              statistic="interleaved; median per rank, max over ranks; median run of the repeats",
+                              load_average=os.getloadavg(), cpus=os.cpu_count())
         res["timing"] = timing(args)
     res["bytes"] = routing_bytes(args.route_tokens, args.seed)
-    (RESULTS / "ep_dispatch.json").write_text(json.dumps(res, indent=1))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "ep_dispatch.json").write_text(json.dumps(res, indent=1))
     md = _markdown(res)
-    (RESULTS / "ep_dispatch.md").write_text(md)
+    (args.out / "ep_dispatch.md").write_text(md)
     print(md)
 
 

@@ -5,8 +5,11 @@ experts per rank (P = logical experts + redundant replicas). One MoE step, per r
 
     gate → logical top-k [N, k]  →  physical top-k (a replica per (token, expert))
     layout          tokens per rank / node / expert, which ranks and nodes each token visits
-    plan            the hops: row indices to send and split sizes (counts exchanged first)
-    dispatch        rows → ranks holding their experts (one copy per (token, rank))
+    plan            the hops: row indices to send and split sizes; one count exchange over the EP
+                    group per layer and step (asynchronous: it overlaps packing / quantising the rows
+                    and the shared expert), reused by combine and both backward passes
+    dispatch        rows → ranks holding their experts (one copy per (token, rank)); top-k ids, gate
+                    values and payload travel packed in one byte row, one all-to-all per hop
     local experts   (row, slot) pairs sorted by local expert, one grouped GEMM, × gate value,
                     summed per received row
     combine         the reverse path, summing partial outputs back into token order
@@ -38,6 +41,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.distributed as dist
@@ -49,20 +53,42 @@ from ..model.moe import Gate, GroupedExperts, MoE, Routing
 from .mesh import EPComm
 
 try:  # the FP8 quantiser (dsv3.fp8); FP8 dispatch is unavailable without it
+    from ..fp8.quant import BLOCK as FP8_BLOCK
     from ..fp8.quant import FP8_DTYPE, dequantize_activation, quantize_activation
 except ImportError:  # pragma: no cover
-    quantize_activation = dequantize_activation = FP8_DTYPE = None
+    quantize_activation = dequantize_activation = FP8_DTYPE = FP8_BLOCK = None
 
 
 # ----------------------------------------------------------------------------------------- layout
-@dataclass
 class DispatchLayout:
-    """Where the tokens of one rank go (the analogue of DeepEP's ``get_dispatch_layout``)."""
-    num_tokens_per_rank: torch.Tensor     # [R] tokens with at least one expert on rank r
-    num_tokens_per_node: torch.Tensor     # [nodes] tokens with at least one expert on node n
-    num_tokens_per_expert: torch.Tensor   # [P] (token, slot) pairs per physical expert
-    is_token_in_rank: torch.Tensor        # [N, R] bool
-    is_token_in_node: torch.Tensor        # [N, nodes] bool
+    """Where the tokens of one rank go (the analogue of DeepEP's ``get_dispatch_layout``).
+
+    Built from one [N, R] mask; the other views are computed on first use (the flat path needs
+    only the mask and the per-rank counts)."""
+
+    def __init__(self, is_token_in_rank: torch.Tensor, ranks_per_node: int, topk_idx: torch.Tensor,
+                 num_experts: int):
+        self.is_token_in_rank = is_token_in_rank          # [N, R] bool
+        self.ranks_per_node = ranks_per_node
+        self._topk_idx, self._num_experts = topk_idx, num_experts
+
+    @cached_property
+    def num_tokens_per_rank(self) -> torch.Tensor:         # [R] tokens with at least one expert on rank r
+        return self.is_token_in_rank.sum(0)
+
+    @cached_property
+    def is_token_in_node(self) -> torch.Tensor:            # [N, nodes] bool
+        n, r = self.is_token_in_rank.shape
+        return self.is_token_in_rank.view(n, r // self.ranks_per_node, self.ranks_per_node).any(-1)
+
+    @cached_property
+    def num_tokens_per_node(self) -> torch.Tensor:         # [nodes] tokens with at least one expert on node n
+        return self.is_token_in_node.sum(0)
+
+    @cached_property
+    def num_tokens_per_expert(self) -> torch.Tensor:       # [P] (token, slot) pairs per physical expert
+        ids = (self._topk_idx.long() + 1).flatten()        # -1 (no expert) → bin 0, dropped
+        return torch.bincount(ids, minlength=self._num_experts + 1)[1:]
 
     @property
     def nodes_per_token(self) -> torch.Tensor:
@@ -71,6 +97,14 @@ class DispatchLayout:
     @property
     def ranks_per_token(self) -> torch.Tensor:
         return self.is_token_in_rank.sum(1)
+
+
+def _visit_mask(ids: torch.Tensor, width: int) -> torch.Tensor:
+    """ids [N, k] in [0, width) or negative (none) → bool [N, width], True where row n holds id j.
+    One scatter; the negative ids land in a spare column that is dropped."""
+    ids = torch.where(ids >= 0, ids, width).long()
+    mask = torch.zeros(ids.shape[0], width + 1, dtype=torch.bool, device=ids.device)
+    return mask.scatter_(1, ids, True)[:, :width].contiguous()
 
 
 def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int,
@@ -83,16 +117,8 @@ def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int
         raise ValueError(f"num_experts ({num_experts}) must be divisible by num_ranks ({num_ranks})")
     if num_ranks % ranks_per_node:
         raise ValueError(f"ranks_per_node ({ranks_per_node}) must divide num_ranks ({num_ranks})")
-    n = topk_idx.shape[0]
-    per_rank = num_experts // num_ranks
-    valid = topk_idx >= 0
-    rows = torch.arange(n, device=topk_idx.device).unsqueeze(1).expand_as(topk_idx)[valid]
-    experts = topk_idx[valid]
-    in_rank = torch.zeros(n, num_ranks, dtype=torch.bool, device=topk_idx.device)
-    in_rank[rows, experts // per_rank] = True
-    in_node = in_rank.view(n, num_ranks // ranks_per_node, ranks_per_node).any(-1)
-    return DispatchLayout(in_rank.sum(0), in_node.sum(0), torch.bincount(experts, minlength=num_experts),
-                          in_rank, in_node)
+    rank_of = torch.where(topk_idx >= 0, topk_idx // (num_experts // num_ranks), -1)
+    return DispatchLayout(_visit_mask(rank_of, num_ranks), ranks_per_node, topk_idx, num_experts)
 
 
 # ----------------------------------------------------------------------------------------- counters
@@ -110,9 +136,9 @@ class CommCounters:
         self.node_visits: list[int] = []
 
     def record(self, phase: str, hop: "Hop", splits: list[int], row_bytes: int) -> None:
-        for peer, rows in enumerate(splits):
+        for peer, (rows, remote) in enumerate(zip(splits, hop.remote)):
             if rows:
-                scope = "self" if peer == hop.me else ("inter" if hop.remote[peer] else "intra")
+                scope = "self" if peer == hop.me else ("inter" if remote else "intra")
                 self.data[f"{phase}.{scope}.tokens"] += rows
                 self.data[f"{phase}.{scope}.bytes"] += rows * row_bytes
 
@@ -138,10 +164,10 @@ class Hop:
     kind: str                   # "flat" (EP group), "inter" (same in-node index), "intra" (one node)
     index: torch.Tensor         # [n_send] rows of the input, destination-major
     send_splits: list[int]      # rows to each peer of the group
-    recv_splits: list[int]      # rows from each peer
+    recv_splits: list[int] | None   # rows from each peer (None until the plan's count exchange is in)
     n_in: int                   # rows of the hop's input
     me: int                     # this rank's index in the group
-    remote: list[bool]          # peer j on another node
+    ranks_per_node: int         # of the EP group: which peers of a flat hop are on another node
     group: object = field(default=None, repr=False)
 
     @property
@@ -152,112 +178,179 @@ class Hop:
     def n_out(self) -> int:
         return sum(self.recv_splits)
 
+    @property
+    def remote(self) -> list[bool]:
+        """Peer j on another node."""
+        if self.kind == "flat":
+            g = self.ranks_per_node
+            return [j // g != self.me // g for j in range(self.size)]
+        return [self.kind == "inter" and j != self.me for j in range(self.size)]
 
-@dataclass
+
 class DispatchPlan:
-    layout: DispatchLayout
-    hops: list[Hop]
-    recv_topk: torch.Tensor     # [M, k] physical top-k ids of the rows this rank receives
-    num_tokens: int
+    """The hops of one MoE layer's dispatch, shared by dispatch, combine and both backward passes.
+
+    :func:`plan_dispatch` computes the layout and the first hop and starts the layer's only count
+    exchange (asynchronous, over the EP group; it completes while the payload is being packed).
+    On the two-hop path the second hop's rows depend on the top-k ids that arrive with hop 1, so the
+    forward dispatch builds it (its receive counts come from the same count exchange). After the
+    forward dispatch, ``recv_topk`` holds the physical top-k ids of the rows this rank received.
+    """
+
+    def __init__(self, layout: DispatchLayout, hops: list[Hop], topk_idx: torch.Tensor, comm: EPComm,
+                 experts_per_rank: int, two_hop: bool, counts: torch.Tensor, work):
+        self.layout, self.hops, self.num_tokens = layout, hops, topk_idx.shape[0]
+        self.topk_idx = topk_idx            # int32 [N, k]: travels with the payload
+        self.comm, self.experts_per_rank, self.two_hop = comm, experts_per_rank, two_hop
+        self.recv_topk: torch.Tensor | None = None
+        self._counts, self._work = counts, work
+        self._hop2_recv: list[int] | None = None
+
+    def wait(self) -> None:
+        """Finish the count exchange: receive splits of hop 1 (and hop 2's, for later)."""
+        if self._counts is None:
+            return
+        if self._work is not None:
+            self._work.wait()
+        c, comm = self._counts, self.comm
+        self._counts = self._work = None
+        if not self.two_hop:
+            self.hops[0].recv_splits = c.tolist()
+        else:
+            g = comm.ranks_per_node
+            self.hops[0].recv_splits = c[comm.local::g, 1].tolist()     # from (node n, my in-node index)
+            self._hop2_recv = c[:, 0].view(comm.num_nodes, g).sum(0).tolist()   # forwarded by in-node rank l
+
+    @property
+    def complete(self) -> bool:
+        return len(self.hops) == (2 if self.two_hop else 1)
+
+    def _build_hop2(self, fwd_topk: torch.Tensor) -> None:
+        """On the forwarding rank: which ranks of this node each row received in hop 1 visits."""
+        comm, g = self.comm, self.comm.ranks_per_node
+        rank_of = fwd_topk.long() // self.experts_per_rank
+        here = (fwd_topk >= 0) & (rank_of // g == comm.node)
+        in_local = _visit_mask(torch.where(here, rank_of % g, -1), g)
+        _, rows = in_local.t().nonzero(as_tuple=True)                      # rank-major, row order
+        self.hops.append(Hop("intra", rows, in_local.sum(0).tolist(), self._hop2_recv, fwd_topk.shape[0],
+                             comm.local, g, comm.intra))
 
 
-def _rows_bytes(t: torch.Tensor) -> torch.Tensor:
-    flat = t.reshape(t.shape[0], math.prod(t.shape[1:]))
-    if flat.stride(-1) != 1 or not flat.is_contiguous():     # e.g. expanded (stride-0) gradients
-        flat = torch.empty(flat.shape, dtype=flat.dtype, device=flat.device).copy_(flat)
-    return flat.view(torch.uint8)
-
-
-def _all_to_all(tensors: list[torch.Tensor], send: list[int], recv: list[int], group) -> list[torch.Tensor]:
-    """Row-wise all_to_all_single of several tensors at once (packed as bytes, one call)."""
-    if len(send) == 1:
-        return [t.clone() for t in tensors]
-    bufs = [_rows_bytes(t) for t in tensors]
-    packed = bufs[0] if len(bufs) == 1 else torch.cat(bufs, dim=1)
-    out = packed.new_empty(sum(recv), packed.shape[1])
-    dist.all_to_all_single(out, packed, recv, send, group=group)
-    res, off = [], 0
-    for t, b in zip(tensors, bufs):
-        w = b.shape[1]
-        res.append(out[:, off:off + w].contiguous().view(t.dtype).reshape(out.shape[0], *t.shape[1:]))
-        off += w
-    return res
-
-
-def _exchange_counts(send: torch.Tensor, group) -> list[int]:
-    if send.numel() == 1:
-        return send.tolist()
-    send = send.to(torch.int64).contiguous()
+def _start_count_exchange(send: torch.Tensor, comm: EPComm):
+    if comm.size == 1:
+        return send, None
     recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
-    return recv.tolist()
-
-
-def _make_hop(kind, dest, rows, size, me, remote, group, n_in) -> Hop:
-    send = torch.bincount(dest, minlength=size)
-    return Hop(kind, rows, send.tolist(), _exchange_counts(send, group), n_in, me, remote, group)
+    return recv, dist.all_to_all_single(recv, send, group=comm.group, async_op=True)
 
 
 def plan_dispatch(topk_idx: torch.Tensor, num_experts: int, comm: EPComm, two_hop: bool = False,
                   counters: CommCounters | None = None) -> DispatchPlan:
-    """Layout, hops and the received rows' top-k ids (collective over the EP group: counts and ids
-    are exchanged here, before any payload moves)."""
+    """Layout, first hop and the start of the layer's one count exchange (collective over the EP
+    group; each rank sends every rank t the number of its tokens that visit t and, for the two-hop
+    path, the number it sends to t's node when t is its hop-1 peer)."""
     R, G = comm.size, comm.ranks_per_node
     layout = get_dispatch_layout(topk_idx, num_experts, R, G)
     if counters is not None:
         counters.add_visits(layout.nodes_per_token, comm.num_nodes)
     n = topk_idx.shape[0]
-    per_rank = num_experts // R
-    if not two_hop or comm.num_nodes == 1 or G == 1:
-        dest, rows = layout.is_token_in_rank.t().nonzero(as_tuple=True)     # rank-major, token order
-        hop = _make_hop("flat", dest, rows, R, comm.rank, [j // G != comm.node for j in range(R)],
-                        comm.group, n)
-        hops = [hop]
+    two_hop = two_hop and comm.num_nodes > 1 and G > 1
+    to_rank = layout.num_tokens_per_rank
+    if not two_hop:
+        _, rows = layout.is_token_in_rank.t().nonzero(as_tuple=True)     # rank-major, token order
+        hop = Hop("flat", rows, to_rank.tolist(), None, n, comm.rank, G, comm.group)
+        counts = to_rank.to(torch.int64)
     else:
-        dest, rows = layout.is_token_in_node.t().nonzero(as_tuple=True)     # node-major, token order
-        hop1 = _make_hop("inter", dest, rows, comm.num_nodes, comm.node,
-                         [j != comm.node for j in range(comm.num_nodes)], comm.inter, n)
-        (fwd_topk,) = _all_to_all([topk_idx.index_select(0, rows)], hop1.send_splits, hop1.recv_splits, comm.inter)
-        if counters is not None:
-            counters.record("dispatch_meta", hop1, hop1.send_splits, topk_idx.element_size() * topk_idx.shape[1])
-        # On the forwarding rank: which ranks of this node each received row visits.
-        m = fwd_topk.shape[0]
-        valid = fwd_topk >= 0
-        rank_of = torch.where(valid, fwd_topk // per_rank, -1)
-        here = valid & (rank_of // G == comm.node)
-        in_local = torch.zeros(m, G, dtype=torch.bool, device=fwd_topk.device)
-        r_rows = torch.arange(m, device=fwd_topk.device).unsqueeze(1).expand_as(fwd_topk)[here]
-        in_local[r_rows, rank_of[here] % G] = True
-        dest2, rows2 = in_local.t().nonzero(as_tuple=True)
-        hop2 = _make_hop("intra", dest2, rows2, G, comm.local, [False] * G, comm.intra, m)
-        hops = [hop1, hop2]
-        topk_idx = fwd_topk
-    last = hops[-1]
-    (recv_topk,) = _all_to_all([topk_idx.index_select(0, last.index)], last.send_splits, last.recv_splits, last.group)
-    if counters is not None:
-        counters.record("dispatch_meta", last, last.send_splits, topk_idx.element_size() * topk_idx.shape[1])
-    return DispatchPlan(layout, hops, recv_topk, n)
+        _, rows = layout.is_token_in_node.t().nonzero(as_tuple=True)     # node-major, token order
+        to_node = layout.num_tokens_per_node
+        hop = Hop("inter", rows, to_node.tolist(), None, n, comm.node, G, comm.inter)
+        counts = torch.zeros(R, 2, dtype=torch.int64, device=topk_idx.device)
+        counts[:, 0] = to_rank
+        counts[comm.local::G, 1] = to_node            # hop-1 peers: the ranks with my in-node index
+    recv, work = _start_count_exchange(counts, comm)
+    return DispatchPlan(layout, [hop], topk_idx.to(torch.int32), comm, num_experts // R, two_hop, recv, work)
 
 
 # ----------------------------------------------------------------------------------------- dispatch / combine
+# Rows travel packed: one byte row per token holding every tensor's row (top-k ids, gate values,
+# payload), each at an offset aligned to its element size, so that one all-to-all per hop moves
+# them all and the receiver reads them back as views.
+def _row_spec(tensors):
+    specs, off, align = [], 0, 1
+    for t in tensors:
+        es = t.element_size()
+        off = -(-off // es) * es
+        nb = es * math.prod(t.shape[1:])
+        specs.append((off, nb, t.dtype, tuple(t.shape[1:])))
+        off += nb
+        align = max(align, es)
+    return specs, -(-off // align) * align
+
+
+def _pack(tensors, specs, width: int) -> torch.Tensor:
+    """The tensors' rows side by side in one byte row each ([N, width] uint8)."""
+    n, t0 = tensors[0].shape[0], tensors[0]
+    if len(tensors) == 1 and t0.is_contiguous() and specs[0][1] == width:
+        return t0.reshape(n, width // t0.element_size()).view(torch.uint8)          # no copy
+    buf = torch.empty(n, width, dtype=torch.uint8, device=t0.device)
+    for t, (off, nb, dtype, _) in zip(tensors, specs):
+        buf[:, off:off + nb].view(dtype).copy_(t.reshape(n, nb // t.element_size()))
+    return buf
+
+
+def _gather(tensors, specs, width: int, index: torch.Tensor) -> torch.Tensor:
+    """``_pack(tensors)[index]`` in one copy: each tensor's rows gathered straight into its columns."""
+    if len(tensors) == 1:
+        return _pack(tensors, specs, width).index_select(0, index)
+    buf = torch.empty(index.numel(), width, dtype=torch.uint8, device=index.device)
+    for t, (off, nb, dtype, _) in zip(tensors, specs):
+        src = t.reshape(t.shape[0], nb // t.element_size())
+        torch.index_select(src, 0, index, out=buf[:, off:off + nb].view(dtype))
+    return buf
+
+
+def _unpack(buf: torch.Tensor, specs) -> list[torch.Tensor]:
+    return [buf[:, off:off + nb].view(dtype).unflatten(1, tail) for off, nb, dtype, tail in specs]
+
+
+def _a2a(buf: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
+    if len(send) == 1:
+        return buf
+    out = buf.new_empty(sum(recv), buf.shape[1])
+    dist.all_to_all_single(out, buf.contiguous(), recv, send, group=group)
+    return out
+
+
 def _dispatch_rows(tensors, plan: DispatchPlan, counters, phases):
-    """Forward every tensor's rows along the plan's hops (row copies per destination)."""
-    for hop in plan.hops:
-        tensors = [t.index_select(0, hop.index) for t in tensors]
+    """Forward every tensor's rows along the plan's hops: per hop one row gather into a packed
+    send buffer and one all-to-all (a forwarding rank re-gathers the packed rows it received).
+    When the plan's second hop is not built yet (forward dispatch, two-hop), ``tensors[0]`` are the
+    top-k ids it is built from."""
+    specs, width = _row_spec(tensors)
+    buf = None
+    i = 0
+    while i < len(plan.hops) or not plan.complete:
+        if i == len(plan.hops):
+            plan._build_hop2(_unpack(buf, specs[:1])[0])
+        hop = plan.hops[i]
+        buf = _gather(tensors, specs, width, hop.index) if buf is None else buf.index_select(0, hop.index)
+        if hop.recv_splits is None:
+            plan.wait()
         if counters is not None:
             _record(counters, tensors, phases, hop, hop.send_splits)
-        tensors = _all_to_all(tensors, hop.send_splits, hop.recv_splits, hop.group)
-    return tensors
+        buf = _a2a(buf, hop.send_splits, hop.recv_splits, hop.group)
+        i += 1
+    return _unpack(buf, specs)
 
 
 def _combine_rows(tensors, plan: DispatchPlan, counters, phases):
-    """The reverse path: send rows back hop by hop, summing the copies of a row (in fp32)."""
+    """The reverse path: send rows back hop by hop (packed), summing the copies of a row (in fp32)."""
     for hop in reversed(plan.hops):
+        specs, width = _row_spec(tensors)
         if counters is not None:
             _record(counters, tensors, phases, hop, hop.recv_splits)
-        back = _all_to_all(tensors, hop.recv_splits, hop.send_splits, hop.group)
+        back = _a2a(_pack(tensors, specs, width), hop.recv_splits, hop.send_splits, hop.group)
         tensors = [torch.zeros(hop.n_in, *b.shape[1:], dtype=torch.float32, device=b.device)
-                   .index_add_(0, hop.index, b.float()).to(b.dtype) for b in back]
+                   .index_add_(0, hop.index, b.float()).to(b.dtype) for b in _unpack(back, specs)]
     return tensors
 
 
@@ -274,25 +367,37 @@ def _record(counters: CommCounters, tensors, phases, hop: Hop, splits) -> None:
         counters.record(ph, hop, splits, nbytes)
 
 
+def _dequantize(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``dequantize_activation`` (same products, bit for bit) with the scales broadcast per tile
+    rather than repeated, for rows read straight out of the receive buffer."""
+    m, d = q.shape
+    q = q.view(FP8_DTYPE)
+    if d != s.shape[1] * FP8_BLOCK:
+        return dequantize_activation(q.contiguous(), s.contiguous(), dtype=dtype)
+    return (q.float().view(m, s.shape[1], FP8_BLOCK) * s.unsqueeze(-1)).view(m, d).to(dtype)
+
+
 class _Dispatch(torch.autograd.Function):
-    """(x [N, d], w [N, k]) → (x_recv [M, d], w_recv [M, k]); backward = combine of the gradients."""
+    """(x [N, d], w [N, k]) → (x_recv [M, d], w_recv [M, k]); backward = combine of the gradients.
+    The plan's top-k ids travel in the same rows; the received ones land in ``plan.recv_topk``."""
 
     @staticmethod
     def forward(ctx, x, w, plan, fp8, counters):
         ctx.plan, ctx.counters = plan, counters
         if fp8:
             q, s = quantize_activation(x)
-            q_r, s_r, w_r = _dispatch_rows([q.view(torch.uint8), s, w], plan, counters,
-                                           ["dispatch", "dispatch", "dispatch_meta"])
-            x_r = dequantize_activation(q_r.view(FP8_DTYPE), s_r, dtype=x.dtype)
+            ids_r, w_r, s_r, q_r = _dispatch_rows([plan.topk_idx, w, s, q.view(torch.uint8)], plan, counters,
+                                                  ["dispatch_meta", "dispatch_meta", "dispatch", "dispatch"])
+            x_r = _dequantize(q_r, s_r, x.dtype)
         else:
-            x_r, w_r = _dispatch_rows([x, w], plan, counters, ["dispatch", "dispatch_meta"])
+            ids_r, w_r, x_r = _dispatch_rows([plan.topk_idx, w, x], plan, counters,
+                                             ["dispatch_meta", "dispatch_meta", "dispatch"])
+        plan.recv_topk = ids_r.long()
         return x_r, w_r
 
     @staticmethod
     def backward(ctx, gx, gw):
-        gx, gw = _combine_rows([gx.contiguous(), gw.contiguous()], ctx.plan, ctx.counters,
-                               ["bwd_combine", "combine_meta"])
+        gx, gw = _combine_rows([gx, gw], ctx.plan, ctx.counters, ["bwd_combine", "combine_meta"])
         return gx, gw, None, None, None
 
 
@@ -306,11 +411,12 @@ class _Combine(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return _dispatch_rows([g.contiguous()], ctx.plan, ctx.counters, ["bwd_dispatch"])[0], None, None
+        return _dispatch_rows([g], ctx.plan, ctx.counters, ["bwd_dispatch"])[0], None, None
 
 
 def dispatch(x, w, plan: DispatchPlan, fp8: bool = False, counters: CommCounters | None = None):
-    """Differentiable dispatch of tokens x [N, d] and gate values w [N, k] along ``plan``."""
+    """Differentiable dispatch of tokens x [N, d] and gate values w [N, k] along ``plan`` (the
+    plan's top-k ids travel with them: afterwards ``plan.recv_topk``)."""
     if fp8 and quantize_activation is None:
         raise RuntimeError("FP8 dispatch needs dsv3.fp8.quant, which could not be imported")
     return _Dispatch.apply(x, w, plan, fp8, counters)
@@ -318,6 +424,8 @@ def dispatch(x, w, plan: DispatchPlan, fp8: bool = False, counters: CommCounters
 
 def combine(y, plan: DispatchPlan, counters: CommCounters | None = None):
     """Differentiable combine of received rows' outputs y [M, d] back to token order [N, d]."""
+    if not plan.complete or plan.recv_topk is None:
+        raise RuntimeError("combine: dispatch along this plan first")
     return _Combine.apply(y, plan, counters)
 
 
@@ -564,8 +672,10 @@ class ExpertParallelMoE(nn.Module):
         phys = self.to_physical(logical)
         plan = plan_dispatch(phys, self.placement.num_physical, self.comm, self.two_hop, self.counters)
         self.last_plan = plan
+        # the shared expert runs while the plan's count exchange is in flight
+        shared = self.shared_experts(flat) if self.shared_experts is not None else None
         x_r, w_r = dispatch(flat, w, plan, self.fp8_dispatch, self.counters)
         y = combine(self._local_experts(x_r, w_r, plan.recv_topk), plan, self.counters)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(flat)
+        if shared is not None:
+            y = y + shared
         return y.view(shape)
