@@ -14,7 +14,8 @@ from .detokenize import TokenBytes
 
 
 def sse(obj) -> str:
-    return "data: " + (obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False, separators=(",", ":"))) + "\n\n"
+    text = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return "data: " + text + "\n\n"
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:

@@ -36,7 +36,8 @@ from concurrent.futures import ThreadPoolExecutor
 from .openai_protocol import (APIError, ChatCompletionRequest, CompletionRequest, check, error_body,
                               error_type, parse_body, validate)
 
-SEED_STEP = 0x9E3779B97F4A7C15              # choice j of a request samples with seed + j·SEED_STEP (mod 2^63)
+# sample k of a request (prompt i, choice j: k = i·best_of + j) uses seed + k·SEED_STEP mod 2^63
+SEED_STEP = 0x9E3779B97F4A7C15
 DEFAULT_MAX_BODY = 8 << 20
 
 
@@ -323,8 +324,9 @@ async def completions(st: ServerState, request):
         p = prompts[i]
         echo_texts.append(p if isinstance(p, str) else st.tokenizer.decode(ids, skip_special_tokens=True))
         for j in range(best_of):
+            k = i * best_of + j
             gens.append(GenerationStream(
-                st.worker, st.tb, i * n + j, ids, mt, params, choice_seed(seed, j), stops, st.stop_ids,
+                st.worker, st.tb, k, ids, mt, params, choice_seed(seed, k), stops, st.stop_ids,
                 logprobs=engine_logprobs,
                 prompt_logprobs=body.logprobs if echo and body.logprobs is not None else None,
                 hide_output=hide, metrics=st.metrics, arrival=arrival))
@@ -621,7 +623,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the model id clients send (default: the --model argument as given)")
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $DSV3_API_KEY; none: open)")
-    p.add_argument("--max-batch", type=int, default=8, metavar="N", help="requests decoded together in one forward (default 8)")
+    p.add_argument("--max-batch", type=int, default=8, metavar="N",
+                   help="requests decoded together in one forward (default 8)")
     p.add_argument("--cache-memory", type=float, default=None, metavar="GB",
                    help="GB for the paged latent cache (default: what --max-batch full-context requests need, "
                         "at most a quarter of free memory)")
@@ -631,7 +634,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="MTP speculative decoding (same output distribution, fewer forwards)")
     from .generate import add_fp8_argument
     add_fp8_argument(p)
-    p.add_argument("--device", default="auto", metavar="DEV", help="cpu, cuda, cuda:1 … (default: cuda when there is one)")
+    p.add_argument("--device", default="auto", metavar="DEV",
+                   help="cpu, cuda, cuda:1 … (default: cuda when there is one)")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY, metavar="N",
                    help=f"largest request body accepted; larger ones get 413 (default {DEFAULT_MAX_BODY})")
     p.add_argument("--shutdown-grace", type=float, default=30.0, metavar="S",
