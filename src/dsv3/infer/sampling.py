@@ -19,7 +19,7 @@ class SamplingParams:
     top_p: float = 1.0            # 1 = off
     presence_penalty: float = 0.0     # subtracted once from every token already generated
     frequency_penalty: float = 0.0    # subtracted per occurrence in the generated tokens
-    logit_bias: tuple = ()            # ((token id, bias), …): added to the logits
+    logit_bias: tuple = ()            # {token id: bias} or ((id, bias), …) or None: added to the logits
 
     def __post_init__(self):
         def finite(name, v):
@@ -36,7 +36,8 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise ValueError(f"{name} = {getattr(self, name)}: must be in [-2, 2]")
-        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        bias = self.logit_bias or ()
+        bias = bias.items() if isinstance(bias, dict) else bias
         bias = tuple((int(t), float(b)) for t, b in bias)
         for t, b in bias:
             finite(f"logit_bias[{t}]", b)
