@@ -420,6 +420,25 @@ def agreement(a: list[str], b: list[str]) -> dict:
             "common_prefix_share": round(statistics.mean(prefix), 4) if prefix else None, "n": len(same)}
 
 
+def reference_outputs(model: Path, prompts: list[str], max_tokens: int) -> list[str] | None:
+    """transformers' greedy continuation of each prompt (fp32, its own cache), as a third opinion on
+    which server's text is right; None when transformers is not installed."""
+    try:
+        import torch
+        from transformers import AutoTokenizer, DeepseekV3ForCausalLM
+    except ImportError:
+        return None
+    tok = AutoTokenizer.from_pretrained(str(model))
+    hf = DeepseekV3ForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = tok(p, return_tensors="pt").input_ids
+            gen = hf.generate(ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id or 0)
+            out.append(tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
+    return out
+
+
 def summarise(runs: list[dict], count_tokens) -> dict:
     """runs: the drive() results of one server at one concurrency, one per round."""
     tps, ttft, gaps, tpot, ntok, chunks, cpu, use_usage = [], [], [], [], [], [], [], True
@@ -479,6 +498,8 @@ def main() -> None:
     ap.add_argument("--vllm-arg", action="append", default=[], help="extra argument for vLLM (repeatable)")
     ap.add_argument("--dsv3-arg", action="append", default=[], help="extra argument for dsv3 serve (repeatable)")
     ap.add_argument("--startup-timeout", type=float, default=600)
+    ap.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
+                    help="also compare both servers' greedy texts with transformers' (if installed)")
     ap.add_argument("--setup-only", action="store_true", help="install vLLM into the workdir and exit")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 round, concurrency 1 and 8, 8 prompts")
     ap.add_argument("--out", default=str(ROOT / "results"))
@@ -512,6 +533,10 @@ def main() -> None:
     count_tokens = lambda text: len(tok.encode(text, add_special_tokens=False).ids)  # noqa: E731
     prompts, prompt_source = load_prompts(model, args.prompts, args.prompt_tokens)
     warm = prompts[: max(args.concurrency)]
+    # The same prompts as token ids, as the exported tokenizer (its post-processor) encodes them: both
+    # servers then see identical input ids, separating the model's numerics from tokenisation conventions.
+    id_prompts = [tok.encode(p).ids for p in prompts[:16]]
+    texts_ids = {}
 
     servers = {"dsv3": (dsv3_server, model), "vllm": (vllm_server, vmodel)}
     runs = {s: {c: [] for c in args.concurrency} for s in servers}
@@ -539,6 +564,8 @@ def main() -> None:
                     texts[name][(c, rnd)] = [r["text"] for r in res["requests"]]
                     toks = sum(r["usage_tokens"] or count_tokens(r["text"]) for r in res["requests"])
                     print(f"  {name} c={c}: {toks / res['wall_s']:.1f} tok/s, {res['wall_s']:.1f} s", flush=True)
+                if rnd == 0:                                              # not timed
+                    texts_ids[name] = [r["text"] for r in drive(srv, id_prompts, 8, args.max_tokens)["requests"]]
             finally:
                 srv.stop()
             starts[name].append({"startup_s": round(srv.startup_s, 2), "peak_rss_mb": round(srv.mem.peak_rss / 2**20, 1),
@@ -560,6 +587,13 @@ def main() -> None:
                "peak_pss_mb": max(x["peak_pss_mb"] for x in starts[s]),
                "startup_s_median": round(statistics.median(x["startup_s"] for x in starts[s]), 2)} for s in servers}
     keys = list(texts["dsv3"])
+    reference = None
+    if args.reference:
+        print("transformers' greedy outputs for the same prompts (reference)...", flush=True)
+        ref = reference_outputs(model, prompts, args.max_tokens)
+        if ref is not None:
+            reference = {"engine": "transformers DeepseekV3ForCausalLM.generate, fp32, greedy, in this process",
+                         **{s: agreement(ref * len(keys), [t for k in keys for t in texts[s][k]]) for s in servers}}
     agree_all = agreement([t for k in keys for t in texts["dsv3"][k]], [t for k in keys for t in texts["vllm"][k]])
     # each server against itself: the first concurrency's texts vs every other (batching changes numerics?)
     self_agree = {s: agreement([t for k in keys for t in texts[s][(args.concurrency[0], 0)]],
@@ -602,7 +636,10 @@ def main() -> None:
         "identical_outputs": agree_all["identical"], "common_prefix_share": agree_all["common_prefix_share"],
         "self_consistency_across_concurrency": self_agree,
         "target": target, "elapsed_s": round(time.time() - t_bench, 1),
-        "sample_outputs": {s: texts[s][(args.concurrency[0], 0)][:2] for s in servers},
+        "reference": reference,
+        "identical_outputs_token_id_prompts": agreement(texts_ids["dsv3"], texts_ids["vllm"]),
+        "prompts": prompts,
+        "outputs_round1": {s: {str(c): texts[s][(c, 0)] for c in args.concurrency} for s in servers},
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -658,7 +695,15 @@ def markdown(r: dict) -> str:
         f"{r['self_consistency_across_concurrency']['dsv3']:.1%}, vLLM {r['self_consistency_across_concurrency']['vllm']:.1%} identical. "
         f"Output tokens per request (mean): dsv3 {c0['dsv3']['output_tokens_per_request_mean']}, "
         f"vLLM {c0['vllm']['output_tokens_per_request_mean']}; counted by {c0['dsv3']['tokens_counted_by']} (dsv3), "
-        f"{c0['vllm']['tokens_counted_by']} (vLLM). tok/s is the median over rounds "
+        f"{c0['vllm']['tokens_counted_by']} (vLLM). "
+        + (f"Against transformers' greedy outputs ({r['reference']['engine']}): dsv3 {r['reference']['dsv3']['identical']:.1%} "
+           f"identical ({r['reference']['dsv3']['common_prefix_share']:.1%} common prefix), vLLM "
+           f"{r['reference']['vllm']['identical']:.1%} ({r['reference']['vllm']['common_prefix_share']:.1%}). "
+           if r.get("reference") else "")
+        + f"With the first {r['identical_outputs_token_id_prompts']['n']} prompts sent as token ids (the exported "
+        "tokenizer's encoding, BOS included) instead of text, identical outputs: "
+        f"{r['identical_outputs_token_id_prompts']['identical']:.1%}. "
+        + "tok/s is the median over rounds "
         "(all output tokens / wall time of the round); TTFT, ITL (the gap between streamed pieces of text as the client "
         "receives them; pieces that arrive together give gaps near 0) and TPOT ((end − first token) / (tokens − 1) per "
         "request) are pooled over rounds. Server CPU: user + system seconds of the server's process tree during the "
