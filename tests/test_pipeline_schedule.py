@@ -231,3 +231,20 @@ def test_custom_schedule_round_trip_and_errors():
         pipeline.custom_schedule("bad", 3, 5, progs, placement="gpipe")
     with pytest.raises(S.ScheduleError, match="no backward"):
         pipeline.custom_schedule("bad", 3, 5, [progs[0][:-2]] + progs[1:], placement="zb1p")
+
+
+def test_size_rules_are_exposed_for_the_planner():
+    # check_sizes is what build_schedule applies; num_model_chunks is the placement's chunk count
+    for name in S.SCHEDULES:
+        for p in (1, 2, 3, 4, 8):
+            for m in range(1, 3 * p + 2):
+                try:
+                    sched = pipeline.build_schedule(name, p, m)
+                except ValueError as e:
+                    with pytest.raises(ValueError, match=str(e).replace("(", r"\(").replace(")", r"\)")
+                                       .replace("*", r"\*")):
+                        S.check_sizes(name, p, m)
+                    continue
+                S.check_sizes(name, p, m)
+                assert m >= S.MIN_MICROBATCHES[name](p)
+                assert sched.num_chunks == S.num_model_chunks(name, p)

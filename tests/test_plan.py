@@ -15,12 +15,16 @@ import pytest
 
 from dsv3.config import ModelConfig
 from dsv3.params import attention_params, layer_params
+from dsv3.parallel import pipeline
+from dsv3.parallel.pipeline import schedule as pipeline_schedule
+from dsv3.parallel.pipeline.schedule import MIN_MICROBATCHES
 from dsv3.plan import cli as plan_cli
 from dsv3.plan.activations import block_activation_bytes
 from dsv3.plan.assumptions import Assumptions
 from dsv3.plan.comm import ep_traffic, expected_units_hit
 from dsv3.plan.flops import attention_core_fwd_flops, attention_linears, model_blocks, parameter_bytes, token_work
 from dsv3.plan.hardware import GPU, Cluster, get_gpu, load_hardware_file
+from dsv3.plan import schedules as plan_schedules
 from dsv3.plan.schedules import schedule_model
 from dsv3.plan.serve import plan_serving
 from dsv3.plan.train import Layout, plan_training, split_blocks
@@ -206,7 +210,7 @@ def test_what_ifs_move_the_right_way():
     (dict(ep=48), "does not divide the 256 routed experts"),
     (dict(pp=16, ep=256), "EP 256 must divide DP"),
     (dict(pp=15), "PP must divide"),
-    (dict(schedule="dualpipe", pp=16, global_batch=2048), r"at least 2\*PP"),
+    (dict(schedule="dualpipe", pp=16, global_batch=2048), r"num_microbatches >= 30 .*2\*PP-2"),
     (dict(global_batch=15361), "not a whole number of micro-batches"),
     (dict(schedule="nope"), "unknown schedule"),
     (dict(tp=2), "TP = 1"),
@@ -226,7 +230,7 @@ def test_more_validation():
                                                               schedule="1f1b"))
     with pytest.raises(ValueError, match="no FP8"):
         plan_training(V3, Cluster.of_gpus(get_gpu("a100"), 2048), Layout(2048, 16, 64))
-    with pytest.raises(ValueError, match="even PP"):
+    with pytest.raises(ValueError, match="even number of ranks"):
         schedule_model("dualpipe", 15, 60)
     with pytest.raises(ValueError, match="unknown GPU"):
         get_gpu("tpu")
@@ -253,6 +257,73 @@ def test_schedule_closed_forms():
     assert dp.unpaired_chunks == 23 and dp.param_copies == 2 and dp.peak_inflight == 17
     dv = schedule_model("dualpipev", 8, 32)
     assert dv.num_stages == 16 and dv.rank_stages(0) == (0, 15) and dv.param_copies == 1
+
+
+def _sizes():
+    """(schedule, PP, M) from each schedule's minimum micro-batches up, and the sizes just below."""
+    ok, bad = [], []
+    for name in pipeline.SCHEDULES:
+        for p in (1, 2, 3, 4, 6, 8):
+            lo = MIN_MICROBATCHES[name](p)
+            for m in sorted({lo, lo + 1, lo + 2, p, 2 * p, 3 * p}):
+                (ok if _builds(name, p, m) else bad).append((name, p, m))
+            if lo > 1:
+                bad.append((name, p, lo - 1))
+    return ok, bad
+
+
+def _builds(name, p, m) -> bool:
+    try:
+        pipeline.build_schedule(name, p, m, check=False)
+        return True
+    except ValueError:
+        return False
+
+
+def test_planner_takes_the_pipelines_rules():
+    """Schedule names and size rules are the runtime's: the planner accepts exactly what it builds."""
+    assert plan_schedules.SCHEDULES is pipeline.SCHEDULES
+    assert plan_schedules.MIN_MICROBATCHES is pipeline_schedule.MIN_MICROBATCHES
+    parser = argparse.ArgumentParser()
+    plan_cli.add_arguments(parser)
+    assert parser._option_string_actions["--schedule"].choices == pipeline.SCHEDULES
+    ok, bad = _sizes()
+    assert len(ok) > 40 and len(bad) > 10
+    for name, p, m in ok:
+        assert schedule_model(name, p, m).microbatches == m
+    for name, p, m in bad + [("dualpipe", 4, 7), ("dualpipe", 3, 12), ("gpipe", 4, 8)]:
+        with pytest.raises(ValueError) as planner:
+            schedule_model(name, p, m)
+        with pytest.raises(ValueError) as runtime:
+            pipeline.build_schedule(name, p, m)
+        assert str(planner.value) == str(runtime.value)
+    # the minimums the runtime proves (builds and validates), below DeepSeek's reference 2*PP
+    assert schedule_model("dualpipe", 16, 30).microbatches == 30
+    assert schedule_model("dualpipev", 3, 5).pp == 3
+    assert schedule_model("1f1b", 8, 3).peak_inflight == 3
+
+
+def test_closed_forms_match_the_simulated_schedules():
+    """Bubble, peak activations, unpaired chunks, stages per rank and parameter copies of the planner's
+    closed forms equal those of the runtime's schedules (simulated; costs in Table 2's regime)."""
+    F, B, W, FB = 1.0, 2.0, 1.0, 2.5
+    ok, _ = _sizes()
+    for name, p, m in ok:
+        sm = schedule_model(name, p, m)
+        sched = pipeline.build_schedule(name, p, m)
+        sim = pipeline.simulate(sched, F=F, B=B, W=W, FB=FB)
+        where = f"{name} PP={p} M={m}"
+        assert sm.bubble(F, B, W, FB) == pytest.approx(max(sim.bubble)), where
+        assert sm.peak_inflight == max(sim.peak_activations), where
+        unpaired = [sum(1 for a in row for k, _, _ in a.parts() if k == "F" and not (a.kind == "FB" and a.overlapped))
+                    for row in sched.actions]
+        assert sm.unpaired_chunks == max(unpaired), where
+        assert sm.num_stages == sched.num_chunks, where
+        for r in range(p):
+            assert sorted(sm.rank_stages(r)) == sorted({sched.stage_chunk[s] for s in sched.stages_of(r)}), where
+            assert sm.param_copies == sched.param_copies(r), where
+        if name in ("1f1b", "zb1p"):
+            assert [sm.peak_inflight_rank(r) for r in range(p)] == sim.peak_activations, where
 
 
 # ----------------------------------------------------------------------------------------- hardware + serving

@@ -3,19 +3,28 @@
 The planner needs four things per schedule: how the model is cut into stages and which stages a rank
 holds, the idle time (bubble) of a step, the peak number of micro-batch activations a rank keeps, and
 how many of its chunks run *without* a partner chunk to hide their communication behind. This module
-answers them in closed form so the planner does not depend on the pipeline simulator
-(:mod:`dsv3.parallel.pipeline`); :func:`schedule_model` is the single place to swap in simulated
-values later (same fields, per rank).
+answers them in closed form so the planner does not run the pipeline simulator; the schedule names,
+the size rules (which PP and micro-batch counts a schedule accepts) and the number of model chunks
+come from the runtime's :mod:`dsv3.parallel.pipeline.schedule`, so a layout the planner accepts is one
+the pipeline builds. ``tests/test_plan.py`` checks every closed form below against the simulator on
+the schedules the runtime builds, down to the minimum micro-batch counts. :func:`schedule_model` is
+the single place to swap in simulated values later (same fields, per rank).
+
+Sizes (from the runtime): 1F1B/ZB1P any PP and ``M >= 1``; DualPipe an even PP and an even
+``M >= max(2, 2·PP − 2)`` (PP − 1 per direction); DualPipeV any PP and ``M >= 2·PP − 1``.
 
 Units: ``F`` forward time of one chunk, ``B`` its full backward (input + weight), ``W`` its
 weight-only backward, ``FB`` an overlapped forward+backward pair, all for one micro-batch.
 
 | schedule  | stages | chunks/rank | bubble                    | param copies | peak activations (chunks) |
 |-----------|--------|-------------|---------------------------|--------------|---------------------------|
-| 1f1b      | PP     | 1           | (PP-1)(F+B)               | 1            | PP                        |
-| zb1p      | PP     | 1           | (PP-1)(F+B-2W)            | 1            | PP                        |
-| dualpipe  | PP     | 2 (r, PP-1-r) | (PP/2-1)(FB+B-3W)       | 2            | PP+1                      |
-| dualpipev | 2PP    | 2 (r, 2PP-1-r)| (PP-1)(FB+B-3W) [#]     | 1            | 2PP+1 half-size chunks    |
+| 1f1b      | PP     | 1           | (PP-1)(F+B)               | 1            | min(PP, M)                |
+| zb1p      | PP     | 1           | (PP-1)(F+B-2W) + max(0, PP-M)·W [*] | 1  | min(PP, M)                |
+| dualpipe  | PP     | 2 (r, PP-1-r) | (PP/2-1)(FB+B-3W)       | 2            | min(PP+1, M)              |
+| dualpipev | 2PP    | 2 (r, 2PP-1-r)| (PP-1)(FB+B-3W) [#]     | 1            | min(2PP+1, 2M) half-size chunks |
+
+[*] With fewer micro-batches than ranks ZB-H1 has fewer W's to defer into the warm-up holes: each
+missing micro-batch leaves one W of idle time.
 
 [#] DualPipeV is DualPipe with 2·PP stages folded onto PP ranks, so Table 2's ``PP/2 − 1`` with
 ``PP → 2·PP`` stages; its chunks are half a DualPipe stage.
@@ -23,7 +32,10 @@ weight-only backward, ``FB`` an overlapped forward+backward pair, all for one mi
 Unpaired chunks (DualPipe's ``step()``, deepseek-ai/DualPipe): rank ``r`` with ``h = min(r, PP−1−r)``
 runs ``3·PP/2 − h − 1`` forward chunks (warm-up) and as many backward chunks (cool-down) that are not
 overlapped with a partner; the rest run as F&B pairs. The worst rank (h = 0) has ``3·PP/2 − 1``.
-DualPipeV's steps are the same with ``PP/2 → PP`` (``3·PP − 1`` of its ``2·N`` chunk passes).
+DualPipeV's steps are the same with ``PP/2 → PP`` (``3·PP − 1`` of its ``2·N`` chunk passes). The
+middle ranks run their first pair of the main loop back to back (the turning point), one more
+unpaired chunk: that decides the worst rank only when the middle rank is the end rank (DualPipe on
+PP = 2, DualPipeV on PP = 1) and the main loop is not empty.
 1F1B and ZB1P overlap nothing: all their chunks are unpaired.
 """
 
@@ -31,7 +43,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SCHEDULES = ("1f1b", "zb1p", "dualpipe", "dualpipev")
+from ..parallel.pipeline.schedule import MIN_MICROBATCHES, SCHEDULES, check_sizes, num_model_chunks
+
+__all__ = ["MIN_MICROBATCHES", "SCHEDULES", "ScheduleModel", "schedule_model"]
 
 
 @dataclass(frozen=True)
@@ -66,7 +80,7 @@ class ScheduleModel:
         if self.name == "1f1b":
             return (P - 1) * (F + B)
         if self.name == "zb1p":
-            return (P - 1) * (F + B - 2 * W)
+            return (P - 1) * (F + B - 2 * W) + max(0, P - self.microbatches) * W
         if self.name == "dualpipe":
             return (P // 2 - 1) * (FB + B - 3 * W)
         return (P - 1) * (FB + B - 3 * W)
@@ -74,8 +88,9 @@ class ScheduleModel:
     @property
     def peak_inflight(self) -> int:
         """Peak micro-batch activations a rank keeps, in chunks (of this schedule's stage size)."""
-        return {"1f1b": self.pp, "zb1p": self.pp, "dualpipe": self.pp + 1,
-                "dualpipev": 2 * self.pp + 1}[self.name]
+        M = self.microbatches
+        return {"1f1b": min(self.pp, M), "zb1p": min(self.pp, M), "dualpipe": min(self.pp + 1, M),
+                "dualpipev": min(2 * self.pp + 1, 2 * M)}[self.name]
 
     def peak_inflight_rank(self, rank: int) -> int:
         """Peak chunks in flight on ``rank``: 1F1B/ZB1P rank r keeps PP−r (warm-up depth); DualPipe(V)
@@ -87,11 +102,12 @@ class ScheduleModel:
     @property
     def unpaired_chunks(self) -> int:
         """Forward chunks (and as many backward chunks) of the worst rank with no overlap partner."""
-        if self.name == "dualpipe":
-            return 3 * self.pp // 2 - 1
-        if self.name == "dualpipev":
-            return 3 * self.pp - 1
-        return self.chunk_executions
+        if self.name not in ("dualpipe", "dualpipev"):
+            return self.chunk_executions
+        # H: ranks per direction's half; n: micro-batches per direction (DualPipeV: all of them)
+        H, n = (self.pp // 2, self.microbatches // 2) if self.name == "dualpipe" else (self.pp, self.microbatches)
+        turning_point = H == 1 and n - 2 * H + 1 > 0      # the end rank is the middle one
+        return 3 * H - 1 + int(turning_point)
 
     @property
     def chunk_executions(self) -> int:
@@ -107,25 +123,13 @@ class ScheduleModel:
 
 
 def schedule_model(name: str, pp: int, microbatches: int) -> ScheduleModel:
-    """Validate a schedule for ``pp`` ranks and ``microbatches`` per step; raise ValueError if impossible."""
-    if name not in SCHEDULES:
-        raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+    """Validate a schedule for ``pp`` ranks and ``microbatches`` per step with the pipeline runtime's
+    size rules (:func:`dsv3.parallel.pipeline.schedule.check_sizes`); raise ValueError if impossible."""
     if not isinstance(pp, int) or pp < 1:
         raise ValueError(f"PP must be a positive integer, got {pp!r}")
     if not isinstance(microbatches, int) or microbatches < 1:
         raise ValueError(f"micro-batches per step must be a positive integer, got {microbatches!r}")
-    if name in ("1f1b", "zb1p"):
-        if microbatches < pp:
-            raise ValueError(f"{name} with PP {pp} needs at least {pp} micro-batches per step, "
-                             f"got {microbatches} (the pipeline would never fill)")
-        return ScheduleModel(name, pp, microbatches, pp, 1, False)
-    if pp % 2:
-        raise ValueError(f"{name} needs an even PP, got {pp}")
-    if microbatches % 2:
-        raise ValueError(f"{name} needs an even number of micro-batches, got {microbatches}")
-    if microbatches < 2 * pp:
-        raise ValueError(f"{name} with PP {pp} needs at least 2*PP = {2 * pp} micro-batches per step, "
-                         f"got {microbatches}")
-    if name == "dualpipe":
-        return ScheduleModel(name, pp, microbatches, pp, 2, True)
-    return ScheduleModel(name, pp, microbatches, 2 * pp, 1, True)
+    check_sizes(name, pp, microbatches)
+    copies = 2 if name == "dualpipe" else 1
+    overlaps = name in ("dualpipe", "dualpipev")
+    return ScheduleModel(name, pp, microbatches, num_model_chunks(name, pp), copies, overlaps)

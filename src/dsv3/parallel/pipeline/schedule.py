@@ -143,7 +143,10 @@ class Schedule:
 # builders
 
 
-def _check_sizes(name: str, p: int, m: int) -> None:
+def check_sizes(name: str, p: int, m: int) -> None:
+    """Raise ``ValueError`` (stating the rule) unless ``name`` builds for ``p`` ranks and ``m``
+    micro-batches per step — the size rules of the module docstring; the planner (:mod:`dsv3.plan`)
+    applies the same ones."""
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
     if p < 1 or m < 1:
@@ -170,6 +173,12 @@ _RULES = {
     "dualpipe": "at least PP-1 per direction, i.e. >= 2*PP-2, and >= 2",
     "dualpipev": ">= 2*PP-1",
 }
+
+
+def num_model_chunks(name: str, p: int) -> int:
+    """Model slices of ``name`` on ``p`` ranks (``Schedule.num_chunks``): 2·PP for DualPipeV, else PP
+    (DualPipe's 2·PP stages are two copies of PP slices)."""
+    return 2 * p if name == "dualpipev" else p
 
 
 def _one_f_one_b(p: int, m: int, zero_bubble: bool) -> list[list[tuple]]:
@@ -382,7 +391,7 @@ def build_schedule(name: str, num_ranks: int, num_microbatches: int, *, check: b
     """
     name = name.lower()
     p, m = int(num_ranks), int(num_microbatches)
-    _check_sizes(name, p, m)
+    check_sizes(name, p, m)
     if name in ("1f1b", "zb1p"):
         progs = _one_f_one_b(p, m, zero_bubble=name == "zb1p")
     elif name == "dualpipe":
