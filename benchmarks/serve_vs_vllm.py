@@ -23,7 +23,7 @@ vllm.entrypoints.openai.api_server`` (the ``vllm`` console script fails under th
 name). It serves a copy of the model directory under the workdir (the original is never touched).
 
     .venv/bin/python benchmarks/serve_vs_vllm.py [--model runs/tiny/final] [--workdir benchmarks/work]
-        [--concurrency 1 8 32] [--rounds 2] [--prompts 64] [--max-tokens 64] [--threads 2] [--quick]
+        [--concurrency 1 8 32] [--rounds 3] [--prompts 64] [--max-tokens 64] [--threads 2] [--quick]
 
 ``--quick``: a smoke run (1 round, concurrency 1 and 8, 8 prompts). Writes
 benchmarks/results/serve_vs_vllm.{json,md,png} (``--out`` elsewhere; --quick writes *_quick.*).
@@ -478,7 +478,7 @@ def main() -> None:
     ap.add_argument("--model", default=str(REPO / "runs" / "tiny" / "final"))
     ap.add_argument("--workdir", default=str(ROOT / "work"), help="vLLM's venv, the model copy, server logs")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--rounds", type=int, default=2, help="starts of each server, alternating")
+    ap.add_argument("--rounds", type=int, default=3, help="starts of each server, alternating")
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=64, help="length of each prompt window")
     ap.add_argument("--max-tokens", type=int, default=64)
