@@ -217,6 +217,32 @@ def scenario_shapes(comm) -> dict:
     return dict(empty_shape=list(y.shape), err3d=err)
 
 
+def scenario_collectives(comm, cfg_kw, tokens, seed=0, **ep_kw) -> dict:
+    """all_to_all_single calls of one EP forward + backward: one count exchange (asynchronous) per
+    layer and step, then one payload call per hop and direction; none in the backward beyond those."""
+    cfg, ref, ep, x, gout, sl = _setup(comm, cfg_kw, tokens, seed, **ep_kw)
+    calls = []
+    orig = dist.all_to_all_single
+
+    def counting(output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):
+        calls.append(dict(async_op=bool(async_op), dtype=str(input.dtype), rows=int(input.shape[0]),
+                          group=("ep" if group is comm.group else "inter" if group is comm.inter
+                                 else "intra" if group is comm.intra else "other")))
+        return orig(output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op)
+
+    dist.all_to_all_single = counting
+    try:
+        xs = x[sl].clone().requires_grad_()
+        ys = ep(xs)
+        n_fwd = len(calls)
+        (ys * gout[sl]).sum().backward()
+    finally:
+        dist.all_to_all_single = orig
+    y = ref(x)
+    (err,) = _global_rel(comm, [(ys.detach(), y.detach()[sl])])
+    return dict(forward=calls[:n_fwd], backward=calls[n_fwd:], error=err)
+
+
 SUITES = {
     4: [  # 2 nodes × 2 ranks
         ("flat_A", scenario_compare, dict(cfg_kw=A, tokens=[6, 6, 6, 6], seed=1)),
@@ -243,6 +269,10 @@ SUITES = {
         ("bias", scenario_bias, dict(cfg_kw=B, tokens=[6, 2, 0, 5])),
         ("rebalance", scenario_rebalance, dict(cfg_kw=A, tokens=[6, 6, 6, 6], seed=9)),
         ("shapes", scenario_shapes, dict()),
+        ("calls_flat", scenario_collectives, dict(cfg_kw=B, tokens=[6, 6, 6, 6], seed=15)),
+        ("calls_twohop", scenario_collectives, dict(cfg_kw=B, tokens=[6, 6, 6, 6], seed=15, two_hop=True)),
+        ("calls_fp8", scenario_collectives, dict(cfg_kw=dict(B, d=32), tokens=[6, 6, 6, 6], seed=15,
+                                                 two_hop=True, fp8_dispatch=True)),
     ],
     8: [  # 4 nodes × 2 ranks
         ("flat_B", scenario_compare, dict(cfg_kw=B, tokens=[4, 3, 5, 2, 4, 3, 5, 2], seed=11)),
@@ -281,7 +311,7 @@ def _worker(rank, world, gpus_per_node, port, out_path):
     dist.destroy_process_group()
 
 
-def run_ranks(world: int, gpus_per_node: int, out_path: str, timeout: float = 80.0) -> dict:
+def run_ranks(world: int, gpus_per_node: int, out_path: str, timeout: float = 240.0) -> dict:
     return spawn_ranks(_worker, (world, gpus_per_node, free_port(), out_path), world, out_path, timeout)
 
 
@@ -387,6 +417,21 @@ def test_fp8_dispatch(four):
     assert c["combine.inter.bytes"] == rows * d * 4                    # combine in the activation dtype
 
 
+@pytest.mark.parametrize("name,hops", [("calls_flat", ["ep"]), ("calls_twohop", ["inter", "intra"]),
+                                       ("calls_fp8", ["inter", "intra"])])
+def test_one_count_exchange_per_layer_and_step(four, name, hops):
+    r = _ok(four, name)
+    assert r["error"] < (0.1 if "fp8" in name else TOL)
+    fwd, bwd = r["forward"], r["backward"]
+    counts = [c for c in fwd if c["async_op"]]
+    assert len(counts) == 1 and counts[0]["group"] == "ep" and counts[0]["dtype"] == "torch.int64"
+    assert fwd[0]["async_op"]                                             # the counts go first
+    payload = [c["group"] for c in fwd if not c["async_op"]]
+    assert payload == hops + hops[::-1]                                   # dispatch, then combine
+    assert all(c["dtype"] == "torch.uint8" for c in fwd if not c["async_op"])   # packed rows
+    assert [c["group"] for c in bwd] == hops + hops[::-1] and not any(c["async_op"] for c in bwd)
+
+
 def test_bias_update_identical_on_every_rank(four, eight):
     for res in (four, eight):
         r = _ok(res, "bias")
@@ -418,6 +463,48 @@ def test_ep_eight_ranks(eight, name, two_hop):
 
 
 # ------------------------------------------------------------------------------ single process
+def test_packed_rows_round_trip():
+    """Rows of several tensors travel as one byte row each; each comes back bit for bit (as a view)."""
+    from dsv3.parallel.expert import _gather, _pack, _row_spec, _unpack
+    torch.manual_seed(0)
+    n = 7
+    ids = torch.randint(-1, 50, (n, 3), dtype=torch.int32)
+    w = torch.rand(n, 3)
+    x = torch.randn(n, 5).to(torch.bfloat16)
+    q = torch.randint(0, 255, (n, 9), dtype=torch.uint8)
+    s = torch.rand(n, 1)
+    g = torch.randn(1, 4).expand(n, 4)                     # stride-0 rows, like a sum's gradient
+    for tensors in ([ids, w, x], [ids, w, s, q], [x, ids], [g], [w, g], [x]):
+        specs, width = _row_spec(tensors)
+        assert width % max(t.element_size() for t in tensors) == 0
+        for off, nb, dtype, _ in specs:
+            assert off % torch.empty((), dtype=dtype).element_size() == 0
+        packed = _pack(tensors, specs, width)
+        assert packed.shape == (n, width) and packed.dtype == torch.uint8
+        for got, want in zip(_unpack(packed, specs), tensors):
+            assert got.dtype == want.dtype and torch.equal(got, want)
+        index = torch.tensor([3, 0, 6, 3], dtype=torch.int64)
+        for got, want in zip(_unpack(_gather(tensors, specs, width, index), specs), tensors):
+            assert torch.equal(got, want[index])
+        empty = _gather(tensors, specs, width, index[:0])
+        assert [tuple(t.shape) for t in _unpack(empty, specs)] == [(0, *t.shape[1:]) for t in tensors]
+
+
+def test_plan_on_one_rank_needs_no_collective():
+    from dsv3.parallel.expert import combine, dispatch, plan_dispatch
+    idx = torch.tensor([[0, 3], [2, -1], [-1, -1], [1, 1]])
+    x, w = torch.randn(4, 6), torch.rand(4, 2)
+    plan = plan_dispatch(idx, 4, EPComm.single())
+    plan.wait()                                               # the count exchange (none on one rank)
+    assert plan.hops[0].send_splits == [3] and plan.hops[0].recv_splits == [3]   # token 2 goes nowhere
+    x_r, w_r = dispatch(x, w, plan)
+    assert torch.equal(plan.recv_topk, idx[[0, 1, 3]]) and torch.equal(x_r, x[[0, 1, 3]])
+    y = combine(x_r, plan)
+    assert torch.equal(y[[0, 1, 3]], x[[0, 1, 3]]) and torch.equal(y[2], torch.zeros(6))
+    with pytest.raises(RuntimeError, match="dispatch along this plan first"):
+        combine(x_r, plan_dispatch(idx, 4, EPComm.single()))
+
+
 def test_layout_matches_brute_force():
     torch.manual_seed(0)
     idx = torch.randint(0, 16, (20, 4))

@@ -79,7 +79,7 @@ class DispatchLayout:
     @cached_property
     def is_token_in_node(self) -> torch.Tensor:            # [N, nodes] bool
         n, r = self.is_token_in_rank.shape
-        return self.is_token_in_rank.view(n, r // self.ranks_per_node, self.ranks_per_node).any(-1)
+        return self.is_token_in_rank.reshape(n, r // self.ranks_per_node, self.ranks_per_node).any(-1)
 
     @cached_property
     def num_tokens_per_node(self) -> torch.Tensor:         # [nodes] tokens with at least one expert on node n
@@ -104,7 +104,7 @@ def _visit_mask(ids: torch.Tensor, width: int) -> torch.Tensor:
     One scatter; the negative ids land in a spare column that is dropped."""
     ids = torch.where(ids >= 0, ids, width).long()
     mask = torch.zeros(ids.shape[0], width + 1, dtype=torch.bool, device=ids.device)
-    return mask.scatter_(1, ids, True)[:, :width].contiguous()
+    return mask.scatter_(1, ids, True)[:, :width]
 
 
 def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int,
@@ -250,23 +250,26 @@ def plan_dispatch(topk_idx: torch.Tensor, num_experts: int, comm: EPComm, two_ho
     path, the number it sends to t's node when t is its hop-1 peer)."""
     R, G = comm.size, comm.ranks_per_node
     layout = get_dispatch_layout(topk_idx, num_experts, R, G)
-    if counters is not None:
-        counters.add_visits(layout.nodes_per_token, comm.num_nodes)
-    n = topk_idx.shape[0]
     two_hop = two_hop and comm.num_nodes > 1 and G > 1
     to_rank = layout.num_tokens_per_rank
     if not two_hop:
-        _, rows = layout.is_token_in_rank.t().nonzero(as_tuple=True)     # rank-major, token order
-        hop = Hop("flat", rows, to_rank.tolist(), None, n, comm.rank, G, comm.group)
-        counts = to_rank.to(torch.int64)
+        counts = to_rank
     else:
-        _, rows = layout.is_token_in_node.t().nonzero(as_tuple=True)     # node-major, token order
         to_node = layout.num_tokens_per_node
-        hop = Hop("inter", rows, to_node.tolist(), None, n, comm.node, G, comm.inter)
         counts = torch.zeros(R, 2, dtype=torch.int64, device=topk_idx.device)
         counts[:, 0] = to_rank
         counts[comm.local::G, 1] = to_node            # hop-1 peers: the ranks with my in-node index
     recv, work = _start_count_exchange(counts, comm)
+    # while the counts travel: the first hop's rows and send counts
+    n = topk_idx.shape[0]
+    if not two_hop:
+        _, rows = layout.is_token_in_rank.t().nonzero(as_tuple=True)     # rank-major, token order
+        hop = Hop("flat", rows, to_rank.tolist(), None, n, comm.rank, G, comm.group)
+    else:
+        _, rows = layout.is_token_in_node.t().nonzero(as_tuple=True)     # node-major, token order
+        hop = Hop("inter", rows, to_node.tolist(), None, n, comm.node, G, comm.inter)
+    if counters is not None:
+        counters.add_visits(layout.nodes_per_token, comm.num_nodes)
     return DispatchPlan(layout, [hop], topk_idx.to(torch.int32), comm, num_experts // R, two_hop, recv, work)
 
 
