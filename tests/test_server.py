@@ -578,7 +578,7 @@ def test_health_says_when_the_engine_is_dead(served):
 
     class DeadWorker:
         alive, error = False, "RuntimeError: boom"
-        engine = type("E", (), {"max_len": 128, "model": served.model})()
+        max_len, vocab_size = 128, served.model.cfg.vocab_size
 
         def stats(self):
             return {"running": 0, "waiting": 0}

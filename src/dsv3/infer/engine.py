@@ -41,6 +41,38 @@ class ContextOverflow(ValueError):
     """The prompt and the tokens asked for do not fit in the model's context."""
 
 
+@dataclass(frozen=True)
+class EngineLimits:
+    """What a request is checked against (also where the engine runs in another process)."""
+    max_len: int              # context: prompt + new tokens
+    vocab_size: int
+    block_size: int
+    num_blocks: int           # cache blocks in the pool
+    lookahead: int            # positions beyond the sequence a step writes (speculative: 1)
+
+
+def check_request(limits: EngineLimits, prompt_ids: list[int], max_new_tokens: int,
+                  logprobs: int | None = None, prompt_logprobs: int | None = None) -> None:
+    """ValueError naming what is wrong; ContextOverflow when the request cannot fit the context or the pool."""
+    if not prompt_ids:
+        raise ValueError("the prompt encodes to no tokens")
+    vocab = limits.vocab_size
+    if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in prompt_ids):
+        raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens = {max_new_tokens}: must be an integer >= 1")
+    if len(prompt_ids) + max_new_tokens > limits.max_len:
+        raise ContextOverflow(f"the prompt has {len(prompt_ids)} tokens and {max_new_tokens} more were asked "
+                              f"for; the context holds {limits.max_len}")
+    for name, k in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+        if k is not None and (not isinstance(k, int) or not 0 <= k <= vocab):
+            raise ValueError(f"{name} = {k}: must be an integer in [0, {vocab}]")
+    need = math.ceil((len(prompt_ids) + 1 + limits.lookahead) / limits.block_size)
+    if need > limits.num_blocks:
+        raise ContextOverflow(f"the prompt needs {need} cache blocks; the pool has {limits.num_blocks} "
+                              "(give the cache more memory)")
+
+
 @dataclass
 class TokenLogprob:
     token: int
@@ -140,23 +172,7 @@ class Engine:
         """A validated request (not yet queued): ValueError naming what is wrong, ContextOverflow when
         the prompt and ``max_new_tokens`` exceed the context."""
         params = params or SamplingParams()
-        if not prompt_ids:
-            raise ValueError("the prompt encodes to no tokens")
-        vocab = self.model.cfg.vocab_size
-        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in prompt_ids):
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens = {max_new_tokens}: must be an integer >= 1")
-        if len(prompt_ids) + max_new_tokens > self.max_len:
-            raise ContextOverflow(f"the prompt has {len(prompt_ids)} tokens and {max_new_tokens} more were asked "
-                                  f"for; the context holds {self.max_len}")
-        for name, k in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
-            if k is not None and (not isinstance(k, int) or not 0 <= k <= vocab):
-                raise ValueError(f"{name} = {k}: must be an integer in [0, {vocab}]")
-        need = math.ceil((len(prompt_ids) + 1 + self.lookahead) / self.block_size)
-        if need > self.pool.num_blocks:
-            raise ContextOverflow(f"the prompt needs {need} cache blocks; the pool has {self.pool.num_blocks} "
-                                  "(give the cache more memory)")
+        check_request(self.limits, prompt_ids, max_new_tokens, logprobs, prompt_logprobs)
         req = Request(list(prompt_ids), max_new_tokens, params, seed, frozenset(stop_ids), logprobs,
                       prompt_logprobs, on_token, on_done, next(self._ids))
         req._gen = torch.Generator(device=self.device).manual_seed(seed)
@@ -168,6 +184,11 @@ class Engine:
         req = self.make_request(prompt_ids, max_new_tokens, params, seed, **kwargs)
         self.enqueue(req)
         return req
+
+    @property
+    def limits(self) -> "EngineLimits":
+        return EngineLimits(self.max_len, self.model.cfg.vocab_size, self.block_size, self.pool.num_blocks,
+                            self.lookahead)
 
     def enqueue(self, req: Request) -> None:
         self.waiting.append(req)

@@ -102,18 +102,25 @@ def load_model_dir(path: str, device: str = "auto", fp8: str = "auto"):
     errors for a missing directory or tokenizer. ``device`` "auto": CUDA when there is one.
     ``fp8`` (--fp8): "auto" keeps an FP8 checkpoint's E4M3 weights and runs them through the FP8
     GEMMs, "keep" the same, "dequant" dequantises them at load (see :func:`dsv3.hf.load_pretrained`)."""
-    from ..data import Tokenizer
     from ..hf import FP8_MODES, load_pretrained
 
     if fp8 not in FP8_MODES:
         raise ValueError(f"--fp8 {fp8!r}: expected one of {', '.join(FP8_MODES)}")
+    tokenizer = load_tokenizer(path)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    return load_pretrained(path, device=device, fp8=fp8), tokenizer
+
+
+def load_tokenizer(path: str):
+    """The tokenizer.json of a model directory; clear errors for a missing directory or file."""
+    from ..data import Tokenizer
+
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model directory not found: {path}")
     tok_path = os.path.join(path, "tokenizer.json")
     if not os.path.exists(tok_path):
         raise FileNotFoundError(f"{path} has no tokenizer.json")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    return load_pretrained(path, device=device, fp8=fp8), Tokenizer.from_file(tok_path)
+    return Tokenizer.from_file(tok_path)
 
 
 def run(args) -> int:

@@ -9,9 +9,9 @@
     GET  /health (200 with the engine's counters; 503 while draining or once the engine has stopped)
     GET  /metrics (Prometheus)
 
-The engine runs on its own thread (:class:`dsv3.infer.worker.EngineWorker`); handlers only post
-requests to it and read the tokens it hands back through the event loop, so no handler waits on a
-step. Request bodies are read with a size limit, validated strictly
+The engine runs in a process of its own (:class:`dsv3.infer.worker.EngineWorker`); handlers only
+post requests to it and read the tokens it hands back through the event loop, so no handler waits
+on a step and the HTTP side never competes with the model for the interpreter. Request bodies are read with a size limit, validated strictly
 (:mod:`dsv3.infer.openai_protocol`), tokenised and templated on a worker thread. Every error is
 answered in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``. A client that goes
 away has its requests aborted at once. SIGTERM (or Ctrl-C) stops taking requests (503), lets those
@@ -63,9 +63,7 @@ class ServerState:
         self.metrics = ServerMetrics(worker)
         self.created = int(time.time())
         self.draining_since: float | None = None
-        engine = worker.engine
-        self.max_len = engine.max_len
-        self.vocab_size = engine.model.cfg.vocab_size
+        self.max_len, self.vocab_size = worker.max_len, worker.vocab_size
         self.stop_ids = {tokenizer.eos_id} if tokenizer.eos_id is not None else set()
         # no token covers more bytes than this, so a text longer than max_len × this cannot fit the
         # context: refused before tokenising (which costs seconds for megabytes)
@@ -636,6 +634,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_fp8_argument(p)
     p.add_argument("--device", default="auto", metavar="DEV",
                    help="cpu, cuda, cuda:1 … (default: cuda when there is one)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch threads of the engine process (default on a CPU: all cores but one, which the "
+                        "HTTP side keeps)")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY, metavar="N",
                    help=f"largest request body accepted; larger ones get 413 (default {DEFAULT_MAX_BODY})")
     p.add_argument("--shutdown-grace", type=float, default=30.0, metavar="S",
@@ -647,6 +648,8 @@ def check_args(args) -> None:
     """Flag values a server cannot start with: ValueError naming the flag (exit code 2)."""
     if not 1 <= args.port <= 65535:
         raise ValueError(f"--port {args.port}: must be in 1 … 65535")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads {args.threads}: must be >= 1")
     if args.max_batch < 1:
         raise ValueError(f"--max-batch {args.max_batch}: must be >= 1")
     if args.cache_memory is not None and not (math.isfinite(args.cache_memory) and args.cache_memory > 0):
@@ -687,21 +690,16 @@ def run(args) -> int:
         raise ValueError(f"dsv3 serve needs the 'serve' extra ({e.name} is missing): pip install 'dsv3[serve]'") \
             from None
     from .chat_template import ChatTemplate
-    from .engine import Engine
-    from .generate import load_model_dir
+    from .generate import load_tokenizer
     from .worker import EngineWorker
 
     api_key = args.api_key if args.api_key is not None else os.environ.get("DSV3_API_KEY") or None
-    model, tokenizer = load_model_dir(args.model, args.device, fp8=args.fp8)
+    tokenizer = load_tokenizer(args.model)                # the model itself loads in the engine process
     template = ChatTemplate.from_model_dir(args.model, tokenizer)
-    store = None
-    if args.prefix_cache:
-        from .prefix_cache import PrefixCache
-        store = PrefixCache(args.prefix_cache, model)
     cache_memory = None if args.cache_memory is None else int(args.cache_memory * (1 << 30))
-    engine = Engine(model, max_batch=args.max_batch, cache_memory=cache_memory, prefix_cache=store,
-                    speculative=args.speculative)
-    worker = EngineWorker(engine)
+    worker = EngineWorker(args.model, device=args.device, fp8=args.fp8, threads=args.threads,
+                          prefix_cache=args.prefix_cache, max_batch=args.max_batch, cache_memory=cache_memory,
+                          speculative=args.speculative)
     name = args.served_model_name or os.path.normpath(args.model)      # as vLLM: the --model argument
     app = create_app(worker, tokenizer, name, template, api_key, args.max_body_bytes, args.shutdown_grace)
     st = app.st

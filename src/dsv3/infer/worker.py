@@ -1,111 +1,271 @@
-"""The engine on its own thread: callers submit and abort without ever waiting for a step.
+"""The engine in a process of its own: the server's event loop never waits for a step.
 
-    worker = EngineWorker(Engine(model, max_batch=32))
+    worker = EngineWorker("runs/tiny/final", max_batch=32)     # loads the model in the engine process
     req = worker.submit(prompt_ids, 64, SamplingParams(0.8), seed=1, on_token=f, on_done=g)
     worker.abort(req)               # e.g. the client went away; finished with "abort" within one step
     worker.close(grace=30)          # stop taking requests, let running ones finish, then abort the rest
 
-``submit`` validates at once (ValueError / :class:`dsv3.infer.engine.ContextOverflow`) and hands the
-request to the engine thread through a queue; the engine thread takes queued requests and aborts
-between steps. Callbacks run on the engine thread. A step that fails finishes the requests in it
-with an error and the engine goes on; only a failure outside any request stops the worker, which
-then says so (``alive``, ``error``) and fails everything it holds.
+As in vLLM's split of API server and engine core, the HTTP side (parsing, tokenising, detokenising,
+streaming) and the model's steps run in two processes, so neither waits for the other's Python
+(the GIL) and each gets a core of its own. They talk over a pipe: requests and aborts go in; after
+every step one message comes back with each changed request's new tokens (and log-probabilities),
+its end, and the engine's counters.
+
+``submit`` validates at once in the caller (ValueError / :class:`dsv3.infer.engine.ContextOverflow`,
+checked against the engine's :class:`~dsv3.infer.engine.EngineLimits`) and returns a
+:class:`~dsv3.infer.engine.Request` that mirrors the engine's: its ``output``, ``output_logprobs``,
+``prompt_logprobs_out`` grow, then ``finish_reason``/``error`` are set and ``done`` last. Callbacks
+run on the worker's receiving thread: ``on_token(req)`` when new tokens arrived, ``on_done(req)``
+once. A step that fails finishes the requests in it with an error and the engine goes on; if the
+engine process itself dies, ``alive`` turns False, ``error`` says why and every request in flight
+finishes with an error.
 """
 
 from __future__ import annotations
 
-import queue
+import itertools
+import multiprocessing as mp
+import os
+import signal
 import threading
 import time
 import traceback
 
-from .engine import Engine, Request
+from .engine import Request, check_request
 from .sampling import SamplingParams
 
 
 class EngineWorker:
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self.alive = True
-        self.error: str | None = None
+    def __init__(self, model_dir: str, *, device: str = "auto", fp8: str = "auto", threads: int | None = None,
+                 prefix_cache: str | None = None, **engine_kwargs):
+        """Start the engine process: it loads ``model_dir`` (see :func:`dsv3.infer.generate.load_model_dir`)
+        and builds :class:`dsv3.infer.engine.Engine` with ``engine_kwargs``. ``threads``: torch threads
+        for the engine (default on a CPU: all cores but one, which the HTTP side keeps). ``prefix_cache``:
+        a directory or URL for the on-disk prefix cache. Raises ValueError with the engine's own message
+        when it cannot start (a bad directory, an impossible setting)."""
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        spec = dict(model_dir=model_dir, device=device, fp8=fp8, threads=threads, prefix_cache=prefix_cache,
+                    engine=engine_kwargs)
+        self._proc = ctx.Process(target=_engine_process, args=(child, spec), name="dsv3-engine", daemon=True)
+        self._proc.start()
+        child.close()
+        try:
+            msg = self._conn.recv()
+        except (EOFError, OSError):
+            self._proc.join(5)
+            raise ValueError(f"the engine process exited while starting (code {self._proc.exitcode})") from None
+        if msg[0] == "error":
+            self._proc.join(5)
+            raise ValueError(msg[1])
+        _, self.limits, self._stats = msg
+        self.max_len, self.vocab_size = self.limits.max_len, self.limits.vocab_size
         self.accepting = True
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()     # ("submit"|"abort", request)
-        self._stats = engine.stats()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="dsv3-engine", daemon=True)
-        self._thread.start()
+        self.error: str | None = None
+        self._alive = True
+        self._closing = False
+        self._reqs: dict[int, Request] = {}
+        self._ids = itertools.count()
+        self._send_lock = threading.Lock()
+        self._rx = threading.Thread(target=self._receive, name="dsv3-engine-rx", daemon=True)
+        self._rx.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._alive
+
+    @property
+    def pid(self) -> int | None:
+        """The engine process's id."""
+        return self._proc.pid
 
     def submit(self, prompt: list[int], max_new_tokens: int, params: SamplingParams | None = None, seed: int = 0,
                stop_ids=frozenset(), logprobs: int | None = None, prompt_logprobs: int | None = None,
                on_token=None, on_done=None) -> Request:
-        if not self.alive:
+        if not self._alive:
             raise RuntimeError(f"the engine has stopped: {self.error}")
         if not self.accepting:
             raise RuntimeError("the server is shutting down")
-        req = self.engine.make_request(prompt, max_new_tokens, params, seed, stop_ids, logprobs, prompt_logprobs,
-                                       on_token, on_done)
-        self._inbox.put(("submit", req))
+        params = params or SamplingParams()
+        check_request(self.limits, prompt, max_new_tokens, logprobs, prompt_logprobs)
+        req = Request(list(prompt), max_new_tokens, params, seed, frozenset(stop_ids), logprobs, prompt_logprobs,
+                      on_token, on_done, next(self._ids))
+        self._reqs[req.id] = req
+        self._send(("submit", req.id, req.prompt, max_new_tokens, params, seed, req.stop_ids, logprobs,
+                    prompt_logprobs))
         return req
 
     def abort(self, req: Request) -> None:
         if not req.done:
-            self._inbox.put(("abort", req))
+            self._send(("abort", req.id))
 
     def stats(self) -> dict:
-        """The engine's counters as of its last step (read without stopping it)."""
-        return dict(self._stats, alive=self.alive)
+        """The engine's counters as of its last step."""
+        return dict(self._stats, alive=self._alive)
 
-    # ------------------------------------------------------------------ the engine thread
-    def _take(self, block: bool) -> None:
-        try:
-            kind, req = self._inbox.get(block=block, timeout=0.5 if block else None)
-        except queue.Empty:
-            return
-        while True:
-            if kind == "submit":
-                self.engine.enqueue(req)
-            else:
-                self.engine.abort(req)
+    def _send(self, msg) -> None:
+        with self._send_lock:
             try:
-                kind, req = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+                self._conn.send(msg)
+            except (OSError, EOFError, BrokenPipeError) as e:
+                raise RuntimeError(f"the engine has stopped: {self.error or e}") from None
 
-    def _loop(self) -> None:
+    # ------------------------------------------------------------------ results
+    def _receive(self) -> None:
         try:
-            while not self._stop.is_set():
-                self._take(block=self.engine.idle)
-                if not self.engine.idle:
-                    try:
-                        self.engine.step()
-                    except Exception as e:  # noqa: BLE001 — outside any one forward: fail what it held
-                        traceback.print_exc()
-                        self.engine.fail_all(f"{type(e).__name__}: {e}")
-                self._stats = self.engine.stats()
-        except BaseException as e:  # noqa: BLE001 — report, fail what is held, stop
-            self.error = f"{type(e).__name__}: {e}"
-            self.alive = False
+            while True:
+                msg = self._conn.recv()
+                if msg[0] == "closed":
+                    break
+                _, deltas, self._stats = msg
+                for d in deltas:
+                    self._apply(*d)
+        except (EOFError, OSError):
+            pass
+        except Exception:  # noqa: BLE001 — a bug here must not hang every client: fail them below
             traceback.print_exc()
-            try:
-                self._take(block=False)
-                self.engine.fail_all(f"the engine stopped: {self.error}")
-            except BaseException:  # noqa: BLE001
-                pass
-        finally:
-            self._stats = self.engine.stats()
+        self._alive = False
+        self._proc.join(1)
+        if not self._closing or self._reqs:
+            self.error = self.error or f"the engine process exited (code {self._proc.exitcode})"
+        for req in list(self._reqs.values()):
+            self._apply(req.id, [], [], [], True, "error", self.error, req.cached_tokens)
+
+    def _apply(self, rid, tokens, logprobs, prompt_logprobs, done, reason, error, cached) -> None:
+        req = self._reqs.get(rid)
+        if req is None or req.done:
+            return
+        req.prompt_logprobs_out.extend(prompt_logprobs)
+        req.output_logprobs.extend(logprobs)
+        req.output.extend(tokens)
+        req.cached_tokens = cached
+        if done:
+            req.finish_reason, req.error = reason, error
+            req.done = True                          # last: a reader that sees done sees final lists
+            del self._reqs[rid]
+        for cb in ((req.on_token,) if tokens else ()) + ((req.on_done,) if done else ()):
+            if cb is not None:
+                try:
+                    cb(req)
+                except Exception:  # noqa: BLE001 — a consumer's bug stays its own
+                    traceback.print_exc()
 
     # ------------------------------------------------------------------ shutdown
     def close(self, grace: float = 30.0) -> None:
-        """Stop taking requests; wait up to ``grace`` seconds for the ones in flight, abort the rest."""
+        """Stop taking requests; the engine lets the ones in flight finish for up to ``grace``
+        seconds, aborts the rest, and exits."""
         self.accepting = False
-        deadline = time.monotonic() + max(grace, 0.0)
-        while self.alive and time.monotonic() < deadline and not (self.engine.idle and self._inbox.empty()):
-            time.sleep(0.02)
-        if self.alive:
-            for req in list(self.engine.running) + list(self.engine.waiting):
-                self.abort(req)
-            t_end = time.monotonic() + 5
-            while self.alive and time.monotonic() < t_end and not (self.engine.idle and self._inbox.empty()):
-                time.sleep(0.02)
-        self._stop.set()
-        self._thread.join(timeout=5)
+        self._closing = True
+        if self._alive:
+            try:
+                self._send(("close", max(float(grace), 0.0)))
+            except RuntimeError:
+                pass
+            self._rx.join(max(grace, 0.0) + 15)
+        self._proc.join(5)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(5)
+        self._alive = False
+
+
+# ---------------------------------------------------------------------- the engine process
+def _engine_process(conn, spec: dict) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)        # the server drains on Ctrl-C / SIGTERM, then closes us
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        engine = _build_engine(spec)
+    except Exception as e:  # noqa: BLE001 — the caller raises it as one clear line
+        conn.send(("error", str(e) if isinstance(e, (ValueError, FileNotFoundError)) else f"{type(e).__name__}: {e}"))
+        return
+    conn.send(("ready", engine.limits, engine.stats()))
+    _EngineLoop(engine, conn).run()
+
+
+def _build_engine(spec: dict):
+    import torch
+
+    from .engine import Engine
+    from .generate import load_model_dir
+
+    threads = spec["threads"]
+    model, _ = load_model_dir(spec["model_dir"], spec["device"], fp8=spec["fp8"])
+    if threads is None and next(model.parameters()).device.type == "cpu":
+        threads = max(1, len(os.sched_getaffinity(0)) - 1)
+    if threads:
+        torch.set_num_threads(threads)
+    store = None
+    if spec["prefix_cache"]:
+        from .prefix_cache import PrefixCache
+        store = PrefixCache(spec["prefix_cache"], model, spec["engine"].get("block_size", 64))
+    return Engine(model, prefix_cache=store, **spec["engine"])
+
+
+class _EngineLoop:
+    """Take requests and aborts from the pipe between steps; after each step send what changed."""
+
+    def __init__(self, engine, conn):
+        self.engine, self.conn = engine, conn
+        self.reqs: dict[int, Request] = {}               # by the caller's id
+        self.sent: dict[int, tuple[int, int, int]] = {}  # tokens, logprobs, prompt logprobs sent
+        self.deadline: float | None = None               # closing: abort what is left at this time
+
+    def run(self) -> None:
+        engine = self.engine
+        while True:
+            try:
+                if not self._take(block=engine.idle and self.deadline is None):
+                    return                               # the server went away
+            except (EOFError, OSError):
+                return
+            if self.deadline is not None:
+                if engine.idle:
+                    break
+                if time.monotonic() > self.deadline:
+                    for req in list(engine.running) + list(engine.waiting):
+                        engine.abort(req)
+            if not engine.idle:
+                try:
+                    engine.step()
+                except Exception as e:  # noqa: BLE001 — outside any one forward: fail what it held
+                    traceback.print_exc()
+                    engine.fail_all(f"{type(e).__name__}: {e}")
+            self._report()
+        self._report()
+        self.conn.send(("closed",))
+
+    def _take(self, block: bool) -> bool:
+        """Handle every message waiting (after up to 0.2 s of waiting when ``block``). False on 'exit'."""
+        timeout = 0.2 if block else 0.0
+        while self.conn.poll(timeout):
+            timeout = 0.0
+            msg = self.conn.recv()
+            if msg[0] == "submit":
+                rid, prompt, max_new, params, seed, stop_ids, logprobs, prompt_logprobs = msg[1:]
+                try:
+                    req = self.engine.make_request(prompt, max_new, params, seed, stop_ids, logprobs, prompt_logprobs)
+                except ValueError as e:
+                    self.conn.send(("step", [(rid, [], [], [], True, "error", str(e), 0)], self.engine.stats()))
+                    continue
+                self.reqs[rid] = req
+                self.sent[rid] = (0, 0, 0)
+                self.engine.enqueue(req)
+            elif msg[0] == "abort":
+                req = self.reqs.get(msg[1])
+                if req is not None:
+                    self.engine.abort(req)
+            elif msg[0] == "close":
+                self.deadline = time.monotonic() + msg[1]
+        return True
+
+    def _report(self) -> None:
+        deltas = []
+        for rid, req in list(self.reqs.items()):
+            n_tok, n_lp, n_plp = self.sent[rid]
+            tokens, lps, plps = req.output[n_tok:], req.output_logprobs[n_lp:], req.prompt_logprobs_out[n_plp:]
+            if tokens or lps or plps or req.done:
+                deltas.append((rid, tokens, lps, plps, req.done, req.finish_reason, req.error, req.cached_tokens))
+                self.sent[rid] = (len(req.output), len(req.output_logprobs), len(req.prompt_logprobs_out))
+            if req.done:
+                del self.reqs[rid], self.sent[rid]
+        self.conn.send(("step", deltas, self.engine.stats()))
