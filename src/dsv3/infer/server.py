@@ -1,6 +1,6 @@
 """``dsv3 serve``: the OpenAI API over the batched engine.
 
-    dsv3 serve --model RUN/final [--host 127.0.0.1] [--port 8000] [--max-batch 8] [--cache-memory GB]
+    dsv3 serve --model RUN/final [--host 127.0.0.1] [--port 8000] [--max-batch 32] [--cache-memory GB]
                [--prefix-cache DIR_OR_URL] [--speculative] [--api-key KEY] [--served-model-name NAME]
                [--max-body-bytes N] [--shutdown-grace S] [--fp8 auto|keep|dequant] [--device DEV]
 
@@ -621,8 +621,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the model id clients send (default: the --model argument as given)")
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $DSV3_API_KEY; none: open)")
-    p.add_argument("--max-batch", type=int, default=8, metavar="N",
-                   help="requests decoded together in one forward (default 8)")
+    p.add_argument("--max-batch", type=int, default=32, metavar="N",
+                   help="requests decoded together in one forward (default 32; the cache pool bounds memory)")
     p.add_argument("--cache-memory", type=float, default=None, metavar="GB",
                    help="GB for the paged latent cache (default: what --max-batch full-context requests need, "
                         "at most a quarter of free memory)")
