@@ -194,7 +194,7 @@ class DispatchPlan:
     exchange (asynchronous, over the EP group; it completes while the payload is being packed).
     On the two-hop path the second hop's rows depend on the top-k ids that arrive with hop 1, so the
     forward dispatch builds it (its receive counts come from the same count exchange). After the
-    forward dispatch, ``recv_topk`` holds the physical top-k ids of the rows this rank received.
+    forward dispatch, ``recv_topk`` holds the physical top-k ids (int32) of the rows this rank received.
     """
 
     def __init__(self, layout: DispatchLayout, hops: list[Hop], topk_idx: torch.Tensor, comm: EPComm,
@@ -312,7 +312,8 @@ def _gather(tensors, specs, width: int, index: torch.Tensor) -> torch.Tensor:
 
 
 def _unpack(buf: torch.Tensor, specs) -> list[torch.Tensor]:
-    return [buf[:, off:off + nb].view(dtype).unflatten(1, tail) for off, nb, dtype, tail in specs]
+    out = [buf[:, off:off + nb].view(dtype) for off, nb, dtype, _ in specs]
+    return [t if len(tail) == 1 else t.unflatten(1, tail) for t, (_, _, _, tail) in zip(out, specs)]
 
 
 def _a2a(buf: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
@@ -395,7 +396,7 @@ class _Dispatch(torch.autograd.Function):
         else:
             ids_r, w_r, x_r = _dispatch_rows([plan.topk_idx, w, x], plan, counters,
                                              ["dispatch_meta", "dispatch_meta", "dispatch"])
-        plan.recv_topk = ids_r.long()
+        plan.recv_topk = ids_r
         return x_r, w_r
 
     @staticmethod
