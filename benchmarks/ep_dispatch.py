@@ -63,15 +63,22 @@ def _timed(fns: dict, iters: int, warmup: int, group) -> dict:
     return dict(zip(names, t.tolist()))
 
 
-def _bare(hops, row_bytes):
-    """Pre-allocated byte buffers with the same per-peer sizes as the plan's hops, there and back."""
+def _bare(hops, row_bytes, counts_over=None):
+    """Pre-allocated byte buffers with the same per-peer sizes as the plan's hops, there and back;
+    with ``counts_over`` (the EP group) a count exchange of the plan's size goes first."""
     bufs = []
+    if counts_over is not None:
+        width = 1 if len(hops) == 1 else 2
+        c_send = torch.zeros(dist.get_world_size(counts_over), width, dtype=torch.int64)
+        c_recv = torch.empty_like(c_send)
     for h in hops:
         send = torch.empty(sum(h.send_splits), row_bytes, dtype=torch.uint8)
         recv = torch.empty(sum(h.recv_splits), row_bytes, dtype=torch.uint8)
         bufs.append((h, send, recv))
 
     def run():
+        if counts_over is not None:
+            dist.all_to_all_single(c_recv, c_send, group=counts_over)
         for h, send, recv in bufs:
             if h.size > 1:
                 dist.all_to_all_single(recv, send, h.recv_splits, h.send_splits, group=h.group)
@@ -112,10 +119,12 @@ def _timing_worker(rank, world, gpn, port, args, out):
                     plan_dispatch(idx, E, comm, two_hop).wait()
 
                 row = args.hidden + 4 * (-(-args.hidden // 128)) if fp8 else x.element_size() * args.hidden
-                t = _timed(dict(ours=ours, plan=plan_only, bare=_bare(plan.hops, row)), args.iters, 3, comm.group)
+                t = _timed(dict(ours=ours, plan=plan_only, bare=_bare(plan.hops, row),
+                                counted=_bare(plan.hops, row, comm.group)), args.iters, 3, comm.group)
                 name = f"{'two-hop' if two_hop else 'flat'} {str(dtype).split('.')[-1]}{' fp8-dispatch' if fp8 else ''}"
                 res[name] = dict(ours_ms=1e3 * t["ours"], plan_ms=1e3 * t["plan"], bare_a2a_ms=1e3 * t["bare"],
-                                 overhead=t["ours"] / t["bare"], hops=[h.kind for h in plan.hops],
+                                 bare_with_counts_ms=1e3 * t["counted"], overhead=t["ours"] / t["bare"],
+                                 counts_floor=t["counted"] / t["bare"], hops=[h.kind for h in plan.hops],
                                  rows_sent_per_rank=[sum(h.send_splits) for h in plan.hops])
     if rank == 0:
         with open(out, "w") as f:
@@ -200,17 +209,21 @@ def _markdown(res: dict) -> str:
         lines += [f"## Gloo timing: {t['ranks']} ranks as {t['nodes']} nodes × {t['gpus_per_node']}, "
                   f"{t['tokens']} tokens/rank, hidden {t['hidden']}, 16 experts top-4 (4 groups, top-2)", "",
                   "| path | dispatch+combine ms | of which plan ms | bare all_to_all ms (same bytes) | overhead "
-                  "| overhead, each run |",
-                  "|---|---:|---:|---:|---:|---|"]
+                  "| overhead, each run | bare + one count exchange ms | its overhead |",
+                  "|---|---:|---:|---:|---:|---|---:|---:|"]
         for name, r in res["timing"].items():
             runs = ", ".join(f"{o:.2f}" for o in r.get("overhead_runs", [r["overhead"]]))
+            counted = (f"{r['bare_with_counts_ms']:.2f} | {r['counts_floor']:.2f}×" if "counts_floor" in r
+                       else "– | –")
             lines.append(f"| {name} | {r['ours_ms']:.2f} | {r['plan_ms']:.2f} | {r['bare_a2a_ms']:.2f} | "
-                         f"{r['overhead']:.2f}× | {runs} |")
+                         f"{r['overhead']:.2f}× | {runs} | {counted} |")
         load = t.get("load_average")
         lines += ["", "plan = layout + the layer's one count exchange (DeepEP's notify step); the top-k ids and "
                   "gate values travel in the payload's rows. FP8 rows include the CPU reference quantiser. "
                   "Bare = the same hops' all_to_all_single calls, there and back, on preallocated buffers of the "
-                  "activation rows alone. Each path's three timings are interleaved iteration by iteration; "
+                  "activation rows alone; \"bare + one count exchange\" adds the tiny all_to_all_single of the "
+                  "counts that any dispatch with data-dependent sizes needs on gloo first — the floor of this "
+                  "design. Each path's four timings are interleaved iteration by iteration; "
                   f"the row shown is the median of {t.get('repeats', 1)} runs.",
                   ""]
         if load:

@@ -100,11 +100,10 @@ class DispatchLayout:
 
 
 def _visit_mask(ids: torch.Tensor, width: int) -> torch.Tensor:
-    """ids [N, k] in [0, width) or negative (none) → bool [N, width], True where row n holds id j.
-    One scatter; the negative ids land in a spare column that is dropped."""
-    ids = torch.where(ids >= 0, ids, width).long()
+    """ids [N, k] in [0, width], ``width`` meaning none → bool [N, width], True where row n holds
+    id j. One scatter; the "none" ids land in a spare column that is dropped."""
     mask = torch.zeros(ids.shape[0], width + 1, dtype=torch.bool, device=ids.device)
-    return mask.scatter_(1, ids, True)[:, :width]
+    return mask.scatter_(1, ids.long(), True)[:, :width]
 
 
 def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int,
@@ -117,7 +116,7 @@ def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int
         raise ValueError(f"num_experts ({num_experts}) must be divisible by num_ranks ({num_ranks})")
     if num_ranks % ranks_per_node:
         raise ValueError(f"ranks_per_node ({ranks_per_node}) must divide num_ranks ({num_ranks})")
-    rank_of = torch.where(topk_idx >= 0, topk_idx // (num_experts // num_ranks), -1)
+    rank_of = torch.where(topk_idx >= 0, topk_idx // (num_experts // num_ranks), num_ranks)
     return DispatchLayout(_visit_mask(rank_of, num_ranks), ranks_per_node, topk_idx, num_experts)
 
 
@@ -230,7 +229,7 @@ class DispatchPlan:
         comm, g = self.comm, self.comm.ranks_per_node
         rank_of = fwd_topk.long() // self.experts_per_rank
         here = (fwd_topk >= 0) & (rank_of // g == comm.node)
-        in_local = _visit_mask(torch.where(here, rank_of % g, -1), g)
+        in_local = _visit_mask(torch.where(here, rank_of % g, g), g)
         _, rows = in_local.t().nonzero(as_tuple=True)                      # rank-major, row order
         self.hops.append(Hop("intra", rows, in_local.sum(0).tolist(), self._hop2_recv, fwd_topk.shape[0],
                              comm.local, g, comm.intra))
