@@ -29,6 +29,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory, data_dir):
     """A small random model saved in the HF layout with the corpus tokenizer (for generate / serve)."""
+    import json
     import os
     import shutil
 
@@ -41,4 +42,6 @@ def model_dir(tmp_path_factory, data_dir):
     torch.manual_seed(0)
     save_pretrained(Transformer(small_config(vocab_size=2048, max_position_embeddings=128)), out)
     shutil.copy(os.path.join(data_dir, "tokenizer.json"), out / "tokenizer.json")
+    (out / "tokenizer_config.json").write_text(json.dumps(      # as DeepSeek's: text prompts start with bos
+        {"bos_token": "<｜begin▁of▁sentence｜>", "eos_token": "<｜end▁of▁sentence｜>", "add_bos_token": True}))
     return str(out)

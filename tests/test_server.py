@@ -44,6 +44,10 @@ class Served:
     def post(self, path, body, **kw):
         return self.http.post(path, json=body, **kw)
 
+    def encode(self, text):
+        """A text prompt's ids as the server makes them (bos first when the tokenizer config says so)."""
+        return self.tok.encode(text, add_bos=self.tok.add_bos_token)
+
     def greedy(self, ids, n):
         """dsv3.infer.generate's greedy tokens for ``ids`` (the reference)."""
         from dsv3.infer.generate import generate
@@ -108,15 +112,15 @@ def test_models_and_unknown_model(served):
 def test_greedy_equals_generate_for_every_prompt_form(served):
     c, tok = served.client, served.tok
     texts = ["import os\n", "def f(x):"]
-    ref = [served.greedy(tok.encode(t), 12) for t in texts]
+    ref = [served.greedy(served.encode(t), 12) for t in texts]
     r = c.completions.create(model=NAME, prompt=texts, max_tokens=12, temperature=0)
     assert [ch.index for ch in r.choices] == [0, 1]
     for ch, out in zip(r.choices, ref):
         assert ch.text == tok.decode(out, skip_special_tokens=True)
         assert ch.finish_reason == ("stop" if out[-1] == tok.eos_id else "length")
-    assert r.usage.prompt_tokens == sum(len(tok.encode(t)) for t in texts)
+    assert r.usage.prompt_tokens == sum(len(served.encode(t)) for t in texts)
     assert r.usage.completion_tokens == sum(len(o) for o in ref)
-    ids = [tok.encode(t) for t in texts]
+    ids = [served.encode(t) for t in texts]
     one = c.completions.create(model=NAME, prompt=ids[1], max_tokens=12, temperature=0)        # list[int]
     assert one.choices[0].text == r.choices[1].text
     two = c.completions.create(model=NAME, prompt=ids, max_tokens=12, temperature=0)           # list[list[int]]
@@ -165,7 +169,7 @@ def test_n_and_best_of(served):
 def test_logprobs_equal_the_model(served):
     c, tok = served.client, served.tok
     prompt = "import sys\n"
-    ids = tok.encode(prompt)
+    ids = served.encode(prompt)
     r = c.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=0, logprobs=3, echo=True)
     ch = r.choices[0]
     out = served.greedy(ids, 8)
@@ -178,7 +182,8 @@ def test_logprobs_equal_the_model(served):
         assert math.isclose(ch.logprobs.token_logprobs[i], lp[i - 1, seq[i]].item(), abs_tol=2e-4)
         top = lp[i - 1].topk(3)
         assert sorted(ch.logprobs.top_logprobs[i].values(), reverse=True) == pytest.approx(top.values.tolist(), abs=2e-4)
-    assert ch.logprobs.text_offset[:len(ids)] == [len(tok.decode(ids[:i])) for i in range(len(ids))]
+    assert ch.logprobs.text_offset[:len(ids)] == [len(tok.decode(ids[:i], skip_special_tokens=True))
+                                                  for i in range(len(ids))]
     assert ch.logprobs.text_offset[len(ids)] == len(prompt)
     chunks = list(c.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=0, logprobs=3, echo=True,
                                        stream=True))
@@ -387,7 +392,7 @@ def test_concurrent_requests_equal_one_at_a_time(served):
     for t in threads:
         t.join(timeout=120)
     for p in prompts:
-        assert out[p] == tok.decode(served.greedy(tok.encode(p), 10), skip_special_tokens=True)
+        assert out[p] == tok.decode(served.greedy(served.encode(p), 10), skip_special_tokens=True)
 
 
 # --------------------------------------------------------------------------------------- robustness
@@ -486,7 +491,7 @@ def test_fuzz_malformed_requests_get_4xx(served):
     assert not any(s >= 500 for s in statuses), statuses
     assert served.health().json()["status"] == "ok"
     r = served.client.completions.create(model=NAME, prompt="import os\n", max_tokens=12, temperature=0)
-    assert r.choices[0].text == served.tok.decode(served.greedy(served.tok.encode("import os\n"), 12),
+    assert r.choices[0].text == served.tok.decode(served.greedy(served.encode("import os\n"), 12),
                                                   skip_special_tokens=True)
 
 

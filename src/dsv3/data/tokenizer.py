@@ -140,9 +140,12 @@ class Tokenizer:
     Build one with :meth:`train` or :meth:`from_file`; ``.hf`` is the wrapped object."""
 
     def __init__(self, tokenizer: _HFTokenizer, bos_token: str | None = BOS_TOKEN,
-                 eos_token: str | None = EOS_TOKEN, pad_token: str | None = PAD_TOKEN):
+                 eos_token: str | None = EOS_TOKEN, pad_token: str | None = PAD_TOKEN, add_bos_token: bool = False):
         self.hf = tokenizer
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
+        # whether a text prompt starts with bos when served (tokenizer_config.json's add_bos_token,
+        # as transformers and vLLM read it); encode() itself adds bos only when asked
+        self.add_bos_token = add_bos_token
         self._split_table: tuple[np.ndarray, dict[int, np.ndarray]] | None = None
 
     # ------------------------------------------------------------------ construction
@@ -182,7 +185,7 @@ class Tokenizer:
         tok.post_processor = processors.TemplateProcessing(
             single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B:1",
             special_tokens=[(BOS_TOKEN, 0)])
-        out = cls(tok)
+        out = cls(tok, add_bos_token=True)
         assert out.vocab_size == vocab_size, (out.vocab_size, vocab_size)
         assert (out.bos_id, out.eos_id, out.pad_id) == (0, 1, 2)
         return out
@@ -205,15 +208,17 @@ class Tokenizer:
             tok = _HFTokenizer.from_str(f.read())
         names = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN}
         config = (file.rsplit("/", 1)[0] + "/" if "/" in file else "") + "tokenizer_config.json"
+        add_bos = False
         if fs.exists(config):
             with fs.open(config, "r", encoding="utf-8") as f:
                 cfg = json.load(f)
+            add_bos = cfg.get("add_bos_token") is True
             for key in names:
                 value = cfg.get(key, names[key])
                 names[key] = value.get("content") if isinstance(value, dict) else value
         vocab = tok.get_vocab(with_added_tokens=True)
         names = {k: (v if v in vocab else None) for k, v in names.items()}
-        return cls(tok, **names)
+        return cls(tok, **names, add_bos_token=add_bos)
 
     def save(self, path: str | os.PathLike, model_max_length: int | None = None) -> str:
         """Write ``tokenizer.json`` and ``tokenizer_config.json`` into the directory ``path``
@@ -228,7 +233,7 @@ class Tokenizer:
         self.hf.save(os.path.join(path, "tokenizer.json"))
         config = {"tokenizer_class": "PreTrainedTokenizerFast",
                   "bos_token": self.bos_token, "eos_token": self.eos_token,
-                  "pad_token": self.pad_token, "add_bos_token": True, "add_eos_token": False,
+                  "pad_token": self.pad_token, "add_bos_token": self.add_bos_token, "add_eos_token": False,
                   "clean_up_tokenization_spaces": False}
         if model_max_length is not None:
             config["model_max_length"] = int(model_max_length)

@@ -55,7 +55,7 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, tempe
                   top_k: int = 0, top_p: float = 1.0, seed: int = 0, stream=None, speculative: bool = False,
                   stats: dict | None = None) -> str:
     """Generate and (optionally) stream the decoded text as it grows."""
-    ids = tokenizer.encode(prompt)
+    ids = tokenizer.encode(prompt, add_bos=tokenizer.add_bos_token and tokenizer.bos_id is not None)
     if stream is not None:
         stream.write(prompt)
         stream.flush()

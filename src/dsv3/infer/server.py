@@ -133,7 +133,8 @@ def tokenize_prompts(st: ServerState, prompts: list) -> list[list[int]]:
     texts = [p for p in prompts if isinstance(p, str)]
     for t in texts:
         st.check_text_fits(t, "prompt")
-    encoded = iter(st.tokenizer.encode_batch(texts) if texts else [])
+    tok = st.tokenizer                       # text prompts start with bos when the tokenizer says so (as vLLM)
+    encoded = iter(tok.encode_batch(texts, add_bos=tok.add_bos_token and tok.bos_id is not None) if texts else [])
     out = []
     for i, p in enumerate(prompts):
         ids = next(encoded) if isinstance(p, str) else p
