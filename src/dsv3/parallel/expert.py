@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import torch
 import torch.distributed as dist
@@ -277,15 +277,21 @@ def plan_dispatch(topk_idx: torch.Tensor, num_experts: int, comm: EPComm, two_ho
 # payload), each at an offset aligned to its element size, so that one all-to-all per hop moves
 # them all and the receiver reads them back as views.
 def _row_spec(tensors):
+    """[(byte offset, bytes, dtype, row shape)] of each tensor in a packed row, and the row's width."""
+    return _row_spec_of(tuple((t.dtype, tuple(t.shape[1:])) for t in tensors))
+
+
+@lru_cache(maxsize=256)
+def _row_spec_of(key):
     specs, off, align = [], 0, 1
-    for t in tensors:
-        es = t.element_size()
+    for dtype, tail in key:
+        es = torch.empty((), dtype=dtype).element_size()
         off = -(-off // es) * es
-        nb = es * math.prod(t.shape[1:])
-        specs.append((off, nb, t.dtype, tuple(t.shape[1:])))
+        nb = es * math.prod(tail)
+        specs.append((off, nb, dtype, tail))
         off += nb
         align = max(align, es)
-    return specs, -(-off // align) * align
+    return tuple(specs), -(-off // align) * align
 
 
 def _pack(tensors, specs, width: int) -> torch.Tensor:
@@ -352,9 +358,16 @@ def _combine_rows(tensors, plan: DispatchPlan, counters, phases):
         if counters is not None:
             _record(counters, tensors, phases, hop, hop.recv_splits)
         back = _a2a(_pack(tensors, specs, width), hop.recv_splits, hop.send_splits, hop.group)
-        tensors = [torch.zeros(hop.n_in, *b.shape[1:], dtype=torch.float32, device=b.device)
-                   .index_add_(0, hop.index, b.float()).to(b.dtype) for b in _unpack(back, specs)]
+        tensors = [_sum_rows(b, hop.index, hop.n_in) for b in _unpack(back, specs)]
     return tensors
+
+
+def _sum_rows(b: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+    """out[i] = Σ_{j: index[j] = i} b[j], accumulated in fp32, returned in b's dtype."""
+    acc = torch.zeros(n, *b.shape[1:], dtype=torch.float32, device=b.device)
+    if b.dtype == torch.float32:
+        return acc.index_add_(0, index, b)
+    return acc.index_add_(0, index, b.float()).to(b.dtype)
 
 
 def _row_bytes(t: torch.Tensor) -> int:
@@ -380,6 +393,19 @@ def _dequantize(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.T
     return (q.float().view(m, s.shape[1], FP8_BLOCK) * s.unsqueeze(-1)).view(m, d).to(dtype)
 
 
+def _dispatch_forward(x, w, plan: DispatchPlan, fp8: bool, counters):
+    if fp8:
+        q, s = quantize_activation(x)
+        ids_r, w_r, s_r, q_r = _dispatch_rows([plan.topk_idx, w, s, q.view(torch.uint8)], plan, counters,
+                                              ["dispatch_meta", "dispatch_meta", "dispatch", "dispatch"])
+        x_r = _dequantize(q_r, s_r, x.dtype)
+    else:
+        ids_r, w_r, x_r = _dispatch_rows([plan.topk_idx, w, x], plan, counters,
+                                         ["dispatch_meta", "dispatch_meta", "dispatch"])
+    plan.recv_topk = ids_r
+    return x_r, w_r
+
+
 class _Dispatch(torch.autograd.Function):
     """(x [N, d], w [N, k]) → (x_recv [M, d], w_recv [M, k]); backward = combine of the gradients.
     The plan's top-k ids travel in the same rows; the received ones land in ``plan.recv_topk``."""
@@ -387,16 +413,7 @@ class _Dispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, plan, fp8, counters):
         ctx.plan, ctx.counters = plan, counters
-        if fp8:
-            q, s = quantize_activation(x)
-            ids_r, w_r, s_r, q_r = _dispatch_rows([plan.topk_idx, w, s, q.view(torch.uint8)], plan, counters,
-                                                  ["dispatch_meta", "dispatch_meta", "dispatch", "dispatch"])
-            x_r = _dequantize(q_r, s_r, x.dtype)
-        else:
-            ids_r, w_r, x_r = _dispatch_rows([plan.topk_idx, w, x], plan, counters,
-                                             ["dispatch_meta", "dispatch_meta", "dispatch"])
-        plan.recv_topk = ids_r
-        return x_r, w_r
+        return _dispatch_forward(x, w, plan, fp8, counters)
 
     @staticmethod
     def backward(ctx, gx, gw):
@@ -417,19 +434,28 @@ class _Combine(torch.autograd.Function):
         return _dispatch_rows([g], ctx.plan, ctx.counters, ["bwd_dispatch"])[0], None, None
 
 
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def dispatch(x, w, plan: DispatchPlan, fp8: bool = False, counters: CommCounters | None = None):
     """Differentiable dispatch of tokens x [N, d] and gate values w [N, k] along ``plan`` (the
-    plan's top-k ids travel with them: afterwards ``plan.recv_topk``)."""
+    plan's top-k ids travel with them: afterwards ``plan.recv_topk``). Without autograd (no input
+    needs a gradient) the same forward runs without building a graph node."""
     if fp8 and quantize_activation is None:
         raise RuntimeError("FP8 dispatch needs dsv3.fp8.quant, which could not be imported")
-    return _Dispatch.apply(x, w, plan, fp8, counters)
+    if _needs_grad(x, w):
+        return _Dispatch.apply(x, w, plan, fp8, counters)
+    return _dispatch_forward(x, w, plan, fp8, counters)
 
 
 def combine(y, plan: DispatchPlan, counters: CommCounters | None = None):
     """Differentiable combine of received rows' outputs y [M, d] back to token order [N, d]."""
     if not plan.complete or plan.recv_topk is None:
         raise RuntimeError("combine: dispatch along this plan first")
-    return _Combine.apply(y, plan, counters)
+    if _needs_grad(y):
+        return _Combine.apply(y, plan, counters)
+    return _combine_rows([y], plan, counters, ["combine"])[0]
 
 
 # ----------------------------------------------------------------------------------------- placement
