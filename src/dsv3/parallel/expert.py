@@ -18,7 +18,8 @@ Paths:
 - flat: one ``all_to_all_single`` over the EP group, one copy per (token, target rank).
 - two-hop (report §3.2.2): hop 1 over the inter-node group sends one copy per (token, target node)
   to the rank with the same in-node index there; hop 2 over the intra-node group forwards it to
-  the ranks of that node holding its experts. Combine runs hop 2 back (the forwarding rank sums
+  the ranks of that node holding its experts (read from per-node visit bits the origin packs into
+  the row, so the forwarder only gathers rows between the two hops). Combine runs hop 2 back (the forwarding rank sums
   its node's partial outputs) and then hop 1 back, so every (token, node) pair crosses nodes once
   each way.
 
@@ -204,6 +205,7 @@ class DispatchPlan:
         self.recv_topk: torch.Tensor | None = None
         self._counts, self._work = counts, work
         self._hop2_recv: list[int] | None = None
+        self.node_bits: torch.Tensor | None = None   # two-hop: int32 [N, nodes], bit l = visits in-node rank l
 
     def wait(self) -> None:
         """Finish the count exchange: receive splits of hop 1 (and hop 2's, for later)."""
@@ -224,14 +226,14 @@ class DispatchPlan:
     def complete(self) -> bool:
         return len(self.hops) == (2 if self.two_hop else 1)
 
-    def _build_hop2(self, fwd_topk: torch.Tensor) -> None:
-        """On the forwarding rank: which ranks of this node each row received in hop 1 visits."""
+    def _build_hop2(self, fwd_node_bits: torch.Tensor) -> None:
+        """On the forwarding rank: which ranks of this node each row received in hop 1 visits, read
+        from the bits its origin computed (``node_bits``): no routing arithmetic between the hops."""
         comm, g = self.comm, self.comm.ranks_per_node
-        rank_of = fwd_topk.long() // self.experts_per_rank
-        here = (fwd_topk >= 0) & (rank_of // g == comm.node)
-        in_local = _visit_mask(torch.where(here, rank_of % g, g), g)
+        bits = fwd_node_bits[:, comm.node].unsqueeze(1)                     # [m, 1]
+        in_local = (bits >> torch.arange(g, dtype=bits.dtype, device=bits.device)) & 1   # [m, G] 0/1
         _, rows = in_local.t().nonzero(as_tuple=True)                      # rank-major, row order
-        self.hops.append(Hop("intra", rows, in_local.sum(0).tolist(), self._hop2_recv, fwd_topk.shape[0],
+        self.hops.append(Hop("intra", rows, in_local.sum(0).tolist(), self._hop2_recv, fwd_node_bits.shape[0],
                              comm.local, g, comm.intra))
 
 
@@ -269,7 +271,14 @@ def plan_dispatch(topk_idx: torch.Tensor, num_experts: int, comm: EPComm, two_ho
         hop = Hop("inter", rows, to_node.tolist(), None, n, comm.node, G, comm.inter)
     if counters is not None:
         counters.add_visits(layout.nodes_per_token, comm.num_nodes)
-    return DispatchPlan(layout, [hop], topk_idx.to(torch.int32), comm, num_experts // R, two_hop, recv, work)
+    plan = DispatchPlan(layout, [hop], topk_idx.to(torch.int32), comm, num_experts // R, two_hop, recv, work)
+    if two_hop:   # which in-node ranks each token visits, per node: the forwarders' hop-2 routing
+        if G > 62:
+            raise ValueError(f"two-hop dispatch supports up to 62 ranks per node, got {G}")
+        weights = 1 << torch.arange(G, device=topk_idx.device)
+        in_rank = layout.is_token_in_rank.reshape(n, comm.num_nodes, G)
+        plan.node_bits = (in_rank * weights).sum(-1).to(torch.int32 if G <= 31 else torch.int64)
+    return plan
 
 
 # ----------------------------------------------------------------------------------------- dispatch / combine
@@ -332,14 +341,14 @@ def _a2a(buf: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Te
 def _dispatch_rows(tensors, plan: DispatchPlan, counters, phases):
     """Forward every tensor's rows along the plan's hops: per hop one row gather into a packed
     send buffer and one all-to-all (a forwarding rank re-gathers the packed rows it received).
-    When the plan's second hop is not built yet (forward dispatch, two-hop), ``tensors[0]`` are the
-    top-k ids it is built from."""
+    When the plan's second hop is not built yet (forward dispatch, two-hop), ``tensors[-1]`` are the
+    plan's ``node_bits`` it is built from."""
     specs, width = _row_spec(tensors)
     buf = None
     i = 0
     while i < len(plan.hops) or not plan.complete:
         if i == len(plan.hops):
-            plan._build_hop2(_unpack(buf, specs[:1])[0])
+            plan._build_hop2(_unpack(buf, specs[-1:])[0])
         hop = plan.hops[i]
         buf = _gather(tensors, specs, width, hop.index) if buf is None else buf.index_select(0, hop.index)
         if hop.recv_splits is None:
@@ -394,14 +403,17 @@ def _dequantize(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.T
 
 
 def _dispatch_forward(x, w, plan: DispatchPlan, fp8: bool, counters):
+    meta, phases = [plan.topk_idx, w], ["dispatch_meta", "dispatch_meta"]
+    route = [plan.node_bits] if plan.node_bits is not None and not plan.complete else []
     if fp8:
         q, s = quantize_activation(x)
-        ids_r, w_r, s_r, q_r = _dispatch_rows([plan.topk_idx, w, s, q.view(torch.uint8)], plan, counters,
-                                              ["dispatch_meta", "dispatch_meta", "dispatch", "dispatch"])
+        out = _dispatch_rows(meta + [s, q.view(torch.uint8)] + route, plan, counters,
+                             phases + ["dispatch", "dispatch"] + ["dispatch_meta"] * len(route))
+        ids_r, w_r, s_r, q_r = out[:4]
         x_r = _dequantize(q_r, s_r, x.dtype)
     else:
-        ids_r, w_r, x_r = _dispatch_rows([plan.topk_idx, w, x], plan, counters,
-                                         ["dispatch_meta", "dispatch_meta", "dispatch"])
+        out = _dispatch_rows(meta + [x] + route, plan, counters, phases + ["dispatch"] + ["dispatch_meta"] * len(route))
+        ids_r, w_r, x_r = out[:3]
     plan.recv_topk = ids_r
     return x_r, w_r
 
