@@ -345,7 +345,8 @@ async def _one(client, base: str, model_id: str, prompt: str, max_tokens: int) -
     t1 = time.perf_counter()
     return {"start": t0, "end": t1, "ttft": (times[0] - t0) if times else None,
             "gaps": [b - a for a, b in zip(times, times[1:])], "text": "".join(pieces),
-            "chunks": len(times), "usage_tokens": (usage or {}).get("completion_tokens"), "finish": finish}
+            "chunks": len(times), "usage_tokens": (usage or {}).get("completion_tokens"),
+            "prompt_tokens": (usage or {}).get("prompt_tokens"), "finish": finish}
 
 
 async def _drive(base: str, model_id: str, prompts: list[str], concurrency: int, max_tokens: int) -> dict:
@@ -467,6 +468,8 @@ def summarise(runs: list[dict], count_tokens) -> dict:
             "tpot_ms_p50": ms(_pct(tpot, .5)),
             "output_tokens_per_request_mean": round(statistics.mean(ntok), 2) if ntok else 0,
             "stream_chunks_per_request_mean": round(statistics.mean(chunks), 2) if chunks else 0,
+            "prompt_tokens_per_request_mean": (round(statistics.mean(pt), 2) if (pt := [
+                r["prompt_tokens"] for run in runs for r in run["requests"] if r.get("prompt_tokens") is not None]) else None),
             "server_cpu_ms_per_token": round(statistics.median(cpu), 2),
             "tokens_counted_by": "usage.completion_tokens" if use_usage else "re-tokenising the output text",
             "requests": sum(len(r["requests"]) for r in runs)}
@@ -503,7 +506,15 @@ def main() -> None:
     ap.add_argument("--setup-only", action="store_true", help="install vLLM into the workdir and exit")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 round, concurrency 1 and 8, 8 prompts")
     ap.add_argument("--out", default=str(ROOT / "results"))
+    ap.add_argument("--render", metavar="JSON", help="only write the .md and .png again from a results JSON")
     args = ap.parse_args()
+    if args.render:
+        r = json.loads(Path(args.render).read_text())
+        stem = Path(args.render).with_suffix("")
+        stem.with_suffix(".md").write_text(markdown(r))
+        chart(r, stem.with_suffix(".png"))
+        print(stem.with_suffix(".md").read_text())
+        return
     if args.quick:
         args.rounds, args.concurrency, args.prompts = 1, [1, 8], 8
     args.max_batch = args.max_batch or max(args.concurrency)
@@ -543,8 +554,9 @@ def main() -> None:
     starts = {s: [] for s in servers}
     texts = {s: {} for s in servers}                  # (concurrency, round) → list of texts
     load_before = os.getloadavg()
-    git = lambda *a: subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()  # noqa: E731
-    source = {"commit": git("rev-parse", "HEAD"), "uncommitted_in_src_at_start": git("status", "--porcelain", "src").splitlines()}
+    git = lambda *a: subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout  # noqa: E731
+    source = {"commit": git("rev-parse", "HEAD").strip(),
+              "uncommitted_in_src_at_start": git("status", "--porcelain", "src").splitlines()}
     t_bench = time.time()
     for rnd in range(args.rounds):
         order = ["dsv3", "vllm"] if rnd % 2 == 0 else ["vllm", "dsv3"]
@@ -582,7 +594,8 @@ def main() -> None:
         per_c[c] = {"dsv3": d, "vllm": v, "identical_outputs": agree["identical"],
                     "common_prefix_share": agree["common_prefix_share"],
                     "ratio_dsv3_over_vllm": {k: ratio(k) for k in
-                                             ("tokens_per_s", "ttft_ms_p50", "ttft_ms_p95", "itl_ms_p50", "itl_ms_p95")}}
+                                             ("tokens_per_s", "ttft_ms_p50", "ttft_ms_p95", "itl_ms_p50", "itl_ms_p95",
+                                              "server_cpu_ms_per_token")}}
     mem = {s: {"peak_rss_mb": max(x["peak_rss_mb"] for x in starts[s]),
                "peak_pss_mb": max(x["peak_pss_mb"] for x in starts[s]),
                "startup_s_median": round(statistics.median(x["startup_s"] for x in starts[s]), 2)} for s in servers}
@@ -687,6 +700,12 @@ def markdown(r: dict) -> str:
         f"| {m['vllm']['startup_s_median']:.1f} | {r['ratios']['startup']:.2f}× |",
         f"| processes | {max(x['processes'] for x in m['dsv3']['starts'])} | {max(x['processes'] for x in m['vllm']['starts'])} | |",
         "",
+        "Server CPU time per output token, dsv3 / vLLM: "
+        + ", ".join(f"{(x['dsv3']['server_cpu_ms_per_token'] / x['vllm']['server_cpu_ms_per_token']):.2f}× at {c}"
+                    for c, x in r["per_concurrency"].items())
+        + " (less sensitive than tok/s to other load on the machine: on a shared machine the scheduler shares "
+        "CPU by runnable thread, so tok/s also depends on how many threads each server keeps busy).",
+        "",
         f"Peak memory includes vLLM's preallocated KV cache (VLLM_CPU_KVCACHE_SPACE={s['vllm_env']['VLLM_CPU_KVCACHE_SPACE']} GiB).",
         "",
         f"Greedy outputs identical on both servers: {r['identical_outputs']:.1%} of prompts (all concurrencies and rounds); "
@@ -703,6 +722,9 @@ def markdown(r: dict) -> str:
         + f"With the first {r['identical_outputs_token_id_prompts']['n']} prompts sent as token ids (the exported "
         "tokenizer's encoding, BOS included) instead of text, identical outputs: "
         f"{r['identical_outputs_token_id_prompts']['identical']:.1%}. "
+        + (f"Prompt tokens per request as each server counts them (usage.prompt_tokens): dsv3 "
+           f"{c0['dsv3']['prompt_tokens_per_request_mean']}, vLLM {c0['vllm']['prompt_tokens_per_request_mean']}. "
+           if c0["dsv3"].get("prompt_tokens_per_request_mean") is not None else "")
         + "tok/s is the median over rounds "
         "(all output tokens / wall time of the round); TTFT, ITL (the gap between streamed pieces of text as the client "
         "receives them; pieces that arrive together give gaps near 0) and TPOT ((end − first token) / (tokens − 1) per "
@@ -737,7 +759,8 @@ def chart(r: dict, path: Path) -> None:
         ax.grid(alpha=.3)
         ax.legend(fontsize=8)
     b.set_yscale("log")
-    fig.suptitle(f"dsv3 serve vs vLLM (CPU, fp32, {r['machine']['cpus']} cores): {Path(r['setup']['model']).name}")
+    model = Path(r["setup"]["model"])
+    fig.suptitle(f"dsv3 serve vs vLLM (CPU, fp32, {r['machine']['cpus']} cores): {model.parent.name}/{model.name}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
