@@ -25,8 +25,9 @@ name). It serves a copy of the model directory under the workdir (the original i
     .venv/bin/python benchmarks/serve_vs_vllm.py [--model runs/tiny/final] [--workdir benchmarks/work]
         [--concurrency 1 8 32] [--rounds 3] [--prompts 64] [--max-tokens 64] [--threads 2] [--quick]
 
-``--quick``: a smoke run (1 round, concurrency 1 and 8, 8 prompts). Writes
-benchmarks/results/serve_vs_vllm.{json,md,png} (``--out`` elsewhere; --quick writes *_quick.*).
+``--quick``: a smoke run (1 round, concurrency 1 and 8, 8 prompts), written to the workdir as
+serve_vs_vllm_quick.*. Otherwise writes benchmarks/results/serve_vs_vllm.{json,md,png} (``--out`` elsewhere);
+``--render JSON`` writes the .md and .png again from a results JSON.
 """
 
 from __future__ import annotations
@@ -505,7 +506,7 @@ def main() -> None:
                     help="also compare both servers' greedy texts with transformers' (if installed)")
     ap.add_argument("--setup-only", action="store_true", help="install vLLM into the workdir and exit")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 round, concurrency 1 and 8, 8 prompts")
-    ap.add_argument("--out", default=str(ROOT / "results"))
+    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results; --quick: the workdir)")
     ap.add_argument("--render", metavar="JSON", help="only write the .md and .png again from a results JSON")
     args = ap.parse_args()
     if args.render:
@@ -654,7 +655,7 @@ def main() -> None:
         "prompts": prompts,
         "outputs_round1": {s: {str(c): texts[s][(c, 0)] for c in args.concurrency} for s in servers},
     }
-    out = Path(args.out)
+    out = Path(args.out or (workdir if args.quick else ROOT / "results"))
     out.mkdir(parents=True, exist_ok=True)
     stem = "serve_vs_vllm_quick" if args.quick else "serve_vs_vllm"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
