@@ -319,8 +319,8 @@ def _gather(tensors, specs, width: int, index: torch.Tensor) -> torch.Tensor:
     if len(tensors) == 1:
         return _pack(tensors, specs, width).index_select(0, index)
     buf = torch.empty(index.numel(), width, dtype=torch.uint8, device=index.device)
-    for t, (off, nb, dtype, _) in zip(tensors, specs):
-        src = t.reshape(t.shape[0], nb // t.element_size())
+    for t, (off, nb, dtype, tail) in zip(tensors, specs):
+        src = t if len(tail) == 1 else t.reshape(t.shape[0], nb // t.element_size())
         torch.index_select(src, 0, index, out=buf[:, off:off + nb].view(dtype))
     return buf
 
@@ -403,17 +403,23 @@ def _dequantize(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.T
 
 
 def _dispatch_forward(x, w, plan: DispatchPlan, fp8: bool, counters):
-    meta, phases = [plan.topk_idx, w], ["dispatch_meta", "dispatch_meta"]
+    ids, k = plan.topk_idx, plan.topk_idx.shape[1]
+    fused = w.dim() == 2 and w.element_size() == 4 and w.shape[1] == k
+    meta = [torch.cat([ids.view(w.dtype), w], 1)] if fused else [ids, w]    # one gather for both
     route = [plan.node_bits] if plan.node_bits is not None and not plan.complete else []
+    phases = ["dispatch_meta"] * len(meta)
     if fp8:
         q, s = quantize_activation(x)
         out = _dispatch_rows(meta + [s, q.view(torch.uint8)] + route, plan, counters,
                              phases + ["dispatch", "dispatch"] + ["dispatch_meta"] * len(route))
-        ids_r, w_r, s_r, q_r = out[:4]
-        x_r = _dequantize(q_r, s_r, x.dtype)
+        x_r = _dequantize(out[len(meta) + 1], out[len(meta)], x.dtype)
     else:
         out = _dispatch_rows(meta + [x] + route, plan, counters, phases + ["dispatch"] + ["dispatch_meta"] * len(route))
-        ids_r, w_r, x_r = out[:3]
+        x_r = out[len(meta)]
+    if fused:
+        ids_r, w_r = out[0][:, :k].view(torch.int32), out[0][:, k:]
+    else:
+        ids_r, w_r = out[0], out[1]
     plan.recv_topk = ids_r
     return x_r, w_r
 
