@@ -192,9 +192,10 @@ class DispatchPlan:
 
     :func:`plan_dispatch` computes the layout and the first hop and starts the layer's only count
     exchange (asynchronous, over the EP group; it completes while the payload is being packed).
-    On the two-hop path the second hop's rows depend on the top-k ids that arrive with hop 1, so the
-    forward dispatch builds it (its receive counts come from the same count exchange). After the
-    forward dispatch, ``recv_topk`` holds the physical top-k ids (int32) of the rows this rank received.
+    On the two-hop path the second hop's rows depend on the rows that arrive with hop 1 (their
+    per-node visit bits, ``node_bits``), so the forward dispatch builds it; its receive counts come
+    from the same count exchange. After the forward dispatch, ``recv_topk`` holds the physical top-k
+    ids (int32) of the rows this rank received.
     """
 
     def __init__(self, layout: DispatchLayout, hops: list[Hop], topk_idx: torch.Tensor, comm: EPComm,
