@@ -162,10 +162,10 @@ class PagedView:
         self.read_idx = self.table.gather(1, s // bs) * bs + s % bs                    # [B, end] flat slots
         pos = self.start[:, None] + torch.arange(T, device=dev)                        # [B, T]
         valid = torch.arange(T, device=dev)[None, :] < n[:, None]
-        self.all_valid = bool(valid.all())
         pos = pos.clamp(max=self.end - 1)
         slots = self.read_idx.gather(1, pos)                                           # [B, T]
-        self.write_idx = slots[valid]                                                  # [N valid]
+        self.all_valid = min(lengths) == T                                             # decode: no padding
+        self.write_idx = slots.reshape(-1) if self.all_valid else slots[valid]         # [N valid]
         self.valid = valid
         self.T = T
 

@@ -132,7 +132,7 @@ class MLA(nn.Module):
         if cache is not None:
             if getattr(cache, "uses_kernel", False) and self.use_absorbed(T, cache.end):
                 cache.write(self.layer_idx, c_kv, k_pe)        # a paged cache on GPU: the kernel reads the blocks
-                q_lat = torch.einsum("bthn,hnr->bthr", q_nope, self._w_uk_uv(q_nope.dtype)[0])
+                q_lat = self._absorb_query(q_nope).transpose(1, 2)                # [B, T, H, r]
                 o_lat = cache.attend(self.layer_idx, q_lat, q_pe, self.scale)
                 return self._absorbed_output(o_lat.transpose(1, 2))
             c_kv, k_pe = cache.update(self.layer_idx, start_pos, c_kv, k_pe)
@@ -167,7 +167,7 @@ class MLA(nn.Module):
         c_kv [B, S, r], k_pe [B, S, rope] → [B, T, H·v]."""
         S = c_kv.shape[1]
         T = q_nope.shape[1]
-        q_lat = torch.einsum("bthn,hnr->bhtr", q_nope, self._w_uk_uv(q_nope.dtype)[0])  # [B, H, T, r]
+        q_lat = self._absorb_query(q_nope)                                             # [B, H, T, r]
         score = torch.matmul(q_lat, c_kv.unsqueeze(1).transpose(-1, -2))              # [B, H, T, S]
         score = score + torch.matmul(q_pe.transpose(1, 2), k_pe.unsqueeze(1).transpose(-1, -2))
         score = score.to(torch.promote_types(score.dtype, torch.float32)) * self.scale    # softmax in ≥ fp32
@@ -181,11 +181,18 @@ class MLA(nn.Module):
         w = self.kv_b_proj.weight.to(dtype).view(self.h, self.nope + self.vdim, self.kv_rank)
         return w[:, : self.nope], w[:, self.nope:]
 
+    def _absorb_query(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """q_nope [B, T, H, nope] → q_nope · W_uk [B, H, T, r] (one batched matmul over the heads)."""
+        B, T = q_nope.shape[:2]
+        q = q_nope.permute(2, 0, 1, 3).reshape(self.h, B * T, self.nope)                # [H, B·T, nope]
+        return torch.bmm(q, self._w_uk_uv(q_nope.dtype)[0]).view(self.h, B, T, -1).transpose(0, 1)
+
     def _absorbed_output(self, o_lat: torch.Tensor) -> torch.Tensor:
         """o_lat [B, H, T, r] → [B, T, H·v] through W_uv."""
         B, _, T, _ = o_lat.shape
-        o = torch.einsum("bhtr,hvr->bthv", o_lat, self._w_uk_uv(o_lat.dtype)[1])      # [B, T, H, v]
-        return o.reshape(B, T, self.h * self.vdim)
+        o = o_lat.transpose(0, 1).reshape(self.h, B * T, self.kv_rank)                  # [H, B·T, r]
+        o = torch.bmm(o, self._w_uk_uv(o_lat.dtype)[1].transpose(1, 2))                # [H, B·T, v]
+        return o.view(self.h, B, T, self.vdim).permute(1, 2, 0, 3).reshape(B, T, self.h * self.vdim)
 
 
 def _chunk_mask(start_pos, T: int, S: int, device) -> torch.Tensor:
