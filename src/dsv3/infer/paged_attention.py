@@ -48,6 +48,8 @@ import warnings
 import torch
 from torch import Tensor
 
+from ..fp8.gemm import triton_available  # noqa: F401 — one check that triton imports
+
 BACKENDS = ("auto", "torch", "triton")
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -210,16 +212,6 @@ def _paged_mla_combine(part_ptr, lse_ptr, o_ptr, M, R, splits,
                    mask=s_ok[:, None] & (offs_r < R)[None, :], other=0.0)
     o = tl.sum(part * w[:, None], 0) / tl.sum(w, 0)
     tl.store(o_ptr + b * s_ob + m * s_om + offs_r, o.to(o_ptr.dtype.element_ty), mask=offs_r < R)
-
-
-@functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:  # noqa: BLE001
-        return False
-    return True
 
 
 def _interpreting() -> bool:
