@@ -230,6 +230,8 @@ def _markdown(res: dict) -> str:
             lines += [f"Machine load at the start (1/5/15-min load average on {t.get('cpus')} CPUs): "
                       f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} — gloo latency on a loaded machine is noisy.",
                       ""]
+        lines += ["Targets (issue #16): dispatch+combine ≤ 1.5× bare for flat float32, ≤ 2× for two-hop. "
+                  "`ep_dispatch.before.md` is the previous implementation timed by this benchmark.", ""]
     b = res["bytes"]
     ep = b["nodes"] * b["gpus_per_node"]
     lines += [f"## Inter-node traffic per token: {b['experts']} experts top-{b['top_k']}, EP{ep} "
