@@ -285,8 +285,12 @@ def dsv3_server(args, model: Path, log: Path) -> Server:
         "serve", "--model", str(model), "--host", "127.0.0.1", "--port", str(port)]
     if args._dsv3_has_max_batch:
         cmd += ["--max-batch", str(args.max_batch)]
+    env = dict(os.environ)
+    if args.threads is not None:
+        if args._dsv3_has_threads:
+            cmd += ["--threads", str(args.threads)]
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     cmd += args.dsv3_arg
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     return Server("dsv3", cmd, env, log, port, args.startup_timeout)
 
 
@@ -486,8 +490,9 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=64, help="length of each prompt window")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2,
-                    help="dsv3's torch threads (OMP_NUM_THREADS); vLLM's are set by --vllm-threads-bind")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads of dsv3's engine (dsv3 serve --threads, and OMP_NUM_THREADS); default: "
+                         "dsv3 serve's own (all cores but one, as vLLM's 'auto' binding); vLLM's: --vllm-threads-bind")
     ap.add_argument("--max-batch", type=int, default=None,
                     help="requests decoded together (dsv3 --max-batch, vLLM --max-num-seqs); default max concurrency")
     ap.add_argument("--max-model-len", type=int, default=None, help="vLLM --max-model-len (default: the model's)")
@@ -539,6 +544,14 @@ def main() -> None:
     help_text = subprocess.run([sys.executable, "-m", "dsv3.cli", "serve", "--help"],
                                capture_output=True, text=True).stdout
     args._dsv3_has_max_batch = "--max-batch" in help_text
+    args._dsv3_has_threads = "--threads" in help_text
+    if args.threads is not None:
+        dsv3_threads = f"dsv3 serve --threads {args.threads}" if args._dsv3_has_threads else f"OMP_NUM_THREADS={args.threads}"
+    elif args._dsv3_has_threads:
+        dsv3_threads = (f"dsv3 serve's default (engine process: all cores but one = "
+                        f"{max(1, len(os.sched_getaffinity(0)) - 1)} torch thread(s))")
+    else:
+        dsv3_threads = f"torch's default ({os.cpu_count()} threads)"
 
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(str(model / "tokenizer.json"))
@@ -631,14 +644,16 @@ def main() -> None:
         "setup": {"model": str(model), "model_for_vllm": str(vmodel), "prompts": prompt_source,
                   "max_tokens": args.max_tokens, "temperature": 0, "rounds": args.rounds,
                   "concurrency": args.concurrency, "max_batch": args.max_batch, "dtype": "float32",
-                  "threads": {"dsv3": f"OMP_NUM_THREADS={args.threads}",
+                  "threads": {"dsv3": dsv3_threads,
                               "vllm": f"VLLM_CPU_OMP_THREADS_BIND={args.vllm_threads_bind}"
                                       + (" LD_PRELOAD=libiomp5.so" if args.vllm_iomp else "")
                                       + f" (model worker bound to CPUs {vllm_bind(workdir)})"},
                   "vllm_env": {"VLLM_MLA_DISABLE": "1", "VLLM_CPU_KVCACHE_SPACE": args.vllm_kv_gb},
                   "vllm_args": ["--dtype", "float32", "--max-num-seqs", str(args.max_batch),
                                 "--max-model-len", str(args.max_model_len), *args.vllm_arg],
-                  "dsv3_args": (["--max-batch", str(args.max_batch)] if args._dsv3_has_max_batch else []) + args.dsv3_arg,
+                  "dsv3_args": ((["--max-batch", str(args.max_batch)] if args._dsv3_has_max_batch else [])
+                                + (["--threads", str(args.threads)] if args.threads is not None and args._dsv3_has_threads else [])
+                                + args.dsv3_arg),
                   "vllm_install": install,
                   "vllm_version": subprocess.run([str(vllm_py), "-c", "import vllm; print(vllm.__version__)"],
                                                  capture_output=True, text=True).stdout.strip()},
