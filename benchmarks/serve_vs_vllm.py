@@ -688,7 +688,7 @@ def markdown(r: dict) -> str:
         f"Model `{s['model']}` (fp32 on both), vLLM {s['vllm_version']} serving a copy of it. "
         f"{s['prompts']}; {s['max_tokens']} greedy tokens each (temperature 0), `stream: true`, "
         f"{s['rounds']} round(s) per server, servers started alternately and never together. "
-        f"Threads: dsv3 {s['threads']['dsv3']}; vLLM {s['threads']['vllm']}; "
+        f"Threads: dsv3: {s['threads']['dsv3']}; vLLM: {s['threads']['vllm']}; "
         f"max batch {s['max_batch']} on both. Machine: {r['machine']['cpus']} CPUs, "
         f"load average before/after {r['machine']['loadavg_before'][0]:.2f}/{r['machine']['loadavg_after'][0]:.2f}.", "",
         "| concurrency | tok/s dsv3 | tok/s vLLM | ratio | TTFT p50 ms dsv3 / vLLM | TTFT p95 ms dsv3 / vLLM | ratio p95 "
