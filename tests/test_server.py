@@ -527,7 +527,7 @@ def test_closed_streams_free_their_slots(served):
     t0 = time.time()
     assert wait_idle(served) - t0 < 2.0
     with pytest.raises(httpx.ReadTimeout):                         # a whole request whose client gives up
-        served.post("/v1/completions", {"prompt": "x", "max_tokens": 100, "logit_bias": {"1": -100}}, timeout=0.5)
+        served.post("/v1/completions", {"prompt": "x", "max_tokens": 120, "logit_bias": {"1": -100}}, timeout=0.1)
     t0 = time.time()
     assert wait_idle(served) - t0 < 2.0
     metrics = served.http.get("/metrics").text

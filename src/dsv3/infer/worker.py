@@ -117,7 +117,9 @@ class EngineWorker:
                 msg = self._conn.recv()
                 if msg[0] == "closed":
                     break
-                _, deltas, self._stats = msg
+                _, deltas, stats = msg
+                if stats is not None:
+                    self._stats = stats
                 for d in deltas:
                     self._apply(*d)
         except (EOFError, OSError):
@@ -209,6 +211,8 @@ class _EngineLoop:
         self.reqs: dict[int, Request] = {}               # by the caller's id
         self.sent: dict[int, tuple[int, int, int]] = {}  # tokens, logprobs, prompt logprobs sent
         self.deadline: float | None = None               # closing: abort what is left at this time
+        self.stats_sent = 0.0                            # when the engine's counters were last sent
+        self.shape_sent = (0, 0)                         # (running, waiting) they said
 
     def run(self) -> None:
         engine = self.engine
@@ -268,4 +272,10 @@ class _EngineLoop:
                 self.sent[rid] = (len(req.output), len(req.output_logprobs), len(req.prompt_logprobs_out))
             if req.done:
                 del self.reqs[rid], self.sent[rid]
-        self.conn.send(("step", deltas, self.engine.stats()))
+        now, engine = time.monotonic(), self.engine
+        shape = (len(engine.running), len(engine.waiting))
+        stats = None              # the counters: when who runs changes, else at most 20 times a second
+        if shape != self.shape_sent or now - self.stats_sent >= 0.05 or engine.idle:
+            stats, self.stats_sent, self.shape_sent = engine.stats(), now, shape
+        if deltas or stats is not None:
+            self.conn.send(("step", deltas, stats))
