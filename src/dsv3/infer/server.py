@@ -292,6 +292,12 @@ def stream_response(st: ServerState, gens: list, queue: asyncio.Queue, request, 
 
 
 # --------------------------------------------------------------------------------------- endpoints
+def usage_chunk(include: bool, cid: str, obj: str, created: int, model: str, usage) -> list:
+    """The last streamed chunk with ``stream_options.include_usage``: no choices, the usage."""
+    return [{"id": cid, "object": obj, "created": created, "model": model, "choices": [], "usage": usage()}] \
+        if include else []
+
+
 async def completions(st: ServerState, request):
     """``POST /v1/completions``."""
     from .generation_stream import GenerationStream
@@ -366,10 +372,7 @@ async def completions(st: ServerState, request):
             return out
 
         def tail():
-            if not include_usage:
-                return []
-            return [{"id": cid, "object": "text_completion", "created": created, "model": st.model_name,
-                     "choices": [], "usage": the_usage()}]
+            return usage_chunk(include_usage, cid, "text_completion", created, st.model_name, the_usage)
 
         return stream_response(st, gens, queue, request, head, chunks, tail)
 
@@ -456,10 +459,7 @@ async def chat_completions(st: ServerState, request):
             return out
 
         def tail():
-            if not include_usage:
-                return []
-            return [{"id": cid, "object": "chat.completion.chunk", "created": created, "model": st.model_name,
-                     "choices": [], "usage": the_usage()}]
+            return usage_chunk(include_usage, cid, "chat.completion.chunk", created, st.model_name, the_usage)
 
         return stream_response(st, gens, queue, request, head, chunks, tail)
 
