@@ -57,7 +57,7 @@ def _worker(rank, world, store, configs, q):
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=600))
         from dsv3.parallel.pipeline.stages import PipelineParallel, materialized_bytes
-        from dsv3.train.trainer import token_loss
+        from dsv3.train.losses import token_loss
 
         out = []
         for cname in configs:

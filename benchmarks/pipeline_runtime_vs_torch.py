@@ -88,7 +88,7 @@ def _worker(rank, world, store, args, q):
         from torch.distributed.pipelining import PipelineStage, ScheduleDualPipeV, ScheduleZBVZeroBubble
 
         from dsv3.parallel.pipeline.stages import PipelineParallel, split_layers
-        from dsv3.train.trainer import token_loss
+        from dsv3.train.losses import token_loss
 
         cfg = _config(args)
         M, b = args.microbatches, args.mb_size
@@ -160,7 +160,7 @@ def _worker(rank, world, store, args, q):
 def _split_overhead(args) -> dict:
     """In one process: median time of F+B against F+I+W on one middle chunk (our split backward)."""
     from dsv3.parallel.pipeline.stages import ModelStage, split_layers
-    from dsv3.train.trainer import token_loss
+    from dsv3.train.losses import token_loss
 
     torch.set_num_threads(args.threads)
     cfg = _config(args)

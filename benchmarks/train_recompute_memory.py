@@ -18,7 +18,7 @@ import platform
 import torch
 
 import dsv3
-from dsv3.train.trainer import compute_loss
+from dsv3.train.losses import compute_loss
 
 
 def saved_bytes(model, inputs, targets) -> tuple[int, torch.Tensor, list]:

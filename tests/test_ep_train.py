@@ -116,8 +116,8 @@ def test_one_process_checkpoint_resumes_under_ep(tmp_path, data_dir, reference):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--ep", "2"], "--ep 2 must divide the number of processes (1)"),
-    (["--ep", "2", "--pp", "2"], "--pp > 1 is not supported"),
+    (["--ep", "2"], "--ep 2 must divide the data-parallel ranks of a stage (1 = 1 processes / --pp 1)"),
+    (["--ep", "2", "--pp", "2"], "--pp 2 must divide the number of processes (1)"),
     (["--two-hop"], "need --ep > 1"),
     (["--ep", "3"], "must divide the model's routed experts"),
 ])

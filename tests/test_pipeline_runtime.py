@@ -73,9 +73,9 @@ def _init(rank, world, store, timeout=60):
 
 def _pipe(model, name, pp, M, b, timeout=60):
     from dsv3.parallel.pipeline.stages import PipelineParallel
-    from dsv3.train.trainer import routing_balance_loss, token_loss
+    from dsv3.train.losses import eval_sums, routing_balance_loss, token_loss
 
-    return PipelineParallel(model, name, pp, M, local_batch=M * b, timeout=timeout,
+    return PipelineParallel(model, name, pp, M, local_batch=M * b, timeout=timeout, eval_fn=eval_sums,
                             loss_fn=functools.partial(token_loss, mtp_lambda=LAM),
                             balance_fn=functools.partial(routing_balance_loss, balance_alpha=ALPHA))
 
@@ -85,7 +85,7 @@ def _reference(inputs, targets, M):
     mb, (model and optimizer state dicts after one AdamW step on those gradients), (cross-entropy sum,
     tokens, expert loads) of an evaluation of the first 3 rows)."""
     from dsv3.train.optim import AdamW, param_groups
-    from dsv3.train.trainer import compute_loss
+    from dsv3.train.losses import compute_loss
 
     model = _model()
     b = inputs.shape[0] // M
@@ -208,7 +208,7 @@ def _check_state(pipe, model, ref_grads, ref_state):
     opt.step()
     ref_sd, ref_osd = ref_state
 
-    def same(ms, osd):
+    def same(ms, osd, ema):
         if dist.get_rank() != 0:
             return ms == {} and osd["state"] == {}
         ok = ms.keys() == ref_sd.keys() and all(torch.equal(ms[k], ref_sd[k]) for k in ms)

@@ -53,8 +53,9 @@ def _is_expert(p: torch.Tensor) -> bool:
 def convert_to_expert_parallel(model: nn.Module, comm: EPComm, *, two_hop: bool = False,
                                fp8_dispatch: bool = False) -> list[ExpertParallelMoE]:
     """Replace every ``MoE`` of ``model`` (blocks and MTP blocks, i.e. ``model.moe_layers()``) in place by
-    an ``ExpertParallelMoE`` holding this rank's experts, weights copied from the full layer. Call it
-    before the FP8 conversion and before building the optimizer. Leaves the global RNG untouched."""
+    an ``ExpertParallelMoE`` holding this rank's experts, weights copied from the full layer (a layer on
+    the ``meta`` device — held by another pipeline rank — becomes a ``meta`` EP layer). Call it before
+    the FP8 conversion and before building the optimizer. Leaves the global RNG untouched."""
     if model.cfg.n_routed_experts % comm.size:
         raise ValueError(f"--ep {comm.size} must divide the number of routed experts "
                          f"({model.cfg.n_routed_experts})")
@@ -68,7 +69,8 @@ def convert_to_expert_parallel(model: nn.Module, comm: EPComm, *, two_hop: bool 
             ref = next(moe.parameters())
             ep = ExpertParallelMoE(model.cfg, comm, two_hop=two_hop, fp8_dispatch=fp8_dispatch)
             ep.to(device=ref.device)
-            ep.load_from(moe)                 # gate (with its bias), shared expert, this rank's experts
+            if not ref.is_meta:               # a layer another pipeline rank holds stays shapes only
+                ep.load_from(moe)             # gate (with its bias), shared expert, this rank's experts
             block.mlp = ep
             layers.append(ep)
     finally:
@@ -108,11 +110,12 @@ def slice_experts(moe: ExpertParallelMoE, full: torch.Tensor) -> torch.Tensor:
     return full[moe.local_logical.to(full.device)].clone()
 
 
-def full_state_dict(model: nn.Module, keep: bool = True) -> dict:
-    """``model.state_dict()`` with every EP layer's experts gathered to full [E, ...] tensors, i.e. the
-    state dict of the single-process model (collective over each EP group). ``keep=False``: take part in
-    the gathers but return the local state dict (a rank that does not save)."""
-    sd = model.state_dict()
+def full_state_dict(model: nn.Module, keep: bool = True, sd: dict | None = None) -> dict:
+    """``model.state_dict()`` (or ``sd``, a dict under the same keys, e.g. an EMA) with every EP layer's
+    experts gathered to full [E, ...] tensors, i.e. the state dict of the single-process model
+    (collective over each EP group). ``keep=False``: take part in the gathers but return the local
+    state dict (a rank that does not save)."""
+    sd = model.state_dict() if sd is None else dict(sd)
     for name, moe in expert_modules(model):
         for w in WEIGHTS:
             key = f"{name}.experts.{w}"
@@ -120,6 +123,15 @@ def full_state_dict(model: nn.Module, keep: bool = True) -> dict:
             if keep:
                 sd[key] = full
     return sd
+
+
+def local_view(model: nn.Module, key: str, full: torch.Tensor) -> torch.Tensor:
+    """This rank's part of the single-process tensor ``key``: its experts' rows for an expert weight,
+    ``full`` itself otherwise."""
+    for name, moe in expert_modules(model):
+        if key.startswith(name + ".experts."):
+            return slice_experts(moe, full)
+    return full
 
 
 def load_full_state_dict(model: nn.Module, sd: dict, strict: bool = True):
@@ -221,11 +233,12 @@ class ExpertParallelOptimizer:
                 ei = len(expert_groups)
                 expert_groups.append({**hyper, "params": e})
             self._layout.append((params, di, ei))
-        if not dense_groups or not expert_groups:
-            raise ValueError("ExpertParallelOptimizer needs both replicated and expert parameters")
+        if not dense_groups:
+            raise ValueError("ExpertParallelOptimizer needs replicated parameters")
         self.dense = ZeroRedundancyOptimizer(dense_groups, optimizer_class=optimizer_class,
                                              process_group=data_group, **kwargs)
-        self.experts = optimizer_class(expert_groups, **kwargs)
+        # a pipeline stage without MoE layers has no experts: an optimizer over nothing
+        self.experts = _NoParams() if not expert_groups else optimizer_class(expert_groups, **kwargs)
         self._dense_index = {id(p): i for i, p in enumerate(p for g in dense_groups for p in g["params"])}
         self._expert_index = {id(p): i for i, p in enumerate(p for g in expert_groups for p in g["params"])}
         self._consolidated: dict | None = None
@@ -233,6 +246,10 @@ class ExpertParallelOptimizer:
     @property
     def param_groups(self) -> list[dict]:
         return self.dense.param_groups + self.experts.param_groups
+
+    def param_lists(self) -> list[list]:
+        """The parameters of each group given at construction: the numbering of ``state_dict``."""
+        return [list(params) for params, _, _ in self._layout]
 
     def step(self, closure=None):
         self.dense.step()
@@ -250,7 +267,7 @@ class ExpertParallelOptimizer:
         """Collective: the full-model state dict on global rank ``to`` (dense shards gathered by ZeRO,
         expert moments all-gathered over each EP group)."""
         self.dense.consolidate_state_dict(to=to)
-        keep = dist.get_rank() == to if dist.is_initialized() else True
+        keep = self.dense.rank == to            # ``to`` is a rank of the data-parallel group, as for ZeRO
         local = self.experts.state_dict()
         expert_params = [p for g in self.experts.param_groups for p in g["params"]]
         gathered = {}
@@ -326,3 +343,20 @@ class ExpertParallelOptimizer:
                 e_groups.append({**hyper, "params": e_ids})
         self.dense.load_state_dict({"state": d_state, "param_groups": d_groups})
         self.experts.load_state_dict({"state": e_state, "param_groups": e_groups})
+
+
+class _NoParams:
+    """The expert half of :class:`ExpertParallelOptimizer` on a rank without experts."""
+    param_groups: list = []
+
+    def step(self) -> None:
+        pass
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"state": {}, "param_groups": []}
+
+    def load_state_dict(self, sd: dict) -> None:
+        pass

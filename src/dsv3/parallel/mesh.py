@@ -125,6 +125,15 @@ class MeshSpec:
     def group_of(self, kind: str, rank: int) -> list[int]:
         return next(g for g in self.groups(kind) if rank in g)
 
+    def stage_ranks(self, pp_ranks, ep_rank: int | None = None) -> list[int]:
+        """Global ranks of the pipeline ranks ``pp_ranks`` (all their data-parallel ranks, or only those
+        with expert-parallel rank ``ep_rank``): the ranks holding copies of one parameter — a pipeline
+        stage's tensor replicated over data parallelism, DualPipe's mirrored chunks, and for an expert
+        tensor the expert-data replicas."""
+        return sorted(pp * self.dp + e * self.ep + ep
+                      for pp in pp_ranks for e in range(self.edp)
+                      for ep in (range(self.ep) if ep_rank is None else (ep_rank,)))
+
     def describe(self) -> str:
         lines = [f"MeshSpec(world={self.world_size}, nodes={self.num_nodes}×{self.gpus_per_node}, "
                  f"pp={self.pp}, dp={self.dp}, ep={self.ep}, edp={self.edp})"]
@@ -179,6 +188,7 @@ class Mesh:
     coords: dict
     ranks: dict                                            # kind -> this rank's group (global ranks)
     handles: dict = field(default_factory=dict, repr=False)  # kind -> ProcessGroup
+    made: dict = field(default_factory=dict, repr=False)     # tuple(global ranks) -> ProcessGroup (or None)
 
     def __getattr__(self, name):
         # mesh.expert_group, mesh.data_group, … → the ProcessGroup handles
@@ -190,6 +200,30 @@ class Mesh:
     def expert_comm(self) -> EPComm:
         return EPComm(rank=self.coords["ep_rank"], size=self.spec.ep, ranks_per_node=self.spec.ep_ranks_per_node,
                       group=self.handles["expert"], intra=self.handles["ep_intra"], inter=self.handles["ep_inter"])
+
+    @property
+    def world_size(self) -> int:
+        return self.spec.world_size
+
+    def create_groups(self, rank_lists) -> None:
+        """Collective: a process group for every list of global ranks not made yet (every rank calls it
+        with the same lists in the same order). Lists of one rank get no group (``group`` gives None)."""
+        for members in rank_lists:
+            key = tuple(sorted(members))
+            if key in self.made:
+                continue
+            self.made[key] = dist.new_group(list(key)) if len(key) > 1 and self.spec.world_size > 1 else None
+
+    def group(self, ranks):
+        """The process group of exactly these global ranks (made by :func:`build_mesh` or
+        :meth:`create_groups`); None for a single rank."""
+        key = tuple(sorted(ranks))
+        if len(key) == 1:
+            return None
+        if key not in self.made:
+            raise KeyError(f"no process group for ranks {list(key)}: create it with Mesh.create_groups "
+                           f"on every rank first")
+        return self.made[key]
 
     @classmethod
     def from_env(cls, pp: int = 1, ep: int | None = None, gpus_per_node: int | None = None,
@@ -227,4 +261,5 @@ def build_mesh(spec: MeshSpec, rank: int) -> Mesh:
                     handles[kind] = made[key]
     else:
         handles = {kind: None for kind in KINDS}   # a world of one: no process group at all
-    return Mesh(spec, rank, coords, ranks, handles)
+        made = {}
+    return Mesh(spec, rank, coords, ranks, handles, {k: v for k, v in made.items() if len(k) > 1})

@@ -58,7 +58,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from ...model.layers import init_weights
@@ -292,12 +291,22 @@ class PipelineParallel:
     """
 
     def __init__(self, model, schedule: str, pp: int, microbatches: int | None, *, local_batch: int, loss_fn,
-                 balance_fn=None, autocast=None, device=None, timeout: float | None = 300.0):
-        world, rank = dist.get_world_size(), dist.get_rank()
-        if pp < 2 or world % pp:
-            raise ValueError(f"--pp {pp} must be at least 2 and divide the number of processes ({world})")
-        self.model, self.pp, self.dp = model, pp, world // pp
-        self.pp_rank, self.dp_rank = rank // self.dp, rank % self.dp
+                 balance_fn=None, autocast=None, device=None, timeout: float | None = 300.0, mesh=None,
+                 expert_options: dict | None = None, eval_fn=None):
+        from ..mesh import MeshSpec, build_mesh
+
+        if mesh is None:   # pipeline × data parallelism over the whole world, no expert parallelism
+            world = dist.get_world_size()
+            if pp < 2 or world % pp:
+                raise ValueError(f"--pp {pp} must be at least 2 and divide the number of processes ({world})")
+            mesh = build_mesh(MeshSpec(world, world, pp, ep=1), dist.get_rank())
+        spec = mesh.spec
+        if spec.pp != pp or pp < 2:
+            raise ValueError(f"--pp {pp}: the mesh has {spec.pp} pipeline ranks (at least 2 needed)")
+        self.model, self.mesh, self.pp, self.dp = model, mesh, pp, spec.dp
+        self.eval_fn = eval_fn
+        self.pp_rank, self.dp_rank = mesh.coords["pp_rank"], mesh.coords["dp_rank"]
+        self.ep_rank, self.edp_rank = mesh.coords["ep_rank"], mesh.coords["edp_rank"]
         name = schedule.lower()
         M = microbatches or default_microbatches(name, pp, local_batch)
         if local_batch % M:
@@ -311,19 +320,19 @@ class PipelineParallel:
         if self.device.type == "cuda":  # NCCL point-to-point runs on the current device
             torch.cuda.set_device(self.device)
         materialize(model, self._keeps, self.device)   # only this rank's stages get memory
-        self.ranks = [r * self.dp + self.dp_rank for r in range(pp)]
-        # process groups: every rank creates every group, in one order
-        groups: dict[tuple, object] = {}
-        wanted = [tuple(r * self.dp + d for r in range(pp)) for d in range(self.dp)]      # pipelines
-        wanted += [tuple(r * self.dp + d for d in range(self.dp)) for r in range(pp)]     # data parallel
-        for hs in sorted(set(self.holders.values())):
-            wanted.append(tuple(sorted(h * self.dp + d for h in hs for d in range(self.dp))))
-        for members in wanted:
-            if members not in groups:
-                groups[members] = dist.new_group(list(members)) if len(members) > 1 else None
-        self.pp_group = groups[tuple(self.ranks)]
-        self.dp_group = groups[tuple(self.pp_rank * self.dp + d for d in range(self.dp))]
-        self._groups = groups
+        # expert parallelism inside each stage: the held MoE layers keep this rank's experts
+        self.experts: dict = {}                         # state-dict key of an expert tensor -> its EP layer
+        if spec.ep > 1:
+            from ..ep_model import WEIGHTS, convert_to_expert_parallel, expert_modules
+
+            convert_to_expert_parallel(model, mesh.expert_comm(), **(expert_options or {}))
+            self.experts = {f"{n}.experts.{w}": m for n, m in expert_modules(model) for w in WEIGHTS}
+        self.ranks = mesh.ranks["pipeline"]
+        self.pp_group, self.dp_group = mesh.pipeline_group, mesh.data_group
+        # the groups of each parameter's copies (holders × data parallel; for experts, the expert-data
+        # replicas): every rank creates every one, in one order
+        sets = sorted(set(self.holders.values()))
+        mesh.create_groups([spec.stage_ranks(hs, e) for hs in sets for e in (None, *range(spec.ep))])
         act_dtype = model.embed_tokens.weight.dtype
         D, d = model.cfg.num_nextn_predict_layers, model.cfg.hidden_size
 
@@ -333,6 +342,11 @@ class PipelineParallel:
 
         self.runtime = PipelineRuntime(self.schedule, self.pp_rank, self.stages, recv_meta, ranks=self.ranks,
                                        device=self.device, timeout=timeout)
+
+    def _copies(self, key: str, p) -> list[int]:
+        """Global ranks holding a copy of parameter ``key`` (for an expert tensor: the same experts)."""
+        expert = getattr(p, "expert_parallel", False)
+        return self.mesh.spec.stage_ranks(self.holders[key], self.ep_rank if expert else None)
 
     @property
     def num_microbatches(self) -> int:
@@ -388,18 +402,20 @@ class PipelineParallel:
         return StepResult(parts, counts, norm, losses)
 
     def reduce_gradients(self) -> None:
-        """Sum gradients over each parameter's holders (copies) and average over data parallel."""
+        """Sum gradients over each parameter's copies (DualPipe's mirrored chunks, the MTP embedding
+        replica, the data-parallel replicas; for experts the expert-data replicas, whose gradients
+        already hold every token of their EP group) and divide by the data-parallel size."""
         by_set: dict[tuple, list] = {}
         for n, p in self.named_parameters():
-            by_set.setdefault(self.holders[n], []).append(p)
-        for hs in sorted(by_set):
-            members = tuple(sorted(h * self.dp + d for h in hs for d in range(self.dp)))
-            if len(members) == 1:
+            by_set.setdefault(tuple(self._copies(n, p)), []).append(p)
+        for members in sorted(by_set):
+            if len(members) == 1 and self.dp == 1:
                 continue
-            params = by_set[hs]
+            params = by_set[members]
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
             flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, group=self._groups[members])
+            if len(members) > 1:
+                dist.all_reduce(flat, group=self.mesh.group(members))
             if self.dp > 1:
                 flat /= self.dp
             off = 0
@@ -413,13 +429,18 @@ class PipelineParallel:
 
     def clip_grad_norm_(self, max_norm: float | None) -> float:
         """Global L2 norm of the whole model's gradient (each parameter counted once, by its first
-        holder); scales every held gradient by min(1, max_norm / (norm + 1e-6)) like torch's."""
-        owned = [p.grad for n, p in self.named_parameters() if p.grad is not None and self.holders[n][0] == self.pp_rank]
-        sq = torch.zeros((), dtype=torch.float32, device=self.device)
-        if owned:
-            sq = torch.stack([torch.linalg.vector_norm(g).float() for g in owned]).pow(2).sum()
-        dist.all_reduce(sq, group=self.pp_group)
-        total = sq.sqrt()
+        holder; each expert once, by the EP rank holding it); scales every held gradient by
+        min(1, max_norm / (norm + 1e-6)) like torch's."""
+        sq = {False: torch.zeros((), dtype=torch.float32, device=self.device),
+              True: torch.zeros((), dtype=torch.float32, device=self.device)}
+        for n, p in self.named_parameters():
+            if p.grad is not None and self.holders[n][0] == self.pp_rank:
+                sq[bool(getattr(p, "expert_parallel", False))] += torch.linalg.vector_norm(p.grad).float() ** 2
+        if self.mesh.spec.ep > 1:
+            dist.all_reduce(sq[True], group=self.mesh.expert_group)
+        total = sq[False] + sq[True]
+        dist.all_reduce(total, group=self.pp_group)
+        total = total.sqrt()
         if max_norm is not None and max_norm > 0:
             coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
             for _, p in self.named_parameters():
@@ -437,6 +458,8 @@ class PipelineParallel:
         [MoE layers, experts] or None), summed over the whole world, on every rank. A replica with
         fewer rows than micro-batches runs a stand-in row in the empty ones and drops its results.
         """
+        if self.eval_fn is None:
+            raise ValueError("PipelineParallel.evaluate needs eval_fn(logits, targets) -> (CE sum, tokens)")
         M, dev = self.num_microbatches, self.device
         mine = torch.tensor_split(torch.arange(inputs.shape[0]), self.dp)[self.dp_rank]
         data, real = [], []
@@ -452,10 +475,9 @@ class PipelineParallel:
             if not real[mb]:
                 continue
             if "logits" in info:
-                logits, tgt = info["logits"], data[mb][1][:, :info["logits"].shape[1]]
-                stats[0] += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                                            reduction="sum").double()
-                stats[1] += tgt.numel()
+                ce, n = self.eval_fn(info["logits"], data[mb][1])
+                stats[0] += ce
+                stats[1] += n
             if info["counts"] is not None:
                 counts[self.stages[s].moe_rows] += info["counts"]
         dist.all_reduce(stats)
@@ -496,62 +518,82 @@ class PipelineParallel:
                     sink(descr[i][0], part.view(descr[i][1]))
         return extras
 
-    @torch.no_grad()
-    def gather_to_root(self) -> None:
-        """Materialise the whole model on global rank 0 (on its device) and fill it from the first holder
-        of every parameter and buffer, for the final export and sample; every other rank keeps only its
-        share. Collective over the pipeline of data-parallel replica 0 (the other replicas return at once).
-        Cost: the full parameter set on rank 0's device."""
-        if self.dp_rank != 0:
-            return
-        mine = {k: v for k, v in self.model.state_dict().items() if self._owns(k) and self.pp_rank != 0}
-        if self.pp_rank == 0:
-            materialize(self.model, lambda k: True, self.device, init=False)
-        sd = self.model.state_dict() if self.pp_rank == 0 else {}
-        self._gather_to_root(mine, None, lambda k, t: sd[k].copy_(t))
+    def _full_experts(self, sd: dict) -> dict:
+        """``sd`` with this rank's expert slices replaced by the whole [E, ...] tensors (collective over
+        the EP group: every rank of it calls this with the same keys)."""
+        from ..ep_model import gather_experts
+
+        for k in sorted(sd):
+            if k in self.experts:
+                sd[k] = gather_experts(self.experts[k], sd[k])
+        return sd
+
+    def local_view(self, key: str, full: torch.Tensor) -> torch.Tensor:
+        """This rank's part of the whole-model tensor ``key`` (its experts' rows for an expert tensor)."""
+        if key in self.experts:
+            from ..ep_model import slice_experts
+
+            return slice_experts(self.experts[key], full)
+        return full
 
     def _optimizer_state(self, optimizer):
-        """This rank's optimizer state dict (consolidated over data parallel when ``optimizer`` is ZeRO),
-        or None on the replicas that do not hold the consolidated copy."""
+        """This rank's optimizer state dict (consolidated over data parallel when ``optimizer`` is ZeRO,
+        experts' moments gathered over the EP group), or None on the replicas that do not hold the
+        consolidated copy."""
         if hasattr(optimizer, "consolidate_state_dict"):
             optimizer.consolidate_state_dict(to=0)   # rank 0 of the data-parallel group
             return optimizer.state_dict() if self.dp_rank == 0 else None
         return optimizer.state_dict()
 
+    @staticmethod
+    def _param_lists(optimizer) -> list[list]:
+        """The optimizer's parameters per group, in the order of its state dict's numbering."""
+        lists = getattr(optimizer, "param_lists", None)
+        return lists() if lists is not None else [list(g["params"]) for g in optimizer.param_groups]
+
     def _names(self, optimizer) -> list[str]:
         """Full-model parameter name of each of ``optimizer``'s parameters, in its state-dict order."""
         name_of = {id(p): n for n, p in self.model.named_parameters()}
-        return [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
+        return [name_of[id(p)] for ps in self._param_lists(optimizer) for p in ps]
 
     @torch.no_grad()
-    def gather_state(self, optimizer, groups: list[list[str]]) -> tuple[dict, dict]:
-        """The whole model's state dict and the optimizer state, gathered on global rank 0 (in CPU memory).
+    def gather_state(self, optimizer=None, groups: list[list[str]] | None = None,
+                     ema: dict | None = None) -> tuple[dict, dict, dict]:
+        """The whole model's state dict, the optimizer state and the EMA, gathered on global rank 0
+        (in CPU memory), experts gathered over each EP group.
 
         ``groups``: the parameter names of each optimizer parameter group as a single-process run
         orders them (``param_groups(model)``); the returned optimizer state dict uses that run's
-        numbering, so a checkpoint looks the same whatever ``--pp``. Every tensor comes from the first
-        holder of its parameter (copies are identical). Elsewhere returns ``({}, empty)``. Collective:
-        every rank must call it (ZeRO consolidation over data parallel first).
+        numbering, so a checkpoint looks the same whatever the layout. ``ema``: this rank's EMA
+        tensors under the model's state-dict keys (local shapes). Every tensor comes from the first
+        holder of its parameter (copies are identical). Elsewhere returns ``({}, empty, {})``.
+        Collective: every rank must call it.
         """
         empty = {"state": {}, "param_groups": []}
-        local = self._optimizer_state(optimizer)
+        local = self._optimizer_state(optimizer) if optimizer is not None else None
+        if self.edp_rank != 0:
+            return {}, empty, {}
+        model_sd = self._full_experts({k: v for k, v in self.model.state_dict().items() if self._owns(k)})
+        ema_sd = self._full_experts({k: v for k, v in ema.items() if self._owns(k)}) if ema is not None else {}
         if self.dp_rank != 0:
-            return {}, empty
-        names = self._names(optimizer)
-        tensors = {("m", k): v for k, v in self.model.state_dict().items() if self._owns(k)}
+            return {}, empty, {}
+        tensors = {("m", k): v for k, v in model_sd.items()}
+        tensors.update({("e", k): v for k, v in ema_sd.items()})
         plain: dict = {}
-        for i, st in local["state"].items():
-            n = names[i]
-            if not self._owns(n):
-                continue
-            for sk, v in st.items():
-                if torch.is_tensor(v):
-                    tensors[("o", n, sk)] = v
-                else:
-                    plain.setdefault(n, {})[sk] = v
+        if local is not None:
+            names = self._names(optimizer)
+            for i, st in local["state"].items():
+                n = names[i]
+                if not self._owns(n):
+                    continue
+                for sk, v in st.items():
+                    if torch.is_tensor(v):
+                        tensors[("o", n, sk)] = v
+                    else:
+                        plain.setdefault(n, {})[sk] = v
         if self.pp_rank != 0:
             self._gather_to_root(tensors, plain, None)
-            return {}, empty
+            return {}, empty, {}
         got: dict = {}
 
         def sink(k, t):   # a copy: t is a view of the receive bucket
@@ -559,7 +601,11 @@ class PipelineParallel:
 
         extras = self._gather_to_root({}, None, sink)
         got.update({k: v.detach().cpu() for k, v in tensors.items()})
-        model_state = {k: got[("m", k)] for k in self.model.state_dict() if ("m", k) in got}
+        keys = list(self.model.state_dict())
+        model_state = {k: got[("m", k)] for k in keys if ("m", k) in got}
+        ema_state = {k: got[("e", k)] for k in keys if ("e", k) in got}
+        if local is None:
+            return model_state, empty, ema_state
         index = {n: i for i, n in enumerate(n for g in groups for n in g)}
         state: dict = {}
         for key, t in got.items():
@@ -572,7 +618,7 @@ class PipelineParallel:
             raise ValueError(f"the optimizer has {len(local['param_groups'])} parameter groups, expected {len(groups)}")
         param_groups = [dict({k: v for k, v in g.items() if k != "params"}, params=[index[n] for n in names_j])
                         for g, names_j in zip(local["param_groups"], groups)]
-        return model_state, {"state": dict(sorted(state.items())), "param_groups": param_groups}
+        return model_state, {"state": dict(sorted(state.items())), "param_groups": param_groups}, ema_state
 
     @torch.no_grad()
     def load_state(self, model_tensor, optimizer, groups: list[list[str]], optim_groups: list | None,
@@ -587,18 +633,18 @@ class PipelineParallel:
         """
         for k, v in self.model.state_dict().items():
             if not v.is_meta:
-                v.copy_(model_tensor(k))
+                v.copy_(self.local_view(k, model_tensor(k)))
         if optim_groups is None:
             return
-        if len(optim_groups) != len(optimizer.param_groups):
+        if len(optim_groups) != len(self._param_lists(optimizer)):
             raise ValueError(f"the checkpoint has {len(optim_groups)} optimizer parameter groups, the optimizer "
-                             f"{len(optimizer.param_groups)}")
+                             f"{len(self._param_lists(optimizer))}")
         index = {n: i for i, n in enumerate(n for g in groups for n in g)}
         names = self._names(optimizer)
         state, local_groups, i = {}, [], 0
-        for g, saved in zip(optimizer.param_groups, optim_groups):
+        for params, saved in zip(self._param_lists(optimizer), optim_groups):
             ids = []
-            for _ in g["params"]:
+            for _ in params:
                 st = optim_state(index[names[i]])
                 if st:
                     state[i] = st
