@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 
 from ..fp8.gemm import triton_available  # noqa: F401 — one check that triton imports
+from ..model.mla import latent_attention
 
 BACKENDS = ("auto", "torch", "triton")
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -93,22 +94,16 @@ def gather_latent(kv_pool: Tensor, pe_pool: Tensor, block_table: Tensor, length:
 
 
 def _attention_torch(q_lat, q_pe, kv_pool, pe_pool, block_table, start_pos, scale):
-    """Gather, then exactly the math of ``MLA._absorbed_attention`` (scores in the input dtype,
-    softmax in ≥ fp32, probabilities cast back), so a paged cache gives the same numbers as the
-    contiguous one."""
+    """Gather, then the math of ``MLA._absorbed_attention`` (:func:`dsv3.model.mla.latent_attention`:
+    scores in the input dtype, softmax in ≥ fp32, probabilities cast back), so a paged cache gives
+    the same numbers as the contiguous one."""
     B, T = q_lat.shape[:2]
     S = int(start_pos.max()) + T
     c_kv, k_pe = gather_latent(kv_pool, pe_pool, block_table, S, row_lengths=start_pos + T)
     c_kv, k_pe = c_kv.to(q_lat.dtype), k_pe.to(q_pe.dtype)
-    score = torch.matmul(q_lat.transpose(1, 2), c_kv.unsqueeze(1).transpose(-1, -2))    # [B, H, T, S]
-    score = score + torch.matmul(q_pe.transpose(1, 2), k_pe.unsqueeze(1).transpose(-1, -2))
-    score = score.to(torch.promote_types(score.dtype, torch.float32)) * scale
-    qpos = start_pos.to(score.device)[:, None] + torch.arange(T, device=score.device)     # [B, T]
-    visible = torch.arange(S, device=score.device) <= qpos[..., None]                     # [B, T, S]
-    score = score.masked_fill(~visible[:, None], float("-inf"))
-    p = score.softmax(-1).to(c_kv.dtype)
-    o = torch.matmul(p, c_kv.unsqueeze(1))                                                 # [B, H, T, r]
-    return o.transpose(1, 2).to(q_lat.dtype)
+    qpos = start_pos.to(c_kv.device)[:, None] + torch.arange(T, device=c_kv.device)       # [B, T]
+    visible = torch.arange(S, device=c_kv.device) <= qpos[..., None]                      # [B, T, S]
+    return latent_attention(q_lat, q_pe, c_kv, k_pe, scale, visible[:, :, None]).to(q_lat.dtype)
 
 
 # --------------------------------------------------------------------------------------------

@@ -160,6 +160,7 @@ class PagedView:
         # request's or an unwritten slot, so nothing non-finite can leak in through 0 · NaN)
         s = torch.minimum(torch.arange(self.end, device=dev)[None, :], (self.start + n - 1)[:, None])
         self.read_idx = self.table.gather(1, s // bs) * bs + s % bs                    # [B, end] flat slots
+        self.read_flat = self.read_idx.view(-1)
         pos = self.start[:, None] + torch.arange(T, device=dev)                        # [B, T]
         valid = torch.arange(T, device=dev)[None, :] < n[:, None]
         pos = pos.clamp(max=self.end - 1)
@@ -168,6 +169,7 @@ class PagedView:
         self.write_idx = slots.reshape(-1) if self.all_valid else slots[valid]         # [N valid]
         self.valid = valid
         self.T = T
+        self.masks: dict = {}          # attention masks of this forward, made once by the first layer (MLA)
 
     kernel_backend = "auto"        # of :func:`dsv3.infer.paged_attention.paged_mla_attention`
 
@@ -193,8 +195,9 @@ class PagedView:
     def update(self, layer: int, start_pos, kv: torch.Tensor, pe: torch.Tensor):
         """Write kv/pe [B, T, ·] of the valid positions; return every row's cached [B, end, ·]."""
         self.write(layer, kv, pe)
-        r, rope = kv.shape[-1], pe.shape[-1]
-        return (self.cache.kv[layer].view(-1, r)[self.read_idx], self.cache.pe[layer].view(-1, rope)[self.read_idx])
+        B, r, rope = self.read_idx.shape[0], kv.shape[-1], pe.shape[-1]
+        return (self.cache.kv[layer].view(-1, r).index_select(0, self.read_flat).view(B, self.end, r),
+                self.cache.pe[layer].view(-1, rope).index_select(0, self.read_flat).view(B, self.end, rope))
 
     def attend(self, layer: int, q_lat: torch.Tensor, q_pe: torch.Tensor, scale: float) -> torch.Tensor:
         """Absorbed attention of q_lat [B, T, H, r], q_pe [B, T, H, rope] over the blocks → o_lat [B, T, H, r]."""

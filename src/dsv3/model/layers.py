@@ -24,6 +24,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if dtype is self.weight.dtype and dtype in (torch.float32, torch.float64):
+            # one fused call, the same arithmetic as below (no casts are needed at this precision)
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         x = at_least_fp32(x)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)

@@ -132,12 +132,12 @@ class MLA(nn.Module):
         if cache is not None:
             if getattr(cache, "uses_kernel", False) and self.use_absorbed(T, cache.end):
                 cache.write(self.layer_idx, c_kv, k_pe)        # a paged cache on GPU: the kernel reads the blocks
-                q_lat = self._absorb_query(q_nope).transpose(1, 2)                # [B, T, H, r]
-                o_lat = cache.attend(self.layer_idx, q_lat, q_pe, self.scale)
-                return self._absorbed_output(o_lat.transpose(1, 2))
+                w_uk, w_uv = self._w_uk_uv(q_nope.dtype)
+                o_lat = cache.attend(self.layer_idx, self._absorb_query(q_nope, w_uk), q_pe, self.scale)
+                return self._absorbed_output(o_lat, w_uv)
             c_kv, k_pe = cache.update(self.layer_idx, start_pos, c_kv, k_pe)
             if self.use_absorbed(T, c_kv.shape[1]):
-                return self._absorbed_attention(q_nope, q_pe, c_kv, k_pe, start_pos)
+                return self._absorbed_attention(q_nope, q_pe, c_kv, k_pe, cache, start_pos)
         S = c_kv.shape[1]
         kv = self.kv_b_proj(c_kv).view(B, S, self.h, self.nope + self.vdim)
         k_nope, v = kv.split([self.nope, self.vdim], dim=-1)
@@ -149,50 +149,79 @@ class MLA(nn.Module):
         if pad > 0:  # fused (flash) SDPA kernels need one head dim: zero columns leave o unchanged
             v = F.pad(v, (0, pad))
         if isinstance(start_pos, torch.Tensor):         # rows at their own positions (a batched cache)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=_chunk_mask(start_pos, T, S, x.device),
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=_visible(cache, start_pos, T, S, x.device),
                                                scale=self.scale)
         elif T == S:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         elif T == 1:
             o = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=_chunk_mask(start_pos, T, S, x.device),
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=_visible(cache, start_pos, T, S, x.device),
                                                scale=self.scale)
         if pad > 0:
             o = o[..., : self.vdim]
         return o.transpose(1, 2).reshape(B, T, self.h * self.vdim)
 
-    def _absorbed_attention(self, q_nope, q_pe, c_kv, k_pe, start_pos):
+    def _absorbed_attention(self, q_nope, q_pe, c_kv, k_pe, cache, start_pos):
         """Attention directly against the latent cache. q_nope [B, T, H, nope], q_pe [B, T, H, rope],
         c_kv [B, S, r], k_pe [B, S, rope] → [B, T, H·v]."""
-        S = c_kv.shape[1]
-        T = q_nope.shape[1]
-        q_lat = self._absorb_query(q_nope)                                             # [B, H, T, r]
-        score = torch.matmul(q_lat, c_kv.unsqueeze(1).transpose(-1, -2))              # [B, H, T, S]
-        score = score + torch.matmul(q_pe.transpose(1, 2), k_pe.unsqueeze(1).transpose(-1, -2))
-        score = score.to(torch.promote_types(score.dtype, torch.float32)) * self.scale    # softmax in ≥ fp32
+        T, S = q_nope.shape[1], c_kv.shape[1]
+        visible = None
         if T > 1 or isinstance(start_pos, torch.Tensor):
-            score = score.masked_fill(~_chunk_mask(start_pos, T, S, score.device), float("-inf"))
-        p = score.softmax(-1).to(c_kv.dtype)
-        return self._absorbed_output(torch.matmul(p, c_kv.unsqueeze(1)))             # o_lat [B, H, T, r]
+            visible = _visible(cache, start_pos, T, S, c_kv.device)                # [B, 1, T, S] or [T, S]
+            visible = visible.transpose(1, 2) if visible.dim() == 4 else visible[:, None]   # → [·, T, 1, S]
+        w_uk, w_uv = self._w_uk_uv(q_nope.dtype)
+        o_lat = latent_attention(self._absorb_query(q_nope, w_uk), q_pe, c_kv, k_pe, self.scale, visible)
+        return self._absorbed_output(o_lat, w_uv)
 
     def _w_uk_uv(self, dtype):
         """The k_nope and v halves of ``kv_b_proj`` as [H, nope, r] and [H, v, r]."""
         w = self.kv_b_proj.weight.to(dtype).view(self.h, self.nope + self.vdim, self.kv_rank)
         return w[:, : self.nope], w[:, self.nope:]
 
-    def _absorb_query(self, q_nope: torch.Tensor) -> torch.Tensor:
-        """q_nope [B, T, H, nope] → q_nope · W_uk [B, H, T, r] (one batched matmul over the heads)."""
+    def _absorb_query(self, q_nope: torch.Tensor, w_uk: torch.Tensor) -> torch.Tensor:
+        """q_nope [B, T, H, nope] → q_nope · W_uk [B, T, H, r] (one batched matmul over the heads)."""
         B, T = q_nope.shape[:2]
         q = q_nope.permute(2, 0, 1, 3).reshape(self.h, B * T, self.nope)                # [H, B·T, nope]
-        return torch.bmm(q, self._w_uk_uv(q_nope.dtype)[0]).view(self.h, B, T, -1).transpose(0, 1)
+        return torch.bmm(q, w_uk).view(self.h, B, T, -1).permute(1, 2, 0, 3)
 
-    def _absorbed_output(self, o_lat: torch.Tensor) -> torch.Tensor:
-        """o_lat [B, H, T, r] → [B, T, H·v] through W_uv."""
-        B, _, T, _ = o_lat.shape
-        o = o_lat.transpose(0, 1).reshape(self.h, B * T, self.kv_rank)                  # [H, B·T, r]
-        o = torch.bmm(o, self._w_uk_uv(o_lat.dtype)[1].transpose(1, 2))                # [H, B·T, v]
+    def _absorbed_output(self, o_lat: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
+        """o_lat [B, T, H, r] → [B, T, H·v] through W_uv."""
+        B, T = o_lat.shape[:2]
+        o = o_lat.permute(2, 0, 1, 3).reshape(self.h, B * T, self.kv_rank)              # [H, B·T, r]
+        o = torch.bmm(o, w_uv.transpose(1, 2))                                          # [H, B·T, v]
         return o.view(self.h, B, T, self.vdim).permute(1, 2, 0, 3).reshape(B, T, self.h * self.vdim)
+
+
+def latent_attention(q_lat, q_pe, c_kv, k_pe, scale: float, visible=None) -> torch.Tensor:
+    """Attention with the latent as one key/value head shared by every query head (absorbed MLA):
+    softmax(scale · (q_lat·c_kvᵀ + q_pe·k_peᵀ)) · c_kv.
+
+    q_lat [B, T, H, r], q_pe [B, T, H, rope], c_kv [B, S, r], k_pe [B, S, rope]; ``visible``: None
+    or bool broadcasting to [B, T, H, S] (key visible to query) → o_lat [B, T, H, r]. A row's T·H
+    queries are the rows of one matrix product against its cache (nothing of size H×S is copied);
+    scores in the input dtype, the softmax in ≥ fp32, probabilities cast back."""
+    B, T, H, r = q_lat.shape
+    S = c_kv.shape[1]
+    score = torch.bmm(q_lat.reshape(B, T * H, r), c_kv.transpose(1, 2))               # [B, T·H, S]
+    score = score + torch.bmm(q_pe.reshape(B, T * H, -1), k_pe.transpose(1, 2))
+    score = score.to(torch.promote_types(score.dtype, torch.float32)) * scale
+    if visible is not None:
+        score = torch.where(visible, score.view(B, T, H, S), float("-inf"))
+    p = score.softmax(-1).to(c_kv.dtype)
+    return torch.bmm(p.view(B, T * H, S), c_kv).view(B, T, H, r)
+
+
+def _visible(cache, start_pos, T: int, S: int, device) -> torch.Tensor:
+    """``_chunk_mask(start_pos, T, S)``. A per-forward cache view (one with a ``masks`` dict, e.g.
+    :class:`dsv3.infer.paged_cache.PagedView`) keeps it, so the layers of a forward build it once."""
+    masks = getattr(cache, "masks", None)
+    if masks is None:
+        return _chunk_mask(start_pos, T, S, device)
+    key = (None if isinstance(start_pos, torch.Tensor) else int(start_pos), T, S)
+    if key not in masks:
+        masks[key] = _chunk_mask(start_pos, T, S, device)
+    return masks[key]
 
 
 def _chunk_mask(start_pos, T: int, S: int, device) -> torch.Tensor:
