@@ -73,6 +73,8 @@ class ModelConfig:
     quantization_config: dict | None = None
     # keys of an HF config.json we do not model, kept so to_hf() round-trips them
     extra: dict = field(default_factory=dict, repr=False, compare=False)
+    # keys a config.json did not give (or gave as null where that means "default"), with the value taken
+    defaulted: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.q_lora_rank == 0:
@@ -86,6 +88,27 @@ class ModelConfig:
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"ModelConfig.{name} = {getattr(self, name)!r}: {why}")
 
+        for name in _FLOAT_FIELDS:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise bad(name, "must be a finite number")
+        for name in _BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "must be true or false")
+        for name in _STR_FIELDS:
+            if not isinstance(getattr(self, name), str):
+                raise bad(name, "must be a string")
+        for name in _INT_FIELDS:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not (isinstance(v, int) or (v is None and name in _NULLABLE_INTS)):
+                raise bad(name, "must be an integer" + (" or null" if name in _NULLABLE_INTS else ""))
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise bad(name, "must be a non-negative token id or null")
+        for name in ("rope_scaling", "quantization_config"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
+                raise bad(name, "must be an object {…} or null")
         positive = ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
                     "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
                     "v_head_dim", "max_position_embeddings", "n_group", "topk_group")
@@ -137,8 +160,10 @@ class ModelConfig:
                 raise ValueError("ModelConfig.rope_scaling['original_max_position_embeddings'] must be > 0")
         if self.quantization_config is not None:
             block = self.quantization_config.get("weight_block_size", [128, 128])
-            if len(block) != 2 or any(int(b) <= 0 for b in block):
-                raise ValueError(f"ModelConfig.quantization_config['weight_block_size'] = {block!r}: two positive ints")
+            if (not isinstance(block, (list, tuple)) or len(block) != 2
+                    or any(isinstance(b, bool) or not isinstance(b, int) or b <= 0 for b in block)):
+                raise ValueError(f"ModelConfig.quantization_config['weight_block_size'] = {block!r}: "
+                                 f"must be a list of two positive integers, e.g. [128, 128]")
 
     # ------------------------------------------------------------------ derived sizes
     @property
@@ -191,24 +216,47 @@ class ModelConfig:
     # ------------------------------------------------------------------ HF mapping
     @classmethod
     def from_hf(cls, source: str | os.PathLike | dict) -> "ModelConfig":
-        """Build from an HF ``config.json`` (path, directory, or already-parsed dict)."""
+        """Build from an HF ``config.json`` (path, directory, or already-parsed dict).
+
+        Every key read is type-checked (a ValueError names the file and the key). A key that is absent
+        takes transformers' ``DeepseekV3Config`` default (``TRANSFORMERS_DEFAULTS``); null is refused
+        where transformers refuses it, and means "none" for the optional keys (``q_lora_rank``, the token
+        ids, ``rope_scaling``, ``quantization_config``) and "no group routing" / "dense" for
+        ``n_group``/``topk_group`` / ``n_routed_experts``, as DeepSeek-V2's configs use them. The keys that
+        took a default are listed in ``cfg.defaulted``."""
+        where = "config"
         if isinstance(source, dict):
             hf = dict(source)
         else:
+            from .errors import read_json
+
             path = os.fspath(source)
             if os.path.isdir(path):
                 path = os.path.join(path, "config.json")
             if not os.path.exists(path):
                 raise ValueError(f"config file not found: {path}")
-            try:
-                with open(path) as f:
-                    hf = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} is not valid JSON: {e}") from None
+            hf = read_json(path, "config file")
+            where = path
+        try:
+            return cls._from_hf_dict(hf)
+        except ValueError as e:
+            if where == "config":
+                raise
+            raise ValueError(f"{where}: {e}") from None
+
+    @classmethod
+    def _from_hf_dict(cls, hf: dict) -> "ModelConfig":
+        if not isinstance(hf, dict):
+            raise ValueError(f"a config must be a JSON object, got {type(hf).__name__}")
         mt = hf.get("model_type")
         if mt is not None and mt not in ("deepseek_v3", "deepseek_v2", "kimi_k2"):
             raise ValueError(f"model_type {mt!r} is not a DeepSeek-V2/V3 model")
+        if not any(k in hf for k in _HF_SCALAR_KEYS + ("num_mtp_layers",)) and mt is None:
+            raise ValueError("this does not look like a model config: none of its keys is one of "
+                             "vocab_size, hidden_size, num_hidden_layers, … and it has no model_type")
+        _check_hf_types(hf)
         kwargs: dict[str, Any] = {}
+        defaulted: dict[str, Any] = {}
         for k in _HF_SCALAR_KEYS:
             if k in hf and hf[k] is not None:
                 kwargs[k] = hf[k]
@@ -216,15 +264,18 @@ class ModelConfig:
             kwargs["num_nextn_predict_layers"] = hf["num_mtp_layers"]
         if "q_lora_rank" in hf and hf["q_lora_rank"] is None:
             kwargs["q_lora_rank"] = None
+        for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if k in hf and hf[k] is None:
+                kwargs[k] = None
         if isinstance(kwargs.get("eos_token_id"), list):
             kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
-        # V2-Lite style: n_group/topk_group may be absent or null (no group routing)
-        for k, dflt in (("n_group", 1), ("topk_group", 1)):
-            if hf.get(k) is None:
-                kwargs[k] = dflt
-        if hf.get("n_routed_experts") is None:
+        # V2-Lite style: n_group/topk_group null (no group routing); absent: transformers' default
+        for k in ("n_group", "topk_group"):
+            if k in hf and hf[k] is None:
+                kwargs[k] = 1
+        if "n_routed_experts" in hf and hf["n_routed_experts"] is None:   # DeepSeek's configs: dense model
             kwargs["n_routed_experts"] = 0
-            kwargs["first_k_dense_replace"] = hf.get("num_hidden_layers", cls.num_hidden_layers)
+            kwargs["first_k_dense_replace"] = hf.get("num_hidden_layers") or TRANSFORMERS_DEFAULTS["num_hidden_layers"]
         if hf.get("num_experts_per_tok") is None and kwargs.get("n_routed_experts", 1) == 0:
             kwargs["num_experts_per_tok"] = 0
         # RoPE: legacy rope_scaling + rope_theta, or transformers>=5 rope_parameters
@@ -239,10 +290,16 @@ class ModelConfig:
             kwargs["rope_scaling"] = rope
         if "quantization_config" in hf:
             kwargs["quantization_config"] = hf["quantization_config"]
+        for k, v in TRANSFORMERS_DEFAULTS.items():
+            if k not in kwargs:
+                kwargs[k] = v
+                defaulted[k] = v
         known = set(_HF_SCALAR_KEYS) | {"rope_scaling", "rope_parameters", "quantization_config",
                                         "model_type", "num_mtp_layers"}
         kwargs["extra"] = {k: v for k, v in hf.items() if k not in known}
-        return cls(**kwargs)
+        cfg = cls(**kwargs)
+        cfg.defaulted = defaulted
+        return cfg
 
     def to_hf(self) -> dict:
         """The HF ``config.json`` dict (DeepSeek's original key names, which transformers reads)."""
@@ -273,16 +330,95 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 
 
 def _normalise_rope_scaling(rs: dict) -> dict:
+    if not isinstance(rs, dict):
+        raise ValueError(f"ModelConfig.rope_scaling = {rs!r}: must be an object "
+                         f"{{\"type\": \"yarn\", \"factor\": …, \"original_max_position_embeddings\": …}} or null")
     kind = rs.get("type", rs.get("rope_type"))
     if kind != "yarn":
         raise ValueError(f"ModelConfig.rope_scaling: only 'yarn' scaling is supported, got {kind!r}")
     if "factor" not in rs or "original_max_position_embeddings" not in rs:
         raise ValueError("ModelConfig.rope_scaling needs 'factor' and 'original_max_position_embeddings'")
+    for k in ("factor", "original_max_position_embeddings", *_YARN_DEFAULTS):
+        v = rs.get(k)
+        if v is None and k in _YARN_DEFAULTS:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"ModelConfig.rope_scaling['{k}'] = {v!r}: must be a finite number")
+    if int(rs["original_max_position_embeddings"]) != rs["original_max_position_embeddings"]:
+        raise ValueError(f"ModelConfig.rope_scaling['original_max_position_embeddings'] = "
+                         f"{rs['original_max_position_embeddings']!r}: must be an integer")
     out = {"type": "yarn", "factor": float(rs["factor"]),
            "original_max_position_embeddings": int(rs["original_max_position_embeddings"])}
     for k, d in _YARN_DEFAULTS.items():
         out[k] = float(rs.get(k, d) if rs.get(k) is not None else d)
     return out
+
+
+# transformers' DeepseekV3Config defaults: what a config.json key that is absent means
+TRANSFORMERS_DEFAULTS: dict[str, Any] = dict(
+    vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+    num_hidden_layers=61, num_attention_heads=128, n_shared_experts=1, n_routed_experts=256,
+    routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64, v_head_dim=128,
+    qk_nope_head_dim=128, n_group=8, topk_group=4, num_experts_per_tok=8, first_k_dense_replace=3,
+    norm_topk_prob=True, hidden_act="silu", max_position_embeddings=4096, initializer_range=0.02,
+    rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1, pad_token_id=None, tie_word_embeddings=False,
+    rope_theta=10000.0, num_nextn_predict_layers=1,
+)
+
+_INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+               "first_k_dense_replace", "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+               "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "n_shared_experts", "num_experts_per_tok",
+               "n_group", "topk_group", "num_nextn_predict_layers", "max_position_embeddings", "bos_token_id",
+               "eos_token_id", "pad_token_id")
+_NULLABLE_INTS = ("q_lora_rank", "bos_token_id", "eos_token_id", "pad_token_id")
+_FLOAT_FIELDS = ("routed_scaling_factor", "rms_norm_eps", "rope_theta", "initializer_range")
+_BOOL_FIELDS = ("norm_topk_prob", "tie_word_embeddings")
+_STR_FIELDS = ("scoring_func", "topk_method", "hidden_act")
+# keys whose null means something (see from_hf); any other key given as null is refused
+_HF_NULLABLE = ("q_lora_rank", "bos_token_id", "eos_token_id", "pad_token_id", "n_group", "topk_group",
+                "n_routed_experts", "num_experts_per_tok", "rope_scaling", "rope_parameters", "quantization_config",
+                "num_key_value_heads")
+
+
+def _check_hf_types(hf: dict) -> None:
+    """Each key of a config.json that from_hf reads has the JSON type it needs (ValueError naming it)."""
+    from .errors import json_kind
+
+    def bad(k: str, want: str) -> ValueError:
+        return ValueError(f"{k} = {json.dumps(hf[k])[:60]}: must be {want}, found {json_kind(hf[k])}")
+
+    for k in (*_HF_SCALAR_KEYS, "num_mtp_layers", "rope_scaling", "rope_parameters", "quantization_config"):
+        if k not in hf:
+            continue
+        v = hf[k]
+        if v is None:
+            if k not in _HF_NULLABLE:
+                raise ValueError(f"{k} is null; give a value or leave the key out (the default is "
+                                 f"{TRANSFORMERS_DEFAULTS.get(k)!r})")
+            continue
+        if k == "eos_token_id" and isinstance(v, list):
+            if not v or any(isinstance(t, bool) or not isinstance(t, int) for t in v):
+                raise bad(k, "a token id or a non-empty list of token ids")
+        elif k in _INT_FIELDS or k == "num_mtp_layers":
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise bad(k, "an integer")
+        elif k in _FLOAT_FIELDS:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise bad(k, "a finite number")
+        elif k in _BOOL_FIELDS:
+            if not isinstance(v, bool):
+                raise bad(k, "true or false")
+        elif k in _STR_FIELDS:
+            if not isinstance(v, str):
+                raise bad(k, "a string")
+        elif k in ("rope_scaling", "rope_parameters", "quantization_config"):
+            if not isinstance(v, dict):
+                raise bad(k, "an object {…} or null")
+    params = hf.get("rope_parameters")
+    if isinstance(params, dict) and "rope_theta" in params:
+        t = params["rope_theta"]
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+            raise ValueError(f"rope_parameters.rope_theta = {t!r}: must be a finite number")
 
 
 _V3 = dict(

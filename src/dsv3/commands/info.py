@@ -19,9 +19,13 @@ import json
 import math
 
 from ..config import ModelConfig
+from ..errors import UserError
 from ..params import count_parameters, kv_cache_bytes_per_token
 
 BF16, FP32 = 2, 4
+# far beyond any real model: refused rather than reported as numbers nobody can check
+MAX_EXPERTS = 1 << 20
+MAX_LAYERS = 1 << 16
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,17 +36,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ------------------------------------------------------------------------------------ tensors
-def _tensors(cfg: ModelConfig, with_mtp: bool) -> list[tuple[tuple[int, ...], str]]:
-    """Every stored tensor as (shape, kind); kind: "linear" (FP8-quantisable), "bf16", "fp32"."""
+def _tensors(cfg: ModelConfig, with_mtp: bool) -> list[tuple[tuple[int, ...], str, int]]:
+    """Every stored tensor as (shape, kind, how many); kind: "linear" (FP8-quantisable), "bf16", "fp32".
+    Repeated blocks are counted, not listed, so the cost does not grow with layers × experts."""
     d, h = cfg.hidden_size, cfg.num_attention_heads
-    out: list[tuple[tuple[int, ...], str]] = []
-    lin = lambda n, k: out.append(((n, k), "linear"))       # noqa: E731
-    keep = lambda *shape: out.append((tuple(shape), "bf16"))  # noqa: E731
+    out: list[tuple[tuple[int, ...], str, int]] = []
 
-    def ffn(inter: int) -> None:
-        lin(inter, d), lin(inter, d), lin(d, inter)
+    def block(moe: bool, times: int) -> None:
+        lin = lambda n, k, c=1: out.append(((n, k), "linear", c * times))   # noqa: E731
+        keep = lambda *shape: out.append((tuple(shape), "bf16", times))      # noqa: E731
 
-    def block(moe: bool) -> None:
+        def ffn(inter: int, c: int = 1) -> None:
+            lin(inter, d, 2 * c), lin(d, inter, c)
+
         keep(d), keep(d)                                       # input / post-attention norms
         if cfg.q_lora_rank:
             lin(cfg.q_lora_rank, d), keep(cfg.q_lora_rank), lin(h * cfg.qk_head_dim, cfg.q_lora_rank)
@@ -55,38 +61,38 @@ def _tensors(cfg: ModelConfig, with_mtp: bool) -> list[tuple[tuple[int, ...], st
             ffn(cfg.intermediate_size)
             return
         keep(cfg.n_routed_experts, d)                          # gate
-        out.append(((cfg.n_routed_experts,), "fp32"))         # e_score_correction_bias
-        for _ in range(cfg.n_routed_experts):
-            ffn(cfg.moe_intermediate_size)
+        out.append(((cfg.n_routed_experts,), "fp32", times))  # e_score_correction_bias
+        ffn(cfg.moe_intermediate_size, cfg.n_routed_experts)
         if cfg.n_shared_experts:
             ffn(cfg.moe_intermediate_size * cfg.n_shared_experts)
 
+    keep = lambda *shape: out.append((tuple(shape), "bf16", 1))  # noqa: E731
     keep(cfg.vocab_size, d)                                    # embedding
-    for i in range(cfg.num_hidden_layers):
-        block(cfg.is_moe_layer(i))
+    block(False, cfg.num_dense_layers)
+    block(True, cfg.num_moe_layers)
     keep(d)                                                    # final norm
     if not cfg.tie_word_embeddings:
         keep(cfg.vocab_size, d)                                # output head
-    if with_mtp:
-        for _ in range(cfg.num_nextn_predict_layers):
-            keep(d), keep(d), lin(d, 2 * d), keep(d)           # enorm, hnorm, eh_proj, shared_head.norm
-            keep(cfg.vocab_size, d), keep(cfg.vocab_size, d)   # stored copies of embedding and head
-            block(cfg.n_routed_experts > 0)
-    return out
+    if with_mtp and cfg.num_nextn_predict_layers:
+        k = cfg.num_nextn_predict_layers
+        out.extend([((d,), "bf16", 3 * k), ((d, 2 * d), "linear", k),      # enorm, hnorm, shared_head.norm; eh_proj
+                    ((cfg.vocab_size, d), "bf16", 2 * k)])                # stored copies of embedding and head
+        block(cfg.n_routed_experts > 0, k)
+    return [t for t in out if t[2] > 0]
 
 
 def weight_bytes(cfg: ModelConfig, fp8: bool, with_mtp: bool = False) -> int:
     """Bytes of the weights at BF16, or at FP8 with 128×128 block scales (official layout)."""
     bn, bk = (cfg.quantization_config or {}).get("weight_block_size", [128, 128])
     total = 0
-    for shape, kind in _tensors(cfg, with_mtp):
+    for shape, kind, count in _tensors(cfg, with_mtp):
         n = math.prod(shape)
         if kind == "fp32":
-            total += FP32 * n
+            total += count * FP32 * n
         elif kind == "linear" and fp8:
-            total += n + FP32 * math.ceil(shape[0] / bn) * math.ceil(shape[1] / bk)
+            total += count * (n + FP32 * math.ceil(shape[0] / bn) * math.ceil(shape[1] / bk))
         else:
-            total += BF16 * n
+            total += count * BF16 * n
     return total
 
 
@@ -114,6 +120,7 @@ def info(cfg: ModelConfig, name: str = "") -> dict:
         "weight_bytes_fp8": weight_bytes(cfg, fp8=True),
         "checkpoint_bytes_bf16": weight_bytes(cfg, fp8=False, with_mtp=True),
         "checkpoint_bytes_fp8": weight_bytes(cfg, fp8=True, with_mtp=True),
+        "defaults": dict(cfg.defaulted),
     }
 
 
@@ -152,11 +159,26 @@ def render(r: dict) -> str:
         f"  BF16                  {_bytes(r['weight_bytes_bf16']):>12}   {_bytes(r['checkpoint_bytes_bf16']):>12}",
         f"  FP8 (128x128 scales)  {_bytes(r['weight_bytes_fp8']):>12}   {_bytes(r['checkpoint_bytes_fp8']):>12}",
     ]
+    if r.get("defaults"):
+        lines.append("defaults taken for keys missing from config.json (transformers' DeepseekV3Config):")
+        lines.append("  " + ", ".join(f"{k}={v!r}" for k, v in r["defaults"].items()))
     return "\n".join(lines)
+
+
+def check_size(cfg: ModelConfig, source: str) -> None:
+    """Refuse configs too large to enumerate in seconds (a UserError naming the field)."""
+    layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    if cfg.n_routed_experts > MAX_EXPERTS:
+        raise UserError(f"--config {source}: n_routed_experts = {cfg.n_routed_experts:,} is more than info "
+                        f"handles ({MAX_EXPERTS:,})")
+    if layers > MAX_LAYERS:
+        raise UserError(f"--config {source}: num_hidden_layers + num_nextn_predict_layers = {layers:,} is more "
+                        f"than info handles ({MAX_LAYERS:,})")
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = ModelConfig.load(args.config)
+    check_size(cfg, str(args.config))
     r = info(cfg, str(args.config))
     print(json.dumps(r, indent=2) if args.json else render(r))
     return 0
