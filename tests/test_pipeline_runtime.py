@@ -71,11 +71,12 @@ def _init(rank, world, store, timeout=60):
                             timeout=datetime.timedelta(seconds=timeout))
 
 
-def _pipe(model, name, pp, M, b, timeout=60):
+def _pipe(model, name, pp, M, b, timeout=60, mesh=None, expert_options=None):
     from dsv3.parallel.pipeline.stages import PipelineParallel
     from dsv3.train.losses import eval_sums, routing_balance_loss, token_loss
 
     return PipelineParallel(model, name, pp, M, local_batch=M * b, timeout=timeout, eval_fn=eval_sums,
+                            mesh=mesh, expert_options=expert_options,
                             loss_fn=functools.partial(token_loss, mtp_lambda=LAM),
                             balance_fn=functools.partial(routing_balance_loss, balance_alpha=ALPHA))
 
@@ -228,6 +229,71 @@ def _check_state(pipe, model, ref_grads, ref_state):
     return out
 
 
+def _check_expert_parallel(name, mesh, M, b=1, two_hop=False):
+    """One train step of ``name`` with every stage's MoE layers expert-parallel over ``mesh``'s EP
+    groups: per-micro-batch losses, every gradient (an expert's against its rows of the single-process
+    gradient), the clipping norm, the global expert loads and the evaluation against the unsplit model
+    over the same global batch; then the whole model and optimizer state gathered to rank 0."""
+    import torch.distributed as dist
+
+    dp = mesh.spec.dp
+    inputs, targets = _batch(M * dp, b)
+    ref_losses, ref_grads, _, _, ref_state, ref_few = _reference(inputs, targets, M * dp)
+    ref_model = _model()
+    for i in range(M * dp):   # the global expert loads and the gradient norm of the reference step
+        from dsv3.train.losses import compute_loss
+        sl = slice(i * b, (i + 1) * b)
+        loss, info = compute_loss(ref_model, inputs[sl], targets[sl], LAM, ALPHA)
+        ref_counts = info["counts"] if i == 0 else ref_counts + info["counts"]
+    ref_norm = float(torch.nn.utils.get_total_norm(list(ref_grads.values())))
+    model = _model()
+    pipe = _pipe(model, name, mesh.spec.pp, M, b, mesh=mesh, expert_options=dict(two_hop=two_hop))
+    ce, n, counts = pipe.evaluate(inputs[:3], targets[:3])
+    out = {"eval_few": abs(ce - ref_few[0]) / ref_few[0] if n == ref_few[1] and torch.equal(counts, ref_few[2])
+           else 1.0}
+    d = pipe.dp_rank
+    mine = slice(d * M * b, (d + 1) * M * b)
+    res = pipe.train_step(inputs[mine], targets[mine], clip=1e9)
+    out["loss"] = _rel(res.losses, ref_losses[d * M:(d + 1) * M])
+    out["norm"] = abs(res.grad_norm - ref_norm) / ref_norm
+    out["counts"] = bool(torch.equal(res.counts, ref_counts))
+    out["grad"], out["experts"], out["params"] = 0.0, 0, 0
+    for n, p in pipe.named_parameters():
+        ref = ref_grads[n]
+        if n in pipe.experts:
+            ref = pipe.local_view(n, ref)
+            out["experts"] += 1
+        err = float((p.grad.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+        if err > out["grad"]:                  # relative to the tensor's norm (sums run in another order)
+            out["grad"], out["worst"] = err, n
+        out["params"] += 1
+    names = [n for n, _ in pipe.named_parameters()]
+    gathered = [None] * mesh.spec.pp
+    dist.all_gather_object(gathered, names, group=pipe.pp_group)
+    out["covered"] = set().union(*map(set, gathered)) == {n for n, _ in model.named_parameters()}
+    # the state gathered to rank 0 is the whole single-process model (experts gathered over EP)
+    ms, _, _ = pipe.gather_state()
+    if dist.get_rank() == 0:
+        full = _model().state_dict()
+        out["gathered"] = ms.keys() == full.keys() and all(torch.equal(ms[k], full[k]) for k in full)
+    else:
+        out["gathered"] = ms == {}
+    return out
+
+
+def _worker_expert_parallel(rank, world, store, pp, ep, gpus_per_node, cases, q):
+    try:
+        _init(rank, world, store)
+        from dsv3.parallel.mesh import MeshSpec, build_mesh
+
+        mesh = build_mesh(MeshSpec(world, gpus_per_node, pp, ep), rank)
+        results = {f"{name} pp={pp} ep={ep} dp={world // pp} M={M} two_hop={th}":
+                   _check_expert_parallel(name, mesh, M, two_hop=th) for name, M, th in cases}
+        q.put((rank, "ok", results))
+    except BaseException:
+        q.put((rank, "error", traceback.format_exc()))
+
+
 def _worker_schedules(rank, world, store, cases, q):
     try:
         _init(rank, world, store)
@@ -337,6 +403,31 @@ def test_every_schedule_matches_single_process_pp4_and_dp2(tmp_path):
              ("zb1p", 3, 2)]
     out, exits = _spawn(_worker_schedules, 4, tmp_path, cases)
     _assert_matches(out, exits, 4)
+
+
+def _assert_expert_parallel(out, exits, world):
+    assert set(out) == set(range(world)), f"missing ranks; exit codes {exits}: {out}"
+    for rank, (status, payload) in out.items():
+        assert status == "ok", f"rank {rank}:\n{payload}"
+        for name, r in payload.items():
+            assert r["covered"] and r["gathered"] and r["counts"] and r["experts"] > 0, (rank, name, r)
+            # the two-hop dispatch adds expert outputs per node first: fp32 sums in another order
+            tol = 5e-6 if "two_hop=True" in name else 1e-6
+            assert r["loss"] < tol and r["grad"] < tol and r["norm"] < tol and r["eval_few"] < tol, (rank, name, r)
+
+
+def test_every_schedule_pp2_ep2_dp2_matches_single_process(tmp_path):
+    # 8 ranks: 2 pipeline stages × 4 data-parallel ranks each, experts sharded over EP groups of 2
+    cases = [("1f1b", 2, False), ("zb1p", 3, False), ("dualpipe", 4, False), ("dualpipev", 3, False)]
+    out, exits = _spawn(_worker_expert_parallel, 8, tmp_path, 2, 2, 8, cases, timeout=240)
+    _assert_expert_parallel(out, exits, 8)
+
+
+def test_pp2_ep2_two_hop_over_simulated_nodes_matches_single_process(tmp_path):
+    # 4 ranks, one per simulated node: each EP group spans two nodes, dispatched in two hops
+    cases = [("dualpipev", 3, True), ("zb1p", 2, True)]
+    out, exits = _spawn(_worker_expert_parallel, 4, tmp_path, 2, 2, 1, cases, timeout=180)
+    _assert_expert_parallel(out, exits, 4)
 
 
 @pytest.mark.parametrize("mode", ["kill", "stall"])
