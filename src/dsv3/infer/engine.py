@@ -116,6 +116,11 @@ class Request:
     def seq(self) -> list[int]:
         return self.prompt + self.output
 
+    @property
+    def length(self) -> int:
+        """len(seq), without building it."""
+        return len(self.prompt) + len(self.output)
+
 
 class Engine:
     def __init__(self, model, max_batch: int = 8, cache_memory: int | None = None, block_size: int = 64,
@@ -214,7 +219,7 @@ class Engine:
                 "speculative_acceptance_rate": self.acceptance_rate if self.speculative else None}
 
     # ------------------------------------------------------------------ one engine step
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self) -> list[Request]:
         """Admit, prefill one chunk, decode every running request. Returns the requests finished."""
         finished: list[Request] = []
@@ -322,7 +327,7 @@ class Engine:
         for req in list(rows):
             if req not in rows:                  # preempted below
                 continue
-            need = math.ceil((len(req.seq) - 1 + width) / self.block_size) - len(req._blocks)
+            need = math.ceil((req.length - 1 + width) / self.block_size) - len(req._blocks)
             while need > 0:
                 got = self.pool.allocate(need)
                 if got is not None:
@@ -420,22 +425,25 @@ class Engine:
 
     def _plain_step(self, rows: list[Request], finished: list) -> None:
         tokens = torch.tensor([[r._next] for r in rows], device=self.device)
-        start = torch.tensor([len(r.seq) - 1 for r in rows], device=self.device)
+        start = torch.tensor([r.length - 1 for r in rows], device=self.device)
         logits = self.model(tokens, start, self.cache.view([r._blocks for r in rows], start, [1] * len(rows)))[:, -1]
         plain = [i for i, r in enumerate(rows) if r.params.greedy and not r.params.adjusts]
-        greedy = dict(zip(plain, logits[plain].argmax(-1).tolist())) if plain else {}
+        if len(plain) == len(rows):
+            greedy = dict(enumerate(logits.argmax(-1).tolist()))
+        else:
+            greedy = dict(zip(plain, logits[plain].argmax(-1).tolist())) if plain else {}
         for i, req in enumerate(rows):
             try:
                 tid = greedy[i] if i in greedy else self._sample(req, logits[i])
             except Exception as e:  # noqa: BLE001 — this request alone fails
                 self._finish(req, "error", finished, f"{type(e).__name__}: {e}")
                 continue
-            self._emit(req, tid, logits[i], finished)
+            self._emit(req, tid, logits[i] if req.logprobs is not None else None, finished)
 
     def _speculative_step(self, rows: list[Request], finished: list) -> None:
         """Verify every row's draft with its last token in one forward (positions pos, pos+1), accept
         or resample per row, then one batched MTP forward for the next drafts."""
-        start = torch.tensor([len(r.seq) - 1 for r in rows], device=self.device)
+        start = torch.tensor([r.length - 1 for r in rows], device=self.device)
         view = self.cache.view([r._blocks for r in rows], start, [2] * len(rows))
         drafts = torch.cat([r._draft[0] for r in rows])
         tokens = torch.stack([torch.tensor([r._next for r in rows], device=self.device), drafts], dim=1)
@@ -492,19 +500,21 @@ class Engine:
         for j, t in enumerate(targets):
             req.prompt_logprobs_out.append(TokenLogprob(t, float(lp[j]), list(zip(ids[j].tolist(), vals[j].tolist()))))
 
-    def _emit(self, req: Request, tid: int, logits: torch.Tensor, finished: list) -> None:
+    def _emit(self, req: Request, tid: int, logits: torch.Tensor | None, finished: list) -> None:
+        """Append ``tid`` to the output; ``logits`` [V] (the raw logits it was drawn from) are needed
+        only for ``req.logprobs``."""
         req.output.append(tid)
         req._next = tid
         if req.params.presence_penalty or req.params.frequency_penalty:
             if req._counts is None:
-                req._counts = torch.zeros(logits.shape[-1], device=self.device)
+                req._counts = torch.zeros(self.model.cfg.vocab_size, device=self.device)
             req._counts[tid] += 1
         if req.logprobs is not None:
             lp, vals, ids = token_logprobs(logits.view(1, -1), torch.tensor([tid]), req.logprobs)
             req.output_logprobs.append(TokenLogprob(tid, float(lp[0]), list(zip(ids[0].tolist(), vals[0].tolist()))))
         if tid in req.stop_ids:
             self._finish(req, "stop", finished)
-        elif len(req.output) >= req.max_new_tokens or len(req.seq) >= self.max_len:
+        elif len(req.output) >= req.max_new_tokens or req.length >= self.max_len:
             self._finish(req, "length", finished)
         if req.on_token is not None:
             try:

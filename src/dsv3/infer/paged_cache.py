@@ -115,6 +115,9 @@ class PagedLatentCache:
         self.num_blocks = num_blocks
         self.kv = torch.zeros(num_layers, num_blocks, block_size, cfg.kv_lora_rank, device=device, dtype=dtype)
         self.pe = torch.zeros(num_layers, num_blocks, block_size, cfg.qk_rope_head_dim, device=device, dtype=dtype)
+        # per layer, every slot as a row: [num_blocks·block_size, ·] views, made once (slot = block·size + offset)
+        self.kv_slots = [t.view(-1, t.shape[-1]) for t in self.kv]
+        self.pe_slots = [t.view(-1, t.shape[-1]) for t in self.pe]
 
     @staticmethod
     def bytes_per_block(cfg: ModelConfig, block_size: int, num_layers: int, dtype=torch.float32) -> int:
@@ -149,25 +152,25 @@ class PagedView:
         bs = cache.block_size
         self.cache = cache
         self.start = start.to(dev)
+        starts = self.start.tolist()
         T = max(lengths)
-        self.end = int((self.start + torch.tensor(lengths, device=dev)).max())     # positions to read
+        last = [s + n - 1 for s, n in zip(starts, lengths)]                           # each row's last position
+        self.end = max(last) + 1                                                       # positions to read
         width = max(len(t) for t in tables)
         if self.end > width * bs:
             raise ValueError(f"the block tables cover {width * bs} positions, the forward needs {self.end}")
         self.table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=dev)
-        n = torch.tensor(lengths, device=dev)
         # a row's positions past its own end read its last position (masked anyway, but never another
         # request's or an unwritten slot, so nothing non-finite can leak in through 0 · NaN)
-        s = torch.minimum(torch.arange(self.end, device=dev)[None, :], (self.start + n - 1)[:, None])
+        s = torch.minimum(torch.arange(self.end, device=dev), torch.tensor(last, device=dev)[:, None])
         self.read_idx = self.table.gather(1, s // bs) * bs + s % bs                    # [B, end] flat slots
         self.read_flat = self.read_idx.view(-1)
-        pos = self.start[:, None] + torch.arange(T, device=dev)                        # [B, T]
-        valid = torch.arange(T, device=dev)[None, :] < n[:, None]
-        pos = pos.clamp(max=self.end - 1)
-        slots = self.read_idx.gather(1, pos)                                           # [B, T]
+        # the slots written: row by row, the valid positions (few: made in Python)
+        self.write_idx = torch.tensor([t[p // bs] * bs + p % bs for t, s, n in zip(tables, starts, lengths)
+                                       for p in range(s, s + n)], dtype=torch.long, device=dev)
         self.all_valid = min(lengths) == T                                             # decode: no padding
-        self.write_idx = slots.reshape(-1) if self.all_valid else slots[valid]         # [N valid]
-        self.valid = valid
+        self.valid = None if self.all_valid else (torch.arange(T, device=dev)
+                                                  < torch.tensor(lengths, device=dev)[:, None])   # [B, T]
         self.T = T
         self.masks: dict = {}          # attention masks of this forward, made once by the first layer (MLA)
 
@@ -183,21 +186,21 @@ class PagedView:
         """Write kv/pe [B, T, ·] of the valid positions into their blocks."""
         if kv.shape[1] != self.T:
             raise ValueError(f"the view was made for {self.T} new positions per row, got {kv.shape[1]}")
-        kv_flat = self.cache.kv[layer].view(-1, kv.shape[-1])
-        pe_flat = self.cache.pe[layer].view(-1, pe.shape[-1])
+        kv_slots, pe_slots = self.cache.kv_slots[layer], self.cache.pe_slots[layer]
         if self.all_valid:
-            kv_flat[self.write_idx] = kv.reshape(-1, kv.shape[-1]).to(kv_flat.dtype)
-            pe_flat[self.write_idx] = pe.reshape(-1, pe.shape[-1]).to(pe_flat.dtype)
+            kv, pe = kv.reshape(-1, kv.shape[-1]), pe.reshape(-1, pe.shape[-1])
         else:
-            kv_flat[self.write_idx] = kv[self.valid].to(kv_flat.dtype)
-            pe_flat[self.write_idx] = pe[self.valid].to(pe_flat.dtype)
+            kv, pe = kv[self.valid], pe[self.valid]
+        kv_slots.index_copy_(0, self.write_idx, kv if kv.dtype is kv_slots.dtype else kv.to(kv_slots.dtype))
+        pe_slots.index_copy_(0, self.write_idx, pe if pe.dtype is pe_slots.dtype else pe.to(pe_slots.dtype))
 
     def update(self, layer: int, start_pos, kv: torch.Tensor, pe: torch.Tensor):
         """Write kv/pe [B, T, ·] of the valid positions; return every row's cached [B, end, ·]."""
         self.write(layer, kv, pe)
-        B, r, rope = self.read_idx.shape[0], kv.shape[-1], pe.shape[-1]
-        return (self.cache.kv[layer].view(-1, r).index_select(0, self.read_flat).view(B, self.end, r),
-                self.cache.pe[layer].view(-1, rope).index_select(0, self.read_flat).view(B, self.end, rope))
+        B = self.read_idx.shape[0]
+        kv_slots, pe_slots = self.cache.kv_slots[layer], self.cache.pe_slots[layer]
+        return (kv_slots.index_select(0, self.read_flat).view(B, self.end, kv_slots.shape[1]),
+                pe_slots.index_select(0, self.read_flat).view(B, self.end, pe_slots.shape[1]))
 
     def attend(self, layer: int, q_lat: torch.Tensor, q_pe: torch.Tensor, scale: float) -> torch.Tensor:
         """Absorbed attention of q_lat [B, T, H, r], q_pe [B, T, H, rope] over the blocks → o_lat [B, T, H, r]."""

@@ -11,6 +11,8 @@ from torch import nn
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     """x in fp32, or kept in fp64: the precision of norms, routing and logits (fp64 references stay fp64)."""
+    if x.dtype is torch.float32 or x.dtype is torch.float64:
+        return x                                  # no dispatch at all on the common path
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 

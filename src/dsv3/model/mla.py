@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .layers import RMSNorm
+from .layers import RMSNorm, at_least_fp32
 from .rope import apply_rope
 
 
@@ -203,12 +203,14 @@ def latent_attention(q_lat, q_pe, c_kv, k_pe, scale: float, visible=None) -> tor
     scores in the input dtype, the softmax in ≥ fp32, probabilities cast back."""
     B, T, H, r = q_lat.shape
     S = c_kv.shape[1]
-    score = torch.bmm(q_lat.reshape(B, T * H, r), c_kv.transpose(1, 2))               # [B, T·H, S]
-    score = score + torch.bmm(q_pe.reshape(B, T * H, -1), k_pe.transpose(1, 2))
-    score = score.to(torch.promote_types(score.dtype, torch.float32)) * scale
+    score = torch.bmm(q_pe.reshape(B, T * H, -1), k_pe.transpose(1, 2))              # [B, T·H, S]
+    score = torch.baddbmm(score, q_lat.reshape(B, T * H, r), c_kv.transpose(1, 2))    # + q_lat·c_kvᵀ
+    score = at_least_fp32(score) * scale
     if visible is not None:
         score = torch.where(visible, score.view(B, T, H, S), float("-inf"))
-    p = score.softmax(-1).to(c_kv.dtype)
+    p = score.softmax(-1)
+    if p.dtype is not c_kv.dtype:
+        p = p.to(c_kv.dtype)
     return torch.bmm(p.view(B, T * H, S), c_kv).view(B, T, H, r)
 
 

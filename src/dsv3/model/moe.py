@@ -66,11 +66,13 @@ class Gate(nn.Module):
         logits = F.linear(at_least_fp32(x), at_least_fp32(self.weight))
         scores = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
         bias = self.e_score_correction_bias if self.group_score == "top2" else None
-        idx = route(scores.detach(), bias, self.top_k, self.n_group, self.topk_group, self.group_score)
+        idx = route(scores.detach() if scores.requires_grad else scores, bias, self.top_k, self.n_group,
+                    self.topk_group, self.group_score)
         w = scores.gather(1, idx)
         if self.norm and self.top_k > 1:
             w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
-        w = w * self.scale
+        if self.scale != 1.0:                     # × 1.0 would change nothing
+            w = w * self.scale
         counts = torch.bincount(idx.flatten(), minlength=scores.shape[1])
         return Routing(idx, w, scores, counts)
 
@@ -102,7 +104,7 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, backe
     if backend != "segments":
         raise ValueError(f"unknown grouped GEMM backend {backend!r} (auto, grouped_mm, segments)")
     sizes = counts.tolist()
-    outs = [seg @ w[e].t() for e, seg in enumerate(x.split(sizes)) if sizes[e]]
+    outs = [F.linear(seg, w[e]) for e, seg in enumerate(x.split(sizes)) if sizes[e]]
     return torch.cat(outs) if outs else x.new_zeros(0, w.shape[1])
 
 
@@ -125,9 +127,11 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x_sorted: tokens grouped by expert (segment e has counts[e] rows) → [M, d]."""
-        h = grouped_linear(x_sorted, self.w13.to(x_sorted.dtype), counts, self.backend)
-        gate, up = h.split(self.inter, dim=-1)
-        return grouped_linear(F.silu(gate) * up, self.w2.to(x_sorted.dtype), counts, self.backend)
+        dtype = x_sorted.dtype
+        w13 = self.w13 if self.w13.dtype is dtype else self.w13.to(dtype)
+        w2 = self.w2 if self.w2.dtype is dtype else self.w2.to(dtype)
+        gate, up = grouped_linear(x_sorted, w13, counts, self.backend).split(self.inter, dim=-1)
+        return grouped_linear(F.silu(gate) * up, w2, counts, self.backend)
 
 
 class MoE(nn.Module):
@@ -157,5 +161,6 @@ def combine(experts: GroupedExperts, flat: torch.Tensor, r: Routing) -> torch.Te
     order = r.indices.flatten().argsort(stable=True)        # (token, slot) pairs sorted by expert
     token = order // k
     y = experts(flat[token], r.counts)
-    y = y * r.weights.flatten()[order].unsqueeze(1).to(y.dtype)
-    return torch.zeros_like(flat).index_add_(0, token, y.to(flat.dtype))
+    g = r.weights.flatten()[order].unsqueeze(1)
+    y = y * (g if g.dtype is y.dtype else g.to(y.dtype))
+    return torch.zeros_like(flat).index_add_(0, token, y if y.dtype is flat.dtype else y.to(flat.dtype))

@@ -69,4 +69,4 @@ def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     if freqs_cis.dim() == 3:
         shape[0] = freqs_cis.shape[0]
     out = torch.view_as_real(xc * freqs_cis.view(shape)).flatten(-2)
-    return out.to(dtype)
+    return out if out.dtype is dtype else out.to(dtype)
