@@ -52,6 +52,7 @@ from ..config import ModelConfig
 from ..model.layers import MLP
 from ..model.moe import Gate, GroupedExperts, MoE, Routing
 from .mesh import EPComm
+from .overlap import lane_group, span
 
 try:  # the FP8 quantiser (dsv3.fp8); FP8 dispatch is unavailable without it
     from ..fp8.quant import BLOCK as FP8_BLOCK
@@ -213,7 +214,8 @@ class DispatchPlan:
         if self._counts is None:
             return
         if self._work is not None:
-            self._work.wait()
+            with span("comm", "counts"):
+                self._work.wait()
         c, comm = self._counts, self.comm
         self._counts = self._work = None
         if not self.two_hop:
@@ -242,7 +244,7 @@ def _start_count_exchange(send: torch.Tensor, comm: EPComm):
     if comm.size == 1:
         return send, None
     recv = torch.empty_like(send)
-    return recv, dist.all_to_all_single(recv, send, group=comm.group, async_op=True)
+    return recv, dist.all_to_all_single(recv, send, group=lane_group(comm.group), async_op=True)
 
 
 def plan_dispatch(topk_idx: torch.Tensor, num_experts: int, comm: EPComm, two_hop: bool = False,
@@ -335,7 +337,9 @@ def _a2a(buf: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Te
     if len(send) == 1:
         return buf
     out = buf.new_empty(sum(recv), buf.shape[1])
-    dist.all_to_all_single(out, buf.contiguous(), recv, send, group=group)
+    buf = buf.contiguous()
+    with span("comm", "all_to_all"):
+        dist.all_to_all_single(out, buf, recv, send, group=lane_group(group))
     return out
 
 

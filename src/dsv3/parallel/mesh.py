@@ -189,6 +189,7 @@ class Mesh:
     ranks: dict                                            # kind -> this rank's group (global ranks)
     handles: dict = field(default_factory=dict, repr=False)  # kind -> ProcessGroup
     made: dict = field(default_factory=dict, repr=False)     # tuple(global ranks) -> ProcessGroup (or None)
+    lanes: set = field(default_factory=lambda: {0}, repr=False)   # overlap lanes with their own EP groups
 
     def __getattr__(self, name):
         # mesh.expert_group, mesh.data_group, … → the ProcessGroup handles
@@ -224,6 +225,24 @@ class Mesh:
             raise KeyError(f"no process group for ranks {list(key)}: create it with Mesh.create_groups "
                            f"on every rank first")
         return self.made[key]
+
+    def add_lane(self, lane: int = 1) -> None:
+        """Collective: a second copy of the expert-parallel groups (expert, ep_intra, ep_inter) for
+        ``lane``, so that two micro-batches can run their all-to-alls concurrently without their
+        collectives crossing (see :mod:`dsv3.parallel.overlap`). Every rank calls it once per lane."""
+        from .overlap import register_lane_group
+
+        if lane in self.lanes or self.spec.world_size == 1:
+            return
+        copies: dict[tuple, object] = {}
+        for kind in ("expert", "ep_intra", "ep_inter"):
+            for members in self.spec.groups(kind):
+                key = tuple(members)
+                if key not in copies:
+                    copies[key] = dist.new_group(members) if len(members) > 1 else None
+                if self.rank in members and copies[key] is not None:
+                    register_lane_group(lane, self.handles[kind], copies[key])
+        self.lanes.add(lane)
 
     @classmethod
     def from_env(cls, pp: int = 1, ep: int | None = None, gpus_per_node: int | None = None,

@@ -39,6 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..checkpoint import unflatten_optimizer_state
+from ..parallel.overlap import run_pair, span
 
 
 @dataclass
@@ -66,6 +67,9 @@ class Replicated:
         model.to(device)
         self.module = model
         self.data_rank, self.data_size = mesh.coords["dp_rank"], mesh.spec.dp
+        self.overlap = tc.overlap
+        if self.overlap:
+            mesh.add_lane(1)
 
     @property
     def ep(self) -> int:
@@ -84,15 +88,24 @@ class Replicated:
         return optimizer_class(groups, **kw)
 
     # ------------------------------------------------------------------ a step
-    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepOutput:
-        accum = self.tc.grad_accum
+    def _micro(self, i: int, inputs, targets, accum: int) -> dict:
+        """Forward and backward of micro-batch ``i`` of ``accum``; returns its detached info."""
         size = inputs.shape[0] // accum
-        totals, counts = {}, None
-        for i in range(accum):
-            sl = slice(i * size, (i + 1) * size)
+        sl = slice(i * size, (i + 1) * size)
+        with span("work", f"micro-batch {i}"):
             with self.autocast():
                 loss, info = self.loss_fn(self.model, inputs[sl], targets[sl])
             (loss / accum).backward()
+        return info
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepOutput:
+        accum = self.tc.grad_accum
+        if self.overlap:   # the two micro-batches at once, one per lane: each one's all-to-alls behind the other's compute
+            infos = list(run_pair(lambda: self._micro(0, inputs, targets, 2), lambda: self._micro(1, inputs, targets, 2)))
+        else:
+            infos = [self._micro(i, inputs, targets, accum) for i in range(accum)]
+        totals, counts = {}, None
+        for info in infos:
             for k, v in info["parts"].items():
                 totals[k] = totals.get(k, 0.0) + v.float() / accum
             if info["counts"] is not None:
@@ -198,7 +211,8 @@ class Pipelined:
             model, tc.schedule, tc.pp, tc.microbatches or None, local_batch=tc.batch_size // mesh.spec.dp,
             loss_fn=functools.partial(token_loss, mtp_lambda=tc.mtp_lambda), autocast=autocast,
             balance_fn=functools.partial(routing_balance_loss, balance_alpha=tc.balance_alpha), device=device,
-            mesh=mesh, expert_options=dict(two_hop=tc.two_hop, fp8_dispatch=tc.fp8_dispatch), eval_fn=eval_sums)
+            mesh=mesh, expert_options=dict(two_hop=tc.two_hop, fp8_dispatch=tc.fp8_dispatch), eval_fn=eval_sums,
+            overlap=tc.overlap)
         self.module = self.pipe.module
         self.data_rank, self.data_size = mesh.coords["dp_rank"], mesh.spec.dp
 

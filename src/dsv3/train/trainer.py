@@ -72,13 +72,16 @@ class TrainConfig:
     gpus_per_node: int = 0               # ranks per (simulated) node for EP; 0: torchrun's LOCAL_WORLD_SIZE
     two_hop: bool = False                # EP dispatch: inter-node hop, then intra-node forwarding
     fp8_dispatch: bool = False           # EP dispatch in FP8 (E4M3, 1×128 scales)
+    overlap: bool = False                # two micro-batches on two lanes: all-to-alls behind compute (parallel.overlap)
 
     def validate(self, cfg: ModelConfig) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "keep"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"--lr must be positive, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"--lr must be a positive finite number, got {self.lr}")
+        if not (math.isfinite(self.ema_decay) and 0 <= self.ema_decay < 1):
+            raise ValueError(f"--ema must be in [0, 1), got {self.ema_decay}")
         if self.seq_len + cfg.num_nextn_predict_layers > cfg.max_position_embeddings:
             raise ValueError(f"--seq-len {self.seq_len} (+{cfg.num_nextn_predict_layers} MTP) exceeds the "
                              f"model's max_position_embeddings ({cfg.max_position_embeddings})")
@@ -94,6 +97,9 @@ class TrainConfig:
             raise ValueError(f"--ep must be >= 1 and --gpus-per-node >= 0, got {self.ep}, {self.gpus_per_node}")
         if self.ep > 1 and cfg.n_routed_experts % self.ep:
             raise ValueError(f"--ep {self.ep} must divide the model's routed experts ({cfg.n_routed_experts})")
+        if self.overlap and (self.ep == 1 or (self.pp == 1 and self.grad_accum != 2)):
+            raise ValueError("--overlap needs --ep > 1 and, without --pp, --grad-accum 2 (the two micro-batches "
+                             "whose all-to-alls hide behind each other's compute)")
         if self.ep == 1 and (self.two_hop or self.fp8_dispatch or self.gpus_per_node):
             raise ValueError("--two-hop, --fp8-dispatch and --gpus-per-node need --ep > 1")
 
@@ -329,7 +335,7 @@ class Trainer:
             bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}",
                             lr=f"{rec['lr']:.1e}", maxvio=f"{rec.get('max_vio', 0):.2f}", refresh=False)
             bar.update(1)
-            if tc.save_every > 0 and (self.step % tc.save_every == 0 or self.step == tc.steps):
+            if (tc.save_every > 0 and self.step % tc.save_every == 0) or self.step == tc.steps:   # 0: at the end
                 self.save()
         bar.close()
         if self.val_dataset is not None:

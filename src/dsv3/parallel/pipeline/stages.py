@@ -61,6 +61,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ...model.layers import init_weights
+from ..overlap import lane, run_pair, span
 from ...model.rope import precompute_freqs_cis
 from .runtime import PipelineRuntime, PipelineStage
 from .schedule import MIN_MICROBATCHES, Schedule, build_schedule
@@ -88,9 +89,8 @@ class ModelStage(PipelineStage):
     trainer). Every stage adds the balance loss of its own MoE layers to the objective; the last
     stage adds the cross-entropy and MTP terms.
 
-    It keeps the default ``overlapped_forward_backward`` (F, then B). The place for DualPipe's GPU
-    overlap is an override here: run the two chunks block by block, issuing one micro-batch's MoE
-    dispatch/combine on a side CUDA stream while the other's attention/MLP computes.
+    ``overlapped_forward_backward`` (DualPipe's F&B pairs) runs F then B, or with ``overlap`` the two
+    at once on two lanes (:mod:`dsv3.parallel.overlap`).
     """
 
     def __init__(self, model, stage: int, chunk: int, num_chunks: int, layers: range, *, loss_fn=None,
@@ -116,6 +116,35 @@ class ModelStage(PipelineStage):
 
     def __repr__(self) -> str:
         return f"ModelStage(stage={self.stage}, chunk={self.chunk}, blocks={len(self.layers)})"
+
+    # With ``overlap`` (see dsv3.parallel.overlap): forwards on lane 0, backwards on lane 1, and
+    # DualPipe's F&B pairs run the two concurrently, so one's all-to-alls hide behind the other's compute.
+    overlap = False
+
+    def _on(self, k: int):
+        return lane(k) if self.overlap else nullcontext()
+
+    def forward(self, mb: int, x, data):
+        with self._on(0), span("work", f"F s{self.stage} mb{mb}"):
+            return super().forward(mb, x, data)
+
+    def backward(self, mb: int, grad):
+        with self._on(1), span("work", f"B s{self.stage} mb{mb}"):
+            return super().backward(mb, grad)
+
+    def backward_input(self, mb: int, grad):
+        with self._on(1), span("work", f"I s{self.stage} mb{mb}"):
+            return super().backward_input(mb, grad)
+
+    def backward_weight(self, mb: int) -> None:
+        with self._on(1), span("work", f"W s{self.stage} mb{mb}"):
+            return super().backward_weight(mb)
+
+    def overlapped_forward_backward(self, f_mb: int, x, data, b_stage, b_mb: int, grad):
+        if not self.overlap:
+            return super().overlapped_forward_backward(f_mb, x, data, b_stage, b_mb, grad)
+        (out, loss, info), dx = run_pair(lambda: self.forward(f_mb, x, data), lambda: b_stage.backward(b_mb, grad))
+        return out, loss, info, dx
 
     def modules(self) -> list[nn.Module]:
         mods = [self.embed, *self.layers, self.norm, self.lm_head, *self.mtp, self.mtp_embed]
@@ -292,7 +321,7 @@ class PipelineParallel:
 
     def __init__(self, model, schedule: str, pp: int, microbatches: int | None, *, local_batch: int, loss_fn,
                  balance_fn=None, autocast=None, device=None, timeout: float | None = 300.0, mesh=None,
-                 expert_options: dict | None = None, eval_fn=None):
+                 expert_options: dict | None = None, eval_fn=None, overlap: bool = False):
         from ..mesh import MeshSpec, build_mesh
 
         if mesh is None:   # pipeline × data parallelism over the whole world, no expert parallelism
@@ -327,6 +356,10 @@ class PipelineParallel:
 
             convert_to_expert_parallel(model, mesh.expert_comm(), **(expert_options or {}))
             self.experts = {f"{n}.experts.{w}": m for n, m in expert_modules(model) for w in WEIGHTS}
+        if overlap:   # F on lane 0, B on lane 1, each with its own EP groups; F&B pairs concurrent
+            mesh.add_lane(1)
+            for st in self.stages.values():
+                st.overlap = True
         self.ranks = mesh.ranks["pipeline"]
         self.pp_group, self.dp_group = mesh.pipeline_group, mesh.data_group
         # the groups of each parameter's copies (holders × data parallel; for experts, the expert-data

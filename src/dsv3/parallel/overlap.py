@@ -1,0 +1,220 @@
+"""Communication hidden behind computation: two micro-batches on two lanes (SPEC §2.1–2.2).
+
+DualPipe's point is that one micro-batch's MoE all-to-all runs while another micro-batch computes.
+dsv3 does this with **lanes**: lane 0 and lane 1 each own a copy of the expert-parallel process
+groups (:meth:`dsv3.parallel.mesh.Mesh.add_lane`), and two pieces of work run concurrently, one per
+lane — a Python thread each (PyTorch ops and gloo/NCCL waits release the GIL, so while one lane waits
+on its all-to-all the other computes). Collectives of one lane are issued in the same order on every
+rank (each lane's work is the same sequence everywhere), so the two lanes never cross; on a GPU each
+lane would also take its own CUDA stream.
+
+* a plain expert-parallel step with two micro-batches: micro-batch 0 forward+backward on lane 0,
+  micro-batch 1 on lane 1 (``train.strategy.Replicated``);
+* DualPipe / DualPipeV F&B pairs: the forward chunk on lane 0 while the backward chunk runs on lane 1
+  (``ModelStage.overlapped_forward_backward``); every other F runs on lane 0 and every B/I/W on lane 1.
+
+The numbers are those of the sequential run, bitwise: the same kernels on the same inputs; the only
+shared writes are the two micro-batches' gradient accumulations, a sum of two terms (commutative).
+
+:class:`Trace` records, per rank and lane, when each piece of work ran and when each collective was
+in flight; :func:`overlap_summary` turns that into the share of all-to-all time during which the other
+lane was computing, :func:`write_chrome_trace` into a Chrome-trace JSON (chrome://tracing, Perfetto)
+and :func:`plot_timeline` into a PNG.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+
+_local = threading.local()
+_aliases: dict[tuple[int, int], object] = {}     # (lane, id(lane-0 group)) -> that lane's copy
+
+
+def current_lane() -> int:
+    return getattr(_local, "lane", 0)
+
+
+@contextlib.contextmanager
+def lane(k: int):
+    """Run the enclosed work on lane ``k`` (this thread's expert collectives use lane k's groups)."""
+    prev = current_lane()
+    _local.lane = k
+    try:
+        yield
+    finally:
+        _local.lane = prev
+
+
+def register_lane_group(k: int, group0, group_k) -> None:
+    """Lane ``k``'s copy of the process group ``group0`` (made by ``Mesh.add_lane``)."""
+    _aliases[(k, id(group0))] = group_k
+
+
+def lane_group(group0):
+    """The group to use for ``group0`` on this thread's lane; lane 0 uses it as it is. A lane without a
+    copy of the group is an error, never a silent fall back onto the shared group (that would let two
+    lanes issue collectives on one group in a racy order)."""
+    k = current_lane()
+    if k == 0 or group0 is None:
+        return group0
+    try:
+        return _aliases[(k, id(group0))]
+    except KeyError:
+        raise RuntimeError(f"lane {k} has no copy of this process group: call Mesh.add_lane({k}) on every "
+                           f"rank first") from None
+
+
+def run_pair(first, second):
+    """``first()`` on lane 0 in a helper thread while ``second()`` runs on lane 1 in this one; returns
+    both results and re-raises the first error either raised (after both finished)."""
+    box: dict = {}
+
+    def target():
+        try:
+            with lane(0):
+                box["first"] = first()
+        except BaseException as e:  # noqa: BLE001 - re-raised below, in the caller's thread
+            box["error"] = e
+
+    t = threading.Thread(target=target, name="dsv3-lane0", daemon=True)
+    t.start()
+    try:
+        with lane(1):
+            second_result = second()
+    finally:
+        t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["first"], second_result
+
+
+# ----------------------------------------------------------------------------------------- the trace
+class Trace:
+    """Intervals of work and communication per lane: (lane, category, name, start, end) in seconds of
+    ``time.perf_counter``. Category "work" spans a lane's whole piece of work (a micro-batch's forward,
+    a backward); "comm" is a collective in flight inside it; the lane computes in work minus comm."""
+
+    def __init__(self):
+        self.events: list[tuple[int, str, str, float, float]] = []
+        self._lock = threading.Lock()
+
+    def add(self, cat: str, name: str, t0: float, t1: float) -> None:
+        with self._lock:
+            self.events.append((current_lane(), cat, name, t0, t1))
+
+    def clear(self) -> None:
+        with self._lock:
+            self.events.clear()
+
+
+_trace: Trace | None = None
+
+
+def set_trace(trace: Trace | None) -> None:
+    """Record into ``trace`` from now on (None: stop recording)."""
+    global _trace
+    _trace = trace
+
+
+@contextlib.contextmanager
+def span(cat: str, name: str):
+    """Record the enclosed code as a ``cat`` ("work" or "comm") interval when a trace is on."""
+    tr = _trace
+    if tr is None:
+        yield
+        return
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        tr.add(cat, name, t0, time.perf_counter())
+
+
+def _merge(iv: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[list[float]] = []
+    for a, b in sorted(iv):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def _subtract(iv, cut):
+    """Intervals ``iv`` minus the union of ``cut`` (both merged, sorted)."""
+    out = []
+    for a, b in iv:
+        pos = a
+        for c, d in cut:
+            if d <= pos or c >= b:
+                continue
+            if c > pos:
+                out.append((pos, c))
+            pos = max(pos, d)
+        if pos < b:
+            out.append((pos, b))
+    return out
+
+
+def _overlap(x, y) -> float:
+    total = 0.0
+    for a, b in x:
+        for c, d in y:
+            lo, hi = max(a, c), min(b, d)
+            if hi > lo:
+                total += hi - lo
+    return total
+
+
+def overlap_summary(events) -> dict:
+    """Seconds of communication per lane and the share of it during which the other lane computed."""
+    by = {(ln, cat): [] for ln in (0, 1) for cat in ("work", "comm")}
+    for ln, cat, _, a, b in events:
+        by.setdefault((ln, cat), []).append((a, b))
+    comm = {ln: _merge(by[(ln, "comm")]) for ln in (0, 1)}
+    compute = {ln: _subtract(_merge(by[(ln, "work")]), comm[ln]) for ln in (0, 1)}
+    total = sum(b - a for ln in (0, 1) for a, b in comm[ln])
+    hidden = _overlap(comm[0], compute[1]) + _overlap(comm[1], compute[0])
+    span_t = [t for _, _, _, a, b in events for t in (a, b)]
+    return {"comm_s": total, "hidden_s": hidden, "hidden_fraction": hidden / total if total else 0.0,
+            "compute_s": {ln: sum(b - a for a, b in compute[ln]) for ln in (0, 1)},
+            "wall_s": (max(span_t) - min(span_t)) if span_t else 0.0}
+
+
+def write_chrome_trace(events, path: str, rank: int = 0) -> None:
+    """Chrome-trace JSON (``chrome://tracing``, https://ui.perfetto.dev): one process per rank, one
+    thread row per lane and category."""
+    t0 = min((a for *_, a, _ in events), default=0.0)
+    rows = []
+    for ln, cat, name, a, b in events:
+        rows.append({"name": name, "cat": cat, "ph": "X", "pid": rank, "tid": f"lane {ln} {cat}",
+                     "ts": (a - t0) * 1e6, "dur": (b - a) * 1e6})
+    with open(path, "w") as f:
+        json.dump({"traceEvents": rows, "displayTimeUnit": "ms"}, f)
+
+
+def plot_timeline(events, path: str, title: str = "") -> None:
+    """A PNG of the two lanes: compute in blue, all-to-all in orange, per lane."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t0 = min((a for *_, a, _ in events), default=0.0)
+    fig, ax = plt.subplots(figsize=(12, 2.4))
+    for ln in (0, 1):
+        comm = _merge([(a, b) for l_, c, _, a, b in events if l_ == ln and c == "comm"])
+        work = _merge([(a, b) for l_, c, _, a, b in events if l_ == ln and c == "work"])
+        comp = _subtract(work, comm)
+        y = 1 - ln
+        ax.broken_barh([((a - t0) * 1e3, (b - a) * 1e3) for a, b in comp], (y + 0.05, 0.4), color="tab:blue")
+        ax.broken_barh([((a - t0) * 1e3, (b - a) * 1e3) for a, b in comm], (y + 0.5, 0.4), color="tab:orange")
+    ax.set_yticks([0.5, 1.5], ["lane 1", "lane 0"])
+    ax.set_xlabel("ms")
+    ax.set_title(title or "compute (blue) and all-to-all (orange) per lane")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
