@@ -2,15 +2,18 @@
 
 A checkpoint is a directory ``RUN/checkpoints/step-000123/`` holding ``model.safetensors``,
 ``optim.safetensors``, ``extra.safetensors`` (RNG state, EMA …) and ``meta.json`` (step, data
-position, non-tensor optimizer state, and the SHA-256 of every file). It is first written as
+position, non-tensor optimizer state, the SHA-256 of every file, and ``meta_sha256``: the SHA-256 of
+meta.json's own content without that key, so an edit of meta.json is caught too). It is first written as
 ``.tmp-step-000123``: each file fsync'ed, then the directory renamed into place and the parent
 fsync'ed, so a crash leaves either the old set of checkpoints or the new one, never half a
 checkpoint under a final name. On load, checksums are verified, newest first; a checkpoint that
-fails is skipped with a warning naming it.
+fails is skipped with a warning naming it. A save that fails (a full disk) removes its temporary
+directory and raises a ``UserError`` saying how much space it needed.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -19,6 +22,8 @@ import shutil
 import warnings
 
 import torch
+
+from .errors import UserError
 
 _NAME = re.compile(r"^step-(\d{9})$")
 _FILES = ("model.safetensors", "optim.safetensors", "extra.safetensors")
@@ -30,6 +35,12 @@ def _sha256(path: str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def meta_digest(meta: dict) -> str:
+    """SHA-256 of a checkpoint's metadata (every key but ``meta_sha256``), in a canonical JSON form."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _fsync_dir(path: str) -> None:
@@ -83,23 +94,40 @@ def save_checkpoint(ckpt_root: str, step: int, model_state: dict[str, torch.Tens
     name = f"step-{step:09d}"
     final = os.path.join(ckpt_root, name)
     tmp = os.path.join(ckpt_root, f".tmp-{name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    for stale in os.listdir(ckpt_root):   # left by a killed save
+        if stale.startswith(".tmp-step-"):
+            shutil.rmtree(os.path.join(ckpt_root, stale), ignore_errors=True)
     groups = {"model.safetensors": model_state, "optim.safetensors": optim_tensors,
               "extra.safetensors": extra_tensors}
-    checksums = {}
-    for fn, tensors in groups.items():
-        path = os.path.join(tmp, fn)
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path)
-        with open(path, "rb") as f:
+    need = sum(t.numel() * t.element_size() for g in groups.values() for t in g.values()) + (1 << 20)
+    free = shutil.disk_usage(ckpt_root).free
+    if free < need:
+        raise UserError(_no_space(final, need, free))
+    try:
+        os.makedirs(tmp)
+        checksums = {}
+        for fn, tensors in groups.items():
+            path = os.path.join(tmp, fn)
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path)
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+            checksums[fn] = _sha256(path)
+        meta = dict(meta, step=step, checksums=checksums)
+        meta["meta_sha256"] = meta_digest(meta)
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+            f.flush()
             os.fsync(f.fileno())
-        checksums[fn] = _sha256(path)
-    meta = dict(meta, step=step, checksums=checksums)
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(tmp)
+        _fsync_dir(tmp)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(_no_space(final, need, shutil.disk_usage(ckpt_root).free)) from None
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write checkpoint {final}: {e.strerror or e}"
+                            f"{' (' + e.filename + ')' if e.filename else ''}; the newest complete checkpoint "
+                            f"is kept") from None
+        raise
     if os.path.exists(final):
         shutil.rmtree(final)
     os.rename(tmp, final)
@@ -107,6 +135,12 @@ def save_checkpoint(ckpt_root: str, step: int, model_state: dict[str, torch.Tens
     for old in list_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
         shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
     return final
+
+
+def _no_space(final: str, need: int, free: int) -> str:
+    return (f"not enough disk space for checkpoint {final}: it needs about {need / 1e6:,.1f} MB, "
+            f"{free / 1e6:,.1f} MB are free (free {max(need - free, 0) / 1e6:,.1f} MB more, or lower --keep); "
+            f"the newest complete checkpoint is kept")
 
 
 def list_checkpoints(ckpt_root: str) -> list[str]:
@@ -122,13 +156,18 @@ def verify_checkpoint(path: str) -> dict:
     try:
         with open(meta_path) as f:
             meta = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"unreadable meta.json ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError("meta.json does not hold a JSON object")
+    if meta.get("meta_sha256") != meta_digest(meta):
+        raise ValueError("meta.json does not match its checksum (edited or corrupted)" if "meta_sha256" in meta
+                         else "meta.json has no checksum of its own (edited, or written by an older dsv3)")
     for fn in _FILES:
         p = os.path.join(path, fn)
         if not os.path.exists(p):
             raise ValueError(f"{fn} is missing")
-        if _sha256(p) != meta.get("checksums", {}).get(fn):
+        if not isinstance(meta.get("checksums"), dict) or _sha256(p) != meta["checksums"].get(fn):
             raise ValueError(f"{fn} does not match its checksum (truncated or corrupted)")
     return meta
 

@@ -15,12 +15,19 @@ import argparse
 import csv
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import eplb
+from .errors import UserError, check_int, check_output_file, read_text
+
+# far beyond any deployment (DeepSeek-V3 prefill: 288 replicas on 32 GPUs); 4096 replicas take seconds
+MAX_REPLICAS = 4096
+MAX_GPUS = 1024
+MAX_LOADS = 1 << 22          # layers × logical experts
 
 SUFFIXES = (".json", ".csv", ".npy", ".pt", ".pth")
 _FLAGS = {"num_replicas": "--replicas", "num_groups": "--groups", "num_nodes": "--nodes",
@@ -50,23 +57,29 @@ def load_loads(path: str | Path) -> torch.Tensor:
     suffix = p.suffix.lower()
     try:
         if suffix == ".json":
-            data = json.loads(p.read_text())
+            data = json.loads(read_text(p, "loads file"))
         elif suffix == ".csv":
-            rows = [r for r in csv.reader(p.read_text().splitlines()) if any(c.strip() for c in r)]
+            rows = [r for r in csv.reader(read_text(p, "loads file").splitlines()) if any(c.strip() for c in r)]
             if rows and not _numeric(rows[0]):
                 rows = rows[1:]  # header
             data = [[float(c) for c in r if c.strip()] for r in rows]
         elif suffix == ".npy":
             data = np.load(p, allow_pickle=False)
         elif suffix in (".pt", ".pth"):
-            data = torch.load(p, map_location="cpu", weights_only=True)
+            try:   # weights_only: a pickle that would run code is refused, never executed
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    data = torch.load(p, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, …
+                raise ValueError(f"{path}: not a file of plain tensors torch can load safely (weights_only=True "
+                                 f"refused it: {type(e).__name__}); nothing in it was run") from None
             if isinstance(data, torch.Tensor):
                 data = data.detach().double().numpy()
         else:
             raise ValueError(f"unsupported loads file type {suffix or '(none)'!r}: use one of {', '.join(SUFFIXES)}")
         arr = np.asarray(data, dtype=np.float64)
     except ValueError as e:
-        if "unsupported loads file" in str(e):
+        if "unsupported loads file" in str(e) or "weights_only" in str(e):
             raise
         raise ValueError(f"{path}: cannot read loads as a numeric [layers, experts] array ({e})") from None
     except (TypeError, OSError, RuntimeError, EOFError) as e:  # torch/numpy/json on a broken file
@@ -216,7 +229,18 @@ def _bal(loads: torch.Tensor, per_layer: bool = False):
 
 
 def run(args: argparse.Namespace) -> int:
+    check_int("--replicas", args.replicas, lo=1, hi=MAX_REPLICAS)
+    check_int("--gpus", args.gpus, lo=1, hi=MAX_GPUS)
+    check_int("--nodes", args.nodes, lo=1, hi=MAX_GPUS)
+    check_int("--groups", args.groups, lo=1, hi=MAX_REPLICAS)
+    if args.plot:
+        check_output_file("--plot", args.plot)
     weight = load_loads(args.loads)
+    if weight.numel() > MAX_LOADS:
+        raise UserError(f"--loads {args.loads}: {weight.shape[0]} layers x {weight.shape[1]} experts is more "
+                        f"than eplb handles ({MAX_LOADS:,} loads)")
+    if not torch.isfinite(weight).all() or (weight < 0).any():
+        raise UserError(f"--loads {args.loads}: loads must be finite and non-negative")
     if not 0 <= args.layer < weight.shape[0]:
         raise ValueError(f"--layer must be in [0, {weight.shape[0]}), got {args.layer}")
     try:

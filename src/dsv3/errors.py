@@ -129,8 +129,15 @@ def check_output_file(flag: str, path: str | os.PathLike) -> None:
         raise UserError(f"{flag} {path}: is a directory")
     if not os.path.isdir(parent):
         raise UserError(f"{flag} {path}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK) or (os.path.exists(p) and not os.access(p, os.W_OK)):
-        raise UserError(f"{flag} {path}: not writable (read-only file system or no permission)")
+    if os.path.exists(p) and not os.access(p, os.W_OK):
+        raise UserError(f"{flag} {path}: not writable (no permission)")
+    import tempfile
+
+    try:   # a real write: os.access does not see read-only file systems, nor limits on root
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".dsv3-write-test-"):
+            pass
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot write in {parent} ({e.strerror or e})") from None
 
 
 def oserror_message(e: OSError) -> str:

@@ -82,34 +82,51 @@ class _TensorSource:
     def __init__(self, path: str):
         from safetensors import safe_open
 
+        from .errors import read_json
+
         if not os.path.isdir(path):
             raise FileNotFoundError(f"checkpoint directory not found: {path}")
         index = os.path.join(path, _INDEX)
+        self.path, self._open, self._safe_open = path, {}, safe_open
         if os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = read_json(index, "weight index").get("weight_map")
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                raise ValueError(f"weight index {index} has no 'weight_map' object of tensor name -> file name")
+            for fn in sorted(set(weight_map.values())):
+                if not os.path.isfile(os.path.join(path, fn)):
+                    raise FileNotFoundError(f"{index} names shard {fn}, which is missing from {path}")
         else:
             files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
             if not files:
                 raise FileNotFoundError(f"no .safetensors files in {path}")
             weight_map = {}
             for fn in files:
-                with safe_open(os.path.join(path, fn), "pt") as f:
-                    weight_map.update({k: fn for k in f.keys()})
-        self.path, self.weight_map, self._open, self._safe_open = path, weight_map, {}, safe_open
+                weight_map.update({k: fn for k in self._open_file(fn)[1]})
+        self.weight_map = weight_map
+
+    def _open_file(self, fn: str):
+        """(handle, tensor names) of one safetensors file; a ValueError naming it when it is not one."""
+        if fn not in self._open:
+            full = os.path.join(self.path, fn)
+            try:
+                handle = self._safe_open(full, "pt")
+                self._open[fn] = (handle, set(handle.keys()))
+            except FileNotFoundError:
+                raise
+            except Exception as e:  # noqa: BLE001 - safetensors raises its own error type
+                raise ValueError(f"weights file {full} cannot be read: {e} (truncated, empty or not a "
+                                 f"safetensors file)") from None
+        return self._open[fn]
 
     def keys(self) -> set[str]:
         return set(self.weight_map)
 
     def _handle(self, name: str):
         fn = self.weight_map[name]
-        if fn not in self._open:
-            full = os.path.join(self.path, fn)
-            if not os.path.exists(full):
-                raise FileNotFoundError(f"{_INDEX} names shard {fn}, which is missing from {self.path}")
-            handle = self._safe_open(full, "pt")
-            self._open[fn] = (handle, set(handle.keys()))
-        handle, names = self._open[fn]
+        if fn not in self._open and not os.path.exists(os.path.join(self.path, fn)):
+            raise FileNotFoundError(f"{_INDEX} names shard {fn}, which is missing from {self.path}")
+        handle, names = self._open_file(fn)
         if name not in names:
             raise ValueError(f"{_INDEX} places {name} in {fn}, which does not hold it (missing tensor)")
         return handle
@@ -119,7 +136,29 @@ class _TensorSource:
         return self._handle(name).get_slice(name).get_dtype()
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handle(name).get_tensor(name)
+        try:
+            return self._handle(name).get_tensor(name)
+        except (ValueError, FileNotFoundError):
+            raise
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error type
+            raise ValueError(f"weights file {os.path.join(self.path, self.weight_map[name])}: tensor {name} cannot "
+                             f"be read ({e})") from None
+
+    def check(self) -> None:
+        """Open every file the weight map names (headers only): bad files fail here, before any allocation."""
+        for fn in sorted(set(self.weight_map.values())):
+            self._open_file(fn)
+
+
+def check_model_dir(path: str | os.PathLike) -> ModelConfig:
+    """Check a model directory without loading weights: config.json, the weight index and every
+    safetensors header (a ValueError / FileNotFoundError naming the file). Returns its config."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model directory not found: {path}")
+    cfg = ModelConfig.from_hf(path)
+    _TensorSource(path).check()
+    return cfg
 
 
 def _read(src: _TensorSource, name: str, dtype: torch.dtype) -> torch.Tensor:

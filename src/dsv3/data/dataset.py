@@ -96,6 +96,8 @@ def iter_documents(source=None, *, max_bytes: int | None = None, text_field: str
     document of its own (so a validation split samples every file, not a few whole files)."""
     if doc_bytes is not None and doc_bytes <= 0:
         raise ValueError(f"doc_bytes = {doc_bytes}: must be positive")
+    if max_bytes is not None and max_bytes <= 0:
+        raise ValueError(f"max_bytes = {max_bytes}: must be positive (--max-data-bytes)")
     if max_bytes is None and (source is None or source == BUILTIN):
         max_bytes = BUILTIN_MAX_BYTES
     total = 0
@@ -106,7 +108,10 @@ def iter_documents(source=None, *, max_bytes: int | None = None, text_field: str
             texts = []
             for lineno, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), 1):
                 if line.strip():
-                    obj = json.loads(line)
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
                     if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
                         raise ValueError(f"{path}:{lineno}: no string field {text_field!r}")
                     texts.append(obj[text_field])
@@ -277,6 +282,42 @@ def prepare(source, out_dir: str | os.PathLike, tokenizer: Tokenizer | str | Non
 
 
 # ---------------------------------------------------------------------------- reading
+def _read_index(fs, index_path: str, shown: str) -> dict:
+    """index.json of a prepared directory, checked: a ValueError naming the file and the key for anything
+    that is not what ``prepare`` writes."""
+    try:
+        with fs.open(index_path, "rb") as f:
+            raw = f.read()
+        meta = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{shown} is not UTF-8 text; is it a binary file?") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{shown} is not valid JSON (line {e.lineno} column {e.colno}: {e.msg})") from None
+
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{shown}: {what} (not a directory written by dsv3's data preparation; prepare it again)")
+
+    if not isinstance(meta, dict):
+        raise bad("must hold a JSON object")
+    for key in ("dtype", "vocab_size", "splits"):
+        if key not in meta:
+            raise bad(f"no {key!r} key")
+    if meta["dtype"] not in ("uint16", "uint32"):
+        raise bad(f"'dtype' = {meta['dtype']!r}, expected 'uint16' or 'uint32'")
+    if isinstance(meta["vocab_size"], bool) or not isinstance(meta["vocab_size"], int) or meta["vocab_size"] <= 0:
+        raise bad(f"'vocab_size' = {meta['vocab_size']!r}, expected a positive integer")
+    splits = meta["splits"]
+    if not isinstance(splits, dict) or "train" not in splits:
+        raise bad("'splits' must be an object with a 'train' split")
+    for name, sp in splits.items():
+        shards = sp.get("shards") if isinstance(sp, dict) else None
+        if not isinstance(shards, list) or not all(
+                isinstance(x, dict) and isinstance(x.get("file"), str) and isinstance(x.get("tokens"), int)
+                and not isinstance(x.get("tokens"), bool) and x["tokens"] >= 0 for x in shards):
+            raise bad(f"'splits.{name}.shards' must be a list of {{\"file\": …, \"tokens\": …}}")
+    return meta
+
+
 class TokenDataset:
     """Random access to one split of a prepared token directory (local path or fsspec URL).
 
@@ -296,15 +337,17 @@ class TokenDataset:
         if not self.fs.exists(index_path):
             raise FileNotFoundError(f"no token dataset at {self.path} "
                                     f"({INDEX} missing; run prepare)")
-        with self.fs.open(index_path, "r", encoding="utf-8") as f:
-            self.meta = json.load(f)
-        if tokenizer is not None and tokenizer.fingerprint() != self.meta["tokenizer_sha256"]:
+        self.meta = _read_index(self.fs, index_path, f"{self.path.rstrip('/')}/{INDEX}")
+        if tokenizer is not None and tokenizer.fingerprint() != self.meta.get("tokenizer_sha256"):
             raise ValueError(f"{self.path} was tokenised with a different tokenizer")
         self.dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
         self.vocab_size = int(self.meta["vocab_size"])
         shards = self.meta["splits"][split]["shards"]
         self._files = [f"{self.root}/{s['file']}" for s in shards]
         self._ends = np.cumsum([s["tokens"] for s in shards], dtype=np.int64)
+        for f in self._files:
+            if not self.fs.exists(f):
+                raise FileNotFoundError(f"{self.path}: {INDEX} lists the shard {f}, which is missing")
         self.num_tokens = int(self._ends[-1]) if len(shards) else 0
         self._local = isinstance(self.fs, LocalFileSystem)
         self._open: dict[int, object] = {}

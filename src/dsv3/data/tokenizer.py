@@ -204,20 +204,34 @@ class Tokenizer:
         file = root if not fs.isdir(root) else root.rstrip("/") + "/tokenizer.json"
         if not fs.exists(file):
             raise FileNotFoundError(f"no tokenizer.json in {path}")
-        with fs.open(file, "r", encoding="utf-8") as f:
-            tok = _HFTokenizer.from_str(f.read())
+        try:
+            with fs.open(file, "rb") as f:
+                text = f.read().decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"tokenizer {file} is not UTF-8 text; is it a binary file?") from None
+        if not text.strip():
+            raise ValueError(f"tokenizer {file} is empty")
+        try:
+            tok = _HFTokenizer.from_str(text)
+        except Exception as e:  # noqa: BLE001 - the tokenizers library raises its own Exception type
+            raise ValueError(f"tokenizer {file} cannot be read as a tokenizer.json ({str(e)[:200]})") from None
         names = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN}
         config = (file.rsplit("/", 1)[0] + "/" if "/" in file else "") + "tokenizer_config.json"
         add_bos = False
         if fs.exists(config):
-            with fs.open(config, "r", encoding="utf-8") as f:
-                cfg = json.load(f)
+            try:
+                with fs.open(config, "rb") as f:
+                    cfg = json.loads(f.read().decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"{config} is not a valid JSON text file ({e})") from None
+            if not isinstance(cfg, dict):
+                raise ValueError(f"{config} must hold a JSON object")
             add_bos = cfg.get("add_bos_token") is True
             for key in names:
                 value = cfg.get(key, names[key])
                 names[key] = value.get("content") if isinstance(value, dict) else value
         vocab = tok.get_vocab(with_added_tokens=True)
-        names = {k: (v if v in vocab else None) for k, v in names.items()}
+        names = {k: (v if isinstance(v, str) and v in vocab else None) for k, v in names.items()}
         return cls(tok, **names, add_bos_token=add_bos)
 
     def save(self, path: str | os.PathLike, model_max_length: int | None = None) -> str:

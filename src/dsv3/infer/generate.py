@@ -123,12 +123,35 @@ def load_tokenizer(path: str):
     return Tokenizer.from_file(tok_path)
 
 
+def check_args(args) -> None:
+    """Flag values generation cannot use (a UserError naming the flag), before the model is loaded."""
+    from ..errors import check_device, check_finite, check_int
+
+    check_int("--max-new-tokens", args.max_new_tokens, lo=1)
+    check_finite("--temperature", args.temperature, lo=0)
+    check_finite("--top-p", args.top_p, lo=0, hi=1, lo_open=True)
+    check_int("--top-k", args.top_k, lo=0)
+    check_int("--seed", args.seed, lo=0, hi=2**63 - 1)
+    check_device("--device", args.device)
+
+
 def run(args) -> int:
-    if args.max_new_tokens <= 0:
-        raise ValueError("--max-new-tokens must be positive")
+    from ..hf import check_model_dir
+
+    check_args(args)
+    cfg = check_model_dir(args.model)
+    if cfg.defaulted:
+        print(f"dsv3 generate: warning: {args.model}/config.json lacks keys that take transformers' defaults: "
+              + ", ".join(f"{k}={v!r}" for k, v in cfg.defaulted.items()), file=sys.stderr)
     model, tokenizer = load_model_dir(args.model, args.device, getattr(args, "fp8", "auto"))
     if args.speculative and not len(model.mtp):
         raise ValueError(f"--speculative: {args.model} has no MTP module (num_nextn_predict_layers = 0)")
+    n_prompt = len(tokenizer.encode(args.prompt, add_bos=tokenizer.add_bos_token and tokenizer.bos_id is not None))
+    room = model.cfg.max_position_embeddings - n_prompt
+    if n_prompt and 0 < room < args.max_new_tokens:
+        print(f"dsv3 generate: warning: --max-new-tokens {args.max_new_tokens}: the model has "
+              f"{model.cfg.max_position_embeddings} positions and the prompt takes {n_prompt}, so at most {room} "
+              f"tokens are generated", file=sys.stderr)
     stats: dict = {}
     generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
                   args.top_p, args.seed, stream=sys.stdout, speculative=args.speculative, stats=stats)

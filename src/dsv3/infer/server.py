@@ -661,6 +661,24 @@ def check_args(args) -> None:
         raise ValueError(f"--shutdown-grace {args.shutdown_grace}: must be a number of seconds >= 0")
     if args.served_model_name is not None and not args.served_model_name.strip():
         raise ValueError("--served-model-name: must not be empty")
+    from ..errors import check_device
+    check_device("--device", args.device)
+    if args.prefix_cache and "://" not in args.prefix_cache:
+        check_prefix_cache_dir(args.prefix_cache)
+
+
+def check_prefix_cache_dir(path: str) -> None:
+    """A local --prefix-cache directory exists or can be made, and can be written (a UserError otherwise)."""
+    import tempfile
+
+    from ..errors import UserError
+
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise UserError(f"--prefix-cache {path}: cannot write there ({e.strerror or e})") from None
 
 
 def check_listen(host: str, port: int) -> None:
@@ -694,7 +712,10 @@ def run(args) -> int:
     from .generate import load_tokenizer
     from .worker import EngineWorker
 
+    from ..hf import check_model_dir
+
     api_key = args.api_key if args.api_key is not None else os.environ.get("DSV3_API_KEY") or None
+    check_model_dir(args.model)                           # config and weight headers, before the engine starts
     tokenizer = load_tokenizer(args.model)                # the model itself loads in the engine process
     template = ChatTemplate.from_model_dir(args.model, tokenizer)
     cache_memory = None if args.cache_memory is None else int(args.cache_memory * (1 << 30))

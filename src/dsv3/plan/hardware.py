@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -37,13 +38,16 @@ class GPU:
     def __post_init__(self) -> None:
         for f in ("bf16_tflops", "hbm_gbps", "hbm_gb", "nvlink_gbps", "nic_gbps"):
             v = getattr(self, f)
-            if not isinstance(v, (int, float)) or v <= 0:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise ValueError(f"GPU {self.name!r}: {f} = {v!r} must be a positive number")
-        if self.fp8_tflops is not None and self.fp8_tflops <= 0:
-            raise ValueError(f"GPU {self.name!r}: fp8_tflops must be positive or null (no FP8)")
+        v = self.fp8_tflops
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0):
+            raise ValueError(f"GPU {self.name!r}: fp8_tflops = {v!r} must be a positive number or null (no FP8)")
+        if not isinstance(self.note, str):
+            raise ValueError(f"GPU {self.name!r}: note = {self.note!r} must be a string")
         for f in ("sms", "gpus_per_node"):
             v = getattr(self, f)
-            if not isinstance(v, int) or v <= 0:
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"GPU {self.name!r}: {f} = {v!r} must be a positive integer")
 
     def peak_tflops(self, precision: str) -> float:
@@ -81,23 +85,34 @@ _FIELDS = {f.name for f in dataclasses.fields(GPU)}
 
 def load_hardware_file(path: str | os.PathLike) -> dict[str, GPU]:
     """GPUs described in a JSON or YAML file (see the module docstring for the format)."""
+    from ..errors import read_text
+
     p = os.fspath(path)
     if not os.path.exists(p):
         raise FileNotFoundError(f"hardware file not found: {p}")
-    with open(p) as f:
-        text = f.read()
+    text = read_text(p, "hardware file")
     if p.endswith((".yaml", ".yml")):
         try:
             import yaml
         except ImportError:
             raise ValueError(f"{p}: reading YAML needs PyYAML (pip install pyyaml), or use JSON") from None
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.safe_load(text)     # safe_load: tags such as !!python/… are refused, never run
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" (line {mark.line + 1})" if mark is not None else ""
+            raise ValueError(f"hardware file {p} is not plain YAML{at}: "
+                             f"{getattr(e, 'problem', None) or str(e).splitlines()[0]}") from None
     else:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"{p} is not valid JSON: {e}") from None
     if isinstance(data, dict):
+        for k, v in data.items():
+            if not isinstance(v, dict):
+                raise ValueError(f"hardware file {p}: GPU {k!r} must be a mapping of its fields "
+                                 f"(bf16_tflops, hbm_gb, …), found {type(v).__name__} {v!r}"[:300])
         entries = [dict(v, name=k) for k, v in data.items()]
     elif isinstance(data, list):
         entries = list(data)

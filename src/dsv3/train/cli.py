@@ -12,7 +12,13 @@ import os
 import shutil
 import sys
 
-from ..cli import CLIError
+from ..errors import UserError as CLIError
+from ..errors import check_device, check_finite, check_int
+
+# what --resume compares with the run's start (RUN/run.json); --allow-changed names the ones to accept
+IDENTITY = {"config": "the model config", "seed": "--seed", "data": "--data", "batch-size": "--batch-size",
+            "seq-len": "--seq-len", "lr": "--lr", "warmup": "--warmup", "steps": "--steps"}
+RUN_FILE = "run.json"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,8 +51,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-batches", type=int, default=d.eval_batches)
     p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--keep", type=int, default=d.keep, help="checkpoints to keep")
-    p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
-    p.add_argument("--overwrite", action="store_true", help="delete an existing run in --out and start again")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest valid checkpoint in --out, with the settings the run started with")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete an existing run in --out (checkpoints, metrics, final/) and start again; with "
+                        "--resume: allow replacing final/ when the resumed run trains further")
+    p.add_argument("--allow-changed", action="append", default=[], metavar="SETTING",
+                   help="with --resume: accept a different SETTING than the run started with (repeatable or "
+                        "comma-separated): " + ", ".join(IDENTITY))
     p.add_argument("--device", default="auto")
     p.add_argument("--pp", type=int, default=d.pp, help="pipeline-parallel ranks (under torchrun: world = pp × dp)")
     p.add_argument("--schedule", default=d.schedule, choices=["1f1b", "zb1p", "dualpipe", "dualpipev"],
@@ -61,9 +73,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--two-hop", action="store_true",
                    help="--ep dispatch: one inter-node send per (token, node), then intra-node forwarding")
     p.add_argument("--fp8-dispatch", action="store_true", help="--ep dispatch in FP8 (E4M3, 1×128 scales)")
+    p.add_argument("--overlap", action="store_true",
+                   help="hide the --ep all-to-alls behind compute: two micro-batches run at once on two lanes "
+                        "(DualPipe's F&B pairs with --pp; --grad-accum 2 without)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--sample-prompt", default="def ", help="prompt for the sample printed at the end ('' to skip)")
+
+
+def check_args(args) -> None:
+    """Flag values no run can use (a UserError naming the flag), before anything is loaded or written."""
+    check_finite("--lr", args.lr, lo=0, lo_open=True)
+    check_finite("--ema", args.ema, lo=0, hi=1, hi_open=True)
+    for flag in ("bias_update_speed", "balance_alpha", "mtp_lambda"):
+        check_finite("--" + flag.replace("_", "-"), getattr(args, flag), lo=0)
+    for flag in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "keep", "pp", "ep"):
+        check_int("--" + flag.replace("_", "-"), getattr(args, flag), lo=1)
+    for flag in ("warmup", "eval_every", "save_every", "microbatches", "gpus_per_node", "seed"):
+        check_int("--" + flag.replace("_", "-"), getattr(args, flag), lo=0)
+    check_int("--seed", args.seed, hi=2**63 - 1)
+    if args.max_data_bytes is not None:
+        check_int("--max-data-bytes", args.max_data_bytes, lo=1)
+    check_device("--device", args.device)
+    bad = sorted(set(allowed_changes(args)) - set(IDENTITY))
+    if bad:
+        raise CLIError(f"--allow-changed {','.join(bad)}: unknown setting; choose from {', '.join(IDENTITY)}")
+    if allowed_changes(args) and not args.resume:
+        raise CLIError("--allow-changed only applies with --resume")
+
+
+def allowed_changes(args) -> list[str]:
+    return [x.strip() for a in (args.allow_changed or []) for x in a.split(",") if x.strip()]
 
 
 def _model_config(args):
@@ -71,22 +111,68 @@ def _model_config(args):
 
     if args.config and args.preset:
         raise CLIError("give --preset or --config, not both")
-    return ModelConfig.load(args.config) if args.config else ModelConfig.preset(args.preset or "tiny")
+    cfg = ModelConfig.load(args.config) if args.config else ModelConfig.preset(args.preset or "tiny")
+    if cfg.defaulted:
+        print(f"dsv3 train: warning: --config {args.config}: keys missing from config.json take transformers' "
+              f"defaults: " + ", ".join(f"{k}={v!r}" for k, v in cfg.defaulted.items()), file=sys.stderr)
+    return cfg
 
 
-def _prepare_run_dir(args) -> None:
+# ------------------------------------------------------------------------------------ the run directory
+def _run_contents(out: str) -> list[str]:
+    """What of a previous run ``out`` holds (names for messages)."""
     from .trainer import has_checkpoints
 
+    found = []
+    if has_checkpoints(out):
+        found.append("checkpoints/")
+    metrics = os.path.join(out, "metrics.jsonl")
+    if os.path.exists(metrics) and os.path.getsize(metrics) > 0:
+        found.append("metrics.jsonl")
+    for name in ("final", "summary.json"):
+        if os.path.exists(os.path.join(out, name)):
+            found.append(name + ("/" if name == "final" else ""))
+    return found
+
+
+def _exported_step(out: str) -> int | None:
+    """The step final/ was exported at (summary.json), None when unknown."""
+    try:
+        with open(os.path.join(out, "summary.json")) as f:
+            step = json.load(f).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
+def check_run_dir(args) -> None:
+    """Read-only checks of --out (every rank runs them, so all refuse alike): a run already there is
+    continued only with --resume and replaced only with --overwrite; --resume does not replace final/
+    unless --overwrite says so."""
     out = args.out
     if os.path.exists(out) and not os.path.isdir(out):
         raise CLIError(f"--out {out} exists and is not a directory")
-    if has_checkpoints(out) and not args.resume:
-        if not args.overwrite:
-            raise CLIError(f"{out} already holds a run with checkpoints; pass --resume to continue it "
-                           f"or --overwrite to start over (this deletes them)")
-        shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)
-    if args.overwrite and not args.resume and os.path.exists(os.path.join(out, "metrics.jsonl")):
-        os.remove(os.path.join(out, "metrics.jsonl"))
+    found = _run_contents(out) if os.path.isdir(out) else []
+    if found and not args.resume and not args.overwrite:
+        raise CLIError(f"--out {out} already holds a run ({', '.join(found)}); pass --resume to continue it "
+                       f"or --overwrite to delete it and start over")
+    if args.resume and os.path.isdir(os.path.join(out, "final")) and not args.overwrite:
+        step = _exported_step(out)
+        if step is None or step < args.steps:
+            at = f"step {step}" if step is not None else "an unknown step (no summary.json)"
+            raise CLIError(f"--resume: {out}/final/ holds the model exported at {at}; training on to --steps "
+                           f"{args.steps} would replace it: pass --overwrite to allow that (or move final/ away)")
+
+
+def _prepare_run_dir(args) -> None:
+    """Rank 0: with --overwrite (and no --resume) delete the previous run; check --out is writable."""
+    out = args.out
+    if args.overwrite and not args.resume:
+        for name in ("checkpoints", "final", ".final.tmp", "plots"):
+            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+        for name in ("metrics.jsonl", "summary.json", RUN_FILE):
+            if os.path.exists(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
     try:
         os.makedirs(out, exist_ok=True)
         probe = os.path.join(out, ".write-test")
@@ -94,7 +180,102 @@ def _prepare_run_dir(args) -> None:
             f.write("ok")
         os.remove(probe)
     except OSError as e:
-        raise CLIError(f"cannot write to the run directory {out}: {e.strerror or e}") from None
+        raise CLIError(f"--out {out}: cannot write to the run directory ({e.strerror or e})") from None
+
+
+def run_identity(args, cfg, data_dir: str) -> dict:
+    """What makes a run the same run (compared by --resume)."""
+    from ..data.dataset import INDEX
+
+    try:
+        with open(os.path.join(data_dir, INDEX)) as f:
+            index = json.load(f)
+        fingerprint = {"tokenizer_sha256": index.get("tokenizer_sha256"),
+                       "train_tokens": sum(s["tokens"] for s in index["splits"]["train"]["shards"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        fingerprint = None     # a remote prepared directory: the --data string alone
+    data = args.data if args.data == "builtin" or "://" in args.data else os.path.abspath(args.data)
+    return {"config": cfg.to_hf(), "seed": args.seed, "data": {"source": data, "prepared": fingerprint},
+            "batch-size": args.batch_size, "seq-len": args.seq_len, "lr": args.lr, "warmup": args.warmup,
+            "steps": args.steps}
+
+
+def _recorded_identity(out: str) -> dict | None:
+    """The identity in RUN/run.json, or (a run from before run.json) what the newest checkpoint's meta.json
+    says; None for a fresh directory."""
+    from ..checkpoint import list_checkpoints
+
+    path = os.path.join(out, RUN_FILE)
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                rec = json.load(f)
+        except (OSError, ValueError) as e:
+            raise CLIError(f"--resume: {path} is unreadable ({e}); delete it to skip the check") from None
+        if not isinstance(rec, dict):
+            raise CLIError(f"--resume: {path} does not hold a JSON object; delete it to skip the check")
+        return rec
+    names = list_checkpoints(os.path.join(out, "checkpoints"))
+    if not names:
+        return None
+    try:
+        with open(os.path.join(out, "checkpoints", names[-1], "meta.json")) as f:
+            meta = json.load(f)
+        tc = meta["train_config"]
+        return {"config": meta["model_config"], "seed": tc["seed"], "batch-size": tc["batch_size"],
+                "seq-len": tc["seq_len"], "lr": tc["lr"], "warmup": tc["warmup"], "steps": tc["steps"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _describe_change(key: str, old, new) -> str:
+    if key == "config":
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        return "the model config (" + ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:4]) + \
+            (" …" if len(diff) > 4 else "") + ")"
+    if key == "data":
+        old = old if isinstance(old, dict) else {}
+        if old.get("source") != new.get("source"):
+            return f"--data ({old.get('source')} -> {new.get('source')})"
+        return "--data (the prepared tokens differ)"
+    return f"--{key} ({old!r} -> {new!r})"
+
+
+def check_identity(args, identity: dict) -> bool:
+    """With --resume: refuse settings that differ from the run's start unless --allow-changed names them.
+    Returns whether RUN/run.json should be (re)written."""
+    recorded = _recorded_identity(args.out) if args.resume else None
+    if recorded is None:
+        return True
+    allowed = set(allowed_changes(args))
+    changed = [k for k in IDENTITY if k in recorded and recorded[k] != identity[k]]
+    if ("data" in changed and isinstance(recorded["data"], dict)
+            and None in (recorded["data"].get("prepared"), identity["data"]["prepared"])
+            and recorded["data"].get("source") == identity["data"]["source"]):
+        changed.remove("data")    # one side has no fingerprint: the same --data is the same data
+    refused = [k for k in changed if k not in allowed]
+    if refused:
+        raise CLIError(f"--resume: the run in {args.out} started with other settings: "
+                       + "; ".join(_describe_change(k, recorded[k], identity[k]) for k in refused)
+                       + ". Use the same settings, or pass --allow-changed " + ",".join(refused)
+                       + " to continue with the new ones")
+    return bool(changed) or not os.path.exists(os.path.join(args.out, RUN_FILE))
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def clear_metrics(out: str) -> None:
+    """A --resume that found no checkpoint starts from step 0: the steps a killed run logged go."""
+    path = os.path.join(out, "metrics.jsonl")
+    if os.path.exists(path):
+        os.remove(path)
 
 
 def _dataset(args, cfg, rank: int, world: int):
@@ -134,6 +315,7 @@ def run(args) -> int:
 
     from .trainer import TrainConfig, Trainer, dist_from_env, pick_device
 
+    check_args(args)
     cfg = _model_config(args)
     tc = TrainConfig(out=args.out, data=args.data, steps=args.steps, batch_size=args.batch_size,
                      seq_len=args.seq_len, grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup,
@@ -143,17 +325,28 @@ def run(args) -> int:
                      eval_batches=args.eval_batches, save_every=args.save_every, keep=args.keep,
                      progress=not args.no_progress, device=args.device, pp=args.pp, schedule=args.schedule,
                      microbatches=args.microbatches, ep=args.ep, gpus_per_node=args.gpus_per_node,
-                     two_hop=args.two_hop, fp8_dispatch=args.fp8_dispatch)
+                     two_hop=args.two_hop, fp8_dispatch=args.fp8_dispatch, overlap=args.overlap)
     tc.validate(cfg)
+    check_run_dir(args)
     info = dist_from_env(pick_device(args.device))
     if info.main:
         _prepare_run_dir(args)
     if info.world > 1:
         torch.distributed.barrier()
     train, val, tokenizer = _dataset(args, cfg, info.rank, info.world)
+    identity = run_identity(args, cfg, train.path)
+    if check_identity(args, identity) and info.main:
+        _write_json_atomic(os.path.join(args.out, RUN_FILE), identity)
     trainer = Trainer(cfg, tc, train, val, tokenizer)
-    if args.resume and not trainer.resume() and info.main:
-        print(f"no checkpoint in {args.out}; starting from scratch", flush=True)
+    if args.resume:
+        try:
+            resumed = trainer.resume()
+        except RuntimeError as e:   # load_state_dict: the checkpoint's tensors do not fit this model
+            raise CLIError(f"--resume: the checkpoint in {args.out} does not fit the model being trained "
+                           f"({str(e).strip().splitlines()[-1][:200]})") from None
+        if not resumed and info.main:
+            print(f"no checkpoint in {args.out}; starting from scratch", flush=True)
+            clear_metrics(args.out)
     if trainer.step >= tc.steps and info.main:
         print(f"the run in {args.out} is already at step {trainer.step} of {tc.steps}")
     summary = trainer.fit()
@@ -171,15 +364,26 @@ def _finish(args, trainer, tokenizer, summary: dict, model=None) -> None:
 
     model = trainer.model if model is None else model
     final = os.path.join(args.out, "final")
-    save_pretrained(model, final)
-    tokenizer.save(final)
     if "val_loss_start" in summary:
         print(f"validation loss: {summary['val_loss_start']:.4f} before training")
     if "val_loss_end" in summary:
         print(f"validation loss: {summary['val_loss_end']:.4f} after {trainer.step} steps")
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump({"step": trainer.step, **summary}, f, indent=1)
-    print(f"model exported to {final} (Hugging Face layout + tokenizer.json)")
+    if os.path.isdir(final) and _exported_step(args.out) == trainer.step and not args.overwrite:
+        print(f"{final} already holds the model of step {trainer.step}; kept as it is")
+    else:
+        # written beside final/ and renamed into place: a killed export leaves the old final/ (or none)
+        tmp, old = os.path.join(args.out, ".final.tmp"), os.path.join(args.out, ".final.old")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_pretrained(model, tmp)
+        tokenizer.save(tmp)
+        if os.path.exists(final):
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+        print(f"model exported to {final} (Hugging Face layout + tokenizer.json)")
+    # after final/: a kill in between leaves a summary older than final/, which --resume refuses to replace
+    _write_json_atomic(os.path.join(args.out, "summary.json"), {"step": trainer.step, **summary})
     if not args.no_plots:
         from .plots import plot_run
         for path in plot_run(args.out):

@@ -8,17 +8,55 @@ import os
 
 
 def read_metrics(run_dir: str) -> list[dict]:
+    """The rows of RUN/metrics.jsonl, checked: each a JSON object with an integer ``step`` and numbers where
+    the plots read numbers (a UserError naming the file and line otherwise). A last line cut short by a
+    killed process is skipped."""
+    from ..errors import UserError, iter_jsonl
+
     path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"run directory not found: {run_dir}")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
     rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut short by a killed process
+    for lineno, rec in iter_jsonl(path, "metrics file"):
+        where = f"metrics file {path} line {lineno}"
+        step = rec.get("step")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise UserError(f"{where}: 'step' must be a non-negative integer, found {step!r}")
+        for key in _NUMBERS:
+            v = rec.get(key)
+            if key in rec and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise UserError(f"{where}: {key!r} must be a number, found {v!r}"[:300])
+        load = rec.get("expert_load")
+        if load is not None and not (isinstance(load, list) and load and all(
+                isinstance(r, list) and r and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in r)
+                for r in load)):
+            raise UserError(f"{where}: 'expert_load' must be a list of per-layer lists of numbers")
+        rows.append(rec)
+    if not rows:
+        raise UserError(f"metrics file {path} holds no rows to plot")
+    shapes = {(len(r["expert_load"]), len(r["expert_load"][0])) for r in rows if "expert_load" in r}
+    if len(shapes) > 1 or any(len({len(x) for x in r["expert_load"]}) > 1 for r in rows if "expert_load" in r):
+        raise UserError(f"metrics file {path}: 'expert_load' rows differ in shape ({sorted(shapes)})")
     return rows
+
+
+_NUMBERS = ("loss", "mtp", "val_loss", "max_vio", "val_max_vio")
+
+
+def check_out_dir(out_dir: str, flag: str = "--out") -> None:
+    """The plots directory exists or can be made, and is writable (a UserError naming it)."""
+    import tempfile
+
+    from ..errors import UserError
+
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise UserError(f"{flag} {out_dir}: cannot write the plots there ({e.strerror or e})") from None
 
 
 def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
@@ -31,7 +69,7 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
 
     rows = read_metrics(run_dir)
     out_dir = out_dir or os.path.join(run_dir, "plots")
-    os.makedirs(out_dir, exist_ok=True)
+    check_out_dir(out_dir)
     written = []
 
     train = [r for r in rows if "loss" in r]
@@ -44,7 +82,9 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
     if val:
         ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
     ax.set_xlabel("step"), ax.set_ylabel("cross-entropy (nats/token)"), ax.set_title("loss")
-    ax.grid(alpha=0.3), ax.legend()
+    ax.grid(alpha=0.3)
+    if train or val:
+        ax.legend()
     written.append(_save(fig, out_dir, "loss.png"))
 
     vio = [r for r in rows if "max_vio" in r]

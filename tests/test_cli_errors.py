@@ -1,0 +1,277 @@
+"""Bad input to every command ends in one line naming the command and the file/flag/field, exit code 2,
+no traceback; an internal error ends in one line pointing at a traceback file (issue 14).
+
+Each case runs ``dsv3.cli.main`` in this process (the code path of the ``dsv3`` command; a few run as
+real subprocesses too); none allocates more than a few MB or takes more than a second or two.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dsv3 import ModelConfig
+from dsv3.cli import main
+from helpers import cli_env, free_port, small_config
+
+TINY_HF = ModelConfig.preset("tiny").to_hf()
+
+
+def _write(path, content) -> str:
+    path = str(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if isinstance(content, bytes):
+        open(path, "wb").write(content)
+    elif isinstance(content, str):
+        open(path, "w").write(content)
+    else:
+        open(path, "w").write(json.dumps(content))
+    return path
+
+
+def _without(d: dict, key: str) -> dict:
+    return {k: v for k, v in d.items() if k != key}
+
+
+class _Evil:   # a pickle that would run code on load: torch.load(weights_only=True) must refuse it
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A very small model in the HF layout with a byte-level tokenizer (no corpus needed)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from dsv3 import Transformer, save_pretrained
+
+    out = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    save_pretrained(Transformer(small_config(vocab_size=300, max_position_embeddings=64)), out)
+    vocab = {tok: i for i, tok in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(out / "tokenizer.json"))
+    return str(out)
+
+
+def _broken_model(tmp_path, model_dir, **files) -> str:
+    """A copy of ``model_dir`` with some files replaced (bytes/str/JSON) or removed (None)."""
+    import shutil
+
+    d = tmp_path / "broken"
+    shutil.copytree(model_dir, d)
+    for name, content in files.items():
+        name = name.replace("__", ".")
+        if content is None:
+            os.remove(d / name)
+        else:
+            _write(d / name, content)
+    return str(d)
+
+
+def _truncated(model_dir) -> bytes:
+    return open(os.path.join(model_dir, "model.safetensors"), "rb").read()[:-100]
+
+
+# (id, args builder(tmp_path, model_dir) -> argv, text the one line must contain)
+CASES = [
+    # ---- info: config.json that is not what it should be
+    ("config-json-list", lambda t, m: ["info", "--config", _write(t / "c.json", [1, 2])], "must hold a JSON object"),
+    ("config-string-eps", lambda t, m: ["info", "--config", _write(t / "c.json", {**TINY_HF, "rms_norm_eps": "tiny"})],
+     "rms_norm_eps"),
+    ("config-rope-string", lambda t, m: ["info", "--config", _write(t / "c.json", {**TINY_HF, "rope_scaling": "yarn"})],
+     "rope_scaling"),
+    ("config-quant-string", lambda t, m: ["info", "--config",
+                                          _write(t / "c.json", {**TINY_HF, "quantization_config": "fp8"})],
+     "quantization_config"),
+    ("config-block-int", lambda t, m: ["info", "--config", _write(t / "c.json", {
+        **TINY_HF, "quantization_config": {"quant_method": "fp8", "weight_block_size": 128}})], "weight_block_size"),
+    ("config-eos-empty", lambda t, m: ["info", "--config", _write(t / "c.json", {**TINY_HF, "eos_token_id": []})],
+     "eos_token_id"),
+    ("config-hidden-null", lambda t, m: ["info", "--config", _write(t / "c.json", {**TINY_HF, "hidden_size": None})],
+     "hidden_size"),
+    ("config-layers-string", lambda t, m: ["info", "--config",
+                                           _write(t / "c.json", {**TINY_HF, "num_hidden_layers": "3"})],
+     "num_hidden_layers"),
+    ("config-nan", lambda t, m: ["info", "--config", _write(t / "c.json", json.dumps(TINY_HF)[:-1] +
+                                                            ', "rope_theta": NaN}')], "NaN"),
+    ("config-binary", lambda t, m: ["info", "--config", _write(t / "c.json", b"\x00\xff\xfe" * 50)], "c.json"),
+    ("config-not-a-config", lambda t, m: ["info", "--config", _write(t / "c.json", {"foo": 1})], "model config"),
+    ("config-missing", lambda t, m: ["info", "--config", str(t / "nope.json")], "nope.json"),
+    ("info-2^30-experts", lambda t, m: ["info", "--config", _write(t / "c.json", {
+        **TINY_HF, "n_routed_experts": 2**30, "n_group": 1, "topk_group": 1})], "n_routed_experts"),
+    # ---- train: flags, data, run directory
+    ("train-lr-nan", lambda t, m: ["train", "--out", str(t / "r"), "--lr", "nan"], "--lr"),
+    ("train-lr-inf", lambda t, m: ["train", "--out", str(t / "r"), "--lr", "inf"], "--lr"),
+    ("train-lr-text", lambda t, m: ["train", "--out", str(t / "r"), "--lr", "abc"], "--lr"),
+    ("train-ema", lambda t, m: ["train", "--out", str(t / "r"), "--ema", "1.5"], "--ema"),
+    ("train-max-data-bytes", lambda t, m: ["train", "--out", str(t / "r"), "--max-data-bytes", "-1"],
+     "--max-data-bytes"),
+    ("train-device-tpu", lambda t, m: ["train", "--out", str(t / "r"), "--device", "tpu9"], "--device"),
+    ("train-allow-changed-unknown", lambda t, m: ["train", "--out", str(t / "r"), "--resume",
+                                                  "--allow-changed", "colour"], "--allow-changed"),
+    ("train-index-without-splits", lambda t, m: ["train", "--out", str(t / "r"), "--data", os.path.dirname(
+        _write(t / "data" / "index.json", {"dtype": "uint16", "vocab_size": 2048}))], "splits"),
+    ("train-config-binary", lambda t, m: ["train", "--out", str(t / "r"), "--config",
+                                          _write(t / "c.json", os.urandom(64) + b"\xff")], "c.json"),
+    # ---- generate
+    ("generate-truncated-weights", lambda t, m: ["generate", "--prompt", "x", "--model", _broken_model(
+        t, m, model__safetensors=_truncated(m))], "model.safetensors"),
+    ("generate-empty-weights", lambda t, m: ["generate", "--prompt", "x", "--model", _broken_model(
+        t, m, model__safetensors=b"")], "model.safetensors"),
+    ("generate-random-weights", lambda t, m: ["generate", "--prompt", "x", "--model", _broken_model(
+        t, m, model__safetensors=os.urandom(4096))], "model.safetensors"),
+    ("generate-empty-tokenizer", lambda t, m: ["generate", "--prompt", "x", "--model", _broken_model(
+        t, m, tokenizer__json="")], "tokenizer"),
+    ("generate-index-without-weight-map", lambda t, m: ["generate", "--prompt", "x", "--model", _broken_model(
+        t, m, model__safetensors__index__json={"metadata": {}})], "weight_map"),
+    ("generate-config-list", lambda t, m: ["generate", "--prompt", "x", "--model", _broken_model(
+        t, m, config__json=[])], "config.json"),
+    ("generate-top-p", lambda t, m: ["generate", "--prompt", "x", "--model", m, "--top-p", "0"], "--top-p"),
+    ("generate-temperature-nan", lambda t, m: ["generate", "--prompt", "x", "--model", m, "--temperature", "nan"],
+     "--temperature"),
+    # ---- serve (everything is checked before a socket or an engine starts)
+    ("serve-port", lambda t, m: ["serve", "--model", m, "--port", "70000"], "--port"),
+    ("serve-truncated-weights", lambda t, m: ["serve", "--port", str(free_port()), "--model", _broken_model(
+        t, m, model__safetensors=_truncated(m))], "model.safetensors"),
+    ("serve-prefix-cache-unwritable", lambda t, m: ["serve", "--port", str(free_port()), "--model", m, "--prefix-cache",
+                                                    os.path.join(_write(t / "afile", "x"), "cache")],
+     "--prefix-cache"),
+    ("serve-device", lambda t, m: ["serve", "--port", str(free_port()), "--model", m, "--device", "tpu9"], "--device"),
+    # ---- plot
+    ("plot-rows-without-step", lambda t, m: ["plot", os.path.dirname(_write(t / "run" / "metrics.jsonl",
+                                                                            '{"loss": 1.0}\n'))], "'step'"),
+    ("plot-line-is-a-number", lambda t, m: ["plot", os.path.dirname(_write(t / "run" / "metrics.jsonl", "5\n"))],
+     "line 1"),
+    ("plot-empty", lambda t, m: ["plot", os.path.dirname(_write(t / "run" / "metrics.jsonl", ""))], "no rows"),
+    ("plot-strings", lambda t, m: ["plot", os.path.dirname(_write(t / "run" / "metrics.jsonl", '"a"\n"b"\n'))],
+     "line 1"),
+    ("plot-string-loss", lambda t, m: ["plot", os.path.dirname(_write(t / "run" / "metrics.jsonl",
+                                                                      '{"step": 1, "loss": "low"}\n'))], "'loss'"),
+    ("plot-bad-middle-line", lambda t, m: ["plot", os.path.dirname(_write(
+        t / "run" / "metrics.jsonl", '{"step": 1, "loss": 2}\n{"step": 2, "lo\n{"step": 3, "loss": 1}\n'))],
+     "line 2"),
+    ("plot-binary", lambda t, m: ["plot", os.path.dirname(_write(t / "run" / "metrics.jsonl", b"\xff\xfe\x00" * 9))],
+     "metrics.jsonl"),
+    ("plot-unwritable-out", lambda t, m: ["plot", os.path.dirname(_write(t / "run" / "metrics.jsonl",
+                                                                         '{"step": 1, "loss": 2}\n')),
+                                          "--out", os.path.join(_write(t / "afile", "x"), "plots")], "--out"),
+    # ---- pipeline / eplb / plan
+    ("pipeline-huge", lambda t, m: ["pipeline", "--schedule", "1f1b", "--ranks", "1000000", "--microbatches",
+                                    "1000000"], "--ranks"),
+    ("pipeline-product", lambda t, m: ["pipeline", "--schedule", "1f1b", "--ranks", "1000", "--microbatches",
+                                       "10000"], "--microbatches"),
+    ("pipeline-plot-unwritable", lambda t, m: ["pipeline", "--schedule", "1f1b", "--ranks", "2", "--microbatches",
+                                               "4", "--plot", os.path.join(_write(t / "afile", "x"), "p.png")],
+     "--plot"),
+    ("eplb-random-pt", lambda t, m: ["eplb", "--loads", _write(t / "l.pt", os.urandom(300)), "--replicas", "8",
+                                     "--groups", "1", "--nodes", "1", "--gpus", "1"], "l.pt"),
+    ("eplb-replicas-huge", lambda t, m: ["eplb", "--loads", _write(t / "l.json", [[1, 2, 3, 4]]), "--replicas",
+                                         "400000000", "--groups", "1", "--nodes", "1", "--gpus", "1"], "--replicas"),
+    ("eplb-plot-unwritable", lambda t, m: ["eplb", "--loads", _write(t / "l.json", [[1, 2, 3, 4]]), "--replicas",
+                                           "4", "--groups", "1", "--nodes", "1", "--gpus", "1", "--plot",
+                                           os.path.join(_write(t / "afile", "x"), "p.png")], "--plot"),
+    ("plan-yaml-python-tag", lambda t, m: ["plan", "--gpu", "g", "--hardware-file", _write(
+        t / "hw.yaml", "g: !!python/object/apply:os.system ['echo pwned']\n")], "hw.yaml"),
+    ("plan-hardware-entry-string", lambda t, m: ["plan", "--gpu", "g", "--hardware-file",
+                                                 _write(t / "hw.json", {"g": "fast"})], "'g'"),
+    ("plan-hardware-binary", lambda t, m: ["plan", "--hardware-file", _write(t / "hw.json", b"\x00\xff" * 20)],
+     "hw.json"),
+]
+
+
+def _one_line_error(err: str, command: str, needle: str) -> None:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert "Traceback" not in err, err
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"dsv3 {command}: error: "), err
+    assert needle in lines[0], err
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_exit_2(case, tmp_path, model_dir, capsys):
+    _, build, needle = case
+    argv = build(tmp_path, model_dir)
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as e:   # argparse's own errors (a value that is not a number)
+        code = e.code
+    _one_line_error(capsys.readouterr().err, argv[0], needle)
+    assert code == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+@pytest.mark.parametrize("command", ["train", "generate"])
+def test_cuda_without_a_gpu(command, tmp_path, model_dir, capsys):
+    argv = (["train", "--out", str(tmp_path / "r")] if command == "train"
+            else ["generate", "--model", model_dir, "--prompt", "x"]) + ["--device", "cuda"]
+    assert main(argv) == 2
+    _one_line_error(capsys.readouterr().err, command, "--device cuda")
+
+
+def test_malicious_pickle_is_refused_not_run(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "loads.pt"
+    path.write_bytes(pickle.dumps(_Evil(str(marker))))
+    assert main(["eplb", "--loads", str(path), "--replicas", "8", "--groups", "1", "--nodes", "1",
+                 "--gpus", "1"]) == 2
+    _one_line_error(capsys.readouterr().err, "eplb", "weights_only")
+    assert not marker.exists()
+
+
+def test_missing_hidden_size_takes_transformers_default_and_info_says_so(tmp_path, capsys):
+    path = _write(tmp_path / "c.json", _without(TINY_HF, "hidden_size"))
+    assert main(["info", "--config", path]) == 0
+    out = capsys.readouterr().out
+    assert "defaults taken" in out and "hidden_size=7168" in out
+    assert main(["info", "--config", path, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["defaults"] == {"hidden_size": 7168}
+
+
+def test_internal_error_points_at_a_traceback_file(tmp_path, capsys, monkeypatch):
+    import dsv3.commands.info as info
+
+    def broken(args):
+        raise TypeError("an internal bug")
+
+    monkeypatch.setattr(info, "run", broken)
+    monkeypatch.setenv("DSV3_CRASH_DIR", str(tmp_path / "crashes"))
+    assert main(["info", "--config", "tiny"]) == 1
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "internal error: TypeError: an internal bug" in lines[0] and "Traceback" not in err
+    (report,) = os.listdir(tmp_path / "crashes")
+    assert report in lines[0] and "Traceback" in (tmp_path / "crashes" / report).read_text()
+    with pytest.raises(TypeError):
+        main(["--debug", "info", "--config", "tiny"])
+    with pytest.raises(TypeError):
+        main(["info", "--config", "tiny", "--debug"])
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["info", "--config", "{dir}/list.json"], "list.json"),
+    (["train", "--out", "{dir}/r", "--lr", "nan"], "--lr"),
+    (["plot", "{dir}"], "line 1"),
+])
+def test_as_a_subprocess(tmp_path, argv, needle):
+    """``python -m dsv3.cli``: the same one line (the module runs as __main__, its error type must still be
+    the one the commands raise)."""
+    _write(tmp_path / "list.json", [1])
+    _write(tmp_path / "metrics.jsonl", "5\n")
+    argv = [a.format(dir=tmp_path) for a in argv]
+    r = subprocess.run([sys.executable, "-m", "dsv3.cli", *argv], capture_output=True, text=True, env=cli_env(),
+                       timeout=120)
+    assert r.returncode == 2, r.stderr
+    _one_line_error(r.stderr, argv[0], needle)
