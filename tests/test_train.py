@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -128,3 +129,147 @@ def test_existing_run_is_not_overwritten(tmp_path, capsys, data_dir):
     assert cli(["train", "--out", str(run), "--data", data_dir, *SMALL]) == 2
     assert "--resume" in capsys.readouterr().err
     assert list_checkpoints(str(run / "checkpoints")) == ["step-000000002"]
+
+
+# ------------------------------------------------------------------------------ run directory safety (issue 14)
+def _steps_logged(run_dir) -> list[int]:
+    """Every step a training line (with a loss) was logged for, in file order, repeats included."""
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if line.strip()]
+    return [r["step"] for r in rows if "loss" in r]
+
+
+def _tree(path) -> dict:
+    """{relative file: bytes} of a directory (to show it was left alone)."""
+    out = {}
+    for root, _, files in os.walk(path):
+        for f in files:
+            p = os.path.join(root, f)
+            out[os.path.relpath(p, path)] = open(p, "rb").read()
+    return out
+
+
+QUICK = ["--steps", "3", "--batch-size", "2", "--seq-len", "16", "--eval-every", "0", "--eval-batches", "1",
+         "--no-progress", "--no-plots", "--sample-prompt", "", "--warmup", "1"]
+
+
+def test_save_every_0_saves_at_the_end_and_a_rerun_never_replaces_final(tmp_path, capsys, data_dir):
+    run = tmp_path / "run"
+    assert cli(["train", "--out", str(run), "--data", data_dir, *QUICK, "--save-every", "0"]) == 0
+    assert list_checkpoints(run / "checkpoints") == ["step-000000003"]          # "0: only at the end"
+    before, metrics = _tree(run / "final"), (run / "metrics.jsonl").read_bytes()
+    capsys.readouterr()
+    # the same command again: refused, nothing touched
+    assert cli(["train", "--out", str(run), "--data", data_dir, *QUICK, "--save-every", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--resume" in err and "--overwrite" in err and len(err.splitlines()) == 1
+    assert _tree(run / "final") == before and (run / "metrics.jsonl").read_bytes() == metrics
+    # --resume of the finished run: no step logged again, final/ kept as it is
+    assert cli(["train", "--out", str(run), "--data", data_dir, *QUICK, "--resume"]) == 0
+    assert _steps_logged(run) == [1, 2, 3] and _tree(run / "final") == before
+    # training further would replace final/: only with --overwrite (and --allow-changed steps)
+    more = [*QUICK[:1], "4", *QUICK[2:]]
+    assert cli(["train", "--out", str(run), "--data", data_dir, *more, "--resume"]) == 2
+    assert "final/" in capsys.readouterr().err
+    assert cli(["train", "--out", str(run), "--data", data_dir, *more, "--resume", "--overwrite"]) == 2
+    assert "--allow-changed steps" in capsys.readouterr().err and _tree(run / "final") == before
+    assert cli(["train", "--out", str(run), "--data", data_dir, *more, "--resume", "--allow-changed", "steps",
+                "--overwrite"]) == 0
+    assert _steps_logged(run) == [1, 2, 3, 4] and _tree(run / "final") != before
+    # --overwrite without --resume starts over: each step once
+    assert cli(["train", "--out", str(run), "--data", data_dir, *QUICK, "--overwrite"]) == 0
+    assert _steps_logged(run) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("flag, value, setting", [("--batch-size", "4", "batch-size"), ("--seq-len", "8", "seq-len"),
+                                                  ("--seed", "1", "seed"), ("--lr", "0.01", "lr")])
+def test_resume_with_other_settings_is_refused_unless_allowed(tmp_path, capsys, data_dir, flag, value, setting):
+    run = tmp_path / "run"
+    args = ["train", "--out", str(run), "--data", data_dir, *QUICK, "--save-every", "1"]
+    assert cli(args) == 0
+    shutil.rmtree(run / "final")     # as if killed before the export: --resume may run again
+    capsys.readouterr()
+    changed = [*args, flag, value, "--resume"]
+    assert cli(changed) == 2
+    err = capsys.readouterr().err.strip()
+    assert flag in err and f"--allow-changed {setting}" in err and len(err.splitlines()) == 1
+    assert cli([*changed, "--allow-changed", setting]) == 0
+
+
+def test_resume_with_another_model_config_is_refused(tmp_path, capsys, data_dir):
+    run = tmp_path / "run"
+    assert cli(["train", "--out", str(run), "--data", data_dir, *QUICK]) == 0
+    shutil.rmtree(run / "final")
+    cfg = json.load(open(run / "checkpoints" / "step-000000003" / "meta.json"))["model_config"]
+    cfg["hidden_size"] = 64
+    (tmp_path / "other.json").write_text(json.dumps(cfg))
+    capsys.readouterr()
+    assert cli(["train", "--out", str(run), "--data", data_dir, *QUICK, "--config", str(tmp_path / "other.json"),
+                "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "hidden_size" in err and "--allow-changed config" in err and "Traceback" not in err
+
+
+def test_rerun_after_a_kill_before_the_first_checkpoint_logs_each_step_once(tmp_path, data_dir):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "dsv3.cli", "train", "--out", str(run), "--data", data_dir,
+           *QUICK[:1], "40", *QUICK[2:], "--save-every", "1000"]
+    proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").exists() and _steps_logged(run).count(2):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not list_checkpoints(run / "checkpoints") and 2 in _steps_logged(run)
+    again = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True)          # without --resume
+    assert again.returncode == 2 and "--resume" in again.stderr and "Traceback" not in again.stderr
+    short = [*cmd[:cmd.index("40")], "3", *cmd[cmd.index("40") + 1:]]
+    done = subprocess.run([*short, "--resume", "--allow-changed", "steps"], env=cli_env(), capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    assert _steps_logged(run) == [1, 2, 3]
+
+
+def test_edited_meta_json_is_detected(tmp_path):
+    root = tmp_path / "ck"
+    for step in (1, 2):
+        save_checkpoint(str(root), step, {"w": torch.full((2,), float(step))}, {}, {}, {"data_step": step})
+    meta_path = root / "step-000000002" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["data_step"] = 7                                   # still valid JSON, checksums of the tensors intact
+    meta_path.write_text(json.dumps(meta))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path, meta, _ = load_latest(str(root))
+    assert meta["step"] == 1
+    assert any("step-000000002" in str(w.message) and "meta.json" in str(w.message) for w in caught)
+
+
+def test_a_failed_save_removes_its_temporary_directory_and_says_how_much_space(tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    from dsv3.errors import UserError
+
+    root = tmp_path / "ck"
+    save_checkpoint(str(root), 1, {"w": torch.ones(4)}, {}, {}, {})
+
+    def full(tensors, path, *a, **k):
+        with open(path, "wb") as f:
+            f.write(b"x" * 10)
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(UserError, match="needs about .* MB are free"):
+        save_checkpoint(str(root), 2, {"w": torch.zeros(4)}, {}, {}, {})
+    monkeypatch.undo()
+    assert sorted(os.listdir(root)) == ["step-000000001"]          # no .tmp-step-000000002 left behind
+    assert load_latest(str(root))[1]["step"] == 1
+    # too little free space is refused before anything is written
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 10))
+    with pytest.raises(UserError, match="not enough disk space"):
+        save_checkpoint(str(root), 3, {"w": torch.zeros(1000)}, {}, {}, {})
+    monkeypatch.undo()
+    assert sorted(os.listdir(root)) == ["step-000000001"]
