@@ -103,8 +103,13 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, backe
         return _GroupedMM.apply(x, w, offs)
     if backend != "segments":
         raise ValueError(f"unknown grouped GEMM backend {backend!r} (auto, grouped_mm, segments)")
-    sizes = counts.tolist()
-    outs = [F.linear(seg, w[e]) for e, seg in enumerate(x.split(sizes)) if sizes[e]]
+    outs, at = [], 0
+    for e, n in enumerate(counts.tolist()):       # only the experts that have rows (few when decoding)
+        if n:
+            outs.append(F.linear(x[at:at + n], w[e]))
+            at += n
+    if len(outs) == 1:
+        return outs[0]
     return torch.cat(outs) if outs else x.new_zeros(0, w.shape[1])
 
 
@@ -160,7 +165,7 @@ def combine(experts: GroupedExperts, flat: torch.Tensor, r: Routing) -> torch.Te
     k = r.indices.shape[1]
     order = r.indices.flatten().argsort(stable=True)        # (token, slot) pairs sorted by expert
     token = order // k
-    y = experts(flat[token], r.counts)
-    g = r.weights.flatten()[order].unsqueeze(1)
+    y = experts(flat.index_select(0, token), r.counts)
+    g = r.weights.flatten().index_select(0, order).unsqueeze(1)
     y = y * (g if g.dtype is y.dtype else g.to(y.dtype))
     return torch.zeros_like(flat).index_add_(0, token, y if y.dtype is flat.dtype else y.to(flat.dtype))
