@@ -273,3 +273,35 @@ def test_a_failed_save_removes_its_temporary_directory_and_says_how_much_space(t
         save_checkpoint(str(root), 3, {"w": torch.zeros(1000)}, {}, {}, {})
     monkeypatch.undo()
     assert sorted(os.listdir(root)) == ["step-000000001"]
+
+
+def test_a_frozen_rank_makes_the_others_stop_with_an_error_naming_it(tmp_path, data_dir):
+    """Two ranks; rank 1 is frozen (SIGSTOP) mid-run: rank 0 exits with code 2 within --dist-timeout (+ start-up
+    slack), naming rank 1, instead of waiting 30 minutes."""
+    from helpers import free_port
+
+    env = dict(cli_env(), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    cmd = [sys.executable, "-m", "dsv3.cli", "train", "--out", str(tmp_path / "run"), "--data", data_dir,
+           *QUICK[:1], "500", *QUICK[2:], "--save-every", "1000", "--dist-timeout", "4"]
+    procs = [subprocess.Popen(cmd, env=dict(env, RANK=str(r), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE="2"),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        deadline = time.time() + 120
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        while time.time() < deadline and all(p.poll() is None for p in procs):
+            if metrics.exists() and len(_steps_logged(tmp_path / "run")) >= 2:
+                break
+            time.sleep(0.05)
+        assert all(p.poll() is None for p in procs), procs[0].stderr.read()
+        procs[1].send_signal(signal.SIGSTOP)
+        stopped = time.time()
+        err = procs[0].communicate(timeout=60)[1]
+        assert time.time() - stopped < 4 + 20
+        assert procs[0].returncode == 2, err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("dsv3 train: error: rank 0") and "rank 1 has not answered" in last, err
+        assert "Traceback" not in err
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGKILL)
+            p.wait()

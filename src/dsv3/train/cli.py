@@ -76,6 +76,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overlap", action="store_true",
                    help="hide the --ep all-to-alls behind compute: two micro-batches run at once on two lanes "
                         "(DualPipe's F&B pairs with --pp; --grad-accum 2 without)")
+    p.add_argument("--dist-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="under torchrun: a rank waiting longer than this on the others (a frozen or dead peer) "
+                        "stops with an error naming the silent rank (default 600)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--sample-prompt", default="def ", help="prompt for the sample printed at the end ('' to skip)")
@@ -95,6 +98,7 @@ def check_args(args) -> None:
     if args.max_data_bytes is not None:
         check_int("--max-data-bytes", args.max_data_bytes, lo=1)
     check_device("--device", args.device)
+    check_finite("--dist-timeout", args.dist_timeout, lo=0, lo_open=True)
     bad = sorted(set(allowed_changes(args)) - set(IDENTITY))
     if bad:
         raise CLIError(f"--allow-changed {','.join(bad)}: unknown setting; choose from {', '.join(IDENTITY)}")
@@ -311,9 +315,7 @@ def _dataset(args, cfg, rank: int, world: int):
 
 
 def run(args) -> int:
-    import torch
-
-    from .trainer import TrainConfig, Trainer, dist_from_env, pick_device
+    from .trainer import TrainConfig, dist_from_env, pick_device
 
     check_args(args)
     cfg = _model_config(args)
@@ -328,7 +330,31 @@ def run(args) -> int:
                      two_hop=args.two_hop, fp8_dispatch=args.fp8_dispatch, overlap=args.overlap)
     tc.validate(cfg)
     check_run_dir(args)
-    info = dist_from_env(pick_device(args.device))
+    from .watchdog import Heartbeat, init_distributed, is_timeout, timeout_message
+
+    device = pick_device(args.device)
+    init_distributed(device.type, args.dist_timeout)
+    info = dist_from_env(device)
+    held: dict = {}
+    heartbeat = Heartbeat(info.rank, info.world, lambda: getattr(held.get("trainer"), "step", None)).start() \
+        if info.world > 1 else None
+    try:
+        return _run(args, cfg, tc, info, held)
+    except Exception as e:
+        if heartbeat is not None and is_timeout(e):
+            step = getattr(held.get("trainer"), "step", None)
+            raise CLIError(timeout_message(e, info.rank, step, args.dist_timeout, heartbeat)) from None
+        raise
+    finally:
+        if heartbeat is not None:
+            heartbeat.stop()
+
+
+def _run(args, cfg, tc, info, held: dict) -> int:
+    import torch
+
+    from .trainer import Trainer
+
     if info.main:
         _prepare_run_dir(args)
     if info.world > 1:
@@ -337,11 +363,13 @@ def run(args) -> int:
     identity = run_identity(args, cfg, train.path)
     if check_identity(args, identity) and info.main:
         _write_json_atomic(os.path.join(args.out, RUN_FILE), identity)
-    trainer = Trainer(cfg, tc, train, val, tokenizer)
+    trainer = held["trainer"] = Trainer(cfg, tc, train, val, tokenizer)
     if args.resume:
         try:
             resumed = trainer.resume()
         except RuntimeError as e:   # load_state_dict: the checkpoint's tensors do not fit this model
+            if "size mismatch" not in str(e) and "Missing key" not in str(e) and "Unexpected key" not in str(e):
+                raise
             raise CLIError(f"--resume: the checkpoint in {args.out} does not fit the model being trained "
                            f"({str(e).strip().splitlines()[-1][:200]})") from None
         if not resumed and info.main:
