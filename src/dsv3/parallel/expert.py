@@ -52,7 +52,7 @@ from ..config import ModelConfig
 from ..model.layers import MLP
 from ..model.moe import Gate, GroupedExperts, MoE, Routing
 from .mesh import EPComm
-from .overlap import lane_group, span
+from .overlap import communicating, lane_group, turn_point
 
 try:  # the FP8 quantiser (dsv3.fp8); FP8 dispatch is unavailable without it
     from ..fp8.quant import BLOCK as FP8_BLOCK
@@ -214,7 +214,7 @@ class DispatchPlan:
         if self._counts is None:
             return
         if self._work is not None:
-            with span("comm", "counts"):
+            with communicating("counts"):
                 self._work.wait()
         c, comm = self._counts, self.comm
         self._counts = self._work = None
@@ -338,7 +338,7 @@ def _a2a(buf: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Te
         return buf
     out = buf.new_empty(sum(recv), buf.shape[1])
     buf = buf.contiguous()
-    with span("comm", "all_to_all"):
+    with communicating("all_to_all"):
         dist.all_to_all_single(out, buf, recv, send, group=lane_group(group))
     return out
 
@@ -710,6 +710,7 @@ class ExpertParallelMoE(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor, stats: list | None = None) -> torch.Tensor:
+        x = turn_point(x)          # with --overlap: attention done, the other lane may compute now
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         r: Routing = self.gate(flat)

@@ -29,6 +29,8 @@ import json
 import threading
 import time
 
+import torch
+
 _local = threading.local()
 _aliases: dict[tuple[int, int], object] = {}     # (lane, id(lane-0 group)) -> that lane's copy
 
@@ -67,28 +69,135 @@ def lane_group(group0):
                            f"rank first") from None
 
 
+class _Baton:
+    """Which lane of this rank computes now. A lane gives it up when it starts waiting on a collective
+    (or finishes) and, at a yield point, when the other lane is waiting to compute: handed over
+    directly to a waiting lane, so turns alternate fairly."""
+
+    def __init__(self, first: int):
+        self.cv = threading.Condition()
+        self.owner: int | None = first
+        self.waiting: set[int] = set()
+
+    def take(self, k: int) -> None:
+        with self.cv:
+            self.waiting.add(k)
+            self.cv.wait_for(lambda: self.owner in (None, k))
+            self.owner = k
+            self.waiting.discard(k)
+
+    def give(self, k: int) -> None:
+        with self.cv:
+            others = self.waiting - {k}
+            self.owner = min(others) if others else None
+            self.cv.notify_all()
+
+    def pass_turn(self, k: int) -> None:
+        with self.cv:
+            if not self.waiting - {k}:
+                return
+        self.give(k)
+        self.take(k)
+
+
 def run_pair(first, second):
     """``first()`` on lane 0 in a helper thread while ``second()`` runs on lane 1 in this one; returns
-    both results and re-raises the first error either raised (after both finished)."""
+    both results and re-raises the first error either raised (after both finished).
+
+    The two take turns computing: one lane holds a *baton* while it computes and hands it over
+    whenever it starts waiting on a collective (:func:`communicating`) or reaches a yield point
+    (:func:`pass_turn`) while the other waits, so one lane's all-to-all is in flight while the other
+    computes — as DualPipe pairs one chunk's compute with the other's communication — and the two never
+    fight over the rank's cores. Lane 0 starts on every rank, so the ranks' lanes keep the same phase.
+    A lane holding the baton is never blocked on a peer, so this cannot deadlock."""
     box: dict = {}
+    baton = _Baton(first=0)
+
+    def turns(fn, k):
+        def run():
+            _local.baton = baton
+            baton.take(k)
+            try:
+                with lane(k):
+                    return fn()
+            finally:
+                baton.give(k)
+                _local.baton = None
+        return run
+
+    threads = torch.get_num_threads()   # OpenMP's setting is per thread: the helper must match the caller
 
     def target():
         try:
-            with lane(0):
-                box["first"] = first()
+            torch.set_num_threads(threads)
+            box["first"] = turns(first, 0)()
         except BaseException as e:  # noqa: BLE001 - re-raised below, in the caller's thread
             box["error"] = e
 
     t = threading.Thread(target=target, name="dsv3-lane0", daemon=True)
     t.start()
     try:
-        with lane(1):
-            second_result = second()
+        second_result = turns(second, 1)()
     finally:
         t.join()
     if "error" in box:
         raise box["error"]
     return box["first"], second_result
+
+
+def pass_turn() -> None:
+    """A yield point (e.g. between two blocks): inside :func:`run_pair`, let the other lane compute
+    if it is waiting for its turn; elsewhere nothing."""
+    baton = getattr(_local, "baton", None)
+    if baton is not None:
+        baton.pass_turn(current_lane())
+
+
+class _TurnInBackward(torch.autograd.Function):
+    """Identity whose backward is a yield point: the backward pass takes turns at block boundaries too."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        pass_turn()
+        return g
+
+
+_enabled = False
+
+
+def enable() -> None:
+    """Overlap is on in this process (``Mesh.add_lane`` calls it): :func:`turn_point` marks graphs."""
+    global _enabled
+    _enabled = True
+
+
+def turn_point(x):
+    """A yield point now (forward) and where the backward pass reaches ``x`` (identity on values);
+    nothing at all unless overlap is on in this process."""
+    if not _enabled:
+        return x
+    pass_turn()
+    return _TurnInBackward.apply(x) if x.requires_grad and torch.is_grad_enabled() else x
+
+
+@contextlib.contextmanager
+def communicating(name: str):
+    """Around a blocking collective: hand the baton to the other lane for its duration (inside
+    :func:`run_pair`) and record it as a "comm" interval when a trace is on."""
+    baton = getattr(_local, "baton", None)
+    k = current_lane()
+    if baton is not None:
+        baton.give(k)
+    try:
+        with span("comm", name):
+            yield
+    finally:
+        if baton is not None:
+            baton.take(k)
 
 
 # ----------------------------------------------------------------------------------------- the trace

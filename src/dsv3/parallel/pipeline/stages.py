@@ -61,7 +61,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ...model.layers import init_weights
-from ..overlap import lane, run_pair, span
+from ..overlap import lane, run_pair, span, turn_point
 from ...model.rope import precompute_freqs_cis
 from .runtime import PipelineRuntime, PipelineStage
 from .schedule import MIN_MICROBATCHES, Schedule, build_schedule
@@ -167,6 +167,7 @@ class ModelStage(PipelineStage):
             rec = self.model.recompute
             for block in self.layers:
                 h = block(h, freqs, None, 0, routing, rec)
+                h = turn_point(h)   # with --overlap the other lane may compute its next piece here
             info: dict = {"parts": {}}
             loss = None
             if self.last:
