@@ -176,7 +176,8 @@ class MLA(nn.Module):
 
     def _w_uk_uv(self, dtype):
         """The k_nope and v halves of ``kv_b_proj`` as [H, nope, r] and [H, v, r]."""
-        w = self.kv_b_proj.weight.to(dtype).view(self.h, self.nope + self.vdim, self.kv_rank)
+        w = self.kv_b_proj.weight
+        w = (w if w.dtype is dtype else w.to(dtype)).view(self.h, self.nope + self.vdim, self.kv_rank)
         return w[:, : self.nope], w[:, self.nope:]
 
     def _absorb_query(self, q_nope: torch.Tensor, w_uk: torch.Tensor) -> torch.Tensor:

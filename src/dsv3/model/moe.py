@@ -48,7 +48,7 @@ def route(scores: torch.Tensor, bias: torch.Tensor | None, top_k: int, n_group: 
             gscore = grouped.amax(-1)
         keep = gscore.topk(topk_group, dim=-1).indices                       # [N, topk_group]
         gmask = torch.ones(n, n_group, dtype=torch.bool, device=choice.device).scatter_(1, keep, False)
-        choice = choice.masked_fill(gmask.repeat_interleave(e // n_group, dim=1), float("-inf"))
+        choice = grouped.masked_fill(gmask.unsqueeze(-1), float("-inf")).view(n, e)
     return choice.topk(top_k, dim=-1).indices
 
 

@@ -94,8 +94,9 @@ class Transformer(nn.Module):
     def freqs_cis(self, start, length: int, device) -> torch.Tensor:
         """[length, rope/2] for positions start …; [B, length, rope/2] for per-row starts (LongTensor [B])."""
         if isinstance(start, torch.Tensor):
-            pos = start.to(device)[:, None] + torch.arange(length, device=device)
-            table = self.freqs_cis(0, int(pos.max()) + 1, device)
+            start = start.to(device)
+            table = self.freqs_cis(0, int(start.max()) + length, device)
+            pos = start[:, None] + torch.arange(length, device=device) if length > 1 else start[:, None]
             return table[pos]
         end = start + length
         if end > self.cfg.max_position_embeddings:
