@@ -372,3 +372,38 @@ print("ok")
     out = subprocess.run([sys.executable, str(script)], cwd=os.path.dirname(os.path.dirname(__file__)), env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+def test_paged_view_slots_against_the_block_tables():
+    """The slots a forward writes and reads, against a position-by-position walk of the block tables:
+    rows at different positions, padded columns (never written), reads past a row's end clamped to
+    its last position, and the attention mask made once per view."""
+    from dsv3.infer.paged_cache import PagedLatentCache
+    from dsv3.model.mla import _visible
+
+    cfg = small_config()
+    bs = 4
+    pool = PagedLatentCache(cfg, num_blocks=12, block_size=bs, num_layers=2)
+    tables = [[7, 2, 9], [4], [11, 0]]
+    starts, lengths = [6, 1, 3], [3, 2, 5]
+    view = pool.view(tables, torch.tensor(starts), lengths)
+    slot = lambda t, p: t[p // bs] * bs + p % bs                                      # noqa: E731
+    assert view.end == max(s + n for s, n in zip(starts, lengths)) == 9
+    assert view.write_idx.tolist() == [slot(t, p) for t, s, n in zip(tables, starts, lengths)
+                                       for p in range(s, s + n)]
+    last = [s + n - 1 for s, n in zip(starts, lengths)]
+    assert view.read_idx.tolist() == [[slot(t, min(p, e)) for p in range(view.end)] for t, e in zip(tables, last)]
+    assert view.valid.tolist() == [[j < n for j in range(max(lengths))] for n in lengths]
+    torch.manual_seed(0)
+    kv = torch.randn(3, 5, cfg.kv_lora_rank)
+    pe = torch.randn(3, 5, cfg.qk_rope_head_dim)
+    c_kv, k_pe = view.update(1, view.start, kv, pe)
+    for b, (t, s, n) in enumerate(zip(tables, starts, lengths)):
+        for j in range(n):
+            assert torch.equal(pool.kv[1].view(-1, cfg.kv_lora_rank)[slot(t, s + j)], kv[b, j])
+            assert torch.equal(c_kv[b, s + j], kv[b, j]) and torch.equal(k_pe[b, s + j], pe[b, j])
+    assert pool.kv[0].abs().max() == 0                                                 # other layer untouched
+    mask = _visible(view, view.start, 5, view.end, "cpu")
+    assert _visible(view, view.start, 5, view.end, "cpu") is mask                      # built once per forward
+    decode = pool.view(tables, torch.tensor(last), [1, 1, 1])
+    assert decode.valid is None and decode.write_idx.tolist() == [slot(t, e) for t, e in zip(tables, last)]

@@ -208,3 +208,29 @@ def test_generate_cli_bad_input(model_dir, tmp_path):
     assert r.returncode != 0 and "not found" in r.stderr
     r = _cli("--model", model_dir, "--prompt", "x", "--max-new-tokens", "0")
     assert r.returncode != 0 and "--max-new-tokens" in r.stderr
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_latent_attention_against_per_head_formula(T):
+    """Absorbed attention with the heads folded into one product per row, against a per-row,
+    per-head fp64 loop; rows at different positions (a per-row causal mask), random inputs."""
+    from dsv3.model.mla import _chunk_mask, latent_attention
+
+    torch.manual_seed(5)
+    B, H, r, rope, S = 3, 4, 16, 8, 11
+    q_lat, q_pe = torch.randn(B, T, H, r, dtype=torch.float64), torch.randn(B, T, H, rope, dtype=torch.float64)
+    c_kv, k_pe = torch.randn(B, S, r, dtype=torch.float64), torch.randn(B, S, rope, dtype=torch.float64)
+    start = torch.tensor([S - T, 2, 5])
+    visible = _chunk_mask(start, T, S, "cpu")                                  # [B, 1, T, S]
+    out = latent_attention(q_lat, q_pe, c_kv, k_pe, 0.3, visible.transpose(1, 2))
+    ref = torch.empty_like(out)
+    for b in range(B):
+        for t in range(T):
+            n = int(start[b]) + t + 1                                          # keys 0 … start+t
+            for h in range(H):
+                s = (c_kv[b, :n] @ q_lat[b, t, h] + k_pe[b, :n] @ q_pe[b, t, h]) * 0.3
+                ref[b, t, h] = s.softmax(0) @ c_kv[b, :n]
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    unmasked = latent_attention(q_lat, q_pe, c_kv, k_pe, 0.3)                # every key visible
+    full = ((torch.einsum("bthr,bsr->bths", q_lat, c_kv) + torch.einsum("bthe,bse->bths", q_pe, k_pe)) * 0.3)
+    torch.testing.assert_close(unmasked, full.softmax(-1) @ c_kv[:, None], rtol=1e-12, atol=1e-12)

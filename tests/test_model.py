@@ -225,3 +225,32 @@ def test_import_dsv3_does_not_import_transformers():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert dsv3.__version__
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_rmsnorm_fused_path_equals_the_formula(dtype):
+    """fp32/fp64 run through F.rms_norm: the same values and gradients as x·rsqrt(mean(x²)+eps)·w
+    (bf16 keeps the upcast path); random weights and inputs, none of them ones or zeros."""
+    from dsv3.model.layers import RMSNorm
+
+    torch.manual_seed(3)
+    norm = RMSNorm(48, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = (torch.randn(3, 5, 48) * 3 + 0.5).to(dtype).requires_grad_()
+    y = norm(x)
+    xf = x.detach().double().requires_grad_()
+    w = norm.weight.detach().double().requires_grad_()
+    ref = w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5))
+    if dtype == torch.bfloat16:
+        torch.testing.assert_close(y.double(), ref.detach(), rtol=2e-2, atol=2e-2)
+        return
+    exact = x.detach().to(dtype)
+    formula = norm.weight.detach() * (exact * torch.rsqrt(exact.pow(2).mean(-1, keepdim=True) + 1e-5))
+    assert torch.equal(y.detach(), formula)
+    dy = torch.randn_like(ref)
+    y.backward(dy.to(dtype))
+    ref.backward(dy)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), xf.grad, **tol)
+    torch.testing.assert_close(norm.weight.grad.double(), w.grad, **tol)
