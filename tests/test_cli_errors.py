@@ -125,6 +125,9 @@ CASES = [
         _write(t / "data" / "index.json", {"dtype": "uint16", "vocab_size": 2048}))], "splits"),
     ("train-config-binary", lambda t, m: ["train", "--out", str(t / "r"), "--config",
                                           _write(t / "c.json", os.urandom(64) + b"\xff")], "c.json"),
+    ("train-model-too-big", lambda t, m: ["train", "--out", str(t / "r"), "--preset", "deepseek-v3"], "needs about"),
+    ("train-memory-limit", lambda t, m: ["train", "--out", str(t / "r"), "--memory-limit", "0.001"],
+     "--memory-limit"),
     # ---- generate
     ("generate-truncated-weights", lambda t, m: ["generate", "--prompt", "x", "--model", _broken_model(
         t, m, model__safetensors=_truncated(m))], "model.safetensors"),
@@ -141,7 +144,11 @@ CASES = [
     ("generate-top-p", lambda t, m: ["generate", "--prompt", "x", "--model", m, "--top-p", "0"], "--top-p"),
     ("generate-temperature-nan", lambda t, m: ["generate", "--prompt", "x", "--model", m, "--temperature", "nan"],
      "--temperature"),
+    ("generate-memory", lambda t, m: ["generate", "--prompt", "x", "--model", m, "--memory-limit", "1e-6"],
+     "needs about"),
     # ---- serve (everything is checked before a socket or an engine starts)
+    ("serve-memory", lambda t, m: ["serve", "--port", str(free_port()), "--model", m, "--memory-limit", "1e-6"],
+     "needs about"),
     ("serve-port", lambda t, m: ["serve", "--model", m, "--port", "70000"], "--port"),
     ("serve-truncated-weights", lambda t, m: ["serve", "--port", str(free_port()), "--model", _broken_model(
         t, m, model__safetensors=_truncated(m))], "model.safetensors"),

@@ -88,6 +88,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative", action="store_true",
                    help="draft with the MTP module and verify two tokens per forward (same output distribution)")
     add_fp8_argument(p)
+    add_memory_limit_argument(p)
+
+
+def add_memory_limit_argument(p: argparse.ArgumentParser) -> None:
+    """``--memory-limit GB`` (generate and serve)."""
+    p.add_argument("--memory-limit", type=float, default=None, metavar="GB",
+                   help="memory the pre-check may count on (default: what the device has free); a model whose "
+                        "weights need more is refused before loading")
+
+
+def check_weights_fit(model_dir: str, cfg, device: str, fp8: str, memory_limit: float | None, command: str) -> None:
+    """Refuse (UserError with the estimate) a model whose weights, as loaded, exceed the memory available."""
+    from ..errors import check_finite
+    from ..plan.local import check_fits, inference_bytes
+
+    if memory_limit is not None:
+        check_finite("--memory-limit", memory_limit, lo=0, lo_open=True)
+    qcfg = cfg.quantization_config
+    kept = fp8 == "keep" or (fp8 == "auto" and isinstance(qcfg, dict) and qcfg.get("quant_method") == "fp8")
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    check_fits({"weights": inference_bytes(cfg, fp8_kept=kept)}, dev, memory_limit, f"{command} {model_dir}")
 
 
 def add_fp8_argument(p: argparse.ArgumentParser) -> None:
@@ -140,6 +161,7 @@ def run(args) -> int:
 
     check_args(args)
     cfg = check_model_dir(args.model)
+    check_weights_fit(args.model, cfg, args.device, getattr(args, "fp8", "auto"), args.memory_limit, "generate")
     if cfg.defaulted:
         print(f"dsv3 generate: warning: {args.model}/config.json lacks keys that take transformers' defaults: "
               + ", ".join(f"{k}={v!r}" for k, v in cfg.defaulted.items()), file=sys.stderr)

@@ -631,8 +631,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep prompt-prefix latent blocks on disk (a path, mount or fsspec URL) and reuse them")
     p.add_argument("--speculative", action="store_true",
                    help="MTP speculative decoding (same output distribution, fewer forwards)")
-    from .generate import add_fp8_argument
+    from .generate import add_fp8_argument, add_memory_limit_argument
     add_fp8_argument(p)
+    add_memory_limit_argument(p)
     p.add_argument("--device", default="auto", metavar="DEV",
                    help="cpu, cuda, cuda:1 … (default: cuda when there is one)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
@@ -715,7 +716,10 @@ def run(args) -> int:
     from ..hf import check_model_dir
 
     api_key = args.api_key if args.api_key is not None else os.environ.get("DSV3_API_KEY") or None
-    check_model_dir(args.model)                           # config and weight headers, before the engine starts
+    from .generate import check_weights_fit
+
+    cfg = check_model_dir(args.model)                     # config and weight headers, before the engine starts
+    check_weights_fit(args.model, cfg, args.device, args.fp8, args.memory_limit, "serving")
     tokenizer = load_tokenizer(args.model)                # the model itself loads in the engine process
     template = ChatTemplate.from_model_dir(args.model, tokenizer)
     cache_memory = None if args.cache_memory is None else int(args.cache_memory * (1 << 30))

@@ -79,6 +79,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dist-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="under torchrun: a rank waiting longer than this on the others (a frozen or dead peer) "
                         "stops with an error naming the silent rank (default 600)")
+    p.add_argument("--memory-limit", type=float, default=None, metavar="GB",
+                   help="memory the pre-check may count on per rank (default: what the device has free); the "
+                        "run is refused when its estimate (weights + gradients + AdamW + activations) exceeds it")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--sample-prompt", default="def ", help="prompt for the sample printed at the end ('' to skip)")
@@ -99,6 +102,8 @@ def check_args(args) -> None:
         check_int("--max-data-bytes", args.max_data_bytes, lo=1)
     check_device("--device", args.device)
     check_finite("--dist-timeout", args.dist_timeout, lo=0, lo_open=True)
+    if args.memory_limit is not None:
+        check_finite("--memory-limit", args.memory_limit, lo=0, lo_open=True)
     bad = sorted(set(allowed_changes(args)) - set(IDENTITY))
     if bad:
         raise CLIError(f"--allow-changed {','.join(bad)}: unknown setting; choose from {', '.join(IDENTITY)}")
@@ -333,6 +338,7 @@ def run(args) -> int:
     from .watchdog import Heartbeat, init_distributed, is_timeout, timeout_message
 
     device = pick_device(args.device)
+    check_memory(args, cfg, device)
     init_distributed(device.type, args.dist_timeout)
     info = dist_from_env(device)
     held: dict = {}
@@ -348,6 +354,20 @@ def run(args) -> int:
     finally:
         if heartbeat is not None:
             heartbeat.stop()
+
+
+def check_memory(args, cfg, device) -> None:
+    """Refuse a run whose estimated memory exceeds what this rank has (before any allocation)."""
+    from ..plan.local import check_fits, training_bytes
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    bf16 = args.precision in ("bf16", "fp8") or (args.precision == "auto" and device.type == "cuda")
+    parts = training_bytes(cfg, batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum,
+                           world=world, pp=args.pp, ep=args.ep, bf16=bf16, bf16_moments=args.bf16_moments,
+                           recompute=args.recompute)
+    check_fits(parts, device, args.memory_limit,
+               f"training {args.config or args.preset or 'tiny'} at --batch-size {args.batch_size} --seq-len "
+               f"{args.seq_len}" + (f" on {world} ranks" if world > 1 else ""))
 
 
 def _run(args, cfg, tc, info, held: dict) -> int:
