@@ -123,6 +123,8 @@ CASES = [
                                                   "--allow-changed", "colour"], "--allow-changed"),
     ("train-index-without-splits", lambda t, m: ["train", "--out", str(t / "r"), "--data", os.path.dirname(
         _write(t / "data" / "index.json", {"dtype": "uint16", "vocab_size": 2048}))], "splits"),
+    ("train-jsonl-bad-line", lambda t, m: ["train", "--out", str(t / "r"), "--data", _write(
+        t / "corpus.jsonl", '{"text": "def f(): pass"}\n{"text": oops}\n{"text": "x"}\n')], "corpus.jsonl:2"),
     ("train-config-binary", lambda t, m: ["train", "--out", str(t / "r"), "--config",
                                           _write(t / "c.json", os.urandom(64) + b"\xff")], "c.json"),
     ("train-model-too-big", lambda t, m: ["train", "--out", str(t / "r"), "--preset", "deepseek-v3"], "needs about"),

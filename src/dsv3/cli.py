@@ -111,13 +111,15 @@ def crash_report(command: str, exc: BaseException) -> str:
     return path
 
 
-def _one_line_warnings(command: str) -> None:
+def _one_line_warnings(command: str):
+    """Print warnings as one line ``dsv3 COMMAND: warning: …``; returns the previous printer."""
     import warnings
 
     def show(message, category, filename, lineno, file=None, line=None):
         print(f"dsv3 {command}: warning: {one_line(str(message))}", file=file or sys.stderr)
 
-    warnings.showwarning = show
+    previous, warnings.showwarning = warnings.showwarning, show
+    return previous
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     debug = args.debug or os.environ.get("DSV3_DEBUG", "") not in ("", "0")
     name = f"dsv3 {args.command}"
-    _one_line_warnings(args.command)
+    previous_showwarning = _one_line_warnings(args.command)
     try:
         return int(modules[args.command].run(args) or 0)
     except KeyboardInterrupt:
@@ -156,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: internal error: {type(e).__name__}: {first} ({where}; rerun with --debug to print it)",
               file=sys.stderr)
         return 1
+    finally:
+        import warnings
+        warnings.showwarning = previous_showwarning
 
 
 if __name__ == "__main__":
