@@ -284,3 +284,18 @@ def test_as_a_subprocess(tmp_path, argv, needle):
                        timeout=120)
     assert r.returncode == 2, r.stderr
     _one_line_error(r.stderr, argv[0], needle)
+
+
+def test_plot_draws_nan_metrics(tmp_path):
+    """A NaN a run logged is a gap in the picture, not an error."""
+    run = tmp_path / "run"
+    _write(run / "metrics.jsonl", '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": NaN}\n')
+    assert main(["plot", str(run)]) == 0
+    assert (run / "plots" / "loss.png").exists()
+
+
+def test_generate_says_when_the_context_is_too_short(tmp_path, model_dir, capsys):
+    assert main(["generate", "--model", model_dir, "--prompt", "a" * 58, "--max-new-tokens", "100000",
+                 "--temperature", "0"]) == 0       # 64 positions, 58 taken by the prompt (one byte per token)
+    err = capsys.readouterr().err
+    assert "--max-new-tokens 100000" in err and "at most 6 tokens" in err

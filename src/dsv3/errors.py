@@ -57,17 +57,17 @@ def read_json(path: str | os.PathLike, what: str = "JSON file", want: type | Non
     return data
 
 
-def iter_jsonl(path: str | os.PathLike, what: str = "file"):
+def iter_jsonl(path: str | os.PathLike, what: str = "file", allow_nonfinite: bool = False):
     """(line number, object) for every line of a ``.jsonl`` file that is a JSON object. A line cut short
     at the very end (a killed writer) is skipped; any other malformed line is a UserError naming the file
-    and line."""
+    and line. NaN/Infinity are refused unless ``allow_nonfinite``."""
     p = os.fspath(path)
     lines = read_text(p, what).splitlines()
     for i, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            rec = json.loads(line, parse_constant=_no_constant)
+            rec = json.loads(line) if allow_nonfinite else json.loads(line, parse_constant=_no_constant)
         except (json.JSONDecodeError, _NonFinite) as e:
             if i == len(lines):
                 return  # the last line, cut short by a killed writer

@@ -19,7 +19,7 @@ def read_metrics(run_dir: str) -> list[dict]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
     rows = []
-    for lineno, rec in iter_jsonl(path, "metrics file"):
+    for lineno, rec in iter_jsonl(path, "metrics file", allow_nonfinite=True):   # a NaN metric is a gap
         where = f"metrics file {path} line {lineno}"
         step = rec.get("step")
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
