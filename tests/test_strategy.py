@@ -19,8 +19,7 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
+from dsv3.checkpoint import CheckpointReader, verify_checkpoint
 from helpers import cli_env, free_port, small_config
 
 STEPS = 12
@@ -82,15 +81,20 @@ def test_pp2_ep2_dp_on_8_ranks_follows_the_single_process_run(setup):
     run = tmp / "pp2ep2"
     _run(base, run, 8, [*PP_EP, "--schedule", "dualpipev"])
     _same_curve(run, tmp / "one")
-    # the checkpoint is the single-process one: whole model, optimizer moments and EMA, same layout
+    # written sharded, every rank its part (no rank gathers the model), it reads back as the one-process
+    # checkpoint: whole model, optimizer moments and EMA under the single-process names
     last = f"checkpoints/step-{STEPS:09d}"
-    for fn in ("model.safetensors", "optim.safetensors", "extra.safetensors"):
-        a, b = load_file(run / last / fn), load_file(tmp / "one" / last / fn)
-        assert a.keys() == b.keys(), fn
+    shards = sorted(os.listdir(run / last))
+    assert "model.safetensors" not in shards and len([f for f in shards if f.startswith("model-rank")]) >= 4, shards
+    a_ckpt, b_ckpt = CheckpointReader(str(run / last)), CheckpointReader(str(tmp / "one" / last))
+    for kind in ("model", "optim", "extra"):
+        a, b = a_ckpt.tensors(kind), b_ckpt.tensors(kind)
+        assert a.keys() == b.keys(), kind
         for k in b:
             if not k.startswith("rng"):
-                assert a[k].shape == b[k].shape and _rel(a[k], b[k]) < 1e-4, (fn, k)
-    assert any(k.startswith("ema.") for k in load_file(run / last / "extra.safetensors"))
+                assert a[k].shape == b[k].shape and _rel(a[k], b[k]) < 1e-4, (kind, k)
+    assert any(k.startswith("ema.") for k in a_ckpt.keys("extra"))
+    assert verify_checkpoint(str(run / last))["world_size"] == 8
 
 
 @pytest.mark.parametrize("nproc, layout", [

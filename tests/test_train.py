@@ -305,3 +305,75 @@ def test_a_frozen_rank_makes_the_others_stop_with_an_error_naming_it(tmp_path, d
         for p in procs:
             p.send_signal(signal.SIGKILL)
             p.wait()
+
+
+def test_resume_refuses_when_no_checkpoint_verifies(tmp_path, capsys, data_dir):
+    """Checkpoints that all fail verification (here: meta.json edited) are not a reason to start over."""
+    run = tmp_path / "run"
+    assert cli(["train", "--out", str(run), "--data", data_dir, *QUICK]) == 0
+    shutil.rmtree(run / "final")
+    meta = run / "checkpoints" / "step-000000003" / "meta.json"
+    meta.write_text(meta.read_text().replace('"step": 3', '"step": 2'))
+    metrics = (run / "metrics.jsonl").read_bytes()
+    capsys.readouterr()
+    assert cli(["train", "--out", str(run), "--data", data_dir, *QUICK, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "meta.json does not match its checksum" in err and "no checkpoint" in err and "verifies" in err
+    assert (run / "metrics.jsonl").read_bytes() == metrics
+
+
+def _sharded_save_worker(rank, world, root, store, q):
+    import datetime
+
+    import torch.distributed as dist
+
+    from dsv3.checkpoint import rows_key, save_sharded
+
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=20))
+        for step in (1, 2):
+            pieces = {"model": {rows_key("w", range(2 * rank, 2 * rank + 2)): torch.full((2, 3), float(step))},
+                      "optim": {}, "extra": {"b": torch.ones(1)} if rank == 0 else {}}
+            if step == 2 and rank == 1:                 # killed in the middle of the parallel save: after its
+                import safetensors.torch as st          # shard is written, before the directory is complete
+                real = st.save_file
+
+                def dying(tensors, path, *a, **k):
+                    real(tensors, path, *a, **k)
+                    os._exit(9)
+
+                st.save_file = dying
+            try:
+                save_sharded(root, step, pieces, {"data_step": step} if rank == 0 else None, 3, rank, world)
+            except Exception as e:  # noqa: BLE001
+                q.put((rank, "raised", str(e)[:200]))
+                return
+        q.put((rank, "saved", None))
+    except BaseException as e:  # noqa: BLE001
+        q.put((rank, "error", repr(e)))
+
+
+def test_a_rank_killed_during_a_sharded_save_leaves_the_previous_checkpoint(tmp_path):
+    import torch.multiprocessing as mp
+
+    from dsv3.checkpoint import CheckpointReader, verify_checkpoint
+
+    root = tmp_path / "ckpt"
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_sharded_save_worker, args=(r, 2, str(root), str(tmp_path / "store"), q))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+    assert procs[1].exitcode == 9
+    status = q.get(timeout=5)
+    assert status[0] == 0 and status[1] == "raised", status          # rank 0 fails the save, does not hang
+    assert list_checkpoints(str(root)) == ["step-000000001"]        # the interrupted one never got its name
+    meta = verify_checkpoint(str(root / "step-000000001"))
+    assert sorted(meta["shards"]["model"]) == ["model-rank00000.safetensors", "model-rank00001.safetensors"]
+    w = CheckpointReader(str(root / "step-000000001"), meta).get("model", "w")
+    assert w.shape == (4, 3) and bool((w == 1.0).all())           # the two ranks' rows, assembled
+    assert load_latest(str(root))[1]["step"] == 1

@@ -3,7 +3,14 @@
 A checkpoint is a directory ``RUN/checkpoints/step-000123/`` holding ``model.safetensors``,
 ``optim.safetensors``, ``extra.safetensors`` (RNG state, EMA …) and ``meta.json`` (step, data
 position, non-tensor optimizer state, the SHA-256 of every file, and ``meta_sha256``: the SHA-256 of
-meta.json's own content without that key, so an edit of meta.json is caught too). It is first written as
+meta.json's own content without that key, so an edit of meta.json is caught too).
+
+A run on several ranks writes it **sharded** (:func:`save_sharded`, the 3FS pattern: every rank writes
+its own part in parallel, no rank gathers the model): ``model-rank00003.safetensors`` … hold each
+tensor once, by its single-process name, an expert-parallel tensor as row ranges ``name@a:b`` (experts
+a … b−1) from the ranks holding them; ``meta.json`` lists the shards (``shards``). Either form reads
+back as the single-process tensors through :class:`CheckpointReader`, whatever the layout that reads
+it — so a checkpoint resumes under any other layout. It is first written as
 ``.tmp-step-000123``: each file fsync'ed, then the directory renamed into place and the parent
 fsync'ed, so a crash leaves either the old set of checkpoints or the new one, never half a
 checkpoint under a final name. On load, checksums are verified, newest first; a checkpoint that
@@ -163,7 +170,7 @@ def verify_checkpoint(path: str) -> dict:
     if meta.get("meta_sha256") != meta_digest(meta):
         raise ValueError("meta.json does not match its checksum (edited or corrupted)" if "meta_sha256" in meta
                          else "meta.json has no checksum of its own (edited, or written by an older dsv3)")
-    for fn in _FILES:
+    for fn in _files(meta):
         p = os.path.join(path, fn)
         if not os.path.exists(p):
             raise ValueError(f"{fn} is missing")
@@ -177,15 +184,149 @@ def load_latest(ckpt_root: str) -> tuple[str, dict, dict[str, dict[str, torch.Te
 
     Checkpoints that fail verification are skipped with a warning naming them.
     """
-    from safetensors.torch import load_file
-
     for name in reversed(list_checkpoints(ckpt_root)):
         path = os.path.join(ckpt_root, name)
         try:
             meta = verify_checkpoint(path)
-            tensors = {fn: load_file(os.path.join(path, fn)) for fn in _FILES}
+            reader = CheckpointReader(path, meta)
+            tensors = {f"{kind}.safetensors": reader.tensors(kind) for kind in KINDS}
         except Exception as e:  # noqa: BLE001 - any failure means: skip this one
             warnings.warn(f"skipping checkpoint {path}: {e}", stacklevel=2)
             continue
         return path, meta, tensors
     return None
+
+
+# ----------------------------------------------------------------------------------------- sharded
+KINDS = ("model", "optim", "extra")
+
+
+def _files(meta: dict) -> list[str]:
+    shards = meta.get("shards")
+    if isinstance(shards, dict):
+        return sorted(fn for kind in KINDS for fn in shards.get(kind, {}))
+    return list(_FILES)
+
+
+def rows_key(key: str, rows: range) -> str:
+    """The stored name of rows ``rows`` of the single-process tensor ``key``."""
+    return f"{key}@{rows.start}:{rows.stop}"
+
+
+def save_sharded(ckpt_root: str, step: int, pieces: dict[str, dict[str, torch.Tensor]], meta: dict | None,
+                 keep: int, rank: int, world: int, group=None) -> str | None:
+    """Collective over ``group`` (``world`` ranks): every rank writes its ``pieces`` (kind → {stored
+    name: tensor}, see :func:`rows_key`) into the checkpoint's temporary directory at the same time and
+    checksums its own files; rank 0 then writes ``meta.json`` (``meta``: its metadata) listing every
+    shard and renames the directory into place — atomic as :func:`save_checkpoint`: a crash of any rank
+    before the rename leaves the previous checkpoints as they were. A failure on any rank fails the save
+    on every rank (``UserError``). Returns the path on rank 0."""
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    name = f"step-{step:09d}"
+    final = os.path.join(ckpt_root, name)
+    tmp = os.path.join(ckpt_root, f".tmp-{name}")
+    if rank == 0:
+        os.makedirs(ckpt_root, exist_ok=True)
+        for stale in os.listdir(ckpt_root):   # left by a killed save
+            if stale.startswith(".tmp-step-"):
+                shutil.rmtree(os.path.join(ckpt_root, stale), ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier(group=group)
+    mine: dict = {"files": {}, "error": None}
+    try:
+        for kind, tensors in pieces.items():
+            if not tensors:
+                continue
+            fn = f"{kind}-rank{rank:05d}.safetensors"
+            path = os.path.join(tmp, fn)
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path)
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+            mine["files"][fn] = (kind, sorted(tensors), _sha256(path))
+    except OSError as e:
+        mine["error"] = f"rank {rank}: {e.strerror or e}{' (' + e.filename + ')' if e.filename else ''}"
+    everyone = [None] * world
+    dist.all_gather_object(everyone, mine, group=group)
+    errors = [r["error"] for r in everyone if r["error"]]
+    if errors:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"cannot write checkpoint {final}: {'; '.join(errors)}; the newest complete checkpoint "
+                        f"is kept")
+    if rank != 0:
+        dist.barrier(group=group)
+        return None
+    try:
+        shards: dict = {kind: {} for kind in KINDS}
+        checksums = {}
+        for r in everyone:
+            for fn, (kind, keys, digest) in r["files"].items():
+                shards[kind][fn] = keys
+                checksums[fn] = digest
+        meta = dict(meta or {}, step=step, checksums=checksums, shards=shards)
+        meta["meta_sha256"] = meta_digest(meta)
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(ckpt_root)
+        for old in list_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
+            shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
+    finally:
+        dist.barrier(group=group)
+    return final
+
+
+class CheckpointReader:
+    """The single-process tensors of a checkpoint, read lazily by name, whether it was written whole
+    (``model.safetensors`` …) or sharded by :func:`save_sharded` (row ranges assembled)."""
+
+    def __init__(self, path: str, meta: dict | None = None):
+        from safetensors import safe_open
+
+        if meta is None:
+            with open(os.path.join(path, "meta.json")) as f:
+                meta = json.load(f)
+        self.path, self.meta = path, meta
+        self._open = lambda fn: safe_open(os.path.join(path, fn), "pt")
+        self._handles: dict = {}
+        # kind -> full name -> [(file, stored name, row range or None)]
+        self._where: dict = {kind: {} for kind in KINDS}
+        shards = meta.get("shards")
+        for kind in KINDS:
+            files = shards.get(kind, {}) if isinstance(shards, dict) else {f"{kind}.safetensors": None}
+            for fn, keys in files.items():
+                if keys is None:
+                    keys = list(self._file(fn).keys())
+                for stored in keys:
+                    full, _, rng = stored.partition("@")
+                    rows = range(*map(int, rng.split(":"))) if rng else None
+                    self._where[kind].setdefault(full, []).append((fn, stored, rows))
+
+    def _file(self, fn: str):
+        if fn not in self._handles:
+            self._handles[fn] = self._open(fn).__enter__()
+        return self._handles[fn]
+
+    def keys(self, kind: str) -> list[str]:
+        return list(self._where[kind])
+
+    def get(self, kind: str, key: str) -> torch.Tensor:
+        parts = self._where[kind].get(key)
+        if not parts:
+            raise KeyError(f"{self.path}: no {kind} tensor {key!r}")
+        if parts[0][2] is None:
+            return self._file(parts[0][0]).get_tensor(parts[0][1])
+        parts = sorted(parts, key=lambda p: p[2].start)
+        if [p[2].start for p in parts] != [0, *[p[2].stop for p in parts[:-1]]]:
+            raise ValueError(f"{self.path}: the row ranges of {key!r} do not tile it")
+        return torch.cat([self._file(fn).get_tensor(stored) for fn, stored, _ in parts])
+
+    def tensors(self, kind: str) -> dict[str, torch.Tensor]:
+        return {k: self.get(kind, k) for k in self.keys(kind)}

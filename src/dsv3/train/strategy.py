@@ -67,6 +67,11 @@ class Replicated:
         model.to(device)
         self.module = model
         self.data_rank, self.data_size = mesh.coords["dp_rank"], mesh.spec.dp
+        self.experts: dict = {}                  # state-dict key of an expert tensor -> its EP layer
+        if mesh.spec.ep > 1:
+            from ..parallel.ep_model import WEIGHTS, expert_modules
+
+            self.experts = {f"{n}.experts.{w}": m for n, m in expert_modules(model) for w in WEIGHTS}
         self.overlap = tc.overlap
         if self.overlap:
             mesh.add_lane(1)
@@ -188,13 +193,22 @@ class Replicated:
             return local_view(self.model, key, full)
         return full
 
+    def pieces(self, optimizer, ema, names_by_group):
+        """This rank's part of a sharded checkpoint (see :func:`shard_pieces`): rank 0 the replicated
+        tensors, the first EP group's ranks their experts' rows; every rank its ZeRO shard's states."""
+        c = self.mesh.coords
+        return shard_pieces(self.model, optimizer, ema, names_by_group, self.experts, c["ep_rank"],
+                            lambda k, expert: c["edp_rank"] == 0 if expert else c["rank"] == 0,
+                            lambda k, expert: c["edp_rank"] == 0 if expert else True)
+
     @torch.no_grad()
     def load(self, path: str, meta: dict, optimizer) -> None:
-        from safetensors.torch import load_file
+        from ..checkpoint import CheckpointReader
 
-        full = load_file(os.path.join(path, "model.safetensors"), device=str(self.device))
-        self.model.load_state_dict({k: self.local_view(k, v) for k, v in full.items()})
-        osd = unflatten_optimizer_state(load_file(os.path.join(path, "optim.safetensors")), meta["optimizer"])
+        reader = CheckpointReader(path, meta)
+        self.model.load_state_dict({k: self.local_view(k, v.to(self.device))
+                                    for k, v in reader.tensors("model").items()})
+        osd = unflatten_optimizer_state(reader.tensors("optim"), meta["optimizer"])
         optimizer.load_state_dict(osd)   # ZeRO keeps its shard; the EP optimizer slices its experts
 
 
@@ -243,30 +257,108 @@ class Pipelined:
     def local_view(self, key: str, full: torch.Tensor) -> torch.Tensor:
         return self.pipe.local_view(key, full)
 
+    def pieces(self, optimizer, ema, names_by_group):
+        """This rank's part of a sharded checkpoint: each stage's first holder writes its tensors (the
+        replicated ones from data-parallel rank 0, experts' rows from the first EP group) and its ZeRO
+        shard's optimizer states — all stages and EP ranks at once."""
+        c, pipe = self.mesh.coords, self.pipe
+        return shard_pieces(self.model, optimizer, ema, names_by_group, pipe.experts, c["ep_rank"],
+                            lambda k, expert: pipe._owns(k) and (c["edp_rank"] == 0 if expert else c["dp_rank"] == 0),
+                            lambda k, expert: pipe._owns(k) and (c["edp_rank"] == 0 if expert else True))
+
     @torch.no_grad()
     def load(self, path: str, meta: dict, optimizer) -> None:
         """Every rank reads only the tensors it holds and its parameters' optimizer state, by key."""
         import warnings
 
-        from safetensors import safe_open
+        from ..checkpoint import CheckpointReader
 
         om = meta["optimizer"]
         groups = unflatten_optimizer_state({}, om)["param_groups"] or None
         if groups is None and self.mesh.rank == 0:
             warnings.warn(f"{path} holds no optimizer state: the optimizer restarts from zero", stacklevel=2)
-        with safe_open(os.path.join(path, "model.safetensors"), "pt") as fm, \
-                safe_open(os.path.join(path, "optim.safetensors"), "pt") as fo:
-            by_index: dict = {}
-            for key in fo.keys():
-                i, k = key.split(".", 1)
-                by_index.setdefault(int(i), []).append(k)
+        reader = CheckpointReader(path, meta)
+        by_index: dict = {}
+        for key in reader.keys("optim"):
+            i, k = key.split(".", 1)
+            by_index.setdefault(int(i), []).append(k)
 
-            def optim_state(i: int) -> dict:
-                st = dict(om["state"].get(str(i), {}))
-                st.update({k: fo.get_tensor(f"{i}.{k}") for k in by_index.get(i, ())})
-                return st
+        def optim_state(i: int) -> dict:
+            st = dict(om["state"].get(str(i), {}))
+            st.update({k: reader.get("optim", f"{i}.{k}") for k in by_index.get(i, ())})
+            return st
 
-            self.pipe.load_state(fm.get_tensor, optimizer, self.names_by_group, groups, optim_state)
+        self.pipe.load_state(lambda k: reader.get("model", k), optimizer, self.names_by_group, groups, optim_state)
+
+
+def _optimizer_states(optimizer) -> list:
+    """(parameter, state) of every state this rank's optimizer holds: its ZeRO shard, its experts."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    from ..parallel.ep_model import ExpertParallelOptimizer
+
+    if isinstance(optimizer, ExpertParallelOptimizer):
+        return _optimizer_states(optimizer.dense) + _optimizer_states(optimizer.experts)
+    local = optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
+    state = getattr(local, "state", {})
+    return [(p, state[p]) for g in local.param_groups for p in g["params"] if p in state]
+
+
+def shard_pieces(model, optimizer, ema: dict | None, names_by_group, experts: dict, ep_rank: int,
+                 writes_model, writes_optim) -> tuple[dict, dict, dict]:
+    """This rank's part of a sharded checkpoint (``checkpoint.save_sharded``): kind → {stored name:
+    tensor}; expert tensors as this rank's rows ``name@a:b``; optimizer states under the single-process
+    numbering ``index.state``. ``writes_model(key, expert)`` / ``writes_optim(key, expert)`` say whether
+    this rank writes a tensor (each is written by exactly one rank). Also returns the non-tensor
+    optimizer state {index: {...}} and the hyper-parameters {group: {...}} this rank holds."""
+    from ..checkpoint import rows_key
+
+    def rows(key: str) -> range:
+        ll = experts[key].local_logical.tolist()
+        r = range(ll[0], ll[-1] + 1)
+        if ll != list(r):
+            raise ValueError("a sharded checkpoint needs each rank's experts in one contiguous range "
+                             "(no redundant-expert placement while training)")
+        return r
+
+    def take(sd: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in sd.items():
+            if v.is_meta:
+                continue
+            if k in experts:
+                if writes_model(k, True):
+                    out[rows_key(prefix + k, rows(k))] = v
+            elif writes_model(k, False):
+                out[prefix + k] = v
+        return out
+
+    pieces = {"model": take(model.state_dict()), "extra": take(ema, "ema.") if ema is not None else {}, "optim": {}}
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    flat = [n for g in names_by_group for n in g]
+    index = {n: i for i, n in enumerate(flat)}
+    group_of = {n: j for j, g in enumerate(names_by_group) for n in g}
+    plain: dict = {}
+    for p, st in _optimizer_states(optimizer):
+        n = name_of[id(p)]
+        expert = n in experts
+        if not writes_optim(n, expert):
+            continue
+        i = index[n]
+        for k, v in st.items():
+            if not torch.is_tensor(v):
+                plain.setdefault(i, {})[k] = v
+            elif expert and v.dim() == p.dim() and v.dim() > 0 and v.shape[0] == p.shape[0]:
+                pieces["optim"][rows_key(f"{i}.{k}", rows(n))] = v
+            elif not expert or ep_rank == 0:
+                pieces["optim"][f"{i}.{k}"] = v
+    hyper = {}
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            n = name_of.get(id(p))
+            if n in group_of:
+                hyper[group_of[n]] = {k: v for k, v in g.items() if k != "params"}
+    return pieces, plain, hyper
 
 
 def build_strategy(model: nn.Module, tc, mesh, device, autocast, loss_fn, names_by_group):

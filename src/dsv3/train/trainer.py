@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from .. import balance
-from ..checkpoint import flatten_optimizer_state, list_checkpoints, save_checkpoint
+from ..checkpoint import flatten_optimizer_state, list_checkpoints, save_checkpoint, save_sharded
 from ..config import ModelConfig
 from ..model import Transformer
 from .losses import compute_loss
@@ -152,10 +152,10 @@ class Trainer:
         # --pp: shapes only here; the pipeline gives storage to (and initialises) this rank's stages
         with torch.device("meta") if spec.pp > 1 else contextlib.nullcontext():
             self.model = Transformer(cfg)
-        names_by_group = [[n for n, _ in g] for g in _named_groups(self.model, tc.weight_decay)]
+        self.names_by_group = [[n for n, _ in g] for g in _named_groups(self.model, tc.weight_decay)]
         self.par = build_strategy(self.model, tc, self.mesh, self.device, self._autocast,
                                   functools.partial(compute_loss, mtp_lambda=tc.mtp_lambda,
-                                                    balance_alpha=tc.balance_alpha), names_by_group)
+                                                    balance_alpha=tc.balance_alpha), self.names_by_group)
         if precision == "fp8":
             from ..fp8.model import convert_to_fp8   # FP8 Linear layers (dsv3.fp8), after the EP layers exist
             convert_to_fp8(self.model)
@@ -188,23 +188,40 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def save(self) -> None:
-        model_state, osd, ema = self.par.gather(self.optimizer, self.ema)
-        if self.dist.main:
-            optim_tensors, optim_meta = flatten_optimizer_state(osd)
-            extra = {"rng_cpu": torch.get_rng_state()}
-            if self.device.type == "cuda":
-                extra["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        """One checkpoint: a single process writes it whole; several ranks write it sharded, each its own
+        part at the same time (``checkpoint.save_sharded``). Either reads back under any layout."""
+        meta = {"data_step": self.step, "train_config": _jsonable(asdict(self.tc)), "model_config": self.cfg.to_hf(),
+                "world_size": self.dist.world}
+        extra = {"rng_cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            extra["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        if self.dist.world == 1:
+            model_state, osd, ema = self.par.gather(self.optimizer, self.ema)
+            optim_tensors, meta["optimizer"] = flatten_optimizer_state(osd)
             extra.update({f"ema.{k}": v for k, v in ema.items()})
-            meta = {"optimizer": optim_meta, "data_step": self.step, "train_config": _jsonable(asdict(self.tc)),
-                    "model_config": self.cfg.to_hf(), "world_size": self.dist.world}
             save_checkpoint(self.ckpt_root, self.step, model_state, optim_tensors, extra, meta, keep=self.tc.keep)
-        if self.dist.world > 1:
-            dist.barrier()
+            return
+        pieces, plain, hyper = self.par.pieces(self.optimizer, self.ema, self.names_by_group)
+        everyone = [None] * self.dist.world
+        dist.all_gather_object(everyone, (plain, hyper))
+        if self.dist.main:
+            pieces["extra"].update(extra)
+            state, groups = {}, {}
+            for p, h in everyone:
+                state.update(p)
+                groups.update(h)
+            flat = [n for g in self.names_by_group for n in g]
+            index = {n: i for i, n in enumerate(flat)}
+            osd = {"state": state, "param_groups": [dict(groups[j], params=[index[n] for n in names])
+                                                     for j, names in enumerate(self.names_by_group) if j in groups]}
+            meta["optimizer"] = flatten_optimizer_state(osd)[1]
+        save_sharded(self.ckpt_root, self.step, pieces, meta if self.dist.main else None, self.tc.keep,
+                     self.dist.rank, self.dist.world)
 
     def resume(self) -> bool:
         """Load the newest checkpoint that verifies (rank 0 picks it, skipping broken ones with a warning;
         every rank then reads its own share); returns False when there is none."""
-        from safetensors.torch import load_file
+        from ..checkpoint import CheckpointReader
 
         choice = [_newest_valid(self.ckpt_root) if self.dist.main else None]
         if self.dist.world > 1:
@@ -215,7 +232,7 @@ class Trainer:
         with open(os.path.join(path, "meta.json")) as f:
             meta = json.load(f)
         self.par.load(path, meta, self.optimizer)
-        extra = load_file(os.path.join(path, "extra.safetensors"))
+        extra = CheckpointReader(path, meta).tensors("extra")
         torch.set_rng_state(extra["rng_cpu"])
         if "rng_cuda" in extra and self.device.type == "cuda":
             torch.cuda.set_rng_state(extra["rng_cuda"], self.device)
