@@ -392,9 +392,16 @@ def _run(args, cfg, tc, info, held: dict) -> int:
                 raise
             raise CLIError(f"--resume: the checkpoint in {args.out} does not fit the model being trained "
                            f"({str(e).strip().splitlines()[-1][:200]})") from None
-        if not resumed and info.main:
-            print(f"no checkpoint in {args.out}; starting from scratch", flush=True)
-            clear_metrics(args.out)
+        if not resumed:
+            from .trainer import has_checkpoints
+
+            if has_checkpoints(args.out):   # there are some, but none verifies: do not silently start over
+                raise CLIError(f"--resume: no checkpoint in {os.path.join(args.out, 'checkpoints')} verifies (the "
+                               f"warnings say why); move them away to start over, or use --overwrite without "
+                               f"--resume")
+            if info.main:
+                print(f"no checkpoint in {args.out}; starting from scratch", flush=True)
+                clear_metrics(args.out)
     if trainer.step >= tc.steps and info.main:
         print(f"the run in {args.out} is already at step {trainer.step} of {tc.steps}")
     summary = trainer.fit()
