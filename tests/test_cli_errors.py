@@ -125,6 +125,8 @@ CASES = [
         _write(t / "data" / "index.json", {"dtype": "uint16", "vocab_size": 2048}))], "splits"),
     ("train-jsonl-bad-line", lambda t, m: ["train", "--out", str(t / "r"), "--data", _write(
         t / "corpus.jsonl", '{"text": "def f(): pass"}\n{"text": oops}\n{"text": "x"}\n')], "corpus.jsonl:2"),
+    ("train-binary-index", lambda t, m: ["train", "--out", str(t / "r"), "--data", os.path.dirname(
+        _write(t / "data" / "index.json", b"\xff\xd8\xff" * 20))], "index.json"),
     ("train-config-binary", lambda t, m: ["train", "--out", str(t / "r"), "--config",
                                           _write(t / "c.json", os.urandom(64) + b"\xff")], "c.json"),
     ("train-model-too-big", lambda t, m: ["train", "--out", str(t / "r"), "--preset", "deepseek-v3"], "needs about"),
@@ -139,6 +141,10 @@ CASES = [
         t, m, model__safetensors=os.urandom(4096))], "model.safetensors"),
     ("generate-empty-tokenizer", lambda t, m: ["generate", "--prompt", "x", "--model", _broken_model(
         t, m, tokenizer__json="")], "tokenizer"),
+    ("generate-binary-tokenizer", lambda t, m: ["generate", "--prompt", "x", "--model", _broken_model(
+        t, m, tokenizer__json=b"\xff\xfe\x00" * 30)], "tokenizer.json"),
+    ("generate-binary-index", lambda t, m: ["generate", "--prompt", "x", "--model", _broken_model(
+        t, m, model__safetensors__index__json=b"\x89PNG\xff" * 9)], "model.safetensors.index.json"),
     ("generate-index-without-weight-map", lambda t, m: ["generate", "--prompt", "x", "--model", _broken_model(
         t, m, model__safetensors__index__json={"metadata": {}})], "weight_map"),
     ("generate-config-list", lambda t, m: ["generate", "--prompt", "x", "--model", _broken_model(
