@@ -305,3 +305,20 @@ def test_generate_says_when_the_context_is_too_short(tmp_path, model_dir, capsys
                  "--temperature", "0"]) == 0       # 64 positions, 58 taken by the prompt (one byte per token)
     err = capsys.readouterr().err
     assert "--max-new-tokens 100000" in err and "at most 6 tokens" in err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["plan", "--price", "nan"], "--price"),
+    (["plan", "--tokens", "1e400"], "--tokens"),
+    (["plan", "--assume", "goodput=nan"], "goodput"),
+    (["plan", "--micro-batch-size", "0"], "--micro-batch-size"),
+    (["pipeline", "--schedule", "1f1b", "--ranks", "2", "--microbatches", "4", "--FB", "inf"], "--FB"),
+    (["train", "--pp", "3", "--out", "{dir}/r"], "--pp 3"),
+    (["plot", "{dir}/afile"], "not a directory"),
+])
+def test_more_flags(tmp_path, capsys, argv, needle):
+    _write(tmp_path / "afile", "x")
+    argv = [a.format(dir=tmp_path) for a in argv]
+    assert main(argv) == 2
+    _one_line_error(capsys.readouterr().err, argv[0], needle)
+    assert not os.path.exists(tmp_path / "r" / "data")     # refused before any data is prepared

@@ -148,6 +148,8 @@ class Assumptions:
                     changes[k] = int(v)
                 else:
                     changes[k] = float(v)
+                    if changes[k] != changes[k] or changes[k] in (float("inf"), float("-inf")):
+                        raise ValueError
             except ValueError:
-                raise ValueError(f"--assume {k}: cannot read {v!r} as {type(cur).__name__}") from None
+                raise ValueError(f"--assume {k}: cannot read {v!r} as a finite {type(cur).__name__}") from None
         return self.replace(**changes)

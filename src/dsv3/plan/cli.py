@@ -30,6 +30,8 @@ def parse_count(text: str) -> float:
     if not m:
         raise ValueError(f"cannot read {text!r} as a token count (e.g. 14.8T, 500B, 1e12)")
     value = float(m.group(1)) * _SUFFIX[m.group(2).lower()]
+    if not math.isfinite(value):
+        raise ValueError(f"--tokens {text}: not a finite number")
     if value <= 0:
         raise ValueError(f"token count must be positive, got {text!r}")
     return value
@@ -67,6 +69,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
+def check_args(args) -> None:
+    """Flag values no plan can use (a UserError naming the flag)."""
+    from ..errors import check_finite, check_int
+
+    if args.price is not None:
+        check_finite("--price", args.price, lo=0)
+    if args.micro_batch_size is not None:
+        check_int("--micro-batch-size", args.micro_batch_size, lo=1)
+
+
 def _assumptions(args) -> Assumptions:
     a = Assumptions().with_overrides(args.assume)
     if args.price is not None:
@@ -100,6 +112,7 @@ def build_layout(args, cfg: ModelConfig) -> Layout:
 
 
 def run(args) -> int:
+    check_args(args)
     cfg = ModelConfig.load(args.model)
     gpu = get_gpu(args.gpu, args.hardware_file)
     a = _assumptions(args)

@@ -100,6 +100,10 @@ def check_args(args) -> None:
     check_int("--seed", args.seed, hi=2**63 - 1)
     if args.max_data_bytes is not None:
         check_int("--max-data-bytes", args.max_data_bytes, lo=1)
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world % args.pp:   # before any data is prepared (the trainer says the same)
+        raise CLIError(f"--pp {args.pp} must divide the number of processes ({world}); run under torchrun "
+                       f"--nproc-per-node {args.pp} (or a multiple)")
     check_device("--device", args.device)
     check_finite("--dist-timeout", args.dist_timeout, lo=0, lo_open=True)
     if args.memory_limit is not None:

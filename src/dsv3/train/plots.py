@@ -15,7 +15,8 @@ def read_metrics(run_dir: str) -> list[dict]:
 
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isdir(run_dir):
-        raise FileNotFoundError(f"run directory not found: {run_dir}")
+        raise FileNotFoundError(f"{run_dir} is not a directory" if os.path.exists(run_dir)
+                                else f"run directory not found: {run_dir}")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
     rows = []
