@@ -149,6 +149,8 @@ CASES = [
         t, m, model__safetensors__index__json={"metadata": {}})], "weight_map"),
     ("generate-config-list", lambda t, m: ["generate", "--prompt", "x", "--model", _broken_model(
         t, m, config__json=[])], "config.json"),
+    ("generate-tokenizer-of-another-model", lambda t, m: ["generate", "--prompt", "x", "--model", _broken_model(
+        t, m, config__json={**json.load(open(os.path.join(m, "config.json"))), "vocab_size": 100})], "vocab_size"),
     ("generate-top-p", lambda t, m: ["generate", "--prompt", "x", "--model", m, "--top-p", "0"], "--top-p"),
     ("generate-temperature-nan", lambda t, m: ["generate", "--prompt", "x", "--model", m, "--temperature", "nan"],
      "--temperature"),

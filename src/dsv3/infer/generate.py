@@ -165,6 +165,10 @@ def run(args) -> int:
     if cfg.defaulted:
         print(f"dsv3 generate: warning: {args.model}/config.json lacks keys that take transformers' defaults: "
               + ", ".join(f"{k}={v!r}" for k, v in cfg.defaulted.items()), file=sys.stderr)
+    tokenizer = load_tokenizer(args.model)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"{args.model}: tokenizer.json has {tokenizer.vocab_size} ids but config.json's vocab_size "
+                         f"is {cfg.vocab_size} (they belong to different models)")
     model, tokenizer = load_model_dir(args.model, args.device, getattr(args, "fp8", "auto"))
     if args.speculative and not len(model.mtp):
         raise ValueError(f"--speculative: {args.model} has no MTP module (num_nextn_predict_layers = 0)")

@@ -721,6 +721,9 @@ def run(args) -> int:
     cfg = check_model_dir(args.model)                     # config and weight headers, before the engine starts
     check_weights_fit(args.model, cfg, args.device, args.fp8, args.memory_limit, "serving")
     tokenizer = load_tokenizer(args.model)                # the model itself loads in the engine process
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"{args.model}: tokenizer.json has {tokenizer.vocab_size} ids but config.json's vocab_size "
+                         f"is {cfg.vocab_size} (they belong to different models)")
     template = ChatTemplate.from_model_dir(args.model, tokenizer)
     cache_memory = None if args.cache_memory is None else int(args.cache_memory * (1 << 30))
     worker = EngineWorker(args.model, device=args.device, fp8=args.fp8, threads=args.threads,
