@@ -1,7 +1,7 @@
 """``dsv3 train`` under every parallel layout runs the single-process training (``train.strategy``).
 
 8 gloo ranks as ``--pp 2 --ep 2`` (2 pipeline stages × 4 data-parallel ranks, experts sharded over EP
-groups of 2) follow the one-process run with the same global batch for 12 steps: losses, MTP and balance
+groups of 2) follow the one-process run with the same global batch for 20 steps: losses, MTP and balance
 terms, gradient norms and validation losses within 1e-5, expert loads identical; the checkpoint (model,
 optimizer moments, EMA) equals the one-process checkpoint. A checkpoint written under one layout resumes
 under another (one process, ``--ep 4``, ``--pp 2`` with another schedule) with the same subsequent losses.
@@ -22,9 +22,9 @@ import torch
 from dsv3.checkpoint import CheckpointReader, verify_checkpoint
 from helpers import cli_env, free_port, small_config
 
-STEPS = 12
-ARGS = ["--steps", str(STEPS), "--batch-size", "16", "--seq-len", "32", "--warmup", "2", "--save-every", "6",
-        "--eval-every", "6", "--eval-batches", "1", "--no-progress", "--no-plots", "--sample-prompt", "",
+STEPS = 20
+ARGS = ["--steps", str(STEPS), "--batch-size", "16", "--seq-len", "32", "--warmup", "2", "--save-every", "10",
+        "--eval-every", "10", "--eval-batches", "1", "--no-progress", "--no-plots", "--sample-prompt", "",
         "--balance-alpha", "1e-3", "--ema", "0.9"]
 PP_EP = ["--pp", "2", "--ep", "2", "--microbatches", "4"]
 
