@@ -335,3 +335,34 @@ def test_info_weight_bytes_match_a_saved_checkpoint(tmp_path, capsys):
     assert stored_bytes(tmp_path / "fp8") == r["checkpoint_bytes_fp8"]
     no_mtp = info(cfg.replace(num_nextn_predict_layers=0))
     assert no_mtp["checkpoint_bytes_fp8"] == r["weight_bytes_fp8"]
+
+
+def test_missing_keys_take_transformers_defaults():
+    """A key absent from config.json means what it means to transformers' DeepseekV3Config; from_hf says
+    which it took, and refuses null where transformers does."""
+    transformers = pytest.importorskip("transformers")
+    from dsv3.config import TRANSFORMERS_DEFAULTS
+
+    ref = transformers.DeepseekV3Config()
+    for key, value in TRANSFORMERS_DEFAULTS.items():
+        theirs = {"num_nextn_predict_layers": "num_mtp_layers"}.get(key, key)
+        if key == "rope_theta":
+            assert ref.rope_parameters["rope_theta"] == value
+        else:
+            assert getattr(ref, theirs) == value, key
+    hf = ModelConfig.preset("tiny").to_hf()
+    del hf["hidden_size"], hf["max_position_embeddings"]
+    cfg = ModelConfig.from_hf(hf)
+    assert (cfg.hidden_size, cfg.max_position_embeddings) == (7168, 4096)
+    assert cfg.defaulted == {"hidden_size": 7168, "max_position_embeddings": 4096}
+    with pytest.raises(ValueError, match="hidden_size is null"):
+        ModelConfig.from_hf({**ModelConfig.preset("tiny").to_hf(), "hidden_size": None})
+
+
+@pytest.mark.parametrize("key, value", [("rms_norm_eps", "tiny"), ("num_hidden_layers", 2.5), ("norm_topk_prob", 1),
+                                        ("rope_scaling", "yarn"), ("quantization_config", "fp8"),
+                                        ("eos_token_id", []), ("eos_token_id", ["a"]), ("hidden_act", 3),
+                                        ("vocab_size", True), ("rope_theta", float("inf"))])
+def test_from_hf_checks_the_type_of_every_key(key, value):
+    with pytest.raises(ValueError, match=re.escape(key)):
+        ModelConfig.from_hf({**ModelConfig.preset("tiny").to_hf(), key: value})
