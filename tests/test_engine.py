@@ -244,6 +244,22 @@ def test_prefix_sharing_in_memory(one_thread):
     assert used_one > 0 and eng.pool.num_used == 0
 
 
+def test_padded_prefill_near_the_end_of_the_context(one_thread):
+    # one prefill forward holds a row that starts late (its prefix came from the shared blocks) and ends at
+    # the last position, and a longer fresh row: the late row's padding runs past max_position_embeddings
+    m = _model(seed=9)
+    g = torch.Generator().manual_seed(5)
+    shared = torch.randint(3, 97, (32,), generator=g).tolist()
+    late, fresh = shared + torch.randint(3, 97, (30,), generator=g).tolist(), torch.randint(3, 97, (50,), generator=g).tolist()
+    eng = Engine(m, max_batch=2, block_size=16)
+    eng.submit(shared + [5], 1, GREEDY)
+    eng.run()
+    reqs = [eng.submit(late, 2, GREEDY), eng.submit(fresh, 3, SamplingParams(0.9), seed=1)]
+    eng.run()
+    assert reqs[0].cached_tokens == 32 and not any(r.error for r in reqs)
+    assert reqs[0].output == generate(m, late, 2, temperature=0) and reqs[1].output == generate(m, fresh, 3, 0.9, seed=1)
+
+
 def test_preemption_reproduces_the_same_tokens(one_thread):
     m = _model(seed=9, max_position_embeddings=80)
     g = torch.Generator().manual_seed(5)

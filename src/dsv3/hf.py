@@ -55,13 +55,17 @@ def _hf_names(model: nn.Module) -> Iterator[tuple[str, str, int | None, str | No
             continue
         else:
             prefix, rest = "model.", key
-        m = re.fullmatch(r"(.*mlp\.experts)\.(w13|w2)", rest)
+        m = re.fullmatch(r"(.*mlp)\.experts\.(w13|w2)", rest)
         if m:
-            n_exp = cfg.n_routed_experts
             parts = ("gate_proj", "up_proj") if m.group(2) == "w13" else ("down_proj",)
-            for e in range(n_exp):
+            # an expert-parallel layer holds only its slots: the logical expert of each (the routed
+            # count meaning the shared expert, placed as a routed one)
+            owner = model.get_submodule(key[:-len(".experts." + m.group(2))])
+            slots = owner.local_logical.tolist() if hasattr(owner, "local_logical") else range(cfg.n_routed_experts)
+            for row, e in enumerate(slots):
+                where = f"experts.{e}" if e < cfg.n_routed_experts else "shared_experts"
                 for part in parts:
-                    yield key, f"{prefix}{m.group(1)}.{e}.{part}.weight", e, part
+                    yield key, f"{prefix}{m.group(1)}.{where}.{part}.weight", row, part
         else:
             yield key, prefix + rest, None, None
 
@@ -205,7 +209,7 @@ def _fp8_keep_plan(model: nn.Module, plan, src: _TensorSource) -> set[str]:
 
 
 def load_pretrained(path: str | os.PathLike, device=None, dtype: torch.dtype | None = None,
-                    fp8: str = "dequant") -> nn.Module:
+                    fp8: str = "dequant", prepare=None) -> nn.Module:
     """Load an HF-layout DeepSeek-V3-family checkpoint (BF16/FP32, or FP8 + weight_scale_inv).
 
     ``fp8`` — what to do with E4M3 weights: "dequant" (default) multiplies them out into `dtype`;
@@ -219,6 +223,10 @@ def load_pretrained(path: str | os.PathLike, device=None, dtype: torch.dtype | N
     The MTP layers are loaded when present; when *all* of them are absent (a checkpoint written by
     ``transformers``, which has no MTP), the model is built without MTP. Any other missing or
     unexpected tensor raises ``ValueError`` listing them.
+
+    ``prepare(model)``, when given, runs on the model while it is still on the ``meta`` device, after
+    the checkpoint has been checked against the whole model; it may swap modules, e.g.
+    ``convert_to_expert_parallel``, whose layers then read only their own experts' tensors.
     """
     from .model import Transformer
 
@@ -261,6 +269,9 @@ def load_pretrained(path: str | os.PathLike, device=None, dtype: torch.dtype | N
             msg.append(f"  unexpected ({len(unexpected)}): " + ", ".join(unexpected[:20])
                        + (" …" if len(unexpected) > 20 else ""))
         raise ValueError("\n".join(msg))
+    if prepare is not None:
+        prepare(model)
+        plan = list(_hf_names(model))
 
     kept = _fp8_keep_plan(model, plan, src) if keep else set()
     kept_keys = set()

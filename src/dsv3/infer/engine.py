@@ -169,6 +169,10 @@ class Engine:
         self.cached_prompt_tokens = 0             # of which reused instead of computed (memory + disk)
         self.disk_prompt_tokens = 0               # of which read from the on-disk prefix cache
         self.preemptions = 0
+        # expert-parallel serving (dsv3.infer.ep_engine): an object whose agree(prefill, decode) returns
+        # whether any rank runs each forward this step, and whose empty_forward() takes part in such a
+        # forward's MoE dispatch/combine with no rows of this engine's own
+        self.lockstep = None
 
     # ------------------------------------------------------------------ requests
     def make_request(self, prompt_ids: list[int], max_new_tokens: int = 64, params: SamplingParams | None = None,
@@ -231,16 +235,31 @@ class Engine:
         self._admit(finished)
         ran = False
         chunks = self._plan_prefill()
+        prefill = decode = False
+        if self.lockstep is not None:            # every rank runs the forwards that any rank runs
+            prefill, decode = self.lockstep.agree(bool(chunks), self._may_decode(chunks))
         if chunks:
             self._guard(self._prefill, chunks, [r for r, _ in chunks], finished)
             ran = True
+        elif prefill:
+            self.lockstep.empty_forward()
         decoding = self._plan_decode(finished)
+        if decoding and self.lockstep is not None and not decode:
+            raise RuntimeError("lockstep: a decode forward no rank announced")
         if decoding:
             self._guard(self._speculative_step if self.speculative else self._plain_step, decoding, decoding,
                         finished)
             ran = True
+        elif decode:
+            self.lockstep.empty_forward()
         self.steps += ran
         return finished
+
+    def _may_decode(self, chunks: list[tuple[Request, int]]) -> bool:
+        """Before the prefill: whether this step can decode (rows decoding already, or whose prefill
+        completes in ``chunks``)."""
+        return (any(r._next >= 0 and not r.done for r in self.running)
+                or any(r._computed + n == len(r._target) for r, n in chunks))
 
     def run(self) -> None:
         while not self.idle:
@@ -364,6 +383,8 @@ class Engine:
         try:
             fn(arg, finished)
         except Exception as e:  # noqa: BLE001 — one bad batch must not stop the engine
+            if self.lockstep is not None:     # the other ranks' collectives are out of step: fatal
+                raise
             for req in reqs:
                 if not req.done:
                     self._finish(req, "error", finished, f"{type(e).__name__}: {e}")

@@ -133,24 +133,8 @@ class EngineWorker:
         for req in list(self._reqs.values()):
             self._apply(req.id, [], [], [], True, "error", self.error, req.cached_tokens)
 
-    def _apply(self, rid, tokens, logprobs, prompt_logprobs, done, reason, error, cached) -> None:
-        req = self._reqs.get(rid)
-        if req is None or req.done:
-            return
-        req.prompt_logprobs_out.extend(prompt_logprobs)
-        req.output_logprobs.extend(logprobs)
-        req.output.extend(tokens)
-        req.cached_tokens = cached
-        if done:
-            req.finish_reason, req.error = reason, error
-            req.done = True                          # last: a reader that sees done sees final lists
-            del self._reqs[rid]
-        for cb in ((req.on_token,) if tokens else ()) + ((req.on_done,) if done else ()):
-            if cb is not None:
-                try:
-                    cb(req)
-                except Exception:  # noqa: BLE001 — a consumer's bug stays its own
-                    traceback.print_exc()
+    def _apply(self, *delta) -> None:
+        apply_delta(self._reqs, *delta)
 
     # ------------------------------------------------------------------ shutdown
     def close(self, grace: float = 30.0) -> None:
@@ -263,15 +247,7 @@ class _EngineLoop:
         return True
 
     def _report(self) -> None:
-        deltas = []
-        for rid, req in list(self.reqs.items()):
-            n_tok, n_lp, n_plp = self.sent[rid]
-            tokens, lps, plps = req.output[n_tok:], req.output_logprobs[n_lp:], req.prompt_logprobs_out[n_plp:]
-            if tokens or lps or plps or req.done:
-                deltas.append((rid, tokens, lps, plps, req.done, req.finish_reason, req.error, req.cached_tokens))
-                self.sent[rid] = (len(req.output), len(req.output_logprobs), len(req.prompt_logprobs_out))
-            if req.done:
-                del self.reqs[rid], self.sent[rid]
+        deltas = take_deltas(self.reqs, self.sent)
         now, engine = time.monotonic(), self.engine
         shape = (len(engine.running), len(engine.waiting))
         stats = None              # the counters: when who runs changes, else at most 20 times a second
@@ -279,3 +255,41 @@ class _EngineLoop:
             stats, self.stats_sent, self.shape_sent = engine.stats(), now, shape
         if deltas or stats is not None:
             self.conn.send(("step", deltas, stats))
+
+
+# ---------------------------------------------------------------------- deltas (also dsv3.infer.ep_engine)
+def take_deltas(reqs: dict, sent: dict) -> list[tuple]:
+    """What changed in the engine's requests ``reqs`` (caller's id → Request) since ``sent`` (id →
+    counts sent): one tuple per changed request for :func:`apply_delta`; finished ones are dropped."""
+    deltas = []
+    for rid, req in list(reqs.items()):
+        n_tok, n_lp, n_plp = sent[rid]
+        tokens, lps, plps = req.output[n_tok:], req.output_logprobs[n_lp:], req.prompt_logprobs_out[n_plp:]
+        if tokens or lps or plps or req.done:
+            deltas.append((rid, tokens, lps, plps, req.done, req.finish_reason, req.error, req.cached_tokens))
+            sent[rid] = (len(req.output), len(req.output_logprobs), len(req.prompt_logprobs_out))
+        if req.done:
+            del reqs[rid], sent[rid]
+    return deltas
+
+
+def apply_delta(reqs: dict, rid, tokens, logprobs, prompt_logprobs, done, reason, error, cached) -> None:
+    """Grow the mirror request ``reqs[rid]`` by one delta of :func:`take_deltas` and run its callbacks;
+    a finished request leaves ``reqs``."""
+    req = reqs.get(rid)
+    if req is None or req.done:
+        return
+    req.prompt_logprobs_out.extend(prompt_logprobs)
+    req.output_logprobs.extend(logprobs)
+    req.output.extend(tokens)
+    req.cached_tokens = cached
+    if done:
+        req.finish_reason, req.error = reason, error
+        req.done = True                          # last: a reader that sees done sees final lists
+        del reqs[rid]
+    for cb in ((req.on_token,) if tokens else ()) + ((req.on_done,) if done else ()):
+        if cb is not None:
+            try:
+                cb(req)
+            except Exception:  # noqa: BLE001 — a consumer's bug stays its own
+                traceback.print_exc()

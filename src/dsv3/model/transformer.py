@@ -92,12 +92,16 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------ helpers
     def freqs_cis(self, start, length: int, device) -> torch.Tensor:
-        """[length, rope/2] for positions start …; [B, length, rope/2] for per-row starts (LongTensor [B])."""
+        """[length, rope/2] for positions start …; [B, length, rope/2] for per-row starts (LongTensor [B]).
+        With per-row starts, positions past ``max_position_embeddings`` (the padding of a row shorter than
+        ``length`` near the end of the context) take the last position's entry."""
         if isinstance(start, torch.Tensor):
             start = start.to(device)
-            table = self.freqs_cis(0, int(start.max()) + length, device)
-            pos = start[:, None] + torch.arange(length, device=device) if length > 1 else start[:, None]
-            return table[pos]
+            if length == 1:
+                return self.freqs_cis(0, int(start.max()) + 1, device)[start[:, None]]
+            end = min(int(start.max()) + length, self.cfg.max_position_embeddings)
+            pos = start[:, None] + torch.arange(length, device=device)
+            return self.freqs_cis(0, end, device)[pos.clamp(max=end - 1)]
         end = start + length
         if end > self.cfg.max_position_embeddings:
             raise ValueError(f"positions up to {end} exceed max_position_embeddings "

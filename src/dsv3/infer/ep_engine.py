@@ -1,0 +1,258 @@
+"""Expert-parallel serving: N ranks in lockstep, attention data-parallel, every MoE expert-parallel.
+
+    comm = Mesh.from_env(ep=world, gpus_per_node=G).expert_comm()
+    model = load_ep_model("runs/tiny/final", comm, two_hop=True)    # this rank's experts only
+    ep = EPEngine(model, max_batch=32)                               # on every rank
+    if rank == 0:
+        req = ep.submit(prompt_ids, 64, SamplingParams(0.8), seed=1) # placed on the least loaded rank
+        ep.run()                                                     # req.output, req.finish_reason
+        ep.close()                                                   # the other ranks' serve() returns
+    else:
+        ep.serve()
+
+Each rank is an attention data-parallel replica: its own :class:`~dsv3.infer.engine.Engine` with its
+own requests and paged latent cache. Every MoE layer is an
+:class:`~dsv3.parallel.expert.ExpertParallelMoE` over all ranks (the DeepSeek-V3 deployment of
+report §3.4): a rank holds only its experts, and a token's rows travel to the ranks holding its
+experts and back.
+
+One step (:meth:`EPEngine.step`, collective over every rank):
+
+1. **Commands**: rank 0 broadcasts the requests it placed since the last step (each on the rank
+   with the fewest unfinished requests, then the least cache use) and the aborts.
+2. **Engine step** on every rank. After planning its prefill, each rank says whether it has a
+   prefill chunk and whether it may decode this step; one all-reduce (max) gives every rank the
+   same answer, so every rank runs the same forwards — a rank without rows for a forward takes part
+   in each of its MoE layers with zero tokens (:meth:`EPEngine.empty_forward`): it sends nothing
+   but computes its experts for the other ranks' rows. With ``speculative`` the MTP forward follows
+   the trunk in both forwards, on every rank alike.
+3. **Report**: each rank's new tokens and counters are gathered to rank 0, which grows its mirror
+   requests (callbacks ``on_token`` / ``on_done`` run there).
+
+A forward that raises on one rank leaves the others' collectives unanswered, so in lockstep it is
+fatal (raised from :meth:`step`), not isolated per request as on one device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import threading
+
+import torch
+import torch.distributed as dist
+
+from .engine import Engine, EngineLimits, Request, check_request
+from .sampling import SamplingParams
+from .worker import apply_delta, take_deltas
+
+
+def load_ep_model(path: str, comm, device="cpu", dtype: torch.dtype | None = None, fp8: str = "dequant", *,
+                  two_hop: bool = False, fp8_dispatch: bool = False, shared_as_routed: bool = False):
+    """A model directory loaded for expert-parallel rank ``comm.rank``: every MoE layer becomes an
+    ``ExpertParallelMoE`` before any weight is read, so this rank reads (and holds) only its own
+    experts' tensors; the rest of the model is read in full (attention is replicated)."""
+    from ..hf import load_pretrained
+    from ..parallel.ep_model import convert_to_expert_parallel
+
+    def prepare(model):
+        convert_to_expert_parallel(model, comm, two_hop=two_hop, fp8_dispatch=fp8_dispatch,
+                                   shared_as_routed=shared_as_routed)
+
+    return load_pretrained(path, device=device, dtype=dtype, fp8=fp8, prepare=prepare)
+
+
+class EPEngine:
+    """One rank of a lockstep expert-parallel serving group (see the module docstring).
+
+    ``model``: this rank's expert-parallel model (:func:`load_ep_model`, or
+    ``convert_to_expert_parallel``), the same configuration on every rank. ``group``: the process
+    group of all serving ranks for the small control messages (gloo: objects travel through it;
+    default the world). ``engine_kwargs`` go to every rank's :class:`Engine` and must be the same
+    on every rank. Requests are submitted on rank 0 only."""
+
+    def __init__(self, model, group=None, **engine_kwargs):
+        from ..parallel.expert import ExpertParallelMoE
+
+        self.group = group
+        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+        if self.world != dist.get_world_size():
+            raise ValueError(f"EPEngine: the control group has {self.world} ranks, the world {dist.get_world_size()}")
+        self.engine = Engine(model, **engine_kwargs)
+        self.engine.lockstep = self
+        blocks = [b for b in model.layers if b.is_moe]
+        if self.engine.speculative:               # the engine's MTP forwards use module 1
+            blocks += [model.mtp[0]] if model.mtp[0].is_moe else []
+        self._moes = [b.mlp for b in blocks]
+        if not all(isinstance(m, ExpertParallelMoE) for m in self._moes):
+            raise ValueError("EPEngine: the model's MoE layers must be expert-parallel (load_ep_model or "
+                             "convert_to_expert_parallel)")
+        p = model.embed_tokens.weight
+        self._empty = torch.empty(0, model.cfg.hidden_size, device=p.device, dtype=p.dtype)
+        # every rank's limits: requests are checked against the smallest pool
+        limits: list = [None] * self.world
+        dist.all_gather_object(limits, self.engine.limits, group=group)
+        if len({dataclasses.replace(lim, num_blocks=0) for lim in limits}) != 1:
+            raise ValueError(f"EPEngine: the ranks' engines differ: {limits}")
+        self.limits: EngineLimits = dataclasses.replace(limits[0], num_blocks=min(x.num_blocks for x in limits))
+        self.max_len, self.vocab_size = self.limits.max_len, self.limits.vocab_size
+        self.stopped = False
+        # every rank: its engine's requests by rank 0's id
+        self._local: dict[int, Request] = {}
+        self._sent: dict[int, tuple[int, int, int]] = {}
+        self._failed: list[tuple] = []             # deltas of requests refused on arrival
+        # rank 0: mirrors of every request, where each runs, what each rank holds
+        self._lock = threading.RLock()             # submit / abort may come from another thread
+        self._reqs: dict[int, Request] = {}
+        self._rank_of: dict[int, int] = {}
+        self._active = [0] * self.world            # unfinished requests placed on each rank
+        self.placed = [0] * self.world             # requests placed on each rank so far
+        self.empty_forwards = 0                    # every rank: forwards it joined without rows
+        self._stats = [self.engine.stats()] * self.world
+        self._outbox: list[tuple] = []
+        self._closing = False
+        self._ids = itertools.count()
+
+    # ------------------------------------------------------------------ rank 0: requests
+    def submit(self, prompt: list[int], max_new_tokens: int, params: SamplingParams | None = None, seed: int = 0,
+               stop_ids=frozenset(), logprobs: int | None = None, prompt_logprobs: int | None = None,
+               on_token=None, on_done=None, rank: int | None = None) -> Request:
+        """A request (validated here: ValueError / ContextOverflow) placed on ``rank``, or on the least
+        loaded rank; it is sent with the next step. The returned request mirrors the engine's: its
+        ``output`` grows after each step, ``done`` is set last."""
+        if self.rank != 0:
+            raise RuntimeError("EPEngine.submit: requests enter on rank 0")
+        if self._closing or self.stopped:
+            raise RuntimeError("EPEngine: closed")
+        if rank is not None and not 0 <= rank < self.world:
+            raise ValueError(f"rank = {rank}: must lie in [0, {self.world})")
+        params = params or SamplingParams()
+        check_request(self.limits, prompt, max_new_tokens, logprobs, prompt_logprobs)
+        with self._lock:
+            rid = next(self._ids)
+            req = Request(list(prompt), max_new_tokens, params, seed, frozenset(stop_ids), logprobs,
+                          prompt_logprobs, on_token, on_done, rid)
+            r = self._least_loaded() if rank is None else rank
+            self._reqs[rid], self._rank_of[rid] = req, r
+            self._active[r] += 1
+            self.placed[r] += 1
+            self._outbox.append(("submit", r, rid, req.prompt, max_new_tokens, params, seed, req.stop_ids,
+                                 logprobs, prompt_logprobs))
+        return req
+
+    def abort(self, req: Request) -> None:
+        """Finish ``req`` with "abort" (its rank drops it in the next step)."""
+        with self._lock:
+            if not req.done and req.id in self._rank_of:
+                self._outbox.append(("abort", self._rank_of[req.id], req.id))
+
+    def _least_loaded(self) -> int:
+        """The rank with the fewest unfinished requests, then the smallest share of its cache used."""
+        def load(r):
+            st = self._stats[r]
+            return self._active[r], st["blocks_used"] / max(st["blocks_total"], 1), r
+        return min(range(self.world), key=load)
+
+    @property
+    def pending(self) -> int:
+        """Requests submitted on rank 0 and not finished."""
+        return len(self._reqs)
+
+    def stats(self) -> dict:
+        """Rank 0: the engines' counters as of the last step, summed over ranks (``ranks``: each one's)."""
+        per = list(self._stats)
+        out = {k: sum(s[k] for s in per) for k in ("running", "waiting", "blocks_used", "blocks_total",
+                                                     "cache_bytes", "prompt_tokens", "prefix_hit_tokens",
+                                                     "prefix_hit_tokens_disk", "preemptions")}
+        out.update(steps=per[0]["steps"], block_size=per[0]["block_size"], ranks=per,
+                   speculative_acceptance_rate=per[0]["speculative_acceptance_rate"])
+        return out
+
+    # ------------------------------------------------------------------ every rank: the step
+    def step(self) -> bool:
+        """One lockstep step (collective: every rank calls it). False once rank 0 has closed the group
+        (nothing runs then)."""
+        if self.stopped:
+            return False
+        if self.rank == 0:
+            with self._lock:
+                msg = [(self._outbox, self._closing)]
+                self._outbox = []
+        else:
+            msg = [None]
+        dist.broadcast_object_list(msg, src=0, group=self.group)
+        cmds, stop = msg[0]
+        for cmd in cmds:
+            if cmd[1] == self.rank:
+                self._command(cmd)
+        if stop:
+            self.engine.fail_all("the serving group closed")
+            self.stopped = True
+            return False
+        self.engine.step()
+        report = (self._failed + take_deltas(self._local, self._sent), self.engine.stats())
+        self._failed = []
+        got = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(report, got, dst=0, group=self.group)
+        if self.rank == 0:
+            with self._lock:
+                for r, (deltas, stats) in enumerate(got):
+                    self._stats[r] = stats
+                    for d in deltas:
+                        if d[4] and d[0] in self._rank_of:       # done
+                            self._active[self._rank_of.pop(d[0])] -= 1
+                        apply_delta(self._reqs, *d)
+        return True
+
+    def _command(self, cmd: tuple) -> None:
+        if cmd[0] == "submit":
+            rid, prompt, max_new, params, seed, stop_ids, logprobs, prompt_logprobs = cmd[2:]
+            try:
+                req = self.engine.make_request(prompt, max_new, params, seed, stop_ids, logprobs, prompt_logprobs)
+            except ValueError as e:
+                self._failed.append((rid, [], [], [], True, "error", str(e), 0))
+                return
+            self._local[rid], self._sent[rid] = req, (0, 0, 0)
+            self.engine.enqueue(req)
+        elif cmd[0] == "abort":
+            req = self._local.get(cmd[2])
+            if req is not None:
+                self.engine.abort(req)
+
+    # ------------------------------------------------------------------ lockstep hooks (Engine.step)
+    def agree(self, prefill: bool, decode: bool) -> tuple[bool, bool]:
+        """Whether any rank runs a prefill forward / a decode forward this step (one all-reduce)."""
+        t = torch.tensor([int(prefill), int(decode)], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(t[0]), bool(t[1])
+
+    def empty_forward(self) -> None:
+        """Take part in one forward with no rows: every MoE layer it passes, in order, with zero tokens
+        (this rank's experts still serve the other ranks' rows)."""
+        self.empty_forwards += 1
+        for moe in self._moes:
+            moe(self._empty)
+
+    # ------------------------------------------------------------------ driving
+    def run(self) -> None:
+        """Rank 0: step until every submitted request has finished (the other ranks are in :meth:`serve`)."""
+        while self._reqs and self.step():
+            pass
+
+    def serve(self) -> None:
+        """Ranks 1 …: step until rank 0 closes the group."""
+        while self.step():
+            pass
+
+    def close(self) -> None:
+        """Rank 0: abort what is left and release the other ranks from :meth:`serve` (one last step)."""
+        if self.rank != 0 or self.stopped:
+            return
+        with self._lock:
+            for req in list(self._reqs.values()):
+                self.abort(req)
+        while self._reqs and self.step():          # the aborts come back as finished requests
+            pass
+        with self._lock:
+            self._closing = True
+        self.step()

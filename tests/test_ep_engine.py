@@ -1,0 +1,216 @@
+"""Expert-parallel serving (``infer/ep_engine.py``) on real gloo ranks: 2 ranks (one node) and 4 ranks
+(2 simulated nodes × 2), each an attention-DP replica with its own engine, every MoE layer expert-
+parallel over all ranks, each rank holding only its experts (read alone from the checkpoint). For 32
+requests of mixed lengths (greedy and sampled, stop tokens, shared prefixes) every output equals the
+single-process engine's on the same requests: flat and two-hop dispatch, the shared expert as a routed
+one, speculative (MTP) decoding, a pool small enough to preempt, and a rank given no requests at all
+(it only serves its experts to the others' rows). The model is fp64 so that equality is exact.
+
+One spawn per world size runs every scenario; the tests read their results."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import random
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dsv3 import Transformer, save_pretrained
+from dsv3.hf import load_pretrained
+from dsv3.infer.engine import Engine
+from dsv3.infer.sampling import SamplingParams
+from helpers import free_port, small_config, spawn_ranks
+
+SEED = random.SystemRandom().randrange(1 << 30)      # fresh inputs every run (named in failures)
+N_REQ = 32
+ENGINE = dict(max_batch=6, block_size=16, prefill_chunk=48, max_len=128)
+
+
+def _requests(seed: int, vocab: int) -> list[dict]:
+    """32 requests: prompts of 1…90 tokens (some sharing a 32-token prefix), 1…16 new tokens, half
+    greedy, half sampled (some with top-p), a few with a stop token."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rint(lo, hi):
+        return int(torch.randint(lo, hi, (1,), generator=g))
+
+    prefix = torch.randint(1, vocab, (32,), generator=g).tolist()
+    out = []
+    for i in range(N_REQ):
+        n = rint(1, 90)
+        prompt = torch.randint(1, vocab, (n,), generator=g).tolist()
+        if i % 5 == 4:
+            prompt = prefix + prompt[:60]
+        out.append(dict(prompt=prompt, max_new_tokens=rint(1, 17),
+                        temperature=0.0 if i % 2 == 0 else 0.8, top_p=0.9 if i % 4 == 1 else 1.0,
+                        seed=rint(0, 1 << 30), stop_ids=[rint(1, vocab)] if i % 7 == 3 else []))
+    return out
+
+
+def _submit(eng, spec: dict, **kw):
+    return eng.submit(spec["prompt"], spec["max_new_tokens"], SamplingParams(spec["temperature"], top_p=spec["top_p"]),
+                      seed=spec["seed"], stop_ids=spec["stop_ids"], **kw)
+
+
+def _cache_memory(cfg, speculative: bool, blocks: int) -> int:
+    from dsv3.infer.paged_cache import PagedLatentCache
+
+    layers = cfg.num_hidden_layers + int(speculative)
+    return blocks * PagedLatentCache.bytes_per_block(cfg, ENGINE["block_size"], layers, torch.float64)
+
+
+# --------------------------------------------------------------------------------- scenarios per world
+# (name, EP options, engine options, ranks that take requests (None: the engine spreads them))
+SCENARIOS = {
+    2: [("flat", {}, {}, None),
+        ("speculative", {}, dict(speculative=True), None),
+        ("idle_rank", {}, {}, [0]),
+        ("preempt", {}, dict(blocks=9), None)],
+    4: [("flat", {}, {}, None),
+        ("two_hop", dict(two_hop=True), {}, None),
+        ("two_hop_shared_as_routed", dict(two_hop=True, shared_as_routed=True), {}, None),
+        ("idle_rank_shared", dict(shared_as_routed=True), {}, [0, 1, 3])],
+}
+
+
+def _engine_kwargs(cfg, opts: dict) -> dict:
+    kw = dict(ENGINE, speculative=opts.get("speculative", False))
+    if "blocks" in opts:
+        kw["cache_memory"] = _cache_memory(cfg, kw["speculative"], opts["blocks"])
+    return kw
+
+
+def _rank(rank, world, gpus_per_node, port, model_dir, seed, out_path):
+    from dsv3.infer.ep_engine import EPEngine, load_ep_model
+    from dsv3.parallel.mesh import MeshSpec, build_mesh
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    comm = build_mesh(MeshSpec(world, gpus_per_node), rank).expert_comm()
+    results = {}
+    for name, ep_opts, opts, ranks in SCENARIOS[world]:
+        t0 = time.time()
+        try:
+            model = load_ep_model(model_dir, comm, dtype=torch.float64, **ep_opts)
+            ep = EPEngine(model, **_engine_kwargs(model.cfg, opts))
+            specs = _requests(seed + len(results), model.cfg.vocab_size)
+            if rank == 0:
+                reqs = [_submit(ep, s, rank=None if ranks is None else ranks[i % len(ranks)])
+                        for i, s in enumerate(specs)]
+                ep.run()
+                res = dict(outputs=[r.output for r in reqs], reasons=[r.finish_reason for r in reqs],
+                           errors=[r.error for r in reqs], placed=ep.placed)
+                ep.close()
+            else:
+                ep.serve()
+            mine = dict(slots=[m.experts.w13.shape[0] for m in model.moe_layers()],
+                        expert_params=sum(m.experts.w13.numel() + m.experts.w2.numel() for m in model.moe_layers()),
+                        steps=ep.engine.steps, empty_forwards=ep.empty_forwards,
+                        preemptions=ep.engine.preemptions)
+            per = [None] * world if rank == 0 else None
+            dist.gather_object(mine, per, dst=0)
+            if rank == 0:
+                results[name] = dict(res, ranks=per, seconds=round(time.time() - t0, 2))
+        except Exception as e:   # fail fast: the spawn context kills the other ranks and re-raises
+            raise RuntimeError(f"rank {rank}, scenario {name}:\n{traceback.format_exc()}") from e
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(results, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A small random model (every feature of small_config, 128 positions) with random gate biases."""
+    torch.manual_seed(SEED)
+    m = Transformer(small_config(max_position_embeddings=128))
+    with torch.no_grad():
+        for moe in m.moe_layers():
+            moe.gate.e_score_correction_bias.normal_(0, 0.05)
+    out = tmp_path_factory.mktemp("ep_model")
+    save_pretrained(m, out)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    """Outputs of the single-process engine, per scenario (same requests, same engine settings)."""
+    model = load_pretrained(model_dir, dtype=torch.float64)
+    cache: dict = {}
+
+    def get(world: int, name: str) -> list:
+        i, (_, _, opts, _) = next((i, s) for i, s in enumerate(SCENARIOS[world]) if s[0] == name)
+        key = (SEED + i, opts.get("speculative", False))
+        if key not in cache:
+            kw = _engine_kwargs(model.cfg, {k: v for k, v in opts.items() if k != "blocks"})
+            eng = Engine(model, **kw)
+            reqs = [_submit(eng, s) for s in _requests(SEED + i, model.cfg.vocab_size)]
+            eng.run()
+            cache[key] = [(r.output, r.finish_reason) for r in reqs]
+        return cache[key]
+    return get
+
+
+def _spawn(world, gpus_per_node, model_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp(f"ep{world}") / "r.json")
+    return spawn_ranks(_rank, (world, gpus_per_node, free_port(), model_dir, SEED, out), world, out, timeout=240)
+
+
+@pytest.fixture(scope="module")
+def two(model_dir, tmp_path_factory):
+    return _spawn(2, 2, model_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def four(model_dir, tmp_path_factory):
+    return _spawn(4, 2, model_dir, tmp_path_factory)
+
+
+def _check(res: dict, ref: list, name: str, world: int) -> None:
+    r = res[name]
+    assert not any(r["errors"]), (SEED, name, r["errors"])
+    for i, (out, reason) in enumerate(ref):
+        assert r["outputs"][i] == out and r["reasons"][i] == reason, (f"seed {SEED}, {name}, request {i}",
+                                                                      r["outputs"][i], out)
+    cfg = small_config()
+    shared = int("shared" in name)
+    for info in r["ranks"]:           # each rank holds only its experts (+ one replica of the shared one)
+        assert info["slots"] == [cfg.n_routed_experts // world + shared] * 3
+
+
+@pytest.mark.parametrize("name", [s[0] for s in SCENARIOS[2]])
+def test_two_ranks_match_the_single_engine(two, reference, name):
+    _check(two, reference(2, name), name, 2)
+
+
+@pytest.mark.parametrize("name", [s[0] for s in SCENARIOS[4]])
+def test_four_ranks_two_nodes_match_the_single_engine(four, reference, name):
+    _check(four, reference(4, name), name, 4)
+
+
+def test_requests_spread_over_ranks(two, four):
+    for res, world in ((two, 2), (four, 4)):
+        placed = res["flat"]["placed"]
+        assert sum(placed) == N_REQ and max(placed) - min(placed) <= N_REQ // world // 2, placed
+        assert all(info["steps"] > 0 for info in res["flat"]["ranks"])
+
+
+def test_a_rank_without_requests_serves_the_others(two, four):
+    for res, name, idle in ((two, "idle_rank", 1), (four, "idle_rank_shared", 2)):
+        r = res[name]
+        assert r["placed"][idle] == 0
+        info = r["ranks"][idle]
+        assert info["steps"] == 0 and info["empty_forwards"] > 0        # it joined every forward with no rows
+        busy = r["ranks"][0]
+        assert info["empty_forwards"] >= busy["steps"]
+
+
+def test_preemption_under_expert_parallelism(two):
+    assert sum(info["preemptions"] for info in two["preempt"]["ranks"]) > 0
