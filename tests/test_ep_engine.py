@@ -214,3 +214,110 @@ def test_a_rank_without_requests_serves_the_others(two, four):
 
 def test_preemption_under_expert_parallelism(two):
     assert sum(info["preemptions"] for info in two["preempt"]["ranks"]) > 0
+
+
+# --------------------------------------------------------------------------------- dsv3 serve --ep N
+@pytest.fixture(scope="module")
+def served_dir(tmp_path_factory):
+    """A small random model with random gate biases and a byte-level tokenizer (no corpus needed)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    out = tmp_path_factory.mktemp("ep_served")
+    torch.manual_seed(SEED + 7)
+    m = Transformer(small_config(vocab_size=300, max_position_embeddings=64))
+    with torch.no_grad():
+        for moe in m.moe_layers():
+            moe.gate.e_score_correction_bias.normal_(0, 0.05)
+    save_pretrained(m, out)
+    vocab = {tok: i for i, tok in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(out / "tokenizer.json"))
+    return str(out)
+
+
+def test_serve_under_torchrun(served_dir, tmp_path):
+    """torchrun --nproc-per-node 2 -m dsv3.cli serve --ep 2: rank 0 serves HTTP, both ranks take requests,
+    every completion (whole and streamed) is single-process greedy decoding's; SIGTERM stops every rank."""
+    import concurrent.futures
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    from dsv3.infer.generate import generate, load_model_dir
+    from helpers import cli_env
+
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                                 "--master-port", str(free_port()), "-m", "dsv3.cli", "serve", "--model", served_dir,
+                                 "--ep", "2", "--port", str(port), "--max-batch", "3", "--threads", "1"],
+                                env=cli_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        model, tok = load_model_dir(served_dir, "cpu")               # the reference, while the ranks start
+        g = torch.Generator().manual_seed(SEED)
+        prompts = [torch.randint(3, 300, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g).tolist()
+                   for _ in range(8)]
+        ref = [tok.decode(generate(model, p, 10, temperature=0), skip_special_tokens=True) for p in prompts]
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 90
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, log.read_text()
+            assert time.time() < deadline, "the ranks did not start in 90 s:\n" + log.read_text()
+            time.sleep(0.3)
+
+        def complete(i):
+            body = dict(model=served_dir, prompt=prompts[i], max_tokens=10, temperature=0, stream=i == 0)
+            r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+            assert r.status_code == 200, r.text
+            if i:
+                return r.json()["choices"][0]["text"]
+            chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+            return "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            texts = list(pool.map(complete, range(8)))
+        assert texts == ref, (SEED, texts, ref)
+        health = httpx.get(url + "/health", timeout=5).json()
+        assert health["status"] == "ok" and len(health["ranks"]) == 2
+        assert all(r["prompt_tokens"] > 0 for r in health["ranks"]), health     # both ranks served requests
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+            raise AssertionError("the ranks did not stop within 40 s of SIGTERM:\n" + log.read_text())
+
+
+@pytest.mark.parametrize("env, argv, line", [
+    ({}, ["--ep", "2"], "--ep 2: must equal the number of ranks, 1"),
+    ({}, ["--two-hop"], "--two-hop needs --ep N"),
+    ({}, ["--shared-as-routed"], "--shared-as-routed needs --ep N"),
+    ({"WORLD_SIZE": "2"}, [], "give --ep 2"),
+    ({"WORLD_SIZE": "3"}, ["--ep", "3"], "--ep 3: must divide the model's routed experts (8)"),
+    ({"WORLD_SIZE": "4"}, ["--ep", "4", "--gpus-per-node", "3"], "--gpus-per-node 3: must divide the number of ranks (4)"),
+    ({"WORLD_SIZE": "2"}, ["--ep", "2", "--two-hop"], "--two-hop: needs more than one node"),
+    ({"WORLD_SIZE": "2"}, ["--ep", "2", "--dist-timeout", "0"], "--dist-timeout 0.0: must be a positive"),
+])
+def test_serve_ep_bad_flags_are_one_line_exit_2(served_dir, monkeypatch, capsys, env, argv, line):
+    from dsv3.cli import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert main(["serve", "--model", served_dir, "--port", str(free_port()), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and line in err, err

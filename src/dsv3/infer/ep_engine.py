@@ -120,25 +120,36 @@ class EPEngine:
         """A request (validated here: ValueError / ContextOverflow) placed on ``rank``, or on the least
         loaded rank; it is sent with the next step. The returned request mirrors the engine's: its
         ``output`` grows after each step, ``done`` is set last."""
+        req = self.make_request(prompt, max_new_tokens, params, seed, stop_ids, logprobs, prompt_logprobs,
+                                on_token, on_done)
+        self.enqueue(req, rank)
+        return req
+
+    def make_request(self, prompt: list[int], max_new_tokens: int, params: SamplingParams | None = None,
+                     seed: int = 0, stop_ids=frozenset(), logprobs: int | None = None,
+                     prompt_logprobs: int | None = None, on_token=None, on_done=None) -> Request:
+        """Rank 0: a validated mirror request, not yet placed (:meth:`enqueue`)."""
         if self.rank != 0:
-            raise RuntimeError("EPEngine.submit: requests enter on rank 0")
+            raise RuntimeError("EPEngine: requests enter on rank 0")
         if self._closing or self.stopped:
             raise RuntimeError("EPEngine: closed")
-        if rank is not None and not 0 <= rank < self.world:
-            raise ValueError(f"rank = {rank}: must lie in [0, {self.world})")
-        params = params or SamplingParams()
         check_request(self.limits, prompt, max_new_tokens, logprobs, prompt_logprobs)
         with self._lock:
             rid = next(self._ids)
-            req = Request(list(prompt), max_new_tokens, params, seed, frozenset(stop_ids), logprobs,
-                          prompt_logprobs, on_token, on_done, rid)
+        return Request(list(prompt), max_new_tokens, params or SamplingParams(), seed, frozenset(stop_ids), logprobs,
+                       prompt_logprobs, on_token, on_done, rid)
+
+    def enqueue(self, req: Request, rank: int | None = None) -> None:
+        """Rank 0: place ``req`` on ``rank`` (default: the least loaded); it is sent with the next step."""
+        if rank is not None and not 0 <= rank < self.world:
+            raise ValueError(f"rank = {rank}: must lie in [0, {self.world})")
+        with self._lock:
             r = self._least_loaded() if rank is None else rank
-            self._reqs[rid], self._rank_of[rid] = req, r
+            self._reqs[req.id], self._rank_of[req.id] = req, r
             self._active[r] += 1
             self.placed[r] += 1
-            self._outbox.append(("submit", r, rid, req.prompt, max_new_tokens, params, seed, req.stop_ids,
-                                 logprobs, prompt_logprobs))
-        return req
+            self._outbox.append(("submit", r, req.id, req.prompt, req.max_new_tokens, req.params, req.seed,
+                                 req.stop_ids, req.logprobs, req.prompt_logprobs))
 
     def abort(self, req: Request) -> None:
         """Finish ``req`` with "abort" (its rank drops it in the next step)."""
@@ -256,3 +267,168 @@ class EPEngine:
         with self._lock:
             self._closing = True
         self.step()
+
+
+# ---------------------------------------------------------------------------------------- dsv3 serve --ep N
+# torchrun --nproc-per-node N -m dsv3.cli serve --model DIR --ep N: rank 0's process runs the HTTP server and
+# its engine process (dsv3.infer.worker.EngineWorker, spawned, inheriting torchrun's environment) joins the
+# process group as rank 0 and drives the EPEngine through the worker's engine loop (Rank0Engine); ranks
+# 1 … N-1 only step (serve_follower).
+
+def add_ep_arguments(p) -> None:
+    p.add_argument("--ep", type=int, default=None, metavar="N",
+                   help="expert-parallel serving over the N ranks of torchrun (N = --nproc-per-node × nodes): each "
+                        "rank an attention replica with its own requests and cache, the experts spread over all")
+    p.add_argument("--gpus-per-node", type=int, default=None, metavar="G",
+                   help="with --ep: ranks per node (default torchrun's LOCAL_WORLD_SIZE; fewer simulates nodes)")
+    p.add_argument("--two-hop", action="store_true",
+                   help="with --ep: dispatch across nodes first, then within the node (report §3.2.2)")
+    p.add_argument("--fp8-dispatch", action="store_true", help="with --ep: dispatch activations in FP8 (E4M3)")
+    p.add_argument("--shared-as-routed", action="store_true",
+                   help="with --ep: the shared expert placed like a routed one (weight 1, a replica per rank)")
+    p.add_argument("--dist-timeout", type=float, default=600.0, metavar="S",
+                   help="with --ep: seconds a collective may wait for the other ranks before the group fails")
+
+
+def check_ep_args(args, cfg, env=None) -> dict | None:
+    """The expert-parallel settings of ``dsv3 serve`` (None without --ep); ValueError naming the flag."""
+    import math
+    import os
+
+    from ..parallel.mesh import MeshSpec
+
+    env = os.environ if env is None else env
+    world = int(env.get("WORLD_SIZE", "1"))
+    if args.ep is None:
+        for flag, given in (("--gpus-per-node", args.gpus_per_node is not None), ("--two-hop", args.two_hop),
+                            ("--fp8-dispatch", args.fp8_dispatch), ("--shared-as-routed", args.shared_as_routed)):
+            if given:
+                raise ValueError(f"{flag} needs --ep N (expert-parallel serving under torchrun)")
+        if world > 1:
+            raise ValueError(f"dsv3 serve runs on {world} ranks (torchrun): give --ep {world}")
+        return None
+    if args.ep < 1:
+        raise ValueError(f"--ep {args.ep}: must be >= 1")
+    if args.ep != world:
+        raise ValueError(f"--ep {args.ep}: must equal the number of ranks, {world} (run it as torchrun "
+                         f"--nproc-per-node {args.ep} -m dsv3.cli serve … --ep {args.ep})")
+    if not cfg.n_routed_experts or cfg.n_routed_experts % args.ep:
+        raise ValueError(f"--ep {args.ep}: must divide the model's routed experts ({cfg.n_routed_experts})")
+    g = args.gpus_per_node if args.gpus_per_node is not None else int(env.get("LOCAL_WORLD_SIZE", str(world)))
+    if g < 1 or world % g:
+        raise ValueError(f"--gpus-per-node {g}: must divide the number of ranks ({world})")
+    try:
+        MeshSpec(world, g, 1, args.ep)
+    except ValueError as e:
+        raise ValueError(f"--ep {args.ep} --gpus-per-node {g}: {e}") from None
+    if args.two_hop and (g == 1 or g >= world):
+        raise ValueError(f"--two-hop: needs more than one node of more than one rank (--gpus-per-node {g}, "
+                         f"{world} ranks)")
+    if args.shared_as_routed and cfg.n_shared_experts != 1:
+        raise ValueError(f"--shared-as-routed: the model has {cfg.n_shared_experts} shared experts (needs 1)")
+    if not (math.isfinite(args.dist_timeout) and args.dist_timeout > 0):
+        raise ValueError(f"--dist-timeout {args.dist_timeout}: must be a positive number of seconds")
+    return dict(size=args.ep, gpus_per_node=g, two_hop=args.two_hop, fp8_dispatch=args.fp8_dispatch,
+                shared_as_routed=args.shared_as_routed, timeout=args.dist_timeout)
+
+
+def build_ep_engine(spec: dict) -> EPEngine:
+    """Join torchrun's process group (its environment: RANK, WORLD_SIZE, MASTER_ADDR …) and build this
+    rank's EPEngine from a worker spec (:class:`dsv3.infer.worker.EngineWorker`) with an ``ep`` entry
+    (:func:`check_ep_args`)."""
+    import datetime
+    import os
+
+    from ..parallel.mesh import MeshSpec, build_mesh
+
+    ep = spec["ep"]
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = spec["device"]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        device = f"cuda:{local}"
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=ep["timeout"]))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    threads = spec["threads"]
+    if threads is None and not cuda:     # the node's cores shared by its ranks (and rank 0's HTTP side)
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        threads = max(1, (len(os.sched_getaffinity(0)) - 1) // per_node)
+    if threads:
+        torch.set_num_threads(threads)
+    comm = build_mesh(MeshSpec(world, ep["gpus_per_node"], 1, ep["size"]), rank).expert_comm()
+    control = dist.new_group(backend="gloo") if cuda else None     # objects and flags travel on gloo
+    model = load_ep_model(spec["model_dir"], comm, device, fp8=spec["fp8"], two_hop=ep["two_hop"],
+                          fp8_dispatch=ep["fp8_dispatch"], shared_as_routed=ep["shared_as_routed"])
+    store = None
+    if spec["prefix_cache"]:
+        from .prefix_cache import PrefixCache
+        store = PrefixCache(spec["prefix_cache"], model, spec["engine"].get("block_size", 64))
+    return EPEngine(model, group=control, prefix_cache=store, **spec["engine"])
+
+
+def serve_follower(spec: dict) -> int:
+    """Ranks 1 …: build the engine and step with rank 0 until it closes the group (signals are left to
+    rank 0, which drains and then releases this rank)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    ep = build_ep_engine(spec)
+    ep.serve()
+    dist.destroy_process_group()
+    return 0
+
+
+class Rank0Engine:
+    """Rank 0's EPEngine behind the interface the worker's engine loop drives (``Engine``'s: make_request,
+    enqueue, abort, step, idle, running, waiting, stats, fail_all, limits) — so ``dsv3 serve`` talks
+    to the group exactly as to one engine. While nothing runs it still steps every ``heartbeat``
+    seconds, so the other ranks' collectives never wait past the group's timeout."""
+
+    def __init__(self, ep: EPEngine, heartbeat: float = 1.0):
+        import time
+
+        self.ep, self.heartbeat, self._clock = ep, heartbeat, time.monotonic
+        self._last = self._clock()
+        self.limits = ep.limits
+
+    def make_request(self, *args, **kwargs) -> Request:
+        return self.ep.make_request(*args, **kwargs)
+
+    def enqueue(self, req: Request) -> None:
+        self.ep.enqueue(req)
+
+    def abort(self, req: Request) -> None:
+        self.ep.abort(req)
+
+    @property
+    def idle(self) -> bool:
+        return not self.ep.pending and self._clock() - self._last < self.heartbeat
+
+    @property
+    def running(self) -> list[Request]:
+        return list(self.ep._reqs.values())
+
+    @property
+    def waiting(self) -> list[Request]:
+        return []
+
+    def step(self) -> None:
+        self._last = self._clock()
+        self.ep.step()
+
+    def stats(self) -> dict:
+        return self.ep.stats()
+
+    def fail_all(self, message: str):
+        """A step failed: the ranks' collectives are out of step, so the group cannot go on. The engine
+        process exits; the server then answers 503 and fails what was in flight."""
+        raise SystemExit(f"dsv3 serve: the expert-parallel group failed: {message}")
+
+    def close(self) -> None:
+        self.ep.close()
+        dist.destroy_process_group()

@@ -644,6 +644,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shutdown-grace", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, seconds requests in flight may take to finish before they are aborted "
                         "(default 30)")
+    from .ep_engine import add_ep_arguments
+    add_ep_arguments(p)
 
 
 def check_args(args) -> None:
@@ -726,9 +728,14 @@ def run(args) -> int:
                          f"is {cfg.vocab_size} (they belong to different models)")
     template = ChatTemplate.from_model_dir(args.model, tokenizer)
     cache_memory = None if args.cache_memory is None else int(args.cache_memory * (1 << 30))
+    engine_kwargs = dict(max_batch=args.max_batch, cache_memory=cache_memory, speculative=args.speculative)
+    from .ep_engine import check_ep_args, serve_follower
+    ep = check_ep_args(args, cfg)              # torchrun --nproc-per-node N … --ep N: ranks 1 … only step
+    if ep is not None and int(os.environ.get("RANK", "0")) > 0:
+        return serve_follower(dict(model_dir=args.model, device=args.device, fp8=args.fp8, threads=args.threads,
+                                   prefix_cache=args.prefix_cache, engine=engine_kwargs, ep=ep))
     worker = EngineWorker(args.model, device=args.device, fp8=args.fp8, threads=args.threads,
-                          prefix_cache=args.prefix_cache, max_batch=args.max_batch, cache_memory=cache_memory,
-                          speculative=args.speculative)
+                          prefix_cache=args.prefix_cache, ep=ep, **engine_kwargs)
     name = args.served_model_name or os.path.normpath(args.model)      # as vLLM: the --model argument
     app = create_app(worker, tokenizer, name, template, api_key, args.max_body_bytes, args.shutdown_grace)
     st = app.st

@@ -37,16 +37,18 @@ from .sampling import SamplingParams
 
 class EngineWorker:
     def __init__(self, model_dir: str, *, device: str = "auto", fp8: str = "auto", threads: int | None = None,
-                 prefix_cache: str | None = None, **engine_kwargs):
+                 prefix_cache: str | None = None, ep: dict | None = None, **engine_kwargs):
         """Start the engine process: it loads ``model_dir`` (see :func:`dsv3.infer.generate.load_model_dir`)
         and builds :class:`dsv3.infer.engine.Engine` with ``engine_kwargs``. ``threads``: torch threads
         for the engine (default on a CPU: all cores but one, which the HTTP side keeps). ``prefix_cache``:
-        a directory or URL for the on-disk prefix cache. Raises ValueError with the engine's own message
+        a directory or URL for the on-disk prefix cache. ``ep``: serve as rank 0 of an expert-parallel group
+        under torchrun (:func:`dsv3.infer.ep_engine.check_ep_args`; the engine process joins the group).
+        Raises ValueError with the engine's own message
         when it cannot start (a bad directory, an impossible setting)."""
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         spec = dict(model_dir=model_dir, device=device, fp8=fp8, threads=threads, prefix_cache=prefix_cache,
-                    engine=engine_kwargs)
+                    engine=engine_kwargs, ep=ep)
         self._proc = ctx.Process(target=_engine_process, args=(child, spec), name="dsv3-engine", daemon=True)
         self._proc.start()
         child.close()
@@ -166,6 +168,8 @@ def _engine_process(conn, spec: dict) -> None:
         return
     conn.send(("ready", engine.limits, engine.stats()))
     _EngineLoop(engine, conn).run()
+    if hasattr(engine, "close"):                        # expert-parallel: release the other ranks
+        engine.close()
 
 
 def _build_engine(spec: dict):
@@ -174,6 +178,9 @@ def _build_engine(spec: dict):
     from .engine import Engine
     from .generate import load_model_dir
 
+    if spec.get("ep"):
+        from .ep_engine import Rank0Engine, build_ep_engine
+        return Rank0Engine(build_ep_engine(spec))
     threads = spec["threads"]
     model, _ = load_model_dir(spec["model_dir"], spec["device"], fp8=spec["fp8"])
     if threads is None and next(model.parameters()).device.type == "cpu":
