@@ -321,3 +321,80 @@ def test_serve_ep_bad_flags_are_one_line_exit_2(served_dir, monkeypatch, capsys,
     assert main(["serve", "--model", served_dir, "--port", str(free_port()), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and line in err, err
+
+
+# --------------------------------------------------------------------------------- loading and failures
+def test_a_rank_reads_only_its_experts(model_dir, monkeypatch):
+    """load_ep_model reads every tensor but the other ranks' experts (and, with the shared expert as a
+    routed one, the shared expert into its slot): no collective is needed to load."""
+    from dsv3 import hf
+    from dsv3.infer.ep_engine import load_ep_model
+    from dsv3.parallel.mesh import EPComm
+
+    read: list[str] = []
+    get = hf._TensorSource.get
+    monkeypatch.setattr(hf._TensorSource, "get", lambda self, name: read.append(name) or get(self, name))
+    full = load_pretrained(model_dir)
+    all_names = set(read)
+    for shared in (False, True):
+        for rank in range(4):
+            read.clear()
+            m = load_ep_model(model_dir, EPComm(rank, 4, 2), shared_as_routed=shared)
+            experts = {n.split(".mlp.experts.")[1].split(".")[0] for n in read if ".mlp.experts." in n}
+            assert experts == {str(e) for e in (2 * rank, 2 * rank + 1)}, (rank, experts)
+            assert set(read) - all_names == set()
+            others = {n for n in all_names if ".mlp.experts." not in n} - set(read)
+            assert others == set()                      # attention, gates, shared expert, MTP: all read
+            for ep, moe in zip(m.moe_layers(), full.moe_layers()):
+                assert ep.experts.w13.shape[0] == 2 + shared
+                torch.testing.assert_close(ep.experts.w13[:2], moe.experts.w13[2 * rank:2 * rank + 2], rtol=0, atol=0)
+                torch.testing.assert_close(ep.experts.w2[:2], moe.experts.w2[2 * rank:2 * rank + 2], rtol=0, atol=0)
+                if shared:
+                    s = moe.shared_experts
+                    torch.testing.assert_close(ep.experts.w13[2], torch.cat([s.gate_proj.weight, s.up_proj.weight]),
+                                               rtol=0, atol=0)
+                    torch.testing.assert_close(ep.experts.w2[2], s.down_proj.weight, rtol=0, atol=0)
+                    assert ep.shared_experts is None
+
+
+def _dying_rank(rank, port, model_dir, out_path):
+    from dsv3.infer.ep_engine import EPEngine, load_ep_model
+    from dsv3.parallel.mesh import MeshSpec, build_mesh
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=20))
+    comm = build_mesh(MeshSpec(2, 2), rank).expert_comm()
+    ep = EPEngine(load_ep_model(model_dir, comm, dtype=torch.float64), **ENGINE)
+    if rank == 1:
+        for _ in range(4):
+            ep.step()
+        import os
+        os._exit(3)                                     # dies mid-serving, without a word
+    reqs = [_submit(ep, s) for s in _requests(SEED, ep.vocab_size)]
+    t0 = time.time()
+    try:
+        ep.run()
+        result = dict(raised=None)
+    except Exception as e:  # noqa: BLE001
+        result = dict(raised=f"{type(e).__name__}: {e}")
+    result.update(seconds=time.time() - t0, done=sum(r.done for r in reqs))
+    with open(out_path, "w") as f:
+        json.dump(result, f)
+
+
+def test_a_dead_rank_stops_the_others_with_an_error(model_dir, tmp_path):
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "r.json")
+    ctx = mp.start_processes(_dying_rank, args=(free_port(), model_dir, out), nprocs=2, join=False,
+                             start_method="spawn")
+    deadline = time.time() + 90
+    for p in ctx.processes:
+        p.join(max(1.0, deadline - time.time()))
+        if p.is_alive():
+            p.kill()
+    assert [p.exitcode for p in ctx.processes] == [0, 3]
+    with open(out) as f:
+        r = json.load(f)
+    assert r["raised"] is not None and r["seconds"] < 25 and r["done"] < N_REQ, r
