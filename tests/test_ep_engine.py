@@ -66,6 +66,9 @@ def _cache_memory(cfg, speculative: bool, blocks: int) -> int:
 
 # --------------------------------------------------------------------------------- scenarios per world
 # (name, EP options, engine options, ranks that take requests (None: the engine spreads them))
+CONFIGS = {"small": dict(max_position_embeddings=128),          # small_config: 8 experts, top-3, 4 groups
+           "wide": dict(max_position_embeddings=128, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                        n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=24)}
 SCENARIOS = {
     2: [("flat", {}, {}, None),
         ("speculative", {}, dict(speculative=True), None),
@@ -74,7 +77,9 @@ SCENARIOS = {
     4: [("flat", {}, {}, None),
         ("two_hop", dict(two_hop=True), {}, None),
         ("two_hop_shared_as_routed", dict(two_hop=True, shared_as_routed=True), {}, None),
-        ("idle_rank_shared", dict(shared_as_routed=True), {}, [0, 1, 3])],
+        ("idle_rank_shared", dict(shared_as_routed=True), {}, [0, 1, 3]),
+        ("wide_two_hop_shared_speculative", dict(two_hop=True, shared_as_routed=True),
+         dict(model="wide", speculative=True), None)],
 }
 
 
@@ -85,7 +90,7 @@ def _engine_kwargs(cfg, opts: dict) -> dict:
     return kw
 
 
-def _rank(rank, world, gpus_per_node, port, model_dir, seed, out_path):
+def _rank(rank, world, gpus_per_node, port, model_dirs, seed, out_path):
     from dsv3.infer.ep_engine import EPEngine, load_ep_model
     from dsv3.parallel.mesh import MeshSpec, build_mesh
 
@@ -97,7 +102,7 @@ def _rank(rank, world, gpus_per_node, port, model_dir, seed, out_path):
     for name, ep_opts, opts, ranks in SCENARIOS[world]:
         t0 = time.time()
         try:
-            model = load_ep_model(model_dir, comm, dtype=torch.float64, **ep_opts)
+            model = load_ep_model(model_dirs[opts.get("model", "small")], comm, dtype=torch.float64, **ep_opts)
             ep = EPEngine(model, **_engine_kwargs(model.cfg, opts))
             specs = _requests(seed + len(results), model.cfg.vocab_size)
             if rank == 0:
@@ -127,27 +132,36 @@ def _rank(rank, world, gpus_per_node, port, model_dir, seed, out_path):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A small random model (every feature of small_config, 128 positions) with random gate biases."""
-    torch.manual_seed(SEED)
-    m = Transformer(small_config(max_position_embeddings=128))
-    with torch.no_grad():
-        for moe in m.moe_layers():
-            moe.gate.e_score_correction_bias.normal_(0, 0.05)
-    out = tmp_path_factory.mktemp("ep_model")
-    save_pretrained(m, out)
-    return str(out)
+def model_dirs(tmp_path_factory):
+    """Random models (every feature of small_config, 128 positions; "wide": 16 experts, top-4, d = 64)
+    with random gate biases."""
+    out = {}
+    for k, (name, kw) in enumerate(CONFIGS.items()):
+        torch.manual_seed(SEED + k)
+        m = Transformer(small_config(**kw))
+        with torch.no_grad():
+            for moe in m.moe_layers():
+                moe.gate.e_score_correction_bias.normal_(0, 0.05)
+        out[name] = str(tmp_path_factory.mktemp(f"ep_model_{name}"))
+        save_pretrained(m, out[name])
+    return out
 
 
 @pytest.fixture(scope="module")
-def reference(model_dir):
+def model_dir(model_dirs):
+    return model_dirs["small"]
+
+
+@pytest.fixture(scope="module")
+def reference(model_dirs):
     """Outputs of the single-process engine, per scenario (same requests, same engine settings)."""
-    model = load_pretrained(model_dir, dtype=torch.float64)
+    models = {name: load_pretrained(d, dtype=torch.float64) for name, d in model_dirs.items()}
     cache: dict = {}
 
     def get(world: int, name: str) -> list:
         i, (_, _, opts, _) = next((i, s) for i, s in enumerate(SCENARIOS[world]) if s[0] == name)
-        key = (SEED + i, opts.get("speculative", False))
+        model = models[opts.get("model", "small")]
+        key = (opts.get("model", "small"), SEED + i, opts.get("speculative", False))
         if key not in cache:
             kw = _engine_kwargs(model.cfg, {k: v for k, v in opts.items() if k != "blocks"})
             eng = Engine(model, **kw)
@@ -158,19 +172,19 @@ def reference(model_dir):
     return get
 
 
-def _spawn(world, gpus_per_node, model_dir, tmp_path_factory):
+def _spawn(world, gpus_per_node, model_dirs, tmp_path_factory):
     out = str(tmp_path_factory.mktemp(f"ep{world}") / "r.json")
-    return spawn_ranks(_rank, (world, gpus_per_node, free_port(), model_dir, SEED, out), world, out, timeout=240)
+    return spawn_ranks(_rank, (world, gpus_per_node, free_port(), model_dirs, SEED, out), world, out, timeout=240)
 
 
 @pytest.fixture(scope="module")
-def two(model_dir, tmp_path_factory):
-    return _spawn(2, 2, model_dir, tmp_path_factory)
+def two(model_dirs, tmp_path_factory):
+    return _spawn(2, 2, model_dirs, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
-def four(model_dir, tmp_path_factory):
-    return _spawn(4, 2, model_dir, tmp_path_factory)
+def four(model_dirs, tmp_path_factory):
+    return _spawn(4, 2, model_dirs, tmp_path_factory)
 
 
 def _check(res: dict, ref: list, name: str, world: int) -> None:
@@ -179,10 +193,12 @@ def _check(res: dict, ref: list, name: str, world: int) -> None:
     for i, (out, reason) in enumerate(ref):
         assert r["outputs"][i] == out and r["reasons"][i] == reason, (f"seed {SEED}, {name}, request {i}",
                                                                       r["outputs"][i], out)
-    cfg = small_config()
+    opts = next(s[2] for s in SCENARIOS[world] if s[0] == name)
+    cfg = small_config(**CONFIGS[opts.get("model", "small")])
     shared = int("shared" in name)
+    moe_layers = cfg.num_hidden_layers - cfg.first_k_dense_replace + cfg.num_nextn_predict_layers
     for info in r["ranks"]:           # each rank holds only its experts (+ one replica of the shared one)
-        assert info["slots"] == [cfg.n_routed_experts // world + shared] * 3
+        assert info["slots"] == [cfg.n_routed_experts // world + shared] * moe_layers
 
 
 @pytest.mark.parametrize("name", [s[0] for s in SCENARIOS[2]])
