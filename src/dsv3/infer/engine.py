@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -581,15 +582,17 @@ class Engine:
 
 
 def free_memory(device) -> int:
-    """Bytes free for the cache on ``device``: CUDA's free memory, or the host's available memory."""
+    """Bytes free for the cache on ``device``: CUDA's free memory, or the host's available memory (its
+    share of it when several ranks run on the host: torchrun's LOCAL_WORLD_SIZE, expert-parallel serving)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    ranks = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1), 1)
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    return int(line.split()[1]) * 1024 // ranks
     except OSError:
         pass
-    return 8 << 30
+    return (8 << 30) // ranks
