@@ -18,16 +18,18 @@ experts and back.
 
 One step (:meth:`EPEngine.step`, collective over every rank):
 
-1. **Commands**: rank 0 broadcasts the requests it placed since the last step (each on the rank
-   with the fewest unfinished requests, then the least cache use) and the aborts.
+1. Every rank applies the commands rank 0 sent in the previous step's exchange: the requests it
+   placed (each on the rank with the fewest unfinished requests, then the least cache use), the
+   aborts, the end of serving.
 2. **Engine step** on every rank. After planning its prefill, each rank says whether it has a
-   prefill chunk and whether it may decode this step; one all-reduce (max) gives every rank the
-   same answer, so every rank runs the same forwards — a rank without rows for a forward takes part
-   in each of its MoE layers with zero tokens (:meth:`EPEngine.empty_forward`): it sends nothing
-   but computes its experts for the other ranks' rows. With ``speculative`` the MTP forward follows
-   the trunk in both forwards, on every rank alike.
-3. **Report**: each rank's new tokens and counters are gathered to rank 0, which grows its mirror
-   requests (callbacks ``on_token`` / ``on_done`` run there).
+   prefill chunk and whether it may decode this step; the step's one exchange (an all-gather of
+   small objects) gives every rank every rank's flags, so every rank runs the same forwards — a
+   rank without rows for a forward takes part in each of its MoE layers with zero tokens
+   (:meth:`EPEngine.empty_forward`): it sends nothing but computes its experts for the other
+   ranks' rows. With ``speculative`` the MTP forward follows the trunk in both forwards, on every
+   rank alike. The same exchange carries rank 0's new commands and every rank's report of its
+   previous step (new tokens, counters), which rank 0 applies to its mirror requests (callbacks
+   ``on_token`` / ``on_done`` run there): two collectives of control per step in all.
 
 A forward that raises on one rank leaves the others' collectives unanswered, so in lockstep it is
 fatal (raised from :meth:`step`), not isolated per request as on one device.
@@ -101,6 +103,9 @@ class EPEngine:
         self._local: dict[int, Request] = {}
         self._sent: dict[int, tuple[int, int, int]] = {}
         self._failed: list[tuple] = []             # deltas of requests refused on arrival
+        self._report = None                        # (deltas, counters) of the last step, sent with the next
+        self._inbox: list[tuple] = []              # rank 0's commands, applied at the start of the next step
+        self._stop = False                         # rank 0 closed the group: the next step ends it
         # rank 0: mirrors of every request, where each runs, what each rank holds
         self._lock = threading.RLock()             # submit / abort may come from another thread
         self._reqs: dict[int, Request] = {}
@@ -185,35 +190,47 @@ class EPEngine:
         (nothing runs then)."""
         if self.stopped:
             return False
-        if self.rank == 0:
-            with self._lock:
-                msg = [(self._outbox, self._closing)]
-                self._outbox = []
-        else:
-            msg = [None]
-        dist.broadcast_object_list(msg, src=0, group=self.group)
-        cmds, stop = msg[0]
+        cmds, self._inbox = self._inbox, []
         for cmd in cmds:
             if cmd[1] == self.rank:
                 self._command(cmd)
-        if stop:
+        if self._stop:
             self.engine.fail_all("the serving group closed")
             self.stopped = True
             return False
-        self.engine.step()
-        report = (self._failed + take_deltas(self._local, self._sent), self.engine.stats())
+        self.engine.step()                         # its agree() is the step's one exchange
+        self._report = (self._failed + take_deltas(self._local, self._sent), self.engine.stats())
         self._failed = []
-        got = [None] * self.world if self.rank == 0 else None
-        dist.gather_object(report, got, dst=0, group=self.group)
+        return True
+
+    def _exchange(self, flags: tuple[int, int]) -> list:
+        """The step's one exchange (all-gather over the group): every rank's forward flags; rank 0's
+        commands (placed requests, aborts, closing) for the next step; every other rank's report
+        (new tokens, counters) of its last step, which rank 0 applies to its mirrors."""
         if self.rank == 0:
             with self._lock:
-                for r, (deltas, stats) in enumerate(got):
-                    self._stats[r] = stats
-                    for d in deltas:
-                        if d[4] and d[0] in self._rank_of:       # done
-                            self._active[self._rank_of.pop(d[0])] -= 1
-                        apply_delta(self._reqs, *d)
-        return True
+                payload = (self._outbox, self._closing)
+                self._outbox = []
+        else:
+            payload, self._report = self._report, None
+        got: list = [None] * self.world
+        dist.all_gather_object(got, (flags, payload), group=self.group)
+        self._inbox, self._stop = got[0][1]
+        if self.rank == 0:
+            reports = [self._report] + [p for _, p in got[1:]]
+            self._report = None
+            with self._lock:
+                for r, report in enumerate(reports):
+                    if report is not None:
+                        self._apply_report(r, *report)
+        return [f for f, _ in got]
+
+    def _apply_report(self, rank: int, deltas: list, stats: dict) -> None:
+        self._stats[rank] = stats
+        for d in deltas:
+            if d[4] and d[0] in self._rank_of:       # done
+                self._active[self._rank_of.pop(d[0])] -= 1
+            apply_delta(self._reqs, *d)
 
     def _command(self, cmd: tuple) -> None:
         if cmd[0] == "submit":
@@ -232,10 +249,9 @@ class EPEngine:
 
     # ------------------------------------------------------------------ lockstep hooks (Engine.step)
     def agree(self, prefill: bool, decode: bool) -> tuple[bool, bool]:
-        """Whether any rank runs a prefill forward / a decode forward this step (one all-reduce)."""
-        t = torch.tensor([int(prefill), int(decode)], dtype=torch.int32)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(t[0]), bool(t[1])
+        """Whether any rank runs a prefill forward / a decode forward this step (the step's exchange)."""
+        flags = self._exchange((int(prefill), int(decode)))
+        return any(f[0] for f in flags), any(f[1] for f in flags)
 
     def empty_forward(self) -> None:
         """Take part in one forward with no rows: every MoE layer it passes, in order, with zero tokens
@@ -266,7 +282,8 @@ class EPEngine:
             pass
         with self._lock:
             self._closing = True
-        self.step()
+        while self.step():                         # sent with this step, obeyed by every rank at the next
+            pass
 
 
 # ---------------------------------------------------------------------------------------- dsv3 serve --ep N
