@@ -254,8 +254,9 @@ def served_dir(tmp_path_factory):
     return str(out)
 
 
-def test_serve_under_torchrun(served_dir, tmp_path):
-    """torchrun --nproc-per-node 2 -m dsv3.cli serve --ep 2: rank 0 serves HTTP, both ranks take requests,
+@pytest.mark.parametrize("world, flags", [(2, []), (4, ["--gpus-per-node", "2", "--two-hop", "--shared-as-routed"])])
+def test_serve_under_torchrun(served_dir, tmp_path, world, flags):
+    """torchrun --nproc-per-node N -m dsv3.cli serve --ep N: rank 0 serves HTTP, every rank takes requests,
     every completion (whole and streamed) is single-process greedy decoding's; SIGTERM stops every rank."""
     import concurrent.futures
     import os
@@ -271,9 +272,9 @@ def test_serve_under_torchrun(served_dir, tmp_path):
     port = free_port()
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
                                  "--master-port", str(free_port()), "-m", "dsv3.cli", "serve", "--model", served_dir,
-                                 "--ep", "2", "--port", str(port), "--max-batch", "3", "--threads", "1"],
+                                 "--ep", str(world), *flags, "--port", str(port), "--max-batch", "3", "--threads", "1"],
                                 env=cli_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         model, tok = load_model_dir(served_dir, "cpu")               # the reference, while the ranks start
@@ -306,7 +307,7 @@ def test_serve_under_torchrun(served_dir, tmp_path):
             texts = list(pool.map(complete, range(8)))
         assert texts == ref, (SEED, texts, ref)
         health = httpx.get(url + "/health", timeout=5).json()
-        assert health["status"] == "ok" and len(health["ranks"]) == 2
+        assert health["status"] == "ok" and len(health["ranks"]) == world
         assert all(r["prompt_tokens"] > 0 for r in health["ranks"]), health     # both ranks served requests
     finally:
         os.kill(proc.pid, signal.SIGTERM)
