@@ -33,7 +33,8 @@ ENGINE = dict(max_batch=6, block_size=16, prefill_chunk=48, max_len=128)
 
 def _requests(seed: int, vocab: int) -> list[dict]:
     """32 requests: prompts of 1…90 tokens (some sharing a 32-token prefix), 1…16 new tokens, half
-    greedy, half sampled (some with top-p), a few with a stop token."""
+    greedy, half sampled (some with top-p), a few with a stop token, penalties, log-probabilities of
+    the output or of the prompt."""
     g = torch.Generator().manual_seed(seed)
 
     def rint(lo, hi):
@@ -48,13 +49,24 @@ def _requests(seed: int, vocab: int) -> list[dict]:
             prompt = prefix + prompt[:60]
         out.append(dict(prompt=prompt, max_new_tokens=rint(1, 17),
                         temperature=0.0 if i % 2 == 0 else 0.8, top_p=0.9 if i % 4 == 1 else 1.0,
-                        seed=rint(0, 1 << 30), stop_ids=[rint(1, vocab)] if i % 7 == 3 else []))
+                        seed=rint(0, 1 << 30), stop_ids=[rint(1, vocab)] if i % 7 == 3 else [],
+                        penalties=(0.5, 0.3) if i % 8 == 6 else (0.0, 0.0),
+                        logprobs=2 if i % 6 == 5 else None, prompt_logprobs=1 if i % 9 == 8 else None))
     return out
 
 
 def _submit(eng, spec: dict, **kw):
-    return eng.submit(spec["prompt"], spec["max_new_tokens"], SamplingParams(spec["temperature"], top_p=spec["top_p"]),
-                      seed=spec["seed"], stop_ids=spec["stop_ids"], **kw)
+    presence, frequency = spec["penalties"]
+    params = SamplingParams(spec["temperature"], top_p=spec["top_p"], presence_penalty=presence,
+                            frequency_penalty=frequency)
+    return eng.submit(spec["prompt"], spec["max_new_tokens"], params, seed=spec["seed"], stop_ids=spec["stop_ids"],
+                      logprobs=spec["logprobs"], prompt_logprobs=spec["prompt_logprobs"], **kw)
+
+
+def _logprobs(req) -> list:
+    """Output then prompt log-probabilities as [token, logprob, [[id, logprob], …]] (JSON-able)."""
+    return [[t.token, t.logprob, [list(x) for x in t.top]] if t is not None else None
+            for t in req.output_logprobs + req.prompt_logprobs_out]
 
 
 def _cache_memory(cfg, speculative: bool, blocks: int) -> int:
@@ -111,7 +123,7 @@ def _rank(rank, world, gpus_per_node, port, model_dirs, seed, out_path):
                         for i, s in enumerate(specs)]
                 ep.run()
                 res = dict(outputs=[r.output for r in reqs], reasons=[r.finish_reason for r in reqs],
-                           errors=[r.error for r in reqs], placed=ep.placed)
+                           errors=[r.error for r in reqs], placed=ep.placed, logprobs=[_logprobs(r) for r in reqs])
                 ep.close()
             else:
                 ep.serve()
@@ -168,7 +180,7 @@ def reference(model_dirs):
             eng = Engine(model, **kw)
             reqs = [_submit(eng, s) for s in _requests(SEED + i, model.cfg.vocab_size)]
             eng.run()
-            cache[key] = [(r.output, r.finish_reason) for r in reqs]
+            cache[key] = [(r.output, r.finish_reason, _logprobs(r)) for r in reqs]
         return cache[key]
     return get
 
@@ -191,9 +203,15 @@ def four(model_dirs, tmp_path_factory):
 def _check(res: dict, ref: list, name: str, world: int) -> None:
     r = res[name]
     assert not any(r["errors"]), (SEED, name, r["errors"])
-    for i, (out, reason) in enumerate(ref):
+    for i, (out, reason, lps) in enumerate(ref):
         assert r["outputs"][i] == out and r["reasons"][i] == reason, (f"seed {SEED}, {name}, request {i}",
                                                                       r["outputs"][i], out)
+        got = r["logprobs"][i]              # the same tokens; values (fp32) as close as the summation order allows
+        assert len(got) == len(lps) and all((a is None) == (b is None) for a, b in zip(got, lps))
+        for a, b in ((a, b) for a, b in zip(got, lps) if a is not None):
+            assert a[0] == b[0] and [t for t, _ in a[2]] == [t for t, _ in b[2]]
+            assert abs(a[1] - b[1]) < 1e-5 and all(abs(x - y) < 1e-5 for (_, x), (_, y) in zip(a[2], b[2]))
+    assert sum(bool(lps) for _, _, lps in ref) >= 6
     opts = next(s[2] for s in SCENARIOS[world] if s[0] == name)
     cfg = small_config(**CONFIGS[opts.get("model", "small")])
     shared = int("shared" in name)
@@ -423,7 +441,7 @@ def test_fp8_dispatch_serves_close_to_the_single_engine(two, reference):
     outputs, but no request fails and most first tokens agree."""
     r, ref = two["fp8_dispatch"], reference(2, "fp8_dispatch")
     assert not any(r["errors"]), r["errors"]
-    same = sum(out[:1] == o[:1] for out, (o, _) in zip(r["outputs"], ref))
+    same = sum(out[:1] == o[:1] for out, (o, _, _) in zip(r["outputs"], ref))
     print(f"fp8 dispatch: {same}/{N_REQ} first tokens and "
-          f"{sum(out == o for out, (o, _) in zip(r['outputs'], ref))}/{N_REQ} whole outputs equal")
+          f"{sum(out == o for out, (o, _, _) in zip(r['outputs'], ref))}/{N_REQ} whole outputs equal")
     assert same >= N_REQ * 3 // 4, (SEED, same)
