@@ -445,3 +445,35 @@ def test_fp8_dispatch_serves_close_to_the_single_engine(two, reference):
     print(f"fp8 dispatch: {same}/{N_REQ} first tokens and "
           f"{sum(out == o for out, (o, _, _) in zip(r['outputs'], ref))}/{N_REQ} whole outputs equal")
     assert same >= N_REQ * 3 // 4, (SEED, same)
+
+
+def test_a_rank_keeps_its_fp8_experts_in_e4m3(tmp_path):
+    """An FP8 checkpoint served with --fp8 keep: each rank's expert slots hold the E4M3 bytes and block
+    scales of its experts (and of the shared expert in its slot, with --shared-as-routed)."""
+    from dsv3.infer.ep_engine import load_ep_model
+    from dsv3.parallel.mesh import EPComm
+
+    torch.manual_seed(SEED)
+    d = 128
+    save_pretrained(Transformer(small_config(hidden_size=d, moe_intermediate_size=d, intermediate_size=d,
+                                             q_lora_rank=d, kv_lora_rank=d)), tmp_path, fp8=True)
+    full = load_pretrained(tmp_path, fp8="keep")
+
+    def raw(t):
+        return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+    for shared in (False, True):
+        for rank in range(2):
+            ep = load_ep_model(str(tmp_path), EPComm(rank, 2, 2), fp8="keep", shared_as_routed=shared)
+            for a, b in zip(ep.moe_layers(), full.moe_layers()):
+                mine, ref = a.experts.state_dict(), b.experts.state_dict()
+                assert set(mine) == {"w13", "w2", "w13_scale_inv", "w2_scale_inv"}
+                assert mine["w13"].dtype == torch.float8_e4m3fn and mine["w13"].shape[0] == 4 + shared
+                for k in mine:
+                    assert torch.equal(raw(mine[k][:4]), raw(ref[k][4 * rank:4 * rank + 4])), k
+                if shared:
+                    s = b.shared_experts
+                    assert torch.equal(raw(mine["w13"][4]), raw(torch.cat([s.gate_proj.weight, s.up_proj.weight])))
+                    assert torch.equal(raw(mine["w2"][4]), raw(s.down_proj.weight))
+                    assert torch.equal(mine["w13_scale_inv"][4], torch.cat([s.gate_proj.weight_scale_inv,
+                                                                            s.up_proj.weight_scale_inv]))
