@@ -33,6 +33,19 @@ import torch.distributed as dist
 
 KINDS = ("pipeline", "data", "expert", "expert_data", "intra_node", "inter_node", "ep_intra", "ep_inter")
 
+_timeout = None        # datetime.timedelta for every group made here (set_group_timeout); None: torch's default
+
+
+def set_group_timeout(timeout) -> None:
+    """The timeout (a ``datetime.timedelta``) of every process group the mesh creates from now on —
+    the run's ``--dist-timeout``, so that a collective on a frozen peer fails after it."""
+    global _timeout
+    _timeout = timeout
+
+
+def _new_group(members, **kw):
+    return dist.new_group(list(members), timeout=_timeout, **kw)
+
 
 @dataclass(frozen=True)
 class MeshSpec:
@@ -213,7 +226,7 @@ class Mesh:
             key = tuple(sorted(members))
             if key in self.made:
                 continue
-            self.made[key] = dist.new_group(list(key)) if len(key) > 1 and self.spec.world_size > 1 else None
+            self.made[key] = _new_group(key) if len(key) > 1 and self.spec.world_size > 1 else None
 
     def group(self, ranks):
         """The process group of exactly these global ranks (made by :func:`build_mesh` or
@@ -240,7 +253,7 @@ class Mesh:
             for members in self.spec.groups(kind):
                 key = tuple(members)
                 if key not in copies:
-                    copies[key] = dist.new_group(members) if len(members) > 1 else None
+                    copies[key] = _new_group(members) if len(members) > 1 else None
                 if self.rank in members and copies[key] is not None:
                     register_lane_group(lane, self.handles[kind], copies[key])
         self.lanes.add(lane)
@@ -274,9 +287,9 @@ def build_mesh(spec: MeshSpec, rank: int) -> Mesh:
                 key = tuple(members)
                 if key not in made:
                     if len(members) > 1:
-                        made[key] = dist.new_group(members)
+                        made[key] = _new_group(members)
                     elif rank in members:        # a one-rank group: only its member creates it
-                        made[key] = dist.new_group(members, use_local_synchronization=True)
+                        made[key] = _new_group(members, use_local_synchronization=True)
                 if rank in members:
                     handles[kind] = made[key]
     else:

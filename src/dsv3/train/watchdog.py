@@ -20,15 +20,13 @@ import time
 def init_distributed(device_type: str, timeout_s: float) -> bool:
     """Join the process group torchrun describes with ``timeout_s``; False for a single process."""
     import torch.distributed as dist
-    from torch.distributed import distributed_c10d as c10d
+
+    from ..parallel.mesh import set_group_timeout
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     timeout = datetime.timedelta(seconds=timeout_s)
-    # groups made later (the mesh's new_group calls) take the default timeout: make it ours
-    for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
-        if isinstance(getattr(c10d, name, None), datetime.timedelta):
-            setattr(c10d, name, timeout)
+    set_group_timeout(timeout)       # the mesh's groups, made later, take it too
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timeout)
     return True
