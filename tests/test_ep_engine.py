@@ -272,7 +272,10 @@ def served_dir(tmp_path_factory):
     return str(out)
 
 
-@pytest.mark.parametrize("world, flags", [(2, []), (4, ["--gpus-per-node", "2", "--two-hop", "--shared-as-routed"])])
+@pytest.mark.parametrize("world, flags", [
+    (2, []),
+    pytest.param(4, ["--gpus-per-node", "2", "--two-hop", "--shared-as-routed"], marks=pytest.mark.slow),
+])
 def test_serve_under_torchrun(served_dir, tmp_path, world, flags):
     """torchrun --nproc-per-node N -m dsv3.cli serve --ep N: rank 0 serves HTTP, every rank takes requests,
     every completion (whole and streamed) is single-process greedy decoding's; SIGTERM stops every rank."""

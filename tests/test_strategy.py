@@ -5,8 +5,9 @@ groups of 2) follow the one-process run with the same global batch for 20 steps:
 terms, gradient norms and validation losses within 1e-5, expert loads identical; the checkpoint (model,
 optimizer moments, EMA) equals the one-process checkpoint. A checkpoint written under one layout resumes
 under another (one process, ``--ep 4``, ``--pp 2`` with another schedule) with the same subsequent losses.
-With ``--two-hop --fp8-dispatch`` and ``--precision fp8`` the losses stay within the FP8 tolerance.
-The other schedules on 8 ranks run with ``-m slow``.
+With ``--two-hop --fp8-dispatch`` the losses stay within the FP8 tolerance. That, the other schedules on
+8 ranks and the resumes under ``--ep 4`` and ``--pp 2`` run with ``-m slow`` (the default suite keeps the
+8-rank DualPipeV run and the resume in one process).
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def test_pp2_ep2_dp_on_8_ranks_follows_the_single_process_run(setup):
 
 @pytest.mark.parametrize("nproc, layout", [
     (1, []),
-    (4, ["--ep", "4"]),
+    pytest.param(4, ["--ep", "4"], marks=pytest.mark.slow),
     pytest.param(4, ["--pp", "2", "--schedule", "zb1p", "--microbatches", "2"], marks=pytest.mark.slow),
     pytest.param(8, ["--pp", "2", "--ep", "2", "--schedule", "1f1b", "--microbatches", "4"], marks=pytest.mark.slow),
 ])
@@ -125,6 +126,7 @@ def test_other_schedules_on_8_ranks(setup, schedule):
     _same_curve(tmp / schedule, tmp / "one")
 
 
+@pytest.mark.slow
 def test_two_hop_fp8_dispatch_and_fp8_training_stay_close(setup):
     base, tmp = setup
     short = [a if a != str(STEPS) else "3" for a in base]
