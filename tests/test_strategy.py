@@ -107,8 +107,8 @@ def test_pp2_ep2_dp_on_8_ranks_follows_the_single_process_run(setup):
 def test_a_pp2_ep2_checkpoint_resumes_under_another_layout(setup, tmp_path, nproc, layout):
     base, tmp = setup
     src = tmp / "pp2ep2"
-    if not (src / "checkpoints").exists():
-        pytest.skip("needs the 8-rank run of test_pp2_ep2_dp_on_8_ranks_follows_the_single_process_run")
+    if not (src / "checkpoints").exists():   # run alone (e.g. -m slow): make the 8-rank run first
+        _run(base, src, 8, [*PP_EP, "--schedule", "dualpipev"])
     run = tmp_path / "resumed"
     shutil.copytree(src, run)
     shutil.rmtree(run / f"checkpoints/step-{STEPS:09d}")
