@@ -30,9 +30,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dsv3 import ModelConfig, Transformer
+from dsv3.parallel.pipeline.schedule import SCHEDULES
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SCHEDULES = ("1f1b", "zb1p", "dualpipe", "dualpipev")
 
 
 def _config(name: str) -> ModelConfig:

@@ -22,6 +22,7 @@ RUN_FILE = "run.json"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..parallel.pipeline.schedule import SCHEDULES
     from .trainer import TrainConfig
 
     d = TrainConfig()
@@ -61,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "comma-separated): " + ", ".join(IDENTITY))
     p.add_argument("--device", default="auto")
     p.add_argument("--pp", type=int, default=d.pp, help="pipeline-parallel ranks (under torchrun: world = pp × dp)")
-    p.add_argument("--schedule", default=d.schedule, choices=["1f1b", "zb1p", "dualpipe", "dualpipev"],
+    p.add_argument("--schedule", default=d.schedule, choices=SCHEDULES,
                    help="pipeline schedule with --pp > 1")
     p.add_argument("--microbatches", type=int, default=d.microbatches,
                    help="pipeline micro-batches per step (default: the fewest the schedule allows)")

@@ -31,6 +31,7 @@ from .. import balance
 from ..checkpoint import flatten_optimizer_state, list_checkpoints, save_checkpoint, save_sharded
 from ..config import ModelConfig
 from ..model import Transformer
+from ..parallel.pipeline.schedule import SCHEDULES
 from .losses import compute_loss
 from .optim import AdamW, lr_at, param_groups
 from .strategy import build_strategy
@@ -89,8 +90,8 @@ class TrainConfig:
             raise ValueError(f"--precision must be auto, fp32, bf16 or fp8, got {self.precision!r}")
         if self.pp < 1 or self.microbatches < 0:
             raise ValueError(f"--pp must be >= 1 and --microbatches >= 0, got {self.pp}, {self.microbatches}")
-        if self.schedule not in ("1f1b", "zb1p", "dualpipe", "dualpipev"):
-            raise ValueError(f"--schedule must be 1f1b, zb1p, dualpipe or dualpipev, got {self.schedule!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.pp > 1 and self.grad_accum != 1:
             raise ValueError("with --pp > 1 use --microbatches instead of --grad-accum")
         if self.ep < 1 or self.gpus_per_node < 0:
