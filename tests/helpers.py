@@ -55,3 +55,33 @@ def small_config(**kw):
                 initializer_range=0.1)
     base.update(kw)
     return ModelConfig.preset("tiny").replace(**base)
+
+
+def save_byte_level_tokenizer(out) -> None:
+    """A byte-level BPE tokenizer without merges (256 ids) as ``out/tokenizer.json``: a model
+    directory's tokenizer that needs no corpus."""
+    import os
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {tok: i for i, tok in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(os.path.join(str(out), "tokenizer.json"))
+
+
+def wait_healthy(url: str, proc, log, seconds: float, what: str = "the server") -> None:
+    """Poll ``url``/health until it answers 200; fail with the log if ``proc`` exits or time runs out."""
+    import httpx
+
+    deadline = time.time() + seconds
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None, log.read_text()
+        assert time.time() < deadline, f"{what} did not start in {seconds:g} s:\n" + log.read_text()
+        time.sleep(0.3)

@@ -18,7 +18,7 @@ import torch
 
 from dsv3 import ModelConfig
 from dsv3.cli import main
-from helpers import cli_env, free_port, small_config
+from helpers import cli_env, free_port, save_byte_level_tokenizer, small_config
 
 TINY_HF = ModelConfig.preset("tiny").to_hf()
 
@@ -50,18 +50,12 @@ class _Evil:   # a pickle that would run code on load: torch.load(weights_only=T
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A very small model in the HF layout with a byte-level tokenizer (no corpus needed)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
     from dsv3 import Transformer, save_pretrained
 
     out = tmp_path_factory.mktemp("model")
     torch.manual_seed(0)
     save_pretrained(Transformer(small_config(vocab_size=300, max_position_embeddings=64)), out)
-    vocab = {tok: i for i, tok in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.save(str(out / "tokenizer.json"))
+    save_byte_level_tokenizer(out)
     return str(out)
 
 

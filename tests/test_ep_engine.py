@@ -24,7 +24,7 @@ from dsv3 import Transformer, save_pretrained
 from dsv3.hf import load_pretrained
 from dsv3.infer.engine import Engine
 from dsv3.infer.sampling import SamplingParams
-from helpers import free_port, small_config, spawn_ranks
+from helpers import free_port, save_byte_level_tokenizer, small_config, spawn_ranks, wait_healthy
 
 SEED = random.SystemRandom().randrange(1 << 30)      # fresh inputs every run (named in failures)
 N_REQ = 32
@@ -255,8 +255,6 @@ def test_preemption_under_expert_parallelism(two):
 @pytest.fixture(scope="module")
 def served_dir(tmp_path_factory):
     """A small random model with random gate biases and a byte-level tokenizer (no corpus needed)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
     out = tmp_path_factory.mktemp("ep_served")
     torch.manual_seed(SEED + 7)
     m = Transformer(small_config(vocab_size=300, max_position_embeddings=64))
@@ -264,11 +262,7 @@ def served_dir(tmp_path_factory):
         for moe in m.moe_layers():
             moe.gate.e_score_correction_bias.normal_(0, 0.05)
     save_pretrained(m, out)
-    vocab = {tok: i for i, tok in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.save(str(out / "tokenizer.json"))
+    save_byte_level_tokenizer(out)
     return str(out)
 
 
@@ -304,16 +298,7 @@ def test_serve_under_torchrun(served_dir, tmp_path, world, flags):
                    for _ in range(8)]
         ref = [tok.decode(generate(model, p, 10, temperature=0), skip_special_tokens=True) for p in prompts]
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 90
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, log.read_text()
-            assert time.time() < deadline, "the ranks did not start in 90 s:\n" + log.read_text()
-            time.sleep(0.3)
+        wait_healthy(url, proc, log, 90, "the ranks")
 
         def complete(i):
             body = dict(model=served_dir, prompt=prompts[i], max_tokens=10, temperature=0, stream=i == 0)

@@ -24,7 +24,7 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from helpers import cli_env, free_port  # noqa: E402
+from helpers import cli_env, free_port, wait_healthy  # noqa: E402
 
 KEY = "sk-test-key"
 NAME = "test-model"
@@ -72,16 +72,7 @@ def served(model_dir, tmp_path_factory):
                                 env=cli_env(), stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     model, tok = load_model_dir(model_dir, "cpu")               # the reference, while the server starts
-    deadline = time.time() + 120
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert proc.poll() is None, log.read_text()
-        assert time.time() < deadline, "the server did not start in 120 s:\n" + log.read_text()
-        time.sleep(0.3)
+    wait_healthy(url, proc, log, 120)
     s = Served(proc, url, model.eval(), tok, log)
     yield s
     if proc.poll() is None:

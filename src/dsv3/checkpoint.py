@@ -101,9 +101,7 @@ def save_checkpoint(ckpt_root: str, step: int, model_state: dict[str, torch.Tens
     name = f"step-{step:09d}"
     final = os.path.join(ckpt_root, name)
     tmp = os.path.join(ckpt_root, f".tmp-{name}")
-    for stale in os.listdir(ckpt_root):   # left by a killed save
-        if stale.startswith(".tmp-step-"):
-            shutil.rmtree(os.path.join(ckpt_root, stale), ignore_errors=True)
+    _remove_stale(ckpt_root)
     groups = {"model.safetensors": model_state, "optim.safetensors": optim_tensors,
               "extra.safetensors": extra_tensors}
     need = sum(t.numel() * t.element_size() for g in groups.values() for t in g.values()) + (1 << 20)
@@ -119,13 +117,7 @@ def save_checkpoint(ckpt_root: str, step: int, model_state: dict[str, torch.Tens
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
             checksums[fn] = _sha256(path)
-        meta = dict(meta, step=step, checksums=checksums)
-        meta["meta_sha256"] = meta_digest(meta)
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        _write_meta(tmp, dict(meta, step=step, checksums=checksums))
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -135,13 +127,35 @@ def save_checkpoint(ckpt_root: str, step: int, model_state: dict[str, torch.Tens
                             f"{' (' + e.filename + ')' if e.filename else ''}; the newest complete checkpoint "
                             f"is kept") from None
         raise
+    _publish(tmp, final, ckpt_root, keep)
+    return final
+
+
+def _write_meta(tmp: str, meta: dict) -> None:
+    """meta.json with its own checksum, fsync'ed, into the temporary checkpoint directory."""
+    meta["meta_sha256"] = meta_digest(meta)
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+
+
+def _publish(tmp: str, final: str, ckpt_root: str, keep: int) -> None:
+    """Rename the complete temporary directory into place and prune to the newest ``keep``."""
     if os.path.exists(final):
         shutil.rmtree(final)
     os.rename(tmp, final)
     _fsync_dir(ckpt_root)
     for old in list_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
         shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
-    return final
+
+
+def _remove_stale(ckpt_root: str) -> None:
+    """Temporary directories left by a killed save."""
+    for stale in os.listdir(ckpt_root):
+        if stale.startswith(".tmp-step-"):
+            shutil.rmtree(os.path.join(ckpt_root, stale), ignore_errors=True)
 
 
 def _no_space(final: str, need: int, free: int) -> str:
@@ -229,9 +243,7 @@ def save_sharded(ckpt_root: str, step: int, pieces: dict[str, dict[str, torch.Te
     tmp = os.path.join(ckpt_root, f".tmp-{name}")
     if rank == 0:
         os.makedirs(ckpt_root, exist_ok=True)
-        for stale in os.listdir(ckpt_root):   # left by a killed save
-            if stale.startswith(".tmp-step-"):
-                shutil.rmtree(os.path.join(ckpt_root, stale), ignore_errors=True)
+        _remove_stale(ckpt_root)
         os.makedirs(tmp)
     dist.barrier(group=group)
     mine: dict = {"files": {}, "error": None}
@@ -265,19 +277,8 @@ def save_sharded(ckpt_root: str, step: int, pieces: dict[str, dict[str, torch.Te
             for fn, (kind, keys, digest) in r["files"].items():
                 shards[kind][fn] = keys
                 checksums[fn] = digest
-        meta = dict(meta or {}, step=step, checksums=checksums, shards=shards)
-        meta["meta_sha256"] = meta_digest(meta)
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(ckpt_root)
-        for old in list_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
-            shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
+        _write_meta(tmp, dict(meta or {}, step=step, checksums=checksums, shards=shards))
+        _publish(tmp, final, ckpt_root, keep)
     finally:
         dist.barrier(group=group)
     return final

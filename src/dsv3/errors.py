@@ -140,6 +140,19 @@ def check_output_file(flag: str, path: str | os.PathLike) -> None:
         raise UserError(f"{flag} {path}: cannot write in {parent} ({e.strerror or e})") from None
 
 
+def check_writable_dir(flag: str, path: str | os.PathLike, what: str = "write there") -> None:
+    """Before any work: directory ``path`` exists or can be made, and a file can really be written in
+    it (os.access does not see read-only file systems); else a UserError naming the flag."""
+    import tempfile
+
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot {what} ({e.strerror or e})") from None
+
+
 def oserror_message(e: OSError) -> str:
     """One line for an OSError: what failed and on which file."""
     what = e.strerror or str(e)

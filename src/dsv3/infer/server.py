@@ -672,16 +672,9 @@ def check_args(args) -> None:
 
 def check_prefix_cache_dir(path: str) -> None:
     """A local --prefix-cache directory exists or can be made, and can be written (a UserError otherwise)."""
-    import tempfile
+    from ..errors import check_writable_dir
 
-    from ..errors import UserError
-
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise UserError(f"--prefix-cache {path}: cannot write there ({e.strerror or e})") from None
+    check_writable_dir("--prefix-cache", path)
 
 
 def check_listen(host: str, port: int) -> None:

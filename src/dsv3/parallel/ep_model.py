@@ -28,7 +28,7 @@ holding the same experts — no extra sharding there). Its ``state_dict`` is in 
 single-process optimizer over the full model (expert moments gathered), so checkpoints of EP runs
 and one-rank runs are interchangeable, and ``load_state_dict`` slices each rank's experts back out.
 
-Memory: :func:`full_state_dict`, the consolidated optimizer state and :func:`full_model` put the
+Memory: :func:`full_state_dict` and the consolidated optimizer state put the
 whole model (and its optimizer moments) on the destination rank, like a one-rank run; every rank of
 the EP group transiently holds one layer's gathered expert tensor while gathering.
 """
@@ -147,36 +147,23 @@ def load_full_state_dict(model: nn.Module, sd: dict, strict: bool = True):
     return model.load_state_dict(sd, strict=strict)
 
 
-def full_model(model: nn.Module, keep: bool = True) -> nn.Module | None:
-    """A plain ``Transformer`` with the full weights (collective; ``None`` where ``keep`` is False)."""
-    from ..model import Transformer
-
-    sd = full_state_dict(model, keep)
-    if not keep:
-        return None
-    rng = torch.get_rng_state()
-    try:
-        full = Transformer(model.cfg)
-    finally:
-        torch.set_rng_state(rng)
-    ref = next(model.parameters())
-    full.to(device=ref.device)
-    full.load_state_dict(sd)
-    full.recompute = getattr(model, "recompute", False)
-    return full
-
-
 # ----------------------------------------------------------------------------------------- gradients
 def reduce_expert_gradients(model: nn.Module, expert_data_group, expert_data_size: int, world: int) -> None:
     """Expert gradients: sum over the ranks holding the same experts, then divide by the world size
     (see the module docstring for why W and not W/ep)."""
     grads = [p.grad for p in model.parameters() if _is_expert(p) and p.grad is not None]
+    sum_and_divide_(grads, expert_data_group if expert_data_size > 1 else None, world)
+
+
+def sum_and_divide_(grads: list[torch.Tensor], group, divisor: int) -> None:
+    """In place: each gradient summed over ``group`` (None: no communication) in one flat all-reduce,
+    then divided by ``divisor``."""
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
-    if expert_data_size > 1:
-        dist.all_reduce(flat, group=expert_data_group)
-    flat /= world
+    if group is not None:
+        dist.all_reduce(flat, group=group)
+    flat /= divisor
     offset = 0
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))

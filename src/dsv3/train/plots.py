@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 
@@ -48,16 +47,9 @@ _NUMBERS = ("loss", "mtp", "val_loss", "max_vio", "val_max_vio")
 
 def check_out_dir(out_dir: str, flag: str = "--out") -> None:
     """The plots directory exists or can be made, and is writable (a UserError naming it)."""
-    import tempfile
+    from ..errors import check_writable_dir
 
-    from ..errors import UserError
-
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise UserError(f"{flag} {out_dir}: cannot write the plots there ({e.strerror or e})") from None
+    check_writable_dir(flag, out_dir, "write the plots there")
 
 
 def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:

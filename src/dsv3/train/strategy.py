@@ -128,20 +128,13 @@ class Replicated:
     def _reduce_gradients(self) -> None:
         if self.world == 1:
             return
+        from ..parallel.ep_model import reduce_expert_gradients, sum_and_divide_
+
         params = list(self.model.parameters())
         if self.ep > 1:   # experts: sum over the ranks holding them, / world (see parallel.ep_model)
-            from ..parallel.ep_model import reduce_expert_gradients
-
             reduce_expert_gradients(self.model, self.mesh.expert_data_group, self.mesh.spec.edp, self.world)
             params = [p for p in params if not _is_expert(p)]
-        grads = [p.grad for p in params if p.grad is not None]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=self.mesh.data_group)
-        flat /= self.world
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+        sum_and_divide_([p.grad for p in params if p.grad is not None], self.mesh.data_group, self.world)
 
     def _clip(self):
         if self.ep > 1:   # global norm: each expert counted once
