@@ -91,8 +91,11 @@ SCENARIOS = {
         ("two_hop", dict(two_hop=True), {}, None),
         ("two_hop_shared_as_routed", dict(two_hop=True, shared_as_routed=True), {}, None),
         ("idle_rank_shared", dict(shared_as_routed=True), {}, [0, 1, 3]),
-        ("wide_two_hop_shared_speculative", dict(two_hop=True, shared_as_routed=True),
-         dict(model="wide", speculative=True), None)],
+        ("two_hop_rebalance", dict(two_hop=True, redundant_experts=4, load_window=6), dict(rebalance=(4, "steps")),
+         None),
+        ("wide_two_hop_shared_speculative_rebalance",
+         dict(two_hop=True, shared_as_routed=True, redundant_experts=4, load_window=4),
+         dict(model="wide", speculative=True, rebalance=(3, "steps")), None)],
 }
 
 
@@ -116,7 +119,7 @@ def _rank(rank, world, gpus_per_node, port, model_dirs, seed, out_path):
         t0 = time.time()
         try:
             model = load_ep_model(model_dirs[opts.get("model", "small")], comm, dtype=torch.float64, **ep_opts)
-            ep = EPEngine(model, **_engine_kwargs(model.cfg, opts))
+            ep = EPEngine(model, rebalance_interval=opts.get("rebalance"), **_engine_kwargs(model.cfg, opts))
             specs = _requests(seed + len(results), model.cfg.vocab_size)
             if rank == 0:
                 reqs = [_submit(ep, s, rank=None if ranks is None else ranks[i % len(ranks)])
@@ -128,6 +131,9 @@ def _rank(rank, world, gpus_per_node, port, model_dirs, seed, out_path):
             else:
                 ep.serve()
             mine = dict(slots=[m.experts.w13.shape[0] for m in model.moe_layers()],
+                        placement=[m.placement.phy2log.tolist() for m in model.moe_layers()],
+                        local=[m.local_logical.tolist() for m in model.moe_layers()],
+                        rebalances=ep.rebalances, placement_version=ep.placement_version,
                         expert_params=sum(m.experts.w13.numel() + m.experts.w2.numel() for m in model.moe_layers()),
                         steps=ep.engine.steps, empty_forwards=ep.empty_forwards,
                         preemptions=ep.engine.preemptions)
@@ -212,12 +218,13 @@ def _check(res: dict, ref: list, name: str, world: int) -> None:
             assert a[0] == b[0] and [t for t, _ in a[2]] == [t for t, _ in b[2]]
             assert abs(a[1] - b[1]) < 1e-5 and all(abs(x - y) < 1e-5 for (_, x), (_, y) in zip(a[2], b[2]))
     assert sum(bool(lps) for _, _, lps in ref) >= 6
-    opts = next(s[2] for s in SCENARIOS[world] if s[0] == name)
+    ep_opts, opts = next(s[1:3] for s in SCENARIOS[world] if s[0] == name)
     cfg = small_config(**CONFIGS[opts.get("model", "small")])
     shared = int("shared" in name)
+    extra = ep_opts.get("redundant_experts", 0) // world
     moe_layers = cfg.num_hidden_layers - cfg.first_k_dense_replace + cfg.num_nextn_predict_layers
     for info in r["ranks"]:           # each rank holds only its experts (+ one replica of the shared one)
-        assert info["slots"] == [cfg.n_routed_experts // world + shared] * moe_layers
+        assert info["slots"] == [cfg.n_routed_experts // world + shared + extra] * moe_layers
 
 
 @pytest.mark.parametrize("name", [s[0] for s in SCENARIOS[2] if s[0] != "fp8_dispatch"])
@@ -245,6 +252,28 @@ def test_a_rank_without_requests_serves_the_others(two, four):
         assert info["steps"] == 0 and info["empty_forwards"] > 0        # it joined every forward with no rows
         busy = r["ranks"][0]
         assert info["empty_forwards"] >= busy["steps"]
+
+
+@pytest.mark.parametrize("name", ["two_hop_rebalance", "wide_two_hop_shared_speculative_rebalance"])
+def test_live_rebalance_moves_only_changed_experts(four, name):
+    """Outputs equal the single engine across the rebalances (checked above); here: every rank switched
+    to the same placements, no rank holds one expert twice, and exactly the changed slots' bytes moved."""
+    r = four[name]
+    ranks = r["ranks"]
+    assert len({info["placement_version"] for info in ranks}) == 1 and ranks[0]["placement_version"] >= 2
+    assert all(info["placement"] == ranks[0]["placement"] for info in ranks)
+    for info in ranks:
+        for layer in info["local"]:
+            assert len(set(layer)) == len(layer), layer           # never two replicas on one rank
+        assert [x["version"] for x in info["rebalances"]] == list(range(1, len(info["rebalances"]) + 1))
+    cfg = small_config(**CONFIGS["wide" if "wide" in name else "small"])
+    expert_bytes = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 8          # fp64 w13 + w2
+    for k in range(len(ranks[0]["rebalances"])):
+        moved = sum(info["rebalances"][k]["bytes_received"] for info in ranks)
+        changed = ranks[0]["rebalances"][k]["slots_changed"]
+        # a changed slot either copies locally (the rank held the expert) or receives one expert
+        assert moved % expert_bytes == 0 and moved <= changed * expert_bytes
+    assert sum(x["bytes_received"] for info in ranks for x in info["rebalances"]) > 0
 
 
 def test_preemption_under_expert_parallelism(two):
@@ -334,6 +363,13 @@ def test_serve_under_torchrun(served_dir, tmp_path, world, flags):
     ({"WORLD_SIZE": "4"}, ["--ep", "4", "--gpus-per-node", "3"], "--gpus-per-node 3: must divide the number of ranks (4)"),
     ({"WORLD_SIZE": "2"}, ["--ep", "2", "--two-hop"], "--two-hop: needs more than one node"),
     ({"WORLD_SIZE": "2"}, ["--ep", "2", "--dist-timeout", "0"], "--dist-timeout 0.0: must be a positive"),
+    ({}, ["--redundant-experts", "2"], "--redundant-experts needs --ep N"),
+    ({}, ["--rebalance-interval", "10"], "--rebalance-interval needs --ep N"),
+    ({"WORLD_SIZE": "2"}, ["--ep", "2", "--redundant-experts", "3"], "--redundant-experts 3: must be a non-negative multiple"),
+    ({"WORLD_SIZE": "2"}, ["--ep", "2", "--redundant-experts", "10"], "would put two replicas of one expert"),
+    ({"WORLD_SIZE": "2"}, ["--ep", "2", "--rebalance-interval", "soon"], "--rebalance-interval soon: a positive number"),
+    ({"WORLD_SIZE": "2"}, ["--ep", "2", "--rebalance-interval", "0s"], "--rebalance-interval 0s: a positive number"),
+    ({"WORLD_SIZE": "2"}, ["--ep", "2", "--rebalance-window", "0"], "--rebalance-window 0: must be >= 1"),
 ])
 def test_serve_ep_bad_flags_are_one_line_exit_2(served_dir, monkeypatch, capsys, env, argv, line):
     from dsv3.cli import main

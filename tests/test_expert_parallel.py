@@ -26,7 +26,7 @@ from dsv3.balance import update_bias
 from dsv3.model.layers import init_weights
 from dsv3.model.moe import MoE
 from dsv3.parallel.expert import (CommCounters, ExpertParallelMoE, Placement, get_dispatch_layout,
-                                  shared_expert_placement)
+                                  expert_moves, initial_placement)
 from dsv3.parallel.mesh import EPComm, MeshSpec, build_mesh
 from helpers import free_port, spawn_ranks
 
@@ -201,9 +201,18 @@ def scenario_rebalance(comm, cfg_kw, tokens, seed=0) -> dict:
         y0 = ref(x)
         new = ep.rebalance()
         ys = ep(x[sl])
+        # and back, point-to-point: the bytes received are exactly the experts fetched from other ranks
+        src = expert_moves(new, start, R, comm.ranks_per_node)
+        received = ep.set_placement(start)
+        yb = ep(x[sl])
     (err,) = _global_rel(comm, [(ys, y0[sl])])
+    (err_back,) = _global_rel(comm, [(yb, y0[sl])])
+    S = ep.slots
+    fetched = [p for p in range(comm.rank * S, (comm.rank + 1) * S) if src[p] // S != comm.rank]
+    w = ep.experts
     pl = Placement.from_phy2log(new, E, R)
-    return dict(error=err, load=load.tolist(), logcnt=pl.logcnt.tolist(), placement=new.tolist())
+    return dict(error=err, error_back=err_back, load=load.tolist(), logcnt=pl.logcnt.tolist(), placement=new.tolist(),
+                received=received, expected=len(fetched) * (w.w13[0].nbytes + w.w2[0].nbytes))
 
 
 def scenario_shapes(comm) -> dict:
@@ -440,7 +449,8 @@ def test_bias_update_identical_on_every_rank(four, eight):
 
 def test_rebalance_at_run_time(four):
     r = _ok(four, "rebalance")
-    assert r["error"] < TOL
+    assert r["error"] < TOL and r["error_back"] < TOL
+    assert r["received"] == r["expected"]
     assert sum(r["logcnt"]) == 16 and min(r["logcnt"]) >= 1
     assert r["logcnt"][0] == max(r["logcnt"])        # expert 0 (biased up) is the most replicated
     assert r["load"][0] == max(r["load"])
@@ -539,7 +549,28 @@ def test_placement_validation_and_maps():
         Placement.from_phy2log([0, 1, 1, 0], 3, 2)
     with pytest.raises(ValueError, match="divide"):
         Placement.from_phy2log([0, 1, 2], 3, 2)
-    assert shared_expert_placement(4, 2).tolist() == [0, 1, 4, 2, 3, 4]
+    assert initial_placement(4, 2, shared_as_routed=True).tolist() == [0, 1, 4, 2, 3, 4]
+    assert initial_placement(8, 4, redundant=4).tolist() == [0, 1, 2, 2, 3, 4, 4, 5, 6, 6, 7, 0]
+    assert initial_placement(4, 2, redundant=2, shared_as_routed=True).tolist() == [0, 1, 4, 2, 2, 3, 4, 0]
+    with pytest.raises(ValueError, match="multiple"):
+        initial_placement(8, 4, redundant=2)
+    with pytest.raises(ValueError, match="distinct"):
+        initial_placement(4, 2, redundant=6)
+
+
+def test_expert_moves_fetch_only_what_a_rank_lacks():
+    # 2 ranks × 2 slots: slot 1 needs expert 2 (held by rank 1 only), slot 3 needs expert 1 (rank 0)
+    assert expert_moves([0, 1, 2, 3], [0, 2, 2, 1], 2).tolist() == [0, 2, 2, 1]
+    # a permutation within each rank: local copies only
+    assert expert_moves([0, 1, 2, 3], [1, 0, 3, 2], 2).tolist() == [1, 0, 3, 2]
+    # 4 ranks, 2 nodes: expert 0 on rank 0 (node 0) and rank 3 (node 1); rank 2 (node 1) takes it from rank 3
+    assert expert_moves([0, 1, 2, 0], [0, 1, 0, 2], 4, ranks_per_node=2).tolist() == [0, 1, 3, 2]
+    # a rank holding the expert copies it locally, whatever other replicas exist
+    assert expert_moves([0, 1, 0, 2, 0, 3], [1, 2, 3, 0, 2, 0], 3).tolist() == [1, 3, 5, 2, 3, 4]
+    # several remote holders: the receiving slots rotate over them
+    assert expert_moves([0, 0, 1, 2], [1, 2, 0, 0], 4).tolist() == [2, 3, 0, 1]
+    with pytest.raises(ValueError, match="no replica"):
+        expert_moves([0, 1], [2, 1], 2)
     cfg = _cfg(**A)
     with pytest.raises(ValueError, match="replica_choice"):
         ExpertParallelMoE(cfg, EPComm.single(), replica_choice="random")

@@ -31,6 +31,17 @@ One step (:meth:`EPEngine.step`, collective over every rank):
    previous step (new tokens, counters), which rank 0 applies to its mirror requests (callbacks
    ``on_token`` / ``on_done`` run there): two collectives of control per step in all.
 
+**Live redundant experts** (report §3.4): with ``--redundant-experts R`` every MoE layer has E + R
+slots (``expert.initial_placement``: a rank's own block plus replicas of its neighbour's experts).
+Every layer keeps the logical and per-slot loads of its last forwards (``ExpertParallelMoE.load`` /
+``phys_load``). Every ``rebalance_interval`` (steps or seconds, counted on rank 0) rank 0 puts a
+``rebalance`` order with the next placement version in the step's exchange; at the start of the
+following step every rank sums the windows over the group, computes the same placements with
+``eplb.rebalance_experts``, and fetches point-to-point only the experts it newly holds
+(``ExpertParallelMoE.set_placement``) — serving pauses for that one step. Every rank reports its
+placement version in each exchange, so ranks on different placements fail loudly. A token's replica
+of an expert is chosen from its index, so the same batch routes the same way on every run.
+
 A forward that raises on one rank leaves the others' collectives unanswered, so in lockstep it is
 fatal (raised from :meth:`step`), not isolated per request as on one device.
 """
@@ -40,6 +51,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -48,18 +60,26 @@ from .engine import Engine, EngineLimits, Request, check_request
 from .sampling import SamplingParams
 from .worker import apply_delta, take_deltas
 
+ALL = -1          # the rank of a command every rank obeys (a rebalance)
+
 
 def load_ep_model(path: str, comm, device="cpu", dtype: torch.dtype | None = None, fp8: str = "dequant", *,
-                  two_hop: bool = False, fp8_dispatch: bool = False, shared_as_routed: bool = False):
+                  two_hop: bool = False, fp8_dispatch: bool = False, shared_as_routed: bool = False,
+                  redundant_experts: int = 0, load_window: int = 128):
     """A model directory loaded for expert-parallel rank ``comm.rank``: every MoE layer becomes an
     ``ExpertParallelMoE`` before any weight is read, so this rank reads (and holds) only its own
-    experts' tensors; the rest of the model is read in full (attention is replicated)."""
+    experts' tensors — with ``redundant_experts`` R, its share of R extra replicas too
+    (``expert.initial_placement``) — ; the rest of the model is read in full (attention is
+    replicated). ``load_window``: forwards of expert loads kept for live rebalancing."""
     from ..hf import load_pretrained
     from ..parallel.ep_model import convert_to_expert_parallel
+    from ..parallel.expert import initial_placement
 
     def prepare(model):
+        placement = initial_placement(model.cfg.n_routed_experts, comm.size, redundant_experts, shared_as_routed)
         convert_to_expert_parallel(model, comm, two_hop=two_hop, fp8_dispatch=fp8_dispatch,
-                                   shared_as_routed=shared_as_routed)
+                                   shared_as_routed=shared_as_routed, placement=placement,
+                                   load_window=load_window)
 
     return load_pretrained(path, device=device, dtype=dtype, fp8=fp8, prepare=prepare)
 
@@ -71,9 +91,12 @@ class EPEngine:
     ``convert_to_expert_parallel``), the same configuration on every rank. ``group``: the process
     group of all serving ranks for the small control messages (gloo: objects travel through it;
     default the world). ``engine_kwargs`` go to every rank's :class:`Engine` and must be the same
-    on every rank. Requests are submitted on rank 0 only."""
+    on every rank. Requests are submitted on rank 0 only.
 
-    def __init__(self, model, group=None, **engine_kwargs):
+    ``rebalance_interval``: (n, "steps") or (seconds, "s") — that often rank 0 orders a live rebalance
+    of the experts (:meth:`request_rebalance`); None keeps the placement static."""
+
+    def __init__(self, model, group=None, rebalance_interval: tuple[float, str] | None = None, **engine_kwargs):
         from ..parallel.expert import ExpertParallelMoE
 
         self.group = group
@@ -117,6 +140,14 @@ class EPEngine:
         self._outbox: list[tuple] = []
         self._closing = False
         self._ids = itertools.count()
+        # live rebalancing: every rank applies the same placement version at the same step
+        if rebalance_interval is not None and (rebalance_interval[1] not in ("steps", "s")
+                                               or not rebalance_interval[0] > 0):
+            raise ValueError(f"EPEngine.rebalance_interval = {rebalance_interval}: (n > 0, 'steps' or 's')")
+        self.rebalance_interval = rebalance_interval
+        self.placement_version = 0
+        self.rebalances: list[dict] = []           # every rank: what each rebalance measured and moved
+        self._since = (0, time.monotonic())        # rank 0: steps and time at the last rebalance order
 
     # ------------------------------------------------------------------ rank 0: requests
     def submit(self, prompt: list[int], max_new_tokens: int, params: SamplingParams | None = None, seed: int = 0,
@@ -181,8 +212,24 @@ class EPEngine:
                                                      "cache_bytes", "prompt_tokens", "prefix_hit_tokens",
                                                      "prefix_hit_tokens_disk", "preemptions")}
         out.update(steps=per[0]["steps"], block_size=per[0]["block_size"], ranks=per,
-                   speculative_acceptance_rate=per[0]["speculative_acceptance_rate"])
+                   speculative_acceptance_rate=per[0]["speculative_acceptance_rate"],
+                   placement_version=self.placement_version,
+                   rebalance_bytes=sum(s.get("rebalance_bytes", 0) for s in per))
         return out
+
+    def request_rebalance(self) -> None:
+        """Rank 0: every rank re-places its experts from the live loads at the start of the next step
+        but one (the order travels with the next exchange)."""
+        with self._lock:
+            self._outbox.append(("rebalance", ALL, self.placement_version + 1))
+            self._since = (0, time.monotonic())
+
+    def _rebalance_due(self) -> bool:
+        if self.rebalance_interval is None:
+            return False
+        n, unit = self.rebalance_interval
+        steps, t0 = self._since
+        return steps >= n if unit == "steps" else time.monotonic() - t0 >= n
 
     # ------------------------------------------------------------------ every rank: the step
     def step(self) -> bool:
@@ -192,18 +239,23 @@ class EPEngine:
             return False
         cmds, self._inbox = self._inbox, []
         for cmd in cmds:
-            if cmd[1] == self.rank:
+            if cmd[1] in (self.rank, ALL):
                 self._command(cmd)
         if self._stop:
             self.engine.fail_all("the serving group closed")
             self.stopped = True
             return False
+        if self.rank == 0:
+            self._since = (self._since[0] + 1, self._since[1])
+            if self._rebalance_due():
+                self.request_rebalance()
         self.engine.step()                         # its agree() is the step's one exchange
-        self._report = (self._failed + take_deltas(self._local, self._sent), self.engine.stats())
+        stats = dict(self.engine.stats(), rebalance_bytes=sum(r["bytes_received"] for r in self.rebalances))
+        self._report = (self._failed + take_deltas(self._local, self._sent), stats)
         self._failed = []
         return True
 
-    def _exchange(self, flags: tuple[int, int]) -> list:
+    def _exchange(self, flags: tuple) -> list:
         """The step's one exchange (all-gather over the group): every rank's forward flags; rank 0's
         commands (placed requests, aborts, closing) for the next step; every other rank's report
         (new tokens, counters) of its last step, which rank 0 applies to its mirrors."""
@@ -246,11 +298,36 @@ class EPEngine:
             req = self._local.get(cmd[2])
             if req is not None:
                 self.engine.abort(req)
+        elif cmd[0] == "rebalance":
+            self._rebalance(cmd[2])
+
+    def _rebalance(self, version: int) -> None:
+        """Every rank, between two steps: new placements of every MoE layer from the loads of the last
+        window (``eplb.rebalance_experts`` on the loads summed over the ranks — the same everywhere),
+        then each rank fetches only the experts it newly holds (``ExpertParallelMoE.set_placement``).
+        Skipped (on every rank alike) while the window holds no load."""
+        from ..eplb import balancedness, gpu_loads
+        from ..parallel.expert import rank_loads, rebalance_layers, window_loads
+
+        measured = rank_loads(self._moes)                            # [layers, R] under the old placement
+        if int(measured.sum()) == 0:
+            return
+        logical = window_loads(self._moes)                           # [layers, L] over every rank
+        new = rebalance_layers(self._moes, logical)
+        old = torch.stack([m.placement.phy2log for m in self._moes])
+        moved = sum(m.set_placement(p) for m, p in zip(self._moes, new))
+        self.placement_version = version
+        self.rebalances.append(dict(
+            version=version, bytes_received=moved, slots_changed=int((new != old).sum()),
+            rank_loads=measured.tolist(), balancedness_before=balancedness(measured),
+            balancedness_expected=balancedness(gpu_loads(logical, new, num_gpus=self.world))))
 
     # ------------------------------------------------------------------ lockstep hooks (Engine.step)
     def agree(self, prefill: bool, decode: bool) -> tuple[bool, bool]:
         """Whether any rank runs a prefill forward / a decode forward this step (the step's exchange)."""
-        flags = self._exchange((int(prefill), int(decode)))
+        flags = self._exchange((int(prefill), int(decode), self.placement_version))
+        if len({f[2] for f in flags}) != 1:
+            raise RuntimeError(f"EPEngine: the ranks serve different expert placements {[f[2] for f in flags]}")
         return any(f[0] for f in flags), any(f[1] for f in flags)
 
     def empty_forward(self) -> None:
@@ -303,6 +380,14 @@ def add_ep_arguments(p) -> None:
     p.add_argument("--fp8-dispatch", action="store_true", help="with --ep: dispatch activations in FP8 (E4M3)")
     p.add_argument("--shared-as-routed", action="store_true",
                    help="with --ep: the shared expert placed like a routed one (weight 1, a replica per rank)")
+    p.add_argument("--redundant-experts", type=int, default=0, metavar="R",
+                   help="with --ep: R extra expert replicas per MoE layer (a multiple of --ep), placed by the live "
+                        "loads at each rebalance")
+    p.add_argument("--rebalance-interval", default=None, metavar="N|Ns",
+                   help="with --ep: re-place the experts from the live loads every N steps, or every N seconds "
+                        "('30s'); default: the placement stays static")
+    p.add_argument("--rebalance-window", type=int, default=128, metavar="F",
+                   help="with --ep: forwards of expert loads a rebalance looks at (default 128)")
     p.add_argument("--dist-timeout", type=float, default=600.0, metavar="S",
                    help="with --ep: seconds a collective may wait for the other ranks before the group fails")
 
@@ -318,7 +403,10 @@ def check_ep_args(args, cfg, env=None) -> dict | None:
     world = int(env.get("WORLD_SIZE", "1"))
     if args.ep is None:
         for flag, given in (("--gpus-per-node", args.gpus_per_node is not None), ("--two-hop", args.two_hop),
-                            ("--fp8-dispatch", args.fp8_dispatch), ("--shared-as-routed", args.shared_as_routed)):
+                            ("--fp8-dispatch", args.fp8_dispatch), ("--shared-as-routed", args.shared_as_routed),
+                            ("--redundant-experts", args.redundant_experts != 0),
+                            ("--rebalance-interval", args.rebalance_interval is not None),
+                            ("--rebalance-window", args.rebalance_window != 128)):
             if given:
                 raise ValueError(f"{flag} needs --ep N (expert-parallel serving under torchrun)")
         if world > 1:
@@ -345,8 +433,32 @@ def check_ep_args(args, cfg, env=None) -> dict | None:
         raise ValueError(f"--shared-as-routed: the model has {cfg.n_shared_experts} shared experts (needs 1)")
     if not (math.isfinite(args.dist_timeout) and args.dist_timeout > 0):
         raise ValueError(f"--dist-timeout {args.dist_timeout}: must be a positive number of seconds")
+    R = args.redundant_experts
+    if R < 0 or R % world:
+        raise ValueError(f"--redundant-experts {R}: must be a non-negative multiple of --ep {args.ep}")
+    if R and (cfg.n_routed_experts + R) // world > cfg.n_routed_experts:
+        raise ValueError(f"--redundant-experts {R}: more than {cfg.n_routed_experts} routed experts per rank "
+                         f"would put two replicas of one expert on a rank")
+    if args.rebalance_window < 1:
+        raise ValueError(f"--rebalance-window {args.rebalance_window}: must be >= 1")
+    interval = parse_interval(args.rebalance_interval) if args.rebalance_interval is not None else None
     return dict(size=args.ep, gpus_per_node=g, two_hop=args.two_hop, fp8_dispatch=args.fp8_dispatch,
-                shared_as_routed=args.shared_as_routed, timeout=args.dist_timeout)
+                shared_as_routed=args.shared_as_routed, timeout=args.dist_timeout, redundant_experts=R,
+                rebalance_interval=interval, rebalance_window=args.rebalance_window)
+
+
+def parse_interval(text: str) -> tuple[float, str]:
+    """'100' → (100, "steps"); '30s' → (30.0, "s"). ValueError naming --rebalance-interval."""
+    import math
+
+    t = str(text).strip()
+    try:
+        value, unit = (float(t[:-1]), "s") if t.endswith("s") else (int(t), "steps")
+    except ValueError:
+        value, unit = None, None
+    if value is None or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"--rebalance-interval {text}: a positive number of steps (100) or seconds (30s)")
+    return value, unit
 
 
 def build_ep_engine(spec: dict) -> EPEngine:
@@ -379,12 +491,14 @@ def build_ep_engine(spec: dict) -> EPEngine:
     comm = build_mesh(MeshSpec(world, ep["gpus_per_node"], 1, ep["size"]), rank).expert_comm()
     control = dist.new_group(backend="gloo") if cuda else None     # objects and flags travel on gloo
     model = load_ep_model(spec["model_dir"], comm, device, fp8=spec["fp8"], two_hop=ep["two_hop"],
-                          fp8_dispatch=ep["fp8_dispatch"], shared_as_routed=ep["shared_as_routed"])
+                          fp8_dispatch=ep["fp8_dispatch"], shared_as_routed=ep["shared_as_routed"],
+                          redundant_experts=ep["redundant_experts"], load_window=ep["rebalance_window"])
     store = None
     if spec["prefix_cache"]:
         from .prefix_cache import PrefixCache
         store = PrefixCache(spec["prefix_cache"], model, spec["engine"].get("block_size", 64))
-    return EPEngine(model, group=control, prefix_cache=store, **spec["engine"])
+    return EPEngine(model, group=control, rebalance_interval=ep["rebalance_interval"], prefix_cache=store,
+                    **spec["engine"])
 
 
 def serve_follower(spec: dict) -> int:

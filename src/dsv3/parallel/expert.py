@@ -515,13 +515,56 @@ class Placement:
         return self.phy2log.numel()
 
 
-def shared_expert_placement(num_routed: int, num_ranks: int) -> torch.Tensor:
-    """phy2log for 'shared expert as a routed one': each rank holds its E/R routed experts plus one
-    replica of the shared expert (logical id ``num_routed``)."""
+def initial_placement(num_routed: int, num_ranks: int, redundant: int = 0,
+                      shared_as_routed: bool = False) -> torch.Tensor:
+    """phy2log [P] of the static layout: rank r holds routed experts [r·E/R, (r+1)·E/R), then (with
+    ``shared_as_routed``) a replica of the shared expert (logical id E), then ``redundant / R``
+    extra replicas of the routed experts that follow its block (the next ranks' first experts), so
+    no rank holds one expert twice. P = E + R·shared_as_routed + redundant."""
     if num_routed % num_ranks:
         raise ValueError(f"num_routed ({num_routed}) must be divisible by num_ranks ({num_ranks})")
-    per = num_routed // num_ranks
-    return torch.tensor([e for r in range(num_ranks) for e in [*range(r * per, (r + 1) * per), num_routed]])
+    if redundant < 0 or redundant % num_ranks:
+        raise ValueError(f"redundant experts ({redundant}) must be a multiple of the ranks ({num_ranks})")
+    per, extra = num_routed // num_ranks, redundant // num_ranks
+    if per + extra > num_routed:
+        raise ValueError(f"{redundant} redundant experts over {num_ranks} ranks put {per + extra} routed "
+                         f"experts on a rank, more than the {num_routed} distinct ones")
+    out = []
+    for r in range(num_ranks):
+        out += range(r * per, (r + 1) * per)
+        out += [num_routed] if shared_as_routed else []
+        out += [((r + 1) * per + k) % num_routed for k in range(extra)]
+    return torch.tensor(out, dtype=torch.int64)
+
+
+def expert_moves(old, new, num_ranks: int, ranks_per_node: int = 1) -> torch.Tensor:
+    """Where each slot of placement ``new`` takes its weights from, given the slots of ``old``.
+
+    old, new: phy2log [P] (rank-major, P/num_ranks slots per rank). Returns src [P]: the ``old`` slot
+    whose expert weights slot p receives — p itself when its expert stays, a slot of the same rank
+    when the rank already holds that expert, else a replica on another rank (on the same node if one
+    exists; among several candidates the choice rotates with the receiving slot, so one popular
+    expert is not sent by one rank alone). Only the last kind travels between ranks."""
+    old, new = torch.as_tensor(old).flatten(), torch.as_tensor(new).flatten()
+    if old.numel() != new.numel() or old.numel() % num_ranks:
+        raise ValueError(f"expert_moves: placements of {old.numel()} and {new.numel()} slots over {num_ranks} ranks")
+    S = old.numel() // num_ranks
+    src = torch.empty_like(new)
+    for p, e in enumerate(new.tolist()):
+        r = p // S
+        if old[p] == e:
+            src[p] = p
+            continue
+        holders = (old == e).nonzero().flatten()
+        if holders.numel() == 0:
+            raise ValueError(f"expert_moves: expert {e} has no replica in the old placement")
+        rank = holders // S
+        for keep in (rank == r, rank // ranks_per_node == r // ranks_per_node, torch.ones_like(rank, dtype=torch.bool)):
+            if keep.any():
+                cand = holders[keep]
+                break
+        src[p] = cand[p % cand.numel()]
+    return src
 
 
 class LoadWindow:
@@ -534,7 +577,9 @@ class LoadWindow:
         self.steps = 0
 
     def add(self, counts: torch.Tensor) -> None:
-        self.buf[self.steps % self.buf.shape[0]] = counts.detach().to("cpu", torch.int64)
+        if self.buf.device != counts.device:      # kept where the counts are: no device sync per layer
+            self.buf = self.buf.to(counts.device)
+        self.buf[self.steps % self.buf.shape[0]] = counts.detach().to(torch.int64)
         self.steps += 1
 
     def total(self) -> torch.Tensor:
@@ -571,8 +616,7 @@ class ExpertParallelMoE(nn.Module):
         self.top_k = cfg.num_experts_per_tok
         self.gate = Gate(cfg)
         if placement is None:
-            placement = (shared_expert_placement(self.num_routed, comm.size) if shared_as_routed
-                         else torch.arange(self.num_routed))
+            placement = initial_placement(self.num_routed, comm.size, shared_as_routed=shared_as_routed)
         self.placement = Placement.from_phy2log(placement, self.num_logical, comm.size)
         self.slots = self.placement.num_physical // comm.size
         self.experts = GroupedExperts(self.slots, cfg.hidden_size, cfg.moe_intermediate_size)
@@ -581,6 +625,7 @@ class ExpertParallelMoE(nn.Module):
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts and not shared_as_routed else None)
         self.load = LoadWindow(self.num_logical, load_window)
+        self.phys_load = LoadWindow(self.placement.num_physical, load_window)   # (token, slot) pairs per slot
         self.counters = CommCounters()
         self.last_plan: DispatchPlan | None = None
         self._build_choice()
@@ -616,46 +661,70 @@ class ExpertParallelMoE(nn.Module):
         t = torch.arange(logical.shape[0], device=dev).unsqueeze(1) + self.comm.rank
         return table[logical, t % cnt[logical]]
 
-    def set_placement(self, phy2log, move_weights: bool = True) -> None:
-        """Serve a new placement; ``move_weights`` redistributes expert weights (collective: a sum
-        over the EP group of a table of every logical expert, each filled by its first replica)."""
+    def set_placement(self, phy2log, move_weights: bool = True) -> int:
+        """Serve a new placement (phy2log [P], same number of slots). ``move_weights``: every slot whose
+        expert changed takes its weights from a slot of this rank that holds it, or else receives them
+        point-to-point from a rank that does (:func:`expert_moves`; collective over the EP group, only
+        the changed experts travel). Returns the bytes this rank received. No rank may hold two
+        replicas of one expert."""
         new = Placement.from_phy2log(phy2log, self.num_logical, self.comm.size)
         if new.num_physical != self.placement.num_physical:
             raise ValueError(f"set_placement: {new.num_physical} physical experts, the layer has "
                              f"{self.placement.num_physical}")
-        if move_weights:
-            old = self.placement
-            first = old.log2phy[:, 0]                                   # [L] first replica (slot id)
-            r0 = self.comm.rank * self.slots
-            mine = (first >= r0) & (first < r0 + self.slots)
-            with torch.no_grad():
-                for p in (self.experts.w13, self.experts.w2):
-                    table = p.new_zeros(self.num_logical, *p.shape[1:])
-                    table[mine.to(p.device)] = p[(first[mine] - r0).to(p.device)]
-                    if self.comm.size > 1:
-                        dist.all_reduce(table, group=self.comm.group)
-                    p.copy_(table[new.phy2log[r0:r0 + self.slots].to(p.device)])
+        per_rank = new.phy2log.view(self.comm.size, self.slots).sort(-1).values
+        if (per_rank[:, 1:] == per_rank[:, :-1]).any():
+            raise ValueError("set_placement: a rank would hold two replicas of one expert")
+        received = self._move_weights(new.phy2log) if move_weights else 0
         self.placement = new
+        self.phys_load = LoadWindow(self.placement.num_physical, self.load.buf.shape[0])
         self._build_choice()
+        return received
+
+    @torch.no_grad()
+    def _move_weights(self, new_phy2log: torch.Tensor) -> int:
+        """Refill this rank's slots for ``new_phy2log`` (see :meth:`set_placement`): local copies, then
+        one batch of point-to-point sends/receives of whole experts (every per-slot tensor of
+        ``self.experts``, FP8 scales included, as raw bytes)."""
+        S, me, comm = self.slots, self.comm.rank, self.comm
+        src = expert_moves(self.placement.phy2log, new_phy2log, comm.size, comm.ranks_per_node)
+        tensors = [t.data for t in self.experts.state_dict(keep_vars=True).values() if t.shape[:1] == (S,)]
+        mine = range(me * S, (me + 1) * S)
+        needed = {int(src[p]) for p in range(comm.size * S) if int(src[p]) in mine and int(src[p]) != p}
+        old = {s: [t[s - me * S].clone() for t in tensors] for s in needed}     # rows read after overwrites
+        peer = (lambda r: r) if comm.group is None else (lambda r: dist.get_global_rank(comm.group, r))
+        ops, inbox, received = [], [], 0
+        for p in range(comm.size * S):
+            s, dst_rank, src_rank = int(src[p]), p // S, int(src[p]) // S
+            if s == p:
+                continue
+            if dst_rank == me == src_rank:
+                for t, o in zip(tensors, old[s]):
+                    t[p - me * S] = o
+            elif dst_rank == me:
+                for t in tensors:
+                    buf = torch.empty_like(t[0]).view(torch.uint8)
+                    ops.append(dist.P2POp(dist.irecv, buf, peer(src_rank), comm.group))
+                    inbox.append((t, p - me * S, buf))
+                    received += buf.numel()
+            elif src_rank == me:
+                ops += [dist.P2POp(dist.isend, o.view(torch.uint8), peer(dst_rank), comm.group) for o in old[s]]
+        if ops:
+            for w in dist.batch_isend_irecv(ops):
+                w.wait()
+        for t, row, buf in inbox:
+            t[row] = buf.view(t.dtype).view_as(t[row])
+        return received
 
     def rebalance(self, num_groups: int | None = None, num_nodes: int | None = None) -> torch.Tensor:
         """Re-place the experts from the windowed logical loads with ``eplb.rebalance_experts``
         (collective: loads are summed over the EP group, so every rank computes the same placement)."""
-        from ..eplb import rebalance_experts
-
-        load = self.logical_load()
-        groups = num_groups or (self.gate.n_group if not self.shared_as_routed else 1)
-        phy2log, _, _ = rebalance_experts(load[None].double(), self.placement.num_physical, groups,
-                                          num_nodes or self.comm.num_nodes, self.comm.size)
-        self.set_placement(phy2log[0])
-        return phy2log[0]
+        (phy2log,) = rebalance_layers([self], window_loads([self]), num_groups, num_nodes)
+        self.set_placement(phy2log)
+        return phy2log
 
     def logical_load(self) -> torch.Tensor:
         """Tokens per logical expert over the window, summed over the EP group (collective)."""
-        load = self.load.total()
-        if self.comm.size > 1:
-            dist.all_reduce(load, group=self.comm.group)
-        return load
+        return window_loads([self])[0]
 
     # ------------------------------------------------------------------ weights
     @torch.no_grad()
@@ -723,6 +792,7 @@ class ExpertParallelMoE(nn.Module):
             w = torch.cat([w, w.new_ones(n, 1)], 1)
         self.load.add(torch.bincount(logical.flatten(), minlength=self.num_logical))
         phys = self.to_physical(logical)
+        self.phys_load.add(torch.bincount(phys.flatten(), minlength=self.placement.num_physical))
         plan = plan_dispatch(phys, self.placement.num_physical, self.comm, self.two_hop, self.counters)
         self.last_plan = plan
         # the shared expert runs while the plan's count exchange is in flight
@@ -732,3 +802,37 @@ class ExpertParallelMoE(nn.Module):
         if shared is not None:
             y = y + shared
         return y.view(shape)
+
+
+# ----------------------------------------------------------------------------------------- live rebalancing
+def window_loads(layers: list[ExpertParallelMoE]) -> torch.Tensor:
+    """Tokens per logical expert over each layer's window, summed over the EP group: [layers, L]
+    (collective: one all-reduce for all the layers, which share one EP group)."""
+    load = torch.stack([m.load.total() for m in layers])
+    if layers[0].comm.size > 1:
+        dist.all_reduce(load, group=layers[0].comm.group)
+    return load
+
+
+def rebalance_layers(layers: list[ExpertParallelMoE], load: torch.Tensor, num_groups: int | None = None,
+                     num_nodes: int | None = None) -> torch.Tensor:
+    """New placements [layers, P] from the logical loads [layers, L] (:func:`window_loads`) by
+    ``eplb.rebalance_experts``, keeping the layers' number of physical experts; with the same loads
+    every rank computes the same placements. Moves nothing."""
+    from ..eplb import rebalance_experts
+
+    first = layers[0]
+    groups = num_groups or (first.gate.n_group if not first.shared_as_routed else 1)
+    phy2log, _, _ = rebalance_experts(load.cpu().double(), first.placement.num_physical, groups,
+                                      num_nodes or first.comm.num_nodes, first.comm.size)
+    return phy2log
+
+
+def rank_loads(layers: list[ExpertParallelMoE]) -> torch.Tensor:
+    """Measured load of every rank [layers, R]: (token, slot) pairs its slots received over the
+    window, summed over the EP group (collective)."""
+    first = layers[0]
+    load = torch.stack([m.phys_load.total() for m in layers])
+    if first.comm.size > 1:
+        dist.all_reduce(load, group=first.comm.group)
+    return load.view(len(layers), first.comm.size, -1).sum(-1)
