@@ -18,12 +18,19 @@ Every step (decided first, then executed):
    as it would have (its random generator and draft are kept with it).
 
 Each request samples with its own generator, so its tokens equal ``generate(model, prompt, …)`` with
-the same settings, whatever else runs beside it. The engine is not thread-safe: a server drives it
+the same settings, whatever else runs beside it.
+
+Under expert-parallel serving with two-micro-batch overlap (``--tbo``, :mod:`dsv3.infer.ep_engine`)
+each forward's rows split into two halves of similar token count that run at once, one per overlap
+lane (:func:`dsv3.parallel.overlap.run_pair`): one half's attention and expert GEMMs run while the
+other's dispatch/combine is in flight. Sampling waits for both and goes in row order, so the tokens
+are those of the single forward. The engine is not thread-safe: a server drives it
 from one thread (:class:`dsv3.infer.worker.EngineWorker`).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
@@ -33,6 +40,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model.layers import at_least_fp32
+from ..parallel.overlap import run_pair, span
 from .paged_cache import BlockPool, PagedLatentCache, block_keys
 from .sampling import (SamplingParams, accept_or_resample, adjust_logits, probabilities, sample,
                        token_logprobs)
@@ -171,8 +179,9 @@ class Engine:
         self.disk_prompt_tokens = 0               # of which read from the on-disk prefix cache
         self.preemptions = 0
         # expert-parallel serving (dsv3.infer.ep_engine): an object whose agree(prefill, decode) returns
-        # whether any rank runs each forward this step, and whose empty_forward() takes part in such a
-        # forward's MoE dispatch/combine with no rows of this engine's own
+        # whether any rank runs each forward this step, whose empty_forward(part) takes part in such a
+        # forward's MoE dispatch/combine with no rows of this engine's own ("all" its MoE layers, or the
+        # "trunk"'s or the "mtp" module's), and whose tbo (if any) says whether forwards run as two micro-batches
         self.lockstep = None
 
     # ------------------------------------------------------------------ requests
@@ -243,7 +252,7 @@ class Engine:
             self._guard(self._prefill, chunks, [r for r, _ in chunks], finished)
             ran = True
         elif prefill:
-            self.lockstep.empty_forward()
+            self._join_empty()
         decoding = self._plan_decode(finished)
         if decoding and self.lockstep is not None and not decode:
             raise RuntimeError("lockstep: a decode forward no rank announced")
@@ -252,7 +261,7 @@ class Engine:
                         finished)
             ran = True
         elif decode:
-            self.lockstep.empty_forward()
+            self._join_empty()
         self.steps += ran
         return finished
 
@@ -390,21 +399,40 @@ class Engine:
                 if not req.done:
                     self._finish(req, "error", finished, f"{type(e).__name__}: {e}")
 
-    def _prefill(self, chunks: list[tuple[Request, int]], finished: list) -> None:
-        """One padded forward over the next chunk of every prefilling request."""
-        reqs = [r for r, _ in chunks]
-        lens = [n for _, n in chunks]
+    def _prefill_inputs(self, chunks: list[tuple[Request, int]]) -> tuple:
+        """The forward inputs of some prefill chunks: tokens [n, T] (padded to the longest chunk), the
+        start position (an int when every row starts there: the plain causal path; else [n]) and the
+        cache view."""
+        reqs, lens = [r for r, _ in chunks], [n for _, n in chunks]
         starts = [r._computed for r in reqs]
         T = max(lens)
         tokens = torch.tensor([r._target[s:s + n] + [0] * (T - n) for r, s, n in zip(reqs, starts, lens)],
                               device=self.device)
         start = torch.tensor(starts, device=self.device)
         view = self.cache.view([r._blocks for r in reqs], start, lens)
-        pos = starts[0] if len(set(starts)) == 1 else start      # rows at one position: the plain causal path
-        h = self.model._trunk(tokens, pos, view)[0]                            # [n, T, d]
+        return tokens, starts[0] if len(set(starts)) == 1 else start, view
+
+    def _at_last(self, x: torch.Tensor, lens: list[int]) -> torch.Tensor:
+        """Row i's entry at position lens[i] - 1: x [n, T, …] → [n, …]."""
+        return x[torch.arange(len(lens), device=self.device), torch.tensor(lens, device=self.device) - 1]
+
+    def _prefill(self, chunks: list[tuple[Request, int]], finished: list) -> None:
+        """One padded forward over the next chunk of every prefilling request (two with TBO, one per half)."""
+        reqs = [r for r, _ in chunks]
+        lens = [n for _, n in chunks]
+        starts = [r._computed for r in reqs]
+        T = max(lens)
+        inputs = functools.cache(lambda lo, hi: self._prefill_inputs(chunks[lo:hi]))   # a half's, for both forwards
+
+        def trunk(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+            """Rows lo:hi → (h [m, T, d] (zero past the half's own padded length), last-position logits [m, V])."""
+            tokens, pos, view = inputs(lo, hi)
+            h = self.model._trunk(tokens, pos, view)[0]
+            last = at_least_fp32(self.model.lm_head(self.model.norm(self._at_last(h, lens[lo:hi]))))
+            return torch.nn.functional.pad(h, (0, 0, 0, T - h.shape[1])) if h.shape[1] < T else h, last
+
+        h, last = self._forward(trunk, lens, "trunk")                          # [n, T, d], [n, V]
         complete = [s + n == len(r._target) for r, s, n in zip(reqs, starts, lens)]
-        rows = torch.arange(len(reqs), device=self.device)
-        last = at_least_fp32(self.model.lm_head(self.model.norm(h[rows, torch.tensor(lens, device=self.device) - 1])))
         for i, req in enumerate(reqs):
             if req.prompt_logprobs is not None:
                 self._prompt_logprobs(req, h[i, :lens[i]], starts[i])
@@ -423,8 +451,15 @@ class Engine:
                 if len(follow) < n:
                     follow = follow + [firsts.get(i, req.seq[-1] if not req._sample_at_end else 0)]
                 nxt.append(follow + [0] * (T - n))
-            mtp_logits, _ = self.model.forward_mtp(h, torch.tensor(nxt, device=self.device), pos, view)
-            mtp_last = mtp_logits[rows, torch.tensor(lens, device=self.device) - 1]
+            nxt = torch.tensor(nxt, device=self.device)
+
+            def mtp(lo: int, hi: int) -> torch.Tensor:
+                """Rows lo:hi → MTP logits at their last positions [m, V]."""
+                tokens, pos, view = inputs(lo, hi)
+                t = tokens.shape[1]
+                return self._at_last(self.model.forward_mtp(h[lo:hi, :t], nxt[lo:hi, :t], pos, view)[0], lens[lo:hi])
+
+            mtp_last = self._forward(mtp, lens, "mtp")
         for i, (req, s, n) in enumerate(zip(reqs, starts, lens)):
             if req.done:
                 continue
@@ -448,7 +483,13 @@ class Engine:
     def _plain_step(self, rows: list[Request], finished: list) -> None:
         tokens = torch.tensor([[r._next] for r in rows], device=self.device)
         start = torch.tensor([r.length - 1 for r in rows], device=self.device)
-        logits = self.model(tokens, start, self.cache.view([r._blocks for r in rows], start, [1] * len(rows)))[:, -1]
+
+        def forward(lo: int, hi: int) -> torch.Tensor:
+            """Rows lo:hi → next-token logits [m, V]."""
+            view = self.cache.view([r._blocks for r in rows[lo:hi]], start[lo:hi], [1] * (hi - lo))
+            return self.model(tokens[lo:hi], start[lo:hi], view)[:, -1]
+
+        logits = self._forward(forward, [1] * len(rows), "trunk")
         plain = [i for i, r in enumerate(rows) if r.params.greedy and not r.params.adjusts]
         if len(plain) == len(rows):
             greedy = dict(enumerate(logits.argmax(-1).tolist()))
@@ -466,10 +507,13 @@ class Engine:
         """Verify every row's draft with its last token in one forward (positions pos, pos+1), accept
         or resample per row, then one batched MTP forward for the next drafts."""
         start = torch.tensor([r.length - 1 for r in rows], device=self.device)
-        view = self.cache.view([r._blocks for r in rows], start, [2] * len(rows))
+        view = functools.cache(lambda lo, hi: self.cache.view([r._blocks for r in rows[lo:hi]], start[lo:hi],
+                                                              [2] * (hi - lo)))
         drafts = torch.cat([r._draft[0] for r in rows])
         tokens = torch.stack([torch.tensor([r._next for r in rows], device=self.device), drafts], dim=1)
-        logits, h = self.model.forward_hidden(tokens, start, view)
+        sizes = [2] * len(rows)
+        logits, h = self._forward(lambda lo, hi: self.model.forward_hidden(tokens[lo:hi], start[lo:hi], view(lo, hi)),
+                                  sizes, "trunk")                              # [n, 2, V], [n, 2, d]
         follow = []                        # per row: the tokens after positions pos, pos+1; where to draft
         for i, req in enumerate(rows):
             try:
@@ -490,10 +534,53 @@ class Engine:
             else:                          # position pos+1 of the caches is rewritten next step
                 follow.append((token, token, 0))
         nxt = torch.tensor([[a, b] for a, b, _ in follow], device=self.device)
-        mtp_logits, _ = self.model.forward_mtp(h, nxt, start, view)
+        mtp_logits = self._forward(lambda lo, hi: self.model.forward_mtp(h[lo:hi], nxt[lo:hi], start[lo:hi],
+                                                                         view(lo, hi))[0], sizes, "mtp")
         for i, req in enumerate(rows):
             if not req.done:
                 self._set_draft(req, mtp_logits[i:i + 1, follow[i][2]])
+
+    # ------------------------------------------------------------------ two micro-batches (--tbo)
+    @property
+    def tbo(self) -> bool:
+        """Forwards run as two micro-batches on two overlap lanes (the lockstep group asks for it)."""
+        return self.lockstep is not None and getattr(self.lockstep, "tbo", False)
+
+    def _forward(self, fn, sizes: list[int], part: str):
+        """One forward over rows of ``sizes`` tokens: ``fn(lo, hi)`` runs rows lo:hi and returns a tensor
+        or a tuple of tensors, each [hi - lo, …]. Alone: ``fn(0, n)``. With TBO the rows split into two
+        halves of similar token count (:func:`split_rows`) that run at once, half k on overlap lane k;
+        a half without rows joins the forward's ``part`` MoE layers with zero tokens (so each lane
+        issues the same collectives on every rank). The halves' outputs are concatenated in row order."""
+        if not self.tbo:
+            return fn(0, len(sizes))
+        cut = split_rows(sizes)
+        halves = ((0, cut), (cut, len(sizes)))
+
+        def on_lane(k: int):
+            lo, hi = halves[k]
+
+            def run():
+                with span("work", f"{part} {k}"):
+                    return fn(lo, hi) if hi > lo else self.lockstep.empty_forward(part)
+            return run
+
+        outs = [o for o in run_pair(on_lane(0), on_lane(1)) if o is not None]
+        if len(outs) < 2:
+            return outs[0] if outs else None
+        if isinstance(outs[0], tuple):
+            return tuple(torch.cat(pair) for pair in zip(*outs))
+        return torch.cat(outs)
+
+    def _join_empty(self) -> None:
+        """Take part in a forward this engine has no rows for (lockstep): its MoE layers with zero tokens,
+        in the order a forward with rows runs them (with TBO on both lanes: the trunk's, then the MTP
+        module's when speculative)."""
+        if not self.tbo:
+            self.lockstep.empty_forward()              # all its MoE layers
+            return
+        for part in ("trunk", "mtp") if self.speculative else ("trunk",):
+            self._forward(None, [], part)
 
     # ------------------------------------------------------------------ per request
     def _adjusted(self, req: Request, logits: torch.Tensor) -> torch.Tensor:
@@ -579,6 +666,16 @@ class Engine:
             return
         kv, pe = self.cache.read(req._blocks, len(req.prompt))
         self.prefix_cache.store(req.prompt, kv, pe, lookahead=self.lookahead)
+
+
+def split_rows(sizes: list[int]) -> int:
+    """Where to cut rows of ``sizes`` tokens into two halves ``rows[:k]``, ``rows[k:]`` of the most similar
+    token counts (the rows stay in order); on a tie the first half is the larger (one row: all in it)."""
+    total, before, gaps = sum(sizes), 0, []
+    for k in range(len(sizes) + 1):
+        gaps.append((abs(total - 2 * before), -k))
+        before += sizes[k] if k < len(sizes) else 0
+    return -min(gaps)[1]
 
 
 def free_memory(device) -> int:

@@ -11,7 +11,9 @@ lane would also take its own CUDA stream.
 * a plain expert-parallel step with two micro-batches: micro-batch 0 forward+backward on lane 0,
   micro-batch 1 on lane 1 (``train.strategy.Replicated``);
 * DualPipe / DualPipeV F&B pairs: the forward chunk on lane 0 while the backward chunk runs on lane 1
-  (``ModelStage.overlapped_forward_backward``); every other F runs on lane 0 and every B/I/W on lane 1.
+  (``ModelStage.overlapped_forward_backward``); every other F runs on lane 0 and every B/I/W on lane 1;
+* expert-parallel serving with two-micro-batch overlap (``--tbo``): each forward's rows in two halves,
+  half k on lane k (``infer.engine.Engine._forward``).
 
 The numbers are those of the sequential run, bitwise: the same kernels on the same inputs; the only
 shared writes are the two micro-batches' gradient accumulations, a sum of two terms (commutative).
@@ -24,6 +26,7 @@ and :func:`plot_timeline` into a PNG.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import threading
@@ -53,6 +56,12 @@ def lane(k: int):
 def register_lane_group(k: int, group0, group_k) -> None:
     """Lane ``k``'s copy of the process group ``group0`` (made by ``Mesh.add_lane``)."""
     _aliases[(k, id(group0))] = group_k
+
+
+def has_lane(k: int, group0) -> bool:
+    """Whether lane ``k`` can issue collectives of ``group0`` (lane 0 always; another lane once
+    ``Mesh.add_lane(k)`` made its copy; no group, a world of one, needs none)."""
+    return k == 0 or group0 is None or (k, id(group0)) in _aliases
 
 
 def lane_group(group0):
@@ -97,7 +106,8 @@ class _Baton:
             if not self.waiting - {k}:
                 return
         self.give(k)
-        self.take(k)
+        with span("wait", "turn"):
+            self.take(k)
 
 
 def run_pair(first, second):
@@ -125,12 +135,14 @@ def run_pair(first, second):
                 _local.baton = None
         return run
 
-    threads = torch.get_num_threads()   # OpenMP's setting is per thread: the helper must match the caller
+    # per-thread settings the helper must share with the caller: OpenMP threads, grad and inference mode
+    threads, grad, inference = torch.get_num_threads(), torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
     def target():
         try:
             torch.set_num_threads(threads)
-            box["first"] = turns(first, 0)()
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                box["first"] = turns(first, 0)()
         except BaseException as e:  # noqa: BLE001 - re-raised below, in the caller's thread
             box["error"] = e
 
@@ -197,17 +209,20 @@ def communicating(name: str):
             yield
     finally:
         if baton is not None:
-            baton.take(k)
+            with span("wait", "turn"):          # the other lane computes: this one waits for its turn
+                baton.take(k)
 
 
 # ----------------------------------------------------------------------------------------- the trace
 class Trace:
     """Intervals of work and communication per lane: (lane, category, name, start, end) in seconds of
     ``time.perf_counter``. Category "work" spans a lane's whole piece of work (a micro-batch's forward,
-    a backward); "comm" is a collective in flight inside it; the lane computes in work minus comm."""
+    a backward); "comm" is a collective in flight inside it; "wait" the lane waiting for its turn to
+    compute (after a collective, at a yield point); the lane computes in work minus comm and wait."""
 
-    def __init__(self):
-        self.events: list[tuple[int, str, str, float, float]] = []
+    def __init__(self, limit: int | None = None):
+        """``limit``: keep only the newest ``limit`` intervals (a server records while it runs)."""
+        self.events: collections.deque[tuple[int, str, str, float, float]] = collections.deque(maxlen=limit)
         self._lock = threading.Lock()
 
     def add(self, cat: str, name: str, t0: float, t1: float) -> None:
@@ -278,13 +293,18 @@ def _overlap(x, y) -> float:
     return total
 
 
+def _computing(work, idle) -> list[tuple[float, float]]:
+    """When a lane computed: its work intervals minus those it spent communicating or waiting."""
+    return _subtract(_merge(work), _merge(idle))
+
+
 def overlap_summary(events) -> dict:
     """Seconds of communication per lane and the share of it during which the other lane computed."""
-    by = {(ln, cat): [] for ln in (0, 1) for cat in ("work", "comm")}
+    by = {(ln, cat): [] for ln in (0, 1) for cat in ("work", "comm", "wait")}
     for ln, cat, _, a, b in events:
         by.setdefault((ln, cat), []).append((a, b))
     comm = {ln: _merge(by[(ln, "comm")]) for ln in (0, 1)}
-    compute = {ln: _subtract(_merge(by[(ln, "work")]), comm[ln]) for ln in (0, 1)}
+    compute = {ln: _computing(by[(ln, "work")], by[(ln, "comm")] + by[(ln, "wait")]) for ln in (0, 1)}
     total = sum(b - a for ln in (0, 1) for a, b in comm[ln])
     hidden = _overlap(comm[0], compute[1]) + _overlap(comm[1], compute[0])
     span_t = [t for _, _, _, a, b in events for t in (a, b)]
@@ -293,16 +313,24 @@ def overlap_summary(events) -> dict:
             "wall_s": (max(span_t) - min(span_t)) if span_t else 0.0}
 
 
-def write_chrome_trace(events, path: str, rank: int = 0) -> None:
+def recent(events, works: int) -> list:
+    """The events from the start of the ``works``-th newest "work" interval on (all when fewer): the
+    tail of a long recording, e.g. a server's last forwards, for :func:`plot_timeline`."""
+    starts = sorted(a for _, cat, _, a, _ in events if cat == "work")
+    t0 = starts[-works] if len(starts) >= works else float("-inf")
+    return [e for e in events if e[3] >= t0]
+
+
+def write_chrome_trace(events, path: str, rank: int = 0, metadata: dict | None = None) -> None:
     """Chrome-trace JSON (``chrome://tracing``, https://ui.perfetto.dev): one process per rank, one
-    thread row per lane and category."""
+    thread row per lane and category; ``metadata`` (e.g. :func:`overlap_summary`) as its "otherData"."""
     t0 = min((a for *_, a, _ in events), default=0.0)
     rows = []
     for ln, cat, name, a, b in events:
         rows.append({"name": name, "cat": cat, "ph": "X", "pid": rank, "tid": f"lane {ln} {cat}",
                      "ts": (a - t0) * 1e6, "dur": (b - a) * 1e6})
     with open(path, "w") as f:
-        json.dump({"traceEvents": rows, "displayTimeUnit": "ms"}, f)
+        json.dump({"traceEvents": rows, "displayTimeUnit": "ms", "otherData": metadata or {}}, f)
 
 
 def plot_timeline(events, path: str, title: str = "") -> None:
@@ -316,8 +344,8 @@ def plot_timeline(events, path: str, title: str = "") -> None:
     fig, ax = plt.subplots(figsize=(12, 2.4))
     for ln in (0, 1):
         comm = _merge([(a, b) for l_, c, _, a, b in events if l_ == ln and c == "comm"])
-        work = _merge([(a, b) for l_, c, _, a, b in events if l_ == ln and c == "work"])
-        comp = _subtract(work, comm)
+        comp = _computing([(a, b) for l_, c, _, a, b in events if l_ == ln and c == "work"],
+                          [(a, b) for l_, c, _, a, b in events if l_ == ln and c in ("comm", "wait")])
         y = 1 - ln
         ax.broken_barh([((a - t0) * 1e3, (b - a) * 1e3) for a, b in comp], (y + 0.05, 0.4), color="tab:blue")
         ax.broken_barh([((a - t0) * 1e3, (b - a) * 1e3) for a, b in comm], (y + 0.5, 0.4), color="tab:orange")
