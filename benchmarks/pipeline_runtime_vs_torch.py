@@ -106,7 +106,7 @@ def _worker(rank, world, store, args, q):
         for cls in (ScheduleDualPipeV, ScheduleZBVZeroBubble):
             model = _model(cfg)
             C = 2 * world
-            spans = split_layers(cfg.num_hidden_layers, C)
+            spans = split_layers(cfg.num_hidden_layers, C, cfg.num_nextn_predict_layers)
             stages = [PipelineStage(_TorchChunk(model, spans[s], s == 0, s == C - 1), s, C, torch.device("cpu"))
                       for s in (rank, C - 1 - rank)]
             torch_scheds[f"torch {cls.__name__}"] = (model, cls(stages, n_microbatches=M, loss_fn=_ce))
@@ -165,7 +165,7 @@ def _split_overhead(args) -> dict:
     torch.set_num_threads(args.threads)
     cfg = _config(args)
     model = _model(cfg)
-    spans = split_layers(cfg.num_hidden_layers, 2 * args.ranks)
+    spans = split_layers(cfg.num_hidden_layers, 2 * args.ranks, cfg.num_nextn_predict_layers)
     st = ModelStage(model, 1, 1, 2 * args.ranks, spans[1], loss_fn=functools.partial(token_loss, mtp_lambda=0.0))
     x = torch.randn(args.mb_size, args.seq, cfg.hidden_size)
     toks = torch.randint(0, cfg.vocab_size, (args.mb_size, args.seq + 1))

@@ -369,7 +369,9 @@ def _spawn(target, world, tmp_path, *args, timeout=150):
 
 def test_split_rule_and_placement():
     assert [list(r) for r in split_layers(5, 3)] == [[0, 1], [2, 3], [4]]
-    assert [len(r) for r in split_layers(4, 8)] == [1, 1, 1, 1, 0, 0, 0, 0]
+    assert [len(r) for r in split_layers(4, 8)] == [0, 0, 1, 1, 1, 1, 0, 0]
+    assert [len(r) for r in split_layers(61, 16, 1)] == [3] + [4] * 14 + [2]     # MTP counted on the last chunk
+    assert [len(r) for r in split_layers(2, 4, 3)] == [1, 1, 0, 0]              # the last chunk: MTP only
     from dsv3.parallel.pipeline.stages import holders
 
     m = _model()

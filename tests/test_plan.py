@@ -27,7 +27,7 @@ from dsv3.plan.hardware import GPU, Cluster, get_gpu, load_hardware_file
 from dsv3.plan import schedules as plan_schedules
 from dsv3.plan.schedules import schedule_model
 from dsv3.plan.serve import plan_serving
-from dsv3.plan.train import Layout, plan_training, split_blocks
+from dsv3.plan.train import Layout, plan_training, stage_blocks
 
 TINY = ModelConfig.preset("tiny")
 V3 = ModelConfig.preset("deepseek-v3")
@@ -240,12 +240,25 @@ def test_more_validation():
         Assumptions(fp8_gemm_efficiency=1.5)
 
 
-def test_uneven_split_rule():
+def test_uneven_split_rule_is_the_runtimes():
+    from dsv3.parallel.pipeline.schedule import split_blocks, split_layers
+
     assert split_blocks(62, 16) == [3] + [4] * 14 + [3]
     assert split_blocks(10, 4) == [2, 3, 3, 2]
     assert split_blocks(9, 4) == [2, 3, 2, 2]        # deficit 3: last, first, then second-to-last
     assert split_blocks(8, 4) == [2, 2, 2, 2]
-    assert split_blocks(5, 2, (1, 4)) == [1, 4]
+    v3 = ModelConfig.preset("deepseek-v3")
+    assert stage_blocks(v3, 16) == [3] + [4] * 14 + [3]
+    assert stage_blocks(v3, 16, (4,) * 15 + (2,)) == [4] * 15 + [2]
+    with pytest.raises(ValueError, match="MTP modules"):
+        stage_blocks(v3, 2, (62, 0))
+    # the planner's stages are the runtime's chunks: trunk layers, then the MTP modules on the last one
+    for L, D, C in [(61, 1, 16), (3, 1, 4), (2, 3, 4), (7, 2, 3), (4, 0, 8)]:
+        cfg = ModelConfig.preset("tiny").replace(num_hidden_layers=L, num_nextn_predict_layers=D,
+                                                 first_k_dense_replace=min(1, L))
+        spans = split_layers(L, C, D)
+        assert [len(r) for r in spans[:-1]] + [len(spans[-1]) + D] == stage_blocks(cfg, C)
+        assert [i for r in spans for i in r] == list(range(L))
 
 
 def test_schedule_closed_forms():

@@ -16,9 +16,9 @@ from .flops import TokenWork, parameter_bytes, token_work
 from .hardware import CATALOGUE, GPU, Cluster, get_gpu, load_hardware_file
 from .schedules import SCHEDULES, ScheduleModel, schedule_model
 from .serve import REPORT_UNITS, ServeUnit, plan_serving
-from .train import Layout, plan_training, split_blocks, validate_layout
+from .train import Layout, plan_training, stage_blocks, validate_layout
 
 __all__ = ["Assumptions", "EPTraffic", "ep_traffic", "expected_units_hit", "TokenWork", "parameter_bytes",
            "token_work", "CATALOGUE", "GPU", "Cluster", "get_gpu", "load_hardware_file", "SCHEDULES",
            "ScheduleModel", "schedule_model", "REPORT_UNITS", "ServeUnit", "plan_serving", "Layout",
-           "plan_training", "split_blocks", "validate_layout"]
+           "plan_training", "stage_blocks", "validate_layout"]

@@ -7,10 +7,12 @@ BF16 moments) over every copy of a parameter: non-expert weights over ``DP × co
 
 Stages: the model is the sequence of its ``num_hidden_layers`` layers followed by its MTP modules
 (they use the output head, so they sit with it); the embedding is on the first stage, final norm and
-head on the last. When the blocks do not divide evenly (V3: 61 + 1 MTP = 62 blocks on 16 stages) each
-stage gets ``ceil(blocks / stages)`` except ``stages·ceil − blocks`` of them which get one fewer: first
-the last stage (head + MTP), then the first (embedding), then alternately inward. V3 on PP16:
-stage 0 and stage 15 take 3 blocks, stages 1–14 take 4. ``layer_split`` overrides this.
+head on the last. The blocks are split by the pipeline runtime's own rule
+(``parallel.pipeline.schedule.split_layers``): when they do not divide evenly (V3: 61 + 1 MTP = 62
+blocks on 16 stages) each stage gets ``ceil(blocks / stages)`` except ``stages·ceil − blocks`` of them
+which get one fewer: first the last stage (head + MTP), then the first (embedding), then alternately
+inward. V3 on PP16: stage 0 and stage 15 take 3 blocks, stages 1–14 take 4. ``layer_split`` overrides
+this (a what-if: the runtime always uses the rule).
 
 Step time of the slowest pipeline rank::
 
@@ -27,6 +29,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from ..config import ModelConfig
+from ..parallel.pipeline.schedule import split_layers
 from .activations import (RECOMPUTE, block_activation_bytes, block_elementwise_bytes, block_recompute_bytes,
                           block_transient_bytes, head_activation_bytes)
 from .assumptions import Assumptions
@@ -116,8 +119,10 @@ def validate_layout(cfg: ModelConfig, cluster: Cluster, lay: Layout) -> Schedule
     return sched
 
 
-def split_blocks(n_blocks: int, n_stages: int, explicit: tuple[int, ...] | None = None) -> list[int]:
-    """Blocks per stage (see the module docstring for the rule)."""
+def stage_blocks(cfg: ModelConfig, n_stages: int, explicit: tuple[int, ...] | None = None) -> list[int]:
+    """Blocks (layers, and MTP modules on the last stage) per stage: the runtime's split
+    (``parallel.pipeline.schedule.split_layers``), or ``explicit`` (``layer_split``) as given."""
+    n_blocks = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
     if explicit is not None:
         explicit = list(explicit)
         if len(explicit) != n_stages:
@@ -125,21 +130,12 @@ def split_blocks(n_blocks: int, n_stages: int, explicit: tuple[int, ...] | None 
         if any((not isinstance(x, int)) or x < 0 for x in explicit) or sum(explicit) != n_blocks:
             raise ValueError(f"layer split {explicit} must be non-negative integers summing to {n_blocks} "
                              "(layers + MTP modules)")
+        if explicit[-1] < cfg.num_nextn_predict_layers:
+            raise ValueError(f"layer split {explicit}: the last stage holds the head and the "
+                             f"{cfg.num_nextn_predict_layers} MTP modules, so it needs at least that many blocks")
         return explicit
-    if n_blocks < n_stages:
-        raise ValueError(f"{n_stages} stages but only {n_blocks} blocks")
-    hi = math.ceil(n_blocks / n_stages)
-    sizes = [hi] * n_stages
-    deficit = hi * n_stages - n_blocks
-    order = []
-    lo_i, hi_i = 0, n_stages - 1
-    while lo_i <= hi_i:
-        order.append(hi_i)
-        if lo_i != hi_i:
-            order.append(lo_i)
-        lo_i, hi_i = lo_i + 1, hi_i - 1
-    for s in order[:deficit]:
-        sizes[s] -= 1
+    sizes = [len(r) for r in split_layers(cfg.num_hidden_layers, n_stages, cfg.num_nextn_predict_layers)]
+    sizes[-1] += cfg.num_nextn_predict_layers
     return sizes
 
 
@@ -259,7 +255,7 @@ def plan_training(cfg: ModelConfig, cluster: Cluster, lay: Layout, a: Assumption
                if any(b.has_moe for b in blocks) else None)
 
     # ---- stages
-    sizes = split_blocks(len(blocks), sched.num_stages, lay.layer_split)
+    sizes = stage_blocks(cfg, sched.num_stages, lay.layer_split)
     stages, start = [], 0
     for s, n in enumerate(sizes):
         stages.append(_stage_cost(cfg, s, blocks[start:start + n], embedding=(s == 0),

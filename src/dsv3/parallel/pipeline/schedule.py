@@ -181,6 +181,34 @@ def num_model_chunks(name: str, p: int) -> int:
     return 2 * p if name == "dualpipev" else p
 
 
+# ----------------------------------------------------------------------------------------- layer split
+def split_blocks(n_blocks: int, n_chunks: int) -> list[int]:
+    """Blocks per chunk (the rule of ``stages.py``'s docstring): ``ceil(n/C)`` each, one fewer for
+    ``C·ceil − n`` chunks taken in the order last, first, second-to-last, second, …"""
+    if n_blocks < 0 or n_chunks < 1:
+        raise ValueError(f"cannot split {n_blocks} blocks into {n_chunks} chunks")
+    hi = -(-n_blocks // n_chunks)
+    sizes = [hi] * n_chunks
+    order = [c for k in range((n_chunks + 1) // 2) for c in dict.fromkeys((n_chunks - 1 - k, k))]
+    for c in order[:hi * n_chunks - n_blocks]:
+        sizes[c] -= 1
+    return sizes
+
+
+def split_layers(num_layers: int, num_chunks: int, num_mtp: int = 0) -> list[range]:
+    """Contiguous trunk-layer ranges of each chunk: :func:`split_blocks` over the ``num_layers`` layers
+    and the ``num_mtp`` MTP modules, which all sit in the last chunk (see ``stages.py``'s docstring)."""
+    sizes = split_blocks(num_layers + num_mtp, num_chunks)
+    sizes[-1] -= num_mtp
+    if sizes[-1] < 0:                   # the last chunk holds the MTP modules only
+        sizes = split_blocks(num_layers, num_chunks - 1) + [0] if num_chunks > 1 else [num_layers]
+    out, start = [], 0
+    for n in sizes:
+        out.append(range(start, start + n))
+        start += n
+    return out
+
+
 def _one_f_one_b(p: int, m: int, zero_bubble: bool) -> list[list[tuple]]:
     """1F1B; with ``zero_bubble`` the ZB-H1 variant: B split into I and W, rank i keeps i W's deferred.
 

@@ -1,12 +1,16 @@
 """The dsv3 Transformer cut into pipeline stages, and this rank's share of a pipelined model (SPEC §2.1).
 
-Split rule (:func:`split_layers`)
----------------------------------
+Split rule (``schedule.split_blocks`` / ``split_layers``; the planner uses the same functions)
+---------------------------------------------------------------------------------------------
 A schedule has ``num_chunks`` model chunks (PP for 1F1B/ZB1P/DualPipe, 2·PP for DualPipeV). The
-``num_hidden_layers`` blocks are cut into that many contiguous runs balanced by count: every chunk
-gets ``L // C`` blocks and the first ``L mod C`` chunks one more, so the last chunk — which also runs
-the final norm, the output head and the MTP modules — never carries an extra block. Chunk 0 also
-holds the embedding. A chunk may hold no block (L < C): it then passes its input through.
+model is the sequence of its L ``num_hidden_layers`` blocks followed by its D MTP modules, which sit
+in the last chunk with the final norm and the output head (they use the head). The L + D blocks are
+cut into C contiguous runs balanced by count: each chunk gets ``ceil((L + D) / C)`` blocks except
+``C·ceil − (L + D)`` of them, which get one fewer — first the last chunk (head + MTP), then the first
+(embedding), then alternately inward. V3 on 16 stages: 3, 4 × 14, 3. The last chunk's trunk layers are
+its count minus D (when it has fewer than D blocks, it holds only the MTP modules and the trunk is
+split over the other chunks by the same rule). A chunk may hold no block (L + D < C): it then passes
+its input through.
 
 Where the embedding and the head live
 -------------------------------------
@@ -64,20 +68,7 @@ from ...model.layers import init_weights
 from ..overlap import lane, run_pair, span, turn_point
 from ...model.rope import precompute_freqs_cis
 from .runtime import PipelineRuntime, PipelineStage
-from .schedule import MIN_MICROBATCHES, Schedule, build_schedule
-
-
-def split_layers(num_layers: int, num_chunks: int) -> list[range]:
-    """Contiguous block ranges of each chunk: ``L // C`` each, the first ``L mod C`` chunks one more."""
-    if num_layers < 0 or num_chunks < 1:
-        raise ValueError(f"cannot split {num_layers} layers into {num_chunks} chunks")
-    q, r = divmod(num_layers, num_chunks)
-    out, start = [], 0
-    for c in range(num_chunks):
-        n = q + (1 if c < r else 0)
-        out.append(range(start, start + n))
-        start += n
-    return out
+from .schedule import MIN_MICROBATCHES, Schedule, build_schedule, split_layers
 
 
 class ModelStage(PipelineStage):
@@ -202,7 +193,7 @@ def _chunks_using(key: str, cfg, spans: list[range]) -> set[int]:
 
 def holders(model, schedule: Schedule) -> dict[str, tuple[int, ...]]:
     """State-dict key -> the pipeline ranks whose stages use it (DualPipe copies, 1F1B's MTP embedding)."""
-    spans = split_layers(model.cfg.num_hidden_layers, schedule.num_chunks)
+    spans = split_layers(model.cfg.num_hidden_layers, schedule.num_chunks, model.cfg.num_nextn_predict_layers)
     out = {}
     for key in model.state_dict():
         chunks = _chunks_using(key, model.cfg, spans)
@@ -216,7 +207,7 @@ def build_stages(model, schedule: Schedule, rank: int, **kw) -> dict[int, ModelS
     if model.cfg.tie_word_embeddings:
         raise ValueError("pipeline parallelism does not support tie_word_embeddings=True (the embedding and "
                          "the head would be one parameter on two chunks)")
-    spans = split_layers(model.cfg.num_hidden_layers, schedule.num_chunks)
+    spans = split_layers(model.cfg.num_hidden_layers, schedule.num_chunks, model.cfg.num_nextn_predict_layers)
     return {s: ModelStage(model, s, schedule.stage_chunk[s], schedule.num_chunks, spans[schedule.stage_chunk[s]], **kw)
             for s in schedule.stages_of(rank)}
 
