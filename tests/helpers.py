@@ -85,3 +85,91 @@ def wait_healthy(url: str, proc, log, seconds: float, what: str = "the server") 
         assert proc.poll() is None, log.read_text()
         assert time.time() < deadline, f"{what} did not start in {seconds:g} s:\n" + log.read_text()
         time.sleep(0.3)
+
+
+def save_served_model(out, seed: int, **config) -> str:
+    """A small random model (random gate biases, so routing is uneven) with a byte-level tokenizer saved
+    in ``out``: a model directory for ``dsv3 serve`` that needs no corpus. ``config`` overrides
+    :func:`small_config` (default 300 ids, 64 positions)."""
+    import torch
+
+    from dsv3 import Transformer, save_pretrained
+
+    torch.manual_seed(seed)
+    m = Transformer(small_config(**{"vocab_size": 300, "max_position_embeddings": 64, **config}))
+    with torch.no_grad():
+        for moe in m.moe_layers():
+            moe.gate.e_score_correction_bias.normal_(0, 0.05)
+    save_pretrained(m, out)
+    save_byte_level_tokenizer(out)
+    return str(out)
+
+
+def start_ep_serve(model_dir: str, world: int, port: int, log, *flags: str):
+    """``torchrun --nproc-per-node WORLD -m dsv3.cli serve --model DIR --ep WORLD --port PORT --threads 1
+    FLAGS…`` in a session of its own, its output in the file ``log`` (stop it with :func:`stop_ep_serve`)."""
+    import subprocess
+    import sys
+
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
+                                 "--master-port", str(free_port()), "-m", "dsv3.cli", "serve", "--model", model_dir,
+                                 "--ep", str(world), "--port", str(port), "--threads", "1", *flags],
+                                env=cli_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_ep_serve(proc, log, seconds: float) -> int:
+    """SIGTERM to torchrun (as Ctrl-C would) and its exit code; past ``seconds`` torchrun and every process
+    under it are killed (its workers run in sessions of their own) and the test fails with the log."""
+    import os
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+    try:
+        return proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        for pid in [*descendant_pids(proc.pid), proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(timeout=10)
+        raise AssertionError(f"the ranks did not stop within {seconds:g} s of SIGTERM:\n" + log.read_text()) from None
+
+
+def _proc_file(pid: int, name: str) -> bytes:
+    try:
+        with open(f"/proc/{pid}/{name}", "rb") as f:
+            return f.read()
+    except OSError:                          # gone meanwhile, or not ours to read
+        return b""
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    import os
+
+    out = []
+    for child in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        stat = _proc_file(child, "stat")
+        if stat and int(stat.rsplit(b")", 1)[1].split()[1]) == pid:
+            out.append(child)
+    return out
+
+
+def descendant_pids(pid: int) -> list[int]:
+    """Every process under ``pid`` (depth first)."""
+    out = []
+    for child in child_pids(pid):
+        out += [child, *descendant_pids(child)]
+    return out
+
+
+def rank_pid(launcher_pid: int, rank: int) -> int:
+    """The process id of torchrun's worker with ``RANK=rank`` (its children's environments, from /proc)."""
+    for pid in child_pids(launcher_pid):
+        if f"RANK={rank}".encode() in _proc_file(pid, "environ").split(b"\0"):
+            return pid
+    raise LookupError(f"torchrun {launcher_pid} has no worker of rank {rank}")

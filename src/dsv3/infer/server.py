@@ -17,6 +17,11 @@ answered in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``. 
 away has its requests aborted at once. SIGTERM (or Ctrl-C) stops taking requests (503), lets those
 in flight finish for up to ``--shutdown-grace`` seconds, aborts the rest and exits 0.
 
+If the engine stops on its own (its process dies; under ``--ep`` a rank of the group dies), one line
+says why, the requests in flight end with 503 (``engine_dead``; a stream with an error event), new
+ones get 503 and ``/health`` says "dead" while the server runs; it exits 1 when stopped (under
+torchrun, which stops it when a rank fails).
+
 fastapi, uvicorn, prometheus_client and jinja2 are needed (``pip install 'dsv3[serve]'``);
 importing this module is not enough to need them.
 """
@@ -29,6 +34,7 @@ import math
 import os
 import secrets
 import signal
+import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -91,6 +97,10 @@ class ServerState:
     def check_serving(self) -> None:
         if self.draining_since is not None:
             raise APIError(503, "the server is shutting down", code="shutting_down")
+        self.check_engine()
+
+    def check_engine(self) -> None:
+        """503 once the engine has stopped (its process died, or its expert-parallel group failed)."""
         if not self.worker.alive:
             raise APIError(503, f"the engine has stopped: {self.worker.error}", code="engine_dead")
 
@@ -214,8 +224,7 @@ async def deltas(st: ServerState, gens: list, queue: asyncio.Queue):
             if done:
                 ready, get = [get.result()], None
             else:
-                if not st.worker.alive:
-                    raise APIError(503, f"the engine has stopped: {st.worker.error}", code="engine_dead")
+                st.check_engine()
                 ready = [g for g in gens if not g.finished]
             for g in ready:
                 was_finished = g.finished
@@ -223,6 +232,7 @@ async def deltas(st: ServerState, gens: list, queue: asyncio.Queue):
                 if g.finished and not was_finished:
                     left -= 1
                     if g.error is not None:
+                        st.check_engine()           # failed because the engine stopped: 503, else 500
                         raise APIError(500, f"the request failed in the engine: {g.error}", code="engine_error")
                 if d is not None:
                     yield d
@@ -727,8 +737,13 @@ def run(args) -> int:
     if ep is not None and int(os.environ.get("RANK", "0")) > 0:
         return serve_follower(dict(model_dir=args.model, device=args.device, fp8=args.fp8, threads=args.threads,
                                    prefix_cache=args.prefix_cache, engine=engine_kwargs, ep=ep))
+    where = "rank 0: " if ep is not None else ""
+
+    def report_dead(error: str) -> None:
+        print(f"dsv3 serve: error: {where}{error} (answering 503 until stopped)", file=sys.stderr, flush=True)
+
     worker = EngineWorker(args.model, device=args.device, fp8=args.fp8, threads=args.threads,
-                          prefix_cache=args.prefix_cache, ep=ep, **engine_kwargs)
+                          prefix_cache=args.prefix_cache, ep=ep, on_dead=report_dead, **engine_kwargs)
     name = args.served_model_name or os.path.normpath(args.model)      # as vLLM: the --model argument
     app = create_app(worker, tokenizer, name, template, api_key, args.max_body_bytes, args.shutdown_grace)
     st = app.st
@@ -748,4 +763,4 @@ def run(args) -> int:
         Server(config).run()
     finally:
         worker.close(grace=0)
-    return 0
+    return 1 if worker.failed else 0              # the engine stopped on its own: said when it happened

@@ -18,15 +18,19 @@ checked against the engine's :class:`~dsv3.infer.engine.EngineLimits`) and retur
 run on the worker's receiving thread: ``on_token(req)`` when new tokens arrived, ``on_done(req)``
 once. A step that fails finishes the requests in it with an error and the engine goes on; if the
 engine process itself dies, ``alive`` turns False, ``error`` says why and every request in flight
-finishes with an error.
+finishes with an error. An engine that cannot go on after a failed step (a lockstep group that lost
+a rank) raises :class:`EngineFailed`: its process sends the one-line reason and exits, so ``error``
+says it; ``on_dead(error)`` (if given) runs once when the engine has stopped without being closed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import multiprocessing as mp
 import os
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -35,9 +39,13 @@ from .engine import Request, check_request
 from .sampling import SamplingParams
 
 
+class EngineFailed(RuntimeError):
+    """The engine cannot go on (raised by its ``step``, ``fail_all`` or ``close``); the message is one line."""
+
+
 class EngineWorker:
     def __init__(self, model_dir: str, *, device: str = "auto", fp8: str = "auto", threads: int | None = None,
-                 prefix_cache: str | None = None, ep: dict | None = None, **engine_kwargs):
+                 prefix_cache: str | None = None, ep: dict | None = None, on_dead=None, **engine_kwargs):
         """Start the engine process: it loads ``model_dir`` (see :func:`dsv3.infer.generate.load_model_dir`)
         and builds :class:`dsv3.infer.engine.Engine` with ``engine_kwargs``. ``threads``: torch threads
         for the engine (default on a CPU: all cores but one, which the HTTP side keeps). ``prefix_cache``:
@@ -64,8 +72,9 @@ class EngineWorker:
         self.max_len, self.vocab_size = self.limits.max_len, self.limits.vocab_size
         self.accepting = True
         self.error: str | None = None
+        self.failed = False                # the engine stopped without being closed
+        self._on_dead = on_dead
         self._alive = True
-        self._closing = False
         self._reqs: dict[int, Request] = {}
         self._ids = itertools.count()
         self._send_lock = threading.Lock()
@@ -98,8 +107,12 @@ class EngineWorker:
         return req
 
     def abort(self, req: Request) -> None:
-        if not req.done:
+        if req.done or not self._alive:      # a dead engine's requests are failed by the receiving thread
+            return
+        try:
             self._send(("abort", req.id))
+        except RuntimeError:
+            pass
 
     def stats(self) -> dict:
         """The engine's counters as of its last step."""
@@ -114,10 +127,15 @@ class EngineWorker:
 
     # ------------------------------------------------------------------ results
     def _receive(self) -> None:
+        closed = False
         try:
             while True:
                 msg = self._conn.recv()
                 if msg[0] == "closed":
+                    closed = True
+                    break
+                if msg[0] == "failed":
+                    self.error = msg[1]
                     break
                 _, deltas, stats = msg
                 if stats is not None:
@@ -128,12 +146,19 @@ class EngineWorker:
             pass
         except Exception:  # noqa: BLE001 — a bug here must not hang every client: fail them below
             traceback.print_exc()
+        self._stopped(closed)
+
+    def _stopped(self, closed: bool) -> None:
+        """The engine is gone: say why (before ``alive`` turns False), fail what was in flight."""
+        if not closed and self.error is None:
+            self._proc.join(1)
+            self.error = f"the engine process exited ({exit_status(self._proc.exitcode)})"
+        self.failed = not closed
         self._alive = False
-        self._proc.join(1)
-        if not self._closing or self._reqs:
-            self.error = self.error or f"the engine process exited (code {self._proc.exitcode})"
         for req in list(self._reqs.values()):
-            self._apply(req.id, [], [], [], True, "error", self.error, req.cached_tokens)
+            self._apply(req.id, [], [], [], True, "error", self.error or "the engine was closed", req.cached_tokens)
+        if self.failed and self._on_dead is not None:
+            self._on_dead(self.error)
 
     def _apply(self, *delta) -> None:
         apply_delta(self._reqs, *delta)
@@ -143,7 +168,6 @@ class EngineWorker:
         """Stop taking requests; the engine lets the ones in flight finish for up to ``grace``
         seconds, aborts the rest, and exits."""
         self.accepting = False
-        self._closing = True
         if self._alive:
             try:
                 self._send(("close", max(float(grace), 0.0)))
@@ -157,6 +181,16 @@ class EngineWorker:
         self._alive = False
 
 
+def exit_status(code: int | None) -> str:
+    """A process exit code in words: "code 1", "killed by SIGKILL"."""
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            pass
+    return f"code {code}"
+
+
 # ---------------------------------------------------------------------- the engine process
 def _engine_process(conn, spec: dict) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)        # the server drains on Ctrl-C / SIGTERM, then closes us
@@ -167,9 +201,13 @@ def _engine_process(conn, spec: dict) -> None:
         conn.send(("error", str(e) if isinstance(e, (ValueError, FileNotFoundError)) else f"{type(e).__name__}: {e}"))
         return
     conn.send(("ready", engine.limits, engine.stats()))
-    _EngineLoop(engine, conn).run()
-    if hasattr(engine, "close"):                        # expert-parallel: release the other ranks
-        engine.close()
+    try:
+        _EngineLoop(engine, conn).run()
+    except EngineFailed as e:                           # the server reports it; nothing is left to close
+        with contextlib.suppress(OSError):
+            conn.send(("failed", str(e)))
+        sys.stderr.flush()
+        os._exit(1)                                     # not through a broken process group's teardown
 
 
 def _build_engine(spec: dict):
@@ -206,13 +244,23 @@ class _EngineLoop:
         self.shape_sent = (0, 0)                         # (running, waiting) they said
 
     def run(self) -> None:
+        """Serve until closed (or until the server has gone), then close the engine if it has a ``close``
+        (expert-parallel: release the other ranks). EngineFailed passes through."""
+        served = self._serve()
+        if hasattr(self.engine, "close"):
+            self.engine.close()
+        if served:
+            self.conn.send(("closed",))
+
+    def _serve(self) -> bool:
+        """Step until closed and drained (True) or until the server has gone (False)."""
         engine = self.engine
         while True:
             try:
                 if not self._take(block=engine.idle and self.deadline is None):
-                    return                               # the server went away
+                    return False                         # the server went away
             except (EOFError, OSError):
-                return
+                return False
             if self.deadline is not None:
                 if engine.idle:
                     break
@@ -222,12 +270,14 @@ class _EngineLoop:
             if not engine.idle:
                 try:
                     engine.step()
+                except EngineFailed:
+                    raise
                 except Exception as e:  # noqa: BLE001 — outside any one forward: fail what it held
                     traceback.print_exc()
                     engine.fail_all(f"{type(e).__name__}: {e}")
             self._report()
         self._report()
-        self.conn.send(("closed",))
+        return True
 
     def _take(self, block: bool) -> bool:
         """Handle every message waiting (after up to 0.2 s of waiting when ``block``). False on 'exit'."""
