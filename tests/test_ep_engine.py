@@ -24,7 +24,8 @@ from dsv3 import Transformer, save_pretrained
 from dsv3.hf import load_pretrained
 from dsv3.infer.engine import Engine
 from dsv3.infer.sampling import SamplingParams
-from helpers import free_port, save_byte_level_tokenizer, small_config, spawn_ranks, wait_healthy
+from helpers import (free_port, save_served_model, small_config, spawn_ranks, start_ep_serve, stop_ep_serve,
+                     wait_healthy)
 
 SEED = random.SystemRandom().randrange(1 << 30)      # fresh inputs every run (named in failures)
 N_REQ = 32
@@ -284,15 +285,7 @@ def test_preemption_under_expert_parallelism(two):
 @pytest.fixture(scope="module")
 def served_dir(tmp_path_factory):
     """A small random model with random gate biases and a byte-level tokenizer (no corpus needed)."""
-    out = tmp_path_factory.mktemp("ep_served")
-    torch.manual_seed(SEED + 7)
-    m = Transformer(small_config(vocab_size=300, max_position_embeddings=64))
-    with torch.no_grad():
-        for moe in m.moe_layers():
-            moe.gate.e_score_correction_bias.normal_(0, 0.05)
-    save_pretrained(m, out)
-    save_byte_level_tokenizer(out)
-    return str(out)
+    return save_served_model(tmp_path_factory.mktemp("ep_served"), SEED + 7)
 
 
 @pytest.mark.parametrize("world, flags", [
@@ -303,23 +296,14 @@ def test_serve_under_torchrun(served_dir, tmp_path, world, flags):
     """torchrun --nproc-per-node N -m dsv3.cli serve --ep N: rank 0 serves HTTP, every rank takes requests,
     every completion (whole and streamed) is single-process greedy decoding's; SIGTERM stops every rank."""
     import concurrent.futures
-    import os
-    import signal
-    import subprocess
-    import sys
 
     import httpx
 
     from dsv3.infer.generate import generate, load_model_dir
-    from helpers import cli_env
 
     port = free_port()
     log = tmp_path / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
-                                 "--master-port", str(free_port()), "-m", "dsv3.cli", "serve", "--model", served_dir,
-                                 "--ep", str(world), *flags, "--port", str(port), "--max-batch", "3", "--threads", "1"],
-                                env=cli_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = start_ep_serve(served_dir, world, port, log, *flags, "--max-batch", "3")
     try:
         model, tok = load_model_dir(served_dir, "cpu")               # the reference, while the ranks start
         g = torch.Generator().manual_seed(SEED)
@@ -345,13 +329,7 @@ def test_serve_under_torchrun(served_dir, tmp_path, world, flags):
         assert health["status"] == "ok" and len(health["ranks"]) == world
         assert all(r["prompt_tokens"] > 0 for r in health["ranks"]), health     # both ranks served requests
     finally:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-            raise AssertionError("the ranks did not stop within 40 s of SIGTERM:\n" + log.read_text())
+        stop_ep_serve(proc, log, 40)
 
 
 @pytest.mark.parametrize("env, argv, line", [

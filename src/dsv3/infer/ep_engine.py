@@ -42,6 +42,16 @@ following step every rank sums the windows over the group, computes the same pla
 placement version in each exchange, so ranks on different placements fail loudly. A token's replica
 of an expert is chosen from its index, so the same batch routes the same way on every run.
 
+**Two-micro-batch overlap** (``tbo=True``, ``--tbo``): every forward's rows split into two halves of
+similar token count that run at once on two overlap lanes (:mod:`dsv3.parallel.overlap`; lane 1 has
+its own copies of the EP groups, ``Mesh.add_lane(1)``), so one half's attention and expert GEMMs run
+while the other's dispatch/combine is in flight (:meth:`Engine._forward <dsv3.infer.engine.Engine._forward>`).
+Every rank runs both lanes for every forward — a half without rows joins its MoE layers with zero
+tokens — so each lane issues the same collectives everywhere; sampling waits for both halves, so
+outputs equal those without TBO. ``trace_dir``: each rank records its lanes' compute and
+dispatch/combine intervals (the newest ``trace_limit``) and writes ``rank{r}.json`` (Chrome trace, the
+:func:`~dsv3.parallel.overlap.overlap_summary` in its "otherData") and ``rank{r}.png`` when serving ends.
+
 A forward that raises on one rank leaves the others' collectives unanswered, so in lockstep it is
 fatal (raised from :meth:`step`), not isolated per request as on one device.
 """
@@ -56,6 +66,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from ..parallel.overlap import Trace, has_lane, set_trace
 from .engine import Engine, EngineLimits, Request, check_request
 from .sampling import SamplingParams
 from .worker import apply_delta, take_deltas
@@ -94,9 +105,13 @@ class EPEngine:
     on every rank. Requests are submitted on rank 0 only.
 
     ``rebalance_interval``: (n, "steps") or (seconds, "s") — that often rank 0 orders a live rebalance
-    of the experts (:meth:`request_rebalance`); None keeps the placement static."""
+    of the experts (:meth:`request_rebalance`); None keeps the placement static.
 
-    def __init__(self, model, group=None, rebalance_interval: tuple[float, str] | None = None, **engine_kwargs):
+    ``tbo``: two-micro-batch overlap (the same on every rank; needs ``Mesh.add_lane(1)`` on every rank
+    first). ``trace_dir``: record the lanes' timeline and write it there when serving ends."""
+
+    def __init__(self, model, group=None, rebalance_interval: tuple[float, str] | None = None, tbo: bool = False,
+                 trace_dir: str | None = None, trace_limit: int = 100_000, **engine_kwargs):
         from ..parallel.expert import ExpertParallelMoE
 
         self.group = group
@@ -112,13 +127,24 @@ class EPEngine:
         if not all(isinstance(m, ExpertParallelMoE) for m in self._moes):
             raise ValueError("EPEngine: the model's MoE layers must be expert-parallel (load_ep_model or "
                              "convert_to_expert_parallel)")
+        trunk = sum(b.is_moe for b in model.layers)      # empty_forward's parts: the trunk's MoEs, the MTP's
+        self._parts = {"all": self._moes, "trunk": self._moes[:trunk], "mtp": self._moes[trunk:]}
+        self.tbo = tbo
+        if tbo and not all(has_lane(1, m.comm.group) for m in self._moes):
+            raise ValueError("EPEngine(tbo=True): the expert-parallel groups have no lane-1 copies: call "
+                             "Mesh.add_lane(1) on every rank before building the engine")
+        self.trace_dir = trace_dir
+        self.trace = Trace(limit=trace_limit) if trace_dir else None
+        if self.trace is not None:
+            set_trace(self.trace)
         p = model.embed_tokens.weight
         self._empty = torch.empty(0, model.cfg.hidden_size, device=p.device, dtype=p.dtype)
         # every rank's limits: requests are checked against the smallest pool
         limits: list = [None] * self.world
-        dist.all_gather_object(limits, self.engine.limits, group=group)
-        if len({dataclasses.replace(lim, num_blocks=0) for lim in limits}) != 1:
-            raise ValueError(f"EPEngine: the ranks' engines differ: {limits}")
+        dist.all_gather_object(limits, (self.engine.limits, tbo), group=group)
+        if len({(dataclasses.replace(lim, num_blocks=0), t) for lim, t in limits}) != 1:
+            raise ValueError(f"EPEngine: the ranks' engines (limits, tbo) differ: {limits}")
+        limits = [lim for lim, _ in limits]
         self.limits: EngineLimits = dataclasses.replace(limits[0], num_blocks=min(x.num_blocks for x in limits))
         self.max_len, self.vocab_size = self.limits.max_len, self.limits.vocab_size
         self.stopped = False
@@ -244,6 +270,9 @@ class EPEngine:
         if self._stop:
             self.engine.fail_all("the serving group closed")
             self.stopped = True
+            if self.trace is not None:
+                self.write_trace()
+                set_trace(None)
             return False
         if self.rank == 0:
             self._since = (self._since[0] + 1, self._since[1])
@@ -330,12 +359,31 @@ class EPEngine:
             raise RuntimeError(f"EPEngine: the ranks serve different expert placements {[f[2] for f in flags]}")
         return any(f[0] for f in flags), any(f[1] for f in flags)
 
-    def empty_forward(self) -> None:
+    def empty_forward(self, part: str = "all") -> None:
         """Take part in one forward with no rows: every MoE layer it passes, in order, with zero tokens
-        (this rank's experts still serve the other ranks' rows)."""
-        self.empty_forwards += 1
-        for moe in self._moes:
+        (this rank's experts still serve the other ranks' rows). ``part``: "all" of them, the "trunk"'s
+        or the "mtp" module's (TBO runs a speculative forward's trunk and MTP module apart)."""
+        self.empty_forwards += part != "mtp"
+        for moe in self._parts[part]:
             moe(self._empty)
+
+    def write_trace(self, out_dir: str | None = None) -> dict:
+        """This rank's recorded timeline as ``rank{r}.json`` (Chrome trace) and ``rank{r}.png`` (its last
+        8 forwards) in ``out_dir`` (default ``trace_dir``); returns its
+        :func:`~dsv3.parallel.overlap.overlap_summary`."""
+        import os
+
+        from ..parallel.overlap import overlap_summary, plot_timeline, recent, write_chrome_trace
+
+        out_dir = out_dir or self.trace_dir
+        events = list(self.trace.events)
+        summary = overlap_summary(events)
+        os.makedirs(out_dir, exist_ok=True)
+        write_chrome_trace(events, os.path.join(out_dir, f"rank{self.rank}.json"), self.rank, summary)
+        plot_timeline(recent(events, 16), os.path.join(out_dir, f"rank{self.rank}.png"),
+                      f"rank {self.rank}, --tbo, the last 8 forwards: compute (blue), dispatch/combine (orange); "
+                      f"{summary['hidden_fraction']:.0%} of dispatch/combine overlapped in all")
+        return summary
 
     # ------------------------------------------------------------------ driving
     def run(self) -> None:
@@ -388,6 +436,12 @@ def add_ep_arguments(p) -> None:
                         "('30s'); default: the placement stays static")
     p.add_argument("--rebalance-window", type=int, default=128, metavar="F",
                    help="with --ep: forwards of expert loads a rebalance looks at (default 128)")
+    p.add_argument("--tbo", action="store_true",
+                   help="with --ep: two-micro-batch overlap: each step's batch in two halves, one's attention and "
+                        "expert GEMMs running while the other's dispatch/combine is in flight")
+    p.add_argument("--trace-dir", default=None, metavar="DIR",
+                   help="with --tbo: each rank writes its lanes' timeline there when serving ends (rank{r}.json: "
+                        "Chrome trace with the overlapped share; rank{r}.png)")
     p.add_argument("--dist-timeout", type=float, default=600.0, metavar="S",
                    help="with --ep: seconds a collective may wait for the other ranks before the group fails")
 
@@ -406,7 +460,8 @@ def check_ep_args(args, cfg, env=None) -> dict | None:
                             ("--fp8-dispatch", args.fp8_dispatch), ("--shared-as-routed", args.shared_as_routed),
                             ("--redundant-experts", args.redundant_experts != 0),
                             ("--rebalance-interval", args.rebalance_interval is not None),
-                            ("--rebalance-window", args.rebalance_window != 128)):
+                            ("--rebalance-window", args.rebalance_window != 128), ("--tbo", args.tbo),
+                            ("--trace-dir", args.trace_dir is not None)):
             if given:
                 raise ValueError(f"{flag} needs --ep N (expert-parallel serving under torchrun)")
         if world > 1:
@@ -442,9 +497,15 @@ def check_ep_args(args, cfg, env=None) -> dict | None:
     if args.rebalance_window < 1:
         raise ValueError(f"--rebalance-window {args.rebalance_window}: must be >= 1")
     interval = parse_interval(args.rebalance_interval) if args.rebalance_interval is not None else None
+    if args.trace_dir is not None:
+        if not args.tbo:
+            raise ValueError("--trace-dir records the two micro-batches' lanes: it needs --tbo")
+        from ..errors import check_writable_dir
+        check_writable_dir("--trace-dir", args.trace_dir)
     return dict(size=args.ep, gpus_per_node=g, two_hop=args.two_hop, fp8_dispatch=args.fp8_dispatch,
                 shared_as_routed=args.shared_as_routed, timeout=args.dist_timeout, redundant_experts=R,
-                rebalance_interval=interval, rebalance_window=args.rebalance_window)
+                rebalance_interval=interval, rebalance_window=args.rebalance_window, tbo=args.tbo,
+                trace_dir=args.trace_dir)
 
 
 def parse_interval(text: str) -> tuple[float, str]:
@@ -488,7 +549,10 @@ def build_ep_engine(spec: dict) -> EPEngine:
         threads = max(1, (len(os.sched_getaffinity(0)) - 1) // per_node)
     if threads:
         torch.set_num_threads(threads)
-    comm = build_mesh(MeshSpec(world, ep["gpus_per_node"], 1, ep["size"]), rank).expert_comm()
+    mesh = build_mesh(MeshSpec(world, ep["gpus_per_node"], 1, ep["size"]), rank)
+    if ep["tbo"]:
+        mesh.add_lane(1)                                   # the second micro-batch's copies of the EP groups
+    comm = mesh.expert_comm()
     control = dist.new_group(backend="gloo") if cuda else None     # objects and flags travel on gloo
     model = load_ep_model(spec["model_dir"], comm, device, fp8=spec["fp8"], two_hop=ep["two_hop"],
                           fp8_dispatch=ep["fp8_dispatch"], shared_as_routed=ep["shared_as_routed"],
@@ -497,19 +561,30 @@ def build_ep_engine(spec: dict) -> EPEngine:
     if spec["prefix_cache"]:
         from .prefix_cache import PrefixCache
         store = PrefixCache(spec["prefix_cache"], model, spec["engine"].get("block_size", 64))
-    return EPEngine(model, group=control, rebalance_interval=ep["rebalance_interval"], prefix_cache=store,
-                    **spec["engine"])
+    return EPEngine(model, group=control, rebalance_interval=ep["rebalance_interval"], tbo=ep["tbo"],
+                    trace_dir=ep["trace_dir"], prefix_cache=store, **spec["engine"])
 
 
 def serve_follower(spec: dict) -> int:
     """Ranks 1 …: build the engine and step with rank 0 until it closes the group (signals are left to
-    rank 0, which drains and then releases this rank)."""
+    rank 0, which drains and then releases this rank). When the group fails (a rank died): one line
+    naming it (:mod:`dsv3.infer.ep_failure`), exit code 1."""
     import signal
+    import sys
+
+    from .ep_failure import group_failures, peer_processes
+    from .worker import EngineFailed
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     ep = build_ep_engine(spec)
-    ep.serve()
+    peers = peer_processes(ep.group)
+    try:
+        with group_failures(peers):
+            ep.serve()
+    except EngineFailed as e:
+        print(f"dsv3 serve: error: rank {ep.rank}: {e}", file=sys.stderr, flush=True)
+        return 1
     dist.destroy_process_group()
     return 0
 
@@ -518,14 +593,18 @@ class Rank0Engine:
     """Rank 0's EPEngine behind the interface the worker's engine loop drives (``Engine``'s: make_request,
     enqueue, abort, step, idle, running, waiting, stats, fail_all, limits) — so ``dsv3 serve`` talks
     to the group exactly as to one engine. While nothing runs it still steps every ``heartbeat``
-    seconds, so the other ranks' collectives never wait past the group's timeout."""
+    seconds, so the other ranks' collectives never wait past the group's timeout. A failed step or
+    close raises :class:`~dsv3.infer.worker.EngineFailed` naming the rank that died."""
 
     def __init__(self, ep: EPEngine, heartbeat: float = 1.0):
         import time
 
+        from .ep_failure import peer_processes
+
         self.ep, self.heartbeat, self._clock = ep, heartbeat, time.monotonic
         self._last = self._clock()
         self.limits = ep.limits
+        self.peers = peer_processes(ep.group)       # with serve_follower's, after every rank's EPEngine
 
     def make_request(self, *args, **kwargs) -> Request:
         return self.ep.make_request(*args, **kwargs)
@@ -549,8 +628,11 @@ class Rank0Engine:
         return []
 
     def step(self) -> None:
+        from .ep_failure import group_failures
+
         self._last = self._clock()
-        self.ep.step()
+        with group_failures(self.peers):
+            self.ep.step()
 
     def stats(self) -> dict:
         return self.ep.stats()
@@ -558,8 +640,13 @@ class Rank0Engine:
     def fail_all(self, message: str):
         """A step failed: the ranks' collectives are out of step, so the group cannot go on. The engine
         process exits; the server then answers 503 and fails what was in flight."""
-        raise SystemExit(f"dsv3 serve: the expert-parallel group failed: {message}")
+        from .worker import EngineFailed
+
+        raise EngineFailed(f"the expert-parallel group failed: {message}")
 
     def close(self) -> None:
-        self.ep.close()
+        from .ep_failure import group_failures
+
+        with group_failures(self.peers):
+            self.ep.close()
         dist.destroy_process_group()
