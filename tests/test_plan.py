@@ -417,3 +417,14 @@ def test_closed_forms_agree_with_the_pipeline_simulator():
         m = schedule_model(name, P, N)
         assert max(sim.bubble) == pytest.approx(m.bubble(1.0, 2.0, 1.0, 3.0))
         assert max(sim.peak_activations) == m.peak_inflight
+
+
+def test_an_expert_parallel_rank_counts_only_its_experts():
+    from dsv3.plan.local import inference_bytes
+
+    for fp8 in (False, True):
+        full = inference_bytes(V3, fp8_kept=fp8)
+        per_rank = inference_bytes(V3, fp8_kept=fp8, experts=9)          # EP32 with 32 redundant experts
+        one_expert = (full - inference_bytes(V3, fp8_kept=fp8, experts=255)) / V3.num_moe_layers
+        assert per_rank == pytest.approx(full - 247 * V3.num_moe_layers * one_expert)
+        assert per_rank < full / 10

@@ -36,9 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ------------------------------------------------------------------------------------ tensors
-def _tensors(cfg: ModelConfig, with_mtp: bool) -> list[tuple[tuple[int, ...], str, int]]:
+def _tensors(cfg: ModelConfig, with_mtp: bool, experts: int | None = None) -> list[tuple[tuple[int, ...], str, int]]:
     """Every stored tensor as (shape, kind, how many); kind: "linear" (FP8-quantisable), "bf16", "fp32".
-    Repeated blocks are counted, not listed, so the cost does not grow with layers × experts."""
+    Repeated blocks are counted, not listed, so the cost does not grow with layers × experts.
+    ``experts``: routed experts held per MoE layer (an expert-parallel rank's slots; default all)."""
     d, h = cfg.hidden_size, cfg.num_attention_heads
     out: list[tuple[tuple[int, ...], str, int]] = []
 
@@ -62,7 +63,7 @@ def _tensors(cfg: ModelConfig, with_mtp: bool) -> list[tuple[tuple[int, ...], st
             return
         keep(cfg.n_routed_experts, d)                          # gate
         out.append(((cfg.n_routed_experts,), "fp32", times))  # e_score_correction_bias
-        ffn(cfg.moe_intermediate_size, cfg.n_routed_experts)
+        ffn(cfg.moe_intermediate_size, cfg.n_routed_experts if experts is None else experts)
         if cfg.n_shared_experts:
             ffn(cfg.moe_intermediate_size * cfg.n_shared_experts)
 
@@ -81,11 +82,12 @@ def _tensors(cfg: ModelConfig, with_mtp: bool) -> list[tuple[tuple[int, ...], st
     return [t for t in out if t[2] > 0]
 
 
-def weight_bytes(cfg: ModelConfig, fp8: bool, with_mtp: bool = False) -> int:
-    """Bytes of the weights at BF16, or at FP8 with 128×128 block scales (official layout)."""
+def weight_bytes(cfg: ModelConfig, fp8: bool, with_mtp: bool = False, experts: int | None = None) -> int:
+    """Bytes of the weights at BF16, or at FP8 with 128×128 block scales (official layout);
+    ``experts``: routed experts held per MoE layer (default all)."""
     bn, bk = (cfg.quantization_config or {}).get("weight_block_size", [128, 128])
     total = 0
-    for shape, kind, count in _tensors(cfg, with_mtp):
+    for shape, kind, count in _tensors(cfg, with_mtp, experts):
         n = math.prod(shape)
         if kind == "fp32":
             total += count * FP32 * n

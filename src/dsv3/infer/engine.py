@@ -58,6 +58,7 @@ class EngineLimits:
     block_size: int
     num_blocks: int           # cache blocks in the pool
     lookahead: int            # positions beyond the sequence a step writes (speculative: 1)
+    prefix_cache: str | None = None   # the on-disk prefix cache's block identity (PrefixCache.identity)
 
 
 def check_request(limits: EngineLimits, prompt_ids: list[int], max_new_tokens: int,
@@ -206,8 +207,9 @@ class Engine:
 
     @property
     def limits(self) -> "EngineLimits":
+        pc = self.prefix_cache
         return EngineLimits(self.max_len, self.model.cfg.vocab_size, self.block_size, self.pool.num_blocks,
-                            self.lookahead)
+                            self.lookahead, pc.identity(self.layers, self.lookahead) if pc is not None else None)
 
     def enqueue(self, req: Request) -> None:
         self.waiting.append(req)

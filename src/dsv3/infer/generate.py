@@ -98,8 +98,10 @@ def add_memory_limit_argument(p: argparse.ArgumentParser) -> None:
                         "weights need more is refused before loading")
 
 
-def check_weights_fit(model_dir: str, cfg, device: str, fp8: str, memory_limit: float | None, command: str) -> None:
-    """Refuse (UserError with the estimate) a model whose weights, as loaded, exceed the memory available."""
+def check_weights_fit(model_dir: str, cfg, device: str, fp8: str, memory_limit: float | None, command: str,
+                      experts: int | None = None) -> None:
+    """Refuse (UserError with the estimate) a model whose weights, as loaded, exceed the memory available;
+    ``experts``: routed experts per MoE layer this process holds (expert-parallel serving; default all)."""
     from ..errors import check_finite
     from ..plan.local import check_fits, inference_bytes
 
@@ -108,7 +110,8 @@ def check_weights_fit(model_dir: str, cfg, device: str, fp8: str, memory_limit: 
     qcfg = cfg.quantization_config
     kept = fp8 == "keep" or (fp8 == "auto" and isinstance(qcfg, dict) and qcfg.get("quant_method") == "fp8")
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    check_fits({"weights": inference_bytes(cfg, fp8_kept=kept)}, dev, memory_limit, f"{command} {model_dir}")
+    check_fits({"weights": inference_bytes(cfg, fp8_kept=kept, experts=experts)}, dev, memory_limit,
+               f"{command} {model_dir}")
 
 
 def add_fp8_argument(p: argparse.ArgumentParser) -> None:

@@ -24,9 +24,13 @@ import torch
 
 
 def model_fingerprint(model) -> str:
-    """A hash of the config and of a sample of every parameter: caches of different models never mix."""
+    """A hash of the config and of a sample of every tensor but the experts': caches of different models
+    never mix, and every rank of an expert-parallel group (each holding other experts, the shared one
+    perhaps among them) and a single process with the whole model agree."""
     h = hashlib.sha256(json.dumps(model.cfg.to_hf(), sort_keys=True, default=str).encode())
     for name, p in model.state_dict().items():
+        if ".mlp.experts." in f".{name}" or ".mlp.shared_experts." in f".{name}":
+            continue
         flat = p.detach().reshape(-1)
         sample = flat[:: max(flat.numel() // 64, 1)][:64].to(torch.float64).cpu()
         h.update(name.encode())
@@ -62,6 +66,10 @@ class PrefixCache:
             keys.append(key.hexdigest())
             k += 1
         return keys
+
+    def identity(self, layers: int, lookahead: int) -> str:
+        """What a block written with these settings is keyed by: servers sharing the cache must agree."""
+        return f"{self.fingerprint}/{layers}/{lookahead}/{self.block}"
 
     def _path(self, key: str) -> str:
         return f"{self.dir}/{key[:2]}/{key}.safetensors"

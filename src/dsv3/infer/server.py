@@ -4,10 +4,13 @@
                [--prefix-cache DIR_OR_URL] [--speculative] [--api-key KEY] [--served-model-name NAME]
                [--max-body-bytes N] [--shutdown-grace S] [--fp8 auto|keep|dequant] [--device DEV]
 
+    dsv3 serve … --role prefill|decode [--prefill-url URL]   disaggregated prefill (dsv3.infer.disagg)
+
     POST /v1/completions, POST /v1/chat/completions      whole or streamed (server-sent events)
     GET  /v1/models, GET /v1/models/{id}
     GET  /health (200 with the engine's counters; 503 while draining or once the engine has stopped)
     GET  /metrics (Prometheus)
+    POST /internal/prefill (--role prefill only: prompts computed into the shared prefix cache)
 
 The engine runs in a process of its own (:class:`dsv3.infer.worker.EngineWorker`); handlers only
 post requests to it and read the tokens it hands back through the event loop, so no handler waits
@@ -59,12 +62,13 @@ class ServerState:
     """What the handlers share."""
 
     def __init__(self, worker, tokenizer, model_name: str, template, api_key: str | None, max_body_bytes: int,
-                 shutdown_grace: float):
+                 shutdown_grace: float, remote_prefill=None):
         from .detokenize import TokenBytes
         from .metrics import ServerMetrics
 
         self.worker, self.tokenizer, self.model_name, self.template = worker, tokenizer, model_name, template
         self.api_key, self.max_body_bytes, self.shutdown_grace = api_key, max_body_bytes, shutdown_grace
+        self.remote_prefill = remote_prefill       # --role decode: a disagg.RemotePrefill
         self.tb = TokenBytes(tokenizer)
         self.metrics = ServerMetrics(worker)
         self.created = int(time.time())
@@ -187,6 +191,15 @@ def max_new_tokens(st: ServerState, prompt_len: int, asked: int | None, default:
                             f"Reduce the prompt or {tokens_param}.", param=tokens_param,
                        code="context_length_exceeded")
     return asked
+
+
+async def prefill_and_start(st: ServerState, gens: list, prompt_param: str) -> asyncio.Queue:
+    """With ``--role decode``, have the prefill server put the prompts' blocks in the shared cache first
+    (503 if it cannot); then :func:`start_all`."""
+    if st.remote_prefill is not None:
+        await st.remote_prefill(list({tuple(g.prompt): g.prompt for g in gens}.values()))
+        st.check_serving()
+    return start_all(st, gens, prompt_param)
 
 
 def start_all(st: ServerState, gens: list, prompt_param: str) -> asyncio.Queue:
@@ -345,7 +358,7 @@ async def completions(st: ServerState, request):
                 logprobs=engine_logprobs,
                 prompt_logprobs=body.logprobs if echo and body.logprobs is not None else None,
                 hide_output=hide, metrics=st.metrics, arrival=arrival))
-    queue = start_all(st, gens, "prompt")
+    queue = await prefill_and_start(st, gens, "prompt")
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     want_lp = body.logprobs is not None
 
@@ -443,7 +456,7 @@ async def chat_completions(st: ServerState, request):
     gens = [GenerationStream(st.worker, st.tb, j, ids, mt, params, choice_seed(seed, j), stops, st.stop_ids,
                              logprobs=(body.top_logprobs or 0) if want_lp else None, metrics=st.metrics,
                              arrival=arrival) for j in range(n)]
-    queue = start_all(st, gens, "messages")
+    queue = await prefill_and_start(st, gens, "messages")
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     def the_usage():
@@ -483,7 +496,7 @@ async def chat_completions(st: ServerState, request):
 
 # --------------------------------------------------------------------------------------- the app
 class Gate:
-    """ASGI middleware: the API key on ``/v1/*`` and the count of answers by status code."""
+    """ASGI middleware: the API key on ``/v1/*`` and ``/internal/*`` and the count of answers by status code."""
 
     def __init__(self, app, st: ServerState):
         self.app, self.st = app, st
@@ -505,7 +518,7 @@ class Gate:
             await send(message)
 
         try:
-            if self.st.api_key and scope["path"].startswith("/v1") and not self._authorized(scope):
+            if self.st.api_key and scope["path"].startswith(("/v1", "/internal")) and not self._authorized(scope):
                 from fastapi.responses import JSONResponse
 
                 e = APIError(401, "Incorrect or missing API key: send it as 'Authorization: Bearer KEY'",
@@ -524,9 +537,12 @@ class Gate:
 
 
 def create_app(worker, tokenizer, model_name: str = "dsv3", template=None, api_key: str | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY, shutdown_grace: float = 30.0):
+               max_body_bytes: int = DEFAULT_MAX_BODY, shutdown_grace: float = 30.0, role: str | None = None,
+               remote_prefill=None):
     """The FastAPI app over a running :class:`dsv3.infer.worker.EngineWorker`. ``template``: a
-    :class:`dsv3.infer.chat_template.ChatTemplate` (default: the DeepSeek-V3-style one)."""
+    :class:`dsv3.infer.chat_template.ChatTemplate` (default: the DeepSeek-V3-style one). ``role``
+    "prefill" adds ``POST /internal/prefill``; ``remote_prefill`` (a :class:`dsv3.infer.disagg.RemotePrefill`,
+    role "decode") has every prompt prefilled there first."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
@@ -539,7 +555,8 @@ def create_app(worker, tokenizer, model_name: str = "dsv3", template=None, api_k
     if template is None:
         template = ChatTemplate(DEFAULT_TEMPLATE, tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token,
                                 is_default=True)
-    st = ServerState(worker, tokenizer, model_name, template, api_key, max_body_bytes, shutdown_grace)
+    st = ServerState(worker, tokenizer, model_name, template, api_key, max_body_bytes, shutdown_grace,
+                     remote_prefill)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -548,6 +565,8 @@ def create_app(worker, tokenizer, model_name: str = "dsv3", template=None, api_k
         left = st.shutdown_grace - (time.monotonic() - st.draining_since)
         await asyncio.to_thread(worker.close, max(left, 0.0))
         st.executor.shutdown(wait=False, cancel_futures=True)
+        if remote_prefill is not None:
+            await remote_prefill.close()
 
     app = FastAPI(title="dsv3", description="DeepSeek-V3-family models behind the OpenAI API", lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None)
@@ -615,6 +634,13 @@ def create_app(worker, tokenizer, model_name: str = "dsv3", template=None, api_k
     async def chat_route(request: Request):
         return await chat_completions(st, request)
 
+    if role == "prefill":
+        from .disagg import PREFILL_PATH, prefill_route
+
+        @app.post(PREFILL_PATH)
+        async def prefill(request: Request):
+            return await prefill_route(st, request)
+
     return Gate(app, st)
 
 
@@ -631,7 +657,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", default=None, metavar="NAME",
                    help="the model id clients send (default: the --model argument as given)")
     p.add_argument("--api-key", default=None, metavar="KEY",
-                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $DSV3_API_KEY; none: open)")
+                   help="require 'Authorization: Bearer KEY' on /v1/* and /internal/* (default: $DSV3_API_KEY; "
+                        "none: open; with --role decode also sent to the prefill server)")
     p.add_argument("--max-batch", type=int, default=32, metavar="N",
                    help="requests decoded together in one forward (default 32; the cache pool bounds memory)")
     p.add_argument("--cache-memory", type=float, default=None, metavar="GB",
@@ -654,6 +681,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shutdown-grace", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, seconds requests in flight may take to finish before they are aborted "
                         "(default 30)")
+    from .disagg import add_role_arguments
+    add_role_arguments(p)
     from .ep_engine import add_ep_arguments
     add_ep_arguments(p)
 
@@ -678,6 +707,8 @@ def check_args(args) -> None:
     check_device("--device", args.device)
     if args.prefix_cache and "://" not in args.prefix_cache:
         check_prefix_cache_dir(args.prefix_cache)
+    from .disagg import check_role_args
+    check_role_args(args)
 
 
 def check_prefix_cache_dir(path: str) -> None:
@@ -724,7 +755,10 @@ def run(args) -> int:
     from .generate import check_weights_fit
 
     cfg = check_model_dir(args.model)                     # config and weight headers, before the engine starts
-    check_weights_fit(args.model, cfg, args.device, args.fp8, args.memory_limit, "serving")
+    from .ep_engine import check_ep_args, serve_follower
+    ep = check_ep_args(args, cfg)              # torchrun --nproc-per-node N … --ep N: ranks 1 … only step
+    held = None if ep is None else (cfg.n_routed_experts + ep["redundant_experts"]) // ep["size"]
+    check_weights_fit(args.model, cfg, args.device, args.fp8, args.memory_limit, "serving", experts=held)
     tokenizer = load_tokenizer(args.model)                # the model itself loads in the engine process
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"{args.model}: tokenizer.json has {tokenizer.vocab_size} ids but config.json's vocab_size "
@@ -732,8 +766,6 @@ def run(args) -> int:
     template = ChatTemplate.from_model_dir(args.model, tokenizer)
     cache_memory = None if args.cache_memory is None else int(args.cache_memory * (1 << 30))
     engine_kwargs = dict(max_batch=args.max_batch, cache_memory=cache_memory, speculative=args.speculative)
-    from .ep_engine import check_ep_args, serve_follower
-    ep = check_ep_args(args, cfg)              # torchrun --nproc-per-node N … --ep N: ranks 1 … only step
     if ep is not None and int(os.environ.get("RANK", "0")) > 0:
         return serve_follower(dict(model_dir=args.model, device=args.device, fp8=args.fp8, threads=args.threads,
                                    prefix_cache=args.prefix_cache, engine=engine_kwargs, ep=ep))
@@ -745,7 +777,12 @@ def run(args) -> int:
     worker = EngineWorker(args.model, device=args.device, fp8=args.fp8, threads=args.threads,
                           prefix_cache=args.prefix_cache, ep=ep, on_dead=report_dead, **engine_kwargs)
     name = args.served_model_name or os.path.normpath(args.model)      # as vLLM: the --model argument
-    app = create_app(worker, tokenizer, name, template, api_key, args.max_body_bytes, args.shutdown_grace)
+    remote = None
+    if args.role == "decode":
+        from .disagg import RemotePrefill
+        remote = RemotePrefill(args.prefill_url, args.prefill_timeout, worker.limits, api_key)
+    app = create_app(worker, tokenizer, name, template, api_key, args.max_body_bytes, args.shutdown_grace,
+                     args.role, remote)
     st = app.st
 
     class Server(uvicorn.Server):

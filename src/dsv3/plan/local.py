@@ -45,11 +45,13 @@ def training_bytes(cfg: ModelConfig, *, batch_size: int, seq_len: int, grad_accu
             "activations": acts, "logits": logits}
 
 
-def inference_bytes(cfg: ModelConfig, *, fp8_kept: bool) -> float:
-    """Bytes of the weights as ``load_pretrained`` holds them (FP32, or E4M3 + scales for kept FP8)."""
+def inference_bytes(cfg: ModelConfig, *, fp8_kept: bool, experts: int | None = None) -> float:
+    """Bytes of the weights as ``load_pretrained`` holds them (FP32, or E4M3 + scales for kept FP8);
+    ``experts``: routed experts per MoE layer this process holds (an expert-parallel rank's slots)."""
     from ..commands.info import weight_bytes
 
-    return weight_bytes(cfg, fp8=True) if fp8_kept else 2 * weight_bytes(cfg, fp8=False)
+    return (weight_bytes(cfg, fp8=True, experts=experts) if fp8_kept
+            else 2 * weight_bytes(cfg, fp8=False, experts=experts))
 
 
 def available_bytes(device) -> tuple[float, str]:

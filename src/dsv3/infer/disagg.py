@@ -1,0 +1,131 @@
+"""Disaggregated prefill (SPEC §3: DeepSeek serves the prefilling and the decoding stages on separate
+instances, so long prompts never stall the running streams).
+
+    dsv3 serve --model M --role prefill --prefix-cache /shared/kv --port 8001
+    dsv3 serve --model M --role decode  --prefix-cache /shared/kv --prefill-url http://host:8001 --port 8000
+
+Clients talk to the **decode** server only. For every request whose prompt holds at least one full
+cache block, the decode server first posts the prompt's token ids to the prefill server
+(``POST /internal/prefill``); the prefill server runs the prompt through its engine, which writes
+the prompt's full latent-cache blocks to the shared on-disk prefix cache
+(:mod:`dsv3.infer.prefix_cache`, DeepSeek's KV cache on 3FS: any shared path or fsspec URL) before
+it answers. The decode server then enqueues the request in its own engine, whose prefix-cache lookup
+reads those blocks and computes only the prompt's last partial block — so a long prompt costs the
+decoding streams at most one block of prefill instead of the whole prompt. Both servers may be
+expert-parallel groups (``torchrun … --ep N``); every rank reads the shared path.
+
+The two servers must build identical cache blocks: the same model (the prefix cache's fingerprint),
+block size and cache layers (``--speculative`` on both or neither). The decode server checks this on
+each answer and fails the request loudly (503 naming the mismatch) rather than silently computing
+the prompt itself; a prefill server that cannot be reached is a 503 too.
+"""
+
+from __future__ import annotations
+
+ROLES = ("prefill", "decode")
+PREFILL_PATH = "/internal/prefill"
+
+
+def add_role_arguments(p) -> None:
+    p.add_argument("--role", choices=ROLES, default=None,
+                   help="disaggregated prefill: 'prefill' computes prompts into the shared --prefix-cache for a "
+                        "decode server; 'decode' (with --prefill-url) has them prefilled there first")
+    p.add_argument("--prefill-url", default=None, metavar="URL",
+                   help="with --role decode: the prefill server's base URL (http://host:port)")
+    p.add_argument("--prefill-timeout", type=float, default=600.0, metavar="S",
+                   help="with --role decode: seconds a prompt may take on the prefill server (default 600)")
+
+
+def check_role_args(args) -> None:
+    """ValueError naming the flag for an inconsistent --role / --prefill-url / --prefix-cache."""
+    import math
+    from urllib.parse import urlparse
+
+    if args.role is None:
+        for flag, given in (("--prefill-url", args.prefill_url is not None),
+                            ("--prefill-timeout", args.prefill_timeout != 600.0)):
+            if given:
+                raise ValueError(f"{flag} needs --role decode")
+        return
+    if not args.prefix_cache:
+        raise ValueError(f"--role {args.role}: needs --prefix-cache PATH, the cache both servers share")
+    if args.role == "prefill":
+        if args.prefill_url is not None:
+            raise ValueError("--prefill-url: only for --role decode (this server is the prefill server)")
+        return
+    if args.prefill_url is None:
+        raise ValueError("--role decode: needs --prefill-url URL of the prefill server")
+    u = urlparse(args.prefill_url)
+    if u.scheme not in ("http", "https") or not u.netloc:
+        raise ValueError(f"--prefill-url {args.prefill_url}: expected http://host:port")
+    if not (math.isfinite(args.prefill_timeout) and args.prefill_timeout > 0):
+        raise ValueError(f"--prefill-timeout {args.prefill_timeout}: must be a positive number of seconds")
+
+
+def cacheable(prompt: list[int], limits) -> bool:
+    """Whether the prompt has a full block worth computing elsewhere (the engine computes at least the
+    last token itself, and with ``lookahead`` the block's key covers one token more)."""
+    return len(prompt) - 1 >= limits.block_size + limits.lookahead
+
+
+class RemotePrefill:
+    """The decode server's side: ``await remote(prompts)`` has the prefill server compute every
+    cacheable prompt into the shared prefix cache (one HTTP call for all of them)."""
+
+    def __init__(self, url: str, timeout: float, limits, api_key: str | None = None):
+        import httpx
+
+        self.url = url.rstrip("/") + PREFILL_PATH
+        self.limits = limits
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.AsyncClient(timeout=timeout, headers=headers)
+        self.requests = self.prompt_tokens = 0
+
+    async def __call__(self, prompts: list[list[int]]) -> None:
+        import httpx
+
+        from .openai_protocol import APIError
+
+        todo = [p for p in prompts if cacheable(p, self.limits)]
+        if not todo:
+            return
+        try:
+            r = await self.client.post(self.url, json={"prompts": todo})
+        except httpx.HTTPError as e:
+            raise APIError(503, f"the prefill server {self.url} cannot be reached: {type(e).__name__}: {e}",
+                           code="prefill_unavailable") from None
+        if r.status_code != 200:
+            raise APIError(503, f"the prefill server {self.url} answered {r.status_code}: {r.text[:300]}",
+                           code="prefill_unavailable")
+        theirs = r.json().get("prefix_cache")
+        if theirs != self.limits.prefix_cache:
+            raise APIError(503, f"the prefill server {self.url} builds cache blocks {theirs!r}, this server reads "
+                                f"{self.limits.prefix_cache!r} (fingerprint/layers/lookahead): serve the same model "
+                                f"with the same --speculative on both", code="prefill_mismatch")
+        self.requests += 1
+        self.prompt_tokens += sum(map(len, todo))
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+async def prefill_route(st, request) -> dict:
+    """``POST /internal/prefill`` ``{"prompts": [[token ids], …]}`` (the prefill server): run each prompt
+    through the engine (one greedy token, which is discarded) so its full blocks are written to the
+    prefix cache, and answer once they are: ``{"prefix_cache": layout, "prompt_tokens": n}``."""
+    from .generation_stream import GenerationStream
+    from .openai_protocol import check
+    from .sampling import SamplingParams
+    from .server import read_json, run_whole, start_all
+
+    st.check_serving()
+    body = await read_json(request, st.max_body_bytes)
+    prompts = body.get("prompts") if isinstance(body, dict) else None
+    check(isinstance(prompts, list) and prompts and len(prompts) <= 64
+          and all(isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+                  for p in prompts), "prompts: a list of 1 … 64 non-empty token-id lists", "prompts")
+    gens = [GenerationStream(st.worker, st.tb, k, p, 1, SamplingParams(0.0), 0, [], set(), hide_output=True)
+            for k, p in enumerate(prompts)]
+    queue = start_all(st, gens, "prompts")
+    await run_whole(st, gens, queue, request)
+    return {"prefix_cache": st.worker.limits.prefix_cache, "prompt_tokens": sum(map(len, prompts))}

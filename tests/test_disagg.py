@@ -1,0 +1,157 @@
+"""Disaggregated prefill (``infer/disagg.py``): a real ``dsv3 serve --role prefill`` and a real
+``dsv3 serve --role decode --prefill-url …`` sharing an on-disk prefix cache, driven with the official
+``openai`` client. Outputs equal the model run in this process; the decode server reads the prompts'
+full blocks from disk (its engine computes only the last partial block); a mismatched or unreachable
+prefill server is a 503 in OpenAI's error shape, never a silent local prefill."""
+
+import asyncio
+import dataclasses
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from helpers import cli_env, free_port, save_served_model, wait_healthy  # noqa: E402
+
+KEY = "sk-disagg"
+BLOCK = 64          # the server's default cache block
+
+
+def _serve(model_dir, port, log, *flags):
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "dsv3.cli", "serve", "--model", model_dir, "--port", str(port),
+                                 "--threads", "1", "--max-batch", "4", "--api-key", KEY, *flags],
+                                env=cli_env(), stdout=out, stderr=subprocess.STDOUT)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("disagg")
+    model_dir = save_served_model(tmp / "model", seed=5, max_position_embeddings=320)
+    cache = str(tmp / "kv")
+    pp, dp = free_port(), free_port()
+    pre = _serve(model_dir, pp, tmp / "prefill.log", "--role", "prefill", "--prefix-cache", cache)
+    dec = _serve(model_dir, dp, tmp / "decode.log", "--role", "decode", "--prefix-cache", cache,
+                 "--prefill-url", f"http://127.0.0.1:{pp}")
+    try:
+        from dsv3.infer.generate import load_model_dir
+
+        model, tok = load_model_dir(model_dir, "cpu")           # the reference, while the servers start
+        wait_healthy(f"http://127.0.0.1:{pp}", pre, tmp / "prefill.log", 120, "the prefill server")
+        wait_healthy(f"http://127.0.0.1:{dp}", dec, tmp / "decode.log", 120, "the decode server")
+        yield dict(model=model.eval(), tok=tok, prefill=f"http://127.0.0.1:{pp}", decode=f"http://127.0.0.1:{dp}",
+                   procs=(pre, dec), dir=model_dir)
+    finally:
+        for p in (dec, pre):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in (dec, pre):
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def _health(url):
+    return httpx.get(url + "/health", timeout=30).json()
+
+
+def _greedy(pair, text, n):
+    from dsv3.infer.generate import generate
+
+    tok = pair["tok"]
+    out = generate(pair["model"], tok.encode(text, add_bos=tok.add_bos_token), n, temperature=0, eos_id=tok.eos_id)
+    return tok.decode(out, skip_special_tokens=True)
+
+
+def test_outputs_equal_the_model_and_prompts_come_from_disk(pair):
+    torch.manual_seed(0)
+    c = openai.OpenAI(base_url=pair["decode"] + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    name = c.models.list().data[0].id
+    g = torch.Generator().manual_seed(torch.seed() % (1 << 31))
+    letters = "abcdefghijklmnopqrstuvwxyz ,.\n"
+    texts = ["".join(letters[i] for i in torch.randint(0, len(letters), (n,), generator=g).tolist())
+             for n in (12, 150, 230)]
+    before = _health(pair["decode"])["prefix_hit_tokens_disk"]
+    r = c.completions.create(model=name, prompt=texts, max_tokens=10, temperature=0)
+    assert [ch.text for ch in r.choices] == [_greedy(pair, t, 10) for t in texts]
+    # the two long prompts' full blocks were computed by the prefill server and read back from disk
+    ids = [len(pair["tok"].encode(t, add_bos=pair["tok"].add_bos_token)) for t in texts]
+    expect = sum((n - 1) // BLOCK * BLOCK for n in ids)
+    assert _health(pair["decode"])["prefix_hit_tokens_disk"] - before >= expect > 0
+    assert _health(pair["prefill"])["prompt_tokens"] >= ids[1] + ids[2]
+    assert r.usage.prompt_tokens_details.cached_tokens >= expect
+    # streamed and chat requests take the same path
+    s = "".join(ch.choices[0].text for ch in c.completions.create(model=name, prompt=texts[2], max_tokens=10,
+                                                                     temperature=0, stream=True) if ch.choices)
+    assert s == r.choices[2].text
+    chat = c.chat.completions.create(model=name, messages=[{"role": "user", "content": texts[1]}], max_tokens=6,
+                                     temperature=0)
+    assert chat.choices[0].finish_reason in ("length", "stop")
+
+
+def test_the_prefill_endpoint_needs_the_key_and_checks_its_input(pair):
+    url = pair["prefill"] + "/internal/prefill"
+    assert httpx.post(url, json={"prompts": [[1, 2, 3]]}, timeout=30).status_code == 401
+    auth = {"Authorization": f"Bearer {KEY}"}
+    for body in ({"prompts": []}, {"prompts": [["a"]]}, {"prompts": "x"}, {"prompts": [[1, 2, 10**9]]}):
+        r = httpx.post(url, json=body, headers=auth, timeout=30)
+        assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text
+    r = httpx.post(url, json={"prompts": [list(range(1, 100))]}, headers=auth, timeout=60)
+    assert r.status_code == 200 and r.json()["prompt_tokens"] == 99
+
+
+def test_a_mismatched_prefill_server_is_a_503(pair):
+    from dsv3.infer.disagg import RemotePrefill
+    from dsv3.infer.engine import EngineLimits
+    from dsv3.infer.openai_protocol import APIError
+
+    theirs = _health(pair["prefill"])
+    limits = EngineLimits(320, 300, BLOCK, 10, 1, "another-model/3/1/64")
+    remote = RemotePrefill(pair["prefill"], 30, limits, KEY)
+    with pytest.raises(APIError) as e:
+        asyncio.run(remote([list(range(1, 150))]))
+    assert e.value.status == 503 and e.value.code == "prefill_mismatch" and "--speculative" in str(e.value)
+    assert theirs["status"] == "ok"
+    ok = RemotePrefill(pair["prefill"], 30, dataclasses.replace(limits, prefix_cache=None), "wrong-key")
+    with pytest.raises(APIError) as e:
+        asyncio.run(ok([list(range(1, 150))]))
+    assert e.value.status == 503 and e.value.code == "prefill_unavailable" and "401" in str(e.value)
+
+
+def test_without_the_prefill_server_long_prompts_get_503_short_ones_are_served(pair):
+    pre, _ = pair["procs"]
+    pre.send_signal(signal.SIGTERM)
+    pre.wait(timeout=60)
+    c = openai.OpenAI(base_url=pair["decode"] + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    name = c.models.list().data[0].id
+    with pytest.raises(openai.APIStatusError) as e:
+        c.completions.create(model=name, prompt="x" * 200, max_tokens=4, temperature=0)
+    assert e.value.status_code == 503 and e.value.body["code"] == "prefill_unavailable"
+    short = c.completions.create(model=name, prompt="short", max_tokens=4, temperature=0)
+    assert short.choices[0].text == _greedy(pair, "short", 4)
+    assert _health(pair["decode"])["status"] == "ok"
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["--role", "decode", "--prefix-cache", "{tmp}"], "--role decode: needs --prefill-url"),
+    (["--role", "prefill"], "--role prefill: needs --prefix-cache"),
+    (["--prefill-url", "http://127.0.0.1:1"], "--prefill-url needs --role decode"),
+    (["--role", "prefill", "--prefix-cache", "{tmp}", "--prefill-url", "http://x:1"], "--prefill-url: only for"),
+    (["--role", "decode", "--prefix-cache", "{tmp}", "--prefill-url", "localhost:8001"], "expected http://host:port"),
+    (["--role", "decode", "--prefix-cache", "{tmp}", "--prefill-url", "http://x:1", "--prefill-timeout", "0"],
+     "--prefill-timeout 0.0: must be a positive"),
+])
+def test_bad_role_flags_are_one_line_exit_2(pair, tmp_path, capsys, argv, line):
+    from dsv3.cli import main
+
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert main(["serve", "--model", pair["dir"], "--port", str(free_port()), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and line in err, err
