@@ -87,7 +87,9 @@ SCENARIOS = {
         ("speculative", {}, dict(speculative=True), None),
         ("idle_rank", {}, {}, [0]),
         ("preempt", {}, dict(blocks=9), None),
-        ("fp8_dispatch", dict(fp8_dispatch=True), {}, None)],
+        ("fp8_dispatch", dict(fp8_dispatch=True), {}, None),
+        ("shared_rebalance", dict(shared_as_routed=True, redundant_experts=2, load_window=6),
+         dict(rebalance=(4, "steps")), None)],
     4: [("flat", {}, {}, None),
         ("two_hop", dict(two_hop=True), {}, None),
         ("two_hop_shared_as_routed", dict(two_hop=True, shared_as_routed=True), {}, None),
@@ -233,33 +235,41 @@ def test_two_ranks_match_the_single_engine(two, reference, name):
     _check(two, reference(2, name), name, 2)
 
 
+@pytest.mark.slow        # 4 ranks on 2 cores: run with -m slow; 2 ranks cover each feature in the default suite
 @pytest.mark.parametrize("name", [s[0] for s in SCENARIOS[4]])
 def test_four_ranks_two_nodes_match_the_single_engine(four, reference, name):
     _check(four, reference(4, name), name, 4)
 
 
-def test_requests_spread_over_ranks(two, four):
-    for res, world in ((two, 2), (four, 4)):
-        placed = res["flat"]["placed"]
-        assert sum(placed) == N_REQ and max(placed) - min(placed) <= N_REQ // world // 2, placed
-        assert all(info["steps"] > 0 for info in res["flat"]["ranks"])
+WORLDS = ["two", pytest.param("four", marks=pytest.mark.slow)]
 
 
-def test_a_rank_without_requests_serves_the_others(two, four):
-    for res, name, idle in ((two, "idle_rank", 1), (four, "idle_rank_shared", 2)):
-        r = res[name]
-        assert r["placed"][idle] == 0
-        info = r["ranks"][idle]
-        assert info["steps"] == 0 and info["empty_forwards"] > 0        # it joined every forward with no rows
-        busy = r["ranks"][0]
-        assert info["empty_forwards"] >= busy["steps"]
+@pytest.mark.parametrize("world", WORLDS)
+def test_requests_spread_over_ranks(request, world):
+    res, n = request.getfixturevalue(world), {"two": 2, "four": 4}[world]
+    placed = res["flat"]["placed"]
+    assert sum(placed) == N_REQ and max(placed) - min(placed) <= N_REQ // n // 2, placed
+    assert all(info["steps"] > 0 for info in res["flat"]["ranks"])
 
 
-@pytest.mark.parametrize("name", ["two_hop_rebalance", "wide_two_hop_shared_speculative_rebalance"])
-def test_live_rebalance_moves_only_changed_experts(four, name):
+@pytest.mark.parametrize("world, name, idle", [("two", "idle_rank", 1),
+                                                pytest.param("four", "idle_rank_shared", 2, marks=pytest.mark.slow)])
+def test_a_rank_without_requests_serves_the_others(request, world, name, idle):
+    r = request.getfixturevalue(world)[name]
+    assert r["placed"][idle] == 0
+    info = r["ranks"][idle]
+    assert info["steps"] == 0 and info["empty_forwards"] > 0        # it joined every forward with no rows
+    busy = r["ranks"][0]
+    assert info["empty_forwards"] >= busy["steps"]
+
+
+@pytest.mark.parametrize("world, name", [
+    ("two", "shared_rebalance"), pytest.param("four", "two_hop_rebalance", marks=pytest.mark.slow),
+    pytest.param("four", "wide_two_hop_shared_speculative_rebalance", marks=pytest.mark.slow)])
+def test_live_rebalance_moves_only_changed_experts(request, world, name):
     """Outputs equal the single engine across the rebalances (checked above); here: every rank switched
     to the same placements, no rank holds one expert twice, and exactly the changed slots' bytes moved."""
-    r = four[name]
+    r = request.getfixturevalue(world)[name]
     ranks = r["ranks"]
     assert len({info["placement_version"] for info in ranks}) == 1 and ranks[0]["placement_version"] >= 2
     assert all(info["placement"] == ranks[0]["placement"] for info in ranks)
@@ -421,6 +431,7 @@ def _dying_rank(rank, port, model_dir, out_path):
         json.dump(result, f)
 
 
+@pytest.mark.slow        # the same through torchrun and the server: tests/test_ep_failures.py
 def test_a_dead_rank_stops_the_others_with_an_error(model_dir, tmp_path):
     import torch.multiprocessing as mp
 

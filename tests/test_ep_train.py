@@ -81,17 +81,20 @@ def test_ep2_on_two_ranks_matches_one_process(tmp_path, data_dir, reference):
     _check_same_run(tmp_path / "ep2", reference)
 
 
+@pytest.mark.slow   # run with -m slow (the default suite keeps one representative of each kind)
 def test_ep2_times_two_data_parallel_groups_matches_one_process(tmp_path, data_dir, reference):
     # 4 ranks = 2 EP groups of 2: expert gradients summed over the expert-data group, / world
     _train(tmp_path / "ep2x2", data_dir, 4, ["--ep", "2"])
     _check_same_run(tmp_path / "ep2x2", reference)
 
 
+@pytest.mark.slow   # run with -m slow (the default suite keeps one representative of each kind)
 def test_ep4_two_simulated_nodes_two_hop_matches_one_process(tmp_path, data_dir, reference):
     _train(tmp_path / "ep4", data_dir, 4, ["--ep", "4", "--gpus-per-node", "2", "--two-hop"])
     _check_same_run(tmp_path / "ep4", reference)
 
 
+@pytest.mark.slow   # run with -m slow (the default suite keeps one representative of each kind)
 def test_fp8_dispatch_stays_close(tmp_path, data_dir, reference):
     _train(tmp_path / "fp8", data_dir, 2, ["--ep", "2", "--fp8-dispatch"])
     a, b = _metrics(tmp_path / "fp8"), _metrics(reference)

@@ -106,6 +106,7 @@ def _run(world, gpn, pp, ep, out, timeout=60.0):
     return spawn_ranks(_worker, (world, gpn, pp, ep, free_port(), out), world, out, timeout)
 
 
+@pytest.mark.slow   # every multi-rank test builds its groups through the Mesh; this checks them one by one
 @pytest.mark.parametrize("world,gpn,pp,ep", [(4, 2, 1, None), (8, 2, 2, 2)])
 def test_gloo_groups(tmp_path, world, gpn, pp, ep):
     res = _run(world, gpn, pp, ep, str(tmp_path / "mesh.json"))

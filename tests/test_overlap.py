@@ -170,6 +170,7 @@ def test_plain_ep_two_microbatches_overlapped_equal_sequential_bitwise(tmp_path)
         assert r["off"]["hidden_fraction"] == 0.0 and r["on"]["comm_s"] > 0, (rank, r)
 
 
+@pytest.mark.slow   # run with -m slow (the default suite keeps one representative of each kind)
 def test_dualpipev_pp2_ep2_overlapped_equals_sequential_bitwise(tmp_path):
     out = _spawn("pipelined", 4, tmp_path)
     for rank, r in out.items():

@@ -400,6 +400,7 @@ def test_every_schedule_matches_single_process_pp2(tmp_path):
     _assert_matches(out, exits, 2)
 
 
+@pytest.mark.slow   # run with -m slow (the default suite keeps one representative of each kind)
 def test_every_schedule_matches_single_process_pp4_and_dp2(tmp_path):
     cases = [("1f1b", 4, 1), ("zb1p", 5, 1), ("dualpipe", 6, 1), ("dualpipev", 7, 1), ("dualpipe", 2, 2),
              ("zb1p", 3, 2)]
@@ -418,13 +419,17 @@ def _assert_expert_parallel(out, exits, world):
             assert r["loss"] < tol and r["grad"] < tol and r["norm"] < tol and r["eval_few"] < tol, (rank, name, r)
 
 
-def test_every_schedule_pp2_ep2_dp2_matches_single_process(tmp_path):
+@pytest.mark.parametrize("cases", [
+    [("dualpipev", 3, False)],
+    pytest.param([("1f1b", 2, False), ("zb1p", 3, False), ("dualpipe", 4, False)], marks=pytest.mark.slow),
+], ids=["dualpipev", "1f1b-zb1p-dualpipe"])
+def test_every_schedule_pp2_ep2_dp2_matches_single_process(tmp_path, cases):
     # 8 ranks: 2 pipeline stages × 4 data-parallel ranks each, experts sharded over EP groups of 2
-    cases = [("1f1b", 2, False), ("zb1p", 3, False), ("dualpipe", 4, False), ("dualpipev", 3, False)]
     out, exits = _spawn(_worker_expert_parallel, 8, tmp_path, 2, 2, 8, cases, timeout=240)
     _assert_expert_parallel(out, exits, 8)
 
 
+@pytest.mark.slow   # run with -m slow (the default suite keeps one representative of each kind)
 def test_pp2_ep2_two_hop_over_simulated_nodes_matches_single_process(tmp_path):
     # 4 ranks, one per simulated node: each EP group spans two nodes, dispatched in two hops
     cases = [("dualpipev", 3, True), ("zb1p", 2, True)]
@@ -432,7 +437,7 @@ def test_pp2_ep2_two_hop_over_simulated_nodes_matches_single_process(tmp_path):
     _assert_expert_parallel(out, exits, 4)
 
 
-@pytest.mark.parametrize("mode", ["kill", "stall"])
+@pytest.mark.parametrize("mode", ["kill", pytest.param("stall", marks=pytest.mark.slow)])
 def test_dead_or_stalled_rank_makes_the_other_raise(tmp_path, mode):
     t0 = time.time()
     out, exits = _spawn(_worker_fail, 2, tmp_path, mode, timeout=90)
@@ -523,6 +528,7 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+@pytest.mark.slow   # run with -m slow (the default suite keeps one representative of each kind)
 def test_train_cli_pp2_resume_after_sigkill_repeats_the_uninterrupted_run(cli_runs, tmp_path):
     args, _, uninterrupted = cli_runs
     run = tmp_path / "killed"

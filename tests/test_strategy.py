@@ -23,6 +23,10 @@ import torch
 from dsv3.checkpoint import CheckpointReader, verify_checkpoint
 from helpers import cli_env, free_port, small_config
 
+# 8-rank CLI runs of 20 steps: minutes on 2 cores, so the module runs with -m slow; the default suite keeps
+# the in-process 8-rank pp2×ep2×dp2 DualPipeV check (test_pipeline_runtime.py)
+pytestmark = pytest.mark.slow
+
 STEPS = 20
 ARGS = ["--steps", str(STEPS), "--batch-size", "16", "--seq-len", "32", "--warmup", "2", "--save-every", "10",
         "--eval-every", "10", "--eval-batches", "1", "--no-progress", "--no-plots", "--sample-prompt", "",

@@ -86,6 +86,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert list_checkpoints(str(root)) == ["step-000000003", "step-000000004", "step-000000005"]
 
 
+@pytest.mark.slow   # run with -m slow (the default suite keeps one representative of each kind)
 def test_two_rank_zero1_matches_one_rank(tmp_path, data_dir):
     one = tmp_path / "one"
     subprocess.run(_train_cmd(one, data_dir, ["--save-every", "0"]), check=True, env=cli_env(), capture_output=True)
@@ -209,6 +210,7 @@ def test_resume_with_another_model_config_is_refused(tmp_path, capsys, data_dir)
     assert "hidden_size" in err and "--allow-changed config" in err and "Traceback" not in err
 
 
+@pytest.mark.slow   # run with -m slow (the default suite keeps one representative of each kind)
 def test_rerun_after_a_kill_before_the_first_checkpoint_logs_each_step_once(tmp_path, data_dir):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "dsv3.cli", "train", "--out", str(run), "--data", data_dir,
