@@ -173,3 +173,29 @@ def rank_pid(launcher_pid: int, rank: int) -> int:
         if f"RANK={rank}".encode() in _proc_file(pid, "environ").split(b"\0"):
             return pid
     raise LookupError(f"torchrun {launcher_pid} has no worker of rank {rank}")
+
+
+def gather_scenario(results: dict, name: str, res, mine: dict, world: int, t0: float) -> None:
+    """In a spawned rank: every rank's ``mine`` gathered to rank 0, which records ``results[name]`` as
+    ``res`` with the ranks' dicts under "ranks" and the scenario's seconds since ``t0``."""
+    import time
+
+    import torch.distributed as dist
+
+    per = [None] * world if dist.get_rank() == 0 else None
+    dist.gather_object(mine, per, dst=0)
+    if dist.get_rank() == 0:
+        results[name] = dict(res, ranks=per, seconds=round(time.time() - t0, 2))
+
+
+def finish_ranks(results: dict, out_path: str) -> None:
+    """In a spawned rank: rank 0 writes ``results`` (JSON) for :func:`spawn_ranks`; every rank leaves the group."""
+    import json
+
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        with open(out_path, "w") as f:
+            json.dump(results, f)
+    dist.barrier()
+    dist.destroy_process_group()

@@ -24,8 +24,8 @@ from dsv3 import Transformer, save_pretrained
 from dsv3.hf import load_pretrained
 from dsv3.infer.engine import Engine
 from dsv3.infer.sampling import SamplingParams
-from helpers import (free_port, save_served_model, small_config, spawn_ranks, start_ep_serve, stop_ep_serve,
-                     wait_healthy)
+from helpers import (finish_ranks, free_port, gather_scenario, save_served_model, small_config, spawn_ranks,
+                     start_ep_serve, stop_ep_serve, wait_healthy)
 
 SEED = random.SystemRandom().randrange(1 << 30)      # fresh inputs every run (named in failures)
 N_REQ = 32
@@ -140,17 +140,10 @@ def _rank(rank, world, gpus_per_node, port, model_dirs, seed, out_path):
                         expert_params=sum(m.experts.w13.numel() + m.experts.w2.numel() for m in model.moe_layers()),
                         steps=ep.engine.steps, empty_forwards=ep.empty_forwards,
                         preemptions=ep.engine.preemptions)
-            per = [None] * world if rank == 0 else None
-            dist.gather_object(mine, per, dst=0)
-            if rank == 0:
-                results[name] = dict(res, ranks=per, seconds=round(time.time() - t0, 2))
+            gather_scenario(results, name, res if rank == 0 else None, mine, world, t0)
         except Exception as e:   # fail fast: the spawn context kills the other ranks and re-raises
             raise RuntimeError(f"rank {rank}, scenario {name}:\n{traceback.format_exc()}") from e
-    if rank == 0:
-        with open(out_path, "w") as f:
-            json.dump(results, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_ranks(results, out_path)
 
 
 @pytest.fixture(scope="module")
@@ -298,9 +291,10 @@ def served_dir(tmp_path_factory):
     return save_served_model(tmp_path_factory.mktemp("ep_served"), SEED + 7)
 
 
+@pytest.mark.slow        # the default suite serves through torchrun in tests/test_ep_failures.py
 @pytest.mark.parametrize("world, flags", [
     (2, []),
-    pytest.param(4, ["--gpus-per-node", "2", "--two-hop", "--shared-as-routed"], marks=pytest.mark.slow),
+    (4, ["--gpus-per-node", "2", "--two-hop", "--shared-as-routed"]),
 ])
 def test_serve_under_torchrun(served_dir, tmp_path, world, flags):
     """torchrun --nproc-per-node N -m dsv3.cli serve --ep N: rank 0 serves HTTP, every rank takes requests,

@@ -1,5 +1,5 @@
 """A rank killed while ``torchrun … dsv3 serve --ep 2`` serves: the survivors stop within seconds with
-one line naming it, rank 0 answers what was in flight (a stream and a whole completion) and what comes
+one line naming it (after serving the model's own greedy text), rank 0 answers what was in flight (a stream and a whole completion) and what comes
 after with 503 in OpenAI's error shape, and torchrun exits nonzero — nothing hangs.
 
 Driven with the official ``openai`` client against real ranks (torchrun, gloo)."""
@@ -38,6 +38,15 @@ def test_rank_killed_mid_stream(tmp_path):
     try:
         wait_healthy(url, proc, log, 120, "the ranks")
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        # first it serves: greedy completions on both ranks equal the model run in this process
+        from dsv3.infer.generate import generate, load_model_dir
+
+        model, tok = load_model_dir(model_dir, "cpu")
+        prompts = ["def f(x):", "import os\n", "class A:", "for i in"]
+        got = client.completions.create(model=model_dir, prompt=prompts, max_tokens=8, temperature=0)
+        ref = [tok.decode(generate(model, tok.encode(p, add_bos=tok.add_bos_token), 8, temperature=0,
+                                   eos_id=tok.eos_id), skip_special_tokens=True) for p in prompts]
+        assert [c.text for c in got.choices] == ref
         results: dict = {}
         whole = threading.Thread(target=_in_flight, args=(client, model_dir, results))
         whole.start()

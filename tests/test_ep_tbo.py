@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from dsv3.hf import load_pretrained
 from dsv3.infer.engine import Engine, split_rows
-from helpers import free_port, spawn_ranks
+from helpers import finish_ranks, free_port, gather_scenario, spawn_ranks
 from test_ep_engine import ENGINE, _logprobs, _requests, _submit
 from test_ep_engine import model_dir, model_dirs, served_dir  # noqa: F401 (fixtures: random models, gate biases)
 from test_ep_engine import test_serve_ep_bad_flags_are_one_line_exit_2 as _bad_flags
@@ -74,17 +74,10 @@ def _rank(rank, world, gpus_per_node, port, model_dir, seed, trace_root, out_pat
                 ep.serve()
             mine = dict(steps=ep.engine.steps, empty_forwards=ep.empty_forwards,
                         overlap=overlap_summary(list(ep.trace.events)) if tbo else None)
-            per = [None] * world if rank == 0 else None
-            dist.gather_object(mine, per, dst=0)
-            if rank == 0:
-                results[name] = dict(res, ranks=per, seconds=round(time.time() - t0, 2))
+            gather_scenario(results, name, res if rank == 0 else None, mine, world, t0)
         except Exception as e:   # fail fast: the spawn context kills the other ranks and re-raises
             raise RuntimeError(f"rank {rank}, scenario {name}:\n{traceback.format_exc()}") from e
-    if rank == 0:
-        with open(out_path, "w") as f:
-            json.dump(results, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_ranks(results, out_path)
 
 
 @pytest.fixture(scope="module")

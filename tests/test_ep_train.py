@@ -76,6 +76,7 @@ def _check_same_run(run, ref, tol=1e-5):
             assert _rel(ca[f][k], cb[f][k]) < 1e-4, (f, k)
 
 
+@pytest.mark.slow   # run with -m slow (the default suite keeps one representative of each kind)
 def test_ep2_on_two_ranks_matches_one_process(tmp_path, data_dir, reference):
     _train(tmp_path / "ep2", data_dir, 2, ["--ep", "2"])
     _check_same_run(tmp_path / "ep2", reference)

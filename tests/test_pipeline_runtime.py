@@ -81,6 +81,16 @@ def _pipe(model, name, pp, M, b, timeout=60, mesh=None, expert_options=None):
                             balance_fn=functools.partial(routing_balance_loss, balance_alpha=ALPHA))
 
 
+def _on_rank0(fn, *args):
+    """``fn(*args)`` computed once, on rank 0, and sent to every rank (the reference is the same for all:
+    8 ranks on 2 cores need not each compute it)."""
+    import torch.distributed as dist
+
+    box = [fn(*args) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _reference(inputs, targets, M):
     """Unsplit model, micro-batch by micro-batch: (losses [M], grads by name, eval losses, eval logits per
     mb, (model and optimizer state dicts after one AdamW step on those gradients), (cross-entropy sum,
@@ -229,6 +239,16 @@ def _check_state(pipe, model, ref_grads, ref_state):
     return out
 
 
+def _reference_counts(inputs, targets, n, b):
+    """The global expert loads of the unsplit model over ``n`` micro-batches of ``b`` rows."""
+    from dsv3.train.losses import compute_loss
+
+    model = _model()
+    with torch.no_grad():
+        return sum(compute_loss(model, inputs[i * b:(i + 1) * b], targets[i * b:(i + 1) * b], LAM, ALPHA)[1]["counts"]
+                   for i in range(n))
+
+
 def _check_expert_parallel(name, mesh, M, b=1, two_hop=False):
     """One train step of ``name`` with every stage's MoE layers expert-parallel over ``mesh``'s EP
     groups: per-micro-batch losses, every gradient (an expert's against its rows of the single-process
@@ -238,13 +258,8 @@ def _check_expert_parallel(name, mesh, M, b=1, two_hop=False):
 
     dp = mesh.spec.dp
     inputs, targets = _batch(M * dp, b)
-    ref_losses, ref_grads, _, _, ref_state, ref_few = _reference(inputs, targets, M * dp)
-    ref_model = _model()
-    for i in range(M * dp):   # the global expert loads and the gradient norm of the reference step
-        from dsv3.train.losses import compute_loss
-        sl = slice(i * b, (i + 1) * b)
-        loss, info = compute_loss(ref_model, inputs[sl], targets[sl], LAM, ALPHA)
-        ref_counts = info["counts"] if i == 0 else ref_counts + info["counts"]
+    ref_losses, ref_grads, _, _, ref_state, ref_few = _on_rank0(_reference, inputs, targets, M * dp)
+    ref_counts = _on_rank0(_reference_counts, inputs, targets, M * dp, b)
     ref_norm = float(torch.nn.utils.get_total_norm(list(ref_grads.values())))
     model = _model()
     pipe = _pipe(model, name, mesh.spec.pp, M, b, mesh=mesh, expert_options=dict(two_hop=two_hop))
