@@ -583,7 +583,8 @@ def serve_follower(spec: dict) -> int:
         with group_failures(peers):
             ep.serve()
     except EngineFailed as e:
-        print(f"dsv3 serve: error: rank {ep.rank}: {e}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"dsv3 serve: error: rank {ep.rank}: {e}\n")      # one write: never split by other logs
+        sys.stderr.flush()
         return 1
     dist.destroy_process_group()
     return 0

@@ -772,7 +772,10 @@ def run(args) -> int:
     where = "rank 0: " if ep is not None else ""
 
     def report_dead(error: str) -> None:
-        print(f"dsv3 serve: error: {where}{error} (answering 503 until stopped)", file=sys.stderr, flush=True)
+        # one write of the whole line: print() writes the text and the newline apart, and the HTTP log
+        # (another thread) could land between them
+        sys.stderr.write(f"dsv3 serve: error: {where}{error} (answering 503 until stopped)\n")
+        sys.stderr.flush()
 
     worker = EngineWorker(args.model, device=args.device, fp8=args.fp8, threads=args.threads,
                           prefix_cache=args.prefix_cache, ep=ep, on_dead=report_dead, **engine_kwargs)
