@@ -97,6 +97,14 @@ def _drive(base: str, long_prompt: str, args) -> dict:
                 long_text=long_texts, stream_texts=texts, after_long=sum(t > windows[-1][1] for ts in times for t in ts))
 
 
+def _run_summary(r: dict) -> dict:
+    """One round as written to the JSON: its latency figures and outputs, not every gap."""
+    return dict(itl_p50_before_ms=_pct(r["itl_before"], .5) * 1e3, itl_p95_before_ms=_pct(r["itl_before"], .95) * 1e3,
+                itl_p50_during_ms=_pct(r["itl_during"], .5) * 1e3, itl_p95_during_ms=_pct(r["itl_during"], .95) * 1e3,
+                gaps_before=len(r["itl_before"]), gaps_during=len(r["itl_during"]), long_latency=r["long_latency"],
+                long_text=r["long_text"], stream_texts=r["stream_texts"], after_long=r["after_long"])
+
+
 def _long_prompt(model: str, tokens: int) -> str:
     from tokenizers import Tokenizer
 
@@ -169,7 +177,7 @@ def main() -> int:
                                        for rs in runs.values() for r in rs)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, args.name + ".json"), "w") as f:
-        json.dump(dict(summary, runs=runs), f, indent=1)
+        json.dump(dict(summary, runs={m: [_run_summary(r) for r in rs] for m, rs in runs.items()}), f, indent=1)
     table = "\n".join(rows)
     nice_note = (f" The prefill server runs at nice {args.prefill_nice}, so on this shared machine the decode "
                  f"engine keeps the CPU (on separate machines, as deployed, it would not compete at all)."
