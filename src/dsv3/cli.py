@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("dsv3.train.cli", "train a model (tiny preset on the built-in corpus by default)"),
     "generate": ("dsv3.infer.generate", "generate text from a trained model directory"),
     "serve": ("dsv3.infer.server", "serve a model over HTTP (OpenAI-style completions, batched engine)"),
+    "eval": ("dsv3.eval.cli", "long-context evaluation: loss by position, passkey and needle retrieval"),
     "plot": ("dsv3.train.plots", "draw loss / MaxVio / expert-load pictures of a run directory"),
     "pipeline": ("dsv3.commands.pipeline", "build and simulate a pipeline schedule (1f1b, zb1p, dualpipe, dualpipev)"),
     "eplb": ("dsv3.eplb_cli", "place experts (with replicas) on GPUs from a load file"),

@@ -17,7 +17,7 @@ from ..errors import check_device, check_finite, check_int
 
 # what --resume compares with the run's start (RUN/run.json); --allow-changed names the ones to accept
 IDENTITY = {"config": "the model config", "seed": "--seed", "data": "--data", "batch-size": "--batch-size",
-            "seq-len": "--seq-len", "lr": "--lr", "warmup": "--warmup", "steps": "--steps"}
+            "seq-len": "--seq-len", "lr": "--lr", "warmup": "--warmup", "steps": "--steps", "from": "--from"}
 RUN_FILE = "run.json"
 
 
@@ -83,6 +83,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-limit", type=float, default=None, metavar="GB",
                    help="memory the pre-check may count on per rank (default: what the device has free); the "
                         "run is refused when its estimate (weights + gradients + AdamW + activations) exceeds it")
+    g = p.add_argument_group("continued training and context extension (SPEC §2.5)")
+    g.add_argument("--from", dest="from_", default=None, metavar="RUN_OR_MODEL_DIR",
+                   help="start from the weights (and config) of a run directory or an HF-layout model directory")
+    g.add_argument("--extend-context", type=float, default=None, metavar="FACTOR",
+                   help="with --from: a YaRN extension stage: rope_scaling factor FACTOR over the source's "
+                        "pre-trained length, max_position_embeddings = that length × FACTOR")
+    g.add_argument("--original-length", type=int, default=None, metavar="N",
+                   help="the pre-trained length YaRN scales from (default: the source's rope_scaling, else the "
+                        "--seq-len its run trained at, else its max_position_embeddings)")
+    g.add_argument("--yarn-beta-fast", type=float, default=32.0, help="YaRN β_fast (report: 32)")
+    g.add_argument("--yarn-beta-slow", type=float, default=1.0, help="YaRN β_slow (report: 1)")
+    g.add_argument("--yarn-mscale", type=float, default=1.0,
+                   help="YaRN mscale (= mscale_all_dim): softmax scale × (0.1·mscale·ln FACTOR + 1)² (report: 1)")
+    g.add_argument("--mix", default=None, metavar="passkey:SHARE",
+                   help="replace a share of the training sequences with synthetic passkey documents "
+                        "(e.g. passkey:0.1), to teach retrieval over the whole window")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--sample-prompt", default="def ", help="prompt for the sample printed at the end ('' to skip)")
@@ -114,6 +130,22 @@ def check_args(args) -> None:
         raise CLIError(f"--allow-changed {','.join(bad)}: unknown setting; choose from {', '.join(IDENTITY)}")
     if allowed_changes(args) and not args.resume:
         raise CLIError("--allow-changed only applies with --resume")
+    if args.extend_context is not None and not args.from_:
+        raise CLIError("--extend-context needs --from (the model whose context is extended)")
+    if args.original_length is not None:
+        if args.extend_context is None:
+            raise CLIError("--original-length only applies with --extend-context")
+        check_int("--original-length", args.original_length, lo=1)
+    if args.from_ and (args.preset or args.config):
+        raise CLIError("--from gives the model config: drop --preset/--config")
+    if args.from_ and args.pp > 1:
+        raise CLIError("--from with --pp > 1 is not supported: start the stage with --pp 1")
+    if args.from_ and os.path.abspath(args.from_).startswith(os.path.abspath(args.out).rstrip(os.sep) + os.sep) \
+            or args.from_ and os.path.abspath(args.from_) == os.path.abspath(args.out):
+        raise CLIError(f"--from {args.from_} lies inside --out {args.out}: write the new stage to another directory")
+    if args.mix:
+        from ..data.passkey import parse_mix
+        parse_mix(args.mix)
 
 
 def allowed_changes(args) -> list[str]:
@@ -123,12 +155,35 @@ def allowed_changes(args) -> list[str]:
 def _model_config(args):
     from ..config import ModelConfig
 
+    if getattr(args, "from_", None):
+        return _source_config(args)
     if args.config and args.preset:
         raise CLIError("give --preset or --config, not both")
     cfg = ModelConfig.load(args.config) if args.config else ModelConfig.preset(args.preset or "tiny")
     if cfg.defaulted:
         print(f"dsv3 train: warning: --config {args.config}: keys missing from config.json take transformers' "
               f"defaults: " + ", ".join(f"{k}={v!r}" for k, v in cfg.defaulted.items()), file=sys.stderr)
+    return cfg
+
+
+def _source_config(args):
+    """The config of --from, extended by --extend-context (``train.extend``)."""
+    from ..config import ModelConfig
+    from .extend import extended_config, original_length, resolve_source
+
+    model_dir, run_dir = resolve_source(args.from_)
+    try:
+        cfg = ModelConfig.from_hf(model_dir)
+    except ValueError as e:
+        raise CLIError(f"--from {args.from_}: {e}") from None
+    if args.extend_context is None:
+        return cfg
+    original, where = original_length(cfg, run_dir, args.original_length)
+    cfg = extended_config(cfg, args.extend_context, original, args.seq_len, beta_fast=args.yarn_beta_fast,
+                          beta_slow=args.yarn_beta_slow, mscale=args.yarn_mscale)
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        print(f"extending the context of {model_dir}: YaRN factor {args.extend_context:g} over {original} original "
+              f"positions ({where}), max_position_embeddings {cfg.max_position_embeddings}", flush=True)
     return cfg
 
 
@@ -209,9 +264,15 @@ def run_identity(args, cfg, data_dir: str) -> dict:
     except (OSError, ValueError, KeyError, TypeError):
         fingerprint = None     # a remote prepared directory: the --data string alone
     data = args.data if args.data == "builtin" or "://" in args.data else os.path.abspath(args.data)
-    return {"config": cfg.to_hf(), "seed": args.seed, "data": {"source": data, "prepared": fingerprint},
+    data = {"source": data, "prepared": fingerprint}
+    if getattr(args, "mix", None):
+        data["mix"] = args.mix
+    identity = {"config": cfg.to_hf(), "seed": args.seed, "data": data,
             "batch-size": args.batch_size, "seq-len": args.seq_len, "lr": args.lr, "warmup": args.warmup,
             "steps": args.steps}
+    if getattr(args, "from_", None):
+        identity["from"] = os.path.abspath(args.from_)
+    return identity
 
 
 def _recorded_identity(out: str) -> dict | None:
@@ -305,7 +366,7 @@ def _dataset(args, cfg, rank: int, world: int):
         target = os.path.join(args.out, "data")
         if not os.path.exists(os.path.join(target, "index.json")):
             if rank == 0:
-                tok = Tokenizer.from_file(args.tokenizer) if args.tokenizer else None
+                tok = Tokenizer.from_file(args.tokenizer) if args.tokenizer else _source_tokenizer(args)
                 prepare(None if data == "builtin" else data, target, tok, vocab_size=cfg.vocab_size,
                         max_bytes=args.max_data_bytes, progress=not args.no_progress, seed=args.seed)
             if world > 1:
@@ -321,10 +382,29 @@ def _dataset(args, cfg, rank: int, world: int):
     except ValueError:
         val = None  # validation split too small for one window
     tokenizer = Tokenizer.from_file(os.path.join(data, "tokenizer.json"))
+    source_tok = _source_tokenizer(args)
+    if source_tok is not None and source_tok.fingerprint() != tokenizer.fingerprint():
+        raise CLIError(f"--data {args.data}: its tokens were made with another tokenizer than the --from model's "
+                       f"({args.from_}); give the data the model was trained on, or a corpus to prepare with it")
+    if getattr(args, "mix", None):
+        from ..data.passkey import MixedDataset, parse_mix
+        train = MixedDataset(train, parse_mix(args.mix), tokenizer)
     return train, val, tokenizer
 
 
+def _source_tokenizer(args):
+    """The tokenizer.json of the --from model, or None."""
+    from ..data import Tokenizer
+    from .extend import resolve_source
+
+    if not getattr(args, "from_", None):
+        return None
+    path = os.path.join(resolve_source(args.from_)[0], "tokenizer.json")
+    return Tokenizer.from_file(path) if os.path.exists(path) else None
+
+
 def run(args) -> int:
+    from .extend import resolve_source
     from .trainer import TrainConfig, dist_from_env, pick_device
 
     check_args(args)
@@ -337,7 +417,8 @@ def run(args) -> int:
                      eval_batches=args.eval_batches, save_every=args.save_every, keep=args.keep,
                      progress=not args.no_progress, device=args.device, pp=args.pp, schedule=args.schedule,
                      microbatches=args.microbatches, ep=args.ep, gpus_per_node=args.gpus_per_node,
-                     two_hop=args.two_hop, fp8_dispatch=args.fp8_dispatch, overlap=args.overlap)
+                     two_hop=args.two_hop, fp8_dispatch=args.fp8_dispatch, overlap=args.overlap,
+                     init_from=resolve_source(args.from_)[0] if args.from_ else "")
     tc.validate(cfg)
     check_run_dir(args)
     from .watchdog import Heartbeat, init_distributed, is_timeout, timeout_message

@@ -74,6 +74,7 @@ class TrainConfig:
     two_hop: bool = False                # EP dispatch: inter-node hop, then intra-node forwarding
     fp8_dispatch: bool = False           # EP dispatch in FP8 (E4M3, 1×128 scales)
     overlap: bool = False                # two micro-batches on two lanes: all-to-alls behind compute (parallel.overlap)
+    init_from: str = ""                  # an HF-layout model directory whose weights start the run (--from)
 
     def validate(self, cfg: ModelConfig) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "keep"):
@@ -153,6 +154,9 @@ class Trainer:
         # --pp: shapes only here; the pipeline gives storage to (and initialises) this rank's stages
         with torch.device("meta") if spec.pp > 1 else contextlib.nullcontext():
             self.model = Transformer(cfg)
+        if tc.init_from:   # --from (train.extend): the weights of an earlier run; a checkpoint (--resume) overrides
+            from .extend import load_weights
+            load_weights(self.model, tc.init_from)
         self.names_by_group = [[n for n, _ in g] for g in _named_groups(self.model, tc.weight_decay)]
         self.par = build_strategy(self.model, tc, self.mesh, self.device, self._autocast,
                                   functools.partial(compute_loss, mtp_lambda=tc.mtp_lambda,
