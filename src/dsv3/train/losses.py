@@ -55,4 +55,4 @@ def eval_sums(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
     T = logits.shape[1]
     tgt = targets[:, :T]
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1), reduction="sum")
-    return float(ce), tgt.numel()
+    return float(ce), int((tgt != -100).sum())     # targets of -100 (SFT: non-assistant tokens) carry no loss

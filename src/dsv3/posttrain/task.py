@@ -1,0 +1,116 @@
+"""The built-in verifiable task: multi-digit addition, so the whole R1 chain runs on a CPU.
+
+``dsv3 r1-task --out DIR [--digits 2] [--seed 0]`` writes, from one seed, three disjoint sets of problems:
+
+* ``sft.jsonl`` — the cold start: chat records whose answers are worked solutions in the R1 format,
+  column by column from the units with the carries, then the answer::
+
+      <think>4 7 + 8 5
+      7+5=12 write 2 carry 1
+      4+8+1=13 write 3 carry 1
+      1 3 2</think>
+      <answer>132</answer>
+
+* ``train.jsonl`` — prompts for GRPO (``{"prompt": "What is 47 + 85?", "answer": "132"}``);
+* ``heldout.jsonl`` — prompts never seen in SFT or RL, for the accuracy after each stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+
+from ..errors import UserError, check_int, check_writable_dir
+
+
+def problem(rng: random.Random, digits: int) -> tuple[int, int]:
+    lo, hi = 10 ** (digits - 1), 10 ** digits - 1
+    return rng.randint(lo, hi), rng.randint(lo, hi)
+
+
+def question(a: int, b: int) -> str:
+    return f"What is {a} + {b}?"
+
+
+def worked_solution(a: int, b: int) -> str:
+    """The cold-start answer: the digits, each column with its carry, the digits of the sum, the answer."""
+    da, db = str(a), str(b)
+    n = max(len(da), len(db))
+    da, db = da.zfill(n), db.zfill(n)
+    lines = [f"{' '.join(str(a))} + {' '.join(str(b))}"]
+    carry, out = 0, []
+    for i in range(n - 1, -1, -1):
+        x, y = int(da[i]), int(db[i])
+        s = x + y + carry
+        expr = f"{x}+{y}" + (f"+{carry}" if carry else "")
+        carry = s // 10
+        out.append(s % 10)
+        lines.append(f"{expr}={s} write {s % 10}" + (f" carry {carry}" if carry else ""))
+    if carry:
+        out.append(carry)
+    digits = " ".join(str(d) for d in reversed(out))
+    return "<think>" + "\n".join(lines) + f"\n{digits}</think>\n<answer>{a + b}</answer>"
+
+
+def make_sets(n_sft: int, n_train: int, n_heldout: int, digits: int, seed: int) -> dict[str, list[tuple[int, int]]]:
+    """Disjoint problem sets (no (a, b) in two sets), a pure function of the arguments."""
+    rng = random.Random(seed)
+    lo, hi = 10 ** (digits - 1), 10 ** digits - 1
+    space = (hi - lo + 1) ** 2
+    need = n_sft + n_train + n_heldout
+    if need > space // 2:
+        raise UserError(f"{need} problems asked for, but {digits}-digit addition has only {space} "
+                        f"(at most half may be used): ask for fewer, or more --digits")
+    seen: set = set()
+    out: dict[str, list] = {}
+    for name, n in (("heldout", n_heldout), ("sft", n_sft), ("train", n_train)):
+        items = []
+        while len(items) < n:
+            p = problem(rng, digits)
+            if p not in seen:
+                seen.add(p)
+                items.append(p)
+        out[name] = items
+    return out
+
+
+def write_task(out_dir: str, n_sft: int = 1000, n_train: int = 2000, n_heldout: int = 200, digits: int = 2,
+               seed: int = 0) -> dict[str, str]:
+    sets = make_sets(n_sft, n_train, n_heldout, digits, seed)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {}
+    for name, items in sets.items():
+        path = os.path.join(out_dir, f"{name}.jsonl")
+        with open(path, "w") as f:
+            for a, b in items:
+                if name == "sft":
+                    rec = {"messages": [{"role": "user", "content": question(a, b)},
+                                        {"role": "assistant", "content": worked_solution(a, b)}]}
+                else:
+                    rec = {"prompt": question(a, b), "answer": str(a + b)}
+                f.write(json.dumps(rec) + "\n")
+        paths[name] = path
+    return paths
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="directory for sft.jsonl, train.jsonl and heldout.jsonl")
+    p.add_argument("--digits", type=int, default=2, help="digits of each operand (2: 10 + 10 … 99 + 99)")
+    p.add_argument("--sft", type=int, default=1000, help="cold-start worked solutions")
+    p.add_argument("--train", type=int, default=2000, help="GRPO prompts")
+    p.add_argument("--heldout", type=int, default=200, help="held-out prompts")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run(args) -> int:
+    check_int("--digits", args.digits, lo=1, hi=9)
+    for flag in ("sft", "train", "heldout"):
+        check_int("--" + flag, getattr(args, flag), lo=0)
+    check_int("--seed", args.seed, lo=0)
+    check_writable_dir("--out", args.out, "write the task files there")
+    paths = write_task(args.out, args.sft, args.train, args.heldout, args.digits, args.seed)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
