@@ -8,7 +8,7 @@
 #
 # Reuses runs/tiny/final when it exists (otherwise trains it: scripts/quickstart.sh's run). Reruns start
 # the stages over. Sizes can be changed through the environment (STEPS1, STEPS2, MIX, …); the defaults
-# took ~40 minutes on 2 shared CPU cores.
+# are sized for 2 shared CPU cores (about half an hour).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh >/dev/null
@@ -17,10 +17,10 @@ RUNS=${RUNS:-runs/long_context}
 OUT=${OUT:-benchmarks/results/long_context}
 FACTOR=${FACTOR:-20}
 MIX=${MIX:-passkey:0.25}
-STEPS1=${STEPS1:-100}; BATCH1=${BATCH1:-4}
-STEPS2=${STEPS2:-15};  BATCH2=${BATCH2:-1}
+STEPS1=${STEPS1:-60}; BATCH1=${BATCH1:-4}
+STEPS2=${STEPS2:-8};  BATCH2=${BATCH2:-1}
 LR=${LR:-1e-3}
-EVAL=(--max-length 4096 --windows 16 --lengths 256,512,1024,2048,4096 --depths 0,0.25,0.5,0.75,1)
+EVAL=(--max-length 4096 --windows ${WINDOWS:-8} --lengths 256,1024,4096 --depths 0,0.25,0.5,0.75,1)
 mkdir -p "$RUNS" "$OUT"
 
 if [ ! -f runs/tiny/final/config.json ]; then
@@ -31,8 +31,8 @@ fi
 evaluate() {   # evaluate MODEL_DIR LABEL NAME
   echo "--- dsv3 eval --model $1 ($2) ---"
   $DSV3 eval --model "$1" --label "$2" --data runs/tiny/data --task ppl-by-position,passkey "${EVAL[@]}" \
-      --samples 4 --out "$OUT/$3.json"
-  $DSV3 eval --model "$1" --label "$2" --data runs/tiny/data --task niah --lengths 256,1024,4096 \
+      --samples ${SAMPLES:-2} --out "$OUT/$3.json"
+  $DSV3 eval --model "$1" --label "$2" --data runs/tiny/data --task niah --lengths 256,1024 \
       --depths 0,0.5,1 --samples 2 --out "$OUT/$3.niah.json"
 }
 
@@ -40,8 +40,8 @@ evaluate runs/tiny/final "pre-trained (256)" stage0
 
 echo "--- stage 1: 256 -> 1024 positions, YaRN x$FACTOR, --mix $MIX ---"
 $DSV3 train --from runs/tiny --extend-context "$FACTOR" --seq-len 1024 --data runs/tiny/data --mix "$MIX" \
-    --steps "$STEPS1" --batch-size "$BATCH1" --lr "$LR" --warmup 10 --eval-every 50 --eval-batches 2 \
-    --save-every 50 --out "$RUNS/stage1" --overwrite --no-progress --sample-prompt ""
+    --steps "$STEPS1" --batch-size "$BATCH1" --lr "$LR" --warmup 10 --eval-every 0 --eval-batches 2 \
+    --save-every 30 --out "$RUNS/stage1" --overwrite --no-progress --sample-prompt ""
 evaluate "$RUNS/stage1/final" "stage 1 (1024)" stage1
 
 echo "--- stage 2: 1024 -> 4096 positions, same YaRN setting ---"

@@ -1,0 +1,101 @@
+"""The long-context demo's report: figures and tables from the ``dsv3 eval`` results of
+``scripts/long_context_demo.sh`` (stage0/1/2 ``.json`` and ``.niah.json`` in one directory).
+
+Writes OUT/loss_by_position.png, OUT/passkey_heatmap.png, OUT/niah_heatmap.png (``dsv3.eval.plots``)
+and OUT/summary.md / summary.json with the acceptance figures:
+
+* loss beyond the original trained length vs its in-range value (positions [L0/2, L0)): within 10%
+  after extension, rising well beyond before;
+* passkey accuracy at 4× the original length: ≥ 90% after extension, near chance (1e-5) before.
+
+    python benchmarks/long_context_report.py benchmarks/results/long_context
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+
+from dsv3.eval.plots import draw
+
+STAGES = ("stage0", "stage1", "stage2")
+
+
+def load(out: str) -> list[dict]:
+    results = []
+    for name in STAGES:
+        path = os.path.join(out, f"{name}.json")
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            res = json.load(f)
+        niah = os.path.join(out, f"{name}.niah.json")
+        if os.path.exists(niah):
+            with open(niah) as f:
+                res["tasks"].update(json.load(f)["tasks"])
+        res["stage"] = name
+        results.append(res)
+    return results
+
+
+def main(out: str) -> None:
+    import torch
+
+    results = load(out)
+    if not results:
+        sys.exit(f"no stage*.json in {out}")
+    figures = draw(results, out)
+    rows, summary = [], {"date": datetime.date.today().isoformat(), "device": platform.processor() or platform.machine(),
+                         "cpus": os.cpu_count(), "torch": torch.__version__, "models": []}
+    for r in results:
+        p, pk, nh = r["tasks"].get("ppl-by-position", {}), r["tasks"].get("passkey"), r["tasks"].get("niah")
+        L0 = r["trained_length"]
+        four = str(4 * L0)
+        entry = {"stage": r["stage"], "label": r["label"], "trained_length": L0,
+                 "rope_scaling": r["rope_scaling"], "in_range": p.get("in_range"), "beyond": p.get("beyond"),
+                 "beyond_ratio": p.get("beyond_ratio"), "worst_bucket_ratio": p.get("worst_bucket_ratio"),
+                 "passkey_by_length": pk["by_length"] if pk else None,
+                 "passkey_at_4x": pk["by_length"].get(four) if pk else None,
+                 "niah_by_length": nh["by_length"] if nh else None}
+        summary["models"].append(entry)
+        rows.append(entry)
+    L = results[0]["tasks"].get("ppl-by-position", {}).get("length")
+    lines = ["# Long context: YaRN extension stages at tiny scale", "",
+             f"{summary['date']}, {summary['device']}, {summary['cpus']} CPUs, torch {summary['torch']}; "
+             f"made by `scripts/long_context_demo.sh`.", "",
+             f"| model | rope_scaling | loss [L0/2, L0) | loss [L0, {L}) | change | worst bucket beyond | "
+             f"passkey at 4×L0 | passkey by length | NIAH by length |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for e in rows:
+        rs = e["rope_scaling"]
+        at4 = "–" if e["passkey_at_4x"] is None else f"{100 * e['passkey_at_4x']:.0f}%"
+        fmt = lambda d: ", ".join(f"{k}: {100 * v:.0f}%" for k, v in d.items()) if d else "–"  # noqa: E731
+        lines.append(
+            f"| {e['label']} | {'yarn ×%g over %d' % (rs['factor'], rs['original_max_position_embeddings']) if rs else 'none'} "
+            f"| {e['in_range']:.3f} | {e['beyond']:.3f} | {100 * (e['beyond_ratio'] - 1):+.1f}% "
+            f"| {100 * (e['worst_bucket_ratio'] - 1):+.1f}% "
+            f"| {at4} "
+            f"| {fmt(e['passkey_by_length'])} | {fmt(e['niah_by_length'])} |")
+    for r in results:
+        g = r["tasks"].get("passkey")
+        if not g:
+            continue
+        lines += ["", f"Passkey grid, {r['label']} (% of {g['samples']} keys per cell; rows: prompt length, "
+                      f"columns: depth of the key):", "",
+                  "| length | " + " | ".join(f"{d:g}" for d in g["depths"]) + " |",
+                  "|---" * (len(g["depths"]) + 1) + "|"]
+        for n, row in zip(g["lengths"], g["accuracy"]):
+            lines.append(f"| {n} | " + " | ".join(f"{100 * a:.0f}" for a in row) + " |")
+    lines += ["", "Figures: " + ", ".join(os.path.basename(f) for f in figures)]
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "results", "long_context"))
