@@ -127,6 +127,42 @@ def test_kept_logits_equal_dequantised_model_with_quantised_activations(checkpoi
     assert rel_err(a, plain) < 0.25
 
 
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_only_equals_the_dequantised_model_bitwise_at_fp8_memory(checkpoints, name, dtype, one_thread):
+    """fp8="weight-only" (W8A16): the same E4M3 tensors as "keep", dequantised block by block in each
+    call — the logits (trunk and MTP) of the model dequantised at load, bit for bit."""
+    wo = dsv3.load_pretrained(checkpoints[name], fp8="weight-only", dtype=dtype).eval()
+    deq = dsv3.load_pretrained(checkpoints[name], fp8="dequant", dtype=dtype).eval()
+    kept = dsv3.load_pretrained(checkpoints[name], fp8="keep", dtype=dtype)
+    ex = wo.layers[1].mlp.experts
+    assert isinstance(ex, FP8InferenceExperts) and ex.weight_only and ex.w13.dtype == E4M3
+    assert isinstance(wo.layers[0].self_attn.q_a_proj, FP8InferenceLinear) and wo.layers[0].self_attn.q_a_proj.weight_only
+    assert fp8_weight_bytes(wo) == fp8_weight_bytes(kept)
+    x = torch.randint(0, wo.cfg.vocab_size, (5, 19), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        a, b = wo.forward_train(x), deq.forward_train(x)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.mtp_logits[0], b.mtp_logits[0])
+    # a decode step through the latent cache too
+    with torch.no_grad():
+        ca, cb = wo.new_cache(2, 32), deq.new_cache(2, 32)
+        assert torch.equal(wo(x[:2, :7], cache=ca), deq(x[:2, :7], cache=cb))
+        assert torch.equal(wo(x[:2, 7:8], cache=ca, start_pos=7), deq(x[:2, 7:8], cache=cb, start_pos=7))
+
+
+def test_fp8_auto_mode_is_weight_only_without_fp8_gemms(checkpoints):
+    from dsv3.hf import resolve_fp8_mode
+
+    q = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    assert resolve_fp8_mode("auto", q, "cpu") == "weight-only"
+    assert resolve_fp8_mode("auto", None, "cpu") == "dequant"
+    assert [resolve_fp8_mode(m, q, "cpu") for m in ("keep", "weight-only", "dequant")] == ["keep", "weight-only", "dequant"]
+    with pytest.raises(ValueError, match="fp8"):
+        resolve_fp8_mode("w8a8", q, "cpu")
+    m = dsv3.load_pretrained(checkpoints["aligned"], fp8="auto", device="cpu")
+    assert m.layers[1].mlp.experts.weight_only
+
+
 def test_fp8_modules_within_the_activation_quantisation_bound(one_thread):
     g = torch.Generator().manual_seed(3)
     for n, k in [(256, 384), (200, 160), (1, 130)]:
@@ -194,11 +230,11 @@ def test_generate_end_to_end_with_kept_weights(checkpoints, tmp_path, one_thread
     assert out == seq[len(prompt):]
     text = generate_text(model, tok, "import os", 8, temperature=0.8, stream=io.StringIO())
     assert text.startswith("import os")
-    # the CLI: --fp8 keep / dequant both generate
+    # the CLI: --fp8 keep / weight-only / dequant all generate
     p = argparse.ArgumentParser()
     add_arguments(p)
     from dsv3.infer.generate import run
-    for mode in ("keep", "dequant"):
+    for mode in ("keep", "weight-only", "dequant"):
         args = p.parse_args(["--model", path, "--prompt", "def ", "--max-new-tokens", "6", "--temperature", "0",
                              "--device", "cpu", "--fp8", mode])
         assert run(args) == 0

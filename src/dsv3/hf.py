@@ -15,7 +15,8 @@ Our modules store the routed experts stacked (``w13`` = gate ‖ up, ``w2`` = do
 GEMM; this file is the one place that maps between the two layouts. FP8 checkpoints (E4M3 weights
 with a float32 ``weight_scale_inv`` per 128×128 block) are dequantised on load, or — with
 ``load_pretrained(..., fp8="keep")`` — kept in E4M3 and executed by the block-scaled FP8 GEMM
-(:mod:`dsv3.fp8.inference`): the quantised Linears become ``FP8InferenceLinear`` and the routed
+(:mod:`dsv3.fp8.inference`; ``fp8="weight-only"`` keeps them too but dequantises block by block in
+each call): the quantised Linears become ``FP8InferenceLinear`` and the routed
 experts ``FP8InferenceExperts``; ``kv_b_proj`` is still dequantised (absorbed MLA reads its
 weight as a matrix), and embedding, norms, gate and head are as stored (never FP8 in the release).
 """
@@ -177,7 +178,27 @@ def _read(src: _TensorSource, name: str, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype)
 
 
-FP8_MODES = ("auto", "keep", "dequant")
+FP8_MODES = ("auto", "keep", "weight-only", "dequant")
+
+
+def fp8_gemm_native(device) -> bool:
+    """Whether ``device`` runs FP8 GEMMs in hardware (CUDA, compute capability 8.9 or newer)."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def resolve_fp8_mode(fp8: str, quantization_config, device) -> str:
+    """What ``load_pretrained(fp8=…)`` does with E4M3 weights: "keep" (W8A8), "weight-only" (W8A16)
+    or "dequant". "auto" keeps the weights of a checkpoint whose config has an FP8
+    ``quantization_config`` — W8A8 where the device has FP8 GEMMs, W8A16 elsewhere (exact, and faster
+    than emulating FP8 products) — and dequantises otherwise."""
+    if fp8 not in FP8_MODES:
+        raise ValueError(f"fp8 = {fp8!r}: expected one of {', '.join(FP8_MODES)}")
+    if fp8 != "auto":
+        return fp8
+    if not _is_fp8_config(quantization_config):
+        return "dequant"
+    return "keep" if fp8_gemm_native(device) else "weight-only"
 
 
 def _is_fp8_config(qcfg) -> bool:
@@ -215,9 +236,11 @@ def load_pretrained(path: str | os.PathLike, device=None, dtype: torch.dtype | N
     ``fp8`` — what to do with E4M3 weights: "dequant" (default) multiplies them out into `dtype`;
     "keep" keeps them in E4M3 with their 128×128 ``weight_scale_inv`` and runs those Linears and
     routed experts through the block-scaled FP8 GEMM (activations quantised 1×128 on the fly; about
-    half the weight memory of BF16; :mod:`dsv3.fp8.inference`, inference only); "auto" is "keep"
-    for a checkpoint whose config.json has an FP8 ``quantization_config``, else "dequant". A
-    checkpoint without E4M3 tensors loads the same under every mode. Everything that is not kept
+    half the weight memory of BF16; :mod:`dsv3.fp8.inference`, inference only); "weight-only" keeps
+    them the same way but dequantises the blocks in each call (W8A16: the outputs of "dequant" with
+    the memory of "keep"); "auto" (:func:`resolve_fp8_mode`) is "keep" on a GPU with FP8 GEMMs and
+    "weight-only" elsewhere for a checkpoint whose config.json has an FP8 ``quantization_config``,
+    else "dequant". A checkpoint without E4M3 tensors loads the same under every mode. Everything that is not kept
     in FP8 is loaded in `dtype` (default float32).
 
     The MTP layers are loaded when present; when *all* of them are absent (a checkpoint written by
@@ -235,10 +258,11 @@ def load_pretrained(path: str | os.PathLike, device=None, dtype: torch.dtype | N
     path = os.fspath(path)
     cfg = ModelConfig.from_hf(path)
     qcfg = cfg.quantization_config
-    keep = fp8 == "keep" or (fp8 == "auto" and _is_fp8_config(qcfg))
+    mode = resolve_fp8_mode(fp8, qcfg, device)
+    keep = mode in ("keep", "weight-only")
     if keep and qcfg is not None and list(qcfg.get("weight_block_size", [128, 128])) != [128, 128]:
-        if fp8 == "keep":
-            raise ValueError(f"fp8='keep' needs 128x128 weight blocks; {path} has "
+        if fp8 != "auto":
+            raise ValueError(f"fp8={fp8!r} needs 128x128 weight blocks; {path} has "
                              f"weight_block_size {qcfg.get('weight_block_size')}")
         keep = False
     cfg.quantization_config = None  # set again below when weights stay quantised
@@ -279,7 +303,8 @@ def load_pretrained(path: str | os.PathLike, device=None, dtype: torch.dtype | N
         from .fp8.inference import convert_to_fp8_inference
         from .fp8.quant import FP8_DTYPE
 
-        convert_to_fp8_inference(model, select=kept.__contains__)     # empty FP8 modules (meta)
+        convert_to_fp8_inference(model, select=kept.__contains__,     # empty FP8 modules (meta)
+                                 weight_only=mode == "weight-only")
         kept_keys = {k for k, v in model.state_dict().items() if v.dtype == FP8_DTYPE}
         model.cfg.quantization_config = copy.deepcopy(qcfg) or {
             "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}

@@ -20,6 +20,18 @@ without its master weight or its backward. Weight memory is one byte per element
 
 Both are inference-only (no autograd through the FP8 weights) and keep their dtypes under
 ``module.to(dtype)``/``.half()``/``.float()``: only the device moves.
+
+Two ways to compute with the same stored tensors (``weight_only``):
+
+* W8A8 (``weight_only=False``, ``load_pretrained(fp8="keep")``): DeepSeek's inference recipe — the
+  activations are quantised 1×128 and the product runs as a block-scaled FP8 GEMM. Native on GPUs
+  with FP8 tensor cores (sm89+); elsewhere the GEMM is emulated (slow) and the activation rounding
+  changes the numbers slightly.
+* W8A16 (``weight_only=True``, ``fp8="weight-only"``): each call dequantises the 128×128 blocks it
+  needs into the activations' dtype and runs the plain matmul (experts: only those with rows, one at
+  a time, so the transient is one expert's weights) — what serving stacks do for FP8 checkpoints on
+  hardware without FP8 GEMMs. The weights stay one byte per element in memory and the outputs equal
+  the model dequantised at load, bit for bit.
 """
 
 from __future__ import annotations
@@ -76,9 +88,11 @@ class FP8InferenceLinear(nn.Module):
 
     _fp8_names = ("weight", "weight_scale_inv")
 
-    def __init__(self, in_features: int, out_features: int, device=None, backend: str = "auto"):
+    def __init__(self, in_features: int, out_features: int, device=None, backend: str = "auto",
+                 weight_only: bool = False):
         super().__init__()
         self.in_features, self.out_features, self.backend = in_features, out_features, backend
+        self.weight_only = weight_only
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8_DTYPE, device=device),
                                    requires_grad=False)
         self.register_buffer("weight_scale_inv", torch.ones(
@@ -110,6 +124,8 @@ class FP8InferenceLinear(nn.Module):
         return dequantize_fp8(self.weight, self.weight_scale_inv, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_only:
+            return F.linear(x, self.dequantized_weight(x.dtype))
         lead, k = x.shape[:-1], x.shape[-1]
         x_q, x_s = _quant_act(x.reshape(-1, k), self.backend)
         y = fp8_gemm(x_q, x_s, self.weight, self.weight_scale_inv, out_dtype=_out_dtype(x),
@@ -120,7 +136,8 @@ class FP8InferenceLinear(nn.Module):
         return _keep_dtypes_apply(self, fn, self._fp8_names, recurse)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 weight 128x128 scales"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 weight 128x128 scales, "
+                + ("weight-only (W8A16)" if self.weight_only else "W8A8"))
 
 
 class FP8InferenceExperts(nn.Module):
@@ -128,9 +145,11 @@ class FP8InferenceExperts(nn.Module):
 
     _fp8_names = ("w13", "w13_scale_inv", "w2", "w2_scale_inv")
 
-    def __init__(self, num_experts: int, dim: int, inter: int, device=None, backend: str = "auto"):
+    def __init__(self, num_experts: int, dim: int, inter: int, device=None, backend: str = "auto",
+                 weight_only: bool = False):
         super().__init__()
         self.num_experts, self.dim, self.inter, self.backend = num_experts, dim, inter, backend
+        self.weight_only = weight_only
         e, g_d, g_i = num_experts, _cdiv(dim, BLOCK), _cdiv(inter, BLOCK)
         self.w13_row_scales = inter % BLOCK != 0          # see the module doc
         rows13 = 2 * inter if self.w13_row_scales else 2 * inter // BLOCK
@@ -171,6 +190,8 @@ class FP8InferenceExperts(nn.Module):
 
     def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x_sorted: tokens grouped by expert (segment e has counts[e] rows) → [M, d]."""
+        if self.weight_only:
+            return self._forward_weight_only(x_sorted, counts)
         out_dtype = _out_dtype(x_sorted)
         x_q, x_s = _quant_act(x_sorted, self.backend)
         h = fp8_grouped_gemm(x_q, x_s, self.w13, self.w13_scale_inv, counts=counts,
@@ -181,12 +202,27 @@ class FP8InferenceExperts(nn.Module):
                              out_dtype=out_dtype, backend=self.backend)
         return y.to(x_sorted.dtype)
 
+    def _forward_weight_only(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """W8A16: per expert with rows, its weights dequantised into x's dtype and the SwiGLU of
+        :class:`dsv3.model.moe.GroupedExperts` (the same matmuls, segment by segment)."""
+        dtype, outs, at = x_sorted.dtype, [], 0
+        for e, n in enumerate(counts.tolist()):
+            if not n:
+                continue
+            x = x_sorted[at:at + n]
+            at += n
+            gate, up = F.linear(x, dequantize_fp8(self.w13[e], self.w13_scale_inv[e], dtype=dtype)).split(
+                self.inter, dim=-1)
+            outs.append(F.linear(F.silu(gate) * up, dequantize_fp8(self.w2[e], self.w2_scale_inv[e], dtype=dtype)))
+        return torch.cat(outs) if outs else x_sorted.new_zeros(0, self.dim)
+
     def _apply(self, fn, recurse=True):
         return _keep_dtypes_apply(self, fn, self._fp8_names, recurse)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, dim={self.dim}, inter={self.inter}, fp8 e4m3 weights "
-                + ("(w13 row scales)" if self.w13_row_scales else "128x128 scales"))
+                + ("(w13 row scales)" if self.w13_row_scales else "128x128 scales")
+                + (", weight-only (W8A16)" if self.weight_only else ", W8A8"))
 
 
 def _is_grouped_experts(m: nn.Module) -> bool:
@@ -210,11 +246,12 @@ def fp8_inference_candidates(model: nn.Module, skip=HIGH_PRECISION) -> dict[str,
 
 
 def convert_to_fp8_inference(model: nn.Module, select=None, skip=HIGH_PRECISION,
-                             backend: str = "auto") -> nn.Module:
+                             backend: str = "auto", weight_only: bool = False) -> nn.Module:
     """Replace the candidates (:func:`fp8_inference_candidates`; only those whose path `select`
     accepts, when given) by FP8 inference modules, in place; returns `model`. Weights are
     quantised 128×128 as ``save_pretrained(fp8=True)`` does; on the ``meta`` device empty FP8
-    modules are made (what ``load_pretrained(fp8="keep")`` then fills from the checkpoint)."""
+    modules are made (what ``load_pretrained(fp8="keep"|"weight-only")`` then fills from the
+    checkpoint). ``weight_only``: the modules compute W8A16 (see the module doc)."""
     for path, m in fp8_inference_candidates(model, skip).items():
         if select is not None and not select(path):
             continue
@@ -225,6 +262,7 @@ def convert_to_fp8_inference(model: nn.Module, select=None, skip=HIGH_PRECISION,
         else:
             new = (FP8InferenceExperts(m.num_experts, m.dim, m.inter, device="meta", backend=backend) if meta
                    else FP8InferenceExperts.from_experts(m, backend))
+        new.weight_only = weight_only
         parent, _, name = path.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, name, new)
     return model

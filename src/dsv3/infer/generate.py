@@ -8,6 +8,7 @@ import sys
 
 import torch
 
+from ..hf import FP8_MODES, resolve_fp8_mode
 from .sampling import sample_next
 
 
@@ -108,25 +109,27 @@ def check_weights_fit(model_dir: str, cfg, device: str, fp8: str, memory_limit: 
     if memory_limit is not None:
         check_finite("--memory-limit", memory_limit, lo=0, lo_open=True)
     qcfg = cfg.quantization_config
-    kept = fp8 == "keep" or (fp8 == "auto" and isinstance(qcfg, dict) and qcfg.get("quant_method") == "fp8")
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    kept = resolve_fp8_mode(fp8, qcfg, dev) != "dequant"
     check_fits({"weights": inference_bytes(cfg, fp8_kept=kept, experts=experts)}, dev, memory_limit,
                f"{command} {model_dir}")
 
 
 def add_fp8_argument(p: argparse.ArgumentParser) -> None:
-    """``--fp8 {auto,keep,dequant}`` (generate and serve)."""
-    p.add_argument("--fp8", default="auto", choices=("auto", "keep", "dequant"),
-                   help="FP8 checkpoints: keep the E4M3 weights and run FP8 GEMMs (keep; what auto does for "
-                        "a checkpoint with an FP8 quantization_config) or dequantise them at load (dequant)")
+    """``--fp8 {auto,keep,weight-only,dequant}`` (generate and serve)."""
+    p.add_argument("--fp8", default="auto", choices=FP8_MODES,
+                   help="FP8 checkpoints: keep the E4M3 weights and run block-scaled FP8 GEMMs with activations "
+                        "quantised 1x128 (keep: W8A8, DeepSeek's recipe), keep them and dequantise blocks in each "
+                        "call (weight-only: W8A16, the outputs of dequant at FP8 memory), or dequantise them at "
+                        "load (dequant). auto: keep on a GPU with FP8 GEMMs (sm89+), weight-only elsewhere, for a "
+                        "checkpoint with an FP8 quantization_config")
 
 
 def load_model_dir(path: str, device: str = "auto", fp8: str = "auto"):
     """(model, tokenizer) from a model directory in the HF layout with its tokenizer.json; clear
     errors for a missing directory or tokenizer. ``device`` "auto": CUDA when there is one.
-    ``fp8`` (--fp8): "auto" keeps an FP8 checkpoint's E4M3 weights and runs them through the FP8
-    GEMMs, "keep" the same, "dequant" dequantises them at load (see :func:`dsv3.hf.load_pretrained`)."""
-    from ..hf import FP8_MODES, load_pretrained
+    ``fp8`` (--fp8): see :func:`dsv3.hf.load_pretrained` and :func:`dsv3.hf.resolve_fp8_mode`."""
+    from ..hf import load_pretrained
 
     if fp8 not in FP8_MODES:
         raise ValueError(f"--fp8 {fp8!r}: expected one of {', '.join(FP8_MODES)}")
