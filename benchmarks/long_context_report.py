@@ -79,6 +79,20 @@ def main(out: str) -> None:
             f"| {100 * (e['worst_bucket_ratio'] - 1):+.1f}% "
             f"| {at4} "
             f"| {fmt(e['passkey_by_length'])} | {fmt(e['niah_by_length'])} |")
+    base, last = rows[0], rows[-1]
+    if len(rows) > 1 and base["beyond_ratio"] is not None and last["beyond_ratio"] is not None:
+        ok_loss = last["beyond_ratio"] <= 1.10 and last["worst_bucket_ratio"] <= 1.10
+        ok_pk = last["passkey_at_4x"] is not None and last["passkey_at_4x"] >= 0.9
+        summary["acceptance"] = {"loss_within_10pct": ok_loss, "passkey_4x_ge_90pct": ok_pk}
+        lines += ["", "Acceptance (the last stage against the pre-trained model):", "",
+                  f"- loss beyond the trained length within 10% of in range: {'holds' if ok_loss else 'missed'} "
+                  f"({last['label']}: mean {100 * (last['beyond_ratio'] - 1):+.1f}%, worst bucket "
+                  f"{100 * (last['worst_bucket_ratio'] - 1):+.1f}%; {base['label']}: mean "
+                  f"{100 * (base['beyond_ratio'] - 1):+.1f}%, worst bucket {100 * (base['worst_bucket_ratio'] - 1):+.1f}%)",
+                  f"- passkey at 4× the trained length ≥ 90%: {'holds' if ok_pk else 'missed'} ({last['label']}: "
+                  f"{'–' if last['passkey_at_4x'] is None else '%.0f%%' % (100 * last['passkey_at_4x'])}; "
+                  f"{base['label']}: {'–' if base['passkey_at_4x'] is None else '%.0f%%' % (100 * base['passkey_at_4x'])}, "
+                  f"chance 0.001%)"]
     for r in results:
         g = r["tasks"].get("passkey")
         if not g:

@@ -16,10 +16,10 @@ DSV3=.venv/bin/dsv3
 RUNS=${RUNS:-runs/long_context}
 OUT=${OUT:-benchmarks/results/long_context}
 FACTOR=${FACTOR:-20}
-MIX=${MIX:-passkey:0.25}
-STEPS1=${STEPS1:-60}; BATCH1=${BATCH1:-4}
+MIX=${MIX:-passkey:0.5}
+STEPS1=${STEPS1:-150}; BATCH1=${BATCH1:-4}
 STEPS2=${STEPS2:-8};  BATCH2=${BATCH2:-1}
-LR=${LR:-1e-3}
+LR=${LR:-2e-3}
 EVAL=(--max-length 4096 --windows ${WINDOWS:-8} --lengths 256,1024,4096 --depths 0,0.25,0.5,0.75,1)
 mkdir -p "$RUNS" "$OUT"
 
@@ -28,7 +28,10 @@ if [ ! -f runs/tiny/final/config.json ]; then
   $DSV3 train --preset tiny --out runs/tiny --overwrite --no-progress --sample-prompt ""
 fi
 
-evaluate() {   # evaluate MODEL_DIR LABEL NAME
+evaluate() {   # evaluate MODEL_DIR LABEL NAME (kept when the results are newer than the model)
+  if [ "$OUT/$3.niah.json" -nt "$1/model.safetensors" ] && [ "$OUT/$3.json" -nt "$1/model.safetensors" ]; then
+    echo "--- $OUT/$3.json: kept (newer than $1) ---"; return
+  fi
   echo "--- dsv3 eval --model $1 ($2) ---"
   $DSV3 eval --model "$1" --label "$2" --data runs/tiny/data --task ppl-by-position,passkey "${EVAL[@]}" \
       --samples ${SAMPLES:-2} --out "$OUT/$3.json"
@@ -41,7 +44,7 @@ evaluate runs/tiny/final "pre-trained (256)" stage0
 echo "--- stage 1: 256 -> 1024 positions, YaRN x$FACTOR, --mix $MIX ---"
 $DSV3 train --from runs/tiny --extend-context "$FACTOR" --seq-len 1024 --data runs/tiny/data --mix "$MIX" \
     --steps "$STEPS1" --batch-size "$BATCH1" --lr "$LR" --warmup 10 --eval-every 0 --eval-batches 2 \
-    --save-every 30 --out "$RUNS/stage1" --overwrite --no-progress --sample-prompt ""
+    --save-every 50 --out "$RUNS/stage1" --overwrite --no-progress --sample-prompt ""
 evaluate "$RUNS/stage1/final" "stage 1 (1024)" stage1
 
 echo "--- stage 2: 1024 -> 4096 positions, same YaRN setting ---"

@@ -37,7 +37,6 @@ def loss_curves(results: list[dict], path: str) -> str:
     ax.set_xlabel("position in the window (tokens)")
     ax.set_ylabel("next-token loss (held-out)")
     ax.set_title("Loss by position")
-    ax.set_xscale("log", base=2)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -66,7 +65,7 @@ def heat_maps(results: list[dict], task: str, path: str) -> str | None:
         ax.set_title(f"{label}\nmean {100 * g['mean']:.0f}%", fontsize=9)
     axes[0][0].set_ylabel("prompt length (tokens)")
     fig.colorbar(im, ax=axes[0].tolist(), label=f"{task} accuracy (%)", shrink=0.9)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
