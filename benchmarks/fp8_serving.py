@@ -4,9 +4,10 @@ dequantised model.
 1. The trained quickstart model (default ``runs/tiny/final``, written by ``scripts/quickstart.sh``)
    is quantised as DeepSeek's release is — ``dsv3.save_pretrained(model, dir, fp8=True)``: E4M3
    Linears with 128×128 ``weight_scale_inv``, embedding / head / gate / norms as they were — and
-   that FP8 checkpoint is loaded twice: ``fp8="keep"`` (E4M3 weights executed by the block-scaled
-   FP8 GEMM, activations quantised 1×128 on the fly) and ``fp8="dequant"`` (weights multiplied out
-   to float). Both compute in float32 on the CPU (the torch reference GEMM path).
+   that FP8 checkpoint is loaded three ways: ``fp8="keep"`` (W8A8: E4M3 weights executed by the
+   block-scaled FP8 GEMM, activations quantised 1×128 on the fly), ``fp8="weight-only"`` (W8A16: the
+   same E4M3 tensors, dequantised block by block in each call; what ``--fp8 auto`` does on a CPU) and
+   ``fp8="dequant"`` (weights multiplied out to float at load). All compute in float32 on the CPU.
 2. Greedy agreement on N held-out windows of the run's validation split (a P-token prompt, then
    the next T tokens):
      teacher-forced, real text   both models read the same window; top-1 next-token predictions
@@ -21,9 +22,10 @@ dequantised model.
    checkpoint dequantised to BF16 (``dtype=torch.bfloat16``): the quickstart model, measured; the
    DeepSeek-V3 config (671B; 61 layers, MTP), counted on the meta device from the exact module
    structure ``load_pretrained(fp8="keep")`` builds (the count is checked against the measured
-   load of the quickstart model first).
-4. Greedy decoding speed of both (CPU; the FP8 path here is the torch reference GEMM, which
-   emulates the FP8 products in FP32 — a memory saving, not a CPU speed-up).
+   load of the quickstart model first); and a random checkpoint with DeepSeek-V3's proportions at
+   0.4B parameters (8 layers, 64 experts top-8, hidden 1024), written in FP8 and measured loaded.
+4. Greedy decoding speed of each (CPU; W8A8 runs the torch reference GEMM, which emulates the FP8
+   products in FP32; W8A16 dequantises the blocks it needs per call).
 
     python benchmarks/fp8_serving.py [--model runs/tiny/final] [--prompts 32] [--prompt-len 32]
         [--new-tokens 64] [--threads 2]
@@ -78,6 +80,37 @@ def _meta_bytes(cfg) -> dict:
     return {"bf16": bf16, "fp8_kept": fp8_weight_bytes(m)}
 
 
+def cont_slice(P: int, T: int) -> slice:
+    """Positions whose predictions are the T continuation tokens of a P-token prompt."""
+    return slice(P - 1, P + T - 1)
+
+
+# DeepSeek-V3's shape at 0.4B parameters: what embedding and head weigh against the experts
+MID_SIZE = dict(hidden_size=1024, vocab_size=16384, num_hidden_layers=8, first_k_dense_replace=1, n_routed_experts=64,
+                moe_intermediate_size=256, intermediate_size=2816, num_attention_heads=8, q_lora_rank=384,
+                kv_lora_rank=128, n_group=8, topk_group=4, num_experts_per_tok=8, num_nextn_predict_layers=1)
+
+
+def _measured_mid_size() -> dict:
+    """A random V3-proportioned model written as an FP8 checkpoint, loaded kept and as BF16: bytes."""
+    d = WORK / "mid-fp8"
+    if d.exists():
+        shutil.rmtree(d)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        m = dsv3.Transformer(dsv3.ModelConfig.preset("deepseek-v3").replace(**MID_SIZE))
+    m = m.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.02)
+    dsv3.save_pretrained(m, d, fp8=True)
+    del m
+    out = {"bf16": fp8_weight_bytes(dsv3.load_pretrained(d, fp8="dequant", dtype=torch.bfloat16)),
+           "fp8_kept": fp8_weight_bytes(dsv3.load_pretrained(d, fp8="keep", dtype=torch.bfloat16))}
+    shutil.rmtree(d)
+    return out
+
+
 def _agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a == b).float().mean().item()
 
@@ -114,6 +147,7 @@ def main() -> int:
         if (model_dir / f).exists():
             shutil.copy(model_dir / f, fp8_dir / f)
     kept = dsv3.load_pretrained(fp8_dir, fp8="keep").eval()
+    wo = dsv3.load_pretrained(fp8_dir, fp8="weight-only").eval()
     deq = dsv3.load_pretrained(fp8_dir, fp8="dequant").eval()
     n_fp8_lin = sum(isinstance(m, FP8InferenceLinear) for m in kept.modules())
     n_fp8_exp = sum(isinstance(m, FP8InferenceExperts) for m in kept.modules())
@@ -124,18 +158,22 @@ def main() -> int:
     windows = _windows(model_dir, args.prompts, P + T)
     with torch.no_grad():
         lk, ld = kept(windows[:, :-1]), deq(windows[:, :-1])
+        lw = wo(windows[:, :-1])
         lo = original.eval()(windows[:, :-1])
-    cont = slice(P - 1, P + T - 1)                     # predictions of the T continuation tokens
+    wo_logits_bitwise = torch.equal(lw, ld)
+    cont = cont_slice(P, T)
+    tf_wo = _agreement(lw[:, cont].argmax(-1), ld[:, cont].argmax(-1))
     tf_real = _agreement(lk[:, cont].argmax(-1), ld[:, cont].argmax(-1))
     tf_real_vs_original = _agreement(ld[:, cont].argmax(-1), lo[:, cont].argmax(-1))
     err = _rel_err_per_position(lk[:, cont], ld[:, cont])
     err_deq_vs_orig = _rel_err_per_position(ld[:, cont], lo[:, cont])
     print(f"teacher-forced (held-out text): {tf_real:.2%} top-1 agreement", flush=True)
 
-    free_k, free_d, free_o, times = [], [], [], {"kept": [], "dequant": [], "unquantised": []}
+    free_k, free_d, free_o, free_w = [], [], [], []
+    times = {"kept": [], "weight_only": [], "dequant": [], "unquantised": []}
     for i, w in enumerate(windows):
         prompt = w[:P].tolist()
-        runs = [("kept", kept), ("dequant", deq), ("unquantised", original)]
+        runs = [("kept", kept), ("weight_only", wo), ("dequant", deq), ("unquantised", original)]
         if i % 2:
             runs.reverse()                              # alternate: a busy neighbour hits both alike
         res = {}
@@ -146,8 +184,12 @@ def main() -> int:
         free_k.append(res["kept"])
         free_d.append(res["dequant"])
         free_o.append(res["unquantised"])
+        free_w.append(res["weight_only"])
     fk, fd = torch.tensor(free_k), torch.tensor(free_d)
     free = _agreement(fk, fd)
+    free_wo = _agreement(torch.tensor(free_w), fd)
+    print(f"weight-only vs dequantised: logits bitwise equal {wo_logits_bitwise}, free-running {free_wo:.2%}",
+          flush=True)
     free_deq_vs_orig = _agreement(fd, torch.tensor(free_o))
     prefix = [next((j for j, (a, b) in enumerate(zip(x, y)) if a != b), T) for x, y in zip(free_k, free_d)]
     own = torch.cat([windows[:, :P], fd], dim=1)
@@ -165,8 +207,10 @@ def main() -> int:
     v3 = _meta_bytes(v3cfg)
     ratio = lambda b: b["fp8_kept"]["total"] / b["bf16"]["total"]  # noqa: E731
     emb_head = 2 * kept16.cfg.vocab_size * kept16.cfg.hidden_size * 2
+    mid = _measured_mid_size()
     print(f"weight bytes kept/bf16: quickstart {ratio(tiny_bytes):.3f}, deepseek-v3 {ratio(v3):.4f} "
-          f"(structure count = measured load: {meta_matches})", flush=True)
+          f"(structure count = measured load: {meta_matches}), V3-proportioned 0.4B measured {ratio(mid):.3f}",
+          flush=True)
 
     tok_s = {k: T / statistics.median(v) for k, v in times.items() if k != "unquantised"}
     res = {
@@ -175,6 +219,8 @@ def main() -> int:
         "model": str(model_dir), "fp8_checkpoint": str(fp8_dir),
         "fp8_modules": {"linear": n_fp8_lin, "expert_groups": n_fp8_exp},
         "prompts": args.prompts, "prompt_tokens": P, "new_tokens": T,
+        "weight_only": {"logits_bitwise_equal_dequant": wo_logits_bitwise,
+                        "teacher_forced_heldout_text": tf_wo, "free_running_positions": free_wo},
         "agreement": {
             "teacher_forced_heldout_text": tf_real,
             "teacher_forced_own_greedy_text": tf_own,
@@ -192,6 +238,7 @@ def main() -> int:
         "weight_bytes": {
             "quickstart": {**tiny_bytes, "ratio": ratio(tiny_bytes), "embedding_and_head_bf16": emb_head},
             "deepseek_v3": {**v3, "ratio": ratio(v3)},
+            "v3_proportioned_0.4b": {**mid, "ratio": ratio(mid), "config": MID_SIZE},
             "structure_count_equals_measured_load": meta_matches,
         },
         "decode_tokens_per_s": tok_s,
@@ -210,7 +257,7 @@ def _mb(b: int) -> str:
 
 def _markdown(r: dict) -> str:
     a, w = r["agreement"], r["weight_bytes"]
-    q, v = w["quickstart"], w["deepseek_v3"]
+    q, v, m = w["quickstart"], w["deepseek_v3"], w["v3_proportioned_0.4b"]
     e, e0 = r["logit_rel_err_kept_vs_dequant"], r["logit_rel_err_dequant_vs_unquantised"]
     n = r["prompts"] * r["new_tokens"]
     return f"""# FP8 weights kept FP8 at inference (benchmarks/fp8_serving.py)
@@ -220,9 +267,10 @@ def _markdown(r: dict) -> str:
 The quickstart model `{r['model']}` quantised as DeepSeek's release is (`save_pretrained(fp8=True)`:
 E4M3 Linears, 128×128 `weight_scale_inv`), then loaded with `fp8="keep"` ({r['fp8_modules']['linear']}
 FP8 Linears and {r['fp8_modules']['expert_groups']} FP8 expert groups executed by the block-scaled FP8
-GEMM, activations quantised 1×128 on the fly) and with `fp8="dequant"`; both compute in FP32.
+GEMM, activations quantised 1×128 on the fly: W8A8), with `fp8="weight-only"` (W8A16) and with
+`fp8="dequant"`; all compute in FP32.
 
-## Greedy agreement, kept FP8 vs dequantised ({r['prompts']} held-out prompts of {r['prompt_tokens']} tokens, {r['new_tokens']} tokens each = {n} positions)
+## Greedy agreement, W8A8 kept FP8 vs dequantised ({r['prompts']} held-out prompts of {r['prompt_tokens']} tokens, {r['new_tokens']} tokens each = {n} positions)
 
 | comparison | agreement |
 |---|---|
@@ -242,11 +290,18 @@ Logits (teacher-forced, per position): relative error kept vs dequantised median
 p95 {e['p95']:.2e} (the weight quantisation itself: dequantised vs unquantised median
 {e0['median']:.2e}, p95 {e0['p95']:.2e}).
 
+## Weight-only execution (W8A16, `--fp8 weight-only`, what `--fp8 auto` picks without FP8 GEMMs)
+
+The same E4M3 tensors in memory, dequantised block by block in each call: logits bitwise equal to
+the dequantised model's: **{r['weight_only']['logits_bitwise_equal_dequant']}**; greedy agreement teacher-forced
+**{r['weight_only']['teacher_forced_heldout_text']:.2%}**, free-running **{r['weight_only']['free_running_positions']:.2%}** of {n} positions.
+
 ## Weight bytes (parameters + buffers), kept FP8 vs the same checkpoint dequantised to BF16
 
 | model | BF16 load | kept FP8 (E4M3 + scales + rest) | ratio |
 |---|---|---|---|
 | DeepSeek-V3 (671B, 61 layers + MTP; module structure, meta device) | {_mb(v['bf16']['total'])} | {_mb(v['fp8_kept']['total'])} ({_mb(v['fp8_kept']['fp8'])} + {_mb(v['fp8_kept']['scales'])} + {_mb(v['fp8_kept']['other'])}) | **{v['ratio']:.3f}** |
+| DeepSeek-V3's proportions at 0.4B (8 layers, 64 experts top-8, hidden 1024, vocab 16K; random FP8 checkpoint, measured load) | {_mb(m['bf16']['total'])} | {_mb(m['fp8_kept']['total'])} ({_mb(m['fp8_kept']['fp8'])} + {_mb(m['fp8_kept']['scales'])} + {_mb(m['fp8_kept']['other'])}) | **{m['ratio']:.3f}** |
 | quickstart `tiny` (measured load) | {_mb(q['bf16']['total'])} | {_mb(q['fp8_kept']['total'])} ({_mb(q['fp8_kept']['fp8'])} + {_mb(q['fp8_kept']['scales'])} + {_mb(q['fp8_kept']['other'])}) | {q['ratio']:.3f} |
 
 The structure count equals the measured load for the quickstart model: {w['structure_count_equals_measured_load']}.
@@ -256,11 +311,12 @@ matrix) — is {v['fp8_kept']['other'] / v['bf16']['total']:.1%} of DeepSeek-V3'
 
 ## Decoding speed (CPU, greedy, batch 1)
 
-kept FP8 {r['decode_tokens_per_s']['kept']:.0f} tokens/s, dequantised {r['decode_tokens_per_s']['dequant']:.0f} tokens/s (medians over the
-prompts, the two decoders interleaved; on a shared, busy machine these are indicative only).
-On a CPU the FP8 GEMM is the torch reference path (FP8 products emulated in FP32, plus the
-activation quantisation), so keeping FP8 saves memory, not time; on a GPU the same modules run
-`torch._scaled_mm` or the Triton kernels (not timed here: no GPU on this machine).
+W8A8 {r['decode_tokens_per_s']['kept']:.0f} tokens/s, W8A16 {r['decode_tokens_per_s']['weight_only']:.0f} tokens/s, dequantised {r['decode_tokens_per_s']['dequant']:.0f} tokens/s (medians over the
+prompts, the decoders interleaved; on a shared, busy machine these are indicative only).
+On a CPU the W8A8 GEMM is the torch reference path (FP8 products emulated in FP32, plus the
+activation quantisation); W8A16 only dequantises the blocks each call needs. On a GPU with FP8
+GEMMs (sm89+) `--fp8 auto` runs W8A8 through `torch._scaled_mm` or the Triton kernels (not timed
+here: no GPU on this machine).
 """
 
 

@@ -57,6 +57,20 @@ def expand_block_scales(s: torch.Tensor, n: int, block: int = BLOCK) -> torch.Te
     return s.repeat_interleave(block, dim=-2)[..., :n, :]
 
 
+_E4M3_VALUES: dict = {}
+
+
+def _e4m3_to_float(q: torch.Tensor) -> torch.Tensor:
+    """``q.float()`` through a 256-entry table (the same values; a table lookup is several times
+    faster than the element-wise E4M3 conversion on a CPU)."""
+    if q.dtype != FP8_DTYPE:
+        return q.float()
+    lut = _E4M3_VALUES.get(q.device)
+    if lut is None:
+        lut = _E4M3_VALUES[q.device] = torch.arange(256, dtype=torch.uint8, device=q.device).view(FP8_DTYPE).float()
+    return lut.index_select(0, q.reshape(-1).view(torch.uint8).int()).view(q.shape)
+
+
 def dequantize_fp8(q: torch.Tensor, s: torch.Tensor, block: int = BLOCK,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """q e4m3 [..., N, K] with block scales [..., ceil(N/b), ceil(K/b)] or row scales
@@ -64,9 +78,18 @@ def dequantize_fp8(q: torch.Tensor, s: torch.Tensor, block: int = BLOCK,
     n, k = q.shape[-2:]
     if s.shape[-1] != _cdiv(k, block) or s.shape[-2] not in (_cdiv(n, block), n):
         raise ValueError(f"scale shape {tuple(s.shape)} does not fit q {tuple(q.shape)}")
-    rows = s.float() if (s.shape[-2] == n and n != _cdiv(n, block)) else expand_block_scales(s.float(), n, block)
-    full = rows.repeat_interleave(block, dim=-1)[..., :k]
-    return (q.float() * full).to(dtype)
+    kb = _cdiv(k, block)
+    x = _e4m3_to_float(q)
+    if k != kb * block:
+        x = F.pad(x, (0, kb * block - k))
+    if s.shape[-2] == n and n != _cdiv(n, block):           # one scale row per weight row
+        x = x.unflatten(-1, (kb, block)) * s.float().unsqueeze(-1)
+        return x.flatten(-2)[..., :k].to(dtype)
+    nb = _cdiv(n, block)                                     # 128×128 blocks: scale each block in place
+    if n != nb * block:
+        x = F.pad(x, (0, 0, 0, nb * block - n))
+    x = x.unflatten(-1, (kb, block)).unflatten(-3, (nb, block)) * s.float()[..., :, None, :, None]
+    return x.flatten(-4, -3).flatten(-2)[..., :n, :k].to(dtype)
 
 
 def _keep_dtypes_apply(module: nn.Module, fn, names: tuple[str, ...], recurse: bool):
