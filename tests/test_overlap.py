@@ -27,7 +27,14 @@ def test_summary_counts_comm_hidden_behind_the_other_lanes_compute():
     s = ov.overlap_summary(events)
     assert s["comm_s"] == pytest.approx(8.0) and s["hidden_s"] == pytest.approx(3.0 + 3.0)
     assert s["hidden_fraction"] == pytest.approx(0.75)
+    # the rest: 5-6 both communicating (1 s on each lane)
+    assert s["both_comm_s"] == pytest.approx(2.0) and s["other_waiting_s"] == 0 and s["other_idle_s"] == 0
     assert ov.overlap_summary([(0, "work", "a", 0, 1), (0, "comm", "x", 0.2, 0.4)])["hidden_fraction"] == 0.0
+    # lane 1 waits for its turn during 2-3 and has finished by 4: lane 0's comm 2-6 is 1 s hidden
+    # (1 computes 3-4), 1 s beside a waiting lane, 2 s beside a finished one
+    s = ov.overlap_summary([(0, "work", "a", 0.0, 8.0), (0, "comm", "x", 2.0, 6.0),
+                            (1, "work", "b", 1.0, 4.0), (1, "wait", "turn", 2.0, 3.0)])
+    assert (s["hidden_s"], s["other_waiting_s"], s["other_idle_s"], s["both_comm_s"]) == pytest.approx((1, 1, 2, 0))
 
 
 def test_run_pair_takes_turns_and_reraises():

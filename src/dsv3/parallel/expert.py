@@ -52,7 +52,7 @@ from ..config import ModelConfig
 from ..model.layers import MLP
 from ..model.moe import Gate, GroupedExperts, MoE, Routing
 from .mesh import EPComm
-from .overlap import communicating, lane_group, turn_point
+from .overlap import communicating, lane_group
 
 try:  # the FP8 quantiser (dsv3.fp8); FP8 dispatch is unavailable without it
     from ..fp8.quant import BLOCK as FP8_BLOCK
@@ -214,8 +214,7 @@ class DispatchPlan:
         if self._counts is None:
             return
         if self._work is not None:
-            with communicating("counts"):
-                self._work.wait()
+            self._work.wait()
         c, comm = self._counts, self.comm
         self._counts = self._work = None
         if not self.two_hop:
@@ -333,12 +332,19 @@ def _unpack(buf: torch.Tensor, specs) -> list[torch.Tensor]:
     return [t if len(tail) == 1 else t.unflatten(1, tail) for t, (_, _, _, tail) in zip(out, specs)]
 
 
-def _a2a(buf: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
-    if len(send) == 1:
+def _a2a(buf: torch.Tensor, send: list[int], recv, group) -> torch.Tensor:
+    """One all-to-all of packed rows. ``recv``: the receive splits, or a function that waits for
+    them (the end of a count exchange, inside the same communication interval: the lane hands its
+    turn over once for both)."""
+    if len(send) == 1:                      # a group of one: nothing to exchange or wait for
+        if callable(recv):
+            recv()
         return buf
-    out = buf.new_empty(sum(recv), buf.shape[1])
     buf = buf.contiguous()
     with communicating("all_to_all"):
+        if callable(recv):
+            recv = recv()
+        out = buf.new_empty(sum(recv), buf.shape[1])
         dist.all_to_all_single(out, buf, recv, send, group=lane_group(group))
     return out
 
@@ -356,11 +362,10 @@ def _dispatch_rows(tensors, plan: DispatchPlan, counters, phases):
             plan._build_hop2(_unpack(buf, specs[-1:])[0])
         hop = plan.hops[i]
         buf = _gather(tensors, specs, width, hop.index) if buf is None else buf.index_select(0, hop.index)
-        if hop.recv_splits is None:
-            plan.wait()
         if counters is not None:
             _record(counters, tensors, phases, hop, hop.send_splits)
-        buf = _a2a(buf, hop.send_splits, hop.recv_splits, hop.group)
+        recv = hop.recv_splits if hop.recv_splits is not None else (lambda h=hop: (plan.wait(), h.recv_splits)[1])
+        buf = _a2a(buf, hop.send_splits, recv, hop.group)
         i += 1
     return _unpack(buf, specs)
 
@@ -779,7 +784,6 @@ class ExpertParallelMoE(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor, stats: list | None = None) -> torch.Tensor:
-        x = turn_point(x)          # with --overlap: attention done, the other lane may compute now
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         r: Routing = self.gate(flat)

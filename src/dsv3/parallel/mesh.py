@@ -243,11 +243,10 @@ class Mesh:
         """Collective: a second copy of the expert-parallel groups (expert, ep_intra, ep_inter) for
         ``lane``, so that two micro-batches can run their all-to-alls concurrently without their
         collectives crossing (see :mod:`dsv3.parallel.overlap`). Every rank calls it once per lane."""
-        from .overlap import enable, register_lane_group
+        from .overlap import register_lane_group
 
         if lane in self.lanes or self.spec.world_size == 1:
             return
-        enable()
         copies: dict[tuple, object] = {}
         for kind in ("expert", "ep_intra", "ep_inter"):
             for members in self.spec.groups(kind):

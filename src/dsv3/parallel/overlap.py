@@ -79,47 +79,48 @@ def lane_group(group0):
 
 
 class _Baton:
-    """Which lane of this rank computes now. A lane gives it up when it starts waiting on a collective
-    (or finishes) and, at a yield point, when the other lane is waiting to compute: handed over
-    directly to a waiting lane, so turns alternate fairly."""
+    """Which lane of this rank computes now. The lanes alternate: a lane hands the baton to the other
+    whenever it starts a collective (and when it finishes its work), and takes it back once its
+    collective is done *and* the other lane has handed it back. The order of turns is therefore a
+    property of the program, not of timing: every rank runs the two lanes' pieces in the same
+    interleaving, so the ranks reach each collective together (SGLang's two-batch overlap runs its
+    micro-batches' stages in a fixed interleaving for the same reason) and none waits on a peer whose
+    other lane happened to take the turn first."""
 
     def __init__(self, first: int):
         self.cv = threading.Condition()
         self.owner: int | None = first
-        self.waiting: set[int] = set()
+        self.finished: set[int] = set()
 
     def take(self, k: int) -> None:
         with self.cv:
-            self.waiting.add(k)
             self.cv.wait_for(lambda: self.owner in (None, k))
             self.owner = k
-            self.waiting.discard(k)
 
     def give(self, k: int) -> None:
+        """Lane ``k`` starts waiting (a collective): the other lane's turn, unless it has finished."""
         with self.cv:
-            others = self.waiting - {k}
-            self.owner = min(others) if others else None
+            self.owner = None if (1 - k) in self.finished else 1 - k
             self.cv.notify_all()
 
-    def pass_turn(self, k: int) -> None:
+    def finish(self, k: int) -> None:
         with self.cv:
-            if not self.waiting - {k}:
-                return
+            self.finished.add(k)
         self.give(k)
-        with span("wait", "turn"):
-            self.take(k)
 
 
 def run_pair(first, second):
     """``first()`` on lane 0 in a helper thread while ``second()`` runs on lane 1 in this one; returns
     both results and re-raises the first error either raised (after both finished).
 
-    The two take turns computing: one lane holds a *baton* while it computes and hands it over
-    whenever it starts waiting on a collective (:func:`communicating`) or reaches a yield point
-    (:func:`pass_turn`) while the other waits, so one lane's all-to-all is in flight while the other
-    computes — as DualPipe pairs one chunk's compute with the other's communication — and the two never
-    fight over the rank's cores. Lane 0 starts on every rank, so the ranks' lanes keep the same phase.
-    A lane holding the baton is never blocked on a peer, so this cannot deadlock."""
+    The two take turns computing: one lane holds a *baton* while it computes and hands it to the other
+    whenever it starts waiting on a collective (:func:`communicating`), so one lane's all-to-all is in
+    flight while the other computes — as DualPipe pairs one chunk's compute with the other's
+    communication — and the two never fight over the rank's cores. Lane 0 starts and the turns
+    alternate strictly, so every rank interleaves the lanes' pieces in the same order. Deadlock-free
+    as a single thread issuing the same collectives in that order would be: a lane holding the baton
+    is never blocked on a peer, and a peer's lane reaches each collective at the same place in the
+    same interleaving."""
     box: dict = {}
     baton = _Baton(first=0)
 
@@ -131,7 +132,7 @@ def run_pair(first, second):
                 with lane(k):
                     return fn()
             finally:
-                baton.give(k)
+                baton.finish(k)
                 _local.baton = None
         return run
 
@@ -157,45 +158,6 @@ def run_pair(first, second):
     return box["first"], second_result
 
 
-def pass_turn() -> None:
-    """A yield point (e.g. between two blocks): inside :func:`run_pair`, let the other lane compute
-    if it is waiting for its turn; elsewhere nothing."""
-    baton = getattr(_local, "baton", None)
-    if baton is not None:
-        baton.pass_turn(current_lane())
-
-
-class _TurnInBackward(torch.autograd.Function):
-    """Identity whose backward is a yield point: the backward pass takes turns at block boundaries too."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        pass_turn()
-        return g
-
-
-_enabled = False
-
-
-def enable() -> None:
-    """Overlap is on in this process (``Mesh.add_lane`` calls it): :func:`turn_point` marks graphs."""
-    global _enabled
-    _enabled = True
-
-
-def turn_point(x):
-    """A yield point now (forward) and where the backward pass reaches ``x`` (identity on values);
-    nothing at all unless overlap is on in this process."""
-    if not _enabled:
-        return x
-    pass_turn()
-    return _TurnInBackward.apply(x) if x.requires_grad and torch.is_grad_enabled() else x
-
-
 @contextlib.contextmanager
 def communicating(name: str):
     """Around a blocking collective: hand the baton to the other lane for its duration (inside
@@ -218,7 +180,7 @@ class Trace:
     """Intervals of work and communication per lane: (lane, category, name, start, end) in seconds of
     ``time.perf_counter``. Category "work" spans a lane's whole piece of work (a micro-batch's forward,
     a backward); "comm" is a collective in flight inside it; "wait" the lane waiting for its turn to
-    compute (after a collective, at a yield point); the lane computes in work minus comm and wait."""
+    compute (after a collective); the lane computes in work minus comm and wait."""
 
     def __init__(self, limit: int | None = None):
         """``limit``: keep only the newest ``limit`` intervals (a server records while it runs)."""
@@ -299,7 +261,9 @@ def _computing(work, idle) -> list[tuple[float, float]]:
 
 
 def overlap_summary(events) -> dict:
-    """Seconds of communication per lane and the share of it during which the other lane computed."""
+    """Seconds of communication of both lanes (``comm_s``) and of it: during which the other lane
+    computed (``hidden_s``, ``hidden_fraction``), was communicating too (``both_comm_s``), was waiting
+    for its turn (``other_waiting_s``) or had no work (``other_idle_s``)."""
     by = {(ln, cat): [] for ln in (0, 1) for cat in ("work", "comm", "wait")}
     for ln, cat, _, a, b in events:
         by.setdefault((ln, cat), []).append((a, b))
@@ -307,8 +271,14 @@ def overlap_summary(events) -> dict:
     compute = {ln: _computing(by[(ln, "work")], by[(ln, "comm")] + by[(ln, "wait")]) for ln in (0, 1)}
     total = sum(b - a for ln in (0, 1) for a, b in comm[ln])
     hidden = _overlap(comm[0], compute[1]) + _overlap(comm[1], compute[0])
+    # what the other lane did during the rest: also communicating, waiting for its turn, or no work
+    wait = {ln: _subtract(_merge(by[(ln, "wait")]), comm[ln]) for ln in (0, 1)}
+    both = _overlap(comm[0], comm[1]) * 2
+    other_wait = _overlap(comm[0], wait[1]) + _overlap(comm[1], wait[0])
     span_t = [t for _, _, _, a, b in events for t in (a, b)]
     return {"comm_s": total, "hidden_s": hidden, "hidden_fraction": hidden / total if total else 0.0,
+            "both_comm_s": both, "other_waiting_s": other_wait,
+            "other_idle_s": max(total - hidden - both - other_wait, 0.0),
             "compute_s": {ln: sum(b - a for a, b in compute[ln]) for ln in (0, 1)},
             "wall_s": (max(span_t) - min(span_t)) if span_t else 0.0}
 

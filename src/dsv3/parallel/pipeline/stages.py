@@ -65,7 +65,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ...model.layers import init_weights
-from ..overlap import lane, run_pair, span, turn_point
+from ..overlap import lane, run_pair, span
 from ...model.rope import precompute_freqs_cis
 from .runtime import PipelineRuntime, PipelineStage
 from .schedule import MIN_MICROBATCHES, Schedule, build_schedule, split_layers
@@ -158,7 +158,6 @@ class ModelStage(PipelineStage):
             rec = self.model.recompute
             for block in self.layers:
                 h = block(h, freqs, None, 0, routing, rec)
-                h = turn_point(h)   # with --overlap the other lane may compute its next piece here
             info: dict = {"parts": {}}
             loss = None
             if self.last:
