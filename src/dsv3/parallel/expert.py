@@ -332,15 +332,27 @@ def _unpack(buf: torch.Tensor, specs) -> list[torch.Tensor]:
     return [t if len(tail) == 1 else t.unflatten(1, tail) for t, (_, _, _, tail) in zip(out, specs)]
 
 
-def _a2a(buf: torch.Tensor, send: list[int], recv, group) -> torch.Tensor:
+def _a2a(buf: torch.Tensor, send: list[int], recv, group, during=None) -> torch.Tensor:
     """One all-to-all of packed rows. ``recv``: the receive splits, or a function that waits for
     them (the end of a count exchange, inside the same communication interval: the lane hands its
-    turn over once for both)."""
+    turn over once for both). ``during()``, when given, runs while the all-to-all is in flight (this
+    lane keeps computing; it hands its turn over only for what is left of the wait)."""
     if len(send) == 1:                      # a group of one: nothing to exchange or wait for
         if callable(recv):
             recv()
+        if during is not None:
+            during()
         return buf
     buf = buf.contiguous()
+    if during is not None:
+        if callable(recv):
+            raise ValueError("_a2a: overlapping work needs the receive splits up front")
+        out = buf.new_empty(sum(recv), buf.shape[1])
+        work = dist.all_to_all_single(out, buf, recv, send, group=lane_group(group), async_op=True)
+        during()
+        with communicating("all_to_all"):
+            work.wait()
+        return out
     with communicating("all_to_all"):
         if callable(recv):
             recv = recv()
@@ -370,13 +382,15 @@ def _dispatch_rows(tensors, plan: DispatchPlan, counters, phases):
     return _unpack(buf, specs)
 
 
-def _combine_rows(tensors, plan: DispatchPlan, counters, phases):
-    """The reverse path: send rows back hop by hop (packed), summing the copies of a row (in fp32)."""
+def _combine_rows(tensors, plan: DispatchPlan, counters, phases, during=None):
+    """The reverse path: send rows back hop by hop (packed), summing the copies of a row (in fp32).
+    ``during()`` runs while the first hop is in flight."""
     for hop in reversed(plan.hops):
         specs, width = _row_spec(tensors)
         if counters is not None:
             _record(counters, tensors, phases, hop, hop.recv_splits)
-        back = _a2a(_pack(tensors, specs, width), hop.recv_splits, hop.send_splits, hop.group)
+        back = _a2a(_pack(tensors, specs, width), hop.recv_splits, hop.send_splits, hop.group, during)
+        during = None
         tensors = [_sum_rows(b, hop.index, hop.n_in) for b in _unpack(back, specs)]
     return tensors
 
@@ -477,13 +491,16 @@ def dispatch(x, w, plan: DispatchPlan, fp8: bool = False, counters: CommCounters
     return _dispatch_forward(x, w, plan, fp8, counters)
 
 
-def combine(y, plan: DispatchPlan, counters: CommCounters | None = None):
-    """Differentiable combine of received rows' outputs y [M, d] back to token order [N, d]."""
+def combine(y, plan: DispatchPlan, counters: CommCounters | None = None, during=None):
+    """Differentiable combine of received rows' outputs y [M, d] back to token order [N, d].
+    ``during()``, when given, runs while the rows travel (without autograd; with it, just before)."""
     if not plan.complete or plan.recv_topk is None:
         raise RuntimeError("combine: dispatch along this plan first")
     if _needs_grad(y):
+        if during is not None:
+            during()
         return _Combine.apply(y, plan, counters)
-    return _combine_rows([y], plan, counters, ["combine"])[0]
+    return _combine_rows([y], plan, counters, ["combine"], during)[0]
 
 
 # ----------------------------------------------------------------------------------------- placement
@@ -799,12 +816,18 @@ class ExpertParallelMoE(nn.Module):
         self.phys_load.add(torch.bincount(phys.flatten(), minlength=self.placement.num_physical))
         plan = plan_dispatch(phys, self.placement.num_physical, self.comm, self.two_hop, self.counters)
         self.last_plan = plan
-        # the shared expert runs while the plan's count exchange is in flight
-        shared = self.shared_experts(flat) if self.shared_experts is not None else None
+        # the shared expert runs while communication is in flight: the combine's rows without
+        # autograd (inference: the larger wait), the count exchange with it (training)
+        box: dict = {}
+        run_shared = (lambda: box.update(s=self.shared_experts(flat))) if self.shared_experts is not None else None
+        later = run_shared is not None and not _needs_grad(flat, w)
+        if run_shared is not None and not later:
+            run_shared()
         x_r, w_r = dispatch(flat, w, plan, self.fp8_dispatch, self.counters)
-        y = combine(self._local_experts(x_r, w_r, plan.recv_topk), plan, self.counters)
-        if shared is not None:
-            y = y + shared
+        y = combine(self._local_experts(x_r, w_r, plan.recv_topk), plan, self.counters,
+                    during=run_shared if later else None)
+        if "s" in box:
+            y = y + box["s"]
         return y.view(shape)
 
 
