@@ -11,7 +11,10 @@ Gradients with overlap on must equal those with it off bitwise. Writes
 ``benchmarks/results/overlap.{md,json}``, a timeline PNG per layout and Chrome traces
 (``benchmarks/results/overlap_trace_*.json``: open in chrome://tracing or ui.perfetto.dev).
 
-    python benchmarks/overlap.py [--steps 3] [--out benchmarks/results]
+    python benchmarks/overlap.py [--steps 3] [--out benchmarks/results] [--realtime]
+
+``--realtime`` runs the ranks in SCHED_FIFO, shielded from the machine's other processes
+(``_sched.py``), and writes ``overlap_realtime.*``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import traceback
 
 import torch
 import torch.multiprocessing as mp
+
+from _sched import scheduling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "src"))
@@ -132,10 +137,13 @@ def _pp_ep(rank, world, overlap, steps, mb_rows, M):
     return times, list(trace.events), _grads(model)
 
 
-def _worker(rank, world, store, layout, steps, mb_rows, M, out_dir, q):
+def _worker(rank, world, store, layout, steps, mb_rows, M, out_dir, q, realtime=False):
     try:
         import torch.distributed as dist
 
+        if realtime:
+            from _sched import realtime as enter_realtime
+            enter_realtime()
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=300))
@@ -149,10 +157,11 @@ def _worker(rank, world, store, layout, steps, mb_rows, M, out_dir, q):
             summ = ov.overlap_summary(events)
             res["on" if mode else "off"] = {"step_s": sorted(times)[len(times) // 2], **summ}
             if rank == 0:
-                tag = f"{layout}_{'on' if mode else 'off'}"
+                rt = "_realtime" if realtime else ""
+                tag = f"{layout}_{'on' if mode else 'off'}{rt}"
                 ov.write_chrome_trace(events, os.path.join(out_dir, f"overlap_trace_{tag}.json"), rank)
                 if mode:
-                    ov.plot_timeline(events, os.path.join(out_dir, f"overlap_{layout}.png"),
+                    ov.plot_timeline(events, os.path.join(out_dir, f"overlap_{layout}{rt}.png"),
                                      f"{layout}, rank 0, overlap on: compute (blue), all-to-all (orange)")
         res["bitwise"] = grads[False].keys() == grads[True].keys() and all(
             torch.equal(grads[False][k], grads[True][k]) for k in grads[False])
@@ -163,11 +172,11 @@ def _worker(rank, world, store, layout, steps, mb_rows, M, out_dir, q):
         q.put((rank, "error", traceback.format_exc()))
 
 
-def run_layout(layout, world, steps, mb_rows, M, out_dir):
+def run_layout(layout, world, steps, mb_rows, M, out_dir, realtime=False):
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     store = os.path.join(tempfile.mkdtemp(), "store")
-    procs = [ctx.Process(target=_worker, args=(r, world, store, layout, steps, mb_rows, M, out_dir, q))
+    procs = [ctx.Process(target=_worker, args=(r, world, store, layout, steps, mb_rows, M, out_dir, q, realtime))
              for r in range(world)]
     for p in procs:
         p.start()
@@ -187,8 +196,11 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--rows", type=int, default=4, help="sequences per micro-batch")
     ap.add_argument("--microbatches", type=int, default=8, help="DualPipeV micro-batches per step")
+    ap.add_argument("--realtime", action="store_true",
+                    help="run the ranks in SCHED_FIFO, shielded from the machine's other processes (root)")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     args = ap.parse_args()
+    rt = "_realtime" if args.realtime else ""
     os.makedirs(args.out, exist_ok=True)
     results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                           f"load {os.getloadavg()[0]:.1f}", "torch": torch.__version__, "layouts": {}}
@@ -196,26 +208,32 @@ def main() -> int:
              f"gloo ranks on one machine ({results['machine']}), torch {torch.__version__}, 1 thread per rank, "
              f"{args.steps} steps (median), micro-batches of {args.rows} × 64 tokens ({args.microbatches} per DualPipeV step; "
              "config: 8 layers, 8 experts top-2, hidden 128). "
-             "`python benchmarks/overlap.py`", "",
-             "| layout | rank | all-to-all ms (off) | hidden (off) | all-to-all ms (on) | hidden (on) | step ms off → on | grads bitwise equal |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"`python benchmarks/overlap.py{' --realtime' if args.realtime else ''}`; {scheduling(args.realtime)}.", "",
+             "| layout | rank | all-to-all ms (off) | hidden (off) | all-to-all ms (on) | hidden (on) "
+             "| on, not hidden: other lane communicating too / waiting for its turn / without paired work "
+             "| step ms off → on | grads bitwise equal |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for layout, world, M in (("ep2", 2, 2), ("pp2_ep2_dualpipev", 4, args.microbatches)):
-        out = run_layout(layout, world, args.steps, args.rows, M, args.out)
+        out = run_layout(layout, world, args.steps, args.rows, M, args.out, args.realtime)
         results["layouts"][layout] = out
         for r in sorted(out):
             o = out[r]
             lines.append(f"| {layout} | {r} | {o['off']['comm_s'] * 1e3:.1f} | {o['off']['hidden_fraction']:.0%} | "
                          f"{o['on']['comm_s'] * 1e3:.1f} | {o['on']['hidden_fraction']:.0%} | "
-                         f"{o['off']['step_s'] * 1e3:.0f} → {o['on']['step_s'] * 1e3:.0f} | {o['bitwise']} |")
+                         + " / ".join(f"{o['on'][k] / o['on']['comm_s']:.0%}"
+                                      for k in ("both_comm_s", "other_waiting_s", "other_idle_s"))
+                         + f" | {o['off']['step_s'] * 1e3:.0f} → {o['on']['step_s'] * 1e3:.0f} | {o['bitwise']} |")
         print("\n".join(lines[-len(out):]), flush=True)
     lines += ["", "Hidden: the share of a lane's all-to-all time (including waiting for the peer) during which "
               "the other lane was computing, from the trace of the last step. Timelines: "
-              "`overlap_ep2.png`, `overlap_pp2_ep2_dualpipev.png`; Chrome traces `overlap_trace_*.json`."]
-    with open(os.path.join(args.out, "overlap.md"), "w") as f:
+              f"`overlap_ep2{rt}.png`, `overlap_pp2_ep2_dualpipev{rt}.png`; Chrome traces `overlap_trace_*{rt}.json`. "
+              "DualPipeV pairs a forward with a backward chunk only in its steady phase: the all-to-alls of the "
+              "warm-up forwards and cool-down backwards have no paired work on the other lane."]
+    with open(os.path.join(args.out, f"overlap{rt}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    with open(os.path.join(args.out, "overlap.json"), "w") as f:
+    with open(os.path.join(args.out, f"overlap{rt}.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
-    print(f"wrote {os.path.join(args.out, 'overlap.md')}")
+    print(f"wrote {os.path.join(args.out, f'overlap{rt}.md')}")
     return 0
 
 

@@ -5,9 +5,10 @@ lengths, half greedy, half sampled with seeds, spread over the ranks. Per rank, 
 dispatch/combine time of each lane and the share of it during which the other lane computed
 ("overlapped"); rank 0 times every lockstep step. Outputs with TBO on must equal those with it off.
 Writes ``benchmarks/results/serve_tbo.{md,json}`` and ``serve_tbo.png`` (rank 0's lanes over a few
-decode steps with TBO on).
+decode steps with TBO on); with ``--realtime`` (ranks in SCHED_FIFO, shielded from the machine's
+other processes; see ``_sched.py``) ``serve_tbo_realtime.*``.
 
-    python benchmarks/serve_tbo.py [--ranks 2] [--requests 32] [--new-tokens 24]
+    python benchmarks/serve_tbo.py [--ranks 2] [--requests 32] [--new-tokens 24] [--realtime]
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import time
 
 import torch
 import torch.multiprocessing as mp
+
+from _sched import scheduling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "src"))
@@ -82,6 +85,9 @@ def _worker(rank, world, store, model_dir, args, out_dir, tmp):
     from dsv3.parallel import overlap as ov
     from dsv3.parallel.mesh import MeshSpec, build_mesh
 
+    if args.realtime:
+        from _sched import realtime
+        realtime()
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=600))
@@ -96,7 +102,7 @@ def _worker(rank, world, store, model_dir, args, out_dir, tmp):
         if rank == 0:
             res[key].update(_step_times(steps))
             if tbo:
-                _plot_steps(events, steps, os.path.join(out_dir, "serve_tbo.png"))
+                _plot_steps(events, steps, os.path.join(out_dir, f"{_name(args)}.png"))
     if rank == 0:
         res["identical"] = outputs["on"] == outputs["off"]
         res["tokens"] = sum(len(o) for o in outputs["on"])
@@ -104,6 +110,10 @@ def _worker(rank, world, store, model_dir, args, out_dir, tmp):
         json.dump(res, f)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _name(args) -> str:
+    return "serve_tbo_realtime" if args.realtime else "serve_tbo"
 
 
 def _step_times(steps: list[tuple[float, float]]) -> dict:
@@ -146,6 +156,8 @@ def main() -> int:
     ap.add_argument("--prefill-chunk", type=int, default=512)
     ap.add_argument("--hidden", type=int, default=256, help="the model's hidden size")
     ap.add_argument("--heads", type=int, default=4, help="the model's attention heads")
+    ap.add_argument("--realtime", action="store_true",
+                    help="run the ranks in SCHED_FIFO, shielded from the machine's other processes (root)")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -157,7 +169,8 @@ def main() -> int:
              f"{args.requests} requests (prompts 8-127 tokens, {args.new_tokens} new tokens, half greedy, half sampled "
              f"with seeds) spread over the ranks; config: 8 layers (7 MoE), hidden {args.hidden}, {args.heads} MLA "
              f"heads, 8 experts top-2 + 1 shared. "
-             f"`python benchmarks/serve_tbo.py --ranks {args.ranks} --hidden {args.hidden} --heads {args.heads}`", "",
+             f"`python benchmarks/serve_tbo.py --ranks {args.ranks} --hidden {args.hidden} --heads {args.heads}"
+             f"{' --realtime' if args.realtime else ''}`; {scheduling(args.realtime)}.", "",
              "| rank | dispatch/combine ms (off) | overlapped (off) | dispatch/combine ms (on) | overlapped (on) "
              "| on, not overlapped: other lane communicating too / waiting for its turn / done |",
              "|---|---|---|---|---|---|"]
@@ -178,10 +191,10 @@ def main() -> int:
               "over the whole run (`overlap_summary`). With TBO off the lanes never run together, so nothing "
               "overlaps. The lanes hand the rank's core to each other at every collective in strict alternation "
               "(`parallel/overlap.py`), so both ranks run the lanes' pieces in the same order. Timeline of rank 0 "
-              "over 4 steps: `serve_tbo.png`."]
-    with open(os.path.join(args.out, "serve_tbo.md"), "w") as f:
+              f"over 4 steps: `{_name(args)}.png`."]
+    with open(os.path.join(args.out, f"{_name(args)}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    with open(os.path.join(args.out, "serve_tbo.json"), "w") as f:
+    with open(os.path.join(args.out, f"{_name(args)}.json"), "w") as f:
         json.dump({"machine": machine, "torch": torch.__version__, "args": vars(args), "ranks": out}, f, indent=1)
     print("\n".join(lines))
     return 0 if r0["identical"] else 1
