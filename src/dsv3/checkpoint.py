@@ -36,7 +36,17 @@ _NAME = re.compile(r"^step-(\d{9})$")
 _FILES = ("model.safetensors", "optim.safetensors", "extra.safetensors")
 
 
-def _sha256(path: str) -> str:
+def write_json_atomic(path: str, obj) -> None:
+    """``obj`` as JSON at ``path``, replacing any old file in one step (written, synced, renamed)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def file_sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -116,7 +126,7 @@ def save_checkpoint(ckpt_root: str, step: int, model_state: dict[str, torch.Tens
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path)
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
-            checksums[fn] = _sha256(path)
+            checksums[fn] = file_sha256(path)
         _write_meta(tmp, dict(meta, step=step, checksums=checksums))
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -188,7 +198,7 @@ def verify_checkpoint(path: str) -> dict:
         p = os.path.join(path, fn)
         if not os.path.exists(p):
             raise ValueError(f"{fn} is missing")
-        if not isinstance(meta.get("checksums"), dict) or _sha256(p) != meta["checksums"].get(fn):
+        if not isinstance(meta.get("checksums"), dict) or file_sha256(p) != meta["checksums"].get(fn):
             raise ValueError(f"{fn} does not match its checksum (truncated or corrupted)")
     return meta
 
@@ -256,7 +266,7 @@ def save_sharded(ckpt_root: str, step: int, pieces: dict[str, dict[str, torch.Te
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path)
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
-            mine["files"][fn] = (kind, sorted(tensors), _sha256(path))
+            mine["files"][fn] = (kind, sorted(tensors), file_sha256(path))
     except OSError as e:
         mine["error"] = f"rank {rank}: {e.strerror or e}{' (' + e.filename + ')' if e.filename else ''}"
     everyone = [None] * world

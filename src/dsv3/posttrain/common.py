@@ -4,12 +4,12 @@ template, the binomial confidence interval."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import shutil
 
+from ..checkpoint import file_sha256, write_json_atomic  # noqa: F401 - re-exported for the commands
 from ..errors import UserError
 
 
@@ -41,14 +41,6 @@ def load_weights(path: str, device="cpu"):
     from ..hf import load_pretrained
 
     return load_pretrained(path, device=device, dtype=None)
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def model_fingerprint(path: str) -> dict:
@@ -87,15 +79,6 @@ def check_identity(args, identity: dict, describe: dict[str, str]) -> bool:
 def _short(v) -> str:
     s = json.dumps(v, sort_keys=True)
     return s if len(s) <= 60 else s[:57] + "…"
-
-
-def write_json_atomic(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def copy_template(src_model: str, final: str) -> None:

@@ -75,7 +75,7 @@ def _train_args(args) -> None:
 
 def run(args) -> int:
     from ..train import cli as train_cli
-    from ..train.trainer import TrainConfig, dist_from_env, pick_device
+    from ..train.trainer import dist_from_env, pick_device
     from ..train.watchdog import init_distributed
 
     _train_args(args)
@@ -88,14 +88,7 @@ def run(args) -> int:
 
     train_records = encode_file(args.data, template, tokenizer, "--data")
     val_records = encode_file(args.val_data, template, tokenizer, "--val-data") if args.val_data else None
-    tc = TrainConfig(out=args.out, data=args.data, steps=args.steps, batch_size=args.batch_size,
-                     seq_len=args.seq_len, grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup,
-                     seed=args.seed, precision=args.precision, bf16_moments=args.bf16_moments,
-                     recompute=args.recompute, ema_decay=args.ema, bias_update_speed=args.bias_update_speed,
-                     balance_alpha=args.balance_alpha, mtp_lambda=args.mtp_lambda, eval_every=args.eval_every,
-                     eval_batches=args.eval_batches, save_every=args.save_every, keep=args.keep,
-                     progress=not args.no_progress, device=args.device, ep=args.ep, gpus_per_node=args.gpus_per_node,
-                     two_hop=args.two_hop, fp8_dispatch=args.fp8_dispatch)
+    tc = train_cli.train_config(args)
     try:
         tc.validate(cfg)
     except ValueError as e:

@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 
+from ..checkpoint import write_json_atomic
 from ..errors import UserError as CLIError
 from ..errors import check_device, check_finite, check_int
 
@@ -337,15 +338,6 @@ def check_identity(args, identity: dict) -> bool:
     return bool(changed) or not os.path.exists(os.path.join(args.out, RUN_FILE))
 
 
-def _write_json_atomic(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def clear_metrics(out: str) -> None:
     """A --resume that found no checkpoint starts from step 0: the steps a killed run logged go."""
     path = os.path.join(out, "metrics.jsonl")
@@ -403,22 +395,28 @@ def _source_tokenizer(args):
     return Tokenizer.from_file(path) if os.path.exists(path) else None
 
 
+def train_config(args, **extra):
+    """The TrainConfig of parsed ``dsv3 train`` flags (also what ``dsv3 sft`` runs with)."""
+    from .trainer import TrainConfig
+
+    return TrainConfig(out=args.out, data=args.data, steps=args.steps, batch_size=args.batch_size,
+                       seq_len=args.seq_len, grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup,
+                       seed=args.seed, precision=args.precision, bf16_moments=args.bf16_moments,
+                       recompute=args.recompute, ema_decay=args.ema, bias_update_speed=args.bias_update_speed,
+                       balance_alpha=args.balance_alpha, mtp_lambda=args.mtp_lambda, eval_every=args.eval_every,
+                       eval_batches=args.eval_batches, save_every=args.save_every, keep=args.keep,
+                       progress=not args.no_progress, device=args.device, pp=args.pp, schedule=args.schedule,
+                       microbatches=args.microbatches, ep=args.ep, gpus_per_node=args.gpus_per_node,
+                       two_hop=args.two_hop, fp8_dispatch=args.fp8_dispatch, overlap=args.overlap, **extra)
+
+
 def run(args) -> int:
     from .extend import resolve_source
-    from .trainer import TrainConfig, dist_from_env, pick_device
+    from .trainer import dist_from_env, pick_device
 
     check_args(args)
     cfg = _model_config(args)
-    tc = TrainConfig(out=args.out, data=args.data, steps=args.steps, batch_size=args.batch_size,
-                     seq_len=args.seq_len, grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup,
-                     seed=args.seed, precision=args.precision, bf16_moments=args.bf16_moments,
-                     recompute=args.recompute, ema_decay=args.ema, bias_update_speed=args.bias_update_speed,
-                     balance_alpha=args.balance_alpha, mtp_lambda=args.mtp_lambda, eval_every=args.eval_every,
-                     eval_batches=args.eval_batches, save_every=args.save_every, keep=args.keep,
-                     progress=not args.no_progress, device=args.device, pp=args.pp, schedule=args.schedule,
-                     microbatches=args.microbatches, ep=args.ep, gpus_per_node=args.gpus_per_node,
-                     two_hop=args.two_hop, fp8_dispatch=args.fp8_dispatch, overlap=args.overlap,
-                     init_from=resolve_source(args.from_)[0] if args.from_ else "")
+    tc = train_config(args, init_from=resolve_source(args.from_)[0] if args.from_ else "")
     tc.validate(cfg)
     check_run_dir(args)
     from .watchdog import Heartbeat, init_distributed, is_timeout, timeout_message
@@ -468,7 +466,7 @@ def _run(args, cfg, tc, info, held: dict) -> int:
     train, val, tokenizer = _dataset(args, cfg, info.rank, info.world)
     identity = run_identity(args, cfg, train.path)
     if check_identity(args, identity) and info.main:
-        _write_json_atomic(os.path.join(args.out, RUN_FILE), identity)
+        write_json_atomic(os.path.join(args.out, RUN_FILE), identity)
     trainer = held["trainer"] = Trainer(cfg, tc, train, val, tokenizer)
     if args.resume:
         try:
@@ -524,7 +522,7 @@ def _finish(args, trainer, tokenizer, summary: dict, model=None) -> None:
         shutil.rmtree(old, ignore_errors=True)
         print(f"model exported to {final} (Hugging Face layout + tokenizer.json)")
     # after final/: a kill in between leaves a summary older than final/, which --resume refuses to replace
-    _write_json_atomic(os.path.join(args.out, "summary.json"), {"step": trainer.step, **summary})
+    write_json_atomic(os.path.join(args.out, "summary.json"), {"step": trainer.step, **summary})
     if not args.no_plots:
         from .plots import plot_run
         for path in plot_run(args.out):
