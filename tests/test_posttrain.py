@@ -67,6 +67,9 @@ def test_extract_answer_edge_cases():
     ("12.", "12", True), ("1e3", "1000", True), ("-7", "-7", True), ("\\text{12}", "12", True),
     ("131", "132", False), ("12,34", "1234", False), ("1/0", "0", False), ("abc", "12", False),
     ("Paris", "paris", True), ("Paris", "Rome", False), ("", "12", False), (None, "12", False),
+    # the built-in task writes numbers digit by digit: spaces inside a number are ignored
+    ("1 3 2", "132", True), ("1 3 2", "1 3 2", True), ("$1 3 2$", "132", True), ("1 3", "132", False),
+    ("1 3 2", "123", False), ("- 7", "-7", True),
 ])
 def test_answers_match_numeric_formats(given, ref, ok):
     assert R.answers_match(given, ref) is ok
@@ -86,6 +89,29 @@ def test_math_and_format_rewards():
     # several answers: the last one decides accuracy
     assert R.math_reward("<think></think><answer>12</answer><answer>13</answer>", "12") == 0.0
     assert R.math_reward("<think></think><answer>13</answer><answer>12</answer>", "12") == 1.0
+
+
+def test_rewards_on_the_tasks_digit_by_digit_format():
+    from dsv3.posttrain.task import make_sets, question, spaced, worked_solution
+
+    assert spaced(132) == "1 3 2" and question(47, 85) == "What is 4 7 + 8 5?"
+    sol = worked_solution(47, 85)
+    assert sol == "<think>7+5=1 2\n4+8+1=1 3</think>\n<answer>1 3 2</answer>"
+    assert worked_solution(12, 34) == "<think>2+4=6\n1+3=4</think>\n<answer>4 6</answer>"
+    assert R.extract_answer(sol) == "1 3 2"
+    assert R.math_reward(sol, "132") == 1.0 and R.math_reward(sol, 132) == 1.0 and R.format_reward(sol) == 1.0
+    assert R.math_reward(sol, "133") == 0.0
+    assert R.math_reward(sol.replace("<answer>1 3 2</answer>", "\\boxed{1 3 2}"), "132") == 1.0
+    assert R.math_reward("<think>x</think><answer>1 3</answer>", "132") == 0.0          # a digit missing
+    assert R.math_reward("<think>x</think> 1 3 2", "132") == 0.0                        # no answer tag
+    assert R.math_reward("<think>x</think><answer>1 3 2</answer><answer>1 3 1</answer>", "132") == 0.0
+    sets = make_sets(50, 100, 30, 2, seed=3)
+    rng = random.Random(0)
+    for a, b in rng.sample(sets["sft"], 20) + [(99, 99), (10, 10), (50, 50)]:
+        w = worked_solution(a, b)
+        assert R.math_reward(w, str(a + b)) == 1.0 and R.format_reward(w) == 1.0
+    assert not set(sets["heldout"]) & (set(sets["sft"]) | set(sets["train"]))
+    assert make_sets(50, 100, 30, 2, seed=3) == sets
 
 
 def test_reward_resolution(tmp_path):

@@ -37,7 +37,8 @@ from .common import RUN_FILE, check_identity, copy_template, file_sha256, model_
 IDENTITY = {"model": "--model", "prompts": "--prompts", "reward": "--reward", "group": "--group",
             "prompts-per-step": "--prompts-per-step", "max-new-tokens": "--max-new-tokens", "lr": "--lr",
             "clip": "--clip", "kl": "--kl", "updates": "--updates", "loss-type": "--loss-type",
-            "temperature": "--temperature", "seed": "--seed", "steps": "--steps", "warmup": "--warmup"}
+            "temperature": "--temperature", "ignore-eos": "--ignore-eos", "seed": "--seed", "steps": "--steps",
+            "warmup": "--warmup"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,6 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts-per-step", type=int, default=8)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--ignore-eos", action="store_true", help="sample exactly --max-new-tokens tokens per completion "
+                                                            "(no stop at end-of-sentence): for timing at a fixed length")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (the ratio is taken against "
                                                                   "the raw policy's log-probabilities)")
     p.add_argument("--lr", type=float, default=1e-4)
@@ -237,7 +240,7 @@ class GRPO:
         k = tr.step
         idx = prompt_order(len(self.prompts), k, args.prompts_per_step, args.seed)
         comps, gen = rollout(self.engine, self.tokenizer, [self.prompts[i] for i in idx], args.group, self.max_new,
-                             self.params, args.seed, k)
+                             self.params, args.seed, k, stop_at_eos=not args.ignore_eos)
         scores = [score(self.rewards, c.text, self.records[idx[c.prompt_index]]) for c in comps]
         total = torch.tensor([sum(s.values()) for s in scores], dtype=torch.float64)
         adv = group_advantages(total.view(len(idx), args.group)).view(-1).float()
@@ -295,7 +298,9 @@ class GRPO:
         bar = tqdm(total=args.steps, initial=tr.step, disable=args.no_progress, dynamic_ncols=True, desc="grpo",
                    mininterval=1.0)
         while tr.step < args.steps:
+            t0 = time.perf_counter()
             rec = self.step()
+            rec["step_seconds"] = time.perf_counter() - t0       # the whole step: sampling, rewards, reference, updates
             tr._log(rec)
             bar.set_postfix(reward=f"{rec['reward']:.2f}", acc=f"{rec['accuracy']:.2f}", kl=f"{rec['kl']:.3f}",
                             len=f"{rec['response_length']:.0f}", refresh=False)
@@ -323,7 +328,7 @@ def run(args) -> int:
                 "reward": args.reward, "group": args.group, "prompts-per-step": args.prompts_per_step,
                 "max-new-tokens": args.max_new_tokens, "lr": args.lr, "clip": args.clip, "kl": args.kl,
                 "updates": args.updates, "loss-type": args.loss_type, "temperature": args.temperature,
-                "warmup": args.warmup}
+                "ignore-eos": args.ignore_eos, "warmup": args.warmup}
     rewrite = check_identity(args, identity, IDENTITY)
     train_cli._prepare_run_dir(argparse.Namespace(out=args.out, resume=args.resume, overwrite=args.overwrite))
     if rewrite:

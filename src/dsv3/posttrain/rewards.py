@@ -6,8 +6,9 @@ has none) and ``record`` the rest of the prompt record's fields. Built-in names:
 
 * ``math`` (alias ``accuracy``): 1.0 when the *final* answer — the last ``\\boxed{…}`` or the last
   ``<answer>…</answer>``, whichever comes later in the text — equals the reference: numerically when
-  both read as numbers (``1,234`` = ``1234.0`` = ``+1234``; ``1/2`` = ``0.5``; ``$12$``, ``12.`` and
-  ``\\text{…}`` wrappers tolerated), else as text (case and whitespace folded). No answer: 0.0.
+  both read as numbers (``1,234`` = ``1234.0`` = ``+1234``; ``1/2`` = ``0.5``; spaces inside a number
+  ignored, so the built-in task's digit-by-digit ``1 3 2`` = ``132``; ``$12$``, ``12.`` and ``\\text{…}``
+  wrappers tolerated), else as text (case and whitespace folded). No answer: 0.0.
 * ``format``: 1.0 when the completion is ``<think>…</think>`` (one block, nothing before it) followed by
   an answer (``<answer>…</answer>`` or ``\\boxed{…}``), else 0.0.
 
@@ -76,7 +77,8 @@ def _unwrap(s: str) -> str:
 
 def parse_number(s: str) -> Fraction | None:
     """A number written as an integer, a decimal (``1,234.50`` with thousands commas, ``.5``, ``1e3``),
-    a fraction ``a/b`` or ``\\frac{a}{b}``, in optional ``$…$`` / ``\\text{…}`` wrappers; None otherwise."""
+    a fraction ``a/b`` or ``\\frac{a}{b}``, in optional ``$…$`` / ``\\text{…}`` wrappers; spaces are ignored
+    (``1 3 2`` is 132: digits written one token each); None otherwise."""
     if not isinstance(s, str):
         return None
     s = _unwrap(s).replace(" ", "").replace("\\!", "").replace("{,}", ",")

@@ -54,9 +54,11 @@ def row_seed(seed: int, step: int, row: int) -> int:
 
 @torch.no_grad()
 def rollout(engine: Engine, tokenizer, prompts: list[list[int]], group: int, max_new_tokens: int,
-            params: SamplingParams, seed: int, step: int) -> tuple[list[Completion], dict]:
+            params: SamplingParams, seed: int, step: int, stop_at_eos: bool = True) -> tuple[list[Completion], dict]:
     """``group`` completions of every prompt (prompt-major order) and timing: ``gen_tokens``,
-    ``gen_seconds``, ``gen_tokens_per_s``."""
+    ``gen_seconds``, ``gen_tokens_per_s``. ``stop_at_eos=False``: every completion is exactly
+    ``max_new_tokens`` long (an end-of-sentence token sampled on the way is kept as a token; for timing at a
+    fixed length)."""
     was_training = engine.model.training
     forget_cached_prefixes(engine)
     reqs = []
@@ -65,7 +67,7 @@ def rollout(engine: Engine, tokenizer, prompts: list[list[int]], group: int, max
         for g in range(group):
             row = i * group + g
             reqs.append((i, engine.submit(ids, max_new_tokens, params, seed=row_seed(seed, step, row),
-                                          stop_ids={tokenizer.eos_id}, logprobs=0)))
+                                          stop_ids={tokenizer.eos_id} if stop_at_eos else (), logprobs=0)))
     engine.run()
     dt = time.perf_counter() - t0
     engine.model.train(was_training)

@@ -1,17 +1,22 @@
 """The built-in verifiable task: multi-digit addition, so the whole R1 chain runs on a CPU.
 
+Every number is written digit by digit, the digits separated by spaces (``4 7``, not ``47``): the
+quickstart model's 2048-token BPE splits numbers irregularly (``85`` is one token, ``132`` is ``1`` +
+``32``, ``18`` two), so a tiny model would have to learn each multi-digit token's digits before it could
+add; spaced digits are one token each. The answer ``<answer>1 3 2</answer>`` reads as 132 for the
+``math`` reward (spaces inside a number are ignored).
+
 ``dsv3 r1-task --out DIR [--digits 2] [--seed 0]`` writes, from one seed, three disjoint sets of problems:
 
 * ``sft.jsonl`` — the cold start: chat records whose answers are worked solutions in the R1 format,
-  column by column from the units with the carries, then the answer::
+  column addition from the units, each column's digits plus the carry and its two-digit sum, then the
+  answer::
 
-      <think>4 7 + 8 5
-      7+5=12 write 2 carry 1
-      4+8+1=13 write 3 carry 1
-      1 3 2</think>
-      <answer>132</answer>
+      What is 4 7 + 8 5?   ->   <think>7+5=1 2
+                                4+8+1=1 3</think>
+                                <answer>1 3 2</answer>
 
-* ``train.jsonl`` — prompts for GRPO (``{"prompt": "What is 47 + 85?", "answer": "132"}``);
+* ``train.jsonl`` — prompts for GRPO (``{"prompt": "What is 4 7 + 8 5?", "answer": "132"}``);
 * ``heldout.jsonl`` — prompts never seen in SFT or RL, for the accuracy after each stage.
 """
 
@@ -30,28 +35,28 @@ def problem(rng: random.Random, digits: int) -> tuple[int, int]:
     return rng.randint(lo, hi), rng.randint(lo, hi)
 
 
+def spaced(n: int) -> str:
+    """``132`` -> ``"1 3 2"``: a number as its digits separated by spaces (each one token)."""
+    return " ".join(str(n))
+
+
 def question(a: int, b: int) -> str:
-    return f"What is {a} + {b}?"
+    return f"What is {spaced(a)} + {spaced(b)}?"
 
 
 def worked_solution(a: int, b: int) -> str:
-    """The cold-start answer: the digits, each column with its carry, the digits of the sum, the answer."""
+    """The cold-start answer: one line per column from the units — the two digits, the carry when there
+    is one, and their sum as two digits when it carries (``7+5=1 2``) — then the answer, digit by digit."""
     da, db = str(a), str(b)
     n = max(len(da), len(db))
     da, db = da.zfill(n), db.zfill(n)
-    lines = [f"{' '.join(str(a))} + {' '.join(str(b))}"]
-    carry, out = 0, []
+    lines, carry = [], 0
     for i in range(n - 1, -1, -1):
         x, y = int(da[i]), int(db[i])
         s = x + y + carry
-        expr = f"{x}+{y}" + (f"+{carry}" if carry else "")
+        lines.append(f"{x}+{y}" + (f"+{carry}" if carry else "") + f"={spaced(s)}")
         carry = s // 10
-        out.append(s % 10)
-        lines.append(f"{expr}={s} write {s % 10}" + (f" carry {carry}" if carry else ""))
-    if carry:
-        out.append(carry)
-    digits = " ".join(str(d) for d in reversed(out))
-    return "<think>" + "\n".join(lines) + f"\n{digits}</think>\n<answer>{a + b}</answer>"
+    return "<think>" + "\n".join(lines) + f"</think>\n<answer>{spaced(a + b)}</answer>"
 
 
 def make_sets(n_sft: int, n_train: int, n_heldout: int, digits: int, seed: int) -> dict[str, list[tuple[int, int]]]:
