@@ -96,8 +96,8 @@ def test_rewards_on_the_tasks_digit_by_digit_format():
 
     assert spaced(132) == "1 3 2" and question(47, 85) == "What is 4 7 + 8 5?"
     sol = worked_solution(47, 85)
-    assert sol == "<think>7+5=1 2\n4+8+1=1 3</think>\n<answer>1 3 2</answer>"
-    assert worked_solution(12, 34) == "<think>2+4=6\n1+3=4</think>\n<answer>4 6</answer>"
+    assert sol == "<think>7+5=1 2\n4+8+1=1 3\n1 3 2</think>\n<answer>1 3 2</answer>"
+    assert worked_solution(12, 34) == "<think>2+4=6\n1+3=4\n4 6</think>\n<answer>4 6</answer>"
     assert R.extract_answer(sol) == "1 3 2"
     assert R.math_reward(sol, "132") == 1.0 and R.math_reward(sol, 132) == 1.0 and R.format_reward(sol) == 1.0
     assert R.math_reward(sol, "133") == 0.0

@@ -9,11 +9,12 @@ add; spaced digits are one token each. The answer ``<answer>1 3 2</answer>`` rea
 ``dsv3 r1-task --out DIR [--digits 2] [--seed 0]`` writes, from one seed, three disjoint sets of problems:
 
 * ``sft.jsonl`` — the cold start: chat records whose answers are worked solutions in the R1 format,
-  column addition from the units, each column's digits plus the carry and its two-digit sum, then the
-  answer::
+  column addition from the units (each column's digits plus the carry, and their sum), the sum's digits
+  in order, then the answer (a copy of the last line)::
 
       What is 4 7 + 8 5?   ->   <think>7+5=1 2
-                                4+8+1=1 3</think>
+                                4+8+1=1 3
+                                1 3 2</think>
                                 <answer>1 3 2</answer>
 
 * ``train.jsonl`` — prompts for GRPO (``{"prompt": "What is 4 7 + 8 5?", "answer": "132"}``);
@@ -46,7 +47,8 @@ def question(a: int, b: int) -> str:
 
 def worked_solution(a: int, b: int) -> str:
     """The cold-start answer: one line per column from the units — the two digits, the carry when there
-    is one, and their sum as two digits when it carries (``7+5=1 2``) — then the answer, digit by digit."""
+    is one, and their sum as two digits when it carries (``7+5=1 2``) —, the digits of the sum, then the
+    answer, digit by digit."""
     da, db = str(a), str(b)
     n = max(len(da), len(db))
     da, db = da.zfill(n), db.zfill(n)
@@ -56,6 +58,7 @@ def worked_solution(a: int, b: int) -> str:
         s = x + y + carry
         lines.append(f"{x}+{y}" + (f"+{carry}" if carry else "") + f"={spaced(s)}")
         carry = s // 10
+    lines.append(spaced(a + b))
     return "<think>" + "\n".join(lines) + f"</think>\n<answer>{spaced(a + b)}</answer>"
 
 
