@@ -31,6 +31,16 @@ def two_proportion_z(k1: int, n1: int, k2: int, n2: int) -> float:
     return (k2 / n2 - k1 / n1) / se
 
 
+def mcnemar_exact(a: list[int], b: list[int]) -> dict:
+    """The paired comparison of two models on the same problems: b01 (wrong → right), b10 (right → wrong)
+    and the two-sided exact McNemar p-value (binomial on the discordant pairs)."""
+    b01 = sum(1 for x, y in zip(a, b) if not x and y)
+    b10 = sum(1 for x, y in zip(a, b) if x and not y)
+    n, k = b01 + b10, min(b01, b10)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+    return {"wrong_to_right": b01, "right_to_wrong": b10, "p_value": p}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("runs")
@@ -94,6 +104,8 @@ def main() -> None:
         summary["grpo_minus_sft"] = g["accuracy"] - s["accuracy"]
         summary["z_two_proportion"] = two_proportion_z(s["correct"], s["total"], g["correct"], g["total"])
         summary["intervals_disjoint"] = g["ci95"][0] > s["ci95"][1]
+        if len(s.get("sample_correct", [])) == len(g.get("sample_correct", [])) == s["total"]:
+            summary["paired_mcnemar"] = mcnemar_exact(s["sample_correct"], g["sample_correct"])
     with open(os.path.join(a.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     lines = ["# R1 demo: cold-start SFT then GRPO on 2-digit addition", "",
@@ -112,10 +124,14 @@ def main() -> None:
     if "z_two_proportion" in summary:
         lines.append(f"GRPO − SFT: {summary['grpo_minus_sft']:+.1%} (two-proportion z = {summary['z_two_proportion']:.1f}; "
                      f"intervals {'disjoint' if summary['intervals_disjoint'] else 'overlapping'}).")
+    if "paired_mcnemar" in summary:
+        m = summary["paired_mcnemar"]
+        lines.append(f"Paired on the same {res['sft']['total']} problems: {m['wrong_to_right']} wrong → right, "
+                     f"{m['right_to_wrong']} right → wrong after GRPO (exact McNemar p = {m['p_value']:.2g}).")
     lines += ["", "![accuracy](accuracy.png)", "", "![grpo](grpo.png)", ""]
     with open(os.path.join(a.out, "summary.md"), "w") as f:
         f.write("\n".join(lines))
-    print("\n".join(lines[:len(names) + 8]))
+    print("\n".join(x for x in lines if not x.startswith("![")))
 
 
 if __name__ == "__main__":

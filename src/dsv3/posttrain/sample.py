@@ -10,7 +10,8 @@ prompt's repeated completions; ``--max-per-prompt`` caps what one prompt contrib
 
 It reports the accuracy (the first reward that is ``math``/``accuracy``, else the pass rate) over all
 samples with the number of samples and a 95% Wilson confidence interval, and pass@n over prompts
-(``--json`` for machine-readable output). ``--temperature 0`` with ``--n 1`` is greedy evaluation.
+(``--json`` for machine-readable output, with ``sample_correct``: each sample's 0/1 in prompt order, for
+paired comparisons of two models on the same prompts). ``--temperature 0`` with ``--n 1`` is greedy evaluation.
 """
 
 from __future__ import annotations
@@ -149,6 +150,9 @@ def run(args) -> int:
         os.replace(tmp, args.out)
         kept = len(chosen)
     report = {k: v for k, v in rep.items() if k != "samples"}
+    acc_name = next((nm for nm, _ in rewards if nm in ("math", "accuracy")), None)
+    # per sample, in prompt order: 1 when correct (paired comparisons of two models on the same prompts)
+    report["sample_correct"] = [int(sc[acc_name] >= 1.0 if acc_name else ok) for _, _, sc, ok in rep["samples"]]
     report.update({"kept": kept, "out": args.out if args.keep != "none" else None, "model": args.model,
                    "temperature": args.temperature, "reward": args.reward})
     if args.json:
