@@ -273,6 +273,29 @@ def test_preemption_reproduces_the_same_tokens(one_thread):
     _check_against_generate(m, eng, specs, reqs)
 
 
+def test_preemption_during_prefill_keeps_every_prompt_logprob(one_thread):
+    # requests preempted part-way through their prompt compute it again in chunks that do not line up
+    # with the first pass (the chunk budget is shared); every prompt log-probability is still there once
+    m = _model(seed=12, max_position_embeddings=96)
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (40, 33, 45, 29)]
+    per_block = (m.cfg.kv_lora_rank + m.cfg.qk_rope_head_dim) * m.cfg.num_hidden_layers * 8 * 8
+
+    def run(**kw):
+        eng = Engine(m, max_batch=4, block_size=8, prefill_chunk=11, **kw)
+        reqs = [eng.submit(p, 24, GREEDY, prompt_logprobs=1) for p in prompts]
+        eng.run()
+        return eng, reqs
+
+    tight, got = run(cache_memory=11 * per_block)      # preempts a request mid-prompt
+    _, ref = run()
+    assert tight.preemptions > 0
+    for a, b, p in zip(got, ref, prompts):
+        assert a.output == b.output and len(a.prompt_logprobs_out) == len(p) and a.prompt_logprobs_out[0] is None
+        for x, y in zip(a.prompt_logprobs_out[1:], b.prompt_logprobs_out[1:]):
+            assert x.token == y.token and abs(x.logprob - y.logprob) < 1e-5
+
+
 def test_speculative_preemption_and_chunks(one_thread):
     from dsv3.infer.speculative import generate_speculative
 

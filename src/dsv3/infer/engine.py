@@ -600,16 +600,22 @@ class Engine:
         req._draft = (sample(q, req._gen), q)
 
     def _prompt_logprobs(self, req: Request, h: torch.Tensor, start: int) -> None:
-        """Log-probabilities of prompt tokens start+1 … from the hidden states h [n, d] of positions start …"""
-        targets = req.prompt[start + 1:start + 1 + h.shape[0]]
-        if start == 0 and not req.prompt_logprobs_out:
-            req.prompt_logprobs_out.append(None)
-        if not targets or len(req.prompt_logprobs_out) != start + 1:     # none left, or known already
+        """Log-probabilities of prompt tokens start+1 … from the hidden states h [n, d] of positions start …
+        Only the ones not known yet: a request preempted during its prefill computes its prompt again in
+        chunks that need not line up with the first pass's."""
+        out = req.prompt_logprobs_out
+        if start == 0 and not out:
+            out.append(None)
+        first = max(start + 1, len(out))                   # the first prompt index still unknown
+        last = min(start + h.shape[0], len(req.prompt) - 1)
+        if first > last:                                   # none left, or all known already
             return
-        logits = self.model.lm_head(self.model.norm(h[:len(targets)]))
+        assert first == len(out), f"prompt log-probabilities from {first}, but only {len(out)} known"
+        targets = req.prompt[first:last + 1]
+        logits = self.model.lm_head(self.model.norm(h[first - 1 - start:last - start]))
         lp, vals, ids = token_logprobs(logits, torch.tensor(targets, device=self.device), req.prompt_logprobs)
         for j, t in enumerate(targets):
-            req.prompt_logprobs_out.append(TokenLogprob(t, float(lp[j]), list(zip(ids[j].tolist(), vals[j].tolist()))))
+            out.append(TokenLogprob(t, float(lp[j]), list(zip(ids[j].tolist(), vals[j].tolist()))))
 
     def _emit(self, req: Request, tid: int, logits: torch.Tensor | None, finished: list) -> None:
         """Append ``tid`` to the output; ``logits`` [V] (the raw logits it was drawn from) are needed
