@@ -94,6 +94,42 @@ def test_probabilities_filters():
             SamplingParams(**bad)
 
 
+def test_batched_sampling_draws_what_each_row_draws_alone():
+    # rows of mixed settings (two temperatures, top-k, top-p, greedy, one non-finite row) drawn as batches
+    # give each row the token sample() gives it alone with the same generator, and the not-finite row
+    # is reported instead of raising for the batch
+    from dsv3.infer.sampling import probabilities, sample, sample_rows
+    g = torch.Generator().manual_seed(int(torch.randint(0, 1 << 30, (1,))))
+    logits = torch.randn(9, 50, generator=g) * 3
+    logits[4, 7] = float("nan")
+    kinds = [SamplingParams(0.7), SamplingParams(1.0, top_k=5), SamplingParams(0.9, top_p=0.8), SamplingParams(0.0)]
+    params = [kinds[i % 4] for i in range(9)]
+    seeds = torch.randint(0, 1 << 30, (9,), generator=g).tolist()
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    for _ in range(3):                                   # the generators advance by one draw per row
+        tokens, ok = sample_rows(logits, params, gens)
+        assert ok.tolist() == [i != 4 for i in range(9)]
+        for i in range(9):
+            if i == 4:
+                continue
+            alone = torch.Generator().manual_seed(seeds[i])
+            for _ in range(_ + 1):
+                want = (logits[i].argmax() if params[i].greedy
+                        else sample(probabilities(logits[i:i + 1], params[i]), alone)[0])
+            assert int(tokens[i]) == int(want), (i, params[i])
+
+
+def test_inverse_cdf_draw_follows_the_distribution():
+    from dsv3.infer.sampling import draw
+    p = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.3, 0.0])
+    u = torch.rand(200_000, generator=torch.Generator().manual_seed(3))
+    tokens = draw(p.expand(u.numel(), -1), u)
+    freq = torch.bincount(tokens, minlength=6).double() / u.numel()
+    assert freq[[0, 2, 5]].sum() == 0 and torch.allclose(freq, p.double(), atol=5e-3)
+    edge = draw(p[None], torch.tensor([1.0 - 1e-12]))         # the very top of [0, 1): the last id with mass
+    assert int(edge[0]) == 4
+
+
 def test_accept_or_resample_keeps_the_target_distribution():
     """P(out = x) = min(p, q)(x) + (1 − Σ min(p, q)) · (p − q)⁺(x)/Σ(p − q)⁺ = p(x): checked on 400K
     independent rows, with drafts drawn from q."""

@@ -235,6 +235,28 @@ def test_engine_logprobs_equal_training_log_softmax(one_thread):
         assert torch.allclose(got, want, atol=1e-5, rtol=0), (seed, (got - want).abs().max())
 
 
+def test_policy_logprobs_score_only_the_targets_as_the_full_forward_does():
+    # the head runs at the target positions alone; values and gradients equal log-softmax of the whole
+    # forward's logits at those positions (fp64), 0 elsewhere
+    from dsv3 import Transformer
+    from dsv3.posttrain.grpo import policy_logprobs
+
+    seed = random.randrange(2**31)
+    torch.manual_seed(seed)
+    model = Transformer(small_config(vocab_size=300, max_position_embeddings=64)).double()
+    inputs = torch.randint(0, 300, (3, 20))
+    target = torch.randint(0, 300, (3, 20))
+    target[:, :7] = -1
+    target[1, 15:] = -1
+    got, _ = policy_logprobs(model, inputs, target)
+    full = torch.log_softmax(model(inputs), -1).gather(-1, target.clamp_min(0)[..., None])[..., 0] * (target >= 0)
+    assert torch.allclose(got, full, atol=1e-12, rtol=0), seed
+    g1 = torch.autograd.grad(got.sum(), model.lm_head.weight)[0]
+    full = torch.log_softmax(model(inputs), -1).gather(-1, target.clamp_min(0)[..., None])[..., 0] * (target >= 0)
+    g2 = torch.autograd.grad(full.sum(), model.lm_head.weight)[0]
+    assert torch.allclose(g1, g2, atol=1e-12, rtol=0), seed
+
+
 # ---------------------------------------------------------------------------------------------- SFT data
 def test_sft_mask_is_exactly_the_assistant_tokens(tmp_path):
     from dsv3.infer.chat_template import ChatTemplate

@@ -42,8 +42,8 @@ import torch
 from ..model.layers import at_least_fp32
 from ..parallel.overlap import run_pair, span
 from .paged_cache import BlockPool, PagedLatentCache, block_keys
-from .sampling import (SamplingParams, accept_or_resample, adjust_logits, probabilities, sample,
-                       token_logprobs)
+from .sampling import (NOT_FINITE, SamplingParams, accept_or_resample, adjust_logits, probabilities, sample,
+                       sample_rows, token_logprobs)
 
 
 class ContextOverflow(ValueError):
@@ -439,12 +439,14 @@ class Engine:
             if req.prompt_logprobs is not None:
                 self._prompt_logprobs(req, h[i, :lens[i]], starts[i])
         firsts: dict[int, int] = {}
-        for i, req in enumerate(reqs):
-            if complete[i] and req._sample_at_end:
-                try:
-                    firsts[i] = self._sample(req, last[i])
-                except Exception as e:  # noqa: BLE001
-                    self._finish(req, "error", finished, f"{type(e).__name__}: {e}")
+        ending = [i for i, req in enumerate(reqs) if complete[i] and req._sample_at_end]
+        if ending:
+            tokens, errors = self._sample_rows([reqs[i] for i in ending], last[ending])
+            for i, tid, err in zip(ending, tokens, errors):
+                if err is not None:
+                    self._finish(reqs[i], "error", finished, err)
+                else:
+                    firsts[i] = tid
         mtp_last = None
         if self.speculative:                      # MTP over the chunk: position j reads h_j and token j+1
             nxt = []
@@ -492,18 +494,46 @@ class Engine:
             return self.model(tokens[lo:hi], start[lo:hi], view)[:, -1]
 
         logits = self._forward(forward, [1] * len(rows), "trunk")
-        plain = [i for i, r in enumerate(rows) if r.params.greedy and not r.params.adjusts]
-        if len(plain) == len(rows):
-            greedy = dict(enumerate(logits.argmax(-1).tolist()))
-        else:
-            greedy = dict(zip(plain, logits[plain].argmax(-1).tolist())) if plain else {}
+        tokens, errors = self._sample_rows(rows, logits)
+        entries = self._logprob_entries(rows, logits, tokens)
         for i, req in enumerate(rows):
-            try:
-                tid = greedy[i] if i in greedy else self._sample(req, logits[i])
-            except Exception as e:  # noqa: BLE001 — this request alone fails
-                self._finish(req, "error", finished, f"{type(e).__name__}: {e}")
+            if errors[i] is not None:            # this request alone fails
+                self._finish(req, "error", finished, errors[i])
                 continue
-            self._emit(req, tid, logits[i] if req.logprobs is not None else None, finished)
+            self._emit(req, tokens[i], entries[i], finished)
+
+    def _sample_rows(self, rows: list[Request], logits: torch.Tensor) -> tuple[list[int], list[str | None]]:
+        """The next token of every row from its raw logits [n, V] (each with its settings and generator;
+        rows alike drawn in one batch) and, per row, None or the error that ends that request alone."""
+        n = len(rows)
+        if all(r.params.greedy and not r.params.adjusts for r in rows):
+            return logits.argmax(-1).tolist(), [None] * n
+        errors: list[str | None] = [None] * n
+        adjusted = logits
+        if any(r.params.adjusts for r in rows):
+            adjusted = torch.stack([self._adjusted(r, logits[i]).to(logits.dtype) for i, r in enumerate(rows)])
+        tokens, ok = sample_rows(adjusted, [r.params for r in rows],
+                                 [r._gen for r in rows])
+        for i in (~ok).nonzero().flatten().tolist():
+            errors[i] = f"FloatingPointError: {NOT_FINITE}"
+        return tokens.tolist(), errors
+
+    def _logprob_entries(self, rows: list[Request], logits: torch.Tensor, tokens) -> list:
+        """Per row: the :class:`TokenLogprob` of ``tokens[i]`` under the raw logits [n, V] (and its
+        ``logprobs`` top alternatives) when the request asked for log-probabilities, else None; one
+        batched log-softmax for all the rows that did."""
+        want = [i for i, r in enumerate(rows) if r.logprobs is not None]
+        out = [None] * len(rows)
+        if not want:
+            return out
+        top = max(rows[i].logprobs for i in want)
+        idx = torch.tensor(want, device=logits.device)
+        lp, vals, ids = token_logprobs(logits.index_select(0, idx), torch.tensor([tokens[i] for i in want]), top)
+        lp, vals, ids = lp.tolist(), vals.tolist(), ids.tolist()
+        for j, i in enumerate(want):
+            k = rows[i].logprobs
+            out[i] = TokenLogprob(tokens[i], lp[j], list(zip(ids[j][:k], vals[j][:k])))
+        return out
 
     def _speculative_step(self, rows: list[Request], finished: list) -> None:
         """Verify every row's draft with its last token in one forward (positions pos, pos+1), accept
@@ -617,9 +647,9 @@ class Engine:
         for j, t in enumerate(targets):
             out.append(TokenLogprob(t, float(lp[j]), list(zip(ids[j].tolist(), vals[j].tolist()))))
 
-    def _emit(self, req: Request, tid: int, logits: torch.Tensor | None, finished: list) -> None:
-        """Append ``tid`` to the output; ``logits`` [V] (the raw logits it was drawn from) are needed
-        only for ``req.logprobs``."""
+    def _emit(self, req: Request, tid: int, logits, finished: list) -> None:
+        """Append ``tid`` to the output; ``logits``: the raw logits [V] it was drawn from, or its
+        :class:`TokenLogprob` computed already (needed only for ``req.logprobs``)."""
         req.output.append(tid)
         req._next = tid
         if req.params.presence_penalty or req.params.frequency_penalty:
@@ -627,8 +657,9 @@ class Engine:
                 req._counts = torch.zeros(self.model.cfg.vocab_size, device=self.device)
             req._counts[tid] += 1
         if req.logprobs is not None:
-            lp, vals, ids = token_logprobs(logits.view(1, -1), torch.tensor([tid]), req.logprobs)
-            req.output_logprobs.append(TokenLogprob(tid, float(lp[0]), list(zip(ids[0].tolist(), vals[0].tolist()))))
+            if not isinstance(logits, TokenLogprob):
+                logits = self._logprob_entries([req], logits.view(1, -1), [tid])[0]
+            req.output_logprobs.append(logits)
         if tid in req.stop_ids:
             self._finish(req, "stop", finished)
         elif len(req.output) >= req.max_new_tokens or req.length >= self.max_len:

@@ -78,7 +78,17 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     logits = logits.float()
     if params.greedy:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    logits = logits / params.temperature
+    probs = _filtered(logits / params.temperature, params).softmax(-1)
+    if not torch.isfinite(probs).all():
+        raise FloatingPointError(NOT_FINITE)
+    return probs
+
+
+NOT_FINITE = "the sampling distribution is not finite (the model's logits hold NaN or inf)"
+
+
+def _filtered(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Tempered logits [..., V] with top-k, then the smallest prefix reaching top-p, kept (the rest -inf)."""
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = logits.topk(params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -88,15 +98,50 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         drop = probs.cumsum(-1) - probs > params.top_p          # keep the smallest prefix reaching top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    if not torch.isfinite(probs).all():
-        raise FloatingPointError("the sampling distribution is not finite (the model's logits hold NaN or inf)")
-    return probs
+    return logits
+
+
+def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: probs [B, V] (rows need not be normalised) and uniforms u [B] in [0, 1) →
+    token ids [B], row b the first id whose cumulative probability exceeds u_b times the row's total
+    (an id of probability 0 is never drawn)."""
+    cdf = probs.float().cumsum(-1)
+    target = (u.to(cdf.device, cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
+    token = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    # rounding can put the target at the row's total: take the last id of non-zero probability then
+    last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).float().argmax(-1)
+    return torch.minimum(token, last)
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """probs [B, V] → token ids [B]."""
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    """probs [B, V] → token ids [B], one uniform per row from ``generator``."""
+    return draw(probs, torch.rand(probs.shape[0], generator=generator, device=probs.device))
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
+                generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row i of logits [n, V] (already adjusted) drawn with ``params[i]`` and one uniform from
+    ``generators[i]`` — the token :func:`sample` draws for that row alone — with the rows that share
+    their settings filtered and drawn as one batch. Returns (token ids [n], ok [n] bool: False where
+    the row's distribution is not finite; its token is then meaningless)."""
+    n = logits.shape[0]
+    tokens = torch.zeros(n, dtype=torch.long, device=logits.device)
+    ok = torch.ones(n, dtype=torch.bool, device=logits.device)
+    u = torch.cat([torch.rand(1, generator=g, device=logits.device) for g in generators]) if n else None
+    groups: dict[SamplingParams, list[int]] = {}
+    for i, p in enumerate(params):
+        groups.setdefault(p, []).append(i)
+    for p, rows in groups.items():
+        idx = torch.tensor(rows, device=logits.device)
+        part = logits if len(rows) == n else logits.index_select(0, idx)
+        if p.greedy:
+            tokens[idx] = part.argmax(-1)
+            continue
+        probs = _filtered(part.float() / p.temperature, p).softmax(-1)
+        fine = torch.isfinite(probs).all(-1)
+        tokens[idx] = draw(torch.where(fine[:, None], probs, 1.0), u[idx])
+        ok[idx] = fine
+    return tokens, ok
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,

@@ -147,14 +147,20 @@ def pack_batch(comps, advantages, ref_fn, pad_id: int, accum: int, loss_type: st
 
 
 def policy_logprobs(model, inputs, target):
-    """log π(target) [N, L] of ``model`` and its routing (the trunk only: no MTP forward)."""
+    """log π(target) [N, L] of ``model`` (0 where target < 0) and its routing (the trunk only: no MTP
+    forward). The output head runs only at the positions with a target: the completions' (the prompts'
+    positions would cost as much and are never scored)."""
+    import torch
+
     from ..model.layers import at_least_fp32
     from .loss import sequence_logprobs
 
     routing: list = []
     h, _ = model._trunk(inputs, stats=routing)
-    logits = at_least_fp32(model.lm_head(model.norm(h)))
-    return sequence_logprobs(logits, target), routing
+    at = (target >= 0).flatten().nonzero().squeeze(-1)
+    logits = at_least_fp32(model.lm_head(model.norm(h.flatten(0, 1).index_select(0, at))))
+    lp = sequence_logprobs(logits, target.flatten().index_select(0, at))
+    return torch.zeros(target.numel(), dtype=lp.dtype, device=lp.device).index_put((at,), lp).view_as(target), routing
 
 
 def make_loss_fn(clip: float, beta: float):

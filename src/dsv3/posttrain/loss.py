@@ -75,6 +75,9 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
 
 
 def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """logits [N, T, V], targets [N, T] → log π(target) [N, T] (fp32 log-softmax; targets < 0 give 0)."""
-    lp = torch.log_softmax(logits.float(), dim=-1)
-    return lp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1) * (targets >= 0)
+    """logits [..., V], targets [...] → log π(target) [...] (at least fp32; targets < 0 give 0). One fused
+    cross-entropy: no [..., V] log-softmax is kept for the backward."""
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    lp = -torch.nn.functional.cross_entropy(logits.flatten(0, -2), targets.flatten().clamp_min(-1), ignore_index=-1,
+                                            reduction="none")
+    return lp.view(targets.shape)
