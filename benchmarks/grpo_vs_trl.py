@@ -344,6 +344,23 @@ def orchestrate(a) -> None:
                   f"{row['trl_step_s']:.2f} s/step -> TRL/dsv3 = {row['ratio']:.2f}x", flush=True)
 
     # ---- learning: the same steps on the task, then greedy held-out accuracy of both
+    if a.skip_learning:
+        prev = os.path.join(a.out, "grpo_vs_trl.json")
+        if not os.path.exists(prev):
+            fail(f"--skip-learning: no earlier results in {prev} to keep the learning comparison from")
+        with open(prev) as f:
+            old = json.load(f)
+        L = old["learning"]
+        L["from_run_of"] = L.get("from_run_of", old["date"])
+        a.steps, a.max_new_tokens = L["steps"], L["max_new_tokens"]
+    else:
+        L = learn(a, env, work, heldout)
+    res["learning"] = L
+    report(a, res, L, trl_v, tf_v, torch_v)
+
+
+def learn(a, env, work: str, heldout: str) -> dict:
+    """The same GRPO steps on the task with both, then the greedy held-out accuracy of both final models."""
     L = {"steps": a.steps, "max_new_tokens": a.max_new_tokens}
     L["heldout_start"] = heldout_accuracy(a.model, heldout, a.heldout, a.max_new_tokens, env)
     d_out, t_out = os.path.join(work, "dsv3_learn"), os.path.join(work, "trl_learn")
@@ -367,7 +384,12 @@ def orchestrate(a) -> None:
         L[name]["first_accuracy"] = sum(r["accuracy"] for r in rows[:k]) / k
         L[name]["last_accuracy"] = sum(r["accuracy"] for r in rows[-k:]) / k
         L[name]["median_step_s"] = statistics.median(r["step_seconds"] for r in rows)
-    res["learning"] = L
+    return L
+
+
+def report(a, res, L, trl_v, tf_v, torch_v) -> None:
+    import torch
+
     h = {n: L[n]["heldout"] for n in ("dsv3", "trl")}
     res["no_worse_accuracy"] = h["dsv3"]["ci95"][1] >= h["trl"]["accuracy"]
     res["target_2x"] = {str(x["length"]): x["ratio"] >= 2.0 for x in res["timing"]}
@@ -391,7 +413,8 @@ def orchestrate(a) -> None:
                      f"{x['trl_step_s']:.2f} | **{x['ratio']:.2f}×** | {'met' if x['ratio'] >= 2 else 'missed'} |")
     lines += ["", f"Median of {a.timing_steps} steps after an untimed first step; every completion exactly the "
               "stated length (dsv3 `--ignore-eos`, TRL `min_new_tokens`).", "",
-              f"## Learning ({a.steps} steps, completions ≤ {a.max_new_tokens} tokens ending at end-of-sentence)", "",
+              f"## Learning ({a.steps} steps, completions ≤ {a.max_new_tokens} tokens ending at end-of-sentence)"
+              + (f" — from the run of {L['from_run_of']}" if L.get("from_run_of") else ""), "",
               "| | sample accuracy, first → last 5 steps | held-out accuracy (greedy) | 95% CI | median s/step |",
               "|---|---|---|---|---|"]
     s = L["heldout_start"]
@@ -429,6 +452,8 @@ def main() -> None:
     ap.add_argument("--heldout", type=int, default=400, help="held-out problems for the final accuracy")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-timing", action="store_true")
+    ap.add_argument("--skip-learning", action="store_true",
+                    help="time only; the learning comparison is kept from the results already in --out (marked so)")
     ap.add_argument("--venv", default=DEFAULT_VENV, help="TRL's virtual environment")
     ap.add_argument("--setup", action="store_true", help="create the TRL venv (torch, then trl) before running")
     ap.add_argument("--work", default=os.path.join(ROOT, "benchmarks", "work", "grpo_vs_trl"))

@@ -106,11 +106,11 @@ def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     token ids [B], row b the first id whose cumulative probability exceeds u_b times the row's total
     (an id of probability 0 is never drawn)."""
     cdf = probs.float().cumsum(-1)
-    target = (u.to(cdf.device, cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
-    token = torch.searchsorted(cdf, target, right=True).squeeze(-1)
-    # rounding can put the target at the row's total: take the last id of non-zero probability then
-    last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).float().argmax(-1)
-    return torch.minimum(token, last)
+    total = cdf[:, -1:]
+    # below the total even where u·total rounds up to it: the first cdf above the target then exists
+    # and steps up there, so its id has probability > 0
+    target = torch.minimum(u.to(cdf.device, cdf.dtype).unsqueeze(-1) * total, torch.nextafter(total, total.new_zeros(())))
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1)
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -138,7 +138,7 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
             tokens[idx] = part.argmax(-1)
             continue
         probs = _filtered(part.float() / p.temperature, p).softmax(-1)
-        fine = torch.isfinite(probs).all(-1)
+        fine = probs.sum(-1).isfinite()          # a NaN anywhere in a row (softmax gives no inf)
         tokens[idx] = draw(torch.where(fine[:, None], probs, 1.0), u[idx])
         ok[idx] = fine
     return tokens, ok
