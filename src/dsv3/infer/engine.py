@@ -42,8 +42,8 @@ import torch
 from ..model.layers import at_least_fp32
 from ..parallel.overlap import run_pair, span
 from .paged_cache import BlockPool, PagedLatentCache, block_keys
-from .sampling import (NOT_FINITE, SamplingParams, accept_or_resample, adjust_logits, probabilities, sample,
-                       sample_rows, token_logprobs)
+from .sampling import (NOT_FINITE, SamplingParams, accept_or_resample, adjust_logits, distributions, draw,
+                       sample_rows, token_logprobs, uniforms)
 
 
 class ContextOverflow(ValueError):
@@ -475,7 +475,7 @@ class Engine:
                 self._store_prefix(req)
                 self._emit(req, firsts[i], last[i], finished)
                 if not req.done and self.speculative:
-                    self._set_draft(req, mtp_last[i:i + 1])
+                    self._set_drafts([req], mtp_last[i:i + 1])
             self._start_decoding(req)
 
     def _start_decoding(self, req: Request) -> None:
@@ -509,11 +509,7 @@ class Engine:
         if all(r.params.greedy and not r.params.adjusts for r in rows):
             return logits.argmax(-1).tolist(), [None] * n
         errors: list[str | None] = [None] * n
-        adjusted = logits
-        if any(r.params.adjusts for r in rows):
-            adjusted = torch.stack([self._adjusted(r, logits[i]).to(logits.dtype) for i, r in enumerate(rows)])
-        tokens, ok = sample_rows(adjusted, [r.params for r in rows],
-                                 [r._gen for r in rows])
+        tokens, ok = sample_rows(self._adjusted_rows(rows, logits), [r.params for r in rows], [r._gen for r in rows])
         for i in (~ok).nonzero().flatten().tolist():
             errors[i] = f"FloatingPointError: {NOT_FINITE}"
         return tokens.tolist(), errors
@@ -546,31 +542,50 @@ class Engine:
         sizes = [2] * len(rows)
         logits, h = self._forward(lambda lo, hi: self.model.forward_hidden(tokens[lo:hi], start[lo:hi], view(lo, hi)),
                                   sizes, "trunk")                              # [n, 2, V], [n, 2, d]
-        follow = []                        # per row: the tokens after positions pos, pos+1; where to draft
+        # every row's acceptance test in one batch: its target distribution at pos (its own settings) and
+        # two uniforms from its generator, as accept_or_resample draws them for the row alone
+        p, ok = distributions(self._adjusted_rows(rows, logits[:, 0]), [r.params for r in rows])
+        q = torch.cat([r._draft[1] for r in rows])
+        tokens, accepted = accept_or_resample(drafts, p, q, u=uniforms([r._gen for r in rows], 2, self.device))
+        tokens, accepted, ok = tokens.tolist(), accepted.tolist(), ok.tolist()
+        entries = self._logprob_entries(rows, logits[:, 0], tokens)
+        bonus_rows = []
         for i, req in enumerate(rows):
-            try:
-                p = probabilities(self._adjusted(req, logits[i:i + 1, 0]), req.params)
-                token, acc = accept_or_resample(drafts[i:i + 1], p, req._draft[1], req._gen)
-            except Exception as e:  # noqa: BLE001
-                self._finish(req, "error", finished, f"{type(e).__name__}: {e}")
-                follow.append((0, 0, 0))
+            if not ok[i]:
+                self._finish(req, "error", finished, f"FloatingPointError: {NOT_FINITE}")
                 continue
-            token, acc = int(token), bool(acc)
             self.drafted += 1
-            self.accepted += acc
-            self._emit(req, token, logits[i, 0], finished)
-            if acc and not req.done:
-                bonus = self._sample(req, logits[i, 1])
-                self._emit(req, bonus, logits[i, 1], finished)
-                follow.append((token, bonus, 1))
-            else:                          # position pos+1 of the caches is rewritten next step
-                follow.append((token, token, 0))
+            self.accepted += accepted[i]
+            self._emit(req, tokens[i], entries[i], finished)
+            if accepted[i] and not req.done:
+                bonus_rows.append(i)
+        # the accepted rows' bonus tokens (pos+1), drawn after their accepted token counts for penalties
+        bonus: dict[int, int] = {}
+        if bonus_rows:
+            reqs = [rows[i] for i in bonus_rows]
+            drawn, errors = self._sample_rows(reqs, logits[bonus_rows, 1])
+            more = self._logprob_entries(reqs, logits[bonus_rows, 1], drawn)
+            for i, req, tid, err, entry in zip(bonus_rows, reqs, drawn, errors, more):
+                if err is not None:
+                    self._finish(req, "error", finished, err)
+                    continue
+                bonus[i] = tid
+                self._emit(req, tid, entry, finished)
+        # per row: the tokens after positions pos, pos+1, and where to draft (pos+1 of the caches is
+        # rewritten next step where the draft was rejected)
+        follow = [(tokens[i], bonus[i], 1) if i in bonus else (tokens[i], tokens[i], 0) for i in range(len(rows))]
         nxt = torch.tensor([[a, b] for a, b, _ in follow], device=self.device)
         mtp_logits = self._forward(lambda lo, hi: self.model.forward_mtp(h[lo:hi], nxt[lo:hi], start[lo:hi],
                                                                          view(lo, hi))[0], sizes, "mtp")
-        for i, req in enumerate(rows):
-            if not req.done:
-                self._set_draft(req, mtp_logits[i:i + 1, follow[i][2]])
+        live = [i for i, req in enumerate(rows) if not req.done]
+        if live:
+            self._set_drafts([rows[i] for i in live], mtp_logits[live, [follow[i][2] for i in live]])
+
+    def _adjusted_rows(self, rows: list[Request], logits: torch.Tensor) -> torch.Tensor:
+        """logits [n, V] with each row's penalties and bias applied (the same tensor when no row has any)."""
+        if not any(r.params.adjusts for r in rows):
+            return logits
+        return torch.stack([self._adjusted(r, logits[i]).to(logits.dtype) for i, r in enumerate(rows)])
 
     # ------------------------------------------------------------------ two micro-batches (--tbo)
     @property
@@ -618,16 +633,13 @@ class Engine:
     def _adjusted(self, req: Request, logits: torch.Tensor) -> torch.Tensor:
         return adjust_logits(logits, req.params, req._counts)
 
-    def _sample(self, req: Request, logits: torch.Tensor) -> int:
-        """The next token from raw logits [V] with the request's settings and generator."""
-        adjusted = self._adjusted(req, logits)
-        if req.params.greedy:
-            return int(adjusted.argmax(-1))
-        return int(sample(probabilities(adjusted[None], req.params), req._gen)[0])
-
-    def _set_draft(self, req: Request, mtp_logits: torch.Tensor) -> None:
-        q = probabilities(self._adjusted(req, mtp_logits), req.params)
-        req._draft = (sample(q, req._gen), q)
+    def _set_drafts(self, rows: list[Request], mtp_logits: torch.Tensor) -> None:
+        """Each row's next draft from the MTP logits [n, V]: the token and the distribution q [1, V] it was
+        drawn from (one uniform from the row's generator)."""
+        q, _ = distributions(self._adjusted_rows(rows, mtp_logits), [r.params for r in rows])
+        drafts = draw(q, uniforms([r._gen for r in rows], 1, self.device)[:, 0])
+        for i, req in enumerate(rows):
+            req._draft = (drafts[i:i + 1], q[i:i + 1])
 
     def _prompt_logprobs(self, req: Request, h: torch.Tensor, start: int) -> None:
         """Log-probabilities of prompt tokens start+1 … from the hidden states h [n, d] of positions start …

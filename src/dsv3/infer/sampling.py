@@ -118,30 +118,48 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> tor
     return draw(probs, torch.rand(probs.shape[0], generator=generator, device=probs.device))
 
 
-def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
-                generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row i of logits [n, V] (already adjusted) drawn with ``params[i]`` and one uniform from
-    ``generators[i]`` — the token :func:`sample` draws for that row alone — with the rows that share
-    their settings filtered and drawn as one batch. Returns (token ids [n], ok [n] bool: False where
-    the row's distribution is not finite; its token is then meaningless)."""
-    n = logits.shape[0]
-    tokens = torch.zeros(n, dtype=torch.long, device=logits.device)
-    ok = torch.ones(n, dtype=torch.bool, device=logits.device)
-    u = torch.cat([torch.rand(1, generator=g, device=logits.device) for g in generators]) if n else None
+def uniforms(generators: list[torch.Generator], k: int = 1, device=None) -> torch.Tensor:
+    """[n, k]: the next ``k`` uniforms of each generator (row i from generators[i], in its order)."""
+    if not generators:
+        return torch.empty(0, k, device=device)
+    return torch.stack([torch.rand(k, generator=g, device=device) for g in generators])
+
+
+def distributions(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row i of logits [n, V] (already adjusted) → :func:`probabilities` with ``params[i]``, the rows that
+    share their settings filtered as one batch. Returns (probs [n, V] fp32, ok [n] bool): ok False where
+    the row's distribution is not finite (its row of probs is then a placeholder, never a NaN)."""
+    n, V = logits.shape
     groups: dict[SamplingParams, list[int]] = {}
     for i, p in enumerate(params):
         groups.setdefault(p, []).append(i)
+    probs = ok = None
     for p, rows in groups.items():
-        idx = torch.tensor(rows, device=logits.device)
-        part = logits if len(rows) == n else logits.index_select(0, idx)
+        part = logits if len(rows) == n else logits[rows]
         if p.greedy:
-            tokens[idx] = part.argmax(-1)
-            continue
-        probs = _filtered(part.float() / p.temperature, p).softmax(-1)
-        fine = probs.sum(-1).isfinite()          # a NaN anywhere in a row (softmax gives no inf)
-        tokens[idx] = draw(torch.where(fine[:, None], probs, 1.0), u[idx])
-        ok[idx] = fine
-    return tokens, ok
+            pr = torch.nn.functional.one_hot(part.argmax(-1), V).float()
+            fine = torch.ones(len(rows), dtype=torch.bool, device=logits.device)
+        else:
+            pr = _filtered(part.float() / p.temperature, p).softmax(-1)
+            fine = pr.sum(-1).isfinite()          # a NaN anywhere in a row (softmax gives no inf)
+            pr = torch.where(fine[:, None], pr, 1.0 / V)
+        if len(rows) == n:
+            return pr, fine
+        if probs is None:
+            probs = logits.new_empty(n, V, dtype=torch.float32)
+            ok = torch.ones(n, dtype=torch.bool, device=logits.device)
+        probs[rows], ok[rows] = pr, fine
+    return probs, ok
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
+                generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row i of logits [n, V] (already adjusted) drawn with ``params[i]`` and one uniform from
+    ``generators[i]`` — the token :func:`sample` draws for that row alone — in one batch. Returns
+    (token ids [n], ok [n] bool: False where the row's distribution is not finite; its token is then
+    meaningless)."""
+    probs, ok = distributions(logits, params)
+    return draw(probs, uniforms(generators, 1, logits.device)[:, 0]), ok
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -163,21 +181,26 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int = 0):
 
 
 def accept_or_resample(draft: torch.Tensor, p: torch.Tensor, q: torch.Tensor,
-                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       generator: torch.Generator | None = None,
+                       u: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023) for one drafted token per row.
 
     draft [B] was drawn from q [B, V]; p [B, V] is the target distribution at the same position.
     Accept with probability min(1, p(d)/q(d)); otherwise draw from (p − q)⁺ normalised. Either way
     the returned token is distributed exactly as p. Returns (token [B], accepted [B] bool).
     With one-hot p and q (greedy) this accepts iff the draft is the argmax and else returns it.
+    Randomness: two uniforms per row, the acceptance test's then the resample's — from ``generator``,
+    or given as ``u`` [B, 2] (rows with generators of their own: :func:`uniforms`).
     """
     rows = torch.arange(draft.shape[0], device=draft.device)
     p_d, q_d = p[rows, draft], q[rows, draft]
-    u = torch.rand(draft.shape, device=draft.device, generator=generator)
-    accepted = u * q_d < p_d                                    # u < p/q, without dividing by q = 0
+    if u is None:
+        u = torch.stack([torch.rand(draft.shape, device=draft.device, generator=generator),
+                         torch.rand(draft.shape, device=draft.device, generator=generator)], 1)
+    accepted = u[:, 0] * q_d < p_d                              # u < p/q, without dividing by q = 0
     residual = (p - q).clamp_min(0)
     total = residual.sum(-1, keepdim=True)
     # total = 0 only when p = q, where acceptance is certain; keep sample() well-defined anyway
     residual = torch.where(total > 0, residual / total.clamp_min(1e-30), p)
-    token = torch.where(accepted, draft, sample(residual, generator))
+    token = torch.where(accepted, draft, draw(residual, u[:, 1]))
     return token, accepted
