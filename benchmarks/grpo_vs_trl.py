@@ -449,7 +449,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64, help="completion cap of the learning comparison")
     ap.add_argument("--lengths", default="128,256", help="fixed completion lengths of the timing")
     ap.add_argument("--timing-steps", type=int, default=2, help="timed steps per length (after an untimed one)")
-    ap.add_argument("--heldout", type=int, default=400, help="held-out problems for the final accuracy")
+    ap.add_argument("--heldout", type=int, default=1000, help="held-out problems for the final accuracy (the demo's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--skip-learning", action="store_true",

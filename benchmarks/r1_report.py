@@ -68,8 +68,8 @@ def main() -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     names = [n for n, _ in STAGES if n in res]
     accs = [res[n]["accuracy"] for n in names]
-    lo = [res[n]["accuracy"] - res[n]["ci95"][0] for n in names]
-    hi = [res[n]["ci95"][1] - res[n]["accuracy"] for n in names]
+    lo = [max(res[n]["accuracy"] - res[n]["ci95"][0], 0.0) for n in names]      # Wilson bounds can miss by rounding
+    hi = [max(res[n]["ci95"][1] - res[n]["accuracy"], 0.0) for n in names]
     ax.bar(range(len(names)), accs, yerr=[lo, hi], capsize=6, color=["#999", "#4c72b0", "#dd8452"][:len(names)])
     ax.set_xticks(range(len(names)), [dict(STAGES)[n] for n in names])
     for i, n in enumerate(names):
