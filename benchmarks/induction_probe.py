@@ -15,6 +15,7 @@ Each case is a plain AdamW loop (lr constant after no warmup, weight decay 0.1, 
 fresh model or the quickstart model, with Adam's β2 = 0.95 (DeepSeek-V3's, dsv3 train's) or 0.999::
 
     python benchmarks/induction_probe.py [--model runs/tiny/final] [--steps 500] [--out benchmarks/results]
+    python benchmarks/induction_probe.py --case quickstart:varying:0.999:1e-3 --steps 3000 --out DIR   # one case, longer
 """
 
 from __future__ import annotations
@@ -92,12 +93,26 @@ def main(argv=None):
     p.add_argument("--window", type=int, default=64)
     p.add_argument("--every", type=int, default=50)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--case", action="append", default=None, metavar="START:SPANS:BETA2:LR",
+                   help="run only this case (repeatable), e.g. quickstart:varying:0.999:1e-3")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
+    cases = CASES
+    if args.case:
+        cases = []
+        for c in args.case:
+            parts = c.split(":")
+            try:
+                start, spans, beta2, lr = parts[0], parts[1], float(parts[2]), float(parts[3])
+            except (IndexError, ValueError):
+                p.error(f"--case {c}: expected START:SPANS:BETA2:LR, e.g. quickstart:varying:0.999:1e-3")
+            if start not in ("fresh", "quickstart") or spans not in ("fixed", "varying") or len(parts) != 4:
+                p.error(f"--case {c}: START is fresh or quickstart, SPANS fixed or varying")
+            cases.append((start, spans, beta2, lr))
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         sys.exit(f"induction_probe: error: --model {args.model}: no config.json (run scripts/quickstart.sh first)")
     torch.set_num_threads(args.threads)
-    results = [run_case(*case, args, os.path.join(args.model, "config.json")) for case in CASES]
+    results = [run_case(*case, args, os.path.join(args.model, "config.json")) for case in cases]
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "torch": torch.__version__,
             "threads": args.threads, "steps": args.steps, "batch": args.batch, "window": args.window,
             "model": args.model}
