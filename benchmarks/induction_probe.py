@@ -85,6 +85,12 @@ def run_case(start, spans, beta2, lr, args, cfg_source):
             "final_accuracy": curve[-1][1], "steps_to_50pct": onset, "seconds": round(time.time() - t0, 1)}
 
 
+def _fail(message: str):
+    """One line on stderr naming what is wrong, exit code 2."""
+    print(f"induction_probe.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="runs/tiny/final", help="the quickstart model (its config also sizes the fresh one)")
@@ -97,6 +103,10 @@ def main(argv=None):
                    help="run only this case (repeatable), e.g. quickstart:varying:0.999:1e-3")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
+    for flag, value, low in (("--steps", args.steps, 1), ("--batch", args.batch, 1), ("--window", args.window, 8),
+                             ("--every", args.every, 1), ("--threads", args.threads, 1)):
+        if value < low:
+            _fail(f"{flag} {value}: must be at least {low}")
     cases = CASES
     if args.case:
         cases = []
@@ -105,12 +115,12 @@ def main(argv=None):
             try:
                 start, spans, beta2, lr = parts[0], parts[1], float(parts[2]), float(parts[3])
             except (IndexError, ValueError):
-                p.error(f"--case {c}: expected START:SPANS:BETA2:LR, e.g. quickstart:varying:0.999:1e-3")
+                _fail(f"--case {c}: expected START:SPANS:BETA2:LR, e.g. quickstart:varying:0.999:1e-3")
             if start not in ("fresh", "quickstart") or spans not in ("fixed", "varying") or len(parts) != 4:
-                p.error(f"--case {c}: START is fresh or quickstart, SPANS fixed or varying")
+                _fail(f"--case {c}: START is fresh or quickstart, SPANS fixed or varying")
             cases.append((start, spans, beta2, lr))
     if not os.path.isfile(os.path.join(args.model, "config.json")):
-        sys.exit(f"induction_probe: error: --model {args.model}: no config.json (run scripts/quickstart.sh first)")
+        _fail(f"--model {args.model}: no config.json (run scripts/quickstart.sh first)")
     torch.set_num_threads(args.threads)
     results = [run_case(*case, args, os.path.join(args.model, "config.json")) for case in cases]
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "torch": torch.__version__,
