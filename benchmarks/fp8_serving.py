@@ -2,12 +2,14 @@
 dequantised model.
 
 1. The trained quickstart model (default ``runs/tiny/final``, written by ``scripts/quickstart.sh``)
-   is quantised as DeepSeek's release is — ``dsv3.save_pretrained(model, dir, fp8=True)``: E4M3
-   Linears with 128×128 ``weight_scale_inv``, embedding / head / gate / norms as they were — and
-   that FP8 checkpoint is loaded three ways: ``fp8="keep"`` (W8A8: E4M3 weights executed by the
-   block-scaled FP8 GEMM, activations quantised 1×128 on the fly), ``fp8="weight-only"`` (W8A16: the
-   same E4M3 tensors, dequantised block by block in each call; what ``--fp8 auto`` does on a CPU) and
-   ``fp8="dequant"`` (weights multiplied out to float at load). All compute in float32 on the CPU.
+   is written as an FP8 checkpoint two ways — as DeepSeek's release is
+   (``dsv3.save_pretrained(model, dir, fp8=True)``: E4M3 Linears with 128×128 ``weight_scale_inv``,
+   embedding / head / gate / norms as they were), and with the embedding and head in E4M3 too
+   (``fp8_embeddings=True``, ``dsv3 quantize --fp8-embeddings``) — and each is loaded three ways:
+   ``fp8="keep"`` (W8A8: E4M3 weights executed by the block-scaled FP8 GEMM, activations quantised
+   1×128 on the fly), ``fp8="weight-only"`` (W8A16: the same E4M3 tensors, dequantised block by
+   block in each call; what ``--fp8 auto`` does on a CPU) and ``fp8="dequant"`` (weights multiplied
+   out to float at load). All compute in float32 on the CPU.
 2. Greedy agreement on N held-out windows of the run's validation split (a P-token prompt, then
    the next T tokens):
      teacher-forced, real text   both models read the same window; top-1 next-token predictions
@@ -19,11 +21,12 @@ dequantised model.
                                  strictest figure), plus the common prefix length
    and the relative logit error per position (teacher-forced, real text).
 3. Weight bytes (parameters + buffers, each storage once) of the kept-FP8 load against the same
-   checkpoint dequantised to BF16 (``dtype=torch.bfloat16``): the quickstart model, measured; the
-   DeepSeek-V3 config (671B; 61 layers, MTP), counted on the meta device from the exact module
-   structure ``load_pretrained(fp8="keep")`` builds (the count is checked against the measured
-   load of the quickstart model first); and a random checkpoint with DeepSeek-V3's proportions at
-   0.4B parameters (8 layers, 64 experts top-8, hidden 1024), written in FP8 and measured loaded.
+   checkpoint dequantised to BF16 (``dtype=torch.bfloat16``): the quickstart model in both layouts,
+   measured; the DeepSeek-V3 config (671B; 61 layers, MTP), counted on the meta device from the
+   exact module structure ``load_pretrained(fp8="keep")`` builds (the count is checked against the
+   measured load of the quickstart model first); and a random checkpoint with DeepSeek-V3's
+   proportions at 0.4B parameters (8 layers, 64 experts top-8, hidden 1024), written in FP8 and
+   measured loaded.
 4. Greedy decoding speed of each (CPU; W8A8 runs the torch reference GEMM, which emulates the FP8
    products in FP32; W8A16 dequantises the blocks it needs per call).
 
@@ -48,7 +51,8 @@ from pathlib import Path
 import torch
 
 import dsv3
-from dsv3.fp8.inference import FP8InferenceExperts, FP8InferenceLinear, convert_to_fp8_inference, fp8_weight_bytes
+from dsv3.fp8.inference import (FP8InferenceEmbedding, FP8InferenceExperts, FP8InferenceLinear, convert_to_fp8_inference,
+                                fp8_weight_bytes)
 from dsv3.infer.generate import generate
 
 ROOT = Path(__file__).resolve().parent
@@ -119,6 +123,83 @@ def _rel_err_per_position(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return ((u - v).norm(dim=-1) / v.norm(dim=-1)).flatten()
 
 
+def _measure_layout(original, model_dir: Path, fp8_dir: Path, embeddings: bool, windows: torch.Tensor,
+                    P: int, T: int, free_original: list) -> dict:
+    """Write `original` as an FP8 checkpoint (``fp8_embeddings=embeddings``), load it kept (W8A8),
+    weight-only (W8A16) and dequantised; agreement, logit error, decode times and weight bytes."""
+    if fp8_dir.exists():
+        shutil.rmtree(fp8_dir)
+    dsv3.save_pretrained(original, fp8_dir, fp8=True, fp8_embeddings=embeddings)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        if (model_dir / f).exists():
+            shutil.copy(model_dir / f, fp8_dir / f)
+    kept = dsv3.load_pretrained(fp8_dir, fp8="keep").eval()
+    wo = dsv3.load_pretrained(fp8_dir, fp8="weight-only").eval()
+    deq = dsv3.load_pretrained(fp8_dir, fp8="dequant").eval()
+    modules = {"linear": sum(isinstance(m, FP8InferenceLinear) for m in kept.modules()),
+               "embedding": sum(isinstance(m, FP8InferenceEmbedding) for m in kept.modules()),
+               "expert_groups": sum(isinstance(m, FP8InferenceExperts) for m in kept.modules())}
+    name = "embedding and head in FP8 too" if embeddings else "release layout"
+    print(f"--- {name}: kept model has {modules}", flush=True)
+
+    with torch.no_grad():
+        lk, ld = kept(windows[:, :-1]), deq(windows[:, :-1])
+        lw = wo(windows[:, :-1])
+        lo = original.eval()(windows[:, :-1])
+    cont = cont_slice(P, T)
+    tf_wo = _agreement(lw[:, cont].argmax(-1), ld[:, cont].argmax(-1))
+    tf_real = _agreement(lk[:, cont].argmax(-1), ld[:, cont].argmax(-1))
+    err = _rel_err_per_position(lk[:, cont], ld[:, cont])
+    err_deq_vs_orig = _rel_err_per_position(ld[:, cont], lo[:, cont])
+    print(f"teacher-forced (held-out text): W8A8 {tf_real:.2%}, W8A16 {tf_wo:.2%} top-1 agreement", flush=True)
+
+    free = {"kept": [], "weight_only": [], "dequant": []}
+    times = {k: [] for k in free}
+    for i, w in enumerate(windows):
+        runs = [("kept", kept), ("weight_only", wo), ("dequant", deq)]
+        if i % 2:
+            runs.reverse()                              # alternate: a busy neighbour hits both alike
+        for key, m in runs:
+            t0 = time.perf_counter()
+            free[key].append(generate(m, w[:P].tolist(), T, temperature=0))
+            times[key].append(time.perf_counter() - t0)
+    fk, fd, fw = (torch.tensor(free[k]) for k in ("kept", "dequant", "weight_only"))
+    prefix = [next((j for j, (a, b) in enumerate(zip(x, y)) if a != b), T) for x, y in zip(free["kept"], free["dequant"])]
+    own = torch.cat([windows[:, :P], fd], dim=1)
+    with torch.no_grad():
+        tf_own = _agreement(kept(own[:, :-1])[:, cont].argmax(-1), deq(own[:, :-1])[:, cont].argmax(-1))
+    print(f"free-running: W8A8 {_agreement(fk, fd):.2%}, W8A16 {_agreement(fw, fd):.2%}; "
+          f"teacher-forced (own greedy text) {tf_own:.2%}", flush=True)
+
+    kept16 = dsv3.load_pretrained(fp8_dir, fp8="keep", dtype=torch.bfloat16)
+    deq16 = dsv3.load_pretrained(fp8_dir, fp8="dequant", dtype=torch.bfloat16)
+    nbytes = {"bf16": fp8_weight_bytes(deq16), "fp8_kept": fp8_weight_bytes(kept16)}
+    print(f"weight bytes kept/bf16: {nbytes['fp8_kept']['total'] / nbytes['bf16']['total']:.3f}", flush=True)
+    return {
+        "checkpoint": str(fp8_dir), "fp8_embeddings": embeddings, "fp8_modules": modules,
+        "weight_only": {"logits_bitwise_equal_dequant": torch.equal(lw, ld),
+                        "teacher_forced_heldout_text": tf_wo, "free_running_positions": _agreement(fw, fd)},
+        "agreement": {
+            "teacher_forced_heldout_text": tf_real,
+            "teacher_forced_own_greedy_text": tf_own,
+            "free_running_positions": _agreement(fk, fd),
+            "free_running_identical_sequences": sum(p == T for p in prefix),
+            "free_running_common_prefix": prefix,
+            "free_running_common_prefix_mean": statistics.mean(prefix),
+            "reference_dequantised_vs_unquantised_teacher_forced": _agreement(ld[:, cont].argmax(-1),
+                                                                              lo[:, cont].argmax(-1)),
+            "reference_dequantised_vs_unquantised_free_running": _agreement(fd, torch.tensor(free_original)),
+        },
+        "logit_rel_err_kept_vs_dequant": {"median": err.median().item(), "p95": err.quantile(0.95).item(),
+                                          "max": err.max().item()},
+        "logit_rel_err_dequant_vs_unquantised": {"median": err_deq_vs_orig.median().item(),
+                                                 "p95": err_deq_vs_orig.quantile(0.95).item()},
+        "weight_bytes": {**nbytes, "ratio": nbytes["fp8_kept"]["total"] / nbytes["bf16"]["total"]},
+        "decode_tokens_per_s": {k: T / statistics.median(v) for k, v in times.items()},
+        "_kept16": kept16,
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="runs/tiny/final")
@@ -137,111 +218,35 @@ def main() -> int:
     if not (model_dir / "config.json").exists():
         sys.exit(f"{model_dir} is not a model directory: run scripts/quickstart.sh first (or pass --model)")
 
-    # 1. the FP8 checkpoint, loaded both ways
-    fp8_dir = WORK / "model-fp8"
-    if fp8_dir.exists():
-        shutil.rmtree(fp8_dir)
-    original = dsv3.load_pretrained(model_dir, dtype=torch.float32)
-    dsv3.save_pretrained(original, fp8_dir, fp8=True)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        if (model_dir / f).exists():
-            shutil.copy(model_dir / f, fp8_dir / f)
-    kept = dsv3.load_pretrained(fp8_dir, fp8="keep").eval()
-    wo = dsv3.load_pretrained(fp8_dir, fp8="weight-only").eval()
-    deq = dsv3.load_pretrained(fp8_dir, fp8="dequant").eval()
-    n_fp8_lin = sum(isinstance(m, FP8InferenceLinear) for m in kept.modules())
-    n_fp8_exp = sum(isinstance(m, FP8InferenceExperts) for m in kept.modules())
-    print(f"kept model: {n_fp8_lin} FP8 Linears, {n_fp8_exp} FP8 expert groups", flush=True)
-
-    # 2. agreement
+    original = dsv3.load_pretrained(model_dir, dtype=torch.float32).eval()
     P, T = args.prompt_len, args.new_tokens
     windows = _windows(model_dir, args.prompts, P + T)
-    with torch.no_grad():
-        lk, ld = kept(windows[:, :-1]), deq(windows[:, :-1])
-        lw = wo(windows[:, :-1])
-        lo = original.eval()(windows[:, :-1])
-    wo_logits_bitwise = torch.equal(lw, ld)
-    cont = cont_slice(P, T)
-    tf_wo = _agreement(lw[:, cont].argmax(-1), ld[:, cont].argmax(-1))
-    tf_real = _agreement(lk[:, cont].argmax(-1), ld[:, cont].argmax(-1))
-    tf_real_vs_original = _agreement(ld[:, cont].argmax(-1), lo[:, cont].argmax(-1))
-    err = _rel_err_per_position(lk[:, cont], ld[:, cont])
-    err_deq_vs_orig = _rel_err_per_position(ld[:, cont], lo[:, cont])
-    print(f"teacher-forced (held-out text): {tf_real:.2%} top-1 agreement", flush=True)
+    free_original = [generate(original, w[:P].tolist(), T, temperature=0) for w in windows]
+    layouts = {"release": _measure_layout(original, model_dir, WORK / "model-fp8", False, windows, P, T, free_original),
+               "fp8_embeddings": _measure_layout(original, model_dir, WORK / "model-fp8-embeddings", True, windows,
+                                                 P, T, free_original)}
 
-    free_k, free_d, free_o, free_w = [], [], [], []
-    times = {"kept": [], "weight_only": [], "dequant": [], "unquantised": []}
-    for i, w in enumerate(windows):
-        prompt = w[:P].tolist()
-        runs = [("kept", kept), ("weight_only", wo), ("dequant", deq), ("unquantised", original)]
-        if i % 2:
-            runs.reverse()                              # alternate: a busy neighbour hits both alike
-        res = {}
-        for name, m in runs:
-            t0 = time.perf_counter()
-            res[name] = generate(m, prompt, T, temperature=0)
-            times[name].append(time.perf_counter() - t0)
-        free_k.append(res["kept"])
-        free_d.append(res["dequant"])
-        free_o.append(res["unquantised"])
-        free_w.append(res["weight_only"])
-    fk, fd = torch.tensor(free_k), torch.tensor(free_d)
-    free = _agreement(fk, fd)
-    free_wo = _agreement(torch.tensor(free_w), fd)
-    print(f"weight-only vs dequantised: logits bitwise equal {wo_logits_bitwise}, free-running {free_wo:.2%}",
-          flush=True)
-    free_deq_vs_orig = _agreement(fd, torch.tensor(free_o))
-    prefix = [next((j for j, (a, b) in enumerate(zip(x, y)) if a != b), T) for x, y in zip(free_k, free_d)]
-    own = torch.cat([windows[:, :P], fd], dim=1)
-    with torch.no_grad():
-        tf_own = _agreement(kept(own[:, :-1])[:, cont].argmax(-1), deq(own[:, :-1])[:, cont].argmax(-1))
-    print(f"free-running: {free:.2%}; teacher-forced (own greedy text): {tf_own:.2%}", flush=True)
-
-    # 3. weight bytes
-    kept16 = dsv3.load_pretrained(fp8_dir, fp8="keep", dtype=torch.bfloat16)
-    deq16 = dsv3.load_pretrained(fp8_dir, fp8="dequant", dtype=torch.bfloat16)
-    tiny_bytes = {"bf16": fp8_weight_bytes(deq16), "fp8_kept": fp8_weight_bytes(kept16)}
+    # weight bytes of the release layout for DeepSeek-V3 and a V3-proportioned 0.4B model
+    kept16 = layouts["release"].pop("_kept16")
+    layouts["fp8_embeddings"].pop("_kept16")
     tiny_meta = _meta_bytes(kept16.cfg.replace(quantization_config=None))
-    meta_matches = all(tiny_meta[k]["total"] == tiny_bytes[k]["total"] for k in tiny_bytes)
-    v3cfg = dsv3.ModelConfig.preset("deepseek-v3")
-    v3 = _meta_bytes(v3cfg)
-    ratio = lambda b: b["fp8_kept"]["total"] / b["bf16"]["total"]  # noqa: E731
-    emb_head = 2 * kept16.cfg.vocab_size * kept16.cfg.hidden_size * 2
+    meta_matches = all(tiny_meta[k]["total"] == layouts["release"]["weight_bytes"][k]["total"] for k in tiny_meta)
+    v3 = _meta_bytes(dsv3.ModelConfig.preset("deepseek-v3"))
     mid = _measured_mid_size()
-    print(f"weight bytes kept/bf16: quickstart {ratio(tiny_bytes):.3f}, deepseek-v3 {ratio(v3):.4f} "
-          f"(structure count = measured load: {meta_matches}), V3-proportioned 0.4B measured {ratio(mid):.3f}",
-          flush=True)
-
-    tok_s = {k: T / statistics.median(v) for k, v in times.items() if k != "unquantised"}
+    ratio = lambda b: b["fp8_kept"]["total"] / b["bf16"]["total"]  # noqa: E731
+    print(f"weight bytes kept/bf16: deepseek-v3 {ratio(v3):.4f} (structure count = measured load: {meta_matches}), "
+          f"V3-proportioned 0.4B measured {ratio(mid):.3f}", flush=True)
     res = {
         "date": datetime.date.today().isoformat(),
         "machine": f"CPU ({platform.machine()}), {args.threads} torch threads, torch {torch.__version__}",
-        "model": str(model_dir), "fp8_checkpoint": str(fp8_dir),
-        "fp8_modules": {"linear": n_fp8_lin, "expert_groups": n_fp8_exp},
-        "prompts": args.prompts, "prompt_tokens": P, "new_tokens": T,
-        "weight_only": {"logits_bitwise_equal_dequant": wo_logits_bitwise,
-                        "teacher_forced_heldout_text": tf_wo, "free_running_positions": free_wo},
-        "agreement": {
-            "teacher_forced_heldout_text": tf_real,
-            "teacher_forced_own_greedy_text": tf_own,
-            "free_running_positions": free,
-            "free_running_identical_sequences": sum(p == T for p in prefix),
-            "free_running_common_prefix": prefix,
-            "free_running_common_prefix_mean": statistics.mean(prefix),
-            "reference_dequantised_vs_unquantised_teacher_forced": tf_real_vs_original,
-            "reference_dequantised_vs_unquantised_free_running": free_deq_vs_orig,
-        },
-        "logit_rel_err_kept_vs_dequant": {"median": err.median().item(), "p95": err.quantile(0.95).item(),
-                                          "max": err.max().item()},
-        "logit_rel_err_dequant_vs_unquantised": {"median": err_deq_vs_orig.median().item(),
-                                                 "p95": err_deq_vs_orig.quantile(0.95).item()},
+        "model": str(model_dir), "prompts": args.prompts, "prompt_tokens": P, "new_tokens": T,
+        "layouts": layouts,
+        "embedding_and_head_bf16_bytes": 2 * kept16.cfg.vocab_size * kept16.cfg.hidden_size * 2,
         "weight_bytes": {
-            "quickstart": {**tiny_bytes, "ratio": ratio(tiny_bytes), "embedding_and_head_bf16": emb_head},
             "deepseek_v3": {**v3, "ratio": ratio(v3)},
             "v3_proportioned_0.4b": {**mid, "ratio": ratio(mid), "config": MID_SIZE},
             "structure_count_equals_measured_load": meta_matches,
         },
-        "decode_tokens_per_s": tok_s,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -255,65 +260,89 @@ def _mb(b: int) -> str:
     return f"{b / 2**20:,.2f} MiB" if b < 2**30 else f"{b / 2**30:,.1f} GiB"
 
 
+def _bytes_row(label: str, b: dict, bold: bool = True) -> str:
+    k = b["fp8_kept"]
+    r = f"**{b['ratio']:.3f}**" if bold else f"{b['ratio']:.3f}"
+    return (f"| {label} | {_mb(b['bf16']['total'])} | {_mb(k['total'])} ({_mb(k['fp8'])} + {_mb(k['scales'])} + "
+            f"{_mb(k['other'])}) | {r} |")
+
+
 def _markdown(r: dict) -> str:
-    a, w = r["agreement"], r["weight_bytes"]
-    q, v, m = w["quickstart"], w["deepseek_v3"], w["v3_proportioned_0.4b"]
-    e, e0 = r["logit_rel_err_kept_vs_dequant"], r["logit_rel_err_dequant_vs_unquantised"]
-    n = r["prompts"] * r["new_tokens"]
+    rel, emb = r["layouts"]["release"], r["layouts"]["fp8_embeddings"]
+    w, n = r["weight_bytes"], r["prompts"] * r["new_tokens"]
+    v = w["deepseek_v3"]
+
+    def col(key, sub=None, fmt="{:.2%}"):
+        get = (lambda x: x[key][sub]) if sub else (lambda x: x[key])
+        return f"{fmt.format(get(rel))} | {fmt.format(get(emb))}"
+
+    a = "agreement"
     return f"""# FP8 weights kept FP8 at inference (benchmarks/fp8_serving.py)
 
 {r['date']}, {r['machine']}.
 
-The quickstart model `{r['model']}` quantised as DeepSeek's release is (`save_pretrained(fp8=True)`:
-E4M3 Linears, 128×128 `weight_scale_inv`), then loaded with `fp8="keep"` ({r['fp8_modules']['linear']}
-FP8 Linears and {r['fp8_modules']['expert_groups']} FP8 expert groups executed by the block-scaled FP8
-GEMM, activations quantised 1×128 on the fly: W8A8), with `fp8="weight-only"` (W8A16) and with
-`fp8="dequant"`; all compute in FP32.
+The quickstart model `{r['model']}` written as an FP8 checkpoint two ways, then each loaded with
+`fp8="keep"` (W8A8: the E4M3 weights executed by the block-scaled FP8 GEMM, activations quantised
+1×128 on the fly), `fp8="weight-only"` (W8A16: the same E4M3 tensors dequantised block by block in
+each call; what `--fp8 auto` does on a CPU) and `fp8="dequant"`; all compute in FP32:
 
-## Greedy agreement, W8A8 kept FP8 vs dequantised ({r['prompts']} held-out prompts of {r['prompt_tokens']} tokens, {r['new_tokens']} tokens each = {n} positions)
-
-| comparison | agreement |
-|---|---|
-| teacher-forced on the held-out text (top-1 next token) | **{a['teacher_forced_heldout_text']:.2%}** |
-| teacher-forced on the dequantised model's greedy text | **{a['teacher_forced_own_greedy_text']:.2%}** |
-| free-running greedy, position by position | **{a['free_running_positions']:.2%}** |
-| free-running: identical {r['new_tokens']}-token outputs | {a['free_running_identical_sequences']} of {r['prompts']} (mean common prefix {a['free_running_common_prefix_mean']:.1f} tokens) |
-| for scale — the weight quantisation alone (dequantised vs the unquantised model): teacher-forced / free-running | {a['reference_dequantised_vs_unquantised_teacher_forced']:.2%} / {a['reference_dequantised_vs_unquantised_free_running']:.2%} |
-
-Teacher-forced agreement counts, at every position, whether both models predict the same next
-token from the same text; free-running agreement compares two independent greedy decodes position
-by position, so one early difference (a near-tie between two tokens) makes the rest of that text
-differ — it measures how long two nearly equal models stay in lockstep, and a perturbation as
-small as the weight quantisation itself gives a similar figure.
-
-Logits (teacher-forced, per position): relative error kept vs dequantised median {e['median']:.2e},
-p95 {e['p95']:.2e} (the weight quantisation itself: dequantised vs unquantised median
-{e0['median']:.2e}, p95 {e0['p95']:.2e}).
-
-## Weight-only execution (W8A16, `--fp8 weight-only`, what `--fp8 auto` picks without FP8 GEMMs)
-
-The same E4M3 tensors in memory, dequantised block by block in each call: logits bitwise equal to
-the dequantised model's: **{r['weight_only']['logits_bitwise_equal_dequant']}**; greedy agreement teacher-forced
-**{r['weight_only']['teacher_forced_heldout_text']:.2%}**, free-running **{r['weight_only']['free_running_positions']:.2%}** of {n} positions.
+- **release layout** (`save_pretrained(fp8=True)`, as DeepSeek's release): E4M3 Linears with 128×128
+  `weight_scale_inv`; embedding, head, gate and norms as they were ({rel['fp8_modules']['linear']} FP8 Linears,
+  {rel['fp8_modules']['expert_groups']} FP8 expert groups);
+- **embedding and head in FP8 too** (`save_pretrained(fp8=True, fp8_embeddings=True)`, `dsv3 quantize
+  --fp8-embeddings`): the same plus the embedding table and the output head (and the MTP layer's stored
+  copies of them) in E4M3 with 128×128 scales ({emb['fp8_modules']['linear']} FP8 Linears, {emb['fp8_modules']['embedding']} FP8 embedding,
+  {emb['fp8_modules']['expert_groups']} FP8 expert groups).
 
 ## Weight bytes (parameters + buffers), kept FP8 vs the same checkpoint dequantised to BF16
 
 | model | BF16 load | kept FP8 (E4M3 + scales + rest) | ratio |
 |---|---|---|---|
-| DeepSeek-V3 (671B, 61 layers + MTP; module structure, meta device) | {_mb(v['bf16']['total'])} | {_mb(v['fp8_kept']['total'])} ({_mb(v['fp8_kept']['fp8'])} + {_mb(v['fp8_kept']['scales'])} + {_mb(v['fp8_kept']['other'])}) | **{v['ratio']:.3f}** |
-| DeepSeek-V3's proportions at 0.4B (8 layers, 64 experts top-8, hidden 1024, vocab 16K; random FP8 checkpoint, measured load) | {_mb(m['bf16']['total'])} | {_mb(m['fp8_kept']['total'])} ({_mb(m['fp8_kept']['fp8'])} + {_mb(m['fp8_kept']['scales'])} + {_mb(m['fp8_kept']['other'])}) | **{m['ratio']:.3f}** |
-| quickstart `tiny` (measured load) | {_mb(q['bf16']['total'])} | {_mb(q['fp8_kept']['total'])} ({_mb(q['fp8_kept']['fp8'])} + {_mb(q['fp8_kept']['scales'])} + {_mb(q['fp8_kept']['other'])}) | {q['ratio']:.3f} |
+{_bytes_row("DeepSeek-V3 (671B, 61 layers + MTP; release layout; module structure, meta device)", v)}
+{_bytes_row("DeepSeek-V3's proportions at 0.4B (8 layers, 64 experts top-8, hidden 1024, vocab 16K; release layout; random FP8 checkpoint, measured load)", w["v3_proportioned_0.4b"])}
+{_bytes_row("quickstart `tiny`, release layout (measured load)", rel["weight_bytes"], bold=False)}
+{_bytes_row("quickstart `tiny`, embedding and head in FP8 too (measured load)", emb["weight_bytes"])}
 
 The structure count equals the measured load for the quickstart model: {w['structure_count_equals_measured_load']}.
-What stays in BF16 — embedding, output head, gate, norms, `kv_b_proj` (absorbed MLA reads it as a
-matrix) — is {v['fp8_kept']['other'] / v['bf16']['total']:.1%} of DeepSeek-V3's weight bytes but {q['fp8_kept']['other'] / q['bf16']['total']:.0%} of the tiny model's
-(embedding + head alone: {_mb(q['embedding_and_head_bf16'])} of {_mb(q['bf16']['total'])}), hence its higher ratio.
+What the release layout keeps in BF16 — embedding, output head, gate, norms, `kv_b_proj` (absorbed MLA
+reads it as a matrix) — is {v['fp8_kept']['other'] / v['bf16']['total']:.1%} of DeepSeek-V3's weight bytes but
+{rel['weight_bytes']['fp8_kept']['other'] / rel['weight_bytes']['bf16']['total']:.0%} of the tiny model's (embedding + head alone:
+{_mb(r['embedding_and_head_bf16_bytes'])} of {_mb(rel['weight_bytes']['bf16']['total'])}); with them in FP8 too the tiny model loads in
+{emb['weight_bytes']['ratio']:.3f}× the BF16 bytes.
 
-## Decoding speed (CPU, greedy, batch 1)
+## Greedy agreement with the dequantised model ({r['prompts']} held-out prompts of {r['prompt_tokens']} tokens, {r['new_tokens']} tokens each = {n} positions)
 
-W8A8 {r['decode_tokens_per_s']['kept']:.0f} tokens/s, W8A16 {r['decode_tokens_per_s']['weight_only']:.0f} tokens/s, dequantised {r['decode_tokens_per_s']['dequant']:.0f} tokens/s (medians over the
-prompts, the decoders interleaved; on a shared, busy machine these are indicative only).
-On a CPU the W8A8 GEMM is the torch reference path (FP8 products emulated in FP32, plus the
+| comparison | release layout | embedding + head FP8 too |
+|---|---|---|
+| **W8A16** (`--fp8 weight-only`; `auto` on a CPU): logits bitwise equal to the dequantised model's | {rel['weight_only']['logits_bitwise_equal_dequant']} | {emb['weight_only']['logits_bitwise_equal_dequant']} |
+| W8A16: teacher-forced on the held-out text (top-1 next token) | **{col('weight_only', 'teacher_forced_heldout_text')}** |
+| W8A16: free-running greedy, position by position | **{col('weight_only', 'free_running_positions')}** |
+| **W8A8** (`--fp8 keep`; `auto` on a GPU with FP8 GEMMs): teacher-forced on the held-out text | **{col(a, 'teacher_forced_heldout_text')}** |
+| W8A8: teacher-forced on the dequantised model's greedy text | {col(a, 'teacher_forced_own_greedy_text')} |
+| W8A8: free-running greedy, position by position | {col(a, 'free_running_positions')} |
+| W8A8: free-running, identical {r['new_tokens']}-token outputs of {r['prompts']} | {col(a, 'free_running_identical_sequences', '{}')} |
+| W8A8: free-running, mean common prefix (tokens) | {col(a, 'free_running_common_prefix_mean', '{:.1f}')} |
+| for scale — the weight quantisation alone (dequantised vs the unquantised model): teacher-forced | {col(a, 'reference_dequantised_vs_unquantised_teacher_forced')} |
+| the same, free-running | {col(a, 'reference_dequantised_vs_unquantised_free_running')} |
+| W8A8 logits vs dequantised, relative error per position: median / p95 | {rel['logit_rel_err_kept_vs_dequant']['median']:.2e} / {rel['logit_rel_err_kept_vs_dequant']['p95']:.2e} | {emb['logit_rel_err_kept_vs_dequant']['median']:.2e} / {emb['logit_rel_err_kept_vs_dequant']['p95']:.2e} |
+
+Teacher-forced agreement counts, at every position, whether both models predict the same next
+token from the same text; free-running agreement compares two independent greedy decodes position
+by position, so one early difference (a near-tie between two tokens) makes the rest of that text
+differ — it measures how long two nearly equal models stay in lockstep, and a perturbation as
+small as the weight quantisation itself gives a similar figure. W8A16 computes exactly what the
+dequantised model computes, so it agrees everywhere; W8A8 also rounds the activations to E4M3.
+
+## Decoding speed (CPU, greedy, batch 1, tokens/s)
+
+| | release layout | embedding + head FP8 too |
+|---|---|---|
+| W8A8 | {col('decode_tokens_per_s', 'kept', '{:.0f}')} |
+| W8A16 | {col('decode_tokens_per_s', 'weight_only', '{:.0f}')} |
+| dequantised | {col('decode_tokens_per_s', 'dequant', '{:.0f}')} |
+
+Medians over the prompts, the decoders interleaved; on a shared, busy machine these are indicative
+only. On a CPU the W8A8 GEMM is the torch reference path (FP8 products emulated in FP32, plus the
 activation quantisation); W8A16 only dequantises the blocks each call needs. On a GPU with FP8
 GEMMs (sm89+) `--fp8 auto` runs W8A8 through `torch._scaled_mm` or the Triton kernels (not timed
 here: no GPU on this machine).

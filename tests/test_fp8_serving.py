@@ -336,3 +336,100 @@ def test_kept_modules_on_the_triton_kernels(one_thread):
         ref = fe(x, counts)
         fe.backend = "triton"
         assert rel_err(fe(x, counts), ref) < 1e-5
+
+
+# ------------------------------------------------------------------ embedding and head in FP8 too
+def test_fp8_embedding_rows_equal_the_dequantised_table_bitwise(one_thread):
+    from dsv3.fp8.inference import FP8InferenceEmbedding
+
+    g = torch.Generator().manual_seed(7)
+    for vocab, dim in ((300, 160), (128, 128), (5, 40)):           # partial blocks in both dims; one block
+        emb = nn.Embedding(vocab, dim)
+        nn.init.normal_(emb.weight, std=0.3, generator=g)
+        f = FP8InferenceEmbedding.from_embedding(emb)
+        assert f.weight.dtype == E4M3 and f.weight_scale_inv.shape == (-(-vocab // 128), -(-dim // 128))
+        table = f.dequantized_weight()
+        assert rel_err(table, emb.weight) < 0.05
+        ids = torch.randint(0, vocab, (3, 17), generator=g)
+        assert torch.equal(f(ids), table[ids])
+        f16 = f.to(torch.bfloat16)                                 # the table stays E4M3; rows come in BF16
+        assert f16.weight.dtype == E4M3 and f16(ids).dtype == torch.bfloat16
+        assert torch.equal(f16(ids), f.dequantized_weight(torch.bfloat16)[ids])
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_fp8_embeddings_checkpoint_kept_equals_dequantised_at_half_the_bytes(name, tmp_path, one_thread):
+    from safetensors import safe_open
+
+    from dsv3.fp8.inference import FP8InferenceEmbedding
+
+    torch.manual_seed(11)
+    model = Transformer(small_config(**CONFIGS[name]))
+    dsv3.save_pretrained(model, tmp_path, fp8=True, fp8_embeddings=True)
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:     # the MTP layer's copies are E4M3 too
+        stored = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    L = model.cfg.num_hidden_layers
+    for k in ("model.embed_tokens.weight", "lm_head.weight", f"model.layers.{L}.embed_tokens.weight",
+              f"model.layers.{L}.shared_head.head.weight"):
+        assert stored[k] == "F8_E4M3" and k[:-len("weight")] + "weight_scale_inv" in stored, k
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 21))
+    for dtype in (torch.float32, torch.bfloat16):
+        wo = dsv3.load_pretrained(tmp_path, fp8="weight-only", dtype=dtype).eval()
+        deq = dsv3.load_pretrained(tmp_path, fp8="dequant", dtype=dtype).eval()
+        assert isinstance(wo.embed_tokens, FP8InferenceEmbedding) and isinstance(wo.lm_head, FP8InferenceLinear)
+        with torch.no_grad():
+            assert torch.equal(wo(tokens), deq(tokens))
+            out = wo.forward_train(tokens)                        # MTP reads the shared embedding and head
+            ref = deq.forward_train(tokens)
+            assert all(torch.equal(a, b) for a, b in zip(out.mtp_logits, ref.mtp_logits))
+    # the engine decodes with it (its cache takes the activations' dtype, not the table's)
+    wo = dsv3.load_pretrained(tmp_path, fp8="weight-only").eval()
+    deq = dsv3.load_pretrained(tmp_path, fp8="dequant").eval()
+    prompt = torch.randint(3, model.cfg.vocab_size, (9,)).tolist()
+    assert generate(wo, prompt, 8, temperature=0) == generate(deq, prompt, 8, temperature=0)
+    kb = fp8_weight_bytes(dsv3.load_pretrained(tmp_path, fp8="keep", dtype=torch.bfloat16))
+    bb = fp8_weight_bytes(deq.to(torch.bfloat16))
+    release = tmp_path / "release"
+    dsv3.save_pretrained(model, release, fp8=True)
+    rb = fp8_weight_bytes(dsv3.load_pretrained(release, fp8="keep", dtype=torch.bfloat16))
+    assert kb["total"] < rb["total"] and kb["total"] <= 0.56 * bb["total"], (kb, rb, bb)
+
+
+def test_fp8_embeddings_refused_where_they_cannot_apply(tmp_path):
+    with pytest.raises(ValueError, match="needs fp8=True"):
+        dsv3.save_pretrained(Transformer(small_config()), tmp_path / "a", fp8_embeddings=True)
+    with pytest.raises(ValueError, match="tie_word_embeddings"):
+        dsv3.save_pretrained(Transformer(small_config(tie_word_embeddings=True)), tmp_path / "b", fp8=True,
+                             fp8_embeddings=True)
+
+
+def test_dsv3_quantize_writes_a_checkpoint_that_serves_kept(checkpoints, tmp_path, one_thread, capsys):
+    from dsv3.cli import main
+    from dsv3.fp8.inference import FP8InferenceEmbedding
+
+    torch.manual_seed(3)
+    src = tmp_path / "src"
+    dsv3.save_pretrained(Transformer(small_config(**ALIGNED)), src)
+    model_dir = _tokenizer_dir(tmp_path / "model", src)
+    out = tmp_path / "fp8"
+    assert main(["quantize", "--model", str(model_dir), "--out", str(out), "--fp8-embeddings"]) == 0
+    assert "0.5" in capsys.readouterr().out                       # the printed ratio
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(out))
+    model, _ = load_model_dir(str(out), "cpu")                     # auto on a CPU: W8A16
+    assert isinstance(model.embed_tokens, FP8InferenceEmbedding) and model.cfg.quantization_config["quant_method"] == "fp8"
+    deq = dsv3.load_pretrained(out, fp8="dequant")
+    tokens = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(model(tokens), deq(tokens))
+    # bad input: one line, exit code 2, nothing replaced
+    before = sorted(os.listdir(out))
+    for argv, what in ((["--model", str(model_dir), "--out", str(out)], "--overwrite"),
+                       (["--model", str(model_dir), "--out", str(model_dir)], "--out"),
+                       (["--model", str(tmp_path / "none"), "--out", str(tmp_path / "x")], "not found"),
+                       (["--model", str(model_dir), "--out", str(tmp_path / "no" / "such")], "parent")):
+        assert main(["quantize", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and what in err, err
+    assert sorted(os.listdir(out)) == before
+    assert main(["quantize", "--model", str(model_dir), "--out", str(out), "--overwrite"]) == 0
+    assert not isinstance(load_model_dir(str(out), "cpu")[0].embed_tokens, FP8InferenceEmbedding)

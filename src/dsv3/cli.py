@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "grpo": ("dsv3.posttrain.grpo", "reinforcement learning with GRPO and rule-based rewards (DeepSeek-R1)"),
     "sample": ("dsv3.posttrain.sample", "rejection sampling into chat SFT data; accuracy with a confidence interval"),
     "r1-task": ("dsv3.posttrain.task", "write the built-in verifiable task (addition): cold-start SFT data and prompts"),
+    "quantize": ("dsv3.commands.quantize", "write a model as an FP8 checkpoint (E4M3, 128x128 scales; DeepSeek's layout)"),
     "eval": ("dsv3.eval.cli", "long-context evaluation: loss by position, passkey and needle retrieval"),
     "plot": ("dsv3.train.plots", "draw loss / MaxVio / expert-load pictures of a run directory"),
     "pipeline": ("dsv3.commands.pipeline", "build and simulate a pipeline schedule (1f1b, zb1p, dualpipe, dualpipev)"),

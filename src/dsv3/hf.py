@@ -18,7 +18,9 @@ with a float32 ``weight_scale_inv`` per 128×128 block) are dequantised on load,
 (:mod:`dsv3.fp8.inference`; ``fp8="weight-only"`` keeps them too but dequantises block by block in
 each call): the quantised Linears become ``FP8InferenceLinear`` and the routed
 experts ``FP8InferenceExperts``; ``kv_b_proj`` is still dequantised (absorbed MLA reads its
-weight as a matrix), and embedding, norms, gate and head are as stored (never FP8 in the release).
+weight as a matrix); norms and gate are as stored; embedding and head are as stored too — BF16 in
+DeepSeek's release, E4M3 (``FP8InferenceEmbedding`` / ``FP8InferenceLinear``) in a checkpoint written
+with ``save_pretrained(fp8=True, fp8_embeddings=True)``.
 """
 
 from __future__ import annotations
@@ -210,10 +212,10 @@ def _scale_name(hf: str) -> str:
 
 
 def _fp8_keep_plan(model: nn.Module, plan, src: _TensorSource) -> set[str]:
-    """Paths of the Linears / grouped experts whose checkpoint tensors are all E4M3 with their
-    scales and that can run in FP8 (``fp8_inference_candidates``: not kv_b_proj, not the head;
-    embedding, gate and norms are not candidates)."""
-    from .fp8.inference import fp8_inference_candidates
+    """Paths of the Linears / embedding / grouped experts whose checkpoint tensors are all E4M3 with
+    their scales and that can run in FP8 (``fp8_inference_candidates`` but kv_b_proj; gate and norms
+    are not candidates; with tied word embeddings neither embedding nor head, which share a tensor)."""
+    from .fp8.inference import HIGH_PRECISION, fp8_inference_candidates
 
     hf_of: dict[str, list[str]] = {}
     for key, hf, _, _ in plan:
@@ -225,8 +227,9 @@ def _fp8_keep_plan(model: nn.Module, plan, src: _TensorSource) -> set[str]:
         return bool(names) and all(hf in available and _scale_name(hf) in available
                                    and src.dtype(hf) == "F8_E4M3" for hf in names)
 
-    return {path for path, m in fp8_inference_candidates(model).items()
-            if all(stored_fp8(f"{path}.{w}") for w in (("weight",) if isinstance(m, nn.Linear) else ("w13", "w2")))}
+    tied = ("embed_tokens", "lm_head") if model.cfg.tie_word_embeddings else ()
+    return {path for path, m in fp8_inference_candidates(model, skip=HIGH_PRECISION + tied).items()
+            if all(stored_fp8(f"{path}.{w}") for w in (("w13", "w2") if hasattr(m, "w13") else ("weight",)))}
 
 
 def load_pretrained(path: str | os.PathLike, device=None, dtype: torch.dtype | None = None,
@@ -300,10 +303,10 @@ def load_pretrained(path: str | os.PathLike, device=None, dtype: torch.dtype | N
     kept = _fp8_keep_plan(model, plan, src) if keep else set()
     kept_keys = set()
     if kept:
-        from .fp8.inference import convert_to_fp8_inference
+        from .fp8.inference import HIGH_PRECISION, convert_to_fp8_inference
         from .fp8.quant import FP8_DTYPE
 
-        convert_to_fp8_inference(model, select=kept.__contains__,     # empty FP8 modules (meta)
+        convert_to_fp8_inference(model, select=kept.__contains__, skip=HIGH_PRECISION,  # empty (meta)
                                  weight_only=mode == "weight-only")
         kept_keys = {k for k, v in model.state_dict().items() if v.dtype == FP8_DTYPE}
         model.cfg.quantization_config = copy.deepcopy(qcfg) or {
@@ -342,6 +345,8 @@ def load_pretrained(path: str | os.PathLike, device=None, dtype: torch.dtype | N
     for p in model.parameters():  # weights in `dtype` (kept FP8 ones stay); buffers keep theirs
         if p.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
             p.data = p.data.to(dtype)
+    if hasattr(model.embed_tokens, "act_dtype"):   # an embedding kept FP8 returns rows in `dtype`
+        model.embed_tokens.act_dtype = model.embed_tokens.act_dtype.to(dtype)
     model.load_state_dict(state, strict=True, assign=False)
     model._freqs = torch.empty(0, dtype=torch.complex64)
     return model
@@ -386,13 +391,13 @@ def _read_fp8_into(state, shapes, src, key, hf, e, part, inter) -> None:
 def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's tensors under their HF names (per-expert, MTP at index num_hidden_layers).
     Weights kept in FP8 (``load_pretrained(..., fp8="keep")``) come out dequantised, in the
-    dtype of the model's embedding."""
+    dtype of the model's final norm (the activations' dtype)."""
     sd = model.state_dict()
     fp8_keys = [k for k, v in sd.items() if v.dtype == torch.float8_e4m3fn and k + "_scale_inv" in sd]
     if fp8_keys:
         from .fp8.inference import dequantize_fp8
 
-        dtype = model.embed_tokens.weight.dtype
+        dtype = model.norm.weight.dtype
         for k in fp8_keys:
             sd[k] = dequantize_fp8(sd[k], sd.pop(k + "_scale_inv"), dtype=dtype)
     out: dict[str, torch.Tensor] = {}
@@ -408,19 +413,28 @@ def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _fp8_quantisable(name: str, t: torch.Tensor) -> bool:
-    """The official FP8 release quantises every Linear except embedding, head and MoE gate."""
-    if t.dim() != 2 or not name.endswith(("_proj.weight", "_proj_with_mqa.weight")):
+_EMBEDDING_NAMES = ("embed_tokens.weight", "lm_head.weight", "shared_head.head.weight")
+
+
+def _fp8_quantisable(name: str, t: torch.Tensor, embeddings: bool = False) -> bool:
+    """The official FP8 release quantises every Linear except embedding, head and MoE gate;
+    ``embeddings`` quantises the embedding and the head (and the MTP layers' copies of them) too."""
+    if t.dim() != 2:
         return False
-    return not any(s in name for s in ("embed_tokens", "shared_head.head", "lm_head", "mlp.gate.weight"))
+    if name.endswith(_EMBEDDING_NAMES):
+        return embeddings
+    return name.endswith(("_proj.weight", "_proj_with_mqa.weight")) and "mlp.gate.weight" not in name
 
 
 def save_pretrained(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = None,
-                    fp8: bool = False, max_shard_bytes: int = 4 << 30) -> None:
+                    fp8: bool = False, fp8_embeddings: bool = False, max_shard_bytes: int = 4 << 30) -> None:
     """Write ``config.json`` + safetensors (sharded with an index when large) in the HF layout.
 
     ``fp8=True`` block-quantises the Linear weights to E4M3 with 128×128 ``weight_scale_inv``
     (as the official DeepSeek-V3 release); the config then carries ``quantization_config``.
+    ``fp8_embeddings=True`` (with ``fp8``) quantises the embedding and the output head the same way
+    — not done in the release, where they are 0.4% of the bytes, but they are a third of a tiny
+    model's; not for tied word embeddings.
     """
     from safetensors.torch import save_file
 
@@ -430,10 +444,14 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, dtype: torch.dtyp
     if dtype is not None:
         tensors = {k: (v if k.endswith("e_score_correction_bias") else v.to(dtype)) for k, v in tensors.items()}
     cfg = model.cfg.replace(quantization_config=None)
+    if fp8_embeddings and not fp8:
+        raise ValueError("fp8_embeddings=True needs fp8=True")
+    if fp8_embeddings and cfg.tie_word_embeddings:
+        raise ValueError("fp8_embeddings=True is not supported with tie_word_embeddings (one shared table)")
     if fp8:
         from .fp8.quant import quantize_weight
 
-        for name in [n for n, t in tensors.items() if _fp8_quantisable(n, t)]:
+        for name in [n for n, t in tensors.items() if _fp8_quantisable(n, t, fp8_embeddings)]:
             q, s = quantize_weight(tensors[name].float())
             tensors[name] = q.contiguous()
             tensors[name[: -len("weight")] + "weight_scale_inv"] = s.float().contiguous()

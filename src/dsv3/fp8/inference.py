@@ -11,6 +11,10 @@ without its master weight or its backward. Weight memory is one byte per element
 * :class:`FP8InferenceLinear` — a bias-free Linear: ``weight`` e4m3 [N, K] (a frozen Parameter)
   and ``weight_scale_inv`` fp32 [ceil(N/128), ceil(K/128)] (a buffer). State-dict names are the
   checkpoint's own.
+* :class:`FP8InferenceEmbedding` — a token embedding [V, d] in E4M3 with 128×128 scales (not in
+  DeepSeek's release, whose embedding and head stay BF16; ``save_pretrained(fp8=True,
+  fp8_embeddings=True)`` writes one for small models, where embedding and head are a large share of
+  the bytes). A lookup dequantises only the rows it gathers: the dequantised table's rows, bit for bit.
 * :class:`FP8InferenceExperts` — the routed experts stacked as in
   :class:`dsv3.model.moe.GroupedExperts` (``w13`` = gate ‖ up [E, 2I, d], ``w2`` [E, d, I]), both in
   e4m3 with ``w13_scale_inv`` / ``w2_scale_inv``; computed with :func:`fp8_grouped_gemm`. When
@@ -44,12 +48,17 @@ from .gemm import fp8_gemm, fp8_grouped_gemm
 from .linear import _out_dtype, _quant_act
 from .quant import BLOCK, FP8_DTYPE, _cdiv, quantize_weight
 
-__all__ = ["FP8InferenceLinear", "FP8InferenceExperts", "dequantize_fp8", "expand_block_scales",
-           "fp8_weight_bytes", "fp8_inference_candidates", "convert_to_fp8_inference", "HIGH_PRECISION"]
+__all__ = ["FP8InferenceLinear", "FP8InferenceEmbedding", "FP8InferenceExperts", "dequantize_fp8", "expand_block_scales",
+           "fp8_weight_bytes", "fp8_inference_candidates", "convert_to_fp8_inference", "HIGH_PRECISION",
+           "RELEASE_HIGH_PRECISION"]
 
-# Linears never run in FP8 here: kv_b_proj (absorbed MLA reads its weight as a matrix; small) and
-# the output head (never FP8 in the release). Embedding, norms and the MoE gate are not nn.Linear.
-HIGH_PRECISION = ("kv_b_proj", "lm_head")
+# Never run in FP8 here: kv_b_proj (absorbed MLA reads its weight as a matrix; small). Norms and the
+# MoE gate are not candidates at all.
+HIGH_PRECISION = ("kv_b_proj",)
+# What DeepSeek's FP8 release also keeps in high precision: the embedding and the output head. The
+# default when a high-precision model is converted here; a checkpoint that stores them in E4M3
+# (``save_pretrained(fp8_embeddings=True)``) is loaded with them kept in E4M3.
+RELEASE_HIGH_PRECISION = HIGH_PRECISION + ("embed_tokens", "lm_head")
 
 
 def expand_block_scales(s: torch.Tensor, n: int, block: int = BLOCK) -> torch.Tensor:
@@ -93,7 +102,11 @@ def dequantize_fp8(q: torch.Tensor, s: torch.Tensor, block: int = BLOCK,
 
 
 def _keep_dtypes_apply(module: nn.Module, fn, names: tuple[str, ...], recurse: bool):
-    """Module._apply that lets `fn` move the FP8 tensors and their scales but never recast them."""
+    """Module._apply that lets `fn` move the FP8 tensors and their scales but never recast them
+    (other buffers, e.g. the embedding's output-dtype marker, are moved and cast as usual)."""
+    for name, t in list(module._buffers.items()):
+        if name not in names and t is not None:
+            module._buffers[name] = fn(t)
     for name in names:
         t = getattr(module, name)
         moved = fn(t)
@@ -161,6 +174,51 @@ class FP8InferenceLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 weight 128x128 scales, "
                 + ("weight-only (W8A16)" if self.weight_only else "W8A8"))
+
+
+class FP8InferenceEmbedding(nn.Module):
+    """Token embedding with the table [V, d] kept in E4M3 + 128×128 scales; a lookup returns the
+    gathered rows dequantised into the model's dtype (that of the empty ``act_dtype`` buffer, which
+    ``module.to(dtype)`` casts while the table stays E4M3)."""
+
+    _fp8_names = ("weight", "weight_scale_inv")
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, device=None, dtype=torch.float32):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, dtype=FP8_DTYPE, device=device),
+                                   requires_grad=False)
+        self.register_buffer("weight_scale_inv", torch.ones(
+            _cdiv(num_embeddings, BLOCK), _cdiv(embedding_dim, BLOCK), dtype=torch.float32, device=device))
+        self.register_buffer("act_dtype", torch.empty(0, dtype=dtype, device=device), persistent=False)
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding) -> "FP8InferenceEmbedding":
+        """Quantise an nn.Embedding's table 128×128 (as ``save_pretrained(fp8_embeddings=True)``)."""
+        w = emb.weight.detach()
+        q, s = quantize_weight(w)
+        m = cls(*w.shape, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            m.weight.copy_(q)
+            m.weight_scale_inv.copy_(s)
+        return m
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_fp8(self.weight, self.weight_scale_inv, dtype=dtype)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [...] (int) → [..., d]: each row q[t] · s[t // 128, column block], as dequantize_fp8."""
+        flat = tokens.reshape(-1)
+        rows = _e4m3_to_float(self.weight.index_select(0, flat))                  # [n, d]
+        scales = self.weight_scale_inv.index_select(0, torch.div(flat, BLOCK, rounding_mode="floor"))
+        scales = scales.repeat_interleave(BLOCK, dim=1)[:, :self.embedding_dim]   # [n, d]
+        return (rows * scales).to(self.act_dtype.dtype).reshape(*tokens.shape, self.embedding_dim)
+
+    def _apply(self, fn, recurse=True):
+        return _keep_dtypes_apply(self, fn, self._fp8_names, recurse)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, fp8 e4m3 table 128x128 scales"
 
 
 class FP8InferenceExperts(nn.Module):
@@ -254,21 +312,20 @@ def _is_grouped_experts(m: nn.Module) -> bool:
             and not isinstance(m, FP8InferenceExperts))
 
 
-def fp8_inference_candidates(model: nn.Module, skip=HIGH_PRECISION) -> dict[str, nn.Module]:
-    """{module path: module} of what can run in FP8: bias-free ``nn.Linear`` children not named in
-    `skip`, and grouped-experts modules (stacked ``w13``/``w2``, duck-typed as in fp8/model.py)."""
+def fp8_inference_candidates(model: nn.Module, skip=RELEASE_HIGH_PRECISION) -> dict[str, nn.Module]:
+    """{module path: module} of what can run in FP8: bias-free ``nn.Linear`` children, ``nn.Embedding``
+    children and grouped-experts modules (stacked ``w13``/``w2``, duck-typed as in fp8/model.py),
+    except those whose last name is in `skip` (default: as DeepSeek's release)."""
     out = {}
     for path, m in model.named_modules():
-        if not path:
+        if not path or path.rsplit(".", 1)[-1] in skip:
             continue
-        if type(m) is nn.Linear and m.bias is None and path.rsplit(".", 1)[-1] not in skip:
-            out[path] = m
-        elif _is_grouped_experts(m):
+        if (type(m) is nn.Linear and m.bias is None) or type(m) is nn.Embedding or _is_grouped_experts(m):
             out[path] = m
     return out
 
 
-def convert_to_fp8_inference(model: nn.Module, select=None, skip=HIGH_PRECISION,
+def convert_to_fp8_inference(model: nn.Module, select=None, skip=RELEASE_HIGH_PRECISION,
                              backend: str = "auto", weight_only: bool = False) -> nn.Module:
     """Replace the candidates (:func:`fp8_inference_candidates`; only those whose path `select`
     accepts, when given) by FP8 inference modules, in place; returns `model`. Weights are
@@ -278,14 +335,18 @@ def convert_to_fp8_inference(model: nn.Module, select=None, skip=HIGH_PRECISION,
     for path, m in fp8_inference_candidates(model, skip).items():
         if select is not None and not select(path):
             continue
-        meta = (m.weight if isinstance(m, nn.Linear) else m.w13).is_meta
-        if isinstance(m, nn.Linear):
+        meta = (m.w13 if _is_grouped_experts(m) else m.weight).is_meta
+        if isinstance(m, nn.Embedding):
+            new = (FP8InferenceEmbedding(m.num_embeddings, m.embedding_dim, device="meta", dtype=m.weight.dtype)
+                   if meta else FP8InferenceEmbedding.from_embedding(m))
+        elif isinstance(m, nn.Linear):
             new = (FP8InferenceLinear(m.in_features, m.out_features, device="meta", backend=backend) if meta
                    else FP8InferenceLinear.from_linear(m, backend))
+            new.weight_only = weight_only
         else:
             new = (FP8InferenceExperts(m.num_experts, m.dim, m.inter, device="meta", backend=backend) if meta
                    else FP8InferenceExperts.from_experts(m, backend))
-        new.weight_only = weight_only
+            new.weight_only = weight_only
         parent, _, name = path.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, name, new)
     return model
@@ -297,7 +358,7 @@ def fp8_weight_bytes(model: nn.Module) -> dict:
     seen: set = set()
     out = {"fp8": 0, "scales": 0, "other": 0}
     fp8_scale_ids = {id(getattr(m, n)) for m in model.modules()
-                     if isinstance(m, (FP8InferenceLinear, FP8InferenceExperts))
+                     if isinstance(m, (FP8InferenceLinear, FP8InferenceEmbedding, FP8InferenceExperts))
                      for n in m._fp8_names if n.endswith("scale_inv")}
     for t in list(model.parameters()) + list(model.buffers()):
         key = (t.device, t.untyped_storage().data_ptr()) if t.device.type != "meta" else id(t)

@@ -156,7 +156,7 @@ class Engine:
                              "(max_position_embeddings)")
         self.max_batch, self.speculative, self.prefill_chunk = max_batch, speculative, prefill_chunk
         self.lookahead = int(speculative)
-        p = model.embed_tokens.weight
+        p = model.norm.weight
         self.device, dtype = p.device, p.dtype
         self.layers = cfg.num_hidden_layers + (len(model.mtp) if speculative else 0)
         per_block = PagedLatentCache.bytes_per_block(cfg, block_size, self.layers, dtype)

@@ -137,7 +137,7 @@ class EPEngine:
         self.trace = Trace(limit=trace_limit) if trace_dir else None
         if self.trace is not None:
             set_trace(self.trace)
-        p = model.embed_tokens.weight
+        p = model.norm.weight
         self._empty = torch.empty(0, model.cfg.hidden_size, device=p.device, dtype=p.dtype)
         # every rank's limits: requests are checked against the smallest pool
         limits: list = [None] * self.world

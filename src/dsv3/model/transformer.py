@@ -124,7 +124,7 @@ class Transformer(nn.Module):
     def new_cache(self, batch_size: int, max_len: int, dtype=None, mtp: bool = False) -> LatentCache:
         """A latent cache for the trunk's layers, and for the MTP modules too with ``mtp=True``
         (speculative decoding: the MTP blocks attend over their own past positions)."""
-        p = self.embed_tokens.weight
+        p = self.norm.weight
         layers = self.cfg.num_hidden_layers + (len(self.mtp) if mtp else 0)
         return LatentCache(self.cfg, batch_size, max_len, layers, p.device, dtype or p.dtype)
 

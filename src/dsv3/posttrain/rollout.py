@@ -37,7 +37,7 @@ class Completion:
 def make_engine(model, max_batch: int, max_len: int) -> Engine:
     """An engine over ``model`` (the module itself) for rows of at most ``max_len`` tokens. The RoPE table
     is built first outside inference mode, so the training forward can use the same tensor."""
-    model.freqs_cis(0, model.cfg.max_position_embeddings, model.embed_tokens.weight.device)
+    model.freqs_cis(0, model.cfg.max_position_embeddings, model.norm.weight.device)
     return Engine(model, max_batch=max_batch, max_len=max_len, block_size=16, prefill_chunk=4096)
 
 
