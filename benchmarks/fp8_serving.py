@@ -272,9 +272,10 @@ def _markdown(r: dict) -> str:
     w, n = r["weight_bytes"], r["prompts"] * r["new_tokens"]
     v = w["deepseek_v3"]
 
-    def col(key, sub=None, fmt="{:.2%}"):
+    def col(key, sub=None, fmt="{:.2%}", bold=False):
         get = (lambda x: x[key][sub]) if sub else (lambda x: x[key])
-        return f"{fmt.format(get(rel))} | {fmt.format(get(emb))}"
+        b = "**" if bold else ""
+        return f"{b}{fmt.format(get(rel))}{b} | {b}{fmt.format(get(emb))}{b}"
 
     a = "agreement"
     return f"""# FP8 weights kept FP8 at inference (benchmarks/fp8_serving.py)
@@ -315,9 +316,9 @@ reads it as a matrix) — is {v['fp8_kept']['other'] / v['bf16']['total']:.1%} o
 | comparison | release layout | embedding + head FP8 too |
 |---|---|---|
 | **W8A16** (`--fp8 weight-only`; `auto` on a CPU): logits bitwise equal to the dequantised model's | {rel['weight_only']['logits_bitwise_equal_dequant']} | {emb['weight_only']['logits_bitwise_equal_dequant']} |
-| W8A16: teacher-forced on the held-out text (top-1 next token) | **{col('weight_only', 'teacher_forced_heldout_text')}** |
-| W8A16: free-running greedy, position by position | **{col('weight_only', 'free_running_positions')}** |
-| **W8A8** (`--fp8 keep`; `auto` on a GPU with FP8 GEMMs): teacher-forced on the held-out text | **{col(a, 'teacher_forced_heldout_text')}** |
+| W8A16: teacher-forced on the held-out text (top-1 next token) | {col('weight_only', 'teacher_forced_heldout_text', bold=True)} |
+| W8A16: free-running greedy, position by position | {col('weight_only', 'free_running_positions', bold=True)} |
+| **W8A8** (`--fp8 keep`; `auto` on a GPU with FP8 GEMMs): teacher-forced on the held-out text | {col(a, 'teacher_forced_heldout_text', bold=True)} |
 | W8A8: teacher-forced on the dequantised model's greedy text | {col(a, 'teacher_forced_own_greedy_text')} |
 | W8A8: free-running greedy, position by position | {col(a, 'free_running_positions')} |
 | W8A8: free-running, identical {r['new_tokens']}-token outputs of {r['prompts']} | {col(a, 'free_running_identical_sequences', '{}')} |
