@@ -590,6 +590,37 @@ def test_health_says_when_the_engine_is_dead(served):
         assert "dsv3_engine_alive 0.0" in client.get("/metrics").text
 
 
+def test_serves_an_fp8_checkpoint_kept_fp8(model_dir, tmp_path):
+    """`dsv3 quantize --fp8-embeddings`, then `dsv3 serve` on it: E4M3 embedding, head and Linears stay
+    E4M3 (W8A16 on a CPU) and the greedy completions equal the dequantised model's, token for token."""
+    from dsv3 import load_pretrained
+    from dsv3.infer.generate import generate, load_model_dir
+
+    fp8_dir = str(tmp_path / "fp8")
+    q = subprocess.run([sys.executable, "-m", "dsv3.cli", "quantize", "--model", model_dir, "--out", fp8_dir,
+                        "--fp8-embeddings"], env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert q.returncode == 0, q.stderr
+    port, log = free_port(), tmp_path / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "dsv3.cli", "serve", "--model", fp8_dir, "--port", str(port),
+                                 "--max-batch", "4", "--served-model-name", NAME],
+                                env=cli_env(), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        _, tok = load_model_dir(fp8_dir, "cpu")
+        deq = load_pretrained(fp8_dir, fp8="dequant").eval()             # the reference: dequantised at load
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, proc, log, 120)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+        texts = ["import os\n", "def f(x):", "for i in range("]
+        r = client.completions.create(model=NAME, prompt=texts, max_tokens=10, temperature=0)
+        for ch, text in zip(r.choices, texts):
+            ref = generate(deq, tok.encode(text, add_bos=tok.add_bos_token), 10, temperature=0, eos_id=tok.eos_id)
+            assert ch.text == tok.decode(ref, skip_special_tokens=True)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
 def test_sigterm_drains_in_flight_requests(served):
     """Last: stops the module's server."""
     result = {}
