@@ -11,10 +11,12 @@ Gradients with overlap on must equal those with it off bitwise. Writes
 ``benchmarks/results/overlap.{md,json}``, a timeline PNG per layout and Chrome traces
 (``benchmarks/results/overlap_trace_*.json``: open in chrome://tracing or ui.perfetto.dev).
 
-    python benchmarks/overlap.py [--steps 3] [--out benchmarks/results] [--realtime]
+    python benchmarks/overlap.py [--steps 3] [--out benchmarks/results] [--realtime] [--hidden 128]
+        [--rows 4] [--microbatches 8]
 
 ``--realtime`` runs the ranks in SCHED_FIFO, shielded from the machine's other processes
-(``_sched.py``), and writes ``overlap_realtime.*``.
+(``_sched.py``), and writes ``overlap_realtime.*``. ``--hidden H`` scales every width of the model with H
+(more compute per byte of all-to-all; files ``overlap_hH*``).
 """
 
 from __future__ import annotations
@@ -38,14 +40,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "src"))
 
 
-def _config():
+def _config(hidden: int = 128):
+    """8 layers, 8 experts top-2; every width proportional to ``hidden`` (128: the default)."""
     from dsv3 import ModelConfig
 
+    h = hidden
     return ModelConfig.preset("tiny").replace(
-        vocab_size=512, hidden_size=128, num_hidden_layers=8, first_k_dense_replace=1, intermediate_size=256,
-        num_attention_heads=4, q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16,
-        v_head_dim=16, max_position_embeddings=128, n_routed_experts=8, n_shared_experts=1,
-        num_experts_per_tok=2, moe_intermediate_size=128, n_group=1, topk_group=1, num_nextn_predict_layers=1)
+        vocab_size=512, hidden_size=h, num_hidden_layers=8, first_k_dense_replace=1, intermediate_size=2 * h,
+        num_attention_heads=4, q_lora_rank=h // 2, kv_lora_rank=h // 4, qk_nope_head_dim=h // 8,
+        qk_rope_head_dim=h // 8, v_head_dim=h // 8, max_position_embeddings=128, n_routed_experts=8,
+        n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=h, n_group=1, topk_group=1,
+        num_nextn_predict_layers=1)
+
+
+def _suffix(hidden: int, realtime: bool) -> str:
+    """Result-file suffix: ``_h{hidden}`` for a non-default width, ``_realtime`` for --realtime."""
+    return (f"_h{hidden}" if hidden != 128 else "") + ("_realtime" if realtime else "")
 
 
 def _batch(rows, T=64, seed=0):
@@ -58,7 +68,7 @@ def _grads(model) -> dict:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None and not p.is_meta}
 
 
-def _plain_ep(rank, world, overlap, steps, mb_rows, M=2):
+def _plain_ep(rank, world, overlap, steps, mb_rows, M=2, hidden=128):
     """Two micro-batches per step through an EP model; returns (per-step seconds, events, grads)."""
     import torch.distributed as dist
 
@@ -70,7 +80,7 @@ def _plain_ep(rank, world, overlap, steps, mb_rows, M=2):
 
     mesh = build_mesh(MeshSpec(world, world, 1, world), rank)
     torch.manual_seed(0)
-    model = Transformer(_config())
+    model = Transformer(_config(hidden))
     convert_to_expert_parallel(model, mesh.expert_comm())
     if overlap:
         mesh.add_lane(1)
@@ -101,7 +111,7 @@ def _plain_ep(rank, world, overlap, steps, mb_rows, M=2):
     return times, list(trace.events), _grads(model)
 
 
-def _pp_ep(rank, world, overlap, steps, mb_rows, M):
+def _pp_ep(rank, world, overlap, steps, mb_rows, M, hidden=128):
     """One DualPipeV step of pp2 × ep2 (M micro-batches per replica)."""
     import functools
 
@@ -115,7 +125,7 @@ def _pp_ep(rank, world, overlap, steps, mb_rows, M):
 
     mesh = build_mesh(MeshSpec(world, world, 2, 2), rank)
     torch.manual_seed(0)
-    model = Transformer(_config())
+    model = Transformer(_config(hidden))
     pipe = PipelineParallel(model, "dualpipev", 2, M, local_batch=M * mb_rows, mesh=mesh, overlap=overlap,
                             loss_fn=functools.partial(token_loss, mtp_lambda=0.3), eval_fn=eval_sums,
                             balance_fn=functools.partial(routing_balance_loss, balance_alpha=1e-3))
@@ -137,7 +147,7 @@ def _pp_ep(rank, world, overlap, steps, mb_rows, M):
     return times, list(trace.events), _grads(model)
 
 
-def _worker(rank, world, store, layout, steps, mb_rows, M, out_dir, q, realtime=False):
+def _worker(rank, world, store, layout, steps, mb_rows, M, out_dir, q, realtime=False, hidden=128):
     try:
         import torch.distributed as dist
 
@@ -153,11 +163,11 @@ def _worker(rank, world, store, layout, steps, mb_rows, M, out_dir, q, realtime=
         res = {}
         grads = {}
         for mode in (False, True):
-            times, events, grads[mode] = fn(rank, world, mode, steps, mb_rows, M)
+            times, events, grads[mode] = fn(rank, world, mode, steps, mb_rows, M, hidden)
             summ = ov.overlap_summary(events)
             res["on" if mode else "off"] = {"step_s": sorted(times)[len(times) // 2], **summ}
             if rank == 0:
-                rt = "_realtime" if realtime else ""
+                rt = _suffix(hidden, realtime)
                 tag = f"{layout}_{'on' if mode else 'off'}{rt}"
                 ov.write_chrome_trace(events, os.path.join(out_dir, f"overlap_trace_{tag}.json"), rank)
                 if mode:
@@ -172,11 +182,11 @@ def _worker(rank, world, store, layout, steps, mb_rows, M, out_dir, q, realtime=
         q.put((rank, "error", traceback.format_exc()))
 
 
-def run_layout(layout, world, steps, mb_rows, M, out_dir, realtime=False):
+def run_layout(layout, world, steps, mb_rows, M, out_dir, realtime=False, hidden=128):
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     store = os.path.join(tempfile.mkdtemp(), "store")
-    procs = [ctx.Process(target=_worker, args=(r, world, store, layout, steps, mb_rows, M, out_dir, q, realtime))
+    procs = [ctx.Process(target=_worker, args=(r, world, store, layout, steps, mb_rows, M, out_dir, q, realtime, hidden))
              for r in range(world)]
     for p in procs:
         p.start()
@@ -198,23 +208,29 @@ def main() -> int:
     ap.add_argument("--microbatches", type=int, default=8, help="DualPipeV micro-batches per step")
     ap.add_argument("--realtime", action="store_true",
                     help="run the ranks in SCHED_FIFO, shielded from the machine's other processes (root)")
+    ap.add_argument("--hidden", type=int, default=128,
+                    help="model width (every other width proportional); a multiple of 64. Wider = more compute "
+                         "per byte of all-to-all")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     args = ap.parse_args()
-    rt = "_realtime" if args.realtime else ""
+    if args.hidden < 64 or args.hidden % 64:
+        ap.error(f"--hidden {args.hidden}: must be a positive multiple of 64")
+    rt = _suffix(args.hidden, args.realtime)
     os.makedirs(args.out, exist_ok=True)
     results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                           f"load {os.getloadavg()[0]:.1f}", "torch": torch.__version__, "layouts": {}}
     lines = ["# Expert all-to-all hidden behind computation (`--overlap`)", "",
              f"gloo ranks on one machine ({results['machine']}), torch {torch.__version__}, 1 thread per rank, "
              f"{args.steps} steps (median), micro-batches of {args.rows} × 64 tokens ({args.microbatches} per DualPipeV step; "
-             "config: 8 layers, 8 experts top-2, hidden 128). "
-             f"`python benchmarks/overlap.py{' --realtime' if args.realtime else ''}`; {scheduling(args.realtime)}.", "",
+             f"config: 8 layers, 8 experts top-2, hidden {args.hidden}, expert width {args.hidden}). "
+             f"`python benchmarks/overlap.py{' --realtime' if args.realtime else ''}"
+             f"{f' --hidden {args.hidden}' if args.hidden != 128 else ''}`; {scheduling(args.realtime)}.", "",
              "| layout | rank | all-to-all ms (off) | hidden (off) | all-to-all ms (on) | hidden (on) "
              "| on, not hidden: other lane communicating too / waiting for its turn / without paired work "
              "| step ms off → on | grads bitwise equal |",
              "|---|---|---|---|---|---|---|---|---|"]
     for layout, world, M in (("ep2", 2, 2), ("pp2_ep2_dualpipev", 4, args.microbatches)):
-        out = run_layout(layout, world, args.steps, args.rows, M, args.out, args.realtime)
+        out = run_layout(layout, world, args.steps, args.rows, M, args.out, args.realtime, args.hidden)
         results["layouts"][layout] = out
         for r in sorted(out):
             o = out[r]
