@@ -97,9 +97,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--yarn-beta-slow", type=float, default=1.0, help="YaRN β_slow (report: 1)")
     g.add_argument("--yarn-mscale", type=float, default=1.0,
                    help="YaRN mscale (= mscale_all_dim): softmax scale × (0.1·mscale·ln FACTOR + 1)² (report: 1)")
-    g.add_argument("--mix", default=None, metavar="passkey:SHARE",
-                   help="replace a share of the training sequences with synthetic passkey documents "
-                        "(e.g. passkey:0.1), to teach retrieval over the whole window")
+    g.add_argument("--mix", default=None, metavar="passkey:SHARE[,copy:SHARE]",
+                   help="replace a share of the training sequences with synthetic documents: passkey "
+                        "(e.g. passkey:0.1), to teach retrieval over the whole window; copy (a random "
+                        "token span repeated), to teach a model that cannot copy yet")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--sample-prompt", default="def ", help="prompt for the sample printed at the end ('' to skip)")
