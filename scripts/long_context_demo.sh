@@ -28,11 +28,11 @@ OUT=${OUT:-benchmarks/results/long_context}
 FACTOR=${FACTOR:-20}
 MIX=${MIX:-passkey:0.4,copy:0.2}
 STEPS0=${STEPS0:-2000}; BATCH0=${BATCH0:-32}; SEQ0=${SEQ0:-64}; MIX0=${MIX0:-copy:1.0}
-STEPS0B=${STEPS0B:-900}; BATCH0B=${BATCH0B:-8}; MIX0B=${MIX0B:-passkey:0.5,copy:0.25}
+STEPS0B=${STEPS0B:-1500}; BATCH0B=${BATCH0B:-8}; MIX0B=${MIX0B:-passkey:0.5,copy:0.25}
 LR0=${LR0:-1e-3}
-STEPS1=${STEPS1:-150}; BATCH1=${BATCH1:-4}
-STEPS2=${STEPS2:-8};  BATCH2=${BATCH2:-1}
-LR=${LR:-1e-3}
+STEPS1=${STEPS1:-300}; BATCH1=${BATCH1:-4}
+STEPS2=${STEPS2:-16}; BATCH2=${BATCH2:-1}
+LR=${LR:-1e-3}; LR2=${LR2:-3e-4}     # stage 2's batches are one sequence: a smaller step keeps what stage 1 learned
 BETAS=${BETAS:-0.9,0.999}
 EVAL=(--max-length 4096 --windows ${WINDOWS:-8} --lengths 256,1024,4096 --depths 0,0.25,0.5,0.75,1)
 mkdir -p "$RUNS" "$OUT"
@@ -78,7 +78,7 @@ evaluate "$RUNS/stage1/final" "stage 1 (1024)" stage1
 
 echo "--- stage 2: 1024 -> 4096 positions, same YaRN setting ---"
 $DSV3 train --from "$RUNS/stage1" --extend-context "$FACTOR" --seq-len 4096 --data runs/tiny/data --mix "$MIX" \
-    --steps "$STEPS2" --batch-size "$BATCH2" --lr "$LR" --adam-betas "$BETAS" --warmup 3 --eval-every 0 --eval-batches 1 \
+    --steps "$STEPS2" --batch-size "$BATCH2" --lr "$LR2" --adam-betas "$BETAS" --warmup 3 --eval-every 0 --eval-batches 1 \
     --save-every 0 --recompute --out "$RUNS/stage2" --overwrite --no-progress --sample-prompt ""
 evaluate "$RUNS/stage2/final" "stage 2 (4096)" stage2
 
