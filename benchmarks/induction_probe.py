@@ -16,6 +16,9 @@ fresh model or the quickstart model, with Adam's β2 = 0.95 (DeepSeek-V3's, dsv3
 
     python benchmarks/induction_probe.py [--model runs/tiny/final] [--steps 500] [--out benchmarks/results]
     python benchmarks/induction_probe.py --case quickstart:varying:0.999:1e-3 --steps 3000 --out DIR   # one case, longer
+    python benchmarks/induction_probe.py --measure RUN/final --measure RUN/checkpoints/step-00001000 --window 64
+        # no training: the copy accuracy of models (HF-layout or checkpoint directories) on held-out
+        # varying-span documents (--batch × 4 of them, the same for every model), as JSON lines
 """
 
 from __future__ import annotations
@@ -85,6 +88,37 @@ def run_case(start, spans, beta2, lr, args, cfg_source):
             "final_accuracy": curve[-1][1], "steps_to_50pct": onset, "seconds": round(time.time() - t0, 1)}
 
 
+def load_model(path: str):
+    """An HF-layout model directory (``load_pretrained``) or a ``dsv3 train`` checkpoint directory
+    (meta.json + model tensors)."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return load_pretrained(path)
+    from dsv3.checkpoint import CheckpointReader
+
+    with open(os.path.join(path, "meta.json")) as f:
+        meta = json.load(f)
+    model = dsv3.Transformer(dsv3.ModelConfig.from_hf(meta["model_config"]))
+    reader = CheckpointReader(path, meta)
+    model.load_state_dict(reader.tensors("model"))
+    return model
+
+
+@torch.no_grad()
+def measure(path: str, args) -> dict:
+    """Copy accuracy (argmax on the repeated tokens) of the model at ``path`` on ``4 × --batch`` held-out
+    varying-span documents of ``--window`` tokens (seed 1234: the same documents for every model)."""
+    model = load_model(path).eval()
+    rng = np.random.default_rng(1234)
+    vocab = (3, model.cfg.vocab_size - 16)
+    hits = total = 0
+    for _ in range(4):
+        docs, mask = copy_batch(rng, args.batch, args.window, "varying", vocab)
+        logits = model(docs[:, :-1])
+        hits += int((logits.argmax(-1) == docs[:, 1:])[mask].sum())
+        total += int(mask.sum())
+    return {"model": path, "window": args.window, "documents": 4 * args.batch, "copy_accuracy": round(hits / total, 4)}
+
+
 def _fail(message: str):
     """One line on stderr naming what is wrong, exit code 2."""
     print(f"induction_probe.py: error: {message}", file=sys.stderr)
@@ -101,12 +135,23 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--case", action="append", default=None, metavar="START:SPANS:BETA2:LR",
                    help="run only this case (repeatable), e.g. quickstart:varying:0.999:1e-3")
+    p.add_argument("--measure", action="append", default=None, metavar="MODEL_DIR",
+                   help="no training: print the copy accuracy of this model (HF-layout or checkpoint directory; "
+                        "repeatable) on held-out varying-span documents, one JSON line each")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
     for flag, value, low in (("--steps", args.steps, 1), ("--batch", args.batch, 1), ("--window", args.window, 8),
                              ("--every", args.every, 1), ("--threads", args.threads, 1)):
         if value < low:
             _fail(f"{flag} {value}: must be at least {low}")
+    if args.measure:
+        torch.set_num_threads(args.threads)
+        for path in args.measure:
+            if not (os.path.isfile(os.path.join(path, "config.json")) or os.path.isfile(os.path.join(path, "meta.json"))):
+                _fail(f"--measure {path}: neither a model directory (config.json) nor a checkpoint (meta.json)")
+        for path in args.measure:
+            print(json.dumps(measure(path, args)), flush=True)
+        return
     cases = CASES
     if args.case:
         cases = []

@@ -1,5 +1,8 @@
 """The long-context demo's report: figures and tables from the ``dsv3 eval`` results of
-``scripts/long_context_demo.sh`` (stage0/1/2 ``.json`` and ``.niah.json`` in one directory).
+``scripts/long_context_demo.sh`` (``.json`` and ``.niah.json`` of each stage in STAGES, in one directory:
+stage0 is the pre-trained model, stage0_copy the model after stage 0's copy and passkey training at the
+original length, stage1/stage2 the YaRN stages), plus stage 0a's copy accuracy by step
+(``stage0a_copy_accuracy.jsonl``, from ``benchmarks/induction_probe.py --measure``) when present.
 
 Writes OUT/loss_by_position.png, OUT/passkey_heatmap.png, OUT/niah_heatmap.png (``dsv3.eval.plots``)
 and OUT/summary.md / summary.json with the acceptance figures:
@@ -21,7 +24,7 @@ import sys
 
 from dsv3.eval.plots import draw
 
-STAGES = ("stage0", "stage1", "stage2")
+STAGES = ("stage0", "stage0_copy", "stage1", "stage2")
 
 
 def load(out: str) -> list[dict]:
@@ -103,6 +106,16 @@ def main(out: str) -> None:
                   "|---" * (len(g["depths"]) + 1) + "|"]
         for n, row in zip(g["lengths"], g["accuracy"]):
             lines.append(f"| {n} | " + " | ".join(f"{100 * a:.0f}" for a in row) + " |")
+    copy = os.path.join(out, "stage0a_copy_accuracy.jsonl")
+    if os.path.exists(copy):
+        with open(copy) as f:
+            recs = [json.loads(line) for line in f if line.strip()]
+        summary["copy_accuracy"] = recs
+        lines += ["", f"Copy accuracy during stage 0a (argmax on the repeated tokens of {recs[0]['documents']} held-out "
+                      f"documents of {recs[0]['window']} tokens, span lengths 4 … {recs[0]['window'] // 2}):", "",
+                  "| model | copy accuracy |", "|---|---|"]
+        for rec in recs:
+            lines.append(f"| {rec['model']} | {100 * rec['copy_accuracy']:.1f}% |")
     lines += ["", "Figures: " + ", ".join(os.path.basename(f) for f in figures)]
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 import dsv3
 from dsv3.cli import main as cli
 from dsv3.config import ModelConfig
-from dsv3.data.passkey import MixedDataset, Retrieval, parse_mix, random_key, score_answer
+from dsv3.data.passkey import (MixedDataset, Retrieval, copy_document, ordinary_ids, parse_mix, random_key,
+                               score_answer)
 from dsv3.eval.longctx import bucket_means, ppl_by_position, token_losses
 from dsv3.model.rope import rope_cos_sin_scale, rope_frequencies
 from dsv3.train.extend import extended_config
@@ -169,6 +170,8 @@ def test_resume_inside_an_extension_stage_repeats_it(stage, tmp_path):
     (["--from", "SRC", "--extend-context", "2", "--seq-len", "64"], "--seq-len 64 is beyond the extended context"),
     (["--from", "SRC", "--mix", "passkey:2"], "--mix passkey:2"),
     (["--from", "SRC", "--mix", "books:0.1"], "--mix books:0.1"),
+    (["--from", "SRC", "--mix", "passkey:0.6,copy:0.6"], "add up to 1.2"),
+    (["--from", "SRC", "--mix", "copy:0.1,copy:0.2"], "copy is given twice"),
     (["--from", "SRC", "--preset", "tiny"], "--from gives the model config"),
     (["--from", "SRC", "--extend-context", "nan"], "--extend-context nan"),
 ])
@@ -259,6 +262,41 @@ def test_mixed_batches_are_a_function_of_seed_and_step(data_dir, tok):
     assert 0.35 < share < 0.65
     assert parse_mix("passkey:0.1") == {"passkey": 0.1}
     assert random_key(np.random.default_rng(0)).isdigit()
+
+
+def test_copy_documents_repeat_one_random_span_of_ordinary_tokens(tok):
+    ids = ordinary_ids(tok)
+    assert 0 not in ids and 1 not in ids and 2 not in ids and len(ids) == tok.vocab_size - len(
+        tok.hf.get_added_tokens_decoder())
+    spans = set()
+    for seed in range(20):
+        doc = copy_document(90, np.random.default_rng(seed), ids)
+        assert len(doc) == 90 and np.isin(doc, ids).all()
+        # the shortest period k: every token from k on equals the one k back, and k ≤ 45
+        k = next(k for k in range(1, 91) if np.array_equal(doc[k:], doc[:-k]))
+        assert 4 <= k <= 45
+        spans.add(k)
+    assert len(spans) > 5                                         # the span length varies
+
+
+def test_mixed_batches_hold_both_kinds_in_their_shares(data_dir, tok):
+    from dsv3.data import TokenDataset
+
+    base = TokenDataset(data_dir, "train", 80)
+    mixed = MixedDataset(base, parse_mix("passkey:0.3,copy:0.3"), tok)
+    kinds = []
+    for s in range(40):
+        for x, y in zip(mixed.batch(s, 8, seed=1)[0], base.batch(s, 8, seed=1)[0]):
+            if torch.equal(x, y):
+                kinds.append("text")
+            elif "The pass key is" in tok.decode(x.tolist()):
+                kinds.append("passkey")
+            else:
+                k = next(k for k in range(1, 81) if torch.equal(x[k:], x[:-k]))
+                assert k <= 40
+                kinds.append("copy")
+    shares = {k: kinds.count(k) / len(kinds) for k in ("text", "passkey", "copy")}
+    assert all(0.2 < shares[k] < 0.5 for k in shares), shares
 
 
 # ------------------------------------------------------------------------------ evaluation

@@ -185,7 +185,10 @@ def test_save_every_0_saves_at_the_end_and_a_rerun_never_replaces_final(tmp_path
 
 
 @pytest.mark.parametrize("flag, value, setting", [("--batch-size", "4", "batch-size"), ("--seq-len", "8", "seq-len"),
-                                                  ("--seed", "1", "seed"), ("--lr", "0.01", "lr")])
+                                                  ("--seed", "1", "seed"), ("--lr", "0.01", "lr"),
+                                                  ("--adam-betas", "0.9,0.999", "adam-betas"),
+                                                  ("--lr-schedule", "constant", "lr-schedule"),
+                                                  ("--min-lr-ratio", "0", "min-lr-ratio")])
 def test_resume_with_other_settings_is_refused_unless_allowed(tmp_path, capsys, data_dir, flag, value, setting):
     run = tmp_path / "run"
     args = ["train", "--out", str(run), "--data", data_dir, *QUICK, "--save-every", "1"]
@@ -382,3 +385,41 @@ def test_a_rank_killed_during_a_sharded_save_leaves_the_previous_checkpoint(tmp_
     w = CheckpointReader(str(root / "step-000000001"), meta).get("model", "w")
     assert w.shape == (4, 3) and bool((w == 1.0).all())           # the two ranks' rows, assembled
     assert load_latest(str(root))[1]["step"] == 1
+
+
+def test_lr_schedules():
+    from dsv3.train.optim import lr_at
+
+    cos = [lr_at(k, 1.0, 10, 2, 0.1) for k in range(11)]
+    assert cos[:2] == [0.5, 1.0] and cos[2] == 1.0 and abs(cos[10] - 0.1) < 1e-12
+    assert all(a >= b for a, b in zip(cos[2:], cos[3:]))                   # decays after the warm-up
+    assert abs(lr_at(10, 1.0, 10, 2, 0.0)) < 1e-12                        # --min-lr-ratio 0: to zero
+    const = [lr_at(k, 1.0, 10, 2, 0.1, "constant") for k in range(11)]
+    assert const == [0.5] + [1.0] * 10
+    with pytest.raises(ValueError, match="lr schedule"):
+        lr_at(3, 1.0, 10, 2, 0.1, "linear")
+
+
+def test_optimiser_flags_reach_the_optimiser_and_the_run_record(tmp_path, data_dir):
+    from dsv3.train.cli import IDENTITY
+
+    run = tmp_path / "run"
+    args = ["train", "--out", str(run), "--data", data_dir, *QUICK, "--adam-betas", "0.8,0.99",
+            "--lr-schedule", "constant", "--lr", "0.002", "--warmup", "0", "--save-every", "1"]
+    assert cli(args) == 0
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert [r["lr"] for r in rows if "lr" in r] == [0.002] * 3             # constant, no decay
+    rec = json.load(open(run / "run.json"))
+    assert rec["adam-betas"] == [0.8, 0.99] and rec["lr-schedule"] == "constant" and set(IDENTITY) - {"from"} <= set(rec)
+    ckpt = run / "checkpoints" / list_checkpoints(str(run / "checkpoints"))[-1]
+    meta = json.load(open(ckpt / "meta.json"))
+    assert meta["train_config"]["betas"] == [0.8, 0.99] and meta["train_config"]["lr_schedule"] == "constant"
+    assert all(g["betas"] == [0.8, 0.99] for g in meta["optimizer"]["param_groups"])
+    # a run.json written before these flags existed: it trained with the old fixed values (cosine, β2 0.95)
+    shutil.rmtree(run / "final")
+    for key in ("adam-betas", "lr-schedule", "min-lr-ratio"):
+        rec.pop(key)
+    json.dump(rec, open(run / "run.json", "w"))
+    old = ["train", "--out", str(run), "--data", data_dir, *QUICK, "--lr", "0.002", "--warmup", "0", "--resume"]
+    assert cli([*old, "--lr-schedule", "constant"]) == 2                  # refused: the run decayed its lr
+    assert cli(old) == 0

@@ -1,6 +1,8 @@
 """Synthetic retrieval documents: a number hidden at a depth of a long filler (passkey), or of held-out
 text (needle in a haystack). Used to teach retrieval during a context-extension stage (``dsv3 train
---mix passkey:0.1``) and to measure it (``dsv3 eval --task passkey|niah``).
+--mix passkey:0.1``) and to measure it (``dsv3 eval --task passkey|niah``). ``copy`` documents (a
+random token span, then the same span again) teach the copying that retrieval rests on to a model that
+cannot copy yet (``--mix copy:0.2``).
 
 A document is built from token pieces, so its length in tokens is exact::
 
@@ -109,15 +111,42 @@ class Retrieval:
         return np.concatenate([fill[:a], key_ids, fill[a:n], self.question, answer, fill[n:]])
 
 
+def copy_document(length: int, rng: np.random.Generator, ids: np.ndarray) -> np.ndarray:
+    """A document of exactly ``length`` tokens that can only be predicted by copying: a span of
+    ``k`` token ids drawn uniformly from ``ids``, then the same span over and over (truncated at
+    ``length``). ``k`` is uniform in [4, length // 2], so the distance to copy from ranges up to half
+    the window: the first ``k`` tokens cost log(len(ids)) nats each whatever the model, every later
+    one is predictable exactly by looking ``k`` tokens back."""
+    if length < 8:
+        raise ValueError(f"a copy document needs at least 8 tokens, got {length}")
+    k = int(rng.integers(4, length // 2 + 1))
+    span = ids[rng.integers(0, len(ids), size=k)]
+    return np.tile(span, length // k + 1)[:length].astype(np.int64)
+
+
+def ordinary_ids(tokenizer) -> np.ndarray:
+    """The ids of a tokenizer's ordinary (learned) tokens: every id but the added special and
+    reserved ones."""
+    added = set(tokenizer.hf.get_added_tokens_decoder())
+    return np.asarray([i for i in range(tokenizer.vocab_size) if i not in added], dtype=np.int64)
+
+
+MIX_KINDS = ("passkey", "copy")
+
+
 def parse_mix(spec: str | None) -> dict[str, float]:
-    """``passkey:0.1`` (comma-separated ``name:share``) → {"passkey": 0.1}; ValueError naming --mix."""
+    """``passkey:0.1,copy:0.2`` (comma-separated ``name:share``) → {"passkey": 0.1, "copy": 0.2};
+    ValueError naming --mix."""
     if not spec:
         return {}
     out: dict[str, float] = {}
     for part in spec.split(","):
         name, sep, share = part.strip().partition(":")
-        if name not in ("passkey",) or not sep:
-            raise ValueError(f"--mix {spec}: expected passkey:SHARE (e.g. passkey:0.1), got {part.strip()!r}")
+        if name not in MIX_KINDS or not sep:
+            raise ValueError(f"--mix {spec}: expected NAME:SHARE with NAME one of {', '.join(MIX_KINDS)} "
+                             f"(e.g. passkey:0.1), got {part.strip()!r}")
+        if name in out:
+            raise ValueError(f"--mix {spec}: {name} is given twice")
         try:
             value = float(share)
         except ValueError:
@@ -125,6 +154,8 @@ def parse_mix(spec: str | None) -> dict[str, float]:
         if not 0.0 < value <= 1.0:
             raise ValueError(f"--mix {spec}: the share of {name} must be in (0, 1], got {share}")
         out[name] = value
+    if sum(out.values()) > 1.0 + 1e-9:
+        raise ValueError(f"--mix {spec}: the shares add up to {sum(out.values()):g}, more than 1")
     return out
 
 
@@ -137,7 +168,13 @@ class MixedDataset:
 
     def __init__(self, base, mix: dict[str, float], tokenizer):
         self.base, self.mix = base, dict(mix)
-        self.retrieval = {name: Retrieval(tokenizer, name) for name in self.mix}
+        self.retrieval = {name: Retrieval(tokenizer, name) for name in self.mix if name != "copy"}
+        self.copy_ids = ordinary_ids(tokenizer) if "copy" in self.mix else None
+
+    def _document(self, name: str, length: int, rng: np.random.Generator) -> np.ndarray:
+        if name == "copy":
+            return copy_document(length, rng, self.copy_ids)
+        return self.retrieval[name].document(length, rng)
 
     def __getattr__(self, name):
         return getattr(self.base, name)
@@ -155,7 +192,7 @@ class MixedDataset:
             lo = 0.0
             for name, share in self.mix.items():
                 if lo <= draws[g] < lo + share:
-                    doc = self.retrieval[name].document(length, np.random.default_rng((seed, step, g, 0xD0C)))
+                    doc = self._document(name, length, np.random.default_rng((seed, step, g, 0xD0C)))
                     w[r] = torch.from_numpy(doc)
                     break
                 lo += share

@@ -18,12 +18,16 @@ from ..errors import check_device, check_finite, check_int
 
 # what --resume compares with the run's start (RUN/run.json); --allow-changed names the ones to accept
 IDENTITY = {"config": "the model config", "seed": "--seed", "data": "--data", "batch-size": "--batch-size",
-            "seq-len": "--seq-len", "lr": "--lr", "warmup": "--warmup", "steps": "--steps", "from": "--from"}
+            "seq-len": "--seq-len", "lr": "--lr", "warmup": "--warmup", "steps": "--steps", "from": "--from",
+            "adam-betas": "--adam-betas", "lr-schedule": "--lr-schedule", "min-lr-ratio": "--min-lr-ratio"}
+# what a run recorded before these settings were flags trained with (the values then hard-coded)
+OLD_DEFAULTS = {"adam-betas": [0.9, 0.95], "lr-schedule": "cosine", "min-lr-ratio": 0.1}
 RUN_FILE = "run.json"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..parallel.pipeline.schedule import SCHEDULES
+    from .optim import LR_SCHEDULES
     from .trainer import TrainConfig
 
     d = TrainConfig()
@@ -41,6 +45,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-accum", type=int, default=d.grad_accum)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--warmup", type=int, default=d.warmup)
+    p.add_argument("--lr-schedule", default=d.lr_schedule, choices=list(LR_SCHEDULES),
+                   help="after the linear warm-up: cosine decay to --min-lr-ratio × --lr, or constant --lr "
+                        f"(default {d.lr_schedule})")
+    p.add_argument("--min-lr-ratio", type=float, default=None, metavar="R",
+                   help=f"with --lr-schedule cosine: the lr it decays to, as a fraction of --lr (default {d.min_lr_ratio:g})")
+    p.add_argument("--adam-betas", default=",".join(f"{b:g}" for b in d.betas), metavar="B1,B2",
+                   help="AdamW's β1,β2 (default %(default)s, DeepSeek-V3's; β2 0.999 lets a small model "
+                        "form an induction circuit sooner, README Long context)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16", "fp8"])
     p.add_argument("--bf16-moments", action="store_true", help="keep AdamW moments in BF16")
@@ -97,9 +109,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--yarn-beta-slow", type=float, default=1.0, help="YaRN β_slow (report: 1)")
     g.add_argument("--yarn-mscale", type=float, default=1.0,
                    help="YaRN mscale (= mscale_all_dim): softmax scale × (0.1·mscale·ln FACTOR + 1)² (report: 1)")
-    g.add_argument("--mix", default=None, metavar="passkey:SHARE",
-                   help="replace a share of the training sequences with synthetic passkey documents "
-                        "(e.g. passkey:0.1), to teach retrieval over the whole window")
+    g.add_argument("--mix", default=None, metavar="passkey:SHARE[,copy:SHARE]",
+                   help="replace a share of the training sequences with synthetic documents: passkey "
+                        "(e.g. passkey:0.1), to teach retrieval over the whole window; copy (a random "
+                        "token span repeated), to teach a model that cannot copy yet")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--sample-prompt", default="def ", help="prompt for the sample printed at the end ('' to skip)")
@@ -108,6 +121,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def check_args(args) -> None:
     """Flag values no run can use (a UserError naming the flag), before anything is loaded or written."""
     check_finite("--lr", args.lr, lo=0, lo_open=True)
+    adam_betas(args)
+    if args.min_lr_ratio is not None:
+        check_finite("--min-lr-ratio", args.min_lr_ratio, lo=0, hi=1)
+        if args.lr_schedule != "cosine":
+            raise CLIError(f"--min-lr-ratio only applies with --lr-schedule cosine (got --lr-schedule "
+                           f"{args.lr_schedule})")
     check_finite("--ema", args.ema, lo=0, hi=1, hi_open=True)
     for flag in ("bias_update_speed", "balance_alpha", "mtp_lambda"):
         check_finite("--" + flag.replace("_", "-"), getattr(args, flag), lo=0)
@@ -147,6 +166,28 @@ def check_args(args) -> None:
     if args.mix:
         from ..data.passkey import parse_mix
         parse_mix(args.mix)
+
+
+def adam_betas(args) -> tuple[float, float]:
+    """(β1, β2) of --adam-betas "B1,B2"; a UserError naming the flag unless both are numbers in [0, 1)."""
+    text = args.adam_betas
+    parts = [x.strip() for x in str(text).split(",")]
+    try:
+        betas = tuple(float(x) for x in parts)
+    except ValueError:
+        raise CLIError(f"--adam-betas {text}: expected two numbers B1,B2, e.g. 0.9,0.95") from None
+    if len(betas) != 2:
+        raise CLIError(f"--adam-betas {text}: expected two numbers B1,B2, e.g. 0.9,0.95")
+    for name, b in zip(("B1", "B2"), betas):
+        if not (b == b and 0 <= b < 1):   # b == b: not NaN
+            raise CLIError(f"--adam-betas {text}: {name} must be in [0, 1), got {b:g}")
+    return betas
+
+
+def min_lr_ratio(args) -> float:
+    from .trainer import TrainConfig
+
+    return TrainConfig().min_lr_ratio if args.min_lr_ratio is None else args.min_lr_ratio
 
 
 def allowed_changes(args) -> list[str]:
@@ -270,7 +311,8 @@ def run_identity(args, cfg, data_dir: str) -> dict:
         data["mix"] = args.mix
     identity = {"config": cfg.to_hf(), "seed": args.seed, "data": data,
             "batch-size": args.batch_size, "seq-len": args.seq_len, "lr": args.lr, "warmup": args.warmup,
-            "steps": args.steps}
+            "steps": args.steps, "adam-betas": list(adam_betas(args)), "lr-schedule": args.lr_schedule,
+            "min-lr-ratio": min_lr_ratio(args)}
     if getattr(args, "from_", None):
         identity["from"] = os.path.abspath(args.from_)
     return identity
@@ -290,7 +332,7 @@ def _recorded_identity(out: str) -> dict | None:
             raise CLIError(f"--resume: {path} is unreadable ({e}); delete it to skip the check") from None
         if not isinstance(rec, dict):
             raise CLIError(f"--resume: {path} does not hold a JSON object; delete it to skip the check")
-        return rec
+        return {**OLD_DEFAULTS, **rec}
     names = list_checkpoints(os.path.join(out, "checkpoints"))
     if not names:
         return None
@@ -299,7 +341,10 @@ def _recorded_identity(out: str) -> dict | None:
             meta = json.load(f)
         tc = meta["train_config"]
         return {"config": meta["model_config"], "seed": tc["seed"], "batch-size": tc["batch_size"],
-                "seq-len": tc["seq_len"], "lr": tc["lr"], "warmup": tc["warmup"], "steps": tc["steps"]}
+                "seq-len": tc["seq_len"], "lr": tc["lr"], "warmup": tc["warmup"], "steps": tc["steps"],
+                "adam-betas": list(tc.get("betas", OLD_DEFAULTS["adam-betas"])),
+                "lr-schedule": tc.get("lr_schedule", OLD_DEFAULTS["lr-schedule"]),
+                "min-lr-ratio": tc.get("min_lr_ratio", OLD_DEFAULTS["min-lr-ratio"])}
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -401,6 +446,7 @@ def train_config(args, **extra):
 
     return TrainConfig(out=args.out, data=args.data, steps=args.steps, batch_size=args.batch_size,
                        seq_len=args.seq_len, grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup,
+                       betas=adam_betas(args), lr_schedule=args.lr_schedule, min_lr_ratio=min_lr_ratio(args),
                        seed=args.seed, precision=args.precision, bf16_moments=args.bf16_moments,
                        recompute=args.recompute, ema_decay=args.ema, bias_update_speed=args.bias_update_speed,
                        balance_alpha=args.balance_alpha, mtp_lambda=args.mtp_lambda, eval_every=args.eval_every,

@@ -1,5 +1,5 @@
 """AdamW with optional BF16 moments (report §3.3: moments in BF16, master weights FP32) and the
-learning-rate schedule (linear warm-up, then cosine decay to a floor)."""
+learning-rate schedules (linear warm-up, then cosine decay to a floor, or constant)."""
 
 from __future__ import annotations
 
@@ -62,11 +62,18 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_at(step: int, peak: float, total: int, warmup: int, final_ratio: float = 0.1) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine from ``peak`` to ``final_ratio·peak``."""
+LR_SCHEDULES = ("cosine", "constant")
+
+
+def lr_at(step: int, peak: float, total: int, warmup: int, final_ratio: float = 0.1,
+          schedule: str = "cosine") -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine from ``peak`` to ``final_ratio·peak``
+    (``schedule="cosine"``) or ``peak`` to the end (``"constant"``)."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr schedule {schedule!r}: expected one of {', '.join(LR_SCHEDULES)}")
     if warmup > 0 and step < warmup:
         return peak * (step + 1) / warmup
-    if total <= warmup:
+    if total <= warmup or schedule == "constant":
         return peak
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return peak * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))

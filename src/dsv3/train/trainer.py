@@ -33,7 +33,7 @@ from ..config import ModelConfig
 from ..model import Transformer
 from ..parallel.pipeline.schedule import SCHEDULES
 from .losses import compute_loss
-from .optim import AdamW, lr_at, param_groups
+from .optim import LR_SCHEDULES, AdamW, lr_at, param_groups
 from .strategy import build_strategy
 
 
@@ -46,7 +46,8 @@ class TrainConfig:
     seq_len: int = 256
     grad_accum: int = 1
     lr: float = 3e-3
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = 0.1            # cosine decays to min_lr_ratio × lr
+    lr_schedule: str = "cosine"          # cosine | constant (after the warm-up)
     warmup: int = 30
     weight_decay: float = 0.1
     betas: tuple = (0.9, 0.95)
@@ -87,6 +88,13 @@ class TrainConfig:
         if self.seq_len + cfg.num_nextn_predict_layers > cfg.max_position_embeddings:
             raise ValueError(f"--seq-len {self.seq_len} (+{cfg.num_nextn_predict_layers} MTP) exceeds the "
                              f"model's max_position_embeddings ({cfg.max_position_embeddings})")
+        b = tuple(self.betas)
+        if len(b) != 2 or not all(isinstance(x, (int, float)) and math.isfinite(x) and 0 <= x < 1 for x in b):
+            raise ValueError(f"--adam-betas must be two numbers in [0, 1), got {self.betas}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if not (math.isfinite(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1):
+            raise ValueError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.precision not in ("auto", "fp32", "bf16", "fp8"):
             raise ValueError(f"--precision must be auto, fp32, bf16 or fp8, got {self.precision!r}")
         if self.pp < 1 or self.microbatches < 0:
@@ -260,7 +268,7 @@ class Trainer:
     def train_step(self) -> dict:
         tc = self.tc
         self.model.train()
-        lr = lr_at(self.step, tc.lr, tc.steps, tc.warmup, tc.min_lr_ratio)
+        lr = lr_at(self.step, tc.lr, tc.steps, tc.warmup, tc.min_lr_ratio, tc.lr_schedule)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         par = self.par
