@@ -223,8 +223,7 @@ def main() -> int:
              f"gloo ranks on one machine ({results['machine']}), torch {torch.__version__}, 1 thread per rank, "
              f"{args.steps} steps (median), micro-batches of {args.rows} × 64 tokens ({args.microbatches} per DualPipeV step; "
              f"config: 8 layers, 8 experts top-2, hidden {args.hidden}, expert width {args.hidden}). "
-             f"`python benchmarks/overlap.py{' --realtime' if args.realtime else ''}"
-             f"{f' --hidden {args.hidden}' if args.hidden != 128 else ''}`; {scheduling(args.realtime)}.", "",
+             f"`{' '.join(['python benchmarks/overlap.py', *sys.argv[1:]])}`; {scheduling(args.realtime)}.", "",
              "| layout | rank | all-to-all ms (off) | hidden (off) | all-to-all ms (on) | hidden (on) "
              "| on, not hidden: other lane communicating too / waiting for its turn / without paired work "
              "| step ms off → on | grads bitwise equal |",
