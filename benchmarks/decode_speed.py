@@ -153,19 +153,29 @@ def part2(args) -> dict:
 
 
 def part3(args) -> dict:
-    cfg = dsv3.ModelConfig.preset("deepseek-v3").replace(num_attention_heads=16, max_position_embeddings=65536)
+    """Absorbed vs naive MLA, one decode step of a layer with DeepSeek-V3's head shapes, batch 1, at
+    ``args.contexts`` cached positions, on ``args.device`` (default: cuda when there is one), BF16 on a
+    GPU and fp32 on a CPU (CPU GEMV is slow in BF16)."""
+    device = torch.device(getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = dsv3.ModelConfig.preset("deepseek-v3").replace(num_attention_heads=16,
+                                                         max_position_embeddings=max(65536, max(args.contexts) + 1))
     torch.manual_seed(0)
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32     # CPU GEMV is slow in bf16
-    attn = MLA(cfg).to(dtype).eval()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    attn = MLA(cfg).to(device=device, dtype=dtype).eval()
     for p in attn.parameters():
         torch.nn.init.normal_(p, std=0.02)
-    freqs = torch.polar(torch.ones(1, cfg.qk_rope_head_dim // 2), torch.zeros(1, cfg.qk_rope_head_dim // 2))
+    freqs = torch.polar(torch.ones(1, cfg.qk_rope_head_dim // 2), torch.zeros(1, cfg.qk_rope_head_dim // 2)).to(device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     rows = []
     for S in args.contexts:
-        cache = LatentCache(cfg, 1, S + 1, 1, dtype=dtype)
+        cache = LatentCache(cfg, 1, S + 1, 1, dtype=dtype, device=device)
         cache.kv.normal_()
         cache.pe.normal_()
-        x = torch.randn(1, 1, cfg.hidden_size, dtype=dtype)
+        x = torch.randn(1, 1, cfg.hidden_size, dtype=dtype, device=device)
         ms = {}
         for impl in ("naive", "absorbed"):
             attn.attn_impl = impl
@@ -174,14 +184,17 @@ def part3(args) -> dict:
                     attn(x, freqs, cache, S)
                 ts = []
                 for _ in range(args.iters):
+                    sync()
                     t0 = time.perf_counter()
                     attn(x, freqs, cache, S)
+                    sync()
                     ts.append(time.perf_counter() - t0)
             ms[impl] = statistics.median(ts) * 1e3
         rows.append({"context": S, "naive_ms": ms["naive"], "absorbed_ms": ms["absorbed"],
                      "speedup": ms["naive"] / ms["absorbed"]})
         print(f"S={S}: naive {ms['naive']:.2f} ms, absorbed {ms['absorbed']:.2f} ms", flush=True)
-    return {"layer": f"MLA, DeepSeek-V3 shapes with 16 heads, {str(dtype)[6:]}, batch 1, one new token", "rows": rows}
+    return {"layer": f"MLA, DeepSeek-V3 shapes with 16 heads, {str(dtype)[6:]}, batch 1, one new token, {device.type}",
+            "rows": rows}
 
 
 def _markdown(r: dict) -> str:

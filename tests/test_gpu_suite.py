@@ -1,0 +1,63 @@
+"""benchmarks/gpu_suite.py stays runnable without a GPU: its dry run (tiny sizes, Triton interpreted)
+goes through every section and check, and bad arguments get one line and exit code 2."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_suite.py"
+
+
+def _run(*args, timeout=240):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+
+
+def test_dry_run_runs_every_section(tmp_path):
+    pytest.importorskip("triton")
+    pytest.importorskip("transformers")
+    run = _run("--dry-run", "--out", str(tmp_path))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    res = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert res["dry_run"] and res["environment"]["device"] == "cpu"
+    checks = {c["name"]: c for c in res["checks"]}
+    assert {c["section"] for c in res["checks"]} == {"correctness", "gemm", "train", "decode"}
+    assert not [c for c in res["checks"] if c["status"] == "FAIL"]
+    # every kernel was checked for real (not skipped) under the interpreter
+    for name in ("Triton quantisers (1x128, SwiGLU+quant)", "Triton block-scaled GEMM", "Triton grouped GEMM",
+                 "Triton paged MLA attention", "model logits and 5 training steps vs CPU fp32"):
+        assert checks[name]["status"] == "pass", checks[name]
+    assert checks["Triton block-scaled GEMM"]["rel_err_vs_torch"] < 1e-5
+    model = checks["model logits and 5 training steps vs CPU fp32"]
+    assert len(model["bf16"]) == len(model["fp8"]) == 5 and model["fp8_max_rel"] < 0.05
+    assert checks["torch._scaled_mm block-scaled GEMM"]["status"] == "skipped"
+    assert checks["NCCL two-process run"]["status"] == "skipped"
+    train = res["data"]["train"]["rows"]
+    assert {(r["precision"], r["recompute"]) for r in train} == {("bf16", False), ("bf16", True), ("fp8", False),
+                                                                ("fp8", True)}
+    assert all(r["tokens_per_s"] > 0 for r in train)
+    assert res["data"]["decode"]["rows"] and res["data"]["mla"]["rows"]
+    md = (tmp_path / "gpu_suite.md").read_text()
+    assert "## FP8 GEMM" in md and "## Training step" in md and "## Decoding" in md
+    assert run.stdout.strip().splitlines()[-1].startswith(f"{len(res['checks'])} checks, 0 failed")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--out", "{tmp}", "--dry-run", "--sections", "gemm,bogus"], "--sections: unknown bogus"),
+    (["--out", "{tmp}"], "no CUDA device here; use --dry-run"),
+    (["--dry-run", "--out", "/proc/no/such/dir"], "--out /proc/no/such/dir"),
+])
+def test_bad_arguments_one_line_exit_2(tmp_path, args, message):
+    import torch
+    if torch.cuda.is_available() and "--dry-run" not in args:
+        pytest.skip("a GPU is present: the run would start")
+    run = _run(*[a.replace("{tmp}", str(tmp_path)) for a in args], timeout=60)
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], run.stderr
