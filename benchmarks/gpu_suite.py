@@ -38,6 +38,7 @@ if DRY_RUN:
 
 import argparse  # noqa: E402
 import datetime as _dt  # noqa: E402
+import gc  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
@@ -95,6 +96,7 @@ class Suite:
         self.checks.append(row)
         detail = row.get("summary") or row.get("error") or ""
         print(f"[{section}] {name}: {row['status']} ({row['seconds']} s) {detail}", flush=True)
+        gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         return res
@@ -528,23 +530,35 @@ def train_speed(s: Suite) -> None:
     s.data["train"] = {"rows": rows, "peak_tflops": peak}
 
 
+_PAIRS: dict = {}
+
+
 def _hf_pair(cfg, dtype, device):
-    """dsv3's model and transformers' DeepseekV3ForCausalLM with the same weights (without MTP)."""
+    """dsv3's model and transformers' DeepseekV3ForCausalLM with the same weights (without MTP), built
+    once per config and dtype (the training peer and the decoding section share them)."""
     import transformers
     from transformers import DeepseekV3ForCausalLM
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     cfg = cfg.replace(num_nextn_predict_layers=0)
-    torch.manual_seed(0)
-    ours = dsv3.Transformer(cfg)
-    with torch.no_grad():
-        for moe in ours.moe_layers():
-            moe.gate.e_score_correction_bias.normal_(0, 0.01)
-    with tempfile.TemporaryDirectory() as d:
-        dsv3.save_pretrained(ours, d)
-        ours = dsv3.load_pretrained(d, device=device, dtype=dtype)
-        theirs = DeepseekV3ForCausalLM.from_pretrained(d, dtype=dtype).to(device)
-    return cfg, ours, theirs, transformers.__version__
+    key = (repr(cfg), dtype, str(device))
+    if key not in _PAIRS:
+        torch.manual_seed(0)
+        ours = dsv3.Transformer(cfg)
+        with torch.no_grad():
+            for moe in ours.moe_layers():
+                moe.gate.e_score_correction_bias.normal_(0, 0.01)
+        with tempfile.TemporaryDirectory() as d:
+            dsv3.save_pretrained(ours, d, dtype=dtype)
+            del ours
+            ours = dsv3.load_pretrained(d, device=device, dtype=dtype)
+            theirs = DeepseekV3ForCausalLM.from_pretrained(d, dtype=dtype).to(device)
+        _PAIRS[key] = (cfg, ours, theirs, transformers.__version__)
+    cfg, ours, theirs, version = _PAIRS[key]
+    for m in (ours, theirs):
+        for p in m.parameters():
+            p.grad = None
+    return cfg, ours, theirs, version
 
 
 def _vs_transformers(s: Suite, cfg, batch, seq) -> dict:
