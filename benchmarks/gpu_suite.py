@@ -686,6 +686,9 @@ def _markdown(res: dict) -> str:
     for c in res["checks"]:
         detail = (c.get("summary") or c.get("error") or "").replace("|", "/")
         lines.append(f"| {c['section']} | {c['name']} | {c['status']} | {detail} | {c['seconds']} |")
+    if res["targets"]:
+        lines += ["", "## Targets (issue #17)", "", "| target | measured | |", "|---|---:|---|"]
+        lines += [f"| {t['target']} | {t['value']:.2f}× | {'met' if t['met'] else '**missed**'} |" for t in res["targets"]]
     g = res["data"].get("gemm")
     if g and g["rows"]:
         lines += ["", "## FP8 GEMM, TFLOPS (median of `do_bench`, L2 flushed)", "",
@@ -726,11 +729,37 @@ def _markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _targets(data: dict, dry: bool) -> list[dict]:
+    """Issue #17's targets from the measured rows: FP8 GEMM ≥ 1.3× BF16 and ≥ 0.9× cuBLAS block-scaled
+    at the large shapes; the FP8 training step faster than BF16 (per config and recomputation)."""
+    out = []
+    for r in (data.get("gemm") or {}).get("rows", []):
+        if "M" in r and ((r["M"], r["N"], r["K"]) in LARGE or dry):
+            shape = f"M={r['M']} N={r['N']} K={r['K']}"
+            for key, bound, what in (("triton_vs_bf16", 1.3, "FP8 GEMM / BF16"), ("triton_vs_cublas", 0.9,
+                                                                                 "FP8 GEMM / cuBLAS block-scaled")):
+                if key in r:
+                    out.append({"target": f"{what} ≥ {bound} at {shape}", "value": r[key], "met": r[key] >= bound})
+    rows = (data.get("train") or {}).get("rows", [])
+    for r in rows:
+        if r["precision"] != "fp8":
+            continue
+        b = next((x for x in rows if x["config"] == r["config"] and x["recompute"] == r["recompute"]
+                  and x["precision"] == "bf16"), None)
+        if b:
+            ratio = r["tokens_per_s"] / b["tokens_per_s"]
+            out.append({"target": f"FP8 step faster than BF16 ({r['config']}{', recompute' if r['recompute'] else ''})",
+                        "value": ratio, "met": ratio > 1.0})
+    return out
+
+
 def _short_table(res: dict) -> str:
     w = max(len(c["name"]) for c in res["checks"])
     out = [f"{'check':<{w}}  status       result"]
     for c in res["checks"]:
         out.append(f"{c['name']:<{w}}  {c['status']:<11}  {(c.get('summary') or c.get('error') or '')[:110]}")
+    for t in res["targets"]:
+        out.append(f"target: {t['target']}: {t['value']:.2f}x {'met' if t['met'] else 'MISSED'}")
     fails = sum(c["status"] == "FAIL" for c in res["checks"])
     out.append(f"{len(res['checks'])} checks, {fails} failed, {res['seconds']:.0f} s")
     return "\n".join(out)
@@ -772,7 +801,8 @@ def main(argv=None) -> int:
         runners[name](s)
     res = {"benchmark": "gpu_suite", "dry_run": args.dry_run, "environment": _environment(device),
            "command": " ".join(["python benchmarks/gpu_suite.py", *(argv if argv is not None else sys.argv[1:])]),
-           "seconds": time.perf_counter() - t0, "checks": s.checks, "data": s.data}
+           "seconds": time.perf_counter() - t0, "checks": s.checks, "data": s.data,
+           "targets": _targets(s.data, args.dry_run)}
     (args.out / "gpu_suite.json").write_text(json.dumps(res, indent=1, default=str))
     (args.out / "gpu_suite.md").write_text(_markdown(res))
     print(_short_table(res), flush=True)
