@@ -614,7 +614,8 @@ def test_bad_flags_and_help(capsys, model_dir):
 
     for argv, flag in ((["--port", "70000"], "--port"), (["--cache-memory", "-1"], "--cache-memory"),
                        (["--max-batch", "0"], "--max-batch"), (["--shutdown-grace", "nan"], "--shutdown-grace"),
-                       (["--max-body-bytes", "10"], "--max-body-bytes")):
+                       (["--max-body-bytes", "10"], "--max-body-bytes"), (["--api-key", ""], "--api-key"),
+                       (["--api-key", " "], "--api-key")):
         assert main(["serve", "--model", model_dir, *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and flag in err[0], err

@@ -712,6 +712,8 @@ def check_args(args) -> None:
         raise ValueError(f"--max-body-bytes {args.max_body_bytes}: must be >= 1024")
     if not (math.isfinite(args.shutdown_grace) and args.shutdown_grace >= 0):
         raise ValueError(f"--shutdown-grace {args.shutdown_grace}: must be a number of seconds >= 0")
+    if args.api_key is not None and not args.api_key.strip():       # e.g. --api-key "$KEY" with KEY unset
+        raise ValueError("--api-key: must not be empty (leave the flag out to serve without a key)")
     if args.served_model_name is not None and not args.served_model_name.strip():
         raise ValueError("--served-model-name: must not be empty")
     from ..errors import check_device
