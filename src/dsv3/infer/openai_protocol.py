@@ -127,12 +127,36 @@ def _path(loc: tuple) -> str:
     return out
 
 
+def _body_loc(body: Any, err: dict) -> tuple:
+    """``err``'s location with what is not in the request left out: pydantic names the member of a
+    union it tried (``("messages", 0, "content", "list[TextPart]", 0, "type")``), which is no field
+    of the body. A missing field's own name (the last part) is kept."""
+    loc, out, value = err["loc"], [], body
+    for i, part in enumerate(loc):
+        if isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value):
+            value = value[part]
+        elif isinstance(value, dict) and isinstance(part, str) and part in value:
+            value = value[part]
+        elif i == len(loc) - 1 and err["type"] == "missing" and isinstance(value, dict):
+            value = None
+        else:
+            continue                         # a union member's tag (or the like): not in the body
+        out.append(part)
+    return tuple(out)
+
+
 def validate(model: type[BaseModel], body: dict) -> BaseModel:
-    """``model`` validated from ``body``; the first problem becomes a 400 naming its field."""
+    """``model`` validated from ``body``; the first problem becomes a 400 naming its field. Of the
+    errors a union gives (one per member), the one that reaches deepest into the body is reported:
+    for a list of content parts, the part that is wrong rather than "should be a string"."""
     try:
         return model.model_validate(body)
     except ValidationError as e:
-        err = e.errors(include_url=False)[0]
+        errors = [dict(x, loc=_body_loc(body, x)) for x in e.errors(include_url=False)]
+        err = max(errors, key=lambda x: len(x["loc"]))          # the first of the deepest
+        same = list(dict.fromkeys(x["msg"] for x in errors if x["loc"] == err["loc"] and x["type"] != "missing"))
+        if err["type"] != "missing" and len(same) > 1:           # e.g. neither a string nor a list
+            err = dict(err, msg=" or ".join([same[0]] + [m.replace("Input should be ", "", 1) for m in same[1:]]))
         param = _path(err["loc"]) or None
         if err["type"] == "extra_forbidden":
             msg = f"unrecognized request argument supplied: {param} (not supported by this server)"
@@ -272,6 +296,8 @@ class ChatCompletionRequest(_Sampling):
         """The messages as plain dicts for the chat template (text parts joined)."""
         out = []
         for i, m in enumerate(self.messages):
+            check(m.content != [], f"messages[{i}].content: an array of content parts must not be empty",
+                  f"messages[{i}].content")
             text = m.text()
             check(text is not None or m.role == "assistant", f"messages[{i}].content: required for role {m.role!r}",
                   f"messages[{i}].content")

@@ -26,7 +26,9 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
 
 def completion_logprobs(tokens, offset_shift: int = 0) -> dict:
     """The legacy completions logprobs of ``tokens`` ([TokenOut]); a token without a logprob (the
-    first prompt token) gets None."""
+    first prompt token) gets None. As OpenAI documents ("the API will always return the logprob of
+    the sampled token, so there may be up to logprobs+1 elements"), each ``top_logprobs`` map holds
+    the token itself besides the most likely ones."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for t in tokens:
         out["tokens"].append(t.text)
@@ -40,6 +42,7 @@ def _top_map(t) -> dict:
     top = {}
     for tid, lp, text in t.top:
         top.setdefault(text, lp)
+    top.setdefault(t.text, t.logprob)
     return top
 
 

@@ -116,18 +116,25 @@ class ServerState:
 
 # --------------------------------------------------------------------------------------- request plumbing
 async def read_json(request, limit: int) -> dict:
-    """The request's JSON object, read with a size limit (413) and parsed strictly (400)."""
+    """The request's JSON object, read with a size limit (413) and parsed strictly (400); a client that
+    disconnects before its body is in raises :class:`ClientGone` (answered 499, nothing logged)."""
     length = request.headers.get("content-length")
     if length is not None:
         check(length.isdigit(), "invalid Content-Length header", None)
         if int(length) > limit:
             raise APIError(413, f"the request body has {int(length)} bytes; the limit is {limit} (--max-body-bytes)",
                            code="request_too_large")
+    from starlette.requests import ClientDisconnect
+
     buf = bytearray()
-    async for chunk in request.stream():
-        buf += chunk
-        if len(buf) > limit:
-            raise APIError(413, f"the request body exceeds {limit} bytes (--max-body-bytes)", code="request_too_large")
+    try:
+        async for chunk in request.stream():
+            buf += chunk
+            if len(buf) > limit:
+                raise APIError(413, f"the request body exceeds {limit} bytes (--max-body-bytes)",
+                               code="request_too_large")
+    except ClientDisconnect:                 # the client went away before sending all of it: no answer is due
+        raise ClientGone() from None
     if len(buf) > (256 << 10):
         return await asyncio.get_running_loop().run_in_executor(None, parse_body, bytes(buf))
     return parse_body(bytes(buf))
@@ -338,7 +345,8 @@ async def completions(st: ServerState, request):
     best_of = body.best_of or n
     check(best_of >= n, f"best_of ({best_of}) must be >= n ({n})", "best_of")
     check(not (body.stream and best_of > n), "best_of > n cannot be streamed", "best_of")
-    check(len(prompts) * best_of <= 64, f"{len(prompts)} prompts × {best_of} choices: at most 64 per request", "n")
+    check(len(prompts) * best_of <= 64, f"{len(prompts)} prompts × {best_of} choices: at most 64 per request",
+          "prompt" if best_of == 1 else "best_of" if body.best_of else "n")
     echo = bool(body.echo)
     check(body.max_tokens != 0 or echo, "max_tokens: must be >= 1 (0 is allowed with echo only)", "max_tokens")
     params = sampling_params(st, body)
@@ -503,8 +511,10 @@ class Gate:
 
     def _authorized(self, scope) -> bool:
         for name, value in scope.get("headers", []):
-            if name == b"authorization":
-                return hmac.compare_digest(value, b"Bearer " + self.st.api_key.encode("utf-8"))
+            if name == b"authorization":          # the scheme is case-insensitive (RFC 9110 §11.1)
+                scheme, _, key = value.strip().partition(b" ")
+                return scheme.lower() == b"bearer" and \
+                    hmac.compare_digest(key.strip(), self.st.api_key.encode("utf-8"))
         return False
 
     async def __call__(self, scope, receive, send):
@@ -569,7 +579,8 @@ def create_app(worker, tokenizer, model_name: str = "dsv3", template=None, api_k
             await remote_prefill.close()
 
     app = FastAPI(title="dsv3", description="DeepSeek-V3-family models behind the OpenAI API", lifespan=lifespan,
-                  docs_url=None, redoc_url=None, openapi_url=None)
+                  docs_url=None, redoc_url=None, openapi_url=None,
+                  redirect_slashes=False)    # "/v1/completions/": a 404 in OpenAI's shape, not a bare 307
     app.state.st = st
 
     @app.exception_handler(APIError)
@@ -701,6 +712,8 @@ def check_args(args) -> None:
         raise ValueError(f"--max-body-bytes {args.max_body_bytes}: must be >= 1024")
     if not (math.isfinite(args.shutdown_grace) and args.shutdown_grace >= 0):
         raise ValueError(f"--shutdown-grace {args.shutdown_grace}: must be a number of seconds >= 0")
+    if args.api_key is not None and not args.api_key.strip():       # e.g. --api-key "$KEY" with KEY unset
+        raise ValueError("--api-key: must not be empty (leave the flag out to serve without a key)")
     if args.served_model_name is not None and not args.served_model_name.strip():
         raise ValueError("--served-model-name: must not be empty")
     from ..errors import check_device
