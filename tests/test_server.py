@@ -319,6 +319,20 @@ def test_context_overflow_and_unsupported(served):
         c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "x"}], max_tokens=4,
                                   tools=[{"type": "function", "function": {"name": "f"}}])
     assert e.value.body["param"] == "tools"
+    # clients that always send the tool / storage fields get through with their "off" values …
+    off = dict(tools=None, tool_choice="none", functions=None, function_call="none", parallel_tool_calls=None,
+               store=False, metadata={})
+    r = served.http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
+                                                        "max_tokens": 2, **off})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text
+    # … and any other value is refused by name
+    for name, value in (("tool_choice", "auto"), ("store", True), ("metadata", {"k": "v"}), ("functions", []),
+                        ("parallel_tool_calls", False), ("function_call", {"name": "f"}), ("store", 0)):
+        r = served.http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
+                                                            "max_tokens": 2, name: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == name, (name, r.text)
+        assert "not supported by this server" in r.json()["error"]["message"]
+    assert served.http.head("/health").status_code == 200
     r = c.completions.create(model=NAME, prompt="x = 1", max_tokens=0, echo=True, logprobs=1)     # echo only
     assert r.choices[0].text == "x = 1" and r.usage.completion_tokens == 0
     r = c.completions.create(model=NAME, prompt="hi", max_tokens=2, user="someone")

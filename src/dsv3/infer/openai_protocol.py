@@ -283,6 +283,12 @@ class ResponseFormat(_Strict):
     type: Literal["text"]
 
 
+# the chat fields of features this server does not have, and the values that ask for none of them
+_FEATURES_OFF = {"tools": (None,), "tool_choice": (None, "none"), "functions": (None,),
+                 "function_call": (None, "none"), "parallel_tool_calls": (None,), "store": (None, False),
+                 "metadata": (None, {})}
+
+
 class ChatCompletionRequest(_Sampling):
     """``POST /v1/chat/completions``."""
     messages: list[ChatMessage] = Field(min_length=1)
@@ -291,6 +297,23 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: Optional[int] = Field(None, ge=1, le=2 ** 31 - 1)
     response_format: Optional[ResponseFormat] = None
     add_generation_prompt: Optional[bool] = None                      # extension, as vLLM
+    # Features this server does not have (tool calling, stored completions): clients that always send
+    # these fields get through with their "off" value; any other value is refused by name.
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    parallel_tool_calls: Any = None
+    store: Any = None
+    metadata: Any = None
+
+    def check_features(self) -> None:
+        """400 naming the first field that asks for tool calling or stored completions."""
+        for name, off in _FEATURES_OFF.items():
+            value = getattr(self, name)
+            check(any(type(value) is type(o) and value == o for o in off),
+                  f"{name}: {'tool calling' if name not in ('store', 'metadata') else 'stored completions'} "
+                  f"is not supported by this server (allowed: {', '.join(json.dumps(o) for o in off)})", name)
 
     def chat_messages(self) -> list[dict]:
         """The messages as plain dicts for the chat template (text parts joined)."""

@@ -437,6 +437,7 @@ async def chat_completions(st: ServerState, request):
     st.check_serving()
     body = validate(ChatCompletionRequest, await read_json(request, st.max_body_bytes))
     st.check_model(body.model)
+    body.check_features()
     messages = body.chat_messages()
     stops = body.stop_strings()
     include_usage = body.include_usage()
@@ -610,7 +611,7 @@ def create_app(worker, tokenizer, model_name: str = "dsv3", template=None, api_k
                                               exc_info=(type(e), e, e.__traceback__))
         return JSONResponse(error_body(f"internal server error: {type(e).__name__}", "server_error"), status_code=500)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         stats = worker.stats()
         if not worker.alive:
