@@ -64,3 +64,53 @@ def test_fp8_model_trains_like_fp32(tiny):
     assert f8[-1] < f8[0] - 1.0                       # it learns (memorises the batch)
     rel = [abs(a - b) / a for a, b in zip(f32, f8)]
     assert max(rel) < 0.05, rel
+
+
+def test_fp8_layers_under_bf16_autocast_take_bf16_inputs_and_keep_their_fp32_maths():
+    # --precision fp8 runs the model under BF16 autocast: an FP8 layer then takes its input in BF16 (as
+    # nn.Linear would), and its own maths (quantisers, the torch backend's per-group FP32 products) is
+    # untouched by autocast: bitwise the same layer applied to the BF16 input outside autocast.
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(48, 256, generator=g) * 3).requires_grad_(True)
+    dy = torch.randn(48, 160, generator=g).to(torch.bfloat16)
+    lin = fp8.FP8Linear(256, 160)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lin(x)
+    assert y.dtype == torch.bfloat16
+    y.backward(dy)
+    gx, gw = x.grad.clone(), lin.weight.grad.clone()
+    lin.weight.grad = None
+    xb = x.detach().to(torch.bfloat16).requires_grad_(True)
+    y2 = lin(xb)
+    y2.backward(dy)
+    assert torch.equal(y, y2) and torch.equal(gx, xb.grad.float()) and torch.equal(gw, lin.weight.grad)
+
+    w = torch.randn(3, 160, 256, generator=g, requires_grad=True)
+    counts = [20, 0, 28]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = fp8.fp8_grouped_linear(x, w, counts=counts)
+    z2 = fp8.fp8_grouped_linear(x.detach().to(torch.bfloat16), w, counts=counts)
+    assert z.dtype == torch.bfloat16 and torch.equal(z, z2)
+
+
+def test_fp8_model_under_bf16_autocast_trains_like_fp32(tiny):
+    cfg, ref = tiny
+    tok = torch.randint(0, cfg.vocab_size, (4, 33), generator=torch.Generator().manual_seed(2))
+    curves = {}
+    for precision in ("fp32", "fp8+bf16"):
+        model = copy.deepcopy(ref)
+        if precision != "fp32":
+            convert_to_fp8(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        curves[precision] = []
+        for _ in range(8):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32"):
+                logits = model(tok[:, :-1])
+            loss = nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size).float(), tok[:, 1:].reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            curves[precision].append(loss.item())
+    rel = [abs(a - b) / a for a, b in zip(curves["fp32"], curves["fp8+bf16"])]
+    assert max(rel) < 0.05, rel
+    assert curves["fp8+bf16"][-1] < curves["fp8+bf16"][0] - 0.1

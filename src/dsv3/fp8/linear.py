@@ -18,6 +18,7 @@ Gradients: dx in x's dtype, dW in FP32 (master-gradient precision).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -36,12 +37,34 @@ def _quant_act(x: torch.Tensor, backend: str, pow2_scale: bool = False):
     return quantize_activation(x, pow2_scale=pow2_scale)
 
 
+def _autocast_off(step):
+    """Run an FP8 forward or backward with autocast off. Its GEMMs are FP8 by construction, and under
+    a BF16 autocast (``--precision fp8`` runs everything else in BF16, as the report does) the torch
+    backend's per-group FP32 products and the quantisers' FP32 maths would otherwise drop to BF16."""
+    @functools.wraps(step)
+    def run(ctx, *args):
+        device = next(a.device.type for a in args if isinstance(a, torch.Tensor))
+        with torch.autocast(device, enabled=False):
+            return step(ctx, *args)
+    return run
+
+
+def _autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as an ``nn.Linear`` under autocast would take it: in the autocast dtype when autocast is on
+    (so the output, and dx, come in that dtype too), unchanged otherwise."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev) and x.is_floating_point():
+        return x.to(torch.get_autocast_dtype(dev))
+    return x
+
+
 def _out_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype if x.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
 
 
 class _FP8LinearFn(torch.autograd.Function):
     @staticmethod
+    @_autocast_off
     def forward(ctx, x, weight, backend, pow2_scale=False):
         k = x.shape[-1]
         x2 = x.reshape(-1, k)
@@ -53,6 +76,7 @@ class _FP8LinearFn(torch.autograd.Function):
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, dy):
         x_q, x_s, weight = ctx.saved_tensors
         n = weight.shape[0]
@@ -81,7 +105,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "auto",
     """Functional FP8 linear without bias: x [..., K] @ weight [N, K]ᵀ, differentiable.
     `pow2_scale` rounds the input's tile scales up to powers of two (the report does this for
     the attention-output Linear's input and the FP8 MoE dispatch)."""
-    return _FP8LinearFn.apply(x, weight, backend, pow2_scale)
+    return _FP8LinearFn.apply(_autocast_input(x), weight, backend, pow2_scale)
 
 
 class FP8Linear(nn.Module):
@@ -116,7 +140,7 @@ class FP8Linear(nn.Module):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _FP8LinearFn.apply(x, self.weight, self.backend, self.pow2_scale)
+        return fp8_linear(x, self.weight, self.backend, self.pow2_scale)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, fp8"
@@ -129,6 +153,7 @@ class FP8Linear(nn.Module):
 
 class _FP8GroupedLinearFn(torch.autograd.Function):
     @staticmethod
+    @_autocast_off
     def forward(ctx, x, weights, segs, backend):
         x_q, x_s = _quant_act(x, backend)
         w_q, w_s = quantize_weight(weights)                          # [E, N, K], [E, N/128, K/128]
@@ -139,6 +164,7 @@ class _FP8GroupedLinearFn(torch.autograd.Function):
         return y
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, dy):
         x_q, x_s, weights = ctx.saved_tensors
         segs, backend = ctx.segs, ctx.backend
@@ -166,7 +192,7 @@ def fp8_grouped_linear(x_sorted: torch.Tensor, weights: torch.Tensor, counts=Non
     segs = segment_bounds(counts, offsets, total=x_sorted.shape[0])
     if weights.dim() != 3 or len(segs) != weights.shape[0]:
         raise ValueError(f"weights must be [E, N, K] with E = {len(segs)} segments")
-    return _FP8GroupedLinearFn.apply(x_sorted, weights, segs, backend)
+    return _FP8GroupedLinearFn.apply(_autocast_input(x_sorted), weights, segs, backend)
 
 
 # --------------------------------------------------------------------------------------------

@@ -261,7 +261,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def _autocast(self):
-        if self.precision == "bf16":
+        # fp8: the Linears' and experts' GEMMs in FP8 (dsv3.fp8 turns autocast off inside them), everything
+        # else in BF16 as in a bf16 run — the report keeps attention, norms, the gate and the head out of FP8
+        if self.precision in ("bf16", "fp8"):
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return torch.autocast(self.device.type, enabled=False)
 
