@@ -54,7 +54,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="AdamW's β1,β2 (default %(default)s, DeepSeek-V3's; β2 0.999 lets a small model "
                         "form an induction circuit sooner, README Long context)")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16", "fp8"])
+    p.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16", "fp8"],
+                   help="fp32 master weights always; bf16: BF16 autocast; fp8: the Linears' and experts' GEMMs in "
+                        "FP8 (1x128 / 128x128 scales), the rest under BF16 autocast; auto: bf16 on a GPU, fp32 on "
+                        "a CPU")
     p.add_argument("--bf16-moments", action="store_true", help="keep AdamW moments in BF16")
     p.add_argument("--recompute", action="store_true", help="recompute RMSNorm + MLA up-projections in backward")
     p.add_argument("--ema", type=float, default=0.0, metavar="DECAY", help="keep a CPU EMA of the parameters")
