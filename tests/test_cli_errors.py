@@ -74,6 +74,18 @@ def _broken_model(tmp_path, model_dir, **files) -> str:
     return str(d)
 
 
+def _token_dir(t, file: str = "train/s.bin", tokens: int = 100, nbytes: int | None = None,
+               sha: str = "0" * 64) -> str:
+    """A prepared token directory by hand: one train shard of ``tokens`` uint16 zeros (``nbytes`` bytes
+    written, default the right size) named ``file`` in index.json."""
+    d = t / "data"
+    _write(d / "train" / "s.bin", bytes(2 * tokens if nbytes is None else nbytes))
+    _write(d / "index.json", {"format": "dsv3-tokens/1", "dtype": "uint16", "vocab_size": 256,
+                              "tokenizer_sha256": sha,
+                              "splits": {"train": {"tokens": tokens, "shards": [{"file": file, "tokens": tokens}]}}})
+    return str(d)
+
+
 def _truncated(model_dir) -> bytes:
     return open(os.path.join(model_dir, "model.safetensors"), "rb").read()[:-100]
 
@@ -186,6 +198,53 @@ CASES = [
     ("plot-unwritable-out", lambda t, m: ["plot", os.path.dirname(_write(t / "run" / "metrics.jsonl",
                                                                          '{"step": 1, "loss": 2}\n')),
                                           "--out", os.path.join(_write(t / "afile", "x"), "plots")], "--out"),
+    # ---- an empty value is never taken as "not given" (quantize --out '' deleted the working directory)
+    ("quantize-out-empty", lambda t, m: ["quantize", "--model", m, "--out", ""], "--out"),
+    ("train-preset-empty", lambda t, m: ["train", "--out", str(t / "r"), "--preset", ""], "--preset"),
+    ("train-mix-empty", lambda t, m: ["train", "--out", str(t / "r"), "--mix", ""], "--mix"),
+    ("plan-hardware-file-empty", lambda t, m: ["plan", "--hardware-file", ""], "--hardware-file"),
+    ("plot-run-dir-blank", lambda t, m: ["plot", " "], "run_dir"),
+    ("eplb-plot-empty", lambda t, m: ["eplb", "--loads", _write(t / "l.json", [[1, 2, 3, 4]]), "--replicas", "4",
+                                      "--groups", "1", "--nodes", "1", "--gpus", "1", "--plot", ""], "--plot"),
+    ("serve-prefix-cache-empty", lambda t, m: ["serve", "--model", m, "--prefix-cache", ""], "--prefix-cache"),
+    # ---- quantize --overwrite deletes --out: only a model directory, never one holding --model
+    ("quantize-overwrite-not-a-model", lambda t, m: ["quantize", "--model", m, "--overwrite", "--out", os.path.dirname(
+        _write(t / "docs" / "notes.txt", "keep me"))], "no config.json"),
+    ("quantize-overwrite-parent-of-model", lambda t, m: ["quantize", "--model", _broken_model(t, m), "--overwrite",
+                                                         "--out", str(t)], "holds --model"),
+    # ---- eplb / pipeline
+    ("eplb-loads-overflow", lambda t, m: ["eplb", "--loads", _write(t / "l.json", [[1e308] * 4]), "--replicas", "4",
+                                          "--groups", "1", "--nodes", "1", "--gpus", "1"], "overflows"),
+    ("eplb-csv-bad-cell", lambda t, m: ["eplb", "--loads", _write(t / "l.csv", "1,2,x,4\n"), "--replicas", "4",
+                                        "--groups", "1", "--nodes", "1", "--gpus", "1"], "l.csv"),
+    ("eplb-csv-empty", lambda t, m: ["eplb", "--loads", _write(t / "l.csv", ""), "--replicas", "4",
+                                     "--groups", "1", "--nodes", "1", "--gpus", "1"], "l.csv"),
+    ("eplb-plot-format", lambda t, m: ["eplb", "--loads", _write(t / "l.json", [[1, 2, 3, 4]]), "--replicas", "4",
+                                       "--groups", "1", "--nodes", "1", "--gpus", "1", "--plot", str(t / "p.txt")],
+     "--plot"),
+    ("pipeline-plot-format", lambda t, m: ["pipeline", "--schedule", "1f1b", "--ranks", "2", "--microbatches", "4",
+                                           "--plot", str(t / "p.txt")], "--plot"),
+    ("pipeline-cost-huge", lambda t, m: ["pipeline", "--schedule", "1f1b", "--ranks", "2", "--microbatches", "4",
+                                         "--F", "1e308", "--B", "1e308"], "--F"),
+    ("pipeline-W-over-B", lambda t, m: ["pipeline", "--schedule", "1f1b", "--ranks", "2", "--microbatches", "4",
+                                        "--W", "3"], "--W"),
+    # ---- train / grpo flags and data
+    ("train-lr-huge", lambda t, m: ["train", "--out", str(t / "r"), "--lr", "1e300"], "--lr"),
+    ("grpo-lr-huge", lambda t, m: ["grpo", "--model", m, "--prompts", _write(t / "p.jsonl", '{"prompt": "x"}\n'),
+                                   "--out", str(t / "r"), "--lr", "1e300"], "--lr"),
+    ("train-yarn-without-extend", lambda t, m: ["train", "--out", str(t / "r"), "--yarn-beta-fast", "16"],
+     "--yarn-beta-fast"),
+    ("train-extend-context-huge", lambda t, m: ["train", "--out", str(t / "r"), "--from", m, "--seq-len", "8",
+                                                "--extend-context", "1e30"], "--extend-context"),
+    ("train-shard-truncated", lambda t, m: ["train", "--out", str(t / "r"), "--seq-len", "8", "--data",
+                                            _token_dir(t, nbytes=10)], "s.bin"),
+    ("train-shard-outside", lambda t, m: ["train", "--out", str(t / "r"), "--seq-len", "8", "--data",
+                                          _token_dir(t, file="../../s.bin")], "outside"),
+    ("train-tokenizer-of-other-data", lambda t, m: ["train", "--out", str(t / "r"), "--seq-len", "8", "--data",
+                                                    _token_dir(t), "--tokenizer", os.path.join(m, "tokenizer.json")],
+     "--tokenizer"),
+    ("serve-cache-memory-huge", lambda t, m: ["serve", "--port", str(free_port()), "--model", m, "--cache-memory",
+                                              "1e9"], "--cache-memory"),
     # ---- pipeline / eplb / plan
     ("pipeline-huge", lambda t, m: ["pipeline", "--schedule", "1f1b", "--ranks", "1000000", "--microbatches",
                                     "1000000"], "--ranks"),
@@ -326,3 +385,43 @@ def test_more_flags(tmp_path, capsys, argv, needle):
     assert main(argv) == 2
     _one_line_error(capsys.readouterr().err, argv[0], needle)
     assert not os.path.exists(tmp_path / "r" / "data")     # refused before any data is prepared
+
+
+def test_quantize_empty_out_leaves_the_working_directory(tmp_path, model_dir, monkeypatch, capsys):
+    """``--out ''`` was taken as the current directory, which --out's replacement then deleted."""
+    monkeypatch.chdir(tmp_path)
+    _write(tmp_path / "work.txt", "precious")
+    with pytest.raises(SystemExit) as e:      # a usage error, as argparse's own
+        main(["quantize", "--model", model_dir, "--out", ""])
+    assert e.value.code == 2
+    _one_line_error(capsys.readouterr().err, "quantize", "--out")
+    assert os.listdir(tmp_path) == ["work.txt"] and (tmp_path / "work.txt").read_text() == "precious"
+
+
+def test_sample_refuses_to_write_over_its_prompts(tmp_path, model_dir, capsys):
+    prompts = _write(tmp_path / "p.jsonl", '{"prompt": "1+1=", "answer": "2"}\n')
+    assert main(["sample", "--model", model_dir, "--prompts", prompts, "--out", prompts, "--n", "1"]) == 2
+    _one_line_error(capsys.readouterr().err, "sample", "--prompts")
+    assert open(prompts).read() == '{"prompt": "1+1=", "answer": "2"}\n'
+
+
+def test_r1_task_keeps_other_task_files_without_overwrite(tmp_path, capsys):
+    args = ["r1-task", "--out", str(tmp_path / "t"), "--sft", "2", "--train", "3", "--heldout", "2"]
+    assert main(args) == 0
+    before = (tmp_path / "t" / "train.jsonl").read_text()
+    assert main(args) == 0                                   # the same files again: nothing to refuse
+    capsys.readouterr()
+    assert main(args + ["--seed", "1"]) == 2
+    _one_line_error(capsys.readouterr().err, "r1-task", "--overwrite")
+    assert (tmp_path / "t" / "train.jsonl").read_text() == before
+    assert main(args + ["--seed", "1", "--overwrite"]) == 0
+    assert (tmp_path / "t" / "train.jsonl").read_text() != before
+
+
+def test_a_reward_function_that_raises_is_named(tmp_path, model_dir, capsys):
+    prompts = _write(tmp_path / "p.jsonl", '{"prompt": "1+1=", "answer": "2"}\n')
+    model = _broken_model(tmp_path, model_dir, tokenizer_config__json={"eos_token": "!"})
+    assert main(["grpo", "--model", model, "--prompts", prompts, "--out", str(tmp_path / "r"), "--steps", "1",
+                 "--group", "2", "--prompts-per-step", "1", "--max-new-tokens", "2", "--no-progress", "--no-plots",
+                 "--reward", "os:getcwd"]) == 2
+    _one_line_error(capsys.readouterr().err, "grpo", "--reward os:getcwd")

@@ -57,8 +57,10 @@ def build_parser(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = next((a for a in (argv or []) if not a.startswith("-")), None)
     modules = {}
+    parser.subcommand_parsers = {}
     for name, (modname, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
+        parser.subcommand_parsers[name] = p
         if name != wanted and argv is not None:
             continue
         mod = importlib.import_module(modname)
@@ -67,6 +69,26 @@ def build_parser(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser
                        help="print the full traceback of an internal error")
         modules[name] = mod
     return parser, modules
+
+
+# flags whose command gives an empty value a meaning or its own message
+EMPTY_ALLOWED = {"--sample-prompt", "--prompt", "--api-key", "--served-model-name"}
+
+
+def refuse_empty_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """An empty (or all-blank) string given to a flag or positional is a usage error naming it (exit 2):
+    no path, name or list is empty, and taking '' as "not given" (or as the current directory) would
+    silently do something else than asked."""
+    for action in parser._actions:
+        if not action.option_strings and not action.dest or action.dest in ("help", "command"):
+            continue
+        flag = action.option_strings[-1] if action.option_strings else (action.metavar or action.dest)
+        if flag in EMPTY_ALLOWED or action.default == "":
+            continue
+        value = getattr(args, action.dest, None)
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, str) and not v.strip():
+                parser.error(f"argument {flag}: empty value {v!r}")
 
 
 def one_line(text: str) -> str:
@@ -135,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    refuse_empty_values(parser.subcommand_parsers[args.command], args)
     debug = args.debug or os.environ.get("DSV3_DEBUG", "") not in ("", "0")
     name = f"dsv3 {args.command}"
     previous_showwarning = _one_line_warnings(args.command)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import eplb
-from .errors import UserError, check_int, check_output_file, read_text
+from .errors import UserError, check_image_file, check_int, read_text
 
 # far beyond any deployment (DeepSeek-V3 prefill: 288 replicas on 32 GPUs); 4096 replicas take seconds
 MAX_REPLICAS = 4096
@@ -60,9 +60,13 @@ def load_loads(path: str | Path) -> torch.Tensor:
             data = json.loads(read_text(p, "loads file"))
         elif suffix == ".csv":
             rows = [r for r in csv.reader(read_text(p, "loads file").splitlines()) if any(c.strip() for c in r)]
-            if rows and not _numeric(rows[0]):
-                rows = rows[1:]  # header
-            data = [[float(c) for c in r if c.strip()] for r in rows]
+            skip = 1 if rows and _header(rows[0]) else 0
+            data = []
+            for i, r in enumerate(rows[skip:], start=1 + skip):
+                try:
+                    data.append([float(c) for c in r if c.strip()])
+                except ValueError as e:
+                    raise ValueError(f"row {i}: {e}") from None
         elif suffix == ".npy":
             data = np.load(p, allow_pickle=False)
         elif suffix in (".pt", ".pth"):
@@ -88,15 +92,20 @@ def load_loads(path: str | Path) -> torch.Tensor:
         arr = arr[None]
     if arr.ndim != 2:
         raise ValueError(f"{path}: loads must be [layers, experts] or one layer [experts], got shape {arr.shape}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"{path}: holds no loads (need at least one layer and one expert, got shape {arr.shape})")
     return torch.from_numpy(arr)
 
 
-def _numeric(row) -> bool:
-    try:
-        [float(c) for c in row if c.strip()]
-        return True
-    except ValueError:
-        return False
+def _header(row) -> bool:
+    """A CSV row of names only (no cell is a number): a header, skipped."""
+    for c in row:
+        try:
+            float(c)
+            return False
+        except ValueError:
+            pass
+    return True
 
 
 def summarize(weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int) -> dict:
@@ -233,14 +242,16 @@ def run(args: argparse.Namespace) -> int:
     check_int("--gpus", args.gpus, lo=1, hi=MAX_GPUS)
     check_int("--nodes", args.nodes, lo=1, hi=MAX_GPUS)
     check_int("--groups", args.groups, lo=1, hi=MAX_REPLICAS)
-    if args.plot:
-        check_output_file("--plot", args.plot)
+    if args.plot is not None:
+        check_image_file("--plot", args.plot)
     weight = load_loads(args.loads)
     if weight.numel() > MAX_LOADS:
         raise UserError(f"--loads {args.loads}: {weight.shape[0]} layers x {weight.shape[1]} experts is more "
                         f"than eplb handles ({MAX_LOADS:,} loads)")
     if not torch.isfinite(weight).all() or (weight < 0).any():
         raise UserError(f"--loads {args.loads}: loads must be finite and non-negative")
+    if not torch.isfinite(weight.sum(-1)).all():
+        raise UserError(f"--loads {args.loads}: loads so large that a layer's total overflows; scale them down")
     if not 0 <= args.layer < weight.shape[0]:
         raise ValueError(f"--layer must be in [0, {weight.shape[0]}), got {args.layer}")
     try:

@@ -140,6 +140,20 @@ def check_output_file(flag: str, path: str | os.PathLike) -> None:
         raise UserError(f"{flag} {path}: cannot write in {parent} ({e.strerror or e})") from None
 
 
+def check_image_file(flag: str, path: str | os.PathLike) -> None:
+    """Before any work: ``path`` can be written (check_output_file) and its extension names an image
+    format matplotlib saves (no extension: PNG)."""
+    check_output_file(flag, path)
+    ext = os.path.splitext(os.fspath(path))[1].lstrip(".").lower()
+    if ext:
+        from matplotlib.figure import Figure
+
+        formats = Figure().canvas.get_supported_filetypes()
+        if ext not in formats:
+            raise UserError(f"{flag} {path}: .{ext} is not an image format matplotlib writes "
+                            f"(use one of {', '.join(sorted(formats))})")
+
+
 def check_writable_dir(flag: str, path: str | os.PathLike, what: str = "write there") -> None:
     """Before any work: directory ``path`` exists or can be made, and a file can really be written in
     it (os.access does not see read-only file systems); else a UserError naming the flag."""

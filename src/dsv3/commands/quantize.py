@@ -33,12 +33,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_out(model: str, out: str, overwrite: bool) -> None:
-    if os.path.realpath(model) == os.path.realpath(out):
+    """Before any work: --out can take the FP8 copy. With --overwrite an existing --out is deleted at the
+    end, so it must be a model directory (config.json), or empty, and must not hold --model."""
+    if not out.strip():
+        raise UserError("--out: empty path")
+    model_path, out_path = os.path.realpath(model), os.path.realpath(out)
+    if model_path == out_path:
         raise UserError(f"--out {out}: the same directory as --model (write the FP8 copy elsewhere)")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out}: exists and is not a directory")
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise UserError(f"--out {out}: already holds files (pass --overwrite to replace them)")
+    if os.path.isdir(out) and os.listdir(out):
+        if not overwrite:
+            raise UserError(f"--out {out}: already holds files (pass --overwrite to replace them)")
+        if model_path.startswith(out_path.rstrip(os.sep) + os.sep):
+            raise UserError(f"--out {out}: holds --model {model}; --overwrite would delete the model it reads")
+        if not os.path.isfile(os.path.join(out, "config.json")):
+            raise UserError(f"--out {out}: holds files but no config.json, so it is not a model directory "
+                            f"--overwrite may replace; give an empty or new directory")
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise UserError(f"--out {out}: its parent directory {parent} does not exist")

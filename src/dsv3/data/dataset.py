@@ -315,6 +315,9 @@ def _read_index(fs, index_path: str, shown: str) -> dict:
                 isinstance(x, dict) and isinstance(x.get("file"), str) and isinstance(x.get("tokens"), int)
                 and not isinstance(x.get("tokens"), bool) and x["tokens"] >= 0 for x in shards):
             raise bad(f"'splits.{name}.shards' must be a list of {{\"file\": …, \"tokens\": …}}")
+        for x in shards:
+            if x["file"].startswith("/") or ".." in x["file"].replace("\\", "/").split("/"):
+                raise bad(f"'splits.{name}.shards' names the file {x['file']!r}, outside the directory")
     return meta
 
 
@@ -345,9 +348,14 @@ class TokenDataset:
         shards = self.meta["splits"][split]["shards"]
         self._files = [f"{self.root}/{s['file']}" for s in shards]
         self._ends = np.cumsum([s["tokens"] for s in shards], dtype=np.int64)
-        for f in self._files:
+        for f, s in zip(self._files, shards):
             if not self.fs.exists(f):
                 raise FileNotFoundError(f"{self.path}: {INDEX} lists the shard {f}, which is missing")
+            size, want = self.fs.size(f), s["tokens"] * self.dtype.itemsize
+            if size is not None and size != want:
+                raise ValueError(f"{self.path}: the shard {f} holds {size:,} bytes but {INDEX} says {s['tokens']:,} "
+                                 f"{self.meta['dtype']} tokens ({want:,} bytes): it is truncated or damaged; "
+                                 f"prepare the data again")
         self.num_tokens = int(self._ends[-1]) if len(shards) else 0
         self._local = isinstance(self.fs, LocalFileSystem)
         self._open: dict[int, object] = {}

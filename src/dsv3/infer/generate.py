@@ -100,9 +100,10 @@ def add_memory_limit_argument(p: argparse.ArgumentParser) -> None:
 
 
 def check_weights_fit(model_dir: str, cfg, device: str, fp8: str, memory_limit: float | None, command: str,
-                      experts: int | None = None) -> None:
+                      experts: int | None = None, extra: dict[str, float] | None = None) -> None:
     """Refuse (UserError with the estimate) a model whose weights, as loaded, exceed the memory available;
-    ``experts``: routed experts per MoE layer this process holds (expert-parallel serving; default all)."""
+    ``experts``: routed experts per MoE layer this process holds (expert-parallel serving; default all);
+    ``extra``: other bytes asked for by name (serve's --cache-memory)."""
     from ..errors import check_finite
     from ..plan.local import check_fits, inference_bytes
 
@@ -111,8 +112,8 @@ def check_weights_fit(model_dir: str, cfg, device: str, fp8: str, memory_limit: 
     qcfg = cfg.quantization_config
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     kept = resolve_fp8_mode(fp8, qcfg, dev) != "dequant"
-    check_fits({"weights": inference_bytes(cfg, fp8_kept=kept, experts=experts)}, dev, memory_limit,
-               f"{command} {model_dir}")
+    check_fits({"weights": inference_bytes(cfg, fp8_kept=kept, experts=experts), **(extra or {})}, dev,
+               memory_limit, f"{command} {model_dir}")
 
 
 def add_fp8_argument(p: argparse.ArgumentParser) -> None:

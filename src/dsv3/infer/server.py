@@ -772,7 +772,8 @@ def run(args) -> int:
     from .ep_engine import check_ep_args, serve_follower
     ep = check_ep_args(args, cfg)              # torchrun --nproc-per-node N … --ep N: ranks 1 … only step
     held = None if ep is None else (cfg.n_routed_experts + ep["redundant_experts"]) // ep["size"]
-    check_weights_fit(args.model, cfg, args.device, args.fp8, args.memory_limit, "serving", experts=held)
+    check_weights_fit(args.model, cfg, args.device, args.fp8, args.memory_limit, "serving", experts=held,
+                      extra=None if args.cache_memory is None else {"--cache-memory": args.cache_memory * (1 << 30)})
     tokenizer = load_tokenizer(args.model)                # the model itself loads in the engine process
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"{args.model}: tokenizer.json has {tokenizer.vocab_size} ids but config.json's vocab_size "

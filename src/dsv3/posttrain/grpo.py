@@ -87,7 +87,9 @@ def check_args(args) -> None:
     check_int("--warmup", args.warmup, lo=0)
     check_int("--save-every", args.save_every, lo=0)
     check_int("--seed", args.seed, lo=0, hi=2**63 - 1)
-    check_finite("--lr", args.lr, lo=0, lo_open=True)
+    from ..train.cli import MAX_LR
+
+    check_finite("--lr", args.lr, lo=0, lo_open=True, hi=MAX_LR)
     check_finite("--weight-decay", args.weight_decay, lo=0)
     check_finite("--clip", args.clip, lo=0, hi=1, lo_open=True, hi_open=True)
     check_finite("--kl", args.kl, lo=0)

@@ -174,7 +174,14 @@ def score(fns: list[tuple[str, RewardFn]], completion: str, record: dict) -> dic
     fields = {k: v for k, v in record.items() if k not in ("answer", "completion")}
     out = {}
     for name, fn in fns:
-        v = fn(completion, record.get("answer"), **fields)
+        if name in BUILTIN:
+            v = fn(completion, record.get("answer"), **fields)
+        else:   # the user's module:function: its failure is theirs to fix, not an internal error
+            try:
+                v = fn(completion, record.get("answer"), **fields)
+            except Exception as e:  # noqa: BLE001 - any exception of the user's code
+                raise UserError(f"--reward {name}: raised {type(e).__name__}: {e} (it is called as "
+                                f"fn(completion, answer, **record) and must return a number)") from None
         if isinstance(v, bool):
             v = float(v)
         if not isinstance(v, (int, float)) or not math.isfinite(v):

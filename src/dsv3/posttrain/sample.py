@@ -62,6 +62,9 @@ def check_args(args) -> None:
         if not args.out:
             raise UserError(f"--keep {args.keep}: name the file to write with --out (or use --keep none)")
         check_output_file("--out", args.out)
+        if os.path.exists(args.prompts) and os.path.exists(args.out) and os.path.samefile(args.prompts, args.out):
+            raise UserError(f"--out {args.out}: is the --prompts file; writing the samples there would replace "
+                            f"the prompts they are drawn from")
 
 
 def evaluate(model, tokenizer, template, records: list[dict], rewards, n: int, max_new_tokens: int, params,

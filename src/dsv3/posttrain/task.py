@@ -85,20 +85,37 @@ def make_sets(n_sft: int, n_train: int, n_heldout: int, digits: int, seed: int) 
 
 
 def write_task(out_dir: str, n_sft: int = 1000, n_train: int = 2000, n_heldout: int = 200, digits: int = 2,
-               seed: int = 0) -> dict[str, str]:
+               seed: int = 0, overwrite: bool = True) -> dict[str, str]:
+    """Write sft.jsonl, train.jsonl and heldout.jsonl to ``out_dir``. Unless ``overwrite``, a file already
+    there with other contents (another --seed, --digits or size) is a UserError and nothing is written."""
     sets = make_sets(n_sft, n_train, n_heldout, digits, seed)
+    texts = {}
+    for name, items in sets.items():
+        lines = []
+        for a, b in items:
+            if name == "sft":
+                rec = {"messages": [{"role": "user", "content": question(a, b)},
+                                    {"role": "assistant", "content": worked_solution(a, b)}]}
+            else:
+                rec = {"prompt": question(a, b), "answer": str(a + b)}
+            lines.append(json.dumps(rec) + "\n")
+        texts[os.path.join(out_dir, f"{name}.jsonl")] = "".join(lines)
+    if not overwrite:
+        for path, text in texts.items():
+            if os.path.lexists(path):
+                try:
+                    with open(path) as f:
+                        same = f.read() == text
+                except (OSError, UnicodeDecodeError):
+                    same = False
+                if not same:
+                    raise UserError(f"--out {out_dir}: {os.path.basename(path)} is already there with other "
+                                    f"contents; pass --overwrite to replace it (or write to another directory)")
     os.makedirs(out_dir, exist_ok=True)
     paths = {}
-    for name, items in sets.items():
-        path = os.path.join(out_dir, f"{name}.jsonl")
+    for (name, _), (path, text) in zip(sets.items(), texts.items()):
         with open(path, "w") as f:
-            for a, b in items:
-                if name == "sft":
-                    rec = {"messages": [{"role": "user", "content": question(a, b)},
-                                        {"role": "assistant", "content": worked_solution(a, b)}]}
-                else:
-                    rec = {"prompt": question(a, b), "answer": str(a + b)}
-                f.write(json.dumps(rec) + "\n")
+            f.write(text)
         paths[name] = path
     return paths
 
@@ -110,6 +127,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train", type=int, default=2000, help="GRPO prompts")
     p.add_argument("--heldout", type=int, default=200, help="held-out prompts")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace task files already in --out that differ from the ones this run writes")
 
 
 def run(args) -> int:
@@ -118,7 +137,8 @@ def run(args) -> int:
         check_int("--" + flag, getattr(args, flag), lo=0)
     check_int("--seed", args.seed, lo=0)
     check_writable_dir("--out", args.out, "write the task files there")
-    paths = write_task(args.out, args.sft, args.train, args.heldout, args.digits, args.seed)
+    paths = write_task(args.out, args.sft, args.train, args.heldout, args.digits, args.seed,
+                       overwrite=args.overwrite)
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0

@@ -23,6 +23,10 @@ IDENTITY = {"config": "the model config", "seed": "--seed", "data": "--data", "b
 # what a run recorded before these settings were flags trained with (the values then hard-coded)
 OLD_DEFAULTS = {"adam-betas": [0.9, 0.95], "lr-schedule": "cosine", "min-lr-ratio": 0.1}
 RUN_FILE = "run.json"
+# far above any learning rate that trains (AdamW moves each weight by about lr per step); a larger one,
+# such as 1e300, does not even fit the float32 update and failed inside the optimizer
+MAX_LR = 1e3
+YARN_DEFAULTS = {"yarn_beta_fast": 32.0, "yarn_beta_slow": 1.0, "yarn_mscale": 1.0}   # DeepSeek-V3 report
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -108,10 +112,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--original-length", type=int, default=None, metavar="N",
                    help="the pre-trained length YaRN scales from (default: the source's rope_scaling, else the "
                         "--seq-len its run trained at, else its max_position_embeddings)")
-    g.add_argument("--yarn-beta-fast", type=float, default=32.0, help="YaRN β_fast (report: 32)")
-    g.add_argument("--yarn-beta-slow", type=float, default=1.0, help="YaRN β_slow (report: 1)")
-    g.add_argument("--yarn-mscale", type=float, default=1.0,
-                   help="YaRN mscale (= mscale_all_dim): softmax scale × (0.1·mscale·ln FACTOR + 1)² (report: 1)")
+    g.add_argument("--yarn-beta-fast", type=float, default=None,
+                   help=f"with --extend-context: YaRN β_fast (default {YARN_DEFAULTS['yarn_beta_fast']:g}, the report's)")
+    g.add_argument("--yarn-beta-slow", type=float, default=None,
+                   help=f"with --extend-context: YaRN β_slow (default {YARN_DEFAULTS['yarn_beta_slow']:g}, the report's)")
+    g.add_argument("--yarn-mscale", type=float, default=None,
+                   help="with --extend-context: YaRN mscale (= mscale_all_dim): softmax scale × "
+                        f"(0.1·mscale·ln FACTOR + 1)² (default {YARN_DEFAULTS['yarn_mscale']:g}, the report's)")
     g.add_argument("--mix", default=None, metavar="passkey:SHARE[,copy:SHARE]",
                    help="replace a share of the training sequences with synthetic documents: passkey "
                         "(e.g. passkey:0.1), to teach retrieval over the whole window; copy (a random "
@@ -123,7 +130,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def check_args(args) -> None:
     """Flag values no run can use (a UserError naming the flag), before anything is loaded or written."""
-    check_finite("--lr", args.lr, lo=0, lo_open=True)
+    check_finite("--lr", args.lr, lo=0, lo_open=True, hi=MAX_LR)
     adam_betas(args)
     if args.min_lr_ratio is not None:
         check_finite("--min-lr-ratio", args.min_lr_ratio, lo=0, hi=1)
@@ -155,9 +162,10 @@ def check_args(args) -> None:
         raise CLIError("--allow-changed only applies with --resume")
     if args.extend_context is not None and not args.from_:
         raise CLIError("--extend-context needs --from (the model whose context is extended)")
+    for name in ("original_length", *YARN_DEFAULTS):
+        if getattr(args, name) is not None and args.extend_context is None:
+            raise CLIError(f"--{name.replace('_', '-')} only applies with --extend-context")
     if args.original_length is not None:
-        if args.extend_context is None:
-            raise CLIError("--original-length only applies with --extend-context")
         check_int("--original-length", args.original_length, lo=1)
     if args.from_ and (args.preset or args.config):
         raise CLIError("--from gives the model config: drop --preset/--config")
@@ -224,8 +232,9 @@ def _source_config(args):
     if args.extend_context is None:
         return cfg
     original, where = original_length(cfg, run_dir, args.original_length)
-    cfg = extended_config(cfg, args.extend_context, original, args.seq_len, beta_fast=args.yarn_beta_fast,
-                          beta_slow=args.yarn_beta_slow, mscale=args.yarn_mscale)
+    yarn = {k: YARN_DEFAULTS[k] if getattr(args, k) is None else getattr(args, k) for k in YARN_DEFAULTS}
+    cfg = extended_config(cfg, args.extend_context, original, args.seq_len, beta_fast=yarn["yarn_beta_fast"],
+                          beta_slow=yarn["yarn_beta_slow"], mscale=yarn["yarn_mscale"])
     if int(os.environ.get("RANK", "0") or 0) == 0:
         print(f"extending the context of {model_dir}: YaRN factor {args.extend_context:g} over {original} original "
               f"positions ({where}), max_position_embeddings {cfg.max_position_embeddings}", flush=True)
@@ -414,6 +423,10 @@ def _dataset(args, cfg, rank: int, world: int):
                 dist.barrier()
         data = target
     train = TokenDataset(data, "train", args.seq_len)
+    if prepared and args.tokenizer and \
+            Tokenizer.from_file(args.tokenizer).fingerprint() != train.meta.get("tokenizer_sha256"):
+        raise CLIError(f"--tokenizer {args.tokenizer}: --data {args.data} is already tokenised, with another "
+                       f"tokenizer (its tokenizer.json); drop --tokenizer, or give the corpus to prepare again")
     if train.vocab_size > cfg.vocab_size:
         raise CLIError(f"the tokenizer of {data} has {train.vocab_size} tokens but the model's vocab_size is "
                        f"{cfg.vocab_size}")

@@ -79,6 +79,9 @@ def original_length(cfg: ModelConfig, run_dir: str | None, given: int | None = N
     return cfg.max_position_embeddings, "the source's max_position_embeddings"
 
 
+MAX_POSITIONS = 1 << 24   # 16.8M; DeepSeek-V3 extends 4K to 128K (163,840 positions)
+
+
 def extended_config(cfg: ModelConfig, factor: float, original: int, seq_len: int, *, beta_fast: float = 32.0,
                     beta_slow: float = 1.0, mscale: float = 1.0) -> ModelConfig:
     """``cfg`` with YaRN over ``original`` positions scaled by ``factor`` and the context raised to
@@ -95,6 +98,9 @@ def extended_config(cfg: ModelConfig, factor: float, original: int, seq_len: int
         raise UserError(f"--yarn-mscale {mscale}: must be >= 0")
     if original < 1:
         raise UserError(f"the original length {original}: must be >= 1")
+    if original * factor > MAX_POSITIONS:
+        raise UserError(f"--extend-context {factor:g}: {original} original positions × {factor:g} is more than "
+                        f"{MAX_POSITIONS:,} positions, far beyond any context a model is trained at")
     reach = int(round(original * factor))
     if seq_len > reach:
         raise UserError(f"--seq-len {seq_len} is beyond the extended context ({original} original positions × "
