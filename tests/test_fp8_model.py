@@ -41,7 +41,9 @@ def test_convert_swaps_linears_and_experts_keeps_head_gate_embedding(tiny):
     assert convert_to_fp8(model) is model and fp8_summary(model) == s     # idempotent
 
 
-def test_fp8_model_trains_like_fp32(tiny):
+@pytest.mark.parametrize("bf16_autocast", [False, True], ids=["fp8", "fp8+bf16-autocast"])
+def test_fp8_model_trains_like_fp32(tiny, bf16_autocast):
+    # with bf16_autocast, as --precision fp8 trains: FP8 GEMMs, everything else in BF16
     cfg, ref = tiny
     tok = torch.randint(0, cfg.vocab_size, (4, 33), generator=torch.Generator().manual_seed(1))
     losses = {}
@@ -52,7 +54,8 @@ def test_fp8_model_trains_like_fp32(tiny):
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         curve = []
         for _ in range(12):
-            logits = model(tok[:, :-1])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_autocast and precision == "fp8"):
+                logits = model(tok[:, :-1])
             loss = nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size).float(),
                                                tok[:, 1:].reshape(-1))
             opt.zero_grad()
@@ -91,26 +94,3 @@ def test_fp8_layers_under_bf16_autocast_take_bf16_inputs_and_keep_their_fp32_mat
         z = fp8.fp8_grouped_linear(x, w, counts=counts)
     z2 = fp8.fp8_grouped_linear(x.detach().to(torch.bfloat16), w, counts=counts)
     assert z.dtype == torch.bfloat16 and torch.equal(z, z2)
-
-
-def test_fp8_model_under_bf16_autocast_trains_like_fp32(tiny):
-    cfg, ref = tiny
-    tok = torch.randint(0, cfg.vocab_size, (4, 33), generator=torch.Generator().manual_seed(2))
-    curves = {}
-    for precision in ("fp32", "fp8+bf16"):
-        model = copy.deepcopy(ref)
-        if precision != "fp32":
-            convert_to_fp8(model)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        curves[precision] = []
-        for _ in range(8):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32"):
-                logits = model(tok[:, :-1])
-            loss = nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size).float(), tok[:, 1:].reshape(-1))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            curves[precision].append(loss.item())
-    rel = [abs(a - b) / a for a, b in zip(curves["fp32"], curves["fp8+bf16"])]
-    assert max(rel) < 0.05, rel
-    assert curves["fp8+bf16"][-1] < curves["fp8+bf16"][0] - 0.1
