@@ -678,8 +678,18 @@ def _environment(device: torch.device) -> dict:
     return env
 
 
+def _table(title: str, head: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown section: title, then a table whose first column is left-aligned, the rest right."""
+    return ["", f"## {title}", "", "| " + " | ".join(head) + " |",
+            "|---|" + "---:|" * (len(head) - 1), *("| " + " | ".join(map(str, r)) + " |" for r in rows)]
+
+
+def _num(r: dict, key: str, fmt: str = "{:.0f}") -> str:
+    return fmt.format(r[key]) if isinstance(r.get(key), (int, float)) else "–"
+
+
 def _markdown(res: dict) -> str:
-    e = res["environment"]
+    e, data = res["environment"], res["data"]
     lines = [f"# GPU suite ({'dry run, ' if res['dry_run'] else ''}{e['gpu']}; {e['date']})", "",
              f"torch {e['torch']}, CUDA {e['cuda']}, Triton {e['triton']}, Python {e['python']}. "
              f"`{res['command']}`, {res['seconds']:.0f} s.", "",
@@ -688,45 +698,34 @@ def _markdown(res: dict) -> str:
         detail = (c.get("summary") or c.get("error") or "").replace("|", "/")
         lines.append(f"| {c['section']} | {c['name']} | {c['status']} | {detail} | {c['seconds']} |")
     if res["targets"]:
-        lines += ["", "## Targets (issue #17)", "", "| target | measured | |", "|---|---:|---|"]
-        lines += [f"| {t['target']} | {t['value']:.2f}× | {'met' if t['met'] else '**missed**'} |" for t in res["targets"]]
-    g = res["data"].get("gemm")
-    if g and g["rows"]:
-        lines += ["", "## FP8 GEMM, TFLOPS (median of `do_bench`, L2 flushed)", "",
-                  "| shape | dsv3 Triton | cuBLAS `_scaled_mm` | BF16 | Triton / BF16 | Triton / cuBLAS | DeepGEMM (H800, published) |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
-        for r in g["rows"]:
-            shape = (f"{r['experts']}×{r['rows_per_expert']} N={r['N']} K={r['K']}" if "experts" in r
-                     else f"M={r['M']} N={r['N']} K={r['K']}")
-
-            def f(key, fmt="{:.0f}"):
-                return fmt.format(r[key]) if isinstance(r.get(key), (int, float)) else "–"
-            lines.append(f"| {shape} | {f('triton_tflops')} | {f('scaled_mm_tflops')} | {f('bf16_tflops')} | "
-                         f"{f('triton_vs_bf16', '{:.2f}×')} | {f('triton_vs_cublas', '{:.2f}×')} | "
-                         f"{f('deepgemm_h800_tflops')} |")
-    t = res["data"].get("train")
-    if t and t["rows"]:
-        lines += ["", "## Training step (Trainer: forward, backward, clip, AdamW)", "",
-                  "| config | precision | recompute | batch × seq | tokens/s | MFU (BF16 peak) | peak GiB |",
-                  "|---|---|---|---|---:|---:|---:|"]
-        for r in t["rows"]:
-            mfu = f"{r['mfu_bf16_peak']:.1%}" if "mfu_bf16_peak" in r else "–"
-            mem = f"{r['peak_memory_gib']:.1f}" if "peak_memory_gib" in r else "–"
-            lines.append(f"| {r['config']} | {r['precision']} | {r['recompute']} | {r['batch']}×{r['seq']} | "
-                         f"{r['tokens_per_s']:,.0f} | {mfu} | {mem} |")
-    d = res["data"].get("decode")
+        lines += _table("Targets (issue #17)", ["target", "measured", ""],
+                        [[t["target"], f"{t['value']:.2f}×", "met" if t["met"] else "**missed**"] for t in res["targets"]])
+    if (data.get("gemm") or {}).get("rows"):
+        lines += _table("FP8 GEMM, TFLOPS (median of `do_bench`, L2 flushed)",
+                        ["shape", "dsv3 Triton", "cuBLAS `_scaled_mm`", "BF16", "Triton / BF16", "Triton / cuBLAS",
+                         "DeepGEMM (H800, published)"],
+                        [[f"{r['experts']}×{r['rows_per_expert']} N={r['N']} K={r['K']}" if "experts" in r
+                          else f"M={r['M']} N={r['N']} K={r['K']}", _num(r, "triton_tflops"),
+                          _num(r, "scaled_mm_tflops"), _num(r, "bf16_tflops"), _num(r, "triton_vs_bf16", "{:.2f}×"),
+                          _num(r, "triton_vs_cublas", "{:.2f}×"), _num(r, "deepgemm_h800_tflops")]
+                         for r in data["gemm"]["rows"]])
+    if (data.get("train") or {}).get("rows"):
+        lines += _table("Training step (Trainer: forward, backward, clip, AdamW)",
+                        ["config", "precision", "recompute", "batch × seq", "tokens/s", "MFU (BF16 peak)", "peak GiB"],
+                        [[r["config"], r["precision"], r["recompute"], f"{r['batch']}×{r['seq']}",
+                          f"{r['tokens_per_s']:,.0f}", _num(r, "mfu_bf16_peak", "{:.1%}"),
+                          _num(r, "peak_memory_gib", "{:.1f}")] for r in data["train"]["rows"]])
+    d = data.get("decode")
     if d:
-        lines += ["", f"## Decoding ({d['prompt_len']}-token prompts, {d['new_tokens']} greedy tokens)", "",
-                  "| batch | dsv3 engine tokens/s | transformers generate | ratio |", "|---:|---:|---:|---:|"]
-        for r in d["rows"]:
-            lines.append(f"| {r['batch']} | {r['engine_tokens_per_s']:,.0f} | {r['transformers_tokens_per_s']:,.0f} | "
-                         f"{r['ratio']:.2f}× |")
-    m = res["data"].get("mla")
+        lines += _table(f"Decoding ({d['prompt_len']}-token prompts, {d['new_tokens']} greedy tokens)",
+                        ["batch", "dsv3 engine tokens/s", "transformers generate", "ratio"],
+                        [[r["batch"], f"{r['engine_tokens_per_s']:,.0f}", f"{r['transformers_tokens_per_s']:,.0f}",
+                          f"{r['ratio']:.2f}×"] for r in d["rows"]])
+    m = data.get("mla")
     if m:
-        lines += ["", f"## {m['layer']}", "", "| cached positions | naive ms | absorbed ms | speed-up |",
-                  "|---:|---:|---:|---:|"]
-        for r in m["rows"]:
-            lines.append(f"| {r['context']} | {r['naive_ms']:.2f} | {r['absorbed_ms']:.2f} | {r['speedup']:.1f}× |")
+        lines += _table(m["layer"], ["cached positions", "naive ms", "absorbed ms", "speed-up"],
+                        [[r["context"], f"{r['naive_ms']:.2f}", f"{r['absorbed_ms']:.2f}", f"{r['speedup']:.1f}×"]
+                         for r in m["rows"]])
     return "\n".join(lines) + "\n"
 
 
