@@ -28,15 +28,47 @@ when any check failed. Writes DIR/gpu_suite.json and DIR/gpu_suite.md and prints
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+from pathlib import Path
+
+SECTIONS = ("correctness", "gemm", "train", "decode")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The arguments, checked before the slow imports: a bad one is one line and exit code 2."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, required=True, help="directory for gpu_suite.json and gpu_suite.md")
+    ap.add_argument("--dry-run", action="store_true", help="on the CPU with tiny sizes, Triton interpreted")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)}")
+    ap.add_argument("--budget-s", type=float, default=450.0,
+                    help="checks that would start after this many seconds are skipped (default 450: the run "
+                         "ends inside 8 minutes)")
+    args = ap.parse_args(argv)
+
+    def fail(msg):
+        print(f"gpu_suite: {msg}", file=sys.stderr)
+        sys.exit(2)
+
+    args.sections = [x.strip() for x in args.sections.split(",") if x.strip()]
+    bad = [x for x in args.sections if x not in SECTIONS]
+    if bad or not args.sections:
+        fail(f"--sections: unknown {', '.join(bad) or '(none given)'} (choose from {', '.join(SECTIONS)})")
+    if not args.budget_s > 0:
+        fail(f"--budget-s {args.budget_s}: must be a positive number of seconds")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        fail(f"--out {args.out}: {err.strerror}")
+    return args
+
 
 # Triton picks the interpreter when it is first imported: decide before anything imports it.
-DRY_RUN = "--dry-run" in sys.argv
-if DRY_RUN:
+ARGS = parse_args() if __name__ == "__main__" else None
+if ARGS is not None and ARGS.dry_run:
     os.environ["TRITON_INTERPRET"] = "1"
 
-import argparse  # noqa: E402
 import datetime as _dt  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
@@ -47,7 +79,6 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 from argparse import Namespace  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -56,7 +87,6 @@ import dsv3  # noqa: E402
 from dsv3 import fp8  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("correctness", "gemm", "train", "decode")
 
 # (M, N, K, DeepGEMM's H800 TFLOPS) — SPEC §2.3
 DENSE = [(4096, 7168, 16384, 1426), (4096, 4096, 7168, 1265), (128, 7168, 16384, 645), (64, 7168, 2048, 295)]
@@ -765,31 +795,13 @@ def _short_table(res: dict) -> str:
     return "\n".join(out)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, required=True, help="directory for gpu_suite.json and gpu_suite.md")
-    ap.add_argument("--dry-run", action="store_true", help="on the CPU with tiny sizes, Triton interpreted")
-    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)}")
-    ap.add_argument("--budget-s", type=float, default=450.0,
-                    help="checks that would start after this many seconds are skipped (default 450: the run "
-                         "ends inside 8 minutes)")
-    args = ap.parse_args(argv)
-    sections = [x.strip() for x in args.sections.split(",") if x.strip()]
-    bad = [x for x in sections if x not in SECTIONS]
-    if bad:
-        print(f"gpu_suite: --sections: unknown {', '.join(bad)} (choose from {', '.join(SECTIONS)})", file=sys.stderr)
-        return 2
+def main(args: argparse.Namespace) -> int:
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu_suite: no CUDA device here; use --dry-run to check the script on the CPU", file=sys.stderr)
         return 2
     if args.dry_run and os.environ.get("TRITON_INTERPRET") != "1":
-        print("gpu_suite: --dry-run must be on the command line (Triton's interpreter is chosen at import)",
+        print("gpu_suite: --dry-run needs TRITON_INTERPRET=1 before triton is imported (run the script itself)",
               file=sys.stderr)
-        return 2
-    try:
-        args.out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        print(f"gpu_suite: --out {args.out}: {err.strerror}", file=sys.stderr)
         return 2
     device = torch.device("cpu" if args.dry_run else "cuda")
     if args.dry_run:
@@ -797,10 +809,10 @@ def main(argv=None) -> int:
     s = Suite(device, args.dry_run, args.budget_s)
     t0 = time.perf_counter()
     runners = {"correctness": correctness, "gemm": gemm_speed, "train": train_speed, "decode": decode_speed}
-    for name in sections:
+    for name in args.sections:
         runners[name](s)
     res = {"benchmark": "gpu_suite", "dry_run": args.dry_run, "environment": _environment(device),
-           "command": " ".join(["python benchmarks/gpu_suite.py", *(argv if argv is not None else sys.argv[1:])]),
+           "command": " ".join(["python benchmarks/gpu_suite.py", *sys.argv[1:]]),
            "seconds": time.perf_counter() - t0, "checks": s.checks, "data": s.data,
            "targets": _targets(s.data, args.dry_run)}
     (args.out / "gpu_suite.json").write_text(json.dumps(res, indent=1, default=str))
@@ -810,4 +822,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(ARGS))
