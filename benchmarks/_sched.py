@@ -5,6 +5,13 @@ than for each other: a rank woken by its all-to-all sits behind another process'
 that wait is counted as communication. ``realtime()`` puts the calling process (and the threads it
 starts afterwards: gloo's, the overlap lanes) in the SCHED_FIFO class, ahead of every ordinary
 process, as an isolated core would. It needs root or CAP_SYS_NICE; results say which class ran.
+
+It suits runs with at most one rank per core. With more ranks than cores it misleads: threads of one
+SCHED_FIFO priority never preempt each other, so gloo's transport threads, woken when an all-to-all's
+bytes arrive, wait until some computing thread blocks, and the all-to-all looks as long as the
+computation beside it. ``overlap.py`` at pp2 × ep2 (4 ranks on 2 cores) hid 26–31% of its all-to-all
+time in SCHED_FIFO against 47–63% at normal priority (same config, same day). Giving the transport
+threads a higher FIFO priority instead made them spin and starve the computation outright.
 """
 
 from __future__ import annotations
