@@ -12,10 +12,10 @@ Gradients with overlap on must equal those with it off bitwise. Writes
 (``benchmarks/results/overlap_trace_*.json``: open in chrome://tracing or ui.perfetto.dev).
 
     python benchmarks/overlap.py [--steps 3] [--out benchmarks/results] [--realtime] [--hidden 128]
-        [--rows 4] [--microbatches 8]
+        [--rows 4] [--microbatches 16] [--layers 10]
 
-``--realtime`` runs the ranks in SCHED_FIFO, shielded from the machine's other processes
-(``_sched.py``), and writes ``overlap_realtime.*``. ``--hidden H`` scales every width of the model with H
+``--realtime`` runs the ranks in SCHED_FIFO and writes ``overlap_realtime.*``; with more ranks than
+cores it understates the overlap (``_sched.py``). ``--hidden H`` scales every width of the model with H
 (more compute per byte of all-to-all; files ``overlap_hH*``).
 """
 
