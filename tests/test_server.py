@@ -140,6 +140,10 @@ def test_seed(served):
     assert a == b
     free = {c.completions.create(**args).choices[0].text for _ in range(3)}
     assert len(free) > 1, "without a seed every request samples the same text"
+    # seeds 2^63 apart (the accepted range spans int64 and uint64) are distinct seeds, not aliases
+    pairs = [tuple(c.completions.create(**args, seed=s).choices[0].text for s in (s0, s0 + (1 << 63)))
+             for s0 in (5, 6, 7)]
+    assert any(x != y for x, y in pairs), "seeds 2^63 apart sampled alike"
 
 
 def test_n_and_best_of(served):
@@ -735,3 +739,16 @@ def test_sigterm_drains_in_flight_requests(served):
     assert r.json()["usage"]["completion_tokens"] == 40 and r.json()["choices"][0]["finish_reason"] == "length"
     assert served.proc.wait(timeout=30) == 0
     assert time.time() - t0 < 30
+
+
+def test_large_body_errors_name_the_field(served):
+    """Bodies over 256 KiB are parsed and validated on a worker thread; their errors are the same 400s."""
+    big = [{"role": "user", "content": "hello " * 8}] * 6000
+    assert len(json.dumps(big)) > (256 << 10)
+    r = served.post("/v1/chat/completions", {"model": NAME, "messages": big + [{"role": "wizard", "content": "x"}],
+                                             "max_tokens": 1})
+    assert r.status_code == 400 and is_error_shape(r), r.text
+    assert r.json()["error"]["param"] == f"messages[{len(big)}].role", r.text
+    r = served.post("/v1/completions", {"model": NAME, "prompt": [[1, 2, 3]] * 20000 + [[1, "x"]], "max_tokens": 1})
+    assert r.status_code == 400 and is_error_shape(r), r.text
+    assert r.json()["error"]["param"].startswith("prompt"), r.text

@@ -31,6 +31,7 @@ importing this module is not enough to need them.
 
 import argparse                 # no `from __future__ import annotations`: FastAPI reads handler types
 import asyncio
+import hashlib
 import hmac
 import logging
 import math
@@ -45,13 +46,15 @@ from concurrent.futures import ThreadPoolExecutor
 from .openai_protocol import (APIError, ChatCompletionRequest, CompletionRequest, check, error_body,
                               error_type, parse_body, validate)
 
-# sample k of a request (prompt i, choice j: k = i·best_of + j) uses seed + k·SEED_STEP mod 2^63
-SEED_STEP = 0x9E3779B97F4A7C15
 DEFAULT_MAX_BODY = 8 << 20
 
 
-def choice_seed(seed: int, j: int) -> int:
-    return (seed + j * SEED_STEP) % (1 << 63)
+def choice_seed(seed: int, k: int) -> int:
+    """The generator seed of sample ``k`` of a request (prompt i, choice j: k = i·best_of + j) with the
+    request's ``seed`` (any int64 or uint64): 63 bits of a hash of both, so distinct requests' seeds
+    collide only by chance, never by arithmetic (``seed`` and ``seed + 2^63`` used to sample alike)."""
+    digest = hashlib.blake2b(f"{seed}:{k}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 class ClientGone(Exception):
@@ -115,9 +118,11 @@ class ServerState:
 
 
 # --------------------------------------------------------------------------------------- request plumbing
-async def read_json(request, limit: int) -> dict:
-    """The request's JSON object, read with a size limit (413) and parsed strictly (400); a client that
-    disconnects before its body is in raises :class:`ClientGone` (answered 499, nothing logged)."""
+async def read_json(request, limit: int, model=None):
+    """The request's JSON object, read with a size limit (413) and parsed strictly (400), validated as
+    ``model`` when one is given; a client that disconnects before its body is in raises
+    :class:`ClientGone` (answered 499, nothing logged). A body over 256 KiB is parsed and validated on a
+    worker thread: a few MB of JSON take up to a second, which would hold every other stream."""
     length = request.headers.get("content-length")
     if length is not None:
         check(length.isdigit(), "invalid Content-Length header", None)
@@ -135,9 +140,13 @@ async def read_json(request, limit: int) -> dict:
                                code="request_too_large")
     except ClientDisconnect:                 # the client went away before sending all of it: no answer is due
         raise ClientGone() from None
+    def parse(raw: bytes):
+        body = parse_body(raw)
+        return body if model is None else validate(model, body)
+
     if len(buf) > (256 << 10):
-        return await asyncio.get_running_loop().run_in_executor(None, parse_body, bytes(buf))
-    return parse_body(bytes(buf))
+        return await asyncio.get_running_loop().run_in_executor(None, parse, bytes(buf))
+    return parse(bytes(buf))
 
 
 async def until_disconnected(receive) -> None:
@@ -335,7 +344,7 @@ async def completions(st: ServerState, request):
 
     arrival = time.monotonic()
     st.check_serving()
-    body = validate(CompletionRequest, await read_json(request, st.max_body_bytes))
+    body = await read_json(request, st.max_body_bytes, CompletionRequest)
     st.check_model(body.model)
     check(not body.suffix, "suffix: not supported by this server", "suffix")
     prompts = body.prompts()
@@ -435,7 +444,7 @@ async def chat_completions(st: ServerState, request):
 
     arrival = time.monotonic()
     st.check_serving()
-    body = validate(ChatCompletionRequest, await read_json(request, st.max_body_bytes))
+    body = await read_json(request, st.max_body_bytes, ChatCompletionRequest)
     st.check_model(body.model)
     body.check_features()
     messages = body.chat_messages()
