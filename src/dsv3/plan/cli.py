@@ -69,10 +69,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
+# flags that only one --mode reads (the rest apply to both)
+SERVE_ONLY = ("unit", "no_mtp")
+TRAIN_ONLY = ("gpus", "pp", "ep", "tp", "tokens", "seq_len", "batch_size", "micro_batch_size", "microbatches",
+              "precision", "schedule", "recompute", "zero", "routing_groups", "no_node_limit", "layer_split")
+
+
+def _mode_mismatch(args) -> str | None:
+    """The first flag set away from its default that ``args.mode`` does not read, as ``--flag``."""
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    defaults = vars(p.parse_args([]))
+    for name in TRAIN_ONLY if args.mode == "serve" else SERVE_ONLY:
+        if getattr(args, name) != defaults[name]:
+            return "--" + name.replace("_", "-")
+    return None
+
+
 def check_args(args) -> None:
     """Flag values no plan can use (a UserError naming the flag)."""
-    from ..errors import check_finite, check_int
+    from ..errors import UserError, check_finite, check_int
 
+    flag = _mode_mismatch(args)
+    if flag is not None:
+        other = "train" if args.mode == "serve" else "serve"
+        what = ("plans the report's prefill and decode units (choose with --unit)" if args.mode == "serve"
+                else "plans a training run")
+        raise UserError(f"{flag} only applies to --mode {other}; --mode {args.mode} {what}")
     if args.price is not None:
         check_finite("--price", args.price, lo=0)
     if args.micro_batch_size is not None:

@@ -82,8 +82,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "comma-separated): " + ", ".join(IDENTITY))
     p.add_argument("--device", default="auto")
     p.add_argument("--pp", type=int, default=d.pp, help="pipeline-parallel ranks (under torchrun: world = pp × dp)")
-    p.add_argument("--schedule", default=d.schedule, choices=SCHEDULES,
-                   help="pipeline schedule with --pp > 1")
+    p.add_argument("--schedule", default=None, choices=SCHEDULES,
+                   help=f"pipeline schedule with --pp > 1 (default {d.schedule})")
     p.add_argument("--microbatches", type=int, default=d.microbatches,
                    help="pipeline micro-batches per step (default: the fewest the schedule allows)")
     p.add_argument("--ep", type=int, default=d.ep,
@@ -147,6 +147,9 @@ def check_args(args) -> None:
     check_int("--seed", args.seed, hi=2**63 - 1)
     if args.max_data_bytes is not None:
         check_int("--max-data-bytes", args.max_data_bytes, lo=1)
+    if args.pp == 1 and (args.schedule is not None or args.microbatches):
+        flag = "--schedule" if args.schedule is not None else "--microbatches"
+        raise CLIError(f"{flag} needs --pp > 1 (it sets up the pipeline); without one use --grad-accum")
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world % args.pp:   # before any data is prepared (the trainer says the same)
         raise CLIError(f"--pp {args.pp} must divide the number of processes ({world}); run under torchrun "
@@ -467,8 +470,9 @@ def train_config(args, **extra):
                        recompute=args.recompute, ema_decay=args.ema, bias_update_speed=args.bias_update_speed,
                        balance_alpha=args.balance_alpha, mtp_lambda=args.mtp_lambda, eval_every=args.eval_every,
                        eval_batches=args.eval_batches, save_every=args.save_every, keep=args.keep,
-                       progress=not args.no_progress, device=args.device, pp=args.pp, schedule=args.schedule,
-                       microbatches=args.microbatches, ep=args.ep, gpus_per_node=args.gpus_per_node,
+                       progress=not args.no_progress, device=args.device, pp=args.pp,
+                       schedule=args.schedule or TrainConfig.schedule, microbatches=args.microbatches, ep=args.ep,
+                       gpus_per_node=args.gpus_per_node,
                        two_hop=args.two_hop, fp8_dispatch=args.fp8_dispatch, overlap=args.overlap, **extra)
 
 

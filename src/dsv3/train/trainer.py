@@ -101,6 +101,9 @@ class TrainConfig:
             raise ValueError(f"--pp must be >= 1 and --microbatches >= 0, got {self.pp}, {self.microbatches}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.pp == 1 and (self.microbatches or self.schedule != "1f1b"):
+            raise ValueError("--schedule and --microbatches need --pp > 1 (they set the pipeline's schedule and "
+                             "micro-batches; without a pipeline use --grad-accum)")
         if self.pp > 1 and self.grad_accum != 1:
             raise ValueError("with --pp > 1 use --microbatches instead of --grad-accum")
         if self.ep < 1 or self.gpus_per_node < 0:
