@@ -18,7 +18,9 @@ One Hopper GPU (H100/H200; torch 2.11, Triton 3.6, Python 3.12 there, no downloa
 4. decoding: the engine's tokens/s at batch 1 / 32 / 128 against ``transformers`` ``generate`` with the
    same weights; absorbed vs naive MLA at 4K / 16K / 64K cached positions.
 
-    bash scripts/gpu_suite.sh OUT_DIR                       # on the GPU machine
+    bash scripts/gpu_wheels.sh                              # here, with network: transformers + deps
+    bash scripts/gpu_suite.sh OUT_DIR                       # on the GPU machine (benchmarks/work/gpu_wheels
+                                                            # carried along: unpacked where Python lacks them)
     python benchmarks/gpu_suite.py --out DIR [--sections correctness,gemm,train,decode]
     python benchmarks/gpu_suite.py --dry-run --out DIR     # CPU, tiny sizes, Triton interpreted
 
@@ -34,6 +36,9 @@ import sys
 from pathlib import Path
 
 SECTIONS = ("correctness", "gemm", "train", "decode")
+# packages scripts/gpu_suite.sh unpacked from wheels the machine's Python lacked: searched after its own
+if os.environ.get("DSV3_EXTRA_SITE"):
+    sys.path.append(os.environ["DSV3_EXTRA_SITE"])
 
 
 def parse_args(argv=None) -> argparse.Namespace:

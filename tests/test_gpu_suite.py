@@ -61,3 +61,32 @@ def test_bad_arguments_one_line_exit_2(tmp_path, args, message):
     assert run.returncode == 2
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], run.stderr
+
+
+def test_shell_runner_unpacks_wheels_the_python_lacks(tmp_path):
+    """scripts/gpu_suite.sh (the one command a GPU machine runs) unpacks the wheels it is given into a
+    directory searched after Python's own packages, then runs the suite with them importable."""
+    pytest.importorskip("triton")
+    import zipfile
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    with zipfile.ZipFile(wheels / "dsv3_probe-1.0-py3-none-any.whl", "w") as z:
+        z.writestr("dsv3_probe/__init__.py", "VERSION = '1.0'\n")
+    probe = tmp_path / "probe.py"           # a stand-in for the suite's own imports of such a package
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(DSV3_GPU_WHEELS=str(wheels), TMPDIR=str(tmp_path), PYTHON=sys.executable)
+    out = tmp_path / "out"
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_suite.sh"), str(out), "--dry-run", "--sections",
+                          "gemm"], capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    site = tmp_path / "dsv3_gpu_site"
+    assert (site / "dsv3_probe" / "__init__.py").exists()
+    assert (out / "gpu_suite.json").exists() and (out / "gpu_suite.log").exists()
+    probe.write_text("import os, sys\nsys.path.append(os.environ['DSV3_EXTRA_SITE'])\nimport dsv3_probe\n"
+                     "print(dsv3_probe.VERSION)\n")
+    seen = subprocess.run([sys.executable, str(probe)], capture_output=True, text=True,
+                          env=dict(env, DSV3_EXTRA_SITE=str(site)))
+    assert seen.stdout.strip() == "1.0", seen.stderr
+    bad = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_suite.sh")], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "usage" in bad.stderr
