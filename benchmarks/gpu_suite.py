@@ -104,8 +104,10 @@ class Suite:
     """Runs named checks, each on its own: a failure is recorded (with its last frame) and the run
     goes on."""
 
-    def __init__(self, device: torch.device, dry: bool, budget_s: float = float("inf")):
-        self.device, self.dry = device, dry
+    def __init__(self, device: torch.device, dry: bool, budget_s: float = float("inf"), after=None):
+        """``after()``, when given, runs after every check (the run saves what it has so far: a run
+        killed from outside still leaves its finished checks on disk)."""
+        self.device, self.dry, self.after = device, dry, after
         self.deadline = time.perf_counter() + budget_s
         self.checks: list[dict] = []
         self.data: dict[str, dict] = {}
@@ -131,6 +133,8 @@ class Suite:
         self.checks.append(row)
         detail = row.get("summary") or row.get("error") or ""
         print(f"[{section}] {name}: {row['status']} ({row['seconds']} s) {detail}", flush=True)
+        if self.after is not None:
+            self.after()
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -810,16 +814,27 @@ def main(args: argparse.Namespace) -> int:
     device = torch.device("cpu" if args.dry_run else "cuda")
     if args.dry_run:
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    s = Suite(device, args.dry_run, args.budget_s)
     t0 = time.perf_counter()
+    env = _environment(device)
+
+    def results(complete: bool) -> dict:
+        return {"benchmark": "gpu_suite", "dry_run": args.dry_run, "complete": complete, "environment": env,
+                "command": " ".join(["python benchmarks/gpu_suite.py", *sys.argv[1:]]),
+                "seconds": time.perf_counter() - t0, "checks": s.checks, "data": s.data,
+                "targets": _targets(s.data, args.dry_run)}
+
+    def save(complete: bool = False) -> dict:
+        res = results(complete)
+        tmp = args.out / "gpu_suite.json.tmp"
+        tmp.write_text(json.dumps(res, indent=1, default=str))
+        os.replace(tmp, args.out / "gpu_suite.json")
+        return res
+
+    s = Suite(device, args.dry_run, args.budget_s, after=save)
     runners = {"correctness": correctness, "gemm": gemm_speed, "train": train_speed, "decode": decode_speed}
     for name in args.sections:
         runners[name](s)
-    res = {"benchmark": "gpu_suite", "dry_run": args.dry_run, "environment": _environment(device),
-           "command": " ".join(["python benchmarks/gpu_suite.py", *sys.argv[1:]]),
-           "seconds": time.perf_counter() - t0, "checks": s.checks, "data": s.data,
-           "targets": _targets(s.data, args.dry_run)}
-    (args.out / "gpu_suite.json").write_text(json.dumps(res, indent=1, default=str))
+    res = save(complete=True)
     (args.out / "gpu_suite.md").write_text(_markdown(res))
     print(_short_table(res), flush=True)
     return 1 if s.failed else 0

@@ -25,7 +25,8 @@ def test_dry_run_runs_every_section(tmp_path):
     run = _run("--dry-run", "--out", str(tmp_path))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     res = json.loads((tmp_path / "gpu_suite.json").read_text())
-    assert res["dry_run"] and res["environment"]["device"] == "cpu"
+    assert res["dry_run"] and res["complete"] and res["environment"]["device"] == "cpu"
+    assert not (tmp_path / "gpu_suite.json.tmp").exists()
     checks = {c["name"]: c for c in res["checks"]}
     assert {c["section"] for c in res["checks"]} == {"correctness", "gemm", "train", "decode"}
     assert not [c for c in res["checks"] if c["status"] == "FAIL"]
@@ -90,3 +91,25 @@ def test_shell_runner_unpacks_wheels_the_python_lacks(tmp_path):
     assert seen.stdout.strip() == "1.0", seen.stderr
     bad = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_suite.sh")], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "usage" in bad.stderr
+
+
+def test_a_killed_run_leaves_its_finished_checks(tmp_path):
+    """The device call has a hard time limit: results are saved after every check, atomically."""
+    pytest.importorskip("triton")
+    import signal
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--dry-run", "--out", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+    path = tmp_path / "gpu_suite.json"
+    try:
+        deadline = time.monotonic() + 120
+        while not path.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    res = json.loads(path.read_text())
+    assert not res["complete"] and res["checks"], res
+    assert res["checks"][0]["name"] == "Triton quantisers (1x128, SwiGLU+quant)"

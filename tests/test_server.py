@@ -593,6 +593,19 @@ def wait_idle(served, timeout=3.0):
         time.sleep(0.05)
 
 
+def test_large_body_errors_name_the_field(served):
+    """Bodies over 256 KiB are parsed and validated on a worker thread; their errors are the same 400s."""
+    big = [{"role": "user", "content": "hello " * 8}] * 6000
+    assert len(json.dumps(big)) > (256 << 10)
+    r = served.post("/v1/chat/completions", {"model": NAME, "messages": big + [{"role": "wizard", "content": "x"}],
+                                             "max_tokens": 1})
+    assert r.status_code == 400 and is_error_shape(r), r.text
+    assert r.json()["error"]["param"] == f"messages[{len(big)}].role", r.text
+    r = served.post("/v1/completions", {"model": NAME, "prompt": [[1, 2, 3]] * 20000 + [[1, "x"]], "max_tokens": 1})
+    assert r.status_code == 400 and is_error_shape(r), r.text
+    assert r.json()["error"]["param"].startswith("prompt"), r.text
+
+
 def test_closed_streams_free_their_slots(served):
     c = served.client
     streams = [c.completions.create(model=NAME, prompt=f"loop {i}", max_tokens=100, temperature=1.0,
@@ -739,16 +752,3 @@ def test_sigterm_drains_in_flight_requests(served):
     assert r.json()["usage"]["completion_tokens"] == 40 and r.json()["choices"][0]["finish_reason"] == "length"
     assert served.proc.wait(timeout=30) == 0
     assert time.time() - t0 < 30
-
-
-def test_large_body_errors_name_the_field(served):
-    """Bodies over 256 KiB are parsed and validated on a worker thread; their errors are the same 400s."""
-    big = [{"role": "user", "content": "hello " * 8}] * 6000
-    assert len(json.dumps(big)) > (256 << 10)
-    r = served.post("/v1/chat/completions", {"model": NAME, "messages": big + [{"role": "wizard", "content": "x"}],
-                                             "max_tokens": 1})
-    assert r.status_code == 400 and is_error_shape(r), r.text
-    assert r.json()["error"]["param"] == f"messages[{len(big)}].role", r.text
-    r = served.post("/v1/completions", {"model": NAME, "prompt": [[1, 2, 3]] * 20000 + [[1, "x"]], "max_tokens": 1})
-    assert r.status_code == 400 and is_error_shape(r), r.text
-    assert r.json()["error"]["param"].startswith("prompt"), r.text
