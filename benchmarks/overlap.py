@@ -12,7 +12,7 @@ Gradients with overlap on must equal those with it off bitwise. Writes
 (``benchmarks/results/overlap_trace_*.json``: open in chrome://tracing or ui.perfetto.dev).
 
     python benchmarks/overlap.py [--steps 3] [--out benchmarks/results] [--realtime] [--hidden 128]
-        [--rows 4] [--microbatches 16] [--layers 10]
+        [--rows 4] [--microbatches 32] [--layers 10]
 
 ``--realtime`` runs the ranks in SCHED_FIFO and writes ``overlap_realtime.*``; with more ranks than
 cores it understates the overlap (``_sched.py``). ``--hidden H`` scales every width of the model with H
@@ -218,7 +218,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--rows", type=int, default=4, help="sequences per micro-batch")
-    ap.add_argument("--microbatches", type=int, default=16, help="DualPipeV micro-batches per step")
+    ap.add_argument("--microbatches", type=int, default=32, help="DualPipeV micro-batches per step")
     ap.add_argument("--layers", type=int, default=10,
                     help="trunk layers (the first dense, plus one MTP module); 10 gives each rank's two DualPipeV "
                          "chunks equal MoE layers")
