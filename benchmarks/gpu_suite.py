@@ -713,6 +713,21 @@ def _environment(device: torch.device) -> dict:
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None
+    import importlib.metadata as md
+    import importlib.util
+
+    extra = os.environ.get("DSV3_EXTRA_SITE")
+    for name in ("numpy", "transformers"):           # and whether it came from scripts/gpu_wheels.sh's wheels
+        spec = importlib.util.find_spec(name)
+        if spec is None:
+            env[name] = None
+            continue
+        try:
+            version = md.version(name)
+        except md.PackageNotFoundError:
+            version = "?"
+        from_wheels = bool(extra) and str(spec.origin or "").startswith(extra)
+        env[name] = version + (" (from benchmarks/work/gpu_wheels)" if from_wheels else "")
     return env
 
 
