@@ -140,6 +140,7 @@ async def read_json(request, limit: int, model=None):
                                code="request_too_large")
     except ClientDisconnect:                 # the client went away before sending all of it: no answer is due
         raise ClientGone() from None
+
     def parse(raw: bytes):
         body = parse_body(raw)
         return body if model is None else validate(model, body)
