@@ -79,7 +79,12 @@ class GenerationStream:
 
     @property
     def output_tokens(self) -> int:
-        return len(self.req.output) if self.req is not None else 0
+        """The tokens generated for this answer. A stream ended by a stop string counts those up to the
+        one that completed it: the engine goes on generating until the abort reaches it (a step or
+        more, two tokens a step when speculative), and those tokens are no part of the answer."""
+        if self.req is None:
+            return 0
+        return self.seen if self.finished else len(self.req.output)
 
     @property
     def cached_tokens(self) -> int:
@@ -99,7 +104,6 @@ class GenerationStream:
         new = req.output[self.seen:n]
         now = time.monotonic()
         if new and self.metrics is not None:
-            self.metrics.completion_tokens.inc(len(new))
             if self._last_token_at is None:
                 self.metrics.ttft.observe(now - self.arrival)
             else:                            # k tokens in one arrival (speculative steps): k equal gaps
@@ -120,11 +124,11 @@ class GenerationStream:
             delta.tokens.append(token)
             piece, matched = self.stopper.feed(self.text.push(tid))
             delta.text += piece
-            if matched:
-                self.seen = n
+            if matched:                                  # the tokens after this one are not the answer's
+                self._count(j + 1)
                 self.abort()
                 return self._finish(delta, "stop")
-        self.seen = n
+        self._count(n)
         if done:
             tail, _ = self.stopper.feed(self.text.flush())
             delta.text += tail + self.stopper.flush()
@@ -136,6 +140,12 @@ class GenerationStream:
             return None
         self._keep(delta)
         return delta
+
+    def _count(self, seen: int) -> None:
+        """The output tokens up to ``seen`` are consumed (and counted in the metrics)."""
+        if self.metrics is not None and seen > self.seen:
+            self.metrics.completion_tokens.inc(seen - self.seen)
+        self.seen = seen
 
     def _finish(self, delta: Delta, reason: str) -> Delta:
         self.finished, self.finish_reason, delta.finish_reason = True, reason, reason
