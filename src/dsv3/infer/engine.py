@@ -60,6 +60,13 @@ class EngineLimits:
     lookahead: int            # positions beyond the sequence a step writes (speculative: 1)
     prefix_cache: str | None = None   # the on-disk prefix cache's block identity (PrefixCache.identity)
 
+    @property
+    def max_request_len(self) -> int:
+        """The longest request (prompt + new tokens) the engine can finish: the context, or less where
+        the whole cache pool holds fewer positions (a request alone in it still needs a block for every
+        position it writes, lookahead included)."""
+        return min(self.max_len, self.num_blocks * self.block_size - self.lookahead)
+
 
 def check_request(limits: EngineLimits, prompt_ids: list[int], max_new_tokens: int,
                   logprobs: int | None = None, prompt_logprobs: int | None = None) -> None:
@@ -80,6 +87,11 @@ def check_request(limits: EngineLimits, prompt_ids: list[int], max_new_tokens: i
     need = math.ceil((len(prompt_ids) + 1 + limits.lookahead) / limits.block_size)
     if need > limits.num_blocks:
         raise ContextOverflow(f"the prompt needs {need} cache blocks; the pool has {limits.num_blocks} "
+                              "(give the cache more memory)")
+    if len(prompt_ids) + max_new_tokens > limits.max_request_len:
+        # it would run until the pool is full and then fail: refuse it before it starts
+        raise ContextOverflow(f"the prompt has {len(prompt_ids)} tokens and {max_new_tokens} more were asked "
+                              f"for; the cache pool holds {limits.max_request_len} positions of one request "
                               "(give the cache more memory)")
 
 

@@ -77,6 +77,9 @@ class ServerState:
         self.created = int(time.time())
         self.draining_since: float | None = None
         self.max_len, self.vocab_size = worker.max_len, worker.vocab_size
+        limits = getattr(worker, "limits", None)
+        if limits is not None:           # a cache pool smaller than the context bounds every request
+            self.max_len = min(self.max_len, limits.max_request_len)
         self.stop_ids = {tokenizer.eos_id} if tokenizer.eos_id is not None else set()
         # no token covers more bytes than this, so a text longer than max_len × this cannot fit the
         # context: refused before tokenising (which costs seconds for megabytes)
@@ -812,6 +815,10 @@ def run(args) -> int:
     app = create_app(worker, tokenizer, name, template, api_key, args.max_body_bytes, args.shutdown_grace,
                      args.role, remote)
     st = app.st
+    if st.max_len < worker.max_len:
+        sys.stderr.write(f"dsv3 serve: the cache pool holds {st.max_len} positions of one request, fewer than the "
+                         f"context ({worker.max_len}): requests are limited to {st.max_len} tokens (more "
+                         "--cache-memory lifts this)\n")
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):          # SIGTERM / SIGINT: answer 503 from now on, then drain

@@ -1,0 +1,92 @@
+"""``dsv3 serve`` with a speculative engine and a cache pool smaller than the context, as a client
+meets it (a real server process, the official ``openai`` client and httpx).
+
+Speculative steps hand two tokens at once to the server, so a stop string can end the answer in the
+middle of what arrived; and a pool that holds fewer positions than the model's context bounds every
+request. One server for the module.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from helpers import cli_env, free_port, wait_healthy  # noqa: E402
+
+NAME = "spec-model"
+
+
+@pytest.fixture(scope="module")
+def spec(model_dir, tmp_path_factory):
+    """(openai client, httpx client, tokenizer, pool positions): ``dsv3 serve --speculative`` with a
+    pool of one 64-token block (the context is 128)."""
+    from dsv3.hf import check_model_dir
+    from dsv3.infer.generate import load_tokenizer
+    from dsv3.infer.paged_cache import PagedLatentCache
+
+    cfg = check_model_dir(model_dir)
+    per_block = PagedLatentCache.bytes_per_block(cfg, 64, cfg.num_hidden_layers + 1)       # + the MTP layer
+    assert cfg.max_position_embeddings == 128
+    port, log = free_port(), tmp_path_factory.mktemp("serve-spec") / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "dsv3.cli", "serve", "--model", model_dir, "--port", str(port),
+                                 "--max-batch", "4", "--served-model-name", NAME, "--speculative",
+                                 "--cache-memory", f"{1.5 * per_block / (1 << 30):.10g}"],
+                                env=cli_env(), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        tok = load_tokenizer(model_dir)
+        wait_healthy(url, proc, log, 120)
+        yield (openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120),
+               httpx.Client(base_url=url, timeout=120), tok, 64 - 1, log)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def test_usage_stops_at_the_stop_string(spec):
+    """A stop string completed by the first of two tokens that arrived together: usage (whole, streamed,
+    chat) counts the tokens of the answer, as many as its logprobs list, not the ones the engine made
+    before the abort reached it."""
+    client, _, tok, _, _ = spec
+    x = tok.encode(" value")[0]
+    word = tok.decode([x])
+    # forced: every draft is accepted, so after the prefill's token each step brings two
+    args = dict(model=NAME, prompt="z", max_tokens=12, temperature=0, logit_bias={str(x): 100}, stop=word[-1] + word)
+    r = client.completions.create(**args, logprobs=0)
+    ch = r.choices[0]
+    assert ch.text == word[:-1] and ch.finish_reason == "stop" and len(ch.logprobs.tokens) == 2, ch
+    assert r.usage.completion_tokens == 2, r.usage
+    chunks = list(client.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == word[:-1]
+    assert chunks[-1].usage.completion_tokens == 2, chunks[-1].usage
+    chat = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "z"}], max_tokens=12,
+                                          temperature=0, logit_bias={str(x): 100}, stop=word[-1] + word,
+                                          logprobs=True)
+    assert chat.choices[0].message.content == word[:-1] and len(chat.choices[0].logprobs.content) == 2
+    assert chat.usage.completion_tokens == 2, chat.usage
+
+
+def test_a_pool_smaller_than_the_context_bounds_requests(spec):
+    """The pool holds 63 positions of one request (one 64-token block, one of lookahead) although the
+    context is 128: /v1/models says so, a request for more gets a 400 naming max_tokens before any
+    work (not a 500 once the pool is full), and a chat request without max_tokens gets what fits."""
+    client, http, tok, positions, log = spec
+    assert client.models.retrieve(NAME).model_extra["max_model_len"] == positions
+    assert f"requests are limited to {positions} tokens" in log.read_text()
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=NAME, prompt="z", max_tokens=100)
+    assert e.value.body["param"] == "max_tokens" and e.value.body["code"] == "context_length_exceeded"
+    r = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "z"}], temperature=0,
+                                       logit_bias={str(tok.eos_id): -100})
+    assert r.choices[0].finish_reason == "length" and r.usage.total_tokens == positions, r.usage
+    body = {"model": NAME, "messages": [{"role": "user", "content": "z"}], "stream": True,
+            "logit_bias": {str(tok.eos_id): -100}}
+    events = [line[6:] for line in http.post("/v1/chat/completions", json=body).text.splitlines()
+              if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and not any("error" in json.loads(e) for e in events[:-1]), events[-3:]
