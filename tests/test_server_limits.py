@@ -3,12 +3,16 @@ meets it (a real server process, the official ``openai`` client and httpx).
 
 Speculative steps hand two tokens at once to the server, so a stop string can end the answer in the
 middle of what arrived; and a pool that holds fewer positions than the model's context bounds every
-request. One server for the module.
+request (and runs one request at a time, so others wait). One server for the module, with
+``--shutdown-grace 0``; the last test stops it.
 """
 
 import json
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -35,7 +39,7 @@ def spec(model_dir, tmp_path_factory):
     port, log = free_port(), tmp_path_factory.mktemp("serve-spec") / "server.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "dsv3.cli", "serve", "--model", model_dir, "--port", str(port),
-                                 "--max-batch", "4", "--served-model-name", NAME, "--speculative",
+                                 "--max-batch", "4", "--served-model-name", NAME, "--speculative", "--shutdown-grace", "0",
                                  "--cache-memory", f"{1.5 * per_block / (1 << 30):.10g}"],
                                 env=cli_env(), stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -43,7 +47,7 @@ def spec(model_dir, tmp_path_factory):
         tok = load_tokenizer(model_dir)
         wait_healthy(url, proc, log, 120)
         yield (openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120),
-               httpx.Client(base_url=url, timeout=120), tok, 64 - 1, log)
+               httpx.Client(base_url=url, timeout=120), tok, 64 - 1, log, proc)
     finally:
         proc.kill()
         proc.wait(timeout=30)
@@ -53,7 +57,7 @@ def test_usage_stops_at_the_stop_string(spec):
     """A stop string completed by the first of two tokens that arrived together: usage (whole, streamed,
     chat) counts the tokens of the answer, as many as its logprobs list, not the ones the engine made
     before the abort reached it."""
-    client, _, tok, _, _ = spec
+    client, _, tok, _, _, _ = spec
     x = tok.encode(" value")[0]
     word = tok.decode([x])
     # forced: every draft is accepted, so after the prefill's token each step brings two
@@ -76,7 +80,7 @@ def test_a_pool_smaller_than_the_context_bounds_requests(spec):
     """The pool holds 63 positions of one request (one 64-token block, one of lookahead) although the
     context is 128: /v1/models says so, a request for more gets a 400 naming max_tokens before any
     work (not a 500 once the pool is full), and a chat request without max_tokens gets what fits."""
-    client, http, tok, positions, log = spec
+    client, http, tok, positions, log, _ = spec
     assert client.models.retrieve(NAME).model_extra["max_model_len"] == positions
     assert f"requests are limited to {positions} tokens" in log.read_text()
     with pytest.raises(openai.BadRequestError) as e:
@@ -90,3 +94,47 @@ def test_a_pool_smaller_than_the_context_bounds_requests(spec):
     events = [line[6:] for line in http.post("/v1/chat/completions", json=body).text.splitlines()
               if line.startswith("data: ")]
     assert events[-1] == "[DONE]" and not any("error" in json.loads(e) for e in events[:-1]), events[-3:]
+
+
+def test_requests_cut_off_by_the_drain_get_503(spec):
+    """Last: stops the module's server. SIGTERM with --shutdown-grace 0: the requests still in flight
+    (one streaming, others waiting for the pool) are aborted and answered, a 503 in OpenAI's shape or
+    an error event and [DONE] ending the stream; no bare 500 or stream cut short (uvicorn's cancel), no
+    traceback, exit code 0."""
+    _, http, tok, _, log, proc = spec
+    body = {"model": NAME, "prompt": "z", "max_tokens": 60, "logit_bias": {str(tok.eos_id): -100}}
+    whole = []
+
+    def ask():
+        whole.append(httpx.post(http.base_url.join("/v1/completions"), json=body, timeout=60))
+
+    with http.stream("POST", "/v1/completions", json=dict(body, stream=True)) as stream:
+        lines = stream.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+        threads = [threading.Thread(target=ask) for _ in range(6)]
+        for t in threads:
+            t.start()
+        deadline = time.time() + 30
+        while http.get("/health").json()["waiting"] < 1:
+            assert time.time() < deadline
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        events = [line[6:] for line in lines if line.startswith("data: ")]
+    for t in threads:
+        t.join(timeout=60)
+    assert events[-1] == "[DONE]", events[-3:]
+    last = json.loads(events[-2])
+    if "error" in last:                             # cut off, else it had finished before the signal
+        assert last["error"]["code"] == "shutting_down", last
+    else:
+        assert last["choices"][0]["finish_reason"] == "length", last
+    codes = sorted(r.status_code for r in whole)
+    assert len(codes) == 6 and set(codes) <= {200, 503} and 503 in codes, [r.text for r in whole]
+    for r in whole:
+        if r.status_code == 503:
+            assert r.json()["error"]["code"] == "shutting_down" and set(r.json()["error"]) == \
+                {"message", "type", "param", "code"}, r.text
+        else:
+            assert r.json()["choices"][0]["finish_reason"] == "length", r.text
+    assert proc.wait(timeout=30) == 0
+    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]

@@ -41,6 +41,7 @@ import signal
 import sys
 import time
 import uuid
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 from .openai_protocol import (APIError, ChatCompletionRequest, CompletionRequest, check, error_body,
@@ -76,6 +77,9 @@ class ServerState:
         self.metrics = ServerMetrics(worker)
         self.created = int(time.time())
         self.draining_since: float | None = None
+        self.loop = None                   # the event loop, once the app has started
+        self.in_flight = weakref.WeakSet()  # the GenerationStreams submitted and not yet answered
+        self.cut_off = False               # the drain's grace ran out: what was left has been aborted
         self.max_len, self.vocab_size = worker.max_len, worker.vocab_size
         limits = getattr(worker, "limits", None)
         if limits is not None:           # a cache pool smaller than the context bounds every request
@@ -101,8 +105,18 @@ class ServerState:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     def begin_drain(self) -> None:
+        """Answer 503 from now on; once ``shutdown_grace`` has passed, abort what is still in flight (its
+        clients get a 503, or an error event ending their stream, before uvicorn's own deadline cancels
+        the handlers). Safe to call from a signal handler."""
         if self.draining_since is None:
             self.draining_since = time.monotonic()
+            if self.loop is not None and not self.loop.is_closed():
+                self.loop.call_soon_threadsafe(self.loop.call_later, self.shutdown_grace, self.cut_off_in_flight)
+
+    def cut_off_in_flight(self) -> None:
+        self.cut_off = True
+        for g in list(self.in_flight):
+            g.abort()
 
     def check_serving(self) -> None:
         if self.draining_since is not None:
@@ -226,6 +240,8 @@ def start_all(st: ServerState, gens: list, prompt_param: str) -> asyncio.Queue:
     """Submit every stream; on any refusal abort those already submitted and raise the API error."""
     from .engine import ContextOverflow
 
+    if st.cut_off:
+        raise APIError(503, "the server is shutting down", code="shutting_down")
     loop, queue = asyncio.get_running_loop(), asyncio.Queue()
     try:
         for g in gens:
@@ -240,6 +256,7 @@ def start_all(st: ServerState, gens: list, prompt_param: str) -> asyncio.Queue:
         if isinstance(e, RuntimeError):
             raise APIError(503, str(e), code="engine_unavailable") from None
         raise
+    st.in_flight.update(gens)
     return queue
 
 
@@ -267,11 +284,17 @@ async def deltas(st: ServerState, gens: list, queue: asyncio.Queue):
                     if g.error is not None:
                         st.check_engine()           # failed because the engine stopped: 503, else 500
                         raise APIError(500, f"the request failed in the engine: {g.error}", code="engine_error")
+                    if g.finish_reason == "abort":  # no answer: the drain's grace ran out (or the engine aborted it)
+                        if st.draining_since is not None:
+                            raise APIError(503, "the server shut down before this request finished "
+                                                "(--shutdown-grace ran out)", code="shutting_down")
+                        raise APIError(503, "the engine aborted this request", code="aborted")
                 if d is not None:
                     yield d
     finally:
         if get is not None:
             get.cancel()
+        st.in_flight.difference_update(gens)
 
 
 async def run_whole(st: ServerState, gens: list, queue: asyncio.Queue, request) -> None:
@@ -584,6 +607,7 @@ def create_app(worker, tokenizer, model_name: str = "dsv3", template=None, api_k
 
     @asynccontextmanager
     async def lifespan(app):
+        st.loop = asyncio.get_running_loop()
         yield
         st.begin_drain()
         left = st.shutdown_grace - (time.monotonic() - st.draining_since)
@@ -829,8 +853,10 @@ def run(args) -> int:
                 while signal.SIGTERM in captured:
                     captured.remove(signal.SIGTERM)
 
+    # past the grace the server aborts what is left and answers it (503, or an error event): uvicorn's
+    # own deadline, which cancels handlers (a bare 500, a stream cut without [DONE]), comes later
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
-                            timeout_graceful_shutdown=max(args.shutdown_grace, 0.1), lifespan="on")
+                            timeout_graceful_shutdown=args.shutdown_grace + 10, lifespan="on")
     try:
         Server(config).run()
     finally:
