@@ -95,6 +95,7 @@ def test_models_and_unknown_model(served):
     with pytest.raises(openai.NotFoundError) as e:
         c.completions.create(model="other-model", prompt="x", max_tokens=2)
     assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
+    assert e.value.body["type"] == "invalid_request_error"       # OpenAI's type for a 404
     for method, path, code in (("GET", "/v1/nope", 404), ("DELETE", "/v1/models", 405), ("GET", "/v1/completions", 405)):
         r = served.http.request(method, path)
         assert r.status_code == code and is_error_shape(r), r.text
@@ -386,6 +387,40 @@ def test_incremental_text_and_stop_matching(served):
             pieces = [m.feed(text[:cut]), m.feed(text[cut:])]
             got = "".join(p for p, _ in pieces) + m.flush()
             assert got == want and any(hit for _, hit in pieces) == (want != text), (stops, cut)
+
+
+def test_final_stop_token_never_shown_between_append_and_done(served):
+    """The engine thread appends a request's last token, then marks it done; the event loop may read in
+    between. A trailing stop token read then must not reach the client (text or logprobs): the stream
+    holds it back until it knows whether it ended the request. The interleaving, replayed step by step
+    on the engine's own Request."""
+    from dsv3.infer.detokenize import TokenBytes
+    from dsv3.infer.engine import Request, TokenLogprob
+    from dsv3.infer.generation_stream import GenerationStream
+    from dsv3.infer.sampling import SamplingParams
+
+    tok = served.tok
+    eos, ids = tok.eos_id, tok.encode("hello world")
+    for ended_by_eos in (True, False):
+        g = GenerationStream(None, TokenBytes(tok), 0, [1], 8, None, 0, [], {eos}, logprobs=0)
+        req = g.req = Request([1], 8, SamplingParams(), stop_ids=frozenset({eos}), logprobs=0)
+        shown = []
+        for t in [*ids, eos]:
+            req.output.append(t)                         # engine thread: the token (and its logprob) ...
+            req.output_logprobs.append(TokenLogprob(t, -0.5))
+            d = g.advance()                              # ... the event loop reads before ``done`` is set
+            shown += [x.id for x in d.tokens] if d is not None else []
+        if ended_by_eos:
+            req.finish_reason, req.done = "stop", True
+        else:                                            # an EOS that did not end it (e.g. min_tokens): shown
+            req.output.append(ids[0])
+            req.output_logprobs.append(TokenLogprob(ids[0], -0.5))
+            req.finish_reason, req.done = "length", True
+        d = g.advance()
+        shown += [x.id for x in d.tokens]
+        assert g.finished and d.finish_reason == ("stop" if ended_by_eos else "length")
+        assert shown == (ids if ended_by_eos else [*ids, eos, ids[0]]), shown
+        assert g.output_tokens == len(req.output)
 
 
 def test_concurrent_requests_equal_one_at_a_time(served):

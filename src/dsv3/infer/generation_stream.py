@@ -100,6 +100,8 @@ class GenerationStream:
         n = len(req.output)
         if self.logprobs is not None and not done:
             n = min(n, len(req.output_logprobs))
+        if not done and n > self.seen and req.output[n - 1] in self.stop_ids:
+            n -= 1          # maybe the final stop token, appended just before ``done``: shown only if not
         delta = Delta(self.index)
         new = req.output[self.seen:n]
         now = time.monotonic()

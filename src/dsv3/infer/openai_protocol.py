@@ -44,11 +44,10 @@ class APIError(Exception):
 
 
 def error_type(status: int) -> str:
-    """OpenAI's ``type`` for an HTTP status."""
+    """OpenAI's ``type`` for an HTTP status (its API answers an unknown model or URL, a 404, with
+    ``invalid_request_error``)."""
     if status == 401:
         return "authentication_error"
-    if status == 404:
-        return "not_found_error"
     if status == 429:
         return "rate_limit_error"
     return "invalid_request_error" if status < 500 else "server_error"
