@@ -233,8 +233,17 @@ CASES = [
                                            "--plot", str(t / "p.txt")], "--plot"),
     ("pipeline-cost-huge", lambda t, m: ["pipeline", "--schedule", "1f1b", "--ranks", "2", "--microbatches", "4",
                                          "--F", "1e308", "--B", "1e308"], "--F"),
-    ("pipeline-W-over-B", lambda t, m: ["pipeline", "--schedule", "1f1b", "--ranks", "2", "--microbatches", "4",
-                                        "--W", "3"], "--W"),
+    ("pipeline-W-over-B", lambda t, m: ["pipeline", "--schedule", "zb1p", "--ranks", "2", "--microbatches", "4",
+                                        "--W", "3"], "--W 3: the weight-gradient part must not exceed"),
+    # ---- a cost the schedule never runs is refused, not ignored
+    ("pipeline-FB-1f1b", lambda t, m: ["pipeline", "--schedule", "1f1b", "--ranks", "2", "--microbatches", "4",
+                                       "--FB", "2"], "--FB only applies"),
+    ("pipeline-FB-zb1p", lambda t, m: ["pipeline", "--schedule", "zb1p", "--ranks", "2", "--microbatches", "4",
+                                       "--FB", "2"], "--FB only applies"),
+    ("pipeline-W-1f1b", lambda t, m: ["pipeline", "--schedule", "1f1b", "--ranks", "2", "--microbatches", "4",
+                                      "--W", "0.5"], "--W only applies"),
+    ("pipeline-default-W-over-B", lambda t, m: ["pipeline", "--schedule", "zb1p", "--ranks", "2", "--microbatches",
+                                                "4", "--B", "0.5"], "--W 1 (its default)"),
     # ---- train / grpo flags and data
     ("train-lr-huge", lambda t, m: ["train", "--out", str(t / "r"), "--lr", "1e300"], "--lr"),
     ("grpo-lr-huge", lambda t, m: ["grpo", "--model", m, "--prompts", _write(t / "p.jsonl", '{"prompt": "x"}\n'),
@@ -432,3 +441,9 @@ def test_a_reward_function_that_raises_is_named(tmp_path, model_dir, capsys):
                  "--group", "2", "--prompts-per-step", "1", "--max-new-tokens", "2", "--no-progress", "--no-plots",
                  "--reward", "os:getcwd"]) == 2
     _one_line_error(capsys.readouterr().err, "grpo", "--reward os:getcwd")
+
+
+def test_pipeline_1f1b_with_a_short_backward(capsys):
+    """1f1b runs no separate weight-gradient pass: a --B below --W's default is no reason to refuse."""
+    assert main(["pipeline", "--schedule", "1f1b", "--ranks", "2", "--microbatches", "4", "--B", "0.5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["makespan"] == 7.5      # (4 + 2 - 1) × (F + B)

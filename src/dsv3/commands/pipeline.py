@@ -21,17 +21,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_args(args) -> None:
+    from ..parallel.pipeline.cli import OVERLAPPED_PAIRS, SPLIT_BACKWARD, weight_cost
+
     check_int("--ranks", args.ranks, lo=1, hi=MAX_RANKS)
     check_int("--microbatches", args.microbatches, lo=1, hi=MAX_MICROBATCHES)
     if args.ranks * args.microbatches > MAX_ACTIONS:
         check_int("--ranks × --microbatches", args.ranks * args.microbatches, hi=MAX_ACTIONS,
                   why="the simulation grows with both; a few seconds at the limit")
-    for flag in ("F", "B", "W", "comm"):
-        check_finite(f"--{flag}", getattr(args, flag), lo=0, hi=MAX_COST)
-    if args.FB is not None:
-        check_finite("--FB", args.FB, lo=0, hi=MAX_COST)
-    if args.W > args.B:
-        raise UserError(f"--W {args.W:g}: the weight-gradient part must not exceed the full backward --B {args.B:g}")
+    for flag in ("F", "B", "W", "FB", "comm"):
+        if getattr(args, flag) is not None:
+            check_finite(f"--{flag}", getattr(args, flag), lo=0, hi=MAX_COST)
+    if args.W is not None and args.schedule not in SPLIT_BACKWARD:
+        raise UserError(f"--W only applies to schedules that split the backward into input and weight gradients "
+                        f"({', '.join(SPLIT_BACKWARD)}); {args.schedule} runs each backward whole (its cost is --B)")
+    if args.FB is not None and args.schedule not in OVERLAPPED_PAIRS:
+        raise UserError(f"--FB only applies to schedules with overlapped forward&backward pairs "
+                        f"({', '.join(OVERLAPPED_PAIRS)}); {args.schedule} has none")
+    W = weight_cost(args)
+    if W > args.B:
+        given = "" if args.W is not None else " (its default)"
+        raise UserError(f"--W {W:g}{given}: the weight-gradient part must not exceed the full backward --B {args.B:g}")
     if args.plot is not None:
         check_image_file("--plot", args.plot)
 

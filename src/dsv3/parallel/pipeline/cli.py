@@ -10,6 +10,17 @@ import json
 from .schedule import SCHEDULES, build_schedule
 from .simulate import simulate
 
+DEFAULT_W = 1.0
+SPLIT_BACKWARD = ("zb1p", "dualpipe", "dualpipev")   # the schedules that run a backward as I then W
+OVERLAPPED_PAIRS = ("dualpipe", "dualpipev")         # the schedules with overlapped F&B pairs
+
+
+def weight_cost(args) -> float:
+    """--W, or its default; 1f1b never runs a separate W, so there it only has to fit inside --B."""
+    if args.W is not None:
+        return args.W
+    return DEFAULT_W if args.schedule in SPLIT_BACKWARD else min(DEFAULT_W, args.B)
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--schedule", required=True, choices=SCHEDULES, type=str.lower, help="pipeline schedule")
@@ -17,8 +28,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--microbatches", type=int, required=True, help="micro-batches per step")
     parser.add_argument("--F", type=float, default=1.0, help="forward chunk time (default 1)")
     parser.add_argument("--B", type=float, default=2.0, help="full backward chunk time (default 2)")
-    parser.add_argument("--W", type=float, default=1.0, help="weight-gradient part of B (default 1)")
-    parser.add_argument("--FB", type=float, default=None, help="overlapped forward&backward pair time (default F+B)")
+    parser.add_argument("--W", type=float, default=None,
+                        help=f"weight-gradient part of B (default {DEFAULT_W:g}); zb1p, dualpipe and dualpipev only "
+                             "(1f1b runs the backward whole)")
+    parser.add_argument("--FB", type=float, default=None,
+                        help="overlapped forward&backward pair time (default F+B); dualpipe and dualpipev only")
     parser.add_argument("--comm", type=float, default=0.0, help="latency of one cross-rank message (default 0)")
     parser.add_argument(
         "--blocking", action="store_true", help="time the blocking batch_isend_irecv model instead of the ideal"
@@ -30,7 +44,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     sched = build_schedule(args.schedule, args.ranks, args.microbatches)
-    res = simulate(sched, F=args.F, B=args.B, W=args.W, FB=args.FB, comm=args.comm, blocking=args.blocking)
+    res = simulate(sched, F=args.F, B=args.B, W=weight_cost(args), FB=args.FB, comm=args.comm, blocking=args.blocking)
     closed = res.closed_form()
     if args.plot:
         from .plot import plot_timeline
