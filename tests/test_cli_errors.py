@@ -447,3 +447,16 @@ def test_pipeline_1f1b_with_a_short_backward(capsys):
     """1f1b runs no separate weight-gradient pass: a --B below --W's default is no reason to refuse."""
     assert main(["pipeline", "--schedule", "1f1b", "--ranks", "2", "--microbatches", "4", "--B", "0.5", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["makespan"] == 7.5      # (4 + 2 - 1) × (F + B)
+
+
+def test_train_batch_not_divisible_is_refused_before_the_run_is_touched(tmp_path, capsys):
+    """--batch-size that --grad-accum does not divide was refused only by the trainer: after the data was
+    prepared and --overwrite had already deleted the run it was to replace."""
+    run = tmp_path / "r"
+    _write(run / "metrics.jsonl", '{"step": 1, "loss": 2.0}\n')
+    corpus = _write(tmp_path / "c.jsonl", '{"text": "def f(x):\\n    return x\\n"}\n' * 50)
+    assert main(["train", "--out", str(run), "--data", corpus, "--overwrite", "--steps", "1", "--batch-size", "3",
+                 "--grad-accum", "2", "--seq-len", "8", "--no-progress", "--no-plots"]) == 2
+    _one_line_error(capsys.readouterr().err, "train", "--batch-size 3")
+    assert (run / "metrics.jsonl").read_text() == '{"step": 1, "loss": 2.0}\n'
+    assert sorted(os.listdir(run)) == ["metrics.jsonl"]

@@ -154,6 +154,14 @@ def check_args(args) -> None:
     if world % args.pp:   # before any data is prepared (the trainer says the same)
         raise CLIError(f"--pp {args.pp} must divide the number of processes ({world}); run under torchrun "
                        f"--nproc-per-node {args.pp} (or a multiple)")
+    # what the trainer checks too, but only after the data is prepared and --out (--overwrite: emptied)
+    dp = world // args.pp
+    if dp % args.ep:
+        raise CLIError(f"--ep {args.ep} must divide the data-parallel ranks of a stage ({dp} = {world} processes / "
+                       f"--pp {args.pp}); run under torchrun --nproc-per-node {args.ep * args.pp} (or a multiple)")
+    if args.batch_size % (dp * args.grad_accum):
+        raise CLIError(f"--batch-size {args.batch_size} must be divisible by data-parallel world size × "
+                       f"--grad-accum ({dp} × {args.grad_accum})")
     check_device("--device", args.device)
     check_finite("--dist-timeout", args.dist_timeout, lo=0, lo_open=True)
     if args.memory_limit is not None:
