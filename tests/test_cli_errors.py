@@ -460,3 +460,17 @@ def test_train_batch_not_divisible_is_refused_before_the_run_is_touched(tmp_path
     _one_line_error(capsys.readouterr().err, "train", "--batch-size 3")
     assert (run / "metrics.jsonl").read_text() == '{"step": 1, "loss": 2.0}\n'
     assert sorted(os.listdir(run)) == ["metrics.jsonl"]
+
+
+def test_grpo_prompt_too_long_is_refused_before_overwrite_deletes_the_run(tmp_path, model_dir, capsys):
+    """A prompt longer than the model's context was refused only after --overwrite had deleted the run in
+    --out (and a new run.json was written there)."""
+    model = _broken_model(tmp_path, model_dir, tokenizer_config__json={"eos_token": "!"})
+    prompts = _write(tmp_path / "p.jsonl", json.dumps({"prompt": "1+" * 60 + "1=", "answer": "61"}) + "\n")
+    run = tmp_path / "r"
+    _write(run / "metrics.jsonl", '{"step": 1, "reward": 0.5}\n')
+    assert main(["grpo", "--model", model, "--prompts", prompts, "--out", str(run), "--overwrite", "--steps", "1",
+                 "--group", "2", "--prompts-per-step", "1", "--no-progress", "--no-plots"]) == 2
+    _one_line_error(capsys.readouterr().err, "grpo", "positions")
+    assert sorted(os.listdir(run)) == ["metrics.jsonl"]
+    assert (run / "metrics.jsonl").read_text() == '{"step": 1, "reward": 0.5}\n'

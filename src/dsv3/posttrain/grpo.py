@@ -186,6 +186,15 @@ def make_loss_fn(clip: float, beta: float):
     return loss_fn
 
 
+def check_prompt_lengths(prompts: list[list[int]], cfg) -> int:
+    """The longest prompt's tokens; a UserError when one leaves no room for a completion."""
+    longest = max(len(p) for p in prompts)
+    ctx = cfg.max_position_embeddings
+    if longest + 2 > ctx:
+        raise UserError(f"--prompts: a prompt takes {longest} tokens; the model has {ctx} positions")
+    return longest
+
+
 class GRPO:
     """The GRPO loop over a :class:`dsv3.train.trainer.Trainer` (model, strategy, optimizer, checkpoints)."""
 
@@ -200,10 +209,8 @@ class GRPO:
 
         self.args, self.tokenizer, self.records, self.rewards = args, tokenizer, records, rewards
         self.prompts = [prompt_ids(template, tokenizer, r["messages"]) for r in records]
-        longest = max(len(p) for p in self.prompts)
+        longest = check_prompt_lengths(self.prompts, cfg)
         ctx = cfg.max_position_embeddings
-        if longest + 2 > ctx:
-            raise UserError(f"--prompts: a prompt takes {longest} tokens; the model has {ctx} positions")
         self.max_new = min(args.max_new_tokens, ctx - longest - 1)
         n = args.group * args.prompts_per_step
         start = load_weights(args.model)
@@ -329,6 +336,9 @@ def run(args) -> int:
     rewards = parse_rewards(args.reward)
     cfg, tokenizer, template = open_model_dir(args.model)
     records = read_prompt_file(args.prompts)
+    from .chat import prompt_ids
+
+    check_prompt_lengths([prompt_ids(template, tokenizer, r["messages"]) for r in records], cfg)  # before --out changes
     ns = argparse.Namespace(out=args.out, resume=args.resume, overwrite=args.overwrite, steps=args.steps)
     train_cli.check_run_dir(ns)
     identity = {"model": model_fingerprint(args.model), "seed": args.seed, "steps": args.steps,
