@@ -90,6 +90,15 @@ def _truncated(model_dir) -> bytes:
     return open(os.path.join(model_dir, "model.safetensors"), "rb").read()[:-100]
 
 
+def _sft(t, m) -> list[str]:
+    """A valid, one-step ``dsv3 sft`` command line (a model with an end-of-sentence token, one record)."""
+    model = _broken_model(t, m, tokenizer_config__json={"eos_token": "!"})
+    data = _write(t / "c.jsonl", '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", '
+                                 '"content": "yo"}]}\n')
+    return ["sft", "--model", model, "--data", data, "--out", str(t / "r"), "--steps", "1", "--batch-size", "1",
+            "--seq-len", "48", "--no-progress", "--no-plots", "--device", "cpu"]
+
+
 # (id, args builder(tmp_path, model_dir) -> argv, text the one line must contain)
 CASES = [
     # ---- info: config.json that is not what it should be
@@ -276,6 +285,15 @@ CASES = [
     ("eplb-plot-unwritable", lambda t, m: ["eplb", "--loads", _write(t / "l.json", [[1, 2, 3, 4]]), "--replicas",
                                            "4", "--groups", "1", "--nodes", "1", "--gpus", "1", "--plot",
                                            os.path.join(_write(t / "afile", "x"), "p.png")], "--plot"),
+    # ---- --allow-changed is checked before any work, with or without a run.json to compare
+    ("sft-allow-changed-without-resume", lambda t, m: _sft(t, m) + ["--allow-changed", "lr"],
+     "--allow-changed only applies with --resume"),
+    ("sft-allow-changed-unknown", lambda t, m: _sft(t, m) + ["--resume", "--allow-changed", "colour"],
+     "--allow-changed colour"),
+    ("grpo-allow-changed-unknown", lambda t, m: ["grpo", "--model", _broken_model(
+        t, m, tokenizer_config__json={"eos_token": "!"}), "--prompts", _write(t / "p.jsonl", '{"prompt": "x"}\n'),
+        "--out", str(t / "r"), "--resume", "--allow-changed", "colour", "--steps", "1", "--group", "2",
+        "--prompts-per-step", "1", "--max-new-tokens", "2", "--no-progress", "--no-plots"], "--allow-changed colour"),
     ("plan-yaml-python-tag", lambda t, m: ["plan", "--gpu", "g", "--hardware-file", _write(
         t / "hw.yaml", "g: !!python/object/apply:os.system ['echo pwned']\n")], "hw.yaml"),
     ("plan-hardware-entry-string", lambda t, m: ["plan", "--gpu", "g", "--hardware-file",

@@ -76,6 +76,16 @@ def check_identity(args, identity: dict, describe: dict[str, str]) -> bool:
     return bool(changed)
 
 
+def check_allow_changed(args, describe: dict[str, str]) -> None:
+    """Before any work: --allow-changed names settings of this command, and comes with --resume."""
+    allowed = {x.strip() for a in (args.allow_changed or []) for x in a.split(",") if x.strip()}
+    bad = sorted(allowed - set(describe))
+    if bad:
+        raise UserError(f"--allow-changed {','.join(bad)}: unknown setting; choose from {', '.join(describe)}")
+    if allowed and not args.resume:
+        raise UserError("--allow-changed only applies with --resume")
+
+
 def _short(v) -> str:
     s = json.dumps(v, sort_keys=True)
     return s if len(s) <= 60 else s[:57] + "…"

@@ -31,8 +31,8 @@ import sys
 import time
 
 from ..errors import UserError, check_device, check_finite, check_int
-from .common import RUN_FILE, check_identity, copy_template, file_sha256, model_fingerprint, open_model_dir, \
-    write_json_atomic
+from .common import RUN_FILE, check_allow_changed, check_identity, copy_template, file_sha256, model_fingerprint, \
+    open_model_dir, write_json_atomic
 
 IDENTITY = {"model": "--model", "prompts": "--prompts", "reward": "--reward", "group": "--group",
             "prompts-per-step": "--prompts-per-step", "max-new-tokens": "--max-new-tokens", "lr": "--lr",
@@ -102,8 +102,7 @@ def check_args(args) -> None:
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         raise UserError("dsv3 grpo runs in one process (its sampling engine is the single-process one); "
                         "run it without torchrun")
-    if args.allow_changed and not args.resume:
-        raise UserError("--allow-changed only applies with --resume")
+    check_allow_changed(args, IDENTITY)
 
 
 def prompt_order(n: int, step: int, per_step: int, seed: int) -> list[int]:

@@ -15,8 +15,8 @@ import argparse
 import os
 
 from ..errors import UserError
-from .common import RUN_FILE, check_identity, copy_template, file_sha256, model_fingerprint, open_model_dir, \
-    write_json_atomic
+from .common import RUN_FILE, check_allow_changed, check_identity, copy_template, file_sha256, model_fingerprint, \
+    open_model_dir, write_json_atomic
 
 IDENTITY = {"model": "--model", "data": "--data", "seed": "--seed", "batch-size": "--batch-size",
             "seq-len": "--seq-len", "lr": "--lr", "warmup": "--warmup", "steps": "--steps"}
@@ -83,6 +83,7 @@ def run(args) -> int:
     args.allow_changed = []          # this command's settings are checked below, not dsv3 train's
     train_cli.check_args(args)
     args.allow_changed = allowed
+    check_allow_changed(args, IDENTITY)
     cfg, tokenizer, template = open_model_dir(args.model)
     from .chat import SFTDataset, encode_file
 
