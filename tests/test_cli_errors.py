@@ -492,3 +492,13 @@ def test_grpo_prompt_too_long_is_refused_before_overwrite_deletes_the_run(tmp_pa
     _one_line_error(capsys.readouterr().err, "grpo", "positions")
     assert sorted(os.listdir(run)) == ["metrics.jsonl"]
     assert (run / "metrics.jsonl").read_text() == '{"step": 1, "reward": 0.5}\n'
+
+
+def test_sft_records_cut_before_their_answer_are_refused(tmp_path, model_dir, capsys):
+    """A record whose assistant turn starts after --seq-len has no target: the run stopped at step 1 with
+    "loss became nan … the last checkpoint is kept in …" (there was none), not naming --seq-len."""
+    argv = _sft(tmp_path, model_dir)
+    argv[argv.index("--seq-len") + 1] = "16"
+    assert main(argv) == 2
+    _one_line_error(capsys.readouterr().err, "sft", "--seq-len 16")
+    assert not (tmp_path / "r").exists()

@@ -177,6 +177,19 @@ class SFTDataset:
             yield self.rows(list(range(b, min(b + batch_size, n))), extra)
 
 
+def check_targets(records: list[Encoded], seq_len: int, path: str, flag: str = "--data") -> None:
+    """Every record keeps an assistant token within the ``seq_len + 1`` tokens a row holds (a UserError
+    otherwise: a batch of such records has no target, and its loss is 0/0)."""
+    empty = [k for k, r in enumerate(records) if not any(r.mask[1:seq_len + 1])]
+    if empty:
+        first = records[empty[0]]
+        start = next((j for j, v in enumerate(first.mask) if v), len(first.mask))
+        others = f" and {len(empty) - 1} other(s)" if len(empty) > 1 else ""
+        raise UserError(f"--seq-len {seq_len}: {flag} {path} record {empty[0] + 1}{others}: no assistant token in "
+                        f"the first {seq_len + 1} tokens (record {empty[0] + 1}'s answer starts at token {start}), so "
+                        f"nothing to learn from; raise --seq-len or shorten those prompts")
+
+
 def encode_file(path: str, template, tokenizer, flag: str = "--data") -> list[Encoded]:
     out = []
     for k, msgs in enumerate(read_chat_file(path, flag)):

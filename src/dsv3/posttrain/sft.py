@@ -85,10 +85,13 @@ def run(args) -> int:
     args.allow_changed = allowed
     check_allow_changed(args, IDENTITY)
     cfg, tokenizer, template = open_model_dir(args.model)
-    from .chat import SFTDataset, encode_file
+    from .chat import SFTDataset, check_targets, encode_file
 
     train_records = encode_file(args.data, template, tokenizer, "--data")
+    check_targets(train_records, args.seq_len, args.data, "--data")
     val_records = encode_file(args.val_data, template, tokenizer, "--val-data") if args.val_data else None
+    if val_records:
+        check_targets(val_records, args.seq_len, args.val_data, "--val-data")
     tc = train_cli.train_config(args)
     try:
         tc.validate(cfg)
