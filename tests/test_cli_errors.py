@@ -99,6 +99,13 @@ def _sft(t, m) -> list[str]:
             "--seq-len", "48", "--no-progress", "--no-plots", "--device", "cpu"]
 
 
+def _sample(t, m) -> list[str]:
+    """A valid, quick ``dsv3 sample`` command line (one prompt, one sample of two tokens)."""
+    model = _broken_model(t, m, tokenizer_config__json={"eos_token": "!"})
+    return ["sample", "--model", model, "--prompts", _write(t / "p.jsonl", '{"prompt": "1+1=", "answer": "2"}\n'),
+            "--n", "1", "--max-new-tokens", "2", "--device", "cpu"]
+
+
 # (id, args builder(tmp_path, model_dir) -> argv, text the one line must contain)
 CASES = [
     # ---- info: config.json that is not what it should be
@@ -294,6 +301,12 @@ CASES = [
         t, m, tokenizer_config__json={"eos_token": "!"}), "--prompts", _write(t / "p.jsonl", '{"prompt": "x"}\n'),
         "--out", str(t / "r"), "--resume", "--allow-changed", "colour", "--steps", "1", "--group", "2",
         "--prompts-per-step", "1", "--max-new-tokens", "2", "--no-progress", "--no-plots"], "--allow-changed colour"),
+    # ---- sample --keep none writes nothing: the flags that shape what is written are refused
+    ("sample-keep-none-out", lambda t, m: _sample(t, m) + ["--keep", "none", "--out", str(t / "kept.jsonl")],
+     "--out only applies"),
+    ("sample-keep-none-dedup", lambda t, m: _sample(t, m) + ["--keep", "none", "--dedup"], "--dedup only applies"),
+    ("sample-keep-none-max-per-prompt", lambda t, m: _sample(t, m) + ["--keep", "none", "--max-per-prompt", "2"],
+     "--max-per-prompt only applies"),
     ("plan-yaml-python-tag", lambda t, m: ["plan", "--gpu", "g", "--hardware-file", _write(
         t / "hw.yaml", "g: !!python/object/apply:os.system ['echo pwned']\n")], "hw.yaml"),
     ("plan-hardware-entry-string", lambda t, m: ["plan", "--gpu", "g", "--hardware-file",

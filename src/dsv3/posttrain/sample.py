@@ -58,7 +58,13 @@ def check_args(args) -> None:
     check_finite("--top-p", args.top_p, lo=0, hi=1, lo_open=True)
     check_finite("--threshold", args.threshold)
     check_device("--device", args.device)
-    if args.keep != "none":
+    if args.keep == "none":
+        for flag, given in (("--out", args.out is not None), ("--dedup", args.dedup),
+                            ("--max-per-prompt", bool(args.max_per_prompt))):
+            if given:
+                raise UserError(f"{flag} only applies when samples are written (--keep correct or --keep all); "
+                                f"--keep none only reports the accuracy")
+    else:
         if not args.out:
             raise UserError(f"--keep {args.keep}: name the file to write with --out (or use --keep none)")
         check_output_file("--out", args.out)
