@@ -106,6 +106,18 @@ def _sample(t, m) -> list[str]:
             "--n", "1", "--max-new-tokens", "2", "--device", "cpu"]
 
 
+def _passkey(m) -> list[str]:
+    """A valid, quick ``dsv3 eval`` command line: one passkey prompt of 100 tokens."""
+    return ["eval", "--model", m, "--task", "passkey", "--lengths", "100", "--depths", "0.5", "--samples", "1",
+            "--device", "cpu"]
+
+
+def _tokenizer_sha(m) -> str:
+    from dsv3.data import Tokenizer
+
+    return Tokenizer.from_file(os.path.join(m, "tokenizer.json")).fingerprint()
+
+
 # (id, args builder(tmp_path, model_dir) -> argv, text the one line must contain)
 CASES = [
     # ---- info: config.json that is not what it should be
@@ -307,6 +319,15 @@ CASES = [
     ("sample-keep-none-dedup", lambda t, m: _sample(t, m) + ["--keep", "none", "--dedup"], "--dedup only applies"),
     ("sample-keep-none-max-per-prompt", lambda t, m: _sample(t, m) + ["--keep", "none", "--max-per-prompt", "2"],
      "--max-per-prompt only applies"),
+    # ---- eval: a flag none of the chosen tasks reads is refused; --out is checked before the evaluation
+    ("eval-max-length-passkey", lambda t, m: _passkey(m) + ["--max-length", "50"],
+     "--max-length only applies to --task ppl-by-position"),
+    ("eval-bucket-passkey", lambda t, m: _passkey(m) + ["--bucket", "8"], "--bucket only applies"),
+    ("eval-data-passkey", lambda t, m: _passkey(m) + ["--data", _token_dir(t)], "--data only applies"),
+    ("eval-samples-ppl", lambda t, m: ["eval", "--model", m, "--task", "ppl-by-position", "--max-length", "8",
+                                       "--windows", "1", "--data", _token_dir(t, sha=_tokenizer_sha(m)), "--samples",
+                                       "2"], "--samples only applies to --task passkey and niah"),
+    ("eval-out-missing-dir", lambda t, m: _passkey(m) + ["--out", str(t / "nowhere" / "r.json")], "--out"),
     ("plan-yaml-python-tag", lambda t, m: ["plan", "--gpu", "g", "--hardware-file", _write(
         t / "hw.yaml", "g: !!python/object/apply:os.system ['echo pwned']\n")], "hw.yaml"),
     ("plan-hardware-entry-string", lambda t, m: ["plan", "--gpu", "g", "--hardware-file",

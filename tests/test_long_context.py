@@ -355,7 +355,7 @@ def test_eval_cli_runs_and_writes_json_and_figures(model_dir, data_dir, tmp_path
     (["--task", "mmlu"], "--task 'mmlu': unknown task mmlu"),
     (["--depths", "0,1.5"], "--depths '0,1.5': depths must be in [0, 1]"),
     (["--lengths", "64,abc"], "--lengths '64,abc': expected comma-separated integers"),
-    (["--lengths", "8", "--task", "passkey"], "a passkey prompt needs at least"),
+    (["--lengths", "8", "--task", "passkey,niah"], "a passkey prompt needs at least"),
     (["--samples", "0"], "--samples 0: must be >= 1"),
     (["--max-length", "1"], "--max-length 1: must be >= 2"),
     (["--data", "NOWHERE"], "not a prepared token directory"),

@@ -18,6 +18,10 @@ import sys
 from ..errors import UserError, check_device, check_int
 
 TASKS = ("ppl-by-position", "passkey", "niah")
+# flags only some tasks read (refused when none of the chosen tasks does), and their defaults
+PPL_ONLY = ("max_length", "windows", "bucket")
+RETRIEVAL_ONLY = ("lengths", "depths", "samples")
+DEFAULTS = {"windows": 8, "lengths": "256,512,1024,2048,4096", "depths": "0,0.25,0.5,0.75,1", "samples": 4}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,12 +32,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prepared token directory for the held-out split (default: the data/ of the model's run)")
     p.add_argument("--max-length", type=int, default=None,
                    help="ppl-by-position: window length in tokens (default: the model's max_position_embeddings)")
-    p.add_argument("--windows", type=int, default=8, help="ppl-by-position: held-out windows to score")
+    p.add_argument("--windows", type=int, default=None,
+                   help=f"ppl-by-position: held-out windows to score (default {DEFAULTS['windows']})")
     p.add_argument("--bucket", type=int, default=None, help="ppl-by-position: positions per bucket (default L/32)")
-    p.add_argument("--lengths", default="256,512,1024,2048,4096",
-                   help="passkey/niah: prompt lengths in tokens, comma-separated")
-    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="passkey/niah: depths of the key in [0, 1]")
-    p.add_argument("--samples", type=int, default=4, help="passkey/niah: keys per (length, depth) cell")
+    p.add_argument("--lengths", default=None,
+                   help=f"passkey/niah: prompt lengths in tokens, comma-separated (default {DEFAULTS['lengths']})")
+    p.add_argument("--depths", default=None,
+                   help=f"passkey/niah: depths of the key in [0, 1] (default {DEFAULTS['depths']})")
+    p.add_argument("--samples", type=int, default=None,
+                   help=f"passkey/niah: keys per (length, depth) cell (default {DEFAULTS['samples']})")
     p.add_argument("--trained-length", type=int, default=None,
                    help="the length the model was pre-trained at (default: its rope_scaling's original "
                         "positions, else its run's --seq-len, else max_position_embeddings)")
@@ -79,6 +86,18 @@ def check_args(args) -> dict:
     bad = [t for t in tasks if t not in TASKS]
     if bad or not tasks:
         raise UserError(f"--task {args.task!r}: unknown task {', '.join(bad) or '(none)'}; choose from {', '.join(TASKS)}")
+    ppl, retrieval = "ppl-by-position" in tasks, bool({"passkey", "niah"} & set(tasks))
+    for names, used, which in ((PPL_ONLY, ppl, "ppl-by-position"), (RETRIEVAL_ONLY, retrieval, "passkey and niah")):
+        for name in names:
+            if getattr(args, name) is not None and not used:
+                raise UserError(f"--{name.replace('_', '-')} only applies to --task {which}; "
+                                f"--task {','.join(tasks)} does not read it")
+    if args.data is not None and not (ppl or "niah" in tasks):
+        raise UserError(f"--data only applies to --task ppl-by-position and niah (passkey builds its prompts "
+                        f"from the tokenizer); --task {','.join(tasks)} does not read it")
+    for name, value in DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     for flag in ("windows", "samples", "max_batch", "prefill_chunk"):
         check_int("--" + flag.replace("_", "-"), getattr(args, flag), lo=1)
     check_int("--seed", args.seed, lo=0, hi=2**63 - 1)
@@ -101,8 +120,9 @@ def check_args(args) -> dict:
     if args.data is not None and not os.path.exists(os.path.join(args.data, "index.json")):
         raise UserError(f"--data {args.data}: not a prepared token directory (no index.json); "
                         f"dsv3 train writes one to RUN/data")
-    if args.out is not None and os.path.isdir(args.out):
-        raise UserError(f"--out {args.out} is a directory; give a file name for the JSON results")
+    if args.out is not None:   # before the evaluation, not after it
+        from ..errors import check_output_file
+        check_output_file("--out", args.out)
     if args.plot is not None:
         from ..errors import check_writable_dir
         check_writable_dir("--plot", args.plot)
