@@ -328,6 +328,9 @@ CASES = [
                                        "--windows", "1", "--data", _token_dir(t, sha=_tokenizer_sha(m)), "--samples",
                                        "2"], "--samples only applies to --task passkey and niah"),
     ("eval-out-missing-dir", lambda t, m: _passkey(m) + ["--out", str(t / "nowhere" / "r.json")], "--out"),
+    ("eval-data-without-val-split", lambda t, m: ["eval", "--model", m, "--task", "ppl-by-position", "--max-length",
+                                                  "8", "--windows", "1", "--data", _token_dir(t, sha=_tokenizer_sha(m))],
+     "no 'val' split"),
     ("plan-yaml-python-tag", lambda t, m: ["plan", "--gpu", "g", "--hardware-file", _write(
         t / "hw.yaml", "g: !!python/object/apply:os.system ['echo pwned']\n")], "hw.yaml"),
     ("plan-hardware-entry-string", lambda t, m: ["plan", "--gpu", "g", "--hardware-file",
@@ -536,3 +539,18 @@ def test_sft_records_cut_before_their_answer_are_refused(tmp_path, model_dir, ca
     assert main(argv) == 2
     _one_line_error(capsys.readouterr().err, "sft", "--seq-len 16")
     assert not (tmp_path / "r").exists()
+
+
+def test_train_data_without_a_val_split_trains_without_validation(tmp_path, capsys):
+    """A prepared directory whose index.json has only a train split stopped with an internal KeyError."""
+    from dsv3.data import Tokenizer
+
+    data = _token_dir(tmp_path, tokens=400)
+    save_byte_level_tokenizer(data)
+    meta = json.load(open(os.path.join(data, "index.json")))
+    meta["tokenizer_sha256"] = Tokenizer.from_file(os.path.join(data, "tokenizer.json")).fingerprint()
+    _write(os.path.join(data, "index.json"), meta)
+    code = main(["train", "--out", str(tmp_path / "r"), "--data", data, "--config", _write(
+        tmp_path / "c.json", small_config(vocab_size=256, max_position_embeddings=64).to_hf()), "--steps", "1",
+        "--batch-size", "1", "--seq-len", "8", "--no-progress", "--no-plots", "--sample-prompt", "", "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err

@@ -345,6 +345,9 @@ class TokenDataset:
             raise ValueError(f"{self.path} was tokenised with a different tokenizer")
         self.dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
         self.vocab_size = int(self.meta["vocab_size"])
+        if split not in self.meta["splits"]:
+            raise ValueError(f"{self.path.rstrip('/')}/{INDEX} has no {split!r} split (its splits: "
+                             f"{', '.join(self.meta['splits'])})")
         shards = self.meta["splits"][split]["shards"]
         self._files = [f"{self.root}/{s['file']}" for s in shards]
         self._ends = np.cumsum([s["tokens"] for s in shards], dtype=np.int64)
