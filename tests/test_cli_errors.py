@@ -227,6 +227,8 @@ CASES = [
      "line 2"),
     ("plot-binary", lambda t, m: ["plot", os.path.dirname(_write(t / "run" / "metrics.jsonl", b"\xff\xfe\x00" * 9))],
      "metrics.jsonl"),
+    ("plot-moe-layers-number", lambda t, m: ["plot", os.path.dirname(_write(
+        t / "run" / "metrics.jsonl", '{"step": 1, "moe_layers": 5, "expert_load": [[1, 2]]}\n'))], "'moe_layers'"),
     ("plot-unwritable-out", lambda t, m: ["plot", os.path.dirname(_write(t / "run" / "metrics.jsonl",
                                                                          '{"step": 1, "loss": 2}\n')),
                                           "--out", os.path.join(_write(t / "afile", "x"), "plots")], "--out"),
@@ -554,3 +556,12 @@ def test_train_data_without_a_val_split_trains_without_validation(tmp_path, caps
         tmp_path / "c.json", small_config(vocab_size=256, max_position_embeddings=64).to_hf()), "--steps", "1",
         "--batch-size", "1", "--seq-len", "8", "--no-progress", "--no-plots", "--sample-prompt", "", "--device", "cpu"])
     assert code == 0, capsys.readouterr().err
+
+
+def test_plot_draws_mtp_loss_logged_on_some_rows_only(tmp_path, capsys):
+    """A run resumed with another MTP depth logs 'mtp' on some rows: the plot stopped with an internal
+    KeyError when the first row had it and a later one did not."""
+    run = tmp_path / "run"
+    _write(run / "metrics.jsonl", '{"step": 1, "loss": 2.0, "mtp": 2.5}\n{"step": 2, "loss": 1.5}\n')
+    assert main(["plot", str(run)]) == 0, capsys.readouterr().err
+    assert (run / "plots" / "loss.png").exists()

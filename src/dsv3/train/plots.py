@@ -10,7 +10,7 @@ def read_metrics(run_dir: str) -> list[dict]:
     """The rows of RUN/metrics.jsonl, checked: each a JSON object with an integer ``step`` and numbers where
     the plots read numbers (a UserError naming the file and line otherwise). A last line cut short by a
     killed process is skipped."""
-    from ..errors import UserError, iter_jsonl
+    from ..errors import UserError, iter_jsonl, json_kind
 
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isdir(run_dir):
@@ -33,6 +33,9 @@ def read_metrics(run_dir: str) -> list[dict]:
                 isinstance(r, list) and r and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in r)
                 for r in load)):
             raise UserError(f"{where}: 'expert_load' must be a list of per-layer lists of numbers")
+        names = rec.get("moe_layers")
+        if names is not None and not (isinstance(names, list) and all(isinstance(x, str) for x in names)):
+            raise UserError(f"{where}: 'moe_layers' must be a list of layer names, found {json_kind(names)}")
         rows.append(rec)
     if not rows:
         raise UserError(f"metrics file {path} holds no rows to plot")
@@ -70,8 +73,9 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train (next token)", lw=1)
-        if "mtp" in train[0]:
-            ax.plot([r["step"] for r in train], [r["mtp"] for r in train], label="train (MTP depth 1)", lw=1, alpha=0.7)
+        mtp = [r for r in train if "mtp" in r]   # a run resumed with another MTP depth logs it on some rows only
+        if mtp:
+            ax.plot([r["step"] for r in mtp], [r["mtp"] for r in mtp], label="train (MTP depth 1)", lw=1, alpha=0.7)
     if val:
         ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
     ax.set_xlabel("step"), ax.set_ylabel("cross-entropy (nats/token)"), ax.set_title("loss")
