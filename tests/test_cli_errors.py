@@ -140,6 +140,21 @@ CASES = [
      "num_hidden_layers"),
     ("config-nan", lambda t, m: ["info", "--config", _write(t / "c.json", json.dumps(TINY_HF)[:-1] +
                                                             ', "rope_theta": NaN}')], "NaN"),
+    ("config-init-negative", lambda t, m: ["info", "--config", _write(t / "c.json", {
+        **TINY_HF, "initializer_range": -0.02})], "initializer_range"),
+    ("train-config-init-negative", lambda t, m: ["train", "--out", str(t / "r"), "--config", _write(t / "c.json", {
+        **TINY_HF, "initializer_range": -0.02}), "--data", _write(t / "c.jsonl", '{"text": "def f(): pass"}\n' * 50),
+        "--steps", "1", "--seq-len", "8", "--batch-size", "1", "--no-progress", "--no-plots", "--device", "cpu"],
+     "initializer_range"),
+    ("config-topk-method-typo", lambda t, m: ["info", "--config", _write(t / "c.json", {
+        **TINY_HF, "topk_method": "noaux-tc"})], "topk_method"),
+    ("config-rope-not-interleaved", lambda t, m: ["info", "--config", _write(t / "c.json", {
+        **TINY_HF, "rope_interleave": False})], "rope_interleave = false"),
+    ("config-rope-interleave-string", lambda t, m: ["info", "--config", _write(t / "c.json", {
+        **TINY_HF, "rope_interleave": "no"})], "rope_interleave"),
+    ("generate-rope-not-interleaved", lambda t, m: ["generate", "--prompt", "x", "--model", _broken_model(
+        t, m, config__json={**json.load(open(os.path.join(m, "config.json"))), "rope_interleave": False})],
+     "rope_interleave"),
     ("config-binary", lambda t, m: ["info", "--config", _write(t / "c.json", b"\x00\xff\xfe" * 50)], "c.json"),
     ("config-not-a-config", lambda t, m: ["info", "--config", _write(t / "c.json", {"foo": 1})], "model config"),
     ("config-missing", lambda t, m: ["info", "--config", str(t / "nope.json")], "nope.json"),

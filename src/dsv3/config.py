@@ -131,6 +131,10 @@ class ModelConfig:
             raise bad("hidden_act", "only 'silu' (SwiGLU) is supported")
         if self.scoring_func not in ("sigmoid", "softmax"):
             raise bad("scoring_func", "must be 'sigmoid' or 'softmax'")
+        if self.topk_method not in TOPK_METHODS:   # any other name was taken as a V2-style gate without a word
+            raise bad("topk_method", "must be " + ", ".join(repr(m) for m in TOPK_METHODS))
+        if self.initializer_range < 0:
+            raise bad("initializer_range", "must be >= 0 (the standard deviation of the initial weights)")
         if self.first_k_dense_replace > self.num_hidden_layers:
             raise bad("first_k_dense_replace", f"exceeds num_hidden_layers ({self.num_hidden_layers})")
         if self.num_moe_layers > 0:
@@ -255,6 +259,15 @@ class ModelConfig:
             raise ValueError("this does not look like a model config: none of its keys is one of "
                              "vocab_size, hidden_size, num_hidden_layers, … and it has no model_type")
         _check_hf_types(hf)
+        if "rope_interleave" in hf:   # transformers: false means the half-split RoPE layout, which we do not run
+            from .errors import json_kind
+
+            if not isinstance(hf["rope_interleave"], bool):
+                raise ValueError(f"rope_interleave = {json.dumps(hf['rope_interleave'])[:60]}: must be true or "
+                                 f"false, found {json_kind(hf['rope_interleave'])}")
+            if not hf["rope_interleave"]:
+                raise ValueError("rope_interleave = false: only DeepSeek's interleaved RoPE layout (true, the "
+                                 "default) is supported; these weights expect the half-split one")
         kwargs: dict[str, Any] = {}
         defaulted: dict[str, Any] = {}
         for k in _HF_SCALAR_KEYS:
@@ -371,6 +384,7 @@ _INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermedia
                "n_group", "topk_group", "num_nextn_predict_layers", "max_position_embeddings", "bos_token_id",
                "eos_token_id", "pad_token_id")
 _NULLABLE_INTS = ("q_lora_rank", "bos_token_id", "eos_token_id", "pad_token_id")
+TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")   # DeepSeek-V3's, and V2's two
 _FLOAT_FIELDS = ("routed_scaling_factor", "rms_norm_eps", "rope_theta", "initializer_range")
 _BOOL_FIELDS = ("norm_topk_prob", "tie_word_embeddings")
 _STR_FIELDS = ("scoring_func", "topk_method", "hidden_act")
