@@ -348,6 +348,10 @@ CASES = [
     ("eval-data-without-val-split", lambda t, m: ["eval", "--model", m, "--task", "ppl-by-position", "--max-length",
                                                   "8", "--windows", "1", "--data", _token_dir(t, sha=_tokenizer_sha(m))],
      "no 'val' split"),
+    ("plan-serve-price", lambda t, m: ["plan", "--mode", "serve", "--price", "5"],
+     "--price only applies to --mode train"),
+    ("plan-routing-groups-no-limit", lambda t, m: ["plan", "--routing-groups", "2", "--no-node-limit"],
+     "--routing-groups 2 and --no-node-limit"),
     ("plan-yaml-python-tag", lambda t, m: ["plan", "--gpu", "g", "--hardware-file", _write(
         t / "hw.yaml", "g: !!python/object/apply:os.system ['echo pwned']\n")], "hw.yaml"),
     ("plan-hardware-entry-string", lambda t, m: ["plan", "--gpu", "g", "--hardware-file",

@@ -72,7 +72,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # flags that only one --mode reads (the rest apply to both)
 SERVE_ONLY = ("unit", "no_mtp")
 TRAIN_ONLY = ("gpus", "pp", "ep", "tp", "tokens", "seq_len", "batch_size", "micro_batch_size", "microbatches",
-              "precision", "schedule", "recompute", "zero", "routing_groups", "no_node_limit", "layer_split")
+              "precision", "schedule", "recompute", "zero", "routing_groups", "no_node_limit", "layer_split",
+              "price")    # serving plans report throughput, not dollars
 
 
 def _mode_mismatch(args) -> str | None:
@@ -96,6 +97,9 @@ def check_args(args) -> None:
         what = ("plans the report's prefill and decode units (choose with --unit)" if args.mode == "serve"
                 else "plans a training run")
         raise UserError(f"{flag} only applies to --mode {other}; --mode {args.mode} {what}")
+    if args.no_node_limit and args.routing_groups is not None:
+        raise UserError(f"--routing-groups {args.routing_groups} and --no-node-limit contradict each other: "
+                        f"--no-node-limit lets a token use every group")
     if args.price is not None:
         check_finite("--price", args.price, lo=0)
     if args.micro_batch_size is not None:
