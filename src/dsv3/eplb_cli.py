@@ -43,8 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="expert groups; hierarchical policy when G is a multiple of --nodes")
     parser.add_argument("--nodes", type=int, required=True, metavar="M", help="server nodes")
     parser.add_argument("--gpus", type=int, required=True, metavar="K", help="GPUs (a multiple of --nodes)")
-    parser.add_argument("--layer", type=int, default=0, metavar="I",
-                        help="layer whose per-GPU experts are listed and drawn as bars (default 0)")
+    parser.add_argument("--layer", type=int, default=None, metavar="I",
+                        help="layer whose per-GPU experts are listed and drawn as bars (default 0); not with "
+                             "--json alone, which prints every layer")
     parser.add_argument("--json", action="store_true", help="print the placement and numbers as JSON")
     parser.add_argument("--plot", metavar="FILE", help="draw GPU loads before/after to this image (.png, .svg, .pdf)")
 
@@ -52,12 +53,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def load_loads(path: str | Path) -> torch.Tensor:
     """Read a loads file into a float64 tensor [layers, experts]."""
     p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"loads file {path} is a directory, not a file")
     if not p.is_file():
         raise FileNotFoundError(f"loads file not found: {path}")
     suffix = p.suffix.lower()
     try:
         if suffix == ".json":
             data = json.loads(read_text(p, "loads file"))
+            _check_numbers(data, path)
         elif suffix == ".csv":
             rows = [r for r in csv.reader(read_text(p, "loads file").splitlines()) if any(c.strip() for c in r)]
             skip = 1 if rows and _header(rows[0]) else 0
@@ -83,7 +87,7 @@ def load_loads(path: str | Path) -> torch.Tensor:
             raise ValueError(f"unsupported loads file type {suffix or '(none)'!r}: use one of {', '.join(SUFFIXES)}")
         arr = np.asarray(data, dtype=np.float64)
     except ValueError as e:
-        if "unsupported loads file" in str(e) or "weights_only" in str(e):
+        if isinstance(e, UserError) or "unsupported loads file" in str(e) or "weights_only" in str(e):
             raise
         raise ValueError(f"{path}: cannot read loads as a numeric [layers, experts] array ({e})") from None
     except (TypeError, OSError, RuntimeError, EOFError) as e:  # torch/numpy/json on a broken file
@@ -95,6 +99,19 @@ def load_loads(path: str | Path) -> torch.Tensor:
     if arr.shape[0] == 0 or arr.shape[1] == 0:
         raise ValueError(f"{path}: holds no loads (need at least one layer and one expert, got shape {arr.shape})")
     return torch.from_numpy(arr)
+
+
+def _check_numbers(data, path) -> None:
+    """Every leaf of a JSON loads file is a number (numpy would read "4" as 4 and true as 1)."""
+    from .errors import json_kind
+
+    stack = [data]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise UserError(f"{path}: loads must be numbers, found {json_kind(v)}")
 
 
 def _header(row) -> bool:
@@ -244,6 +261,8 @@ def run(args: argparse.Namespace) -> int:
     check_int("--groups", args.groups, lo=1, hi=MAX_REPLICAS)
     if args.plot is not None:
         check_image_file("--plot", args.plot)
+    if args.layer is not None and args.json and args.plot is None:
+        raise UserError(f"--layer {args.layer} only applies to the text listing and --plot; --json prints every layer")
     weight = load_loads(args.loads)
     if weight.numel() > MAX_LOADS:
         raise UserError(f"--loads {args.loads}: {weight.shape[0]} layers x {weight.shape[1]} experts is more "
@@ -252,6 +271,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--loads {args.loads}: loads must be finite and non-negative")
     if not torch.isfinite(weight.sum(-1)).all():
         raise UserError(f"--loads {args.loads}: loads so large that a layer's total overflows; scale them down")
+    if args.layer is None:
+        args.layer = 0
     if not 0 <= args.layer < weight.shape[0]:
         raise ValueError(f"--layer must be in [0, {weight.shape[0]}), got {args.layer}")
     try:
