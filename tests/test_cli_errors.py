@@ -215,6 +215,10 @@ CASES = [
     ("generate-top-p", lambda t, m: ["generate", "--prompt", "x", "--model", m, "--top-p", "0"], "--top-p"),
     ("generate-temperature-nan", lambda t, m: ["generate", "--prompt", "x", "--model", m, "--temperature", "nan"],
      "--temperature"),
+    ("generate-fp8-keep-bf16-model", lambda t, m: ["generate", "--prompt", "x", "--model", m, "--fp8", "keep",
+                                                   "--max-new-tokens", "2"], "--fp8 keep"),
+    ("generate-fp8-weight-only-bf16-model", lambda t, m: ["generate", "--prompt", "x", "--model", m, "--fp8",
+                                                          "weight-only", "--max-new-tokens", "2"], "not an FP8"),
     ("generate-memory", lambda t, m: ["generate", "--prompt", "x", "--model", m, "--memory-limit", "1e-6"],
      "needs about"),
     # ---- serve (everything is checked before a socket or an engine starts)

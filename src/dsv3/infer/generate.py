@@ -116,6 +116,17 @@ def check_weights_fit(model_dir: str, cfg, device: str, fp8: str, memory_limit: 
                memory_limit, f"{command} {model_dir}")
 
 
+def check_fp8_flag(fp8: str, cfg, model_dir: str) -> None:
+    """``--fp8 keep``/``weight-only`` ask for E4M3 weights to be kept: refused (UserError) for a checkpoint
+    that has none, where they would change nothing."""
+    from ..errors import UserError
+    from ..hf import _is_fp8_config
+
+    if fp8 in ("keep", "weight-only") and not _is_fp8_config(cfg.quantization_config):
+        raise UserError(f"--fp8 {fp8}: {model_dir} is not an FP8 checkpoint (its config.json has no FP8 "
+                        f"quantization_config), so there are no E4M3 weights to keep; dsv3 quantize writes one")
+
+
 def add_fp8_argument(p: argparse.ArgumentParser) -> None:
     """``--fp8 {auto,keep,weight-only,dequant}`` (generate and serve)."""
     p.add_argument("--fp8", default="auto", choices=FP8_MODES,
@@ -168,6 +179,7 @@ def run(args) -> int:
 
     check_args(args)
     cfg = check_model_dir(args.model)
+    check_fp8_flag(getattr(args, "fp8", "auto"), cfg, args.model)
     check_weights_fit(args.model, cfg, args.device, getattr(args, "fp8", "auto"), args.memory_limit, "generate")
     if cfg.defaulted:
         print(f"dsv3 generate: warning: {args.model}/config.json lacks keys that take transformers' defaults: "
