@@ -597,3 +597,39 @@ def test_plot_draws_mtp_loss_logged_on_some_rows_only(tmp_path, capsys):
     _write(run / "metrics.jsonl", '{"step": 1, "loss": 2.0, "mtp": 2.5}\n{"step": 2, "loss": 1.5}\n')
     assert main(["plot", str(run)]) == 0, capsys.readouterr().err
     assert (run / "plots" / "loss.png").exists()
+
+
+@pytest.fixture
+def run_with_data(tmp_path):
+    """A run directory holding only data/, prepared from a.jsonl (a run stopped after preparing it), and the
+    config of a model that fits it."""
+    from dsv3.data import prepare
+
+    corpus = _write(tmp_path / "a.jsonl", "".join(json.dumps({"text": f"def f{i}(x):\n    return x + {i}\n"}) + "\n"
+                                                  for i in range(60)))
+    prepare(corpus, str(tmp_path / "r" / "data"), vocab_size=280, progress=False)
+    config = _write(tmp_path / "c.json", small_config(vocab_size=280, max_position_embeddings=64).to_hf())
+    return tmp_path / "r", config
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--data", "{dir}/b.jsonl"], "already holds the tokens of another corpus"),
+    (["--data", "{dir}/a.jsonl", "--max-data-bytes", "100"], "--max-data-bytes 100"),
+    (["--data", "{dir}/a.jsonl", "--tokenizer", "{dir}/tok.json"], "--tokenizer"),
+    (["--data", "{dir}/r/data", "--max-data-bytes", "100"], "--max-data-bytes only applies to a corpus"),
+])
+def test_train_does_not_ignore_what_to_prepare(run_with_data, extra, needle, capsys):
+    """RUN/data was reused whatever --data, --max-data-bytes or --tokenizer said (--overwrite keeps it too):
+    a run on b.jsonl silently trained on a.jsonl's tokens."""
+    run, config = run_with_data
+    d = os.path.dirname(str(run))
+    _write(os.path.join(d, "b.jsonl"), '{"text": "something else entirely"}\n' * 40)
+    save_byte_level_tokenizer(d)
+    os.replace(os.path.join(d, "tokenizer.json"), os.path.join(d, "tok.json"))
+    before = sorted(os.listdir(run))
+    argv = ["train", "--out", str(run), "--config", config, "--steps", "1", "--batch-size", "1", "--seq-len", "8",
+            "--no-progress", "--no-plots", "--sample-prompt", "", "--device", "cpu", "--eval-batches", "1",
+            *[a.format(dir=d) for a in extra]]
+    assert main(argv) == 2
+    _one_line_error(capsys.readouterr().err, "train", needle)
+    assert sorted(os.listdir(run)) == before

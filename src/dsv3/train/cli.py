@@ -298,6 +298,56 @@ def check_run_dir(args) -> None:
                            f"{args.steps} would replace it: pass --overwrite to allow that (or move final/ away)")
 
 
+def _is_prepared(data: str) -> bool:
+    """--data names a prepared token directory (its index.json exists), not a corpus to prepare."""
+    import fsspec
+
+    if data == "builtin":
+        return False
+    fs, root = fsspec.core.url_to_fs(data)
+    return fs.exists(root.rstrip("/") + "/index.json")
+
+
+def check_run_data(args) -> None:
+    """Read-only, before --out changes: the flags that say what to prepare are not ignored. A prepared --data
+    takes no --max-data-bytes; a corpus whose tokens RUN/data already holds (an earlier run, or one stopped
+    after preparing them, which --overwrite keeps) is reused only when it is the same corpus, and the same
+    --max-data-bytes and --tokenizer when those are given."""
+    from ..data.dataset import _describe
+
+    if _is_prepared(args.data):
+        if args.max_data_bytes is not None:
+            raise CLIError(f"--max-data-bytes only applies to a corpus to prepare; --data {args.data} is already "
+                           f"tokenised")
+        return
+    out_data = os.path.join(args.out, "data")
+    try:
+        with open(os.path.join(out_data, "index.json")) as f:
+            meta = json.load(f)
+        source = meta["source"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return     # nothing prepared there (or not readable: the dataset reports it)
+    same = source == _describe(None if args.data == "builtin" else args.data)
+    if not same and args.data != "builtin" and "://" not in args.data:   # another spelling of the same path
+        try:
+            with open(os.path.join(args.out, RUN_FILE)) as f:
+                same = json.load(f)["data"]["source"] == os.path.abspath(args.data)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    how = "delete it to prepare the data again, or give the settings it was prepared with"
+    if not same:
+        raise CLIError(f"--data {args.data}: {out_data} already holds the tokens of another corpus ({source[:120]}); "
+                       f"{how}")
+    if args.max_data_bytes is not None and meta.get("max_bytes") != args.max_data_bytes:
+        raise CLIError(f"--max-data-bytes {args.max_data_bytes}: {out_data} was prepared with "
+                       f"{meta.get('max_bytes') or 'no'} --max-data-bytes; {how}")
+    if args.tokenizer:
+        from ..data import Tokenizer
+
+        if Tokenizer.from_file(args.tokenizer).fingerprint() != meta.get("tokenizer_sha256"):
+            raise CLIError(f"--tokenizer {args.tokenizer}: {out_data} was prepared with another tokenizer; {how}")
+
+
 def _prepare_run_dir(args) -> None:
     """Rank 0: with --overwrite (and no --resume) delete the previous run; check --out is writable."""
     out = args.out
@@ -493,6 +543,7 @@ def run(args) -> int:
     tc = train_config(args, init_from=resolve_source(args.from_)[0] if args.from_ else "")
     tc.validate(cfg)
     check_run_dir(args)
+    check_run_data(args)
     from .watchdog import Heartbeat, init_distributed, is_timeout, timeout_message
 
     device = pick_device(args.device)
