@@ -200,6 +200,10 @@ VALIDATION = [
     ({"rope_scaling": {"type": "yarn", "factor": 2.0}}, "rope_scaling"),   # no original length
     ({"rope_scaling": {"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 0}}, "rope_scaling"),
     ({"quantization_config": {"quant_method": "fp8", "weight_block_size": [128]}}, "quantization_config"),
+    ({"quantization_config": {"quant_method": "awq", "bits": 4}}, "quant_method"),   # not read as BF16 weights
+    ({"quantization_config": {"quant_method": "fp8", "fmt": "e5m2"}}, "fmt"),
+    ({"eos_token_id": 2048}, "eos_token_id"),                   # the tiny vocabulary has 2048 tokens
+    ({"bos_token_id": 10**6}, "bos_token_id"),
 ]
 
 

@@ -106,6 +106,10 @@ class ModelConfig:
             v = getattr(self, name)
             if v is not None and v < 0:
                 raise bad(name, "must be a non-negative token id or null")
+        for name in ("bos_token_id", "eos_token_id"):   # generation could never start or stop on it
+            v = getattr(self, name)
+            if v is not None and isinstance(self.vocab_size, int) and v >= self.vocab_size:
+                raise bad(name, f"is not a token of the vocabulary (vocab_size {self.vocab_size})")
         for name in ("rope_scaling", "quantization_config"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
                 raise bad(name, "must be an object {…} or null")
@@ -163,7 +167,15 @@ class ModelConfig:
             if rs["original_max_position_embeddings"] <= 0:
                 raise ValueError("ModelConfig.rope_scaling['original_max_position_embeddings'] must be > 0")
         if self.quantization_config is not None:
-            block = self.quantization_config.get("weight_block_size", [128, 128])
+            qc = self.quantization_config
+            # any other scheme (AWQ, GPTQ, bitsandbytes, …) stores weights dsv3 would misread as BF16 ones
+            if qc.get("quant_method", "fp8") != "fp8":
+                raise ValueError(f"ModelConfig.quantization_config['quant_method'] = {qc['quant_method']!r}: dsv3 "
+                                 "loads BF16/FP32 checkpoints and DeepSeek's FP8 ones ('fp8', E4M3 with block scales)")
+            if qc.get("fmt", "e4m3") != "e4m3":
+                raise ValueError(f"ModelConfig.quantization_config['fmt'] = {qc['fmt']!r}: only 'e4m3' FP8 weights "
+                                 "are supported")
+            block = qc.get("weight_block_size", [128, 128])
             if (not isinstance(block, (list, tuple)) or len(block) != 2
                     or any(isinstance(b, bool) or not isinstance(b, int) or b <= 0 for b in block)):
                 raise ValueError(f"ModelConfig.quantization_config['weight_block_size'] = {block!r}: "

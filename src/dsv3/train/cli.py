@@ -154,14 +154,6 @@ def check_args(args) -> None:
     if world % args.pp:   # before any data is prepared (the trainer says the same)
         raise CLIError(f"--pp {args.pp} must divide the number of processes ({world}); run under torchrun "
                        f"--nproc-per-node {args.pp} (or a multiple)")
-    # what the trainer checks too, but only after the data is prepared and --out (--overwrite: emptied)
-    dp = world // args.pp
-    if dp % args.ep:
-        raise CLIError(f"--ep {args.ep} must divide the data-parallel ranks of a stage ({dp} = {world} processes / "
-                       f"--pp {args.pp}); run under torchrun --nproc-per-node {args.ep * args.pp} (or a multiple)")
-    if args.batch_size % (dp * args.grad_accum):
-        raise CLIError(f"--batch-size {args.batch_size} must be divisible by data-parallel world size × "
-                       f"--grad-accum ({dp} × {args.grad_accum})")
     check_device("--device", args.device)
     check_finite("--dist-timeout", args.dist_timeout, lo=0, lo_open=True)
     if args.memory_limit is not None:
@@ -277,6 +269,20 @@ def _exported_step(out: str) -> int | None:
     except (OSError, ValueError, AttributeError):
         return None
     return step if isinstance(step, int) else None
+
+
+def check_layout(args) -> None:
+    """What the trainer checks too, but only after the data is prepared and --out (--overwrite: emptied);
+    after ``TrainConfig.validate``, so that a layout the model cannot take (--ep not dividing its experts)
+    is named before one this launch cannot (too few processes)."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    dp = world // args.pp
+    if dp % args.ep:
+        raise CLIError(f"--ep {args.ep} must divide the data-parallel ranks of a stage ({dp} = {world} processes / "
+                       f"--pp {args.pp}); run under torchrun --nproc-per-node {args.ep * args.pp} (or a multiple)")
+    if args.batch_size % (dp * args.grad_accum):
+        raise CLIError(f"--batch-size {args.batch_size} must be divisible by data-parallel world size × "
+                       f"--grad-accum ({dp} × {args.grad_accum})")
 
 
 def check_run_dir(args) -> None:
@@ -542,6 +548,7 @@ def run(args) -> int:
     cfg = _model_config(args)
     tc = train_config(args, init_from=resolve_source(args.from_)[0] if args.from_ else "")
     tc.validate(cfg)
+    check_layout(args)
     check_run_dir(args)
     check_run_data(args)
     from .watchdog import Heartbeat, init_distributed, is_timeout, timeout_message
