@@ -633,3 +633,14 @@ def test_train_does_not_ignore_what_to_prepare(run_with_data, extra, needle, cap
     assert main(argv) == 2
     _one_line_error(capsys.readouterr().err, "train", needle)
     assert sorted(os.listdir(run)) == before
+
+
+def test_grpo_says_when_the_context_cuts_max_new_tokens(tmp_path, model_dir, capsys):
+    """--max-new-tokens beyond the room the context leaves after the longest prompt was cut without a word."""
+    model = _broken_model(tmp_path, model_dir, tokenizer_config__json={"eos_token": "!"})
+    prompts = _write(tmp_path / "p.jsonl", json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n")
+    assert main(["grpo", "--model", model, "--prompts", prompts, "--out", str(tmp_path / "r"), "--steps", "1",
+                 "--group", "2", "--prompts-per-step", "1", "--max-new-tokens", "100000", "--no-progress",
+                 "--no-plots"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --max-new-tokens 100000" in err and "completions stop after" in err, err

@@ -211,6 +211,9 @@ class GRPO:
         longest = check_prompt_lengths(self.prompts, cfg)
         ctx = cfg.max_position_embeddings
         self.max_new = min(args.max_new_tokens, ctx - longest - 1)
+        if self.max_new < args.max_new_tokens:
+            print(f"dsv3 grpo: warning: --max-new-tokens {args.max_new_tokens}: the model has {ctx} positions and the "
+                  f"longest prompt takes {longest}, so completions stop after {self.max_new} tokens", file=sys.stderr)
         n = args.group * args.prompts_per_step
         start = load_weights(args.model)
         cfg = start.cfg
