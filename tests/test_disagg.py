@@ -151,6 +151,52 @@ def test_a_mismatched_prefill_server_is_a_503(pair):
     assert e.value.status == 503 and e.value.code == "prefill_unavailable" and "401" in str(e.value)
 
 
+@pytest.fixture(scope="module")
+def narrow(pair, tmp_path_factory):
+    """A prefill server whose cache pool holds 4 blocks (256 positions) and a decode server with the
+    whole context (320): the deployment takes prompts the decode server alone could."""
+    tmp = tmp_path_factory.mktemp("narrow")
+    cache = str(tmp / "kv")
+    pp, dp = free_port(), free_port()
+    pre = _serve(pair["dir"], pp, tmp / "prefill.log", "--role", "prefill", "--prefix-cache", cache,
+                 "--cache-memory", "0.00007")
+    dec = _serve(pair["dir"], dp, tmp / "decode.log", "--role", "decode", "--prefix-cache", cache,
+                 "--prefill-url", f"http://127.0.0.1:{pp}")
+    try:
+        wait_healthy(f"http://127.0.0.1:{pp}", pre, tmp / "prefill.log", 120, "the prefill server")
+        wait_healthy(f"http://127.0.0.1:{dp}", dec, tmp / "decode.log", 120, "the decode server")
+        yield dict(prefill=f"http://127.0.0.1:{pp}", decode=f"http://127.0.0.1:{dp}", procs=(pre, dec),
+                   logs=(tmp / "prefill.log", tmp / "decode.log"))
+    finally:
+        for p in (dec, pre):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in (dec, pre):
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def test_a_prompt_the_prefill_server_cannot_hold_is_a_400_naming_the_field(pair, narrow):
+    c = openai.OpenAI(base_url=narrow["decode"] + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    name = c.models.list().data[0].id
+    for call, param in ((lambda: c.completions.create(model=name, prompt="y" * 280, max_tokens=4, temperature=0),
+                         "prompt"),
+                        (lambda: c.chat.completions.create(model=name, messages=[{"role": "user", "content": "y" * 280}],
+                                                           max_tokens=4, temperature=0), "messages")):
+        with pytest.raises(openai.BadRequestError) as e:
+            call()
+        err = e.value.body
+        assert err["code"] == "context_length_exceeded" and err["param"] == param, err
+        assert "prefill server" in err["message"] and "256" in err["message"], err
+        assert e.value.response.json()["error"]["type"] == "invalid_request_error"
+    # a prompt both can hold is served, and the decode server keeps serving
+    r = c.completions.create(model=name, prompt="y" * 150, max_tokens=4, temperature=0)
+    assert r.choices[0].text == _greedy(pair, "y" * 150, 4)
+    assert _health(narrow["decode"])["status"] == "ok"
+
+
 def test_without_the_prefill_server_long_prompts_get_503_short_ones_are_served(pair):
     pre, _ = pair["procs"]
     pre.send_signal(signal.SIGTERM)

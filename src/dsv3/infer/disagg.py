@@ -81,7 +81,9 @@ class RemotePrefill:
         self.client = httpx.AsyncClient(timeout=timeout, headers=headers)
         self.requests = self.prompt_tokens = 0
 
-    async def __call__(self, prompts: list[list[int]]) -> None:
+    async def __call__(self, prompts: list[list[int]], param: str = "prompt") -> None:
+        """``param``: the client's field the prompts came from, named in a 400 when the prefill server
+        cannot take a prompt this server could (its context or cache pool is smaller)."""
         import httpx
 
         from .openai_protocol import APIError
@@ -95,6 +97,13 @@ class RemotePrefill:
             raise APIError(503, f"the prefill server {self.url} cannot be reached: {type(e).__name__}: {e}",
                            code="prefill_unavailable") from None
         if r.status_code != 200:
+            theirs = _error_of(r)
+            if r.status_code == 400 and theirs.get("code") == "context_length_exceeded":
+                # the request fits this server but not the prefill server: the deployment's limit is
+                # the smaller one, and the client's prompt is what exceeds it
+                raise APIError(400, f"{param}: too long for this deployment's prefill server, whose context or "
+                                    f"cache pool is smaller than this server's: {theirs.get('message')}",
+                               param=param, code="context_length_exceeded")
             raise APIError(503, f"the prefill server {self.url} answered {r.status_code}: {r.text[:300]}",
                            code="prefill_unavailable")
         theirs = r.json().get("prefix_cache")
@@ -109,12 +118,21 @@ class RemotePrefill:
         await self.client.aclose()
 
 
+def _error_of(response) -> dict:
+    """The ``error`` object of an answer in OpenAI's error shape ({} for anything else)."""
+    try:
+        err = response.json().get("error")
+    except (ValueError, AttributeError):
+        return {}
+    return err if isinstance(err, dict) else {}
+
+
 async def prefill_route(st, request) -> dict:
     """``POST /internal/prefill`` ``{"prompts": [[token ids], …]}`` (the prefill server): run each prompt
     through the engine (one greedy token, which is discarded) so its full blocks are written to the
     prefix cache, and answer once they are: ``{"prefix_cache": layout, "prompt_tokens": n}``."""
     from .generation_stream import GenerationStream
-    from .openai_protocol import check
+    from .openai_protocol import APIError, check
     from .sampling import SamplingParams
     from .server import read_json, run_whole, start_all
 
@@ -124,6 +142,11 @@ async def prefill_route(st, request) -> dict:
     check(isinstance(prompts, list) and prompts and len(prompts) <= 64
           and all(isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
                   for p in prompts), "prompts: a list of 1 … 64 non-empty token-id lists", "prompts")
+    for i, p in enumerate(prompts):                  # one token is computed after each prompt
+        if len(p) >= st.max_len:
+            raise APIError(400, f"prompts[{i}] has {len(p)} tokens; this prefill server takes prompts of at most "
+                                f"{st.max_len - 1} (its context or cache pool holds {st.max_len} positions)",
+                           param="prompts", code="context_length_exceeded")
     gens = [GenerationStream(st.worker, st.tb, k, p, 1, SamplingParams(0.0), 0, [], set(), hide_output=True)
             for k, p in enumerate(prompts)]
     queue = start_all(st, gens, "prompts")

@@ -231,7 +231,7 @@ async def prefill_and_start(st: ServerState, gens: list, prompt_param: str) -> a
     """With ``--role decode``, have the prefill server put the prompts' blocks in the shared cache first
     (503 if it cannot); then :func:`start_all`."""
     if st.remote_prefill is not None:
-        await st.remote_prefill(list({tuple(g.prompt): g.prompt for g in gens}.values()))
+        await st.remote_prefill(list({tuple(g.prompt): g.prompt for g in gens}.values()), prompt_param)
         st.check_serving()
     return start_all(st, gens, prompt_param)
 
