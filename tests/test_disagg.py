@@ -216,6 +216,8 @@ def test_without_the_prefill_server_long_prompts_get_503_short_ones_are_served(p
     (["--role", "prefill"], "--role prefill: needs --prefix-cache"),
     (["--prefill-url", "http://127.0.0.1:1"], "--prefill-url needs --role decode"),
     (["--role", "prefill", "--prefix-cache", "{tmp}", "--prefill-url", "http://x:1"], "--prefill-url: only for"),
+    (["--role", "prefill", "--prefix-cache", "{tmp}", "--prefill-timeout", "5"], "--prefill-timeout: only for"),
+    (["--prefill-timeout", "600"], "--prefill-timeout needs --role decode"),
     (["--role", "decode", "--prefix-cache", "{tmp}", "--prefill-url", "localhost:8001"], "expected http://host:port"),
     (["--role", "decode", "--prefix-cache", "{tmp}", "--prefill-url", "http://x:1", "--prefill-timeout", "0"],
      "--prefill-timeout 0.0: must be a positive"),

@@ -347,6 +347,8 @@ def test_serve_under_torchrun(served_dir, tmp_path, world, flags):
     ({"WORLD_SIZE": "2"}, ["--ep", "2", "--dist-timeout", "0"], "--dist-timeout 0.0: must be a positive"),
     ({}, ["--redundant-experts", "2"], "--redundant-experts needs --ep N"),
     ({}, ["--rebalance-interval", "10"], "--rebalance-interval needs --ep N"),
+    ({}, ["--dist-timeout", "30"], "--dist-timeout needs --ep N"),
+    ({}, ["--dist-timeout", "600"], "--dist-timeout needs --ep N"),
     ({"WORLD_SIZE": "2"}, ["--ep", "2", "--redundant-experts", "3"], "--redundant-experts 3: must be a non-negative multiple"),
     ({"WORLD_SIZE": "2"}, ["--ep", "2", "--redundant-experts", "10"], "would put two replicas of one expert"),
     ({"WORLD_SIZE": "2"}, ["--ep", "2", "--rebalance-interval", "soon"], "--rebalance-interval soon: a positive number"),

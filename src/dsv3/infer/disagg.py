@@ -32,7 +32,7 @@ def add_role_arguments(p) -> None:
                         "decode server; 'decode' (with --prefill-url) has them prefilled there first")
     p.add_argument("--prefill-url", default=None, metavar="URL",
                    help="with --role decode: the prefill server's base URL (http://host:port)")
-    p.add_argument("--prefill-timeout", type=float, default=600.0, metavar="S",
+    p.add_argument("--prefill-timeout", type=float, default=None, metavar="S",
                    help="with --role decode: seconds a prompt may take on the prefill server (default 600)")
 
 
@@ -43,21 +43,25 @@ def check_role_args(args) -> None:
 
     if args.role is None:
         for flag, given in (("--prefill-url", args.prefill_url is not None),
-                            ("--prefill-timeout", args.prefill_timeout != 600.0)):
+                            ("--prefill-timeout", args.prefill_timeout is not None)):
             if given:
                 raise ValueError(f"{flag} needs --role decode")
         return
     if not args.prefix_cache:
         raise ValueError(f"--role {args.role}: needs --prefix-cache PATH, the cache both servers share")
     if args.role == "prefill":
-        if args.prefill_url is not None:
-            raise ValueError("--prefill-url: only for --role decode (this server is the prefill server)")
+        for flag, given in (("--prefill-url", args.prefill_url is not None),
+                            ("--prefill-timeout", args.prefill_timeout is not None)):
+            if given:
+                raise ValueError(f"{flag}: only for --role decode (this server is the prefill server)")
         return
     if args.prefill_url is None:
         raise ValueError("--role decode: needs --prefill-url URL of the prefill server")
     u = urlparse(args.prefill_url)
     if u.scheme not in ("http", "https") or not u.netloc:
         raise ValueError(f"--prefill-url {args.prefill_url}: expected http://host:port")
+    if args.prefill_timeout is None:
+        args.prefill_timeout = 600.0
     if not (math.isfinite(args.prefill_timeout) and args.prefill_timeout > 0):
         raise ValueError(f"--prefill-timeout {args.prefill_timeout}: must be a positive number of seconds")
 

@@ -442,8 +442,9 @@ def add_ep_arguments(p) -> None:
     p.add_argument("--trace-dir", default=None, metavar="DIR",
                    help="with --tbo: each rank writes its lanes' timeline there when serving ends (rank{r}.json: "
                         "Chrome trace with the overlapped share; rank{r}.png)")
-    p.add_argument("--dist-timeout", type=float, default=600.0, metavar="S",
-                   help="with --ep: seconds a collective may wait for the other ranks before the group fails")
+    p.add_argument("--dist-timeout", type=float, default=None, metavar="S",
+                   help="with --ep: seconds a collective may wait for the other ranks before the group fails "
+                        "(default 600)")
 
 
 def check_ep_args(args, cfg, env=None) -> dict | None:
@@ -461,7 +462,8 @@ def check_ep_args(args, cfg, env=None) -> dict | None:
                             ("--redundant-experts", args.redundant_experts != 0),
                             ("--rebalance-interval", args.rebalance_interval is not None),
                             ("--rebalance-window", args.rebalance_window != 128), ("--tbo", args.tbo),
-                            ("--trace-dir", args.trace_dir is not None)):
+                            ("--trace-dir", args.trace_dir is not None),
+                            ("--dist-timeout", args.dist_timeout is not None)):
             if given:
                 raise ValueError(f"{flag} needs --ep N (expert-parallel serving under torchrun)")
         if world > 1:
@@ -486,6 +488,8 @@ def check_ep_args(args, cfg, env=None) -> dict | None:
                          f"{world} ranks)")
     if args.shared_as_routed and cfg.n_shared_experts != 1:
         raise ValueError(f"--shared-as-routed: the model has {cfg.n_shared_experts} shared experts (needs 1)")
+    if args.dist_timeout is None:
+        args.dist_timeout = 600.0
     if not (math.isfinite(args.dist_timeout) and args.dist_timeout > 0):
         raise ValueError(f"--dist-timeout {args.dist_timeout}: must be a positive number of seconds")
     R = args.redundant_experts
