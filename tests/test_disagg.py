@@ -46,7 +46,7 @@ def pair(tmp_path_factory):
         wait_healthy(f"http://127.0.0.1:{pp}", pre, tmp / "prefill.log", 120, "the prefill server")
         wait_healthy(f"http://127.0.0.1:{dp}", dec, tmp / "decode.log", 120, "the decode server")
         yield dict(model=model.eval(), tok=tok, prefill=f"http://127.0.0.1:{pp}", decode=f"http://127.0.0.1:{dp}",
-                   procs=(pre, dec), dir=model_dir)
+                   procs=(pre, dec), dir=model_dir, cache=cache)
     finally:
         for p in (dec, pre):
             if p.poll() is None:
@@ -195,6 +195,28 @@ def test_a_prompt_the_prefill_server_cannot_hold_is_a_400_naming_the_field(pair,
     r = c.completions.create(model=name, prompt="y" * 150, max_tokens=4, temperature=0)
     assert r.choices[0].text == _greedy(pair, "y" * 150, 4)
     assert _health(narrow["decode"])["status"] == "ok"
+
+
+def test_a_decode_server_on_other_storage_is_a_503_not_a_silent_local_prefill(pair, tmp_path):
+    """--prefix-cache pointing at different storage on the two servers (a typo, a mount missing on one
+    machine): the prefill server computes every prompt for nothing and the decode server, finding no
+    block, would prefill it again itself. The decode server checks the prompt's first block is there."""
+    from dsv3.infer.disagg import RemotePrefill
+    from dsv3.infer.engine import EngineLimits
+    from dsv3.infer.openai_protocol import APIError
+
+    auth = {"Authorization": f"Bearer {KEY}"}
+    theirs = httpx.post(pair["prefill"] + "/internal/prefill", json={"prompts": [[5] * 70]}, headers=auth,
+                        timeout=60).json()["prefix_cache"]
+    limits = EngineLimits(320, 300, BLOCK, 10, 0, theirs)
+    prompt = list(range(1, 150))
+    elsewhere = RemotePrefill(pair["prefill"], 30, limits, KEY, str(tmp_path / "other-kv"))
+    with pytest.raises(APIError) as e:
+        asyncio.run(elsewhere([prompt]))
+    assert e.value.status == 503 and e.value.code == "prefill_mismatch", e.value
+    assert "--prefix-cache" in str(e.value) and str(tmp_path / "other-kv") in str(e.value)
+    shared = RemotePrefill(pair["prefill"], 30, limits, KEY, pair["cache"])
+    asyncio.run(shared([prompt]))                 # the same storage: the blocks are found
 
 
 def test_without_the_prefill_server_long_prompts_get_503_short_ones_are_served(pair):

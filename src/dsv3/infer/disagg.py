@@ -76,11 +76,15 @@ class RemotePrefill:
     """The decode server's side: ``await remote(prompts)`` has the prefill server compute every
     cacheable prompt into the shared prefix cache (one HTTP call for all of them)."""
 
-    def __init__(self, url: str, timeout: float, limits, api_key: str | None = None):
+    def __init__(self, url: str, timeout: float, limits, api_key: str | None = None,
+                 prefix_cache: str | None = None):
+        """``prefix_cache``: this server's --prefix-cache, where every prompt the prefill server computed
+        must then be found (checked by its first block)."""
         import httpx
 
         self.url = url.rstrip("/") + PREFILL_PATH
         self.limits = limits
+        self.prefix_cache = prefix_cache
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.AsyncClient(timeout=timeout, headers=headers)
         self.requests = self.prompt_tokens = 0
@@ -115,8 +119,27 @@ class RemotePrefill:
             raise APIError(503, f"the prefill server {self.url} builds cache blocks {theirs!r}, this server reads "
                                 f"{self.limits.prefix_cache!r} (fingerprint/layers/lookahead): serve the same model "
                                 f"with the same --speculative on both", code="prefill_mismatch")
+        if self.prefix_cache is not None:
+            import asyncio
+
+            missing = await asyncio.get_running_loop().run_in_executor(None, self._missing, todo)
+            if missing:
+                raise APIError(503, f"the prefill server {self.url} computed the prompt, but its cache blocks are not "
+                                    f"in this server's --prefix-cache {self.prefix_cache} ({missing} is missing): "
+                                    "both servers must use the same shared --prefix-cache storage",
+                               code="prefill_mismatch")
         self.requests += 1
         self.prompt_tokens += sum(map(len, todo))
+
+    def _missing(self, prompts: list[list[int]]) -> str | None:
+        """The first block file of a prompt that is not in this server's prefix cache (None: all there)."""
+        from .prefix_cache import first_block_path
+
+        for p in prompts:
+            where = first_block_path(self.prefix_cache, self.limits.prefix_cache, p)
+            if where is not None and not where[0].exists(where[1]):
+                return where[1]
+        return None
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -38,6 +38,40 @@ def model_fingerprint(model) -> str:
     return h.hexdigest()[:32]
 
 
+def chain_keys(fingerprint: str, block: int, ids: list[int], layers: int, lookahead: int = 0,
+               max_tokens: int | None = None) -> list[str]:
+    """Chained hashes of the full blocks of ``ids`` (ending at most at ``max_tokens``) followed by
+    ``lookahead`` more tokens, which the key also covers: the MTP layers' cache at a position
+    depends on the next token too. ``layers``: the layers a block holds, so caches of different
+    shapes never mix."""
+    B, n = block, len(ids) if max_tokens is None else min(max_tokens, len(ids))
+    keys, h = [], hashlib.sha256(f"{fingerprint}/{layers}/{lookahead}".encode())
+    k = 0
+    while (k + 1) * B <= n and (k + 1) * B + lookahead <= len(ids):
+        h.update(json.dumps(ids[k * B:(k + 1) * B]).encode())
+        key = h.copy()
+        key.update(json.dumps(ids[(k + 1) * B:(k + 1) * B + lookahead]).encode())
+        keys.append(key.hexdigest())
+        k += 1
+    return keys
+
+
+def block_path(model_dir: str, key: str) -> str:
+    """Where block ``key`` lies under a model's directory of the cache (``root/fingerprint``)."""
+    return f"{model_dir}/{key[:2]}/{key}.safetensors"
+
+
+def first_block_path(root: str | os.PathLike, identity: str, ids: list[int]):
+    """(filesystem, path) of the first block of ``ids`` as a cache at ``root`` with the block identity
+    ``identity`` (:meth:`PrefixCache.identity`) stores it; None when ``ids`` has no full block."""
+    fingerprint, layers, lookahead, block = identity.rsplit("/", 3)
+    keys = chain_keys(fingerprint, int(block), ids, int(layers), int(lookahead))
+    if not keys:
+        return None
+    fs, path = fsspec.core.url_to_fs(os.fspath(root))
+    return fs, block_path(f"{path.rstrip('/')}/{fingerprint}", keys[0])
+
+
 class PrefixCache:
     def __init__(self, root: str | os.PathLike, model, block_tokens: int = 64):
         if block_tokens < 1:
@@ -52,27 +86,14 @@ class PrefixCache:
         self._damaged: set[str] = set()   # unreadable files seen by load(): store() rewrites them
 
     def _keys(self, ids: list[int], layers: int, lookahead: int = 0, max_tokens: int | None = None) -> list[str]:
-        """Chained hashes of the full blocks of ``ids`` (ending at most at ``max_tokens``) followed by
-        ``lookahead`` more tokens, which the key also covers: the MTP layers' cache at a position
-        depends on the next token too. ``layers``: the layers a block holds, so caches of different
-        shapes never mix."""
-        B, n = self.block, len(ids) if max_tokens is None else min(max_tokens, len(ids))
-        keys, h = [], hashlib.sha256(f"{self.fingerprint}/{layers}/{lookahead}".encode())
-        k = 0
-        while (k + 1) * B <= n and (k + 1) * B + lookahead <= len(ids):
-            h.update(json.dumps(ids[k * B:(k + 1) * B]).encode())
-            key = h.copy()
-            key.update(json.dumps(ids[(k + 1) * B:(k + 1) * B + lookahead]).encode())
-            keys.append(key.hexdigest())
-            k += 1
-        return keys
+        return chain_keys(self.fingerprint, self.block, ids, layers, lookahead, max_tokens)
 
     def identity(self, layers: int, lookahead: int) -> str:
         """What a block written with these settings is keyed by: servers sharing the cache must agree."""
         return f"{self.fingerprint}/{layers}/{lookahead}/{self.block}"
 
     def _path(self, key: str) -> str:
-        return f"{self.dir}/{key[:2]}/{key}.safetensors"
+        return block_path(self.dir, key)
 
     def load(self, ids: list[int], layers: int, max_tokens: int | None = None,
              lookahead: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -835,7 +835,7 @@ def run(args) -> int:
     remote = None
     if args.role == "decode":
         from .disagg import RemotePrefill
-        remote = RemotePrefill(args.prefill_url, args.prefill_timeout, worker.limits, api_key)
+        remote = RemotePrefill(args.prefill_url, args.prefill_timeout, worker.limits, api_key, args.prefix_cache)
     app = create_app(worker, tokenizer, name, template, api_key, args.max_body_bytes, args.shutdown_grace,
                      args.role, remote)
     st = app.st
