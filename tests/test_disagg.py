@@ -219,6 +219,37 @@ def test_a_decode_server_on_other_storage_is_a_503_not_a_silent_local_prefill(pa
     asyncio.run(shared([prompt]))                 # the same storage: the blocks are found
 
 
+def test_a_decode_server_refuses_to_start_beside_an_unfit_prefill_server(pair):
+    """Another model or --speculative on one side only: every long prompt would get 503 prefill_mismatch,
+    so the decode server says so when it starts (one line naming the flag, exit code 2)."""
+    r = subprocess.run([sys.executable, "-m", "dsv3.cli", "serve", "--model", pair["dir"], "--port", str(free_port()),
+                        "--threads", "1", "--max-batch", "2", "--api-key", KEY, "--role", "decode", "--speculative",
+                        "--prefix-cache", pair["cache"], "--prefill-url", pair["prefill"]],
+                       env=cli_env(), capture_output=True, text=True, timeout=90)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and "the prefill server builds cache blocks" in err[-1], r.stderr
+    assert "--prefill-url" in err[-1] and "--speculative" in err[-1], r.stderr
+
+
+def test_the_start_check_names_what_is_wrong(pair):
+    from dsv3.infer.disagg import RemotePrefill
+    from dsv3.infer.engine import EngineLimits
+
+    auth = {"Authorization": f"Bearer {KEY}"}
+    layout = httpx.get(pair["prefill"] + "/internal/prefill", headers=auth, timeout=30).json()
+    assert set(layout) == {"prefix_cache", "max_prompt_len"} and layout["max_prompt_len"] == 319
+    limits = EngineLimits(320, 300, BLOCK, 10, 0, layout["prefix_cache"])
+    warned = []
+    RemotePrefill(pair["prefill"], 30, limits, KEY).check_at_start(warned.append)          # fit: silent
+    assert warned == []
+    for url, key, words in ((pair["decode"], KEY, "not a dsv3 serve --role prefill server"),
+                            (pair["prefill"], "wrong-key", "--api-key: the prefill server")):
+        with pytest.raises(ValueError, match=words):
+            RemotePrefill(url, 30, limits, key).check_at_start(warned.append)
+    RemotePrefill(f"http://127.0.0.1:{free_port()}", 30, limits, KEY).check_at_start(warned.append)
+    assert len(warned) == 1 and "cannot be reached yet" in warned[0]
+
+
 def test_without_the_prefill_server_long_prompts_get_503_short_ones_are_served(pair):
     pre, _ = pair["procs"]
     pre.send_signal(signal.SIGTERM)

@@ -141,6 +141,45 @@ class RemotePrefill:
                 return where[1]
         return None
 
+    def check_at_start(self, warn) -> None:
+        """At the decode server's start: ask the prefill server what it builds (``GET /internal/prefill``).
+        ValueError naming the flag when it cannot serve this server (another model or --speculative,
+        another --api-key, not a prefill server at all); ``warn(line)`` when it cannot be reached yet
+        (it may start later: until then long prompts get 503) or takes shorter prompts than this server."""
+        import httpx
+
+        auth = self.client.headers.get("Authorization")
+        try:
+            r = httpx.get(self.url, timeout=10, headers={"Authorization": auth} if auth else {})
+        except httpx.HTTPError as e:
+            warn(f"the prefill server {self.url} cannot be reached yet ({type(e).__name__}: {e}): prompts of a "
+                 "full cache block or more get 503 until it can")
+            return
+        if r.status_code == 401:
+            raise ValueError(f"--api-key: the prefill server {self.url} refuses this server's key (give both "
+                             "servers the same --api-key)")
+        if r.status_code == 503:
+            warn(f"the prefill server {self.url} is not serving yet ({_error_of(r).get('message')})")
+            return
+        body = None
+        if r.status_code == 200:
+            try:
+                body = r.json()
+            except ValueError:
+                pass
+        if not isinstance(body, dict) or "prefix_cache" not in body:
+            raise ValueError(f"--prefill-url {self.url.removesuffix(PREFILL_PATH)}: answers {r.status_code} on "
+                             f"GET {PREFILL_PATH}: not a dsv3 serve --role prefill server")
+        if body["prefix_cache"] != self.limits.prefix_cache:
+            raise ValueError(f"--prefill-url {self.url.removesuffix(PREFILL_PATH)}: the prefill server builds cache "
+                             f"blocks {body['prefix_cache']!r}, this server reads {self.limits.prefix_cache!r} "
+                             "(fingerprint/layers/lookahead/block): serve the same model with the same --speculative "
+                             "on both")
+        theirs = body.get("max_prompt_len")
+        if isinstance(theirs, int) and theirs < self.limits.max_request_len - 1:
+            warn(f"the prefill server takes prompts of at most {theirs} tokens, fewer than this server's "
+                 f"{self.limits.max_request_len - 1}: longer prompts get 400")
+
     async def close(self) -> None:
         await self.client.aclose()
 
@@ -152,6 +191,13 @@ def _error_of(response) -> dict:
     except (ValueError, AttributeError):
         return {}
     return err if isinstance(err, dict) else {}
+
+
+def prefill_info(st) -> dict:
+    """``GET /internal/prefill`` (the prefill server): the cache blocks it builds and the longest prompt it
+    takes, which a decode server checks when it starts."""
+    st.check_serving()
+    return {"prefix_cache": st.worker.limits.prefix_cache, "max_prompt_len": st.max_len - 1}
 
 
 async def prefill_route(st, request) -> dict:

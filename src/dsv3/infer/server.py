@@ -684,11 +684,15 @@ def create_app(worker, tokenizer, model_name: str = "dsv3", template=None, api_k
         return await chat_completions(st, request)
 
     if role == "prefill":
-        from .disagg import PREFILL_PATH, prefill_route
+        from .disagg import PREFILL_PATH, prefill_info, prefill_route
 
         @app.post(PREFILL_PATH)
         async def prefill(request: Request):
             return await prefill_route(st, request)
+
+        @app.get(PREFILL_PATH)
+        async def prefill_layout():
+            return prefill_info(st)
 
     return Gate(app, st)
 
@@ -836,6 +840,11 @@ def run(args) -> int:
     if args.role == "decode":
         from .disagg import RemotePrefill
         remote = RemotePrefill(args.prefill_url, args.prefill_timeout, worker.limits, api_key, args.prefix_cache)
+        try:
+            remote.check_at_start(lambda line: sys.stderr.write(f"dsv3 serve: warning: {line}\n"))
+        except ValueError:
+            worker.close(grace=0)
+            raise
     app = create_app(worker, tokenizer, name, template, api_key, args.max_body_bytes, args.shutdown_grace,
                      args.role, remote)
     st = app.st
