@@ -161,7 +161,7 @@ def narrow(pair, tmp_path_factory):
     pre = _serve(pair["dir"], pp, tmp / "prefill.log", "--role", "prefill", "--prefix-cache", cache,
                  "--cache-memory", "0.00007")
     dec = _serve(pair["dir"], dp, tmp / "decode.log", "--role", "decode", "--prefix-cache", cache,
-                 "--prefill-url", f"http://127.0.0.1:{pp}")
+                 "--prefill-url", f"http://127.0.0.1:{pp}", "--shutdown-grace", "1")
     try:
         wait_healthy(f"http://127.0.0.1:{pp}", pre, tmp / "prefill.log", 120, "the prefill server")
         wait_healthy(f"http://127.0.0.1:{dp}", dec, tmp / "decode.log", 120, "the decode server")
@@ -195,6 +195,41 @@ def test_a_prompt_the_prefill_server_cannot_hold_is_a_400_naming_the_field(pair,
     r = c.completions.create(model=name, prompt="y" * 150, max_tokens=4, temperature=0)
     assert r.choices[0].text == _greedy(pair, "y" * 150, 4)
     assert _health(narrow["decode"])["status"] == "ok"
+
+
+def test_a_drain_that_runs_out_while_the_prefill_server_works_answers_503(narrow):
+    """SIGTERM on the decode server while a request waits for a (stalled) prefill server: once
+    --shutdown-grace (1 s) has run out the client gets a 503 in OpenAI's shape, not a cut connection."""
+    import os
+    import threading
+    import time
+
+    pre, dec = narrow["procs"]
+    c = openai.OpenAI(base_url=narrow["decode"] + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    name = c.models.list().data[0].id
+    out = {}
+
+    def ask():
+        try:
+            out["r"] = c.completions.create(model=name, prompt="z" * 150, max_tokens=4, temperature=0)
+        except openai.OpenAIError as e:
+            out["r"] = e
+
+    os.kill(pre.pid, signal.SIGSTOP)                  # the prefill server takes the request and stalls
+    try:
+        t = threading.Thread(target=ask)
+        t.start()
+        time.sleep(1.0)
+        dec.send_signal(signal.SIGTERM)
+        start = time.time()
+        t.join(30)
+        err = out.get("r")
+        assert isinstance(err, openai.APIStatusError) and err.status_code == 503, err
+        assert err.body["code"] == "shutting_down" and "--shutdown-grace" in err.body["message"], err.body
+        assert time.time() - start < 8
+        assert dec.wait(30) == 0
+    finally:
+        os.kill(pre.pid, signal.SIGCONT)
 
 
 def test_a_decode_server_on_other_storage_is_a_503_not_a_silent_local_prefill(pair, tmp_path):

@@ -80,6 +80,7 @@ class ServerState:
         self.loop = None                   # the event loop, once the app has started
         self.in_flight = weakref.WeakSet()  # the GenerationStreams submitted and not yet answered
         self.cut_off = False               # the drain's grace ran out: what was left has been aborted
+        self.cut_off_event = None          # set then (an asyncio.Event, made on the loop when first waited on)
         self.max_len, self.vocab_size = worker.max_len, worker.vocab_size
         limits = getattr(worker, "limits", None)
         if limits is not None:           # a cache pool smaller than the context bounds every request
@@ -115,6 +116,8 @@ class ServerState:
 
     def cut_off_in_flight(self) -> None:
         self.cut_off = True
+        if self.cut_off_event is not None:
+            self.cut_off_event.set()
         for g in list(self.in_flight):
             g.abort()
 
@@ -231,7 +234,26 @@ async def prefill_and_start(st: ServerState, gens: list, prompt_param: str) -> a
     """With ``--role decode``, have the prefill server put the prompts' blocks in the shared cache first
     (503 if it cannot); then :func:`start_all`."""
     if st.remote_prefill is not None:
-        await st.remote_prefill(list({tuple(g.prompt): g.prompt for g in gens}.values()), prompt_param)
+        # a drain's grace that runs out while the prefill server still works ends the wait with a 503
+        # (uvicorn's own deadline would cut the connection without an answer)
+        if st.cut_off_event is None:
+            st.cut_off_event = asyncio.Event()
+            if st.cut_off:
+                st.cut_off_event.set()
+        remote = asyncio.ensure_future(st.remote_prefill(list({tuple(g.prompt): g.prompt for g in gens}.values()),
+                                                         prompt_param))
+        cut = asyncio.ensure_future(st.cut_off_event.wait())
+        try:
+            await asyncio.wait({remote, cut}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            cut.cancel()
+            unfinished = not remote.done()
+            if unfinished:
+                remote.cancel()
+        if unfinished:
+            raise APIError(503, "the server shut down before this request finished (--shutdown-grace ran out while "
+                                "the prefill server computed its prompt)", code="shutting_down")
+        remote.result()
         st.check_serving()
     return start_all(st, gens, prompt_param)
 
