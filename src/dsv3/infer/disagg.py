@@ -15,9 +15,12 @@ decoding streams at most one block of prefill instead of the whole prompt. Both 
 expert-parallel groups (``torchrun … --ep N``); every rank reads the shared path.
 
 The two servers must build identical cache blocks: the same model (the prefix cache's fingerprint),
-block size and cache layers (``--speculative`` on both or neither). The decode server checks this on
-each answer and fails the request loudly (503 naming the mismatch) rather than silently computing
-the prompt itself; a prefill server that cannot be reached is a 503 too.
+block size and cache layers (``--speculative`` on both or neither), in the same storage. The decode
+server checks this when it starts (``GET /internal/prefill``; a mismatch is one line and exit code 2),
+on each answer, and by looking for each prompt's first block in its own ``--prefix-cache``; it fails
+the request loudly (503 naming the mismatch) rather than silently computing the prompt itself. A
+prefill server that cannot be reached is a 503 too; a prompt it cannot hold (its cache pool or context
+is smaller) is a 400 ``context_length_exceeded`` naming the client's field.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@
     GET  /health (200 with the engine's counters; 503 while draining or once the engine has stopped)
     GET  /metrics (Prometheus)
     POST /internal/prefill (--role prefill only: prompts computed into the shared prefix cache)
+    GET  /internal/prefill (--role prefill only: the cache blocks it builds, the longest prompt it takes)
 
 The engine runs in a process of its own (:class:`dsv3.infer.worker.EngineWorker`); handlers only
 post requests to it and read the tokens it hands back through the event loop, so no handler waits
