@@ -231,6 +231,8 @@ CASES = [
                                                     os.path.join(_write(t / "afile", "x"), "cache")],
      "--prefix-cache"),
     ("serve-device", lambda t, m: ["serve", "--port", str(free_port()), "--model", m, "--device", "tpu9"], "--device"),
+    ("serve-fp8-keep-bf16-model", lambda t, m: ["serve", "--port", str(free_port()), "--model", m, "--fp8", "keep"],
+     "--fp8 keep"),
     # ---- plot
     ("plot-rows-without-step", lambda t, m: ["plot", os.path.dirname(_write(t / "run" / "metrics.jsonl",
                                                                             '{"loss": 1.0}\n'))], "'step'"),

@@ -833,6 +833,9 @@ def run(args) -> int:
     from .generate import check_weights_fit
 
     cfg = check_model_dir(args.model)                     # config and weight headers, before the engine starts
+    from .generate import check_fp8_flag
+
+    check_fp8_flag(args.fp8, cfg, args.model)
     from .ep_engine import check_ep_args, serve_follower
     ep = check_ep_args(args, cfg)              # torchrun --nproc-per-node N … --ep N: ranks 1 … only step
     held = None if ep is None else (cfg.n_routed_experts + ep["redundant_experts"]) // ep["size"]
