@@ -115,7 +115,7 @@ def test_requests_cut_off_by_the_drain_get_503(spec):
         for t in threads:
             t.start()
         deadline = time.time() + 30
-        while http.get("/health").json()["waiting"] < 1:
+        while http.get("/health").json()["waiting"] < len(threads):    # all six in, before the listener closes
             assert time.time() < deadline
             time.sleep(0.01)
         proc.send_signal(signal.SIGTERM)
