@@ -423,3 +423,21 @@ def test_optimiser_flags_reach_the_optimiser_and_the_run_record(tmp_path, data_d
     old = ["train", "--out", str(run), "--data", data_dir, *QUICK, "--lr", "0.002", "--warmup", "0", "--resume"]
     assert cli([*old, "--lr-schedule", "constant"]) == 2                  # refused: the run decayed its lr
     assert cli(old) == 0
+
+
+def test_a_resumed_optimizer_keeps_bf16_moments_and_takes_the_allowed_new_betas(tmp_path, data_dir):
+    """load_state_dict cast the saved BF16 moments to FP32 (--bf16-moments lost after a resume: not exact
+    any more) and restored the saved β's, so --allow-changed adam-betas trained on with the old ones."""
+    from safetensors import safe_open
+
+    run = tmp_path / "run"
+    args = ["train", "--out", str(run), "--data", data_dir, *QUICK, "--save-every", "1", "--bf16-moments"]
+    assert cli([*args[:args.index("3")], "2", *args[args.index("3") + 1:]]) == 0
+    shutil.rmtree(run / "final")
+    assert cli([*args, "--resume", "--allow-changed", "steps,adam-betas", "--adam-betas", "0.5,0.6"]) == 0
+    ckpt = run / "checkpoints" / "step-000000003"
+    with safe_open(str(ckpt / "optim.safetensors"), "pt") as f:
+        dtypes = {f.get_tensor(k).dtype for k in f.keys() if k.endswith((".exp_avg", ".exp_avg_sq"))}
+    assert dtypes == {torch.bfloat16}
+    meta = json.load(open(ckpt / "meta.json"))
+    assert all(g["betas"] == [0.5, 0.6] for g in meta["optimizer"]["param_groups"])

@@ -248,6 +248,7 @@ class Trainer:
         with open(os.path.join(path, "meta.json")) as f:
             meta = json.load(f)
         self.par.load(path, meta, self.optimizer)
+        self._apply_optimizer_settings()
         extra = CheckpointReader(path, meta).tensors("extra")
         torch.set_rng_state(extra["rng_cpu"])
         if "rng_cuda" in extra and self.device.type == "cuda":
@@ -261,6 +262,22 @@ class Trainer:
             _truncate_metrics(self.metrics_path, self.step)
             print(f"resumed from {path} (step {self.step})", flush=True)
         return True
+
+    def _apply_optimizer_settings(self) -> None:
+        """After a checkpoint is loaded: the optimizer runs with this run's settings. ``load_state_dict``
+        restores the saved parameter groups (the β's from before an ``--allow-changed adam-betas``) and
+        casts the moments to the parameters' dtype (FP32: ``--bf16-moments`` was lost, and with it the
+        exact resume)."""
+        from .strategy import _optimizer_states
+
+        moment_dtype = torch.bfloat16 if self.tc.bf16_moments else torch.float32
+        for g in self.optimizer.param_groups:
+            g["betas"] = tuple(self.tc.betas)
+            g["moment_dtype"] = moment_dtype
+        for _, st in _optimizer_states(self.optimizer):
+            for k in ("exp_avg", "exp_avg_sq"):
+                if torch.is_tensor(st.get(k)) and st[k].dtype != moment_dtype:
+                    st[k] = st[k].to(moment_dtype)
 
     # ------------------------------------------------------------------ one step
     def _autocast(self):
