@@ -188,18 +188,60 @@ def test_save_every_0_saves_at_the_end_and_a_rerun_never_replaces_final(tmp_path
                                                   ("--seed", "1", "seed"), ("--lr", "0.01", "lr"),
                                                   ("--adam-betas", "0.9,0.999", "adam-betas"),
                                                   ("--lr-schedule", "constant", "lr-schedule"),
-                                                  ("--min-lr-ratio", "0", "min-lr-ratio")])
+                                                  ("--min-lr-ratio", "0", "min-lr-ratio"),
+                                                  # these change each step's arithmetic too (were not compared)
+                                                  ("--ema", "0.9", "ema"), ("--precision", "bf16", "precision"),
+                                                  ("--bf16-moments", None, "bf16-moments"),
+                                                  ("--mtp-lambda", "0.1", "mtp-lambda")])
 def test_resume_with_other_settings_is_refused_unless_allowed(tmp_path, capsys, data_dir, flag, value, setting):
     run = tmp_path / "run"
     args = ["train", "--out", str(run), "--data", data_dir, *QUICK, "--save-every", "1"]
     assert cli(args) == 0
     shutil.rmtree(run / "final")     # as if killed before the export: --resume may run again
     capsys.readouterr()
-    changed = [*args, flag, value, "--resume"]
+    changed = [*args, flag, *([value] if value is not None else []), "--resume"]
     assert cli(changed) == 2
     err = capsys.readouterr().err.strip()
     assert flag in err and f"--allow-changed {setting}" in err and len(err.splitlines()) == 1
     assert cli([*changed, "--allow-changed", setting]) == 0
+
+
+def test_resume_without_the_ema_keeps_it_refused_and_an_allowed_new_ema_starts_from_the_resumed_weights(
+        tmp_path, capsys, data_dir):
+    """--ema was not compared: resuming without it dropped the EMA the run had kept (from the next checkpoint
+    on); resuming a run without one with --ema averaged in the random initial weights."""
+    from dsv3.checkpoint import CheckpointReader
+
+    run = tmp_path / "run"
+    two = ["train", "--out", str(run), "--data", data_dir, *QUICK[:1], "2", *QUICK[2:], "--save-every", "1"]
+    assert cli(two) == 0
+    shutil.rmtree(run / "final")
+    capsys.readouterr()
+    more = ["train", "--out", str(run), "--data", data_dir, *QUICK, "--save-every", "1", "--resume",
+            "--allow-changed", "steps"]
+    assert cli([*more, "--ema", "0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--ema (0.0 -> 0.5)" in err and "--allow-changed ema" in err and len(err.splitlines()) == 1
+    assert cli([*more, "--ema", "0.5", "--allow-changed", "ema"]) == 0
+    w2 = CheckpointReader(str(run / "checkpoints" / "step-000000002")).tensors("model")
+    three = CheckpointReader(str(run / "checkpoints" / "step-000000003"))
+    w3, ema = three.tensors("model"), three.tensors("extra")
+    for k, v in w3.items():
+        if v.is_floating_point():
+            assert torch.allclose(ema[f"ema.{k}"], 0.5 * w2[k].float() + 0.5 * v.float(), atol=1e-6), k
+
+
+def test_resume_of_a_from_run_without_from_is_one_line(tmp_path, capsys, data_dir, model_dir):
+    """run.json records --from; a --resume without it compared a missing key (an internal KeyError)."""
+    run = tmp_path / "run"
+    assert cli(["train", "--out", str(run), "--data", data_dir, *QUICK, "--from", model_dir]) == 0
+    shutil.rmtree(run / "final")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(json.load(open(run / "run.json"))["config"]))
+    capsys.readouterr()
+    assert cli(["train", "--out", str(run), "--data", data_dir, *QUICK, "--config", str(config), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--from (" in err and "-> none)" in err and "--allow-changed from" in err and len(err.splitlines()) == 1
 
 
 def test_resume_with_another_model_config_is_refused(tmp_path, capsys, data_dir):

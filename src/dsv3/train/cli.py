@@ -19,7 +19,15 @@ from ..errors import check_device, check_finite, check_int
 # what --resume compares with the run's start (RUN/run.json); --allow-changed names the ones to accept
 IDENTITY = {"config": "the model config", "seed": "--seed", "data": "--data", "batch-size": "--batch-size",
             "seq-len": "--seq-len", "lr": "--lr", "warmup": "--warmup", "steps": "--steps", "from": "--from",
-            "adam-betas": "--adam-betas", "lr-schedule": "--lr-schedule", "min-lr-ratio": "--min-lr-ratio"}
+            "adam-betas": "--adam-betas", "lr-schedule": "--lr-schedule", "min-lr-ratio": "--min-lr-ratio",
+            "precision": "--precision", "ema": "--ema", "bf16-moments": "--bf16-moments", "mtp-lambda": "--mtp-lambda",
+            "balance-alpha": "--balance-alpha", "bias-update-speed": "--bias-update-speed",
+            "fp8-dispatch": "--fp8-dispatch"}
+# the settings above that change the arithmetic of a step, as TrainConfig calls them (a run.json written before
+# they were compared lacks them: the newest checkpoint's train_config says what the run used)
+STEP_SETTINGS = {"ema": "ema_decay", "bf16-moments": "bf16_moments", "mtp-lambda": "mtp_lambda",
+                 "balance-alpha": "balance_alpha", "bias-update-speed": "bias_update_speed",
+                 "fp8-dispatch": "fp8_dispatch", "precision": "precision"}
 # what a run recorded before these settings were flags trained with (the values then hard-coded)
 OLD_DEFAULTS = {"adam-betas": [0.9, 0.95], "lr-schedule": "cosine", "min-lr-ratio": 0.1}
 RUN_FILE = "run.json"
@@ -391,17 +399,51 @@ def run_identity(args, cfg, data_dir: str) -> dict:
     identity = {"config": cfg.to_hf(), "seed": args.seed, "data": data,
             "batch-size": args.batch_size, "seq-len": args.seq_len, "lr": args.lr, "warmup": args.warmup,
             "steps": args.steps, "adam-betas": list(adam_betas(args)), "lr-schedule": args.lr_schedule,
-            "min-lr-ratio": min_lr_ratio(args)}
+            "min-lr-ratio": min_lr_ratio(args), "precision": resolved_precision(args.precision, args.device),
+            "ema": args.ema, "bf16-moments": args.bf16_moments, "mtp-lambda": args.mtp_lambda,
+            "balance-alpha": args.balance_alpha, "bias-update-speed": args.bias_update_speed,
+            "fp8-dispatch": args.fp8_dispatch}
     if getattr(args, "from_", None):
         identity["from"] = os.path.abspath(args.from_)
     return identity
 
 
+def resolved_precision(precision: str, device: str) -> str:
+    """--precision auto as the trainer resolves it: bf16 on a GPU, fp32 on a CPU."""
+    from .trainer import pick_device
+
+    if precision != "auto":
+        return precision
+    return "bf16" if pick_device(device).type == "cuda" else "fp32"
+
+
+def _checkpoint_identity(out: str) -> dict | None:
+    """What the newest checkpoint's meta.json says of the run's identity; None without one."""
+    from ..checkpoint import list_checkpoints
+
+    names = list_checkpoints(os.path.join(out, "checkpoints"))
+    if not names:
+        return None
+    try:
+        with open(os.path.join(out, "checkpoints", names[-1], "meta.json")) as f:
+            meta = json.load(f)
+        tc = meta["train_config"]
+        rec = {"config": meta["model_config"], "seed": tc["seed"], "batch-size": tc["batch_size"],
+               "seq-len": tc["seq_len"], "lr": tc["lr"], "warmup": tc["warmup"], "steps": tc["steps"],
+               "adam-betas": list(tc.get("betas", OLD_DEFAULTS["adam-betas"])),
+               "lr-schedule": tc.get("lr_schedule", OLD_DEFAULTS["lr-schedule"]),
+               "min-lr-ratio": tc.get("min_lr_ratio", OLD_DEFAULTS["min-lr-ratio"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    for key, name in STEP_SETTINGS.items():
+        if name in tc and not (key == "precision" and tc[name] == "auto"):   # auto: resolved where it ran
+            rec[key] = tc[name]
+    return rec
+
+
 def _recorded_identity(out: str) -> dict | None:
     """The identity in RUN/run.json, or (a run from before run.json) what the newest checkpoint's meta.json
     says; None for a fresh directory."""
-    from ..checkpoint import list_checkpoints
-
     path = os.path.join(out, RUN_FILE)
     if os.path.exists(path):
         try:
@@ -411,21 +453,11 @@ def _recorded_identity(out: str) -> dict | None:
             raise CLIError(f"--resume: {path} is unreadable ({e}); delete it to skip the check") from None
         if not isinstance(rec, dict):
             raise CLIError(f"--resume: {path} does not hold a JSON object; delete it to skip the check")
-        return {**OLD_DEFAULTS, **rec}
-    names = list_checkpoints(os.path.join(out, "checkpoints"))
-    if not names:
-        return None
-    try:
-        with open(os.path.join(out, "checkpoints", names[-1], "meta.json")) as f:
-            meta = json.load(f)
-        tc = meta["train_config"]
-        return {"config": meta["model_config"], "seed": tc["seed"], "batch-size": tc["batch_size"],
-                "seq-len": tc["seq_len"], "lr": tc["lr"], "warmup": tc["warmup"], "steps": tc["steps"],
-                "adam-betas": list(tc.get("betas", OLD_DEFAULTS["adam-betas"])),
-                "lr-schedule": tc.get("lr_schedule", OLD_DEFAULTS["lr-schedule"]),
-                "min-lr-ratio": tc.get("min_lr_ratio", OLD_DEFAULTS["min-lr-ratio"])}
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+        rec = {**OLD_DEFAULTS, **rec}
+        if not set(STEP_SETTINGS) <= set(rec):   # recorded before these were compared
+            rec = {**{k: v for k, v in (_checkpoint_identity(out) or {}).items() if k in STEP_SETTINGS}, **rec}
+        return rec
+    return _checkpoint_identity(out)
 
 
 def _describe_change(key: str, old, new) -> str:
@@ -438,6 +470,8 @@ def _describe_change(key: str, old, new) -> str:
         if old.get("source") != new.get("source"):
             return f"--data ({old.get('source')} -> {new.get('source')})"
         return "--data (the prepared tokens differ)"
+    if key == "from":
+        return f"--from ({old or 'none'} -> {new or 'none'})"
     return f"--{key} ({old!r} -> {new!r})"
 
 
@@ -448,7 +482,11 @@ def check_identity(args, identity: dict) -> bool:
     if recorded is None:
         return True
     allowed = set(allowed_changes(args))
-    changed = [k for k in IDENTITY if k in recorded and recorded[k] != identity[k]]
+    # "from" absent from run.json: the run did not start with --from; any other setting absent: recorded
+    # before it was compared
+    has_file = os.path.exists(os.path.join(args.out, RUN_FILE))
+    changed = [k for k in IDENTITY if (k in recorded or (k == "from" and has_file))
+               and recorded.get(k) != identity.get(k)]
     if ("data" in changed and isinstance(recorded["data"], dict)
             and None in (recorded["data"].get("prepared"), identity["data"]["prepared"])
             and recorded["data"].get("source") == identity["data"]["source"]):
@@ -456,10 +494,10 @@ def check_identity(args, identity: dict) -> bool:
     refused = [k for k in changed if k not in allowed]
     if refused:
         raise CLIError(f"--resume: the run in {args.out} started with other settings: "
-                       + "; ".join(_describe_change(k, recorded[k], identity[k]) for k in refused)
+                       + "; ".join(_describe_change(k, recorded.get(k), identity.get(k)) for k in refused)
                        + ". Use the same settings, or pass --allow-changed " + ",".join(refused)
                        + " to continue with the new ones")
-    return bool(changed) or not os.path.exists(os.path.join(args.out, RUN_FILE))
+    return bool(changed) or not has_file or not set(identity) <= set(recorded)
 
 
 def clear_metrics(out: str) -> None:

@@ -253,10 +253,11 @@ class Trainer:
         torch.set_rng_state(extra["rng_cpu"])
         if "rng_cuda" in extra and self.device.type == "cuda":
             torch.cuda.set_rng_state(extra["rng_cuda"], self.device)
-        if self.ema is not None:
+        if self.ema is not None:   # a checkpoint without an EMA (--allow-changed ema): it starts from its weights
+            model_state = self.model.state_dict()
             for k in self.ema:
-                if f"ema.{k}" in extra:
-                    self.ema[k] = self.par.local_view(k, extra[f"ema.{k}"]).float().cpu()
+                held = self.par.local_view(k, extra[f"ema.{k}"]) if f"ema.{k}" in extra else model_state[k]
+                self.ema[k] = held.detach().float().cpu().clone()
         self.step = int(meta["step"])
         if self.dist.main:
             _truncate_metrics(self.metrics_path, self.step)
