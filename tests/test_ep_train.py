@@ -134,6 +134,26 @@ def test_bad_ep_flags_are_one_clear_line(tmp_path, capsys, data_dir, args, messa
     assert code == 2 and message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("world, args, message", [
+    # named by the mesh's field (MeshSpec.gpus_per_node = 3), after the data was prepared
+    ("4", ["--ep", "2", "--gpus-per-node", "3"], "--gpus-per-node 3 must divide the number of processes (4)"),
+    ("6", ["--ep", "2", "--gpus-per-node", "3"], "--ep 2 must be a multiple or a divisor of --gpus-per-node 3"),
+    # ran as the flat dispatch without a word
+    ("2", ["--ep", "2", "--two-hop"], "--two-hop needs an expert group over more than one node"),
+    # with 1f1b / zb1p (no forward & backward pairs) it did nothing
+    ("4", ["--ep", "2", "--pp", "2", "--overlap"], "--overlap with --pp needs --schedule dualpipe or dualpipev"),
+    ("4", ["--ep", "2", "--pp", "2", "--schedule", "zb1p", "--overlap"], "--schedule zb1p has none"),
+])
+def test_layouts_the_launch_cannot_take_are_one_line_before_anything_starts(tmp_path, capsys, monkeypatch, data_dir,
+                                                                             world, args, message):
+    monkeypatch.setenv("WORLD_SIZE", world)     # as torchrun --nproc-per-node N on one node sets it
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", world)
+    code = cli(["train", "--out", str(tmp_path / "run"), "--data", data_dir, *ARGS, *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_convert_and_gather_round_trip_in_one_process():
     """With a one-rank EP group the converted model is the model, and the full state dict round-trips."""
     from dsv3.model import Transformer

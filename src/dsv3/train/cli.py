@@ -288,6 +288,18 @@ def check_layout(args) -> None:
     if dp % args.ep:
         raise CLIError(f"--ep {args.ep} must divide the data-parallel ranks of a stage ({dp} = {world} processes / "
                        f"--pp {args.pp}); run under torchrun --nproc-per-node {args.ep * args.pp} (or a multiple)")
+    if args.ep > 1:   # as the mesh needs them (parallel.mesh.MeshSpec), named by their flags
+        nodes = args.gpus_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", str(world)) or world)
+        what = f"--gpus-per-node {nodes}" if args.gpus_per_node else \
+            f"torchrun's ranks per node ({nodes}; --gpus-per-node sets another)"
+        if world % nodes:
+            raise CLIError(f"{what} must divide the number of processes ({world})")
+        if args.ep % nodes and nodes % args.ep:
+            raise CLIError(f"--ep {args.ep} must be a multiple or a divisor of {what}, so that each expert group "
+                           f"spans whole nodes or lies within one")
+        if args.two_hop and args.ep <= nodes:
+            raise CLIError(f"--two-hop needs an expert group over more than one node: --ep {args.ep} ranks fit in "
+                           f"one node of {what}")
     if args.batch_size % (dp * args.grad_accum):
         raise CLIError(f"--batch-size {args.batch_size} must be divisible by data-parallel world size × "
                        f"--grad-accum ({dp} × {args.grad_accum})")

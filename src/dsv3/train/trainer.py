@@ -113,6 +113,9 @@ class TrainConfig:
         if self.overlap and (self.ep == 1 or (self.pp == 1 and self.grad_accum != 2)):
             raise ValueError("--overlap needs --ep > 1 and, without --pp, --grad-accum 2 (the two micro-batches "
                              "whose all-to-alls hide behind each other's compute)")
+        if self.overlap and self.pp > 1 and self.schedule not in ("dualpipe", "dualpipev"):
+            raise ValueError(f"--overlap with --pp needs --schedule dualpipe or dualpipev: it runs their overlapped "
+                             f"forward & backward pairs, which --schedule {self.schedule} has none of")
         if self.ep == 1 and (self.two_hop or self.fp8_dispatch or self.gpus_per_node):
             raise ValueError("--two-hop, --fp8-dispatch and --gpus-per-node need --ep > 1")
 
