@@ -143,6 +143,11 @@ def test_bad_ep_flags_are_one_clear_line(tmp_path, capsys, data_dir, args, messa
     # with 1f1b / zb1p (no forward & backward pairs) it did nothing
     ("4", ["--ep", "2", "--pp", "2", "--overlap"], "--overlap with --pp needs --schedule dualpipe or dualpipev"),
     ("4", ["--ep", "2", "--pp", "2", "--schedule", "zb1p", "--overlap"], "--schedule zb1p has none"),
+    # the pipeline's sizes: were the schedule's own words ("num_microbatches >= 3"), after the data was prepared
+    ("4", ["--pp", "2", "--schedule", "dualpipev", "--microbatches", "2"], "--microbatches 2: dualpipev with 2 ranks"),
+    ("3", ["--pp", "3", "--schedule", "dualpipe"], "--schedule dualpipe needs an even --pp"),
+    ("4", ["--pp", "2", "--microbatches", "4"], "--microbatches 4 must divide the per-replica batch (2 sequences"),
+    ("4", ["--pp", "4", "--schedule", "dualpipev"], "raise --batch-size"),
 ])
 def test_layouts_the_launch_cannot_take_are_one_line_before_anything_starts(tmp_path, capsys, monkeypatch, data_dir,
                                                                              world, args, message):

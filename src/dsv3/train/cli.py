@@ -303,6 +303,19 @@ def check_layout(args) -> None:
     if args.batch_size % (dp * args.grad_accum):
         raise CLIError(f"--batch-size {args.batch_size} must be divisible by data-parallel world size × "
                        f"--grad-accum ({dp} × {args.grad_accum})")
+    if args.pp > 1:   # the pipeline's micro-batches split each replica's batch (was found after the data was prepared)
+        from ..parallel.pipeline.stages import default_microbatches
+        from .trainer import TrainConfig
+
+        local = args.batch_size // dp
+        if args.microbatches and local % args.microbatches:
+            raise CLIError(f"--microbatches {args.microbatches} must divide the per-replica batch ({local} sequences = "
+                           f"--batch-size {args.batch_size} / {dp} data-parallel ranks)")
+        if not args.microbatches:
+            try:
+                default_microbatches(args.schedule or TrainConfig.schedule, args.pp, local)
+            except ValueError as e:
+                raise CLIError(str(e)) from None
 
 
 def check_run_dir(args) -> None:

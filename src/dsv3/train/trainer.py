@@ -104,6 +104,17 @@ class TrainConfig:
         if self.pp == 1 and (self.microbatches or self.schedule != "1f1b"):
             raise ValueError("--schedule and --microbatches need --pp > 1 (they set the pipeline's schedule and "
                              "micro-batches; without a pipeline use --grad-accum)")
+        if self.pp > 1:   # the schedule's size rules, named by the flags (were "num_microbatches >= 3 …; got 2")
+            from ..parallel.pipeline.schedule import check_sizes
+
+            if self.schedule == "dualpipe" and self.pp % 2:
+                raise ValueError(f"--schedule dualpipe needs an even --pp (rank r pairs with rank PP-1-r); got --pp "
+                                 f"{self.pp}")
+            if self.microbatches:
+                try:
+                    check_sizes(self.schedule, self.pp, self.microbatches)
+                except ValueError as e:
+                    raise ValueError(f"--microbatches {self.microbatches}: {e}") from None
         if self.pp > 1 and self.grad_accum != 1:
             raise ValueError("with --pp > 1 use --microbatches instead of --grad-accum")
         if self.ep < 1 or self.gpus_per_node < 0:
