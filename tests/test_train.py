@@ -68,6 +68,24 @@ def test_corrupted_newest_checkpoint_is_skipped_with_a_warning(tmp_path):
     assert any("step-000000002" in str(w.message) and "checksum" in str(w.message) for w in caught)
 
 
+def test_pruning_does_not_count_a_broken_later_checkpoint(tmp_path):
+    """A resume skipped a broken step-4 to step 2; with --keep 1 the step-3 save then pruned to the newest
+    name, the broken step 4, deleting the checkpoint it had just written (and step 2)."""
+    root = tmp_path / "ck"
+    for step in (2, 4):
+        save_checkpoint(str(root), step, {"w": torch.full((4,), float(step))}, {}, {}, {"data_step": step}, keep=3)
+    broken = root / "step-000000004" / "model.safetensors"
+    broken.write_bytes(broken.read_bytes()[:-7])
+    path = save_checkpoint(str(root), 3, {"w": torch.full((4,), 3.0)}, {}, {}, {"data_step": 3}, keep=1)
+    assert os.path.isdir(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert load_latest(str(root))[1]["step"] == 3
+    assert list_checkpoints(str(root)) == ["step-000000003", "step-000000004"]
+    save_checkpoint(str(root), 4, {"w": torch.full((4,), 4.0)}, {}, {}, {"data_step": 4}, keep=1)   # replaced
+    assert list_checkpoints(str(root)) == ["step-000000004"] and load_latest(str(root))[1]["step"] == 4
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     root = tmp_path / "ck"
     save_checkpoint(str(root), 1, {"w": torch.ones(3)}, {}, {}, {})

@@ -152,12 +152,15 @@ def _write_meta(tmp: str, meta: dict) -> None:
 
 
 def _publish(tmp: str, final: str, ckpt_root: str, keep: int) -> None:
-    """Rename the complete temporary directory into place and prune to the newest ``keep``."""
+    """Rename the complete temporary directory into place and prune to the newest ``keep`` up to it. Later
+    ones (broken checkpoints a resume skipped to an earlier one) are not counted: they took the places of
+    the valid ones, deleting the checkpoint just written."""
     if os.path.exists(final):
         shutil.rmtree(final)
     os.rename(tmp, final)
     _fsync_dir(ckpt_root)
-    for old in list_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
+    upto = [n for n in list_checkpoints(ckpt_root) if n <= os.path.basename(final)]
+    for old in upto[:-keep] if keep > 0 else []:
         shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
 
 
