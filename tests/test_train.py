@@ -501,3 +501,56 @@ def test_a_resumed_optimizer_keeps_bf16_moments_and_takes_the_allowed_new_betas(
     assert dtypes == {torch.bfloat16}
     meta = json.load(open(ckpt / "meta.json"))
     assert all(g["betas"] == [0.5, 0.6] for g in meta["optimizer"]["param_groups"])
+
+
+def test_a_peer_that_closed_its_connection_is_not_called_alive_and_slow(monkeypatch):
+    """A rank killed mid-step (SIGKILL, OOM) resets its connections at once, while its last heartbeat is still
+    fresh: the others said 'every rank is alive but one was slower than --dist-timeout (raise it ...)'."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from dsv3.train.watchdog import Heartbeat, timeout_message
+    from helpers import free_port
+
+    port = free_port()
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, timeout=timedelta(seconds=5), wait_for_workers=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    hb = Heartbeat(0, 2, lambda: 6)
+    hb._beat()
+    store.set("dsv3/hb/1", json.dumps({"t": time.time(), "step": 6}))     # rank 1's last beat, a moment ago
+    reset = RuntimeError("[../gloo/transport/tcp/pair.cc:534] Read error [127.0.0.1]:412: Connection reset by peer")
+    msg = timeout_message(reset, 0, 6, 20.0, hb)
+    assert "closed its connection" in msg and "exited or was killed" in msg and "alive" not in msg, msg
+    slow = timeout_message(RuntimeError("Timed out waiting 20000ms for recv operation to complete"), 0, 6, 20.0, hb)
+    assert "every rank is alive but one was slower than --dist-timeout" in slow, slow
+
+
+@pytest.mark.slow   # two CLI ranks for a few steps; run with -m slow
+def test_a_killed_rank_makes_the_other_stop_at_once_saying_so_and_its_checkpoints_stay(tmp_path, data_dir):
+    from helpers import free_port
+
+    env = dict(cli_env(), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    cmd = [sys.executable, "-m", "dsv3.cli", "train", "--out", str(tmp_path / "run"), "--data", data_dir,
+           *QUICK[:1], "500", *QUICK[2:], "--save-every", "2", "--dist-timeout", "60"]
+    procs = [subprocess.Popen(cmd, env=dict(env, RANK=str(r), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE="2"),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and all(p.poll() is None for p in procs):
+            if list_checkpoints(tmp_path / "run" / "checkpoints"):
+                break
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGKILL)
+        killed = time.time()
+        err = procs[0].communicate(timeout=60)[1]
+        assert time.time() - killed < 30                      # not --dist-timeout (60 s)
+        assert procs[0].returncode == 2, err
+        last = err.strip().splitlines()[-1]
+        assert "closed its connection" in last and "alive" not in last and "Traceback" not in err, err
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+    assert list_checkpoints(tmp_path / "run" / "checkpoints") and load_latest(str(tmp_path / "run" / "checkpoints"))

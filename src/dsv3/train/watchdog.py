@@ -85,11 +85,18 @@ class Heartbeat:
         return out
 
 
+_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe")
+
+
 def is_timeout(e: BaseException) -> bool:
     """A collective that gave up waiting (timeout) or lost its peer (connection closed)."""
     text = str(e).lower()
-    return isinstance(e, RuntimeError) and any(s in text for s in (
-        "timed out", "timeout", "connection closed by peer", "connection reset by peer", "broken pipe"))
+    return isinstance(e, RuntimeError) and any(s in text for s in ("timed out", "timeout", *_LOST))
+
+
+def is_lost_peer(e: BaseException) -> bool:
+    """A collective whose peer closed the connection (it exited or was killed), not one that timed out."""
+    return any(s in str(e).lower() for s in _LOST)
 
 
 def timeout_message(e: BaseException, rank: int, step, timeout_s: float, heartbeat: Heartbeat | None) -> str:
@@ -111,6 +118,9 @@ def timeout_message(e: BaseException, rank: int, step, timeout_s: float, heartbe
                                     for age, r, s in stale) + " — frozen, stopped or dead"
         elif unknown:
             msg += f"; no heartbeat readable from rank(s) {', '.join(map(str, unknown))}"
+        elif is_lost_peer(e):   # a rank killed a moment ago still has a fresh heartbeat: not "alive"
+            msg += "; a peer closed its connection: it exited or was killed (its own error, or torchrun's " \
+                   "summary, names it)"
         else:
             msg += "; every rank is alive but one was slower than --dist-timeout (raise it for long steps, " \
                    "checkpoint saves or data preparation)"
