@@ -254,6 +254,53 @@ def test_fp8_with_bf16_rest_like_the_release(tmp_path):
     assert torch.isfinite(our_logits(back.eval(), tokens(n=16))).all()
 
 
+
+def test_fp8_checkpoint_with_other_weight_blocks_dequantises_by_them(tmp_path):
+    """weight_block_size [64, 32] in quantization_config: dequant (and auto, which cannot keep such blocks)
+    multiply each 64x32 block by its own scale (were read as 128x128 blocks: an error on every tensor)."""
+    from dsv3.fp8.quant import _to_e4m3
+    from dsv3.hf import _fp8_quantisable, hf_state_dict
+
+    ours = make_ours(seed=7)
+    fp8_dir, twin_dir = tmp_path / "fp8", tmp_path / "twin"
+    original = hf_state_dict(ours)
+    stored, twin = {}, {}
+    for name, w in original.items():
+        if not _fp8_quantisable(name, w):
+            stored[name] = twin[name] = w
+            continue
+        N, K = w.shape
+        s = torch.rand(math.ceil(N / 64), math.ceil(K / 32), generator=torch.Generator().manual_seed(N * K)) + 0.5
+        full = s.repeat_interleave(64, 0)[:N].repeat_interleave(32, 1)[:, :K]
+        q = _to_e4m3(w.float() / full / w.abs().max() * 100)
+        stored[name], stored[name[: -len("weight")] + "weight_scale_inv"] = q, s
+        twin[name] = q.float() * full
+    for d, tensors in ((fp8_dir, stored), (twin_dir, twin)):
+        d.mkdir()
+        save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    cfg = ours.cfg.replace(quantization_config={"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                                "weight_block_size": [64, 32]})
+    cfg.save(fp8_dir / "config.json")
+    ours.cfg.save(twin_dir / "config.json")
+    reference = dsv3.load_pretrained(twin_dir).eval()
+    x = tokens(n=12)
+    for mode in ("dequant", "auto"):
+        loaded = dsv3.load_pretrained(fp8_dir, fp8=mode).eval()
+        torch.testing.assert_close(loaded.layers[0].self_attn.q_b_proj.weight,
+                                   reference.layers[0].self_attn.q_b_proj.weight, rtol=0, atol=0)
+        assert rel_err(our_logits(loaded, x), our_logits(reference, x)) < 1e-6
+
+
+def test_fp8_scale_of_the_wrong_shape_names_the_file_and_tensor(tmp_path):
+    dsv3.save_pretrained(make_ours(seed=8, **FP8_DIMS), tmp_path, fp8=True)
+    name = "model.layers.0.self_attn.o_proj.weight_scale_inv"
+    _rewrite(tmp_path, add={name: torch.ones(3, 1)})
+    with pytest.raises(ValueError) as e:
+        dsv3.load_pretrained(tmp_path, fp8="dequant")
+    msg = str(e.value)
+    assert name in msg and str(tmp_path / "model.safetensors") in msg and "(3, 1)" in msg
+
+
 # ------------------------------------------------------------------------------ MTP
 @pytest.mark.parametrize("depth", [1, 2])
 def test_mtp_weights_round_trip(depth, tmp_path):

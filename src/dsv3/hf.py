@@ -168,15 +168,24 @@ def check_model_dir(path: str | os.PathLike) -> ModelConfig:
     return cfg
 
 
-def _read(src: _TensorSource, name: str, dtype: torch.dtype) -> torch.Tensor:
+def _read(src: _TensorSource, name: str, dtype: torch.dtype, block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+    """Tensor `name` in `dtype`; an FP8 one multiplied out with its ``weight_scale_inv``, one scale per
+    ``block`` (config.json's ``quantization_config.weight_block_size``, [rows, columns])."""
     t = src.get(name)
     scale_name = name[: -len("weight")] + "weight_scale_inv" if name.endswith("weight") else None
     if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         if scale_name is None or scale_name not in src.weight_map:
             raise ValueError(f"{name} is stored in {t.dtype} but has no {scale_name}")
-        from .fp8.quant import dequantize_weight
-
-        t = dequantize_weight(t, src.get(scale_name).float())
+        s = src.get(scale_name).float()
+        bn, bk = block
+        n, k = t.shape if t.dim() == 2 else (None, None)
+        if t.dim() != 2 or tuple(s.shape) != (-(-n // bn), -(-k // bk)):
+            raise ValueError(f"{os.path.join(src.path, src.weight_map[scale_name])}: {scale_name} has shape "
+                             f"{tuple(s.shape)}; {name} {tuple(t.shape)} with the {bn}x{bk} weight blocks of "
+                             f"config.json's quantization_config needs a 2-D weight and [ceil(N/{bn}), "
+                             f"ceil(K/{bk})] scales")
+        full = s.repeat_interleave(bn, dim=0).repeat_interleave(bk, dim=1)[:n, :k]
+        t = t.float() * full
     return t.to(dtype)
 
 
@@ -268,6 +277,7 @@ def load_pretrained(path: str | os.PathLike, device=None, dtype: torch.dtype | N
             raise ValueError(f"fp8={fp8!r} needs 128x128 weight blocks; {path} has "
                              f"weight_block_size {qcfg.get('weight_block_size')}")
         keep = False
+    block = tuple(qcfg.get("weight_block_size", [128, 128])) if qcfg is not None else (128, 128)
     cfg.quantization_config = None  # set again below when weights stay quantised
     src = _TensorSource(path)
     available = src.keys()
@@ -323,7 +333,7 @@ def load_pretrained(path: str | os.PathLike, device=None, dtype: torch.dtype | N
             _read_fp8_into(state, shapes, src, key, hf, e, part, inter)
             continue
         keep_fp32 = key.endswith("e_score_correction_bias")
-        t = _read(src, hf, torch.float32 if keep_fp32 else dtype)
+        t = _read(src, hf, torch.float32 if keep_fp32 else dtype, block)
         if e is None:
             if tuple(t.shape) != tuple(shapes[key].shape):
                 raise ValueError(f"{hf}: shape {tuple(t.shape)} in the checkpoint, "
