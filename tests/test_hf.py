@@ -143,6 +143,32 @@ def test_our_checkpoint_loads_in_transformers(variant, tmp_path):
         assert hf.config.rope_parameters["rope_type"] == "yarn" and hf.config.rope_parameters["factor"] == 4.0
 
 
+
+# YaRN keys transformers reads that DeepSeek's released configs do not vary: one of mscale / mscale_all_dim
+# alone (transformers then scales cos/sin by mscale(factor), not by their ratio), an explicit attention_factor,
+# truncate false (the ramp's ends not rounded; original 64 positions put them between whole dimensions)
+YARN_KEYS = {
+    "mscale-alone": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "mscale": 0.9},
+    "mscale_all_dim-alone": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                             "mscale_all_dim": 0.707},
+    "attention_factor": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                         "mscale": 1.0, "mscale_all_dim": 1.0, "attention_factor": 1.3},
+    "truncate-false": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "truncate": False},
+}
+
+
+@pytest.mark.parametrize("variant", YARN_KEYS)
+def test_yarn_keys_give_transformers_logits_both_ways(variant, tmp_path):
+    hf = make_hf(seed=3, rope_scaling=YARN_KEYS[variant])
+    hf.save_pretrained(tmp_path / "hf")
+    ours = dsv3.load_pretrained(tmp_path / "hf").eval()
+    x = tokens()
+    assert rel_err(our_logits(ours, x), hf_logits(hf, x)) < 1e-4
+    dsv3.save_pretrained(ours, tmp_path / "ours")
+    back = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32).eval()
+    assert rel_err(hf_logits(back, x), hf_logits(hf, x)) < 1e-4
+
+
 # ------------------------------------------------------------------------------ sharding
 def test_sharded_checkpoints_both_directions(tmp_path):
     ours = make_ours(seed=3)

@@ -376,6 +376,21 @@ def _normalise_rope_scaling(rs: dict) -> dict:
            "original_max_position_embeddings": int(rs["original_max_position_embeddings"])}
     for k, d in _YARN_DEFAULTS.items():
         out[k] = float(rs.get(k, d) if rs.get(k) is not None else d)
+    if rs.get("mscale") is None and rs.get("mscale_all_dim"):
+        # transformers (the reference) scales cos/sin by mscale/mscale_all_dim only when both are given,
+        # else by mscale(factor); 0 says "not given" where the default 1.0 would make it the ratio
+        out["mscale"] = 0.0
+    # transformers' optional YaRN keys: an explicit cos/sin magnitude, and whether the ramp's ends are
+    # rounded to whole dimensions (default true, DeepSeek's)
+    if rs.get("attention_factor") is not None:
+        v = rs["attention_factor"]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"ModelConfig.rope_scaling['attention_factor'] = {v!r}: must be a finite number > 0")
+        out["attention_factor"] = float(v)
+    if rs.get("truncate") is not None:
+        if not isinstance(rs["truncate"], bool):
+            raise ValueError(f"ModelConfig.rope_scaling['truncate'] = {rs['truncate']!r}: must be true or false")
+        out["truncate"] = rs["truncate"]
     return out
 
 

@@ -30,8 +30,10 @@ def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
     rs = cfg.rope_scaling
     if rs is not None and rs["factor"] > 1:
         orig = rs["original_max_position_embeddings"]
-        low = max(math.floor(_correction_dim(rs["beta_fast"], dim, base, orig)), 0)
-        high = min(math.ceil(_correction_dim(rs["beta_slow"], dim, base, orig)), dim - 1)
+        low, high = _correction_dim(rs["beta_fast"], dim, base, orig), _correction_dim(rs["beta_slow"], dim, base, orig)
+        if rs.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
         if low == high:
             high += 0.001
         ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
@@ -41,14 +43,22 @@ def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
 
 
 def rope_cos_sin_scale(cfg: ModelConfig) -> float:
-    """Magnitude applied to cos/sin: mscale(factor, mscale) / mscale(factor, mscale_all_dim).
+    """Magnitude applied to cos/sin, as transformers computes it: rope_scaling's ``attention_factor``
+    when given, else mscale(factor, mscale) / mscale(factor, mscale_all_dim) when both are nonzero,
+    else mscale(factor).
 
     1.0 for every released DeepSeek config (mscale == mscale_all_dim); kept for HF parity.
     """
     rs = cfg.rope_scaling
-    if rs is None or rs["factor"] <= 1:
+    if rs is None:
         return 1.0
-    return yarn_mscale(rs["factor"], rs["mscale"]) / yarn_mscale(rs["factor"], rs["mscale_all_dim"])
+    if rs.get("attention_factor") is not None:
+        return rs["attention_factor"]
+    if rs["factor"] <= 1:
+        return 1.0
+    if rs["mscale"] and rs["mscale_all_dim"]:
+        return yarn_mscale(rs["factor"], rs["mscale"]) / yarn_mscale(rs["factor"], rs["mscale_all_dim"])
+    return yarn_mscale(rs["factor"])
 
 
 def precompute_freqs_cis(cfg: ModelConfig, max_len: int, device=None) -> torch.Tensor:
