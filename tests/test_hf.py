@@ -327,6 +327,18 @@ def test_fp8_scale_of_the_wrong_shape_names_the_file_and_tensor(tmp_path):
     assert name in msg and str(tmp_path / "model.safetensors") in msg and "(3, 1)" in msg
 
 
+
+def test_fp8_embeddings_config_names_the_dtype_of_the_unquantised_tensors(tmp_path):
+    """torch_dtype is the dtype of the norms, gate and bias (float32 here), not float8_e4m3fn, which the
+    quantised embedding (the first tensor) made it."""
+    dsv3.save_pretrained(make_ours(seed=8, **FP8_DIMS), tmp_path, fp8=True, fp8_embeddings=True)
+    with open(tmp_path / "config.json") as f:
+        assert json.load(f)["torch_dtype"] == "float32"
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        assert f.get_slice("model.embed_tokens.weight").get_dtype() == "F8_E4M3"
+        assert f.get_slice("model.norm.weight").get_dtype() == "F32"
+
+
 # ------------------------------------------------------------------------------ MTP
 @pytest.mark.parametrize("depth", [1, 2])
 def test_mtp_weights_round_trip(depth, tmp_path):

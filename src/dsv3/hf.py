@@ -453,6 +453,9 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, dtype: torch.dtyp
     tensors = hf_state_dict(model)
     if dtype is not None:
         tensors = {k: (v if k.endswith("e_score_correction_bias") else v.to(dtype)) for k, v in tensors.items()}
+    # config.json's torch_dtype: the dtype of the tensors that are not quantised (bfloat16 in DeepSeek's
+    # FP8 release), taken before quantising (the embedding may be E4M3 with fp8_embeddings)
+    stored_dtype = dtype or tensors["model.embed_tokens.weight"].dtype
     cfg = model.cfg.replace(quantization_config=None)
     if fp8_embeddings and not fp8:
         raise ValueError("fp8_embeddings=True needs fp8=True")
@@ -479,7 +482,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, dtype: torch.dtyp
         shards[-1][name] = tensors[name]
         size += nbytes
     hf_cfg = cfg.to_hf()
-    hf_cfg["torch_dtype"] = str(dtype or next(iter(tensors.values())).dtype).replace("torch.", "")
+    hf_cfg["torch_dtype"] = str(stored_dtype).replace("torch.", "")
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf_cfg, f, indent=2, sort_keys=True)
     meta = {"format": "pt"}
