@@ -149,6 +149,21 @@ def test_save_loads_with_tokenizers_and_from_file(tok, tmp_path):
         Tokenizer.from_file(tmp_path / "missing")
 
 
+
+def test_special_token_named_but_not_in_the_vocabulary_is_refused(tok, tmp_path):
+    """tokenizer_config.json naming an eos/bos/pad token the vocabulary lacks was read as "no such token":
+    a model whose eos is missing generates to the length limit without a word."""
+    tok.save(tmp_path / "tk")
+    path = tmp_path / "tk" / "tokenizer_config.json"
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    for key in ("eos_token", "bos_token"):
+        path.write_text(json.dumps(dict(cfg, **{key: {"content": "<|im_end|>"}})), encoding="utf-8")
+        with pytest.raises(ValueError, match=f"{key} '<\\|im_end\\|>' is not in .*vocabulary"):
+            Tokenizer.from_file(tmp_path / "tk")
+    path.write_text(json.dumps(dict(cfg, eos_token=None)), encoding="utf-8")     # none named: fine
+    assert Tokenizer.from_file(tmp_path / "tk").eos_id is None
+
+
 def test_transformers_loads_saved_dir(tok, tmp_path):
     transformers = pytest.importorskip("transformers")
     tok.save(tmp_path / "tk")

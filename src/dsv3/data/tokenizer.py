@@ -215,7 +215,8 @@ class Tokenizer:
             tok = _HFTokenizer.from_str(text)
         except Exception as e:  # noqa: BLE001 - the tokenizers library raises its own Exception type
             raise ValueError(f"tokenizer {file} cannot be read as a tokenizer.json ({str(e)[:200]})") from None
-        names = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN}
+        defaults = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN}
+        names = dict(defaults)
         config = (file.rsplit("/", 1)[0] + "/" if "/" in file else "") + "tokenizer_config.json"
         add_bos = False
         if fs.exists(config):
@@ -231,6 +232,9 @@ class Tokenizer:
                 value = cfg.get(key, names[key])
                 names[key] = value.get("content") if isinstance(value, dict) else value
         vocab = tok.get_vocab(with_added_tokens=True)
+        for key, value in names.items():     # named by tokenizer_config.json, not our default: it must exist
+            if isinstance(value, str) and value not in vocab and value != defaults[key]:
+                raise ValueError(f"{config}: {key} {value!r} is not in {file}'s vocabulary")
         names = {k: (v if isinstance(v, str) and v in vocab else None) for k, v in names.items()}
         return cls(tok, **names, add_bos_token=add_bos)
 
