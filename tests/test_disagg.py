@@ -30,6 +30,18 @@ def _serve(model_dir, port, log, *flags):
                                 env=cli_env(), stdout=out, stderr=subprocess.STDOUT)
 
 
+
+def _stop_servers(*procs) -> None:
+    """SIGTERM each server still running (a drain), then wait for it; kill what outlives 30 s."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("disagg")
@@ -48,14 +60,7 @@ def pair(tmp_path_factory):
         yield dict(model=model.eval(), tok=tok, prefill=f"http://127.0.0.1:{pp}", decode=f"http://127.0.0.1:{dp}",
                    procs=(pre, dec), dir=model_dir, cache=cache)
     finally:
-        for p in (dec, pre):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in (dec, pre):
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        _stop_servers(dec, pre)
 
 
 def _health(url):
@@ -168,14 +173,7 @@ def narrow(pair, tmp_path_factory):
         yield dict(prefill=f"http://127.0.0.1:{pp}", decode=f"http://127.0.0.1:{dp}", procs=(pre, dec),
                    logs=(tmp / "prefill.log", tmp / "decode.log"))
     finally:
-        for p in (dec, pre):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in (dec, pre):
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        _stop_servers(dec, pre)
 
 
 def test_a_prompt_the_prefill_server_cannot_hold_is_a_400_naming_the_field(pair, narrow):

@@ -343,16 +343,21 @@ def test_a_failed_save_removes_its_temporary_directory_and_says_how_much_space(t
     assert sorted(os.listdir(root)) == ["step-000000001"]
 
 
-def test_a_frozen_rank_makes_the_others_stop_with_an_error_naming_it(tmp_path, data_dir):
-    """Two ranks; rank 1 is frozen (SIGSTOP) mid-run: rank 0 exits with code 2 within --dist-timeout (+ start-up
-    slack), naming rank 1, instead of waiting 30 minutes."""
+
+def _two_cli_ranks(run, data_dir, *extra) -> list:
+    """Two `dsv3 train` ranks of 500 steps, started as torchrun would (stderr piped)."""
     from helpers import free_port
 
     env = dict(cli_env(), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    cmd = [sys.executable, "-m", "dsv3.cli", "train", "--out", str(tmp_path / "run"), "--data", data_dir,
-           *QUICK[:1], "500", *QUICK[2:], "--save-every", "1000", "--dist-timeout", "4"]
-    procs = [subprocess.Popen(cmd, env=dict(env, RANK=str(r), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE="2"),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    cmd = [sys.executable, "-m", "dsv3.cli", "train", "--out", str(run), "--data", data_dir,
+           *QUICK[:1], "500", *QUICK[2:], *extra]
+    return [subprocess.Popen(cmd, env=dict(env, RANK=str(r), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE="2"),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(2)]
+
+def test_a_frozen_rank_makes_the_others_stop_with_an_error_naming_it(tmp_path, data_dir):
+    """Two ranks; rank 1 is frozen (SIGSTOP) mid-run: rank 0 exits with code 2 within --dist-timeout (+ start-up
+    slack), naming rank 1, instead of waiting 30 minutes."""
+    procs = _two_cli_ranks(tmp_path / "run", data_dir, "--save-every", "1000", "--dist-timeout", "4")
     try:
         deadline = time.time() + 120
         metrics = tmp_path / "run" / "metrics.jsonl"
@@ -529,13 +534,7 @@ def test_a_peer_that_closed_its_connection_is_not_called_alive_and_slow(monkeypa
 
 @pytest.mark.slow   # two CLI ranks for a few steps; run with -m slow
 def test_a_killed_rank_makes_the_other_stop_at_once_saying_so_and_its_checkpoints_stay(tmp_path, data_dir):
-    from helpers import free_port
-
-    env = dict(cli_env(), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    cmd = [sys.executable, "-m", "dsv3.cli", "train", "--out", str(tmp_path / "run"), "--data", data_dir,
-           *QUICK[:1], "500", *QUICK[2:], "--save-every", "2", "--dist-timeout", "60"]
-    procs = [subprocess.Popen(cmd, env=dict(env, RANK=str(r), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE="2"),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    procs = _two_cli_ranks(tmp_path / "run", data_dir, "--save-every", "2", "--dist-timeout", "60")
     try:
         deadline = time.time() + 120
         while time.time() < deadline and all(p.poll() is None for p in procs):
