@@ -213,6 +213,8 @@ CASES = [
     ("generate-tokenizer-of-another-model", lambda t, m: ["generate", "--prompt", "x", "--model", _broken_model(
         t, m, config__json={**json.load(open(os.path.join(m, "config.json"))), "vocab_size": 100})], "vocab_size"),
     ("generate-top-p", lambda t, m: ["generate", "--prompt", "x", "--model", m, "--top-p", "0"], "--top-p"),
+    ("generate-greedy-top-k", lambda t, m: ["generate", "--prompt", "x", "--model", m, "--temperature", "0", "--top-k",
+                                            "5"], "--top-k 5: it only applies when sampling"),
     ("generate-temperature-nan", lambda t, m: ["generate", "--prompt", "x", "--model", m, "--temperature", "nan"],
      "--temperature"),
     ("generate-fp8-keep-bf16-model", lambda t, m: ["generate", "--prompt", "x", "--model", m, "--fp8", "keep",
@@ -349,6 +351,8 @@ CASES = [
     ("sample-keep-none-out", lambda t, m: _sample(t, m) + ["--keep", "none", "--out", str(t / "kept.jsonl")],
      "--out only applies"),
     ("sample-keep-none-dedup", lambda t, m: _sample(t, m) + ["--keep", "none", "--dedup"], "--dedup only applies"),
+    ("sample-greedy-top-p", lambda t, m: _sample(t, m) + ["--temperature", "0", "--top-p", "0.9"],
+     "--top-p 0.9: it only applies when sampling"),
     ("sample-keep-none-max-per-prompt", lambda t, m: _sample(t, m) + ["--keep", "none", "--max-per-prompt", "2"],
      "--max-per-prompt only applies"),
     # ---- eval: a flag none of the chosen tasks reads is refused; --out is checked before the evaluation

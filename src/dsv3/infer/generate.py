@@ -82,8 +82,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling (default 0.95; not with --temperature 0)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest (default 50; not with "
+                                                           "--temperature 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--speculative", action="store_true",
@@ -162,12 +163,28 @@ def load_tokenizer(path: str):
     return Tokenizer.from_file(tok_path)
 
 
+def check_greedy_filters(args, off: tuple = (None, None)) -> None:
+    """--top-k / --top-p only shape sampling: with --temperature 0 (greedy) a given one is refused, not
+    ignored. ``off``: the (top-k, top-p) values that mean "not given"."""
+    from ..errors import UserError
+    from .sampling import GREEDY_BELOW
+
+    if args.temperature < GREEDY_BELOW:
+        for flag, v, none in (("--top-k", args.top_k, off[0]), ("--top-p", args.top_p, off[1])):
+            if v != none:
+                raise UserError(f"{flag} {v}: it only applies when sampling; --temperature {args.temperature} "
+                                "decodes greedily (drop one of them)")
+
+
 def check_args(args) -> None:
     """Flag values generation cannot use (a UserError naming the flag), before the model is loaded."""
     from ..errors import check_device, check_finite, check_int
 
     check_int("--max-new-tokens", args.max_new_tokens, lo=1)
     check_finite("--temperature", args.temperature, lo=0)
+    check_greedy_filters(args)
+    args.top_p = 0.95 if args.top_p is None else args.top_p
+    args.top_k = 50 if args.top_k is None else args.top_k
     check_finite("--top-p", args.top_p, lo=0, hi=1, lo_open=True)
     check_int("--top-k", args.top_k, lo=0)
     check_int("--seed", args.seed, lo=0, hi=2**63 - 1)

@@ -22,6 +22,7 @@ import os
 import sys
 
 from ..errors import UserError, check_device, check_finite, check_int, check_output_file
+from ..infer.generate import check_greedy_filters
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,6 +57,7 @@ def check_args(args) -> None:
     check_int("--seed", args.seed, lo=0, hi=2**63 - 1)
     check_finite("--temperature", args.temperature, lo=0)
     check_finite("--top-p", args.top_p, lo=0, hi=1, lo_open=True)
+    check_greedy_filters(args, off=(0, 1.0))
     check_finite("--threshold", args.threshold)
     check_device("--device", args.device)
     if args.keep == "none":
