@@ -105,11 +105,13 @@ class TrainConfig:
             raise ValueError("--schedule and --microbatches need --pp > 1 (they set the pipeline's schedule and "
                              "micro-batches; without a pipeline use --grad-accum)")
         if self.pp > 1:   # the schedule's size rules, named by the flags (were "num_microbatches >= 3 …; got 2")
-            from ..parallel.pipeline.schedule import check_sizes
+            from ..parallel.pipeline.schedule import check_ranks, check_sizes
 
-            if self.schedule == "dualpipe" and self.pp % 2:
-                raise ValueError(f"--schedule dualpipe needs an even --pp (rank r pairs with rank PP-1-r); got --pp "
-                                 f"{self.pp}")
+            try:
+                check_ranks(self.schedule, self.pp)
+            except ValueError:
+                raise ValueError(f"--schedule {self.schedule} needs an even --pp (rank r pairs with rank PP-1-r); got "
+                                 f"--pp {self.pp}") from None
             if self.microbatches:
                 try:
                     check_sizes(self.schedule, self.pp, self.microbatches)

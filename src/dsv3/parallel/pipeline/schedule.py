@@ -143,6 +143,12 @@ class Schedule:
 # builders
 
 
+def check_ranks(name: str, p: int) -> None:
+    """Raise ``ValueError`` unless ``name`` can run on ``p`` ranks at all (dualpipe: an even number)."""
+    if name == "dualpipe" and p % 2:
+        raise ValueError(f"dualpipe needs an even number of ranks (rank r pairs with PP-1-r); got {p}")
+
+
 def check_sizes(name: str, p: int, m: int) -> None:
     """Raise ``ValueError`` (stating the rule) unless ``name`` builds for ``p`` ranks and ``m``
     micro-batches per step — the size rules of the module docstring; the planner (:mod:`dsv3.plan`)
@@ -151,9 +157,8 @@ def check_sizes(name: str, p: int, m: int) -> None:
         raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
     if p < 1 or m < 1:
         raise ValueError(f"num_ranks and num_microbatches must be >= 1 (got {p}, {m})")
+    check_ranks(name, p)
     if name == "dualpipe":
-        if p % 2:
-            raise ValueError(f"dualpipe needs an even number of ranks (rank r pairs with PP-1-r); got {p}")
         if m % 2:
             raise ValueError(f"dualpipe needs an even number of micro-batches (half enter from each end); got {m}")
     need = MIN_MICROBATCHES[name](p)
