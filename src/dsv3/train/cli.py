@@ -434,12 +434,10 @@ def run_identity(args, cfg, data_dir: str) -> dict:
 
 
 def resolved_precision(precision: str, device: str) -> str:
-    """--precision auto as the trainer resolves it: bf16 on a GPU, fp32 on a CPU."""
-    from .trainer import pick_device
+    """--precision as the trainer resolves it on ``--device`` (auto: bf16 on a GPU, fp32 on a CPU)."""
+    from .trainer import pick_device, resolve_precision
 
-    if precision != "auto":
-        return precision
-    return "bf16" if pick_device(device).type == "cuda" else "fp32"
+    return resolve_precision(precision, pick_device(device))
 
 
 def _checkpoint_identity(out: str) -> dict | None:
@@ -640,7 +638,9 @@ def check_memory(args, cfg, device) -> None:
     from ..plan.local import check_fits, training_bytes
 
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    bf16 = args.precision in ("bf16", "fp8") or (args.precision == "auto" and device.type == "cuda")
+    from .trainer import resolve_precision
+
+    bf16 = resolve_precision(args.precision, device) in ("bf16", "fp8")
     parts = training_bytes(cfg, batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum,
                            world=world, pp=args.pp, ep=args.ep, bf16=bf16, bf16_moments=args.bf16_moments,
                            recompute=args.recompute)

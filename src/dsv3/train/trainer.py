@@ -153,6 +153,13 @@ def dist_from_env(device: torch.device) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), dist.group.WORLD)
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """--precision as a run on ``device`` uses it: auto is bf16 on a GPU, fp32 on a CPU."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
@@ -175,7 +182,7 @@ class Trainer:
             raise ValueError(f"--batch-size {tc.batch_size} must be divisible by data-parallel world size × "
                              f"grad accum ({spec.dp} × {tc.grad_accum})")
         self.dataset, self.val_dataset, self.tokenizer = dataset, val_dataset, tokenizer
-        precision = tc.precision if tc.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
+        precision = resolve_precision(tc.precision, self.device)
         self.precision = precision
         torch.manual_seed(tc.seed)
         # --pp: shapes only here; the pipeline gives storage to (and initialises) this rank's stages
