@@ -195,6 +195,43 @@ def test_a_prompt_the_prefill_server_cannot_hold_is_a_400_naming_the_field(pair,
     assert _health(narrow["decode"])["status"] == "ok"
 
 
+def _answers(url, code: int) -> float:
+    """The server's ``dsv3_http_requests_total`` for status ``code`` (its /metrics)."""
+    prefix = f'dsv3_http_requests_total{{code="{code}"}} '
+    text = httpx.get(url + "/metrics", timeout=30).text
+    return next((float(line[len(prefix):]) for line in text.splitlines() if line.startswith(prefix)), 0.0)
+
+
+def test_a_client_gone_while_the_prefill_server_works_cancels_the_remote_prefill(narrow):
+    """The client disconnects while the decode server waits for a (stalled) prefill server: the decode
+    server gives up at once (499, the prefill server still stopped) and closes its call to the prefill
+    server, which then drops the prompt (its own 499) instead of computing it for nobody; both keep serving."""
+    import os
+    import time
+
+    pre, _ = narrow["procs"]
+    c = openai.OpenAI(base_url=narrow["decode"] + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    name = c.models.list().data[0].id
+    gone = {u: _answers(narrow[u], 499) for u in ("prefill", "decode")}
+    os.kill(pre.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(openai.APITimeoutError):         # the client gives up after 1 s and disconnects
+            c.with_options(timeout=1.0).completions.create(model=name, prompt="q" * 150, max_tokens=4, temperature=0)
+        deadline = time.time() + 10
+        while _answers(narrow["decode"], 499) == gone["decode"]:
+            assert time.time() < deadline, "the decode server still waits for the prefill server"
+            time.sleep(0.1)
+    finally:
+        os.kill(pre.pid, signal.SIGCONT)
+    deadline = time.time() + 10
+    while _answers(narrow["prefill"], 499) == gone["prefill"]:      # its client (the decode server) went away
+        assert time.time() < deadline, "the prefill server was not told: it answered the abandoned prompt"
+        time.sleep(0.1)
+    r = c.completions.create(model=name, prompt="q" * 150, max_tokens=2, temperature=0)
+    assert r.choices[0].finish_reason == "length"
+    assert _health(narrow["prefill"])["status"] == _health(narrow["decode"])["status"] == "ok"
+
+
 def test_a_drain_that_runs_out_while_the_prefill_server_works_answers_503(narrow):
     """SIGTERM on the decode server while a request waits for a (stalled) prefill server: once
     --shutdown-grace (1 s) has run out the client gets a 503 in OpenAI's shape, not a cut connection."""

@@ -20,7 +20,9 @@ server checks this when it starts (``GET /internal/prefill``; a mismatch is one 
 on each answer, and by looking for each prompt's first block in its own ``--prefix-cache``; it fails
 the request loudly (503 naming the mismatch) rather than silently computing the prompt itself. A
 prefill server that cannot be reached is a 503 too; a prompt it cannot hold (its cache pool or context
-is smaller) is a 400 ``context_length_exceeded`` naming the client's field.
+is smaller) is a 400 ``context_length_exceeded`` naming the client's field. A client that goes away while
+its prompts are on the prefill server has that call cancelled: its connection closes, and the prefill
+server aborts the prompts as it would for any client gone.
 """
 
 from __future__ import annotations

@@ -231,9 +231,11 @@ def max_new_tokens(st: ServerState, prompt_len: int, asked: int | None, default:
     return asked
 
 
-async def prefill_and_start(st: ServerState, gens: list, prompt_param: str) -> asyncio.Queue:
+async def prefill_and_start(st: ServerState, gens: list, prompt_param: str, request) -> asyncio.Queue:
     """With ``--role decode``, have the prefill server put the prompts' blocks in the shared cache first
-    (503 if it cannot); then :func:`start_all`."""
+    (503 if it cannot); then :func:`start_all`. A client that goes away meanwhile raises
+    :class:`ClientGone`, and the call to the prefill server is cancelled (its connection closed, so the
+    prefill server aborts the prompts too)."""
     if st.remote_prefill is not None:
         # a drain's grace that runs out while the prefill server still works ends the wait with a 503
         # (uvicorn's own deadline would cut the connection without an answer)
@@ -244,13 +246,21 @@ async def prefill_and_start(st: ServerState, gens: list, prompt_param: str) -> a
         remote = asyncio.ensure_future(st.remote_prefill(list({tuple(g.prompt): g.prompt for g in gens}.values()),
                                                          prompt_param))
         cut = asyncio.ensure_future(st.cut_off_event.wait())
+        watch = asyncio.ensure_future(until_disconnected(request.receive))
         try:
-            await asyncio.wait({remote, cut}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({remote, cut, watch}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             cut.cancel()
+            gone = watch.done() and not watch.cancelled()
+            watch.cancel()
             unfinished = not remote.done()
             if unfinished:
                 remote.cancel()
+                await asyncio.wait({remote})     # httpx closes the connection as it unwinds
+        if gone:                             # no answer is due (the prefill server's, if any, is dropped)
+            if not remote.cancelled():
+                remote.exception()
+            raise ClientGone()
         if unfinished:
             raise APIError(503, "the server shut down before this request finished (--shutdown-grace ran out while "
                                 "the prefill server computed its prompt)", code="shutting_down")
@@ -425,7 +435,7 @@ async def completions(st: ServerState, request):
                 logprobs=engine_logprobs,
                 prompt_logprobs=body.logprobs if echo and body.logprobs is not None else None,
                 hide_output=hide, metrics=st.metrics, arrival=arrival))
-    queue = await prefill_and_start(st, gens, "prompt")
+    queue = await prefill_and_start(st, gens, "prompt", request)
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     want_lp = body.logprobs is not None
 
@@ -524,7 +534,7 @@ async def chat_completions(st: ServerState, request):
     gens = [GenerationStream(st.worker, st.tb, j, ids, mt, params, choice_seed(seed, j), stops, st.stop_ids,
                              logprobs=(body.top_logprobs or 0) if want_lp else None, metrics=st.metrics,
                              arrival=arrival) for j in range(n)]
-    queue = await prefill_and_start(st, gens, "messages")
+    queue = await prefill_and_start(st, gens, "messages", request)
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     def the_usage():
