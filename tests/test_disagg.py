@@ -156,22 +156,26 @@ def test_a_mismatched_prefill_server_is_a_503(pair):
     assert e.value.status == 503 and e.value.code == "prefill_unavailable" and "401" in str(e.value)
 
 
+NARROW_BODY = 4096
+
+
 @pytest.fixture(scope="module")
 def narrow(pair, tmp_path_factory):
     """A prefill server whose cache pool holds 4 blocks (256 positions) and a decode server with the
-    whole context (320): the deployment takes prompts the decode server alone could."""
+    whole context (320): the deployment takes prompts the decode server alone could. The prefill server's
+    --max-body-bytes is small (4096): what the decode server forwards may be larger."""
     tmp = tmp_path_factory.mktemp("narrow")
     cache = str(tmp / "kv")
     pp, dp = free_port(), free_port()
     pre = _serve(pair["dir"], pp, tmp / "prefill.log", "--role", "prefill", "--prefix-cache", cache,
-                 "--cache-memory", "0.00007")
+                 "--cache-memory", "0.00007", "--max-body-bytes", str(NARROW_BODY))
     dec = _serve(pair["dir"], dp, tmp / "decode.log", "--role", "decode", "--prefix-cache", cache,
                  "--prefill-url", f"http://127.0.0.1:{pp}", "--shutdown-grace", "1")
     try:
         wait_healthy(f"http://127.0.0.1:{pp}", pre, tmp / "prefill.log", 120, "the prefill server")
         wait_healthy(f"http://127.0.0.1:{dp}", dec, tmp / "decode.log", 120, "the decode server")
         yield dict(prefill=f"http://127.0.0.1:{pp}", decode=f"http://127.0.0.1:{dp}", procs=(pre, dec),
-                   logs=(tmp / "prefill.log", tmp / "decode.log"))
+                   logs=(tmp / "prefill.log", tmp / "decode.log"), dir=pair["dir"])
     finally:
         _stop_servers(dec, pre)
 
@@ -193,6 +197,39 @@ def test_a_prompt_the_prefill_server_cannot_hold_is_a_400_naming_the_field(pair,
     r = c.completions.create(model=name, prompt="y" * 150, max_tokens=4, temperature=0)
     assert r.choices[0].text == _greedy(pair, "y" * 150, 4)
     assert _health(narrow["decode"])["status"] == "ok"
+
+
+def test_the_prefill_route_takes_what_a_decode_server_forwards(narrow):
+    """The decode server forwards prompts as token ids, which take more bytes as JSON than the client's
+    text did: the prefill server takes bodies up to what 64 of its longest prompts need, even past its
+    --max-body-bytes (4096 here), and refuses only larger ones (413)."""
+    import json
+    import random
+
+    from dsv3.infer.generate import load_tokenizer
+
+    # 12 prompts of text (a body of about 2 kB) become 12 token-id lists (over 4096 bytes) for the prefill server
+    rng = random.Random(0)
+    texts = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(170)) for _ in range(12)]
+    tok = load_tokenizer(narrow["dir"])
+    ids = [tok.encode(t, add_bos=tok.add_bos_token) for t in texts]
+    assert len(json.dumps({"prompts": ids}, separators=(",", ":"))) > NARROW_BODY > len(json.dumps(texts)) + 200
+    c = openai.OpenAI(base_url=narrow["decode"] + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    r = c.completions.create(model=c.models.list().data[0].id, prompt=texts, max_tokens=1, temperature=0)
+    assert len(r.choices) == 12 and r.usage.prompt_tokens_details.cached_tokens >= 12 * BLOCK
+    # the bound holds the widest body a decode server can send, as httpx or json.dumps (", ") writes it
+    from dsv3.infer.disagg import prefill_body_limit
+
+    widest = {"prompts": [[299] * 255] * 64}
+    bound = prefill_body_limit(255, 300, NARROW_BODY)
+    assert len(json.dumps(widest)) <= bound < 1.1 * len(json.dumps(widest))
+    assert prefill_body_limit(255, 300, 10 ** 7) == 10 ** 7
+    # the route's limit is that bound: a larger body is a 413 naming it
+    auth = {"Authorization": f"Bearer {KEY}"}
+    big = json.dumps({"prompts": [[1] * ((bound - 12) // 2)]}, separators=(",", ":"))
+    assert len(big) > bound
+    r = httpx.post(narrow["prefill"] + "/internal/prefill", content=big, headers=auth, timeout=60)
+    assert r.status_code == 413 and f"the limit is {bound} (64 prompts" in r.json()["error"]["message"], r.text
 
 
 def _answers(url, code: int) -> float:

@@ -198,6 +198,19 @@ def _error_of(response) -> dict:
     return err if isinstance(err, dict) else {}
 
 
+MAX_PROMPTS = 64         # prompts in one POST /internal/prefill (a request's prompts × best_of, deduplicated)
+
+
+def prefill_body_limit(max_prompt_len: int, vocab_size: int, client_limit: int) -> int:
+    """The body size ``POST /internal/prefill`` accepts: the largest a decode server can legitimately send
+    (64 prompts of ``max_prompt_len`` ids, each as wide as the widest id, ``vocab_size - 1``, with a
+    separator of up to two bytes, ", "; each list's brackets and separator; the object's key), or
+    ``client_limit`` (--max-body-bytes) if larger. The client's limit alone is too small: its text
+    became token ids, which take more bytes as JSON than the text did (about 7 against 4 a token)."""
+    per_prompt = max_prompt_len * (len(str(max(vocab_size - 1, 0))) + 2) + 4
+    return max(client_limit, MAX_PROMPTS * per_prompt + 64)
+
+
 def prefill_info(st) -> dict:
     """``GET /internal/prefill`` (the prefill server): the cache blocks it builds and the longest prompt it
     takes, which a decode server checks when it starts."""
@@ -215,9 +228,10 @@ async def prefill_route(st, request) -> dict:
     from .server import read_json, run_whole, start_all
 
     st.check_serving()
-    body = await read_json(request, st.max_body_bytes)
+    body = await read_json(request, prefill_body_limit(st.max_len - 1, st.vocab_size, st.max_body_bytes),
+                           limit_source="64 prompts of this server's longest as token ids, or --max-body-bytes")
     prompts = body.get("prompts") if isinstance(body, dict) else None
-    check(isinstance(prompts, list) and prompts and len(prompts) <= 64
+    check(isinstance(prompts, list) and prompts and len(prompts) <= MAX_PROMPTS
           and all(isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
                   for p in prompts), "prompts: a list of 1 … 64 non-empty token-id lists", "prompts")
     for i, p in enumerate(prompts):                  # one token is computed after each prompt

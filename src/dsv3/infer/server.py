@@ -139,16 +139,16 @@ class ServerState:
 
 
 # --------------------------------------------------------------------------------------- request plumbing
-async def read_json(request, limit: int, model=None):
-    """The request's JSON object, read with a size limit (413) and parsed strictly (400), validated as
-    ``model`` when one is given; a client that disconnects before its body is in raises
+async def read_json(request, limit: int, model=None, limit_source: str = "--max-body-bytes"):
+    """The request's JSON object, read with a size limit (413, naming ``limit_source``) and parsed strictly
+    (400), validated as ``model`` when one is given; a client that disconnects before its body is in raises
     :class:`ClientGone` (answered 499, nothing logged). A body over 256 KiB is parsed and validated on a
     worker thread: a few MB of JSON take up to a second, which would hold every other stream."""
     length = request.headers.get("content-length")
     if length is not None:
         check(length.isdigit(), "invalid Content-Length header", None)
         if int(length) > limit:
-            raise APIError(413, f"the request body has {int(length)} bytes; the limit is {limit} (--max-body-bytes)",
+            raise APIError(413, f"the request body has {int(length)} bytes; the limit is {limit} ({limit_source})",
                            code="request_too_large")
     from starlette.requests import ClientDisconnect
 
@@ -157,7 +157,7 @@ async def read_json(request, limit: int, model=None):
         async for chunk in request.stream():
             buf += chunk
             if len(buf) > limit:
-                raise APIError(413, f"the request body exceeds {limit} bytes (--max-body-bytes)",
+                raise APIError(413, f"the request body exceeds {limit} bytes ({limit_source})",
                                code="request_too_large")
     except ClientDisconnect:                 # the client went away before sending all of it: no answer is due
         raise ClientGone() from None
@@ -763,7 +763,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch threads of the engine process (default on a CPU: all cores but one, which the "
                         "HTTP side keeps)")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY, metavar="N",
-                   help=f"largest request body accepted; larger ones get 413 (default {DEFAULT_MAX_BODY})")
+                   help=f"largest request body accepted; larger ones get 413 (default {DEFAULT_MAX_BODY}; "
+                        "--role prefill's POST /internal/prefill takes at least what 64 of its longest prompts "
+                        "as token ids need)")
     p.add_argument("--shutdown-grace", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, seconds requests in flight may take to finish before they are aborted "
                         "(default 30)")
