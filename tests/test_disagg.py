@@ -67,6 +67,13 @@ def _health(url):
     return httpx.get(url + "/health", timeout=30).json()
 
 
+def _answers(url, code: int) -> float:
+    """The server's ``dsv3_http_requests_total`` for status ``code`` (its /metrics)."""
+    prefix = f'dsv3_http_requests_total{{code="{code}"}} '
+    text = httpx.get(url + "/metrics", timeout=30).text
+    return next((float(line[len(prefix):]) for line in text.splitlines() if line.startswith(prefix)), 0.0)
+
+
 def _greedy(pair, text, n):
     from dsv3.infer.generate import generate
 
@@ -199,6 +206,29 @@ def test_a_prompt_the_prefill_server_cannot_hold_is_a_400_naming_the_field(pair,
     assert _health(narrow["decode"])["status"] == "ok"
 
 
+def test_the_decode_server_reports_and_keeps_the_prefill_servers_prompt_limit(narrow):
+    """The narrow deployment takes prompts of at most 255 tokens (its prefill server's pool holds 256
+    positions; the decode server alone 320): /v1/models says 256, and the decode server refuses a longer
+    prompt itself (400 naming the field) without sending it to the prefill server."""
+    c = openai.OpenAI(base_url=narrow["decode"] + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    card = c.models.list().data[0]
+    assert card.to_dict()["max_model_len"] == 256
+    assert c.models.retrieve(card.id).to_dict()["max_model_len"] == 256
+    refused = _answers(narrow["prefill"], 400)
+    for call, param in ((lambda: c.completions.create(model=card.id, prompt=[7] * 256, max_tokens=2), "prompt"),
+                        (lambda: c.chat.completions.create(model=card.id, max_tokens=2,
+                                                           messages=[{"role": "user", "content": "y" * 270}]),
+                         "messages")):
+        with pytest.raises(openai.BadRequestError) as e:
+            call()
+        err = e.value.body
+        assert err["code"] == "context_length_exceeded" and err["param"] == param, err
+        assert "prefill server takes prompts of at most 255" in err["message"], err
+    assert _answers(narrow["prefill"], 400) == refused             # refused by the decode server itself
+    r = c.completions.create(model=card.id, prompt=[7] * 255, max_tokens=2, temperature=0)    # the longest
+    assert r.usage.prompt_tokens == 255 and r.usage.completion_tokens == 2
+
+
 def test_the_prefill_route_takes_what_a_decode_server_forwards(narrow):
     """The decode server forwards prompts as token ids, which take more bytes as JSON than the client's
     text did: the prefill server takes bodies up to what 64 of its longest prompts need, even past its
@@ -230,13 +260,6 @@ def test_the_prefill_route_takes_what_a_decode_server_forwards(narrow):
     assert len(big) > bound
     r = httpx.post(narrow["prefill"] + "/internal/prefill", content=big, headers=auth, timeout=60)
     assert r.status_code == 413 and f"the limit is {bound} (64 prompts" in r.json()["error"]["message"], r.text
-
-
-def _answers(url, code: int) -> float:
-    """The server's ``dsv3_http_requests_total`` for status ``code`` (its /metrics)."""
-    prefix = f'dsv3_http_requests_total{{code="{code}"}} '
-    text = httpx.get(url + "/metrics", timeout=30).text
-    return next((float(line[len(prefix):]) for line in text.splitlines() if line.startswith(prefix)), 0.0)
 
 
 def test_a_client_gone_while_the_prefill_server_works_cancels_the_remote_prefill(narrow):

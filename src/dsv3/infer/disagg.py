@@ -20,9 +20,12 @@ server checks this when it starts (``GET /internal/prefill``; a mismatch is one 
 on each answer, and by looking for each prompt's first block in its own ``--prefix-cache``; it fails
 the request loudly (503 naming the mismatch) rather than silently computing the prompt itself. A
 prefill server that cannot be reached is a 503 too; a prompt it cannot hold (its cache pool or context
-is smaller) is a 400 ``context_length_exceeded`` naming the client's field. A client that goes away while
-its prompts are on the prefill server has that call cancelled: its connection closes, and the prefill
-server aborts the prompts as it would for any client gone.
+is smaller) is a 400 ``context_length_exceeded`` naming the client's field, which the decode server
+answers itself once it knows the prefill server's limit (``GET /internal/prefill``); its ``/v1/models``
+reports the deployment's ``max_model_len``: the smaller of its own and the prefill server's longest
+prompt + 1. A client that goes away while its prompts are on the prefill server has that call
+cancelled: its connection closes, and the prefill server aborts the prompts as it would for any
+client gone.
 """
 
 from __future__ import annotations
@@ -93,6 +96,7 @@ class RemotePrefill:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.AsyncClient(timeout=timeout, headers=headers)
         self.requests = self.prompt_tokens = 0
+        self.max_prompt_len: int | None = None     # the prefill server's, once known (GET /internal/prefill)
 
     async def __call__(self, prompts: list[list[int]], param: str = "prompt") -> None:
         """``param``: the client's field the prompts came from, named in a 400 when the prefill server
@@ -104,6 +108,12 @@ class RemotePrefill:
         todo = [p for p in prompts if cacheable(p, self.limits)]
         if not todo:
             return
+        theirs = await self.prompt_limit()
+        longest = max(map(len, todo))
+        if theirs is not None and longest > theirs:          # refused here: the prefill server would
+            raise APIError(400, f"{param}: the prompt has {longest} tokens; this deployment's prefill server takes "
+                                f"prompts of at most {theirs} (its context or cache pool holds {theirs + 1} "
+                                "positions)", param=param, code="context_length_exceeded")
         try:
             r = await self.client.post(self.url, json={"prompts": todo})
         except httpx.HTTPError as e:
@@ -136,6 +146,24 @@ class RemotePrefill:
         self.requests += 1
         self.prompt_tokens += sum(map(len, todo))
 
+    async def prompt_limit(self) -> int | None:
+        """The longest prompt the prefill server takes (None while it cannot be asked): read when this
+        server started, or asked now if it could not be then."""
+        if self.max_prompt_len is None:
+            import httpx
+
+            try:
+                r = await self.client.get(self.url, timeout=5)
+                self._record(r.json() if r.status_code == 200 else None)
+            except (httpx.HTTPError, ValueError):
+                pass
+        return self.max_prompt_len
+
+    def _record(self, info) -> None:
+        theirs = info.get("max_prompt_len") if isinstance(info, dict) else None
+        if isinstance(theirs, int) and not isinstance(theirs, bool):
+            self.max_prompt_len = theirs
+
     def _missing(self, prompts: list[list[int]]) -> str | None:
         """The first block file of a prompt that is not in this server's prefix cache (None: all there)."""
         from .prefix_cache import first_block_path
@@ -150,7 +178,8 @@ class RemotePrefill:
         """At the decode server's start: ask the prefill server what it builds (``GET /internal/prefill``).
         ValueError naming the flag when it cannot serve this server (another model or --speculative,
         another --api-key, not a prefill server at all); ``warn(line)`` when it cannot be reached yet
-        (it may start later: until then long prompts get 503) or takes shorter prompts than this server."""
+        (it may start later: until then long prompts get 503) or takes shorter prompts than this server
+        (recorded: this server refuses longer ones itself and reports the smaller limit in /v1/models)."""
         import httpx
 
         auth = self.client.headers.get("Authorization")
@@ -180,8 +209,9 @@ class RemotePrefill:
                              f"blocks {body['prefix_cache']!r}, this server reads {self.limits.prefix_cache!r} "
                              "(fingerprint/layers/lookahead/block): serve the same model with the same --speculative "
                              "on both")
-        theirs = body.get("max_prompt_len")
-        if isinstance(theirs, int) and theirs < self.limits.max_request_len - 1:
+        self._record(body)
+        theirs = self.max_prompt_len
+        if theirs is not None and theirs < self.limits.max_request_len - 1:
             warn(f"the prefill server takes prompts of at most {theirs} tokens, fewer than this server's "
                  f"{self.limits.max_request_len - 1}: longer prompts get 400")
 

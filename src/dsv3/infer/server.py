@@ -695,18 +695,23 @@ def create_app(worker, tokenizer, model_name: str = "dsv3", template=None, api_k
         body, content_type = st.metrics.render()
         return Response(body, media_type=content_type)
 
-    def model_card():
+    async def model_card():
+        max_len = st.max_len
+        if remote_prefill is not None:          # --role decode: the prefill server may take shorter prompts
+            theirs = await remote_prefill.prompt_limit()
+            if theirs is not None:
+                max_len = min(max_len, theirs + 1)
         return {"id": st.model_name, "object": "model", "created": st.created, "owned_by": "dsv3",
-                "max_model_len": st.max_len}
+                "max_model_len": max_len}
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [await model_card()]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
         st.check_model(model_id)
-        return model_card()
+        return await model_card()
 
     @app.post("/v1/completions")
     async def completions_route(request: Request):
