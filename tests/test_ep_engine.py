@@ -129,7 +129,8 @@ def _rank(rank, world, gpus_per_node, port, model_dirs, seed, out_path):
                         for i, s in enumerate(specs)]
                 ep.run()
                 res = dict(outputs=[r.output for r in reqs], reasons=[r.finish_reason for r in reqs],
-                           errors=[r.error for r in reqs], placed=ep.placed, logprobs=[_logprobs(r) for r in reqs])
+                           errors=[r.error for r in reqs], placed=ep.placed, logprobs=[_logprobs(r) for r in reqs],
+                           stats=ep.stats())
                 ep.close()
             else:
                 ep.serve()
@@ -139,7 +140,7 @@ def _rank(rank, world, gpus_per_node, port, model_dirs, seed, out_path):
                         rebalances=ep.rebalances, placement_version=ep.placement_version,
                         expert_params=sum(m.experts.w13.numel() + m.experts.w2.numel() for m in model.moe_layers()),
                         steps=ep.engine.steps, empty_forwards=ep.empty_forwards,
-                        preemptions=ep.engine.preemptions)
+                        preemptions=ep.engine.preemptions, drafted=ep.engine.drafted, accepted=ep.engine.accepted)
             gather_scenario(results, name, res if rank == 0 else None, mine, world, t0)
         except Exception as e:   # fail fast: the spawn context kills the other ranks and re-raises
             raise RuntimeError(f"rank {rank}, scenario {name}:\n{traceback.format_exc()}") from e
@@ -278,6 +279,19 @@ def test_live_rebalance_moves_only_changed_experts(request, world, name):
         # a changed slot either copies locally (the rank held the expert) or receives one expert
         assert moved % expert_bytes == 0 and moved <= changed * expert_bytes
     assert sum(x["bytes_received"] for info in ranks for x in info["rebalances"]) > 0
+
+
+def test_speculative_acceptance_rate_is_the_groups(two):
+    """/health under --ep: the acceptance rate over every rank's drafts (it was rank 0's alone)."""
+    r = two["speculative"]
+    drafted, accepted = (sum(info[k] for info in r["ranks"]) for k in ("drafted", "accepted"))
+    assert all(info["drafted"] > 0 for info in r["ranks"]), r["ranks"]
+    stats = r["stats"]
+    assert (stats["drafted"], stats["accepted"]) == (drafted, accepted)
+    assert stats["speculative_acceptance_rate"] == pytest.approx(accepted / drafted)
+    # the ranks' own rates differ here, so rank 0's (what /health said before) is not the group's
+    assert stats["ranks"][0]["speculative_acceptance_rate"] != pytest.approx(accepted / drafted, abs=0.01)
+    assert two["flat"]["stats"]["speculative_acceptance_rate"] is None
 
 
 def test_preemption_under_expert_parallelism(two):

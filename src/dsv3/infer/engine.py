@@ -244,6 +244,7 @@ class Engine:
                 "block_size": self.block_size, "cache_bytes": self.cache.nbytes(),
                 "prompt_tokens": self.prompt_tokens, "prefix_hit_tokens": self.cached_prompt_tokens,
                 "prefix_hit_tokens_disk": self.disk_prompt_tokens, "preemptions": self.preemptions,
+                "drafted": self.drafted, "accepted": self.accepted,
                 "speculative_acceptance_rate": self.acceptance_rate if self.speculative else None}
 
     # ------------------------------------------------------------------ one engine step

@@ -236,9 +236,13 @@ class EPEngine:
         per = list(self._stats)
         out = {k: sum(s[k] for s in per) for k in ("running", "waiting", "blocks_used", "blocks_total",
                                                      "cache_bytes", "prompt_tokens", "prefix_hit_tokens",
-                                                     "prefix_hit_tokens_disk", "preemptions")}
+                                                     "prefix_hit_tokens_disk", "preemptions", "drafted",
+                                                     "accepted")}
+        rate = None                              # the group's: every rank's drafts, not rank 0's alone
+        if per[0]["speculative_acceptance_rate"] is not None:
+            rate = out["accepted"] / out["drafted"] if out["drafted"] else 0.0
         out.update(steps=per[0]["steps"], block_size=per[0]["block_size"], ranks=per,
-                   speculative_acceptance_rate=per[0]["speculative_acceptance_rate"],
+                   speculative_acceptance_rate=rate,
                    placement_version=self.placement_version,
                    rebalance_bytes=sum(s.get("rebalance_bytes", 0) for s in per))
         return out
