@@ -641,6 +641,21 @@ def test_large_body_errors_name_the_field(served):
     assert r.json()["error"]["param"].startswith("prompt"), r.text
 
 
+def test_a_body_starting_with_a_utf8_bom_is_accepted(served):
+    """One leading byte order mark (PowerShell, some editors) is skipped; a second one is invalid JSON."""
+    body = json.dumps({"model": NAME, "prompt": "import os\n", "max_tokens": 3, "temperature": 0}).encode()
+    headers = {"Content-Type": "application/json"}
+    plain = served.http.post("/v1/completions", content=body, headers=headers)
+    r = served.http.post("/v1/completions", content=b"\xef\xbb\xbf" + body, headers=headers)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == plain.json()["choices"][0]["text"]
+    chat = json.dumps({"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
+    r = served.http.post("/v1/chat/completions", content=b"\xef\xbb\xbf" + chat, headers=headers)
+    assert r.status_code == 200, r.text
+    r = served.http.post("/v1/completions", content=b"\xef\xbb\xbf" * 2 + body, headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json", r.text
+
+
 def test_closed_streams_free_their_slots(served):
     c = served.client
     streams = [c.completions.create(model=NAME, prompt=f"loop {i}", max_tokens=100, temperature=1.0,

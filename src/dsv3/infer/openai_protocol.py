@@ -60,7 +60,10 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
 # --------------------------------------------------------------------------------------- bodies
 def parse_body(raw: bytes) -> dict:
     """The JSON object in a request body; 400 for invalid UTF-8, invalid JSON, lone surrogates
-    (``"\\ud800"`` is valid JSON but no text) or a body that is not an object."""
+    (``"\\ud800"`` is valid JSON but no text) or a body that is not an object. One leading UTF-8 byte
+    order mark (which some clients and editors write) is skipped (RFC 8259 §8.1 lets parsers ignore it)."""
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
