@@ -137,7 +137,9 @@ def test_from_hf_aliases_and_nulls():
     hf["eos_token_id"] = [1, 5]
     assert ModelConfig.from_hf(hf).num_nextn_predict_layers == 2
     assert ModelConfig.from_hf(hf).q_lora_rank is None
-    assert ModelConfig.from_hf(hf).eos_token_id == 1
+    assert ModelConfig.from_hf(hf).eos_token_id == [1, 5]          # every id kept (each one stops generation)
+    assert ModelConfig.from_hf(hf).eos_token_ids == (1, 5)
+    assert ModelConfig.from_hf(hf).to_hf()["eos_token_id"] == [1, 5]
     # V2-Lite style: no group routing given → one group
     hf = ModelConfig.preset("deepseek-v2-lite").to_hf()
     hf["n_group"] = hf["topk_group"] = None
@@ -203,6 +205,8 @@ VALIDATION = [
     ({"quantization_config": {"quant_method": "awq", "bits": 4}}, "quant_method"),   # not read as BF16 weights
     ({"quantization_config": {"quant_method": "fp8", "fmt": "e5m2"}}, "fmt"),
     ({"eos_token_id": 2048}, "eos_token_id"),                   # the tiny vocabulary has 2048 tokens
+    ({"eos_token_id": [1, 2048]}, "eos_token_id"),              # every id of a list is checked
+    ({"eos_token_id": [1, -3]}, "eos_token_id"),
     ({"bos_token_id": 10**6}, "bos_token_id"),
 ]
 

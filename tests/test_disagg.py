@@ -78,7 +78,7 @@ def _greedy(pair, text, n):
     from dsv3.infer.generate import generate
 
     tok = pair["tok"]
-    out = generate(pair["model"], tok.encode(text, add_bos=tok.add_bos_token), n, temperature=0, eos_id=tok.eos_id)
+    out = generate(pair["model"], tok.encode(text, add_bos=tok.add_bos_token), n, temperature=0, eos_id=tok.stop_ids)
     return tok.decode(out, skip_special_tokens=True)
 
 
@@ -88,7 +88,7 @@ def _min_greedy_gap(pair, text, n) -> float:
 
     tok, model = pair["tok"], pair["model"]
     ids = tok.encode(text, add_bos=tok.add_bos_token)
-    out = generate(model, ids, n, temperature=0, eos_id=tok.eos_id)
+    out = generate(model, ids, n, temperature=0, eos_id=tok.stop_ids)
     with torch.no_grad():
         logits = model(torch.tensor([ids + out]))[0, len(ids) - 1: len(ids) - 1 + len(out)]
     top = logits.topk(2, -1).values

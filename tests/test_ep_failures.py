@@ -45,7 +45,7 @@ def test_rank_killed_mid_stream(tmp_path):
         prompts = ["def f(x):", "import os\n", "class A:", "for i in"]
         got = client.completions.create(model=model_dir, prompt=prompts, max_tokens=8, temperature=0)
         ref = [tok.decode(generate(model, tok.encode(p, add_bos=tok.add_bos_token), 8, temperature=0,
-                                   eos_id=tok.eos_id), skip_special_tokens=True) for p in prompts]
+                                   eos_id=tok.stop_ids), skip_special_tokens=True) for p in prompts]
         assert [c.text for c in got.choices] == ref
         results: dict = {}
         whole = threading.Thread(target=_in_flight, args=(client, model_dir, results))

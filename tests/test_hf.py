@@ -144,6 +144,24 @@ def test_our_checkpoint_loads_in_transformers(variant, tmp_path):
 
 
 
+def test_eos_token_id_list_is_saved_as_given_and_read_alike_by_transformers(tmp_path):
+    """DeepSeek's and many HF configs give eos_token_id as a list: it survives load → save whole, and
+    transformers generates with every id of it, as dsv3 does."""
+    import random
+
+    ids = random.sample(range(BASE["vocab_size"]), random.randint(2, 4))
+    ours = make_ours(seed=random.randrange(1000), eos_token_id=ids)
+    dsv3.save_pretrained(ours, tmp_path / "a")
+    back = dsv3.load_pretrained(tmp_path / "a")
+    assert back.cfg.eos_token_id == ids and back.cfg.eos_token_ids == tuple(ids)
+    dsv3.save_pretrained(back, tmp_path / "b")
+    with open(tmp_path / "b" / "config.json") as f:
+        assert json.load(f)["eos_token_id"] == ids
+    assert dsv3.hf.stop_token_ids(tmp_path / "b") == tuple(ids)
+    hf_cfg = transformers.AutoConfig.from_pretrained(tmp_path / "b")
+    assert transformers.GenerationConfig.from_model_config(hf_cfg).eos_token_id == ids
+
+
 # YaRN keys transformers reads that DeepSeek's released configs do not vary: one of mscale / mscale_all_dim
 # alone (transformers then scales cos/sin by mscale(factor), not by their ratio), an explicit attention_factor,
 # truncate false (the ramp's ends not rounded; original 64 positions put them between whole dimensions)

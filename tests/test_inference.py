@@ -270,3 +270,43 @@ def test_latent_attention_against_per_head_formula(T):
     unmasked = latent_attention(q_lat, q_pe, c_kv, k_pe, 0.3)                # every key visible
     full = ((torch.einsum("bthr,bsr->bths", q_lat, c_kv) + torch.einsum("bthe,bse->bths", q_pe, k_pe)) * 0.3)
     torch.testing.assert_close(unmasked, full.softmax(-1) @ c_kv[:, None], rtol=1e-12, atol=1e-12)
+
+
+def test_generation_stops_on_every_eos_id_of_the_model_dir(tmp_path, one_thread):
+    """config.json's eos_token_id list (and generation_config.json's, which transformers reads first): every id
+    ends generation, plain and speculative."""
+    import json
+    import random
+
+    import dsv3
+    from dsv3.infer.generate import generate_text, load_tokenizer
+    from helpers import save_served_model
+
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    d = save_served_model(tmp_path / "m", seed)
+    model = dsv3.load_pretrained(d).eval()
+    prompt = "".join(rng.choices("abcdefgh xyz", k=6))
+    plain = generate(model, load_tokenizer(d).encode(prompt), 12, temperature=0)
+    second = plain[rng.randrange(2, len(plain))]
+    first = next(t for t in range(299, 0, -1) if t not in plain)           # never generated
+    with open(f"{d}/config.json") as f:
+        cfg = json.load(f)
+    with open(f"{d}/config.json", "w") as f:
+        json.dump({**cfg, "eos_token_id": [first, second]}, f)
+    tok = load_tokenizer(d)
+    assert tok.stop_ids == {first, second}, seed
+    want = prompt + tok.decode(plain[:plain.index(second) + 1])
+    assert generate_text(model, tok, prompt, 12, temperature=0) == want, seed
+    assert generate_text(model, tok, prompt, 12, temperature=0, speculative=True) == want, seed
+    # generation_config.json's list is the one transformers generates with
+    third = plain[rng.randrange(0, len(plain))]
+    with open(f"{d}/generation_config.json", "w") as f:
+        json.dump({"eos_token_id": [third, first]}, f)
+    tok = load_tokenizer(d)
+    assert tok.stop_ids == {third, first}, seed
+    assert generate_text(model, tok, prompt, 12, temperature=0) == prompt + tok.decode(plain[:plain.index(third) + 1])
+    with open(f"{d}/generation_config.json", "w") as f:
+        json.dump({"eos_token_id": [third, 10**6]}, f)
+    with pytest.raises(ValueError, match=r"generation_config\.json: eos_token_id"):
+        load_tokenizer(d)

@@ -67,7 +67,7 @@ class ModelConfig:
     num_nextn_predict_layers: int = 1
     # special ids
     bos_token_id: int | None = 0
-    eos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 1   # a list (as DeepSeek's and many HF configs allow): each one stops
     pad_token_id: int | None = None
     # checkpoint storage (SPEC §1.5); None = plain BF16/FP32 weights
     quantization_config: dict | None = None
@@ -100,15 +100,19 @@ class ModelConfig:
                 raise bad(name, "must be a string")
         for name in _INT_FIELDS:
             v = getattr(self, name)
+            if name == "eos_token_id" and isinstance(v, list):
+                if not v or any(isinstance(t, bool) or not isinstance(t, int) for t in v):
+                    raise bad(name, "must be a token id, a non-empty list of token ids, or null")
+                continue
             if isinstance(v, bool) or not (isinstance(v, int) or (v is None and name in _NULLABLE_INTS)):
                 raise bad(name, "must be an integer" + (" or null" if name in _NULLABLE_INTS else ""))
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             v = getattr(self, name)
-            if v is not None and v < 0:
+            if any(t < 0 for t in _ids(v)):
                 raise bad(name, "must be a non-negative token id or null")
         for name in ("bos_token_id", "eos_token_id"):   # generation could never start or stop on it
             v = getattr(self, name)
-            if v is not None and isinstance(self.vocab_size, int) and v >= self.vocab_size:
+            if isinstance(self.vocab_size, int) and any(t >= self.vocab_size for t in _ids(v)):
                 raise bad(name, f"is not a token of the vocabulary (vocab_size {self.vocab_size})")
         for name in ("rope_scaling", "quantization_config"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
@@ -185,6 +189,12 @@ class ModelConfig:
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Every end-of-sequence id (``eos_token_id`` may be one id, a list of them, or null): generation
+        stops on each, as transformers' does."""
+        return _ids(self.eos_token_id)
 
     @property
     def num_dense_layers(self) -> int:
@@ -292,8 +302,8 @@ class ModelConfig:
         for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if k in hf and hf[k] is None:
                 kwargs[k] = None
-        if isinstance(kwargs.get("eos_token_id"), list):
-            kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
+        if isinstance(kwargs.get("eos_token_id"), list):   # kept whole: every id stops, and it is saved as given
+            kwargs["eos_token_id"] = list(kwargs["eos_token_id"])
         # V2-Lite style: n_group/topk_group null (no group routing); absent: transformers' default
         for k in ("n_group", "topk_group"):
             if k in hf and hf[k] is None:
@@ -331,7 +341,8 @@ class ModelConfig:
         out: dict[str, Any] = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3"}
         out.update({k: v for k, v in self.extra.items() if k not in ("architectures",)})
         for k in _HF_SCALAR_KEYS:
-            out[k] = getattr(self, k)
+            v = getattr(self, k)
+            out[k] = list(v) if isinstance(v, list) else v
         out["num_key_value_heads"] = self.num_attention_heads
         out["rope_interleave"] = True
         if self.rope_scaling is not None:
@@ -345,6 +356,11 @@ class ModelConfig:
     def save(self, path: str | os.PathLike) -> None:
         with open(path, "w") as f:
             json.dump(self.to_hf(), f, indent=2, sort_keys=True)
+
+
+def _ids(v) -> tuple[int, ...]:
+    """The token ids of a ``*_token_id`` value: none for null, one for an id, all of a list."""
+    return () if v is None else tuple(v) if isinstance(v, (list, tuple)) else (v,)
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:

@@ -146,6 +146,9 @@ class Tokenizer:
         # whether a text prompt starts with bos when served (tokenizer_config.json's add_bos_token,
         # as transformers and vLLM read it); encode() itself adds bos only when asked
         self.add_bos_token = add_bos_token
+        # the model's other end-of-sequence ids (an eos_token_id list in config.json / generation_config.json),
+        # set by dsv3.infer.generate.load_tokenizer: generation stops on these too
+        self.extra_stop_ids: frozenset[int] = frozenset()
         self._split_table: tuple[np.ndarray, dict[int, np.ndarray]] | None = None
 
     # ------------------------------------------------------------------ construction
@@ -280,6 +283,11 @@ class Tokenizer:
     @property
     def pad_id(self) -> int | None:
         return self._id(self.pad_token)
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        """The ids that end generation: ``eos_id`` and the model's other end-of-sequence ids."""
+        return frozenset(() if self.eos_id is None else (self.eos_id,)) | self.extra_stop_ids
 
     def fingerprint(self) -> str:
         """sha256 of the serialised tokenizer (stored with token shards to catch mismatches)."""

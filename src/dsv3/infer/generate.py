@@ -14,10 +14,11 @@ from .sampling import sample_next
 
 @torch.no_grad()
 def generate(model, prompt_ids: list[int], max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int = 0, eos_id: int | None = None, on_token=None,
+             top_p: float = 1.0, seed: int = 0, eos_id=None, on_token=None,
              speculative: bool = False, stats: dict | None = None) -> list[int]:
     """Prefill the prompt into a latent cache, then decode one token at a time (or two per step
     with ``speculative``: MTP drafts, the main model verifies; :mod:`dsv3.infer.speculative`).
+    ``eos_id``: the id, or a collection of ids (``tokenizer.stop_ids``), generation stops after.
     ``stats``, a dict, receives the speculative decoding statistics (acceptance rate …)."""
     if speculative:
         from .speculative import generate_speculative
@@ -27,6 +28,7 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int = 64, temperature
             stats.update(st.as_dict())
         return out
     model.eval()
+    stops = stop_set(eos_id)
     if not prompt_ids:
         raise ValueError("the prompt encodes to no tokens")
     max_pos = model.cfg.max_position_embeddings
@@ -45,11 +47,18 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int = 64, temperature
         out.append(tid)
         if on_token is not None:
             on_token(tid)
-        if eos_id is not None and tid == eos_id:
+        if tid in stops:
             break
         logits = model(nxt.view(1, 1), pos, cache)[:, -1]
         pos += 1
     return out
+
+
+def stop_set(eos_id) -> frozenset[int]:
+    """``eos_id`` of :func:`generate` (None, an id, or a collection of ids) as a set of ids."""
+    if eos_id is None:
+        return frozenset()
+    return frozenset(int(t) for t in eos_id) if hasattr(eos_id, "__iter__") else frozenset((int(eos_id),))
 
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 1.0,
@@ -72,7 +81,7 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, tempe
                 stream.flush()
                 shown[0] = len(text)
 
-    generate(model, ids, max_new_tokens, temperature, top_k, top_p, seed, tokenizer.eos_id, on_token, speculative,
+    generate(model, ids, max_new_tokens, temperature, top_k, top_p, seed, tokenizer.stop_ids, on_token, speculative,
              stats)
     return prompt + tokenizer.decode(produced)
 
@@ -152,15 +161,21 @@ def load_model_dir(path: str, device: str = "auto", fp8: str = "auto"):
 
 
 def load_tokenizer(path: str):
-    """The tokenizer.json of a model directory; clear errors for a missing directory or file."""
+    """The tokenizer.json of a model directory; clear errors for a missing directory or file. Its
+    ``stop_ids`` hold every end-of-sequence id of the model (:func:`dsv3.hf.stop_token_ids`: an
+    ``eos_token_id`` list in generation_config.json or config.json) besides the tokenizer's eos."""
     from ..data import Tokenizer
+    from ..hf import stop_token_ids
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model directory not found: {path}")
     tok_path = os.path.join(path, "tokenizer.json")
     if not os.path.exists(tok_path):
         raise FileNotFoundError(f"{path} has no tokenizer.json")
-    return Tokenizer.from_file(tok_path)
+    tok = Tokenizer.from_file(tok_path)
+    if os.path.isfile(os.path.join(path, "config.json")):
+        tok.extra_stop_ids = frozenset(stop_token_ids(path))
+    return tok
 
 
 def check_greedy_filters(args, off: tuple = (None, None)) -> None:

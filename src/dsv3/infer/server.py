@@ -86,7 +86,7 @@ class ServerState:
         limits = getattr(worker, "limits", None)
         if limits is not None:           # a cache pool smaller than the context bounds every request
             self.max_len = min(self.max_len, limits.max_request_len)
-        self.stop_ids = {tokenizer.eos_id} if tokenizer.eos_id is not None else set()
+        self.stop_ids = set(tokenizer.stop_ids)   # eos and the model's other end-of-sequence ids
         # no token covers more bytes than this, so a text longer than max_len × this cannot fit the
         # context: refused before tokenising (which costs seconds for megabytes)
         self.max_text_bytes = self.max_len * max(map(len, self.tb.table)) if self.tb.table is not None else None

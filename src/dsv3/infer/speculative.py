@@ -48,10 +48,13 @@ class SpeculativeStats:
 
 @torch.no_grad()
 def generate_speculative(model, prompt_ids: list[int], max_new_tokens: int = 64, temperature: float = 1.0,
-                         top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int | None = None,
+                         top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id=None,
                          on_token=None) -> tuple[list[int], SpeculativeStats]:
     """Like :func:`dsv3.infer.generate.generate` but drafting with MTP module 1 and verifying two
-    tokens per main forward. Returns (generated ids, statistics)."""
+    tokens per main forward. Returns (generated ids, statistics). ``eos_id``: an id or a collection of ids."""
+    from .generate import stop_set
+
+    stops = stop_set(eos_id)
     if not len(model.mtp):
         raise ValueError("speculative decoding needs a model with an MTP module (num_nextn_predict_layers ≥ 1)")
     if not prompt_ids:
@@ -75,7 +78,7 @@ def generate_speculative(model, prompt_ids: list[int], max_new_tokens: int = 64,
         stats.tokens += 1
         if on_token is not None:
             on_token(tid)
-        return (eos_id is not None and tid == eos_id) or P + len(out) >= limit
+        return tid in stops or P + len(out) >= limit
 
     def draft_from(mtp_logits):
         q = probabilities(mtp_logits[:, -1], params)

@@ -67,7 +67,7 @@ def rollout(engine: Engine, tokenizer, prompts: list[list[int]], group: int, max
         for g in range(group):
             row = i * group + g
             reqs.append((i, engine.submit(ids, max_new_tokens, params, seed=row_seed(seed, step, row),
-                                          stop_ids={tokenizer.eos_id} if stop_at_eos else (), logprobs=0)))
+                                          stop_ids=tokenizer.stop_ids if stop_at_eos else (), logprobs=0)))
     engine.run()
     dt = time.perf_counter() - t0
     engine.model.train(was_training)
