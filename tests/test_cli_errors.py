@@ -516,6 +516,19 @@ def test_sample_refuses_to_write_over_its_prompts(tmp_path, model_dir, capsys):
     assert open(prompts).read() == '{"prompt": "1+1=", "answer": "2"}\n'
 
 
+@pytest.mark.parametrize("flag", ["--sft", "--train", "--heldout"])
+def test_r1_task_refuses_a_count_below_one(flag, tmp_path, capsys):
+    """--sft/--train/--heldout 0 wrote an empty file (later refused by sft/grpo/eval); below 0 too."""
+    import random
+
+    out = tmp_path / "t"
+    for bad in (0, -random.randint(1, 10**6)):
+        args = ["r1-task", "--out", str(out), "--sft", "2", "--train", "3", "--heldout", "2", flag, str(bad)]
+        assert main(args) == 2
+        _one_line_error(capsys.readouterr().err, "r1-task", f"{flag} {bad}")
+    assert not out.exists()                                  # nothing written
+
+
 def test_r1_task_keeps_other_task_files_without_overwrite(tmp_path, capsys):
     args = ["r1-task", "--out", str(tmp_path / "t"), "--sft", "2", "--train", "3", "--heldout", "2"]
     assert main(args) == 0

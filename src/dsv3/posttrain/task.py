@@ -133,8 +133,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     check_int("--digits", args.digits, lo=1, hi=9)
-    for flag in ("sft", "train", "heldout"):
-        check_int("--" + flag, getattr(args, flag), lo=0)
+    for flag in ("sft", "train", "heldout"):   # 0 wrote an empty file that SFT / GRPO / eval then refuse
+        check_int("--" + flag, getattr(args, flag), lo=1)
     check_int("--seed", args.seed, lo=0)
     check_writable_dir("--out", args.out, "write the task files there")
     paths = write_task(args.out, args.sft, args.train, args.heldout, args.digits, args.seed,
