@@ -553,3 +553,47 @@ def test_a_killed_rank_makes_the_other_stop_at_once_saying_so_and_its_checkpoint
             p.send_signal(signal.SIGKILL)
             p.wait()
     assert list_checkpoints(tmp_path / "run" / "checkpoints") and load_latest(str(tmp_path / "run" / "checkpoints"))
+
+
+def test_save_sets_aside_the_broken_checkpoints_a_resume_skipped(tmp_path):
+    """A resume skipped broken step-4 and step-6 to step 2; the step-3 save renames them to *.broken (kept,
+    not deleted), so --keep counts only valid ones and the next resume has nothing to warn about."""
+    import random
+
+    root, steps = tmp_path / "ck", random.sample(range(4, 50), 2)
+    for step in (2, *steps):
+        save_checkpoint(str(root), step, {"w": torch.randn(4)}, {}, {}, {"data_step": step}, keep=5)
+    for step in steps:
+        broken = root / f"step-{step:09d}" / "model.safetensors"
+        broken.write_bytes(broken.read_bytes()[:-random.randint(1, 9)])
+    names = [f"step-{s:09d}" for s in steps]
+    with pytest.warns(UserWarning, match="set aside") as caught:
+        save_checkpoint(str(root), 3, {"w": torch.randn(4)}, {}, {}, {"data_step": 3}, keep=1, broken=names)
+    assert len([w for w in caught if "set aside" in str(w.message)]) == 1       # one line for both
+    assert list_checkpoints(str(root)) == ["step-000000003"]
+    assert sorted(os.listdir(root)) == sorted(["step-000000003", *(n + ".broken" for n in names)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                          # nothing skipped any more
+        assert load_latest(str(root))[1]["step"] == 3
+
+
+def test_resume_sets_the_skipped_checkpoints_aside_at_its_first_save(tmp_path, capsys, data_dir):
+    """Broken step-2 and (left by an earlier, longer run) step-5: the resume skips both to step 1; its step-2
+    save writes step 2 anew and sets step 5 aside as step-000000005.broken, saying so in one line."""
+    run, two = tmp_path / "run", ["--steps", "2", *QUICK[2:], "--save-every", "1"]
+    assert cli(["train", "--out", str(run), "--data", data_dir, *two]) == 0
+    shutil.rmtree(run / "final")
+    ck = run / "checkpoints"
+    shutil.copytree(ck / "step-000000002", ck / "step-000000005")
+    for step in (2, 5):
+        f = ck / f"step-00000000{step}" / "model.safetensors"
+        f.write_bytes(f.read_bytes()[:-5])
+    truncated = (ck / "step-000000005" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert cli(["train", "--out", str(run), "--data", data_dir, *two, "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("skipping checkpoint") == 2
+    lines = [line for line in err.splitlines() if "set aside" in line]
+    assert len(lines) == 1 and "step-000000005.broken" in lines[0], err
+    assert (ck / "step-000000005.broken" / "model.safetensors").read_bytes() == truncated    # kept, untouched
+    assert list_checkpoints(ck) == ["step-000000001", "step-000000002"]

@@ -14,7 +14,9 @@ it — so a checkpoint resumes under any other layout. It is first written as
 ``.tmp-step-000123``: each file fsync'ed, then the directory renamed into place and the parent
 fsync'ed, so a crash leaves either the old set of checkpoints or the new one, never half a
 checkpoint under a final name. On load, checksums are verified, newest first; a checkpoint that
-fails is skipped with a warning naming it. A save that fails (a full disk) removes its temporary
+fails is skipped with a warning naming it, and the first save after that resume renames the skipped ones
+to ``step-000123.broken`` (``broken=`` of the save functions; nothing is deleted), so that later resumes
+and pruning no longer see them. A save that fails (a full disk) removes its temporary
 directory and raises a ``UserError`` saying how much space it needed.
 """
 
@@ -103,8 +105,9 @@ def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> d
 
 def save_checkpoint(ckpt_root: str, step: int, model_state: dict[str, torch.Tensor],
                     optim_tensors: dict[str, torch.Tensor], extra_tensors: dict[str, torch.Tensor],
-                    meta: dict, keep: int = 3) -> str:
-    """Write one checkpoint atomically and prune to the newest ``keep``. Returns its path."""
+                    meta: dict, keep: int = 3, broken=()) -> str:
+    """Write one checkpoint atomically and prune to the newest ``keep``. Returns its path. ``broken``: names of
+    checkpoints a resume skipped, set aside (:func:`set_aside`) once this one is in place."""
     from safetensors.torch import save_file
 
     os.makedirs(ckpt_root, exist_ok=True)
@@ -137,7 +140,7 @@ def save_checkpoint(ckpt_root: str, step: int, model_state: dict[str, torch.Tens
                             f"{' (' + e.filename + ')' if e.filename else ''}; the newest complete checkpoint "
                             f"is kept") from None
         raise
-    _publish(tmp, final, ckpt_root, keep)
+    _publish(tmp, final, ckpt_root, keep, broken)
     return final
 
 
@@ -151,17 +154,41 @@ def _write_meta(tmp: str, meta: dict) -> None:
     _fsync_dir(tmp)
 
 
-def _publish(tmp: str, final: str, ckpt_root: str, keep: int) -> None:
-    """Rename the complete temporary directory into place and prune to the newest ``keep`` up to it. Later
-    ones (broken checkpoints a resume skipped to an earlier one) are not counted: they took the places of
-    the valid ones, deleting the checkpoint just written."""
+def _publish(tmp: str, final: str, ckpt_root: str, keep: int, broken=()) -> None:
+    """Rename the complete temporary directory into place, set the ``broken`` ones aside and prune to the
+    newest ``keep`` up to it. Later ones (broken checkpoints a resume skipped to an earlier one) are not
+    counted: they took the places of the valid ones, deleting the checkpoint just written."""
     if os.path.exists(final):
         shutil.rmtree(final)
     os.rename(tmp, final)
     _fsync_dir(ckpt_root)
+    set_aside(ckpt_root, [n for n in broken if n != os.path.basename(final)])
     upto = [n for n in list_checkpoints(ckpt_root) if n <= os.path.basename(final)]
     for old in upto[:-keep] if keep > 0 else []:
         shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
+
+
+def set_aside(ckpt_root: str, names) -> list[str]:
+    """Rename the checkpoints ``names`` (broken ones a resume skipped) to ``NAME.broken`` (``NAME.broken-2`` …
+    when taken): kept on disk, but no longer listed, so no later resume warns about them again and pruning
+    does not count them. One warning line says what was moved. Returns the new names."""
+    moved = []
+    for name in names:
+        src = os.path.join(ckpt_root, name)
+        if not _NAME.match(name) or not os.path.isdir(src):
+            continue
+        new, k = f"{name}.broken", 1
+        while os.path.exists(os.path.join(ckpt_root, new)):
+            k += 1
+            new = f"{name}.broken-{k}"
+        os.rename(src, os.path.join(ckpt_root, new))
+        moved.append(new)
+    if moved:
+        _fsync_dir(ckpt_root)
+        warnings.warn(f"set aside the checkpoint{'s' if len(moved) > 1 else ''} the resume skipped as broken: "
+                      f"{', '.join(moved)} in {ckpt_root} (no longer resumed from or counted by --keep; delete "
+                      f"{'them' if len(moved) > 1 else 'it'} when no longer needed)", stacklevel=3)
+    return moved
 
 
 def _remove_stale(ckpt_root: str) -> None:
@@ -241,13 +268,13 @@ def rows_key(key: str, rows: range) -> str:
 
 
 def save_sharded(ckpt_root: str, step: int, pieces: dict[str, dict[str, torch.Tensor]], meta: dict | None,
-                 keep: int, rank: int, world: int, group=None) -> str | None:
+                 keep: int, rank: int, world: int, group=None, broken=()) -> str | None:
     """Collective over ``group`` (``world`` ranks): every rank writes its ``pieces`` (kind → {stored
     name: tensor}, see :func:`rows_key`) into the checkpoint's temporary directory at the same time and
     checksums its own files; rank 0 then writes ``meta.json`` (``meta``: its metadata) listing every
     shard and renames the directory into place — atomic as :func:`save_checkpoint`: a crash of any rank
     before the rename leaves the previous checkpoints as they were. A failure on any rank fails the save
-    on every rank (``UserError``). Returns the path on rank 0."""
+    on every rank (``UserError``). ``broken`` (rank 0): as :func:`save_checkpoint`. Returns the path on rank 0."""
     import torch.distributed as dist
     from safetensors.torch import save_file
 
@@ -291,7 +318,7 @@ def save_sharded(ckpt_root: str, step: int, pieces: dict[str, dict[str, torch.Te
                 shards[kind][fn] = keys
                 checksums[fn] = digest
         _write_meta(tmp, dict(meta or {}, step=step, checksums=checksums, shards=shards))
-        _publish(tmp, final, ckpt_root, keep)
+        _publish(tmp, final, ckpt_root, keep, broken)
     finally:
         dist.barrier(group=group)
     return final

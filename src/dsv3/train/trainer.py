@@ -209,6 +209,7 @@ class Trainer:
         self.step = 0
         self.metrics_path = os.path.join(tc.out, "metrics.jsonl")
         self.ckpt_root = os.path.join(tc.out, "checkpoints")
+        self.skipped: list[str] = []   # broken checkpoints the resume skipped: the next save sets them aside
 
     def _mesh(self):
         """The process mesh of this run: --pp pipeline stages, data parallelism within a stage, --ep
@@ -238,7 +239,9 @@ class Trainer:
             model_state, osd, ema = self.par.gather(self.optimizer, self.ema)
             optim_tensors, meta["optimizer"] = flatten_optimizer_state(osd)
             extra.update({f"ema.{k}": v for k, v in ema.items()})
-            save_checkpoint(self.ckpt_root, self.step, model_state, optim_tensors, extra, meta, keep=self.tc.keep)
+            save_checkpoint(self.ckpt_root, self.step, model_state, optim_tensors, extra, meta, keep=self.tc.keep,
+                            broken=self.skipped)
+            self.skipped = []
             return
         pieces, plain, hyper = self.par.pieces(self.optimizer, self.ema, self.names_by_group)
         everyone = [None] * self.dist.world
@@ -255,14 +258,17 @@ class Trainer:
                                                      for j, names in enumerate(self.names_by_group) if j in groups]}
             meta["optimizer"] = flatten_optimizer_state(osd)[1]
         save_sharded(self.ckpt_root, self.step, pieces, meta if self.dist.main else None, self.tc.keep,
-                     self.dist.rank, self.dist.world)
+                     self.dist.rank, self.dist.world, broken=self.skipped)
+        self.skipped = []
 
     def resume(self) -> bool:
         """Load the newest checkpoint that verifies (rank 0 picks it, skipping broken ones with a warning;
         every rank then reads its own share); returns False when there is none."""
         from ..checkpoint import CheckpointReader
 
-        choice = [_newest_valid(self.ckpt_root) if self.dist.main else None]
+        choice = [None]
+        if self.dist.main:
+            choice[0], self.skipped = _newest_valid(self.ckpt_root)
         if self.dist.world > 1:
             dist.broadcast_object_list(choice, src=0)
         path = choice[0]
@@ -432,21 +438,24 @@ def _named_groups(model, weight_decay: float) -> list[list[tuple[str, torch.Tens
     return [[(name[id(p)], p) for p in g["params"]] for g in param_groups(model, weight_decay)]
 
 
-def _newest_valid(root: str) -> str | None:
-    """The newest checkpoint under ``root`` that verifies (a broken one is skipped with a warning)."""
+def _newest_valid(root: str) -> tuple[str | None, list[str]]:
+    """The newest checkpoint under ``root`` that verifies, and the names of the newer ones that did not
+    (each skipped with a warning; the next save sets them aside). (None, …) when none verifies."""
     import warnings
 
     from ..checkpoint import verify_checkpoint
 
+    skipped = []
     for name in reversed(list_checkpoints(root)):
         path = os.path.join(root, name)
         try:
             verify_checkpoint(path)
         except Exception as e:  # noqa: BLE001 - any failure means: skip this one
             warnings.warn(f"skipping checkpoint {path}: {e}", stacklevel=2)
+            skipped.append(name)
             continue
-        return path
-    return None
+        return path, skipped
+    return None, skipped
 
 
 def _truncate_metrics(path: str, step: int) -> None:
