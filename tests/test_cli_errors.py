@@ -238,6 +238,8 @@ CASES = [
     # ---- plot
     ("plot-rows-without-step", lambda t, m: ["plot", os.path.dirname(_write(t / "run" / "metrics.jsonl",
                                                                             '{"loss": 1.0}\n'))], "'step'"),
+    ("plot-step-beyond-int64", lambda t, m: ["plot", os.path.dirname(_write(  # an OverflowError in matplotlib
+        t / "run" / "metrics.jsonl", '{"step": 1, "loss": 2}\n{"step": %d, "loss": 1}\n' % 10**30))], "line 2: 'step'"),
     ("plot-line-is-a-number", lambda t, m: ["plot", os.path.dirname(_write(t / "run" / "metrics.jsonl", "5\n"))],
      "line 1"),
     ("plot-empty", lambda t, m: ["plot", os.path.dirname(_write(t / "run" / "metrics.jsonl", ""))], "no rows"),
@@ -472,6 +474,36 @@ def test_plot_draws_nan_metrics(tmp_path):
     _write(run / "metrics.jsonl", '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": NaN}\n')
     assert main(["plot", str(run)]) == 0
     assert (run / "plots" / "loss.png").exists()
+
+
+def test_plot_draws_the_drawable_rows_and_names_the_extreme_ones(tmp_path, capsys):
+    """Losses of ±1e308 made matplotlib fail on the axes ("arange: cannot compute length", no file named);
+    now such values, ±Infinity and NaN are gaps, and one warning names the file, the fields and the lines."""
+    import random
+
+    rng = random.Random()
+    n = rng.randint(8, 30)
+    rows = [{"step": i + 1, "loss": rng.uniform(0.5, 9), "max_vio": rng.uniform(0, 2),
+             "expert_load": [[rng.randint(0, 50) for _ in range(4)] for _ in range(2)]} for i in range(n)]
+    bad_loss = rng.sample(range(n), 4)
+    for i, v in zip(bad_loss, (1e308, -1e308, rng.choice([float("inf"), float("-inf")]), float("nan"))):
+        rows[i]["loss"] = v
+    bad_vio, bad_load = rng.randrange(n), rng.randrange(n)
+    rows[bad_vio]["max_vio"] = 10.0 ** rng.randint(39, 308)
+    rows[bad_load]["expert_load"][1][rng.randrange(4)] = float("inf")
+    run = tmp_path / "run"
+    _write(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))      # Infinity / NaN as JSON writes
+    capsys.readouterr()
+    assert main(["plot", str(run)]) == 0
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dsv3 plot: warning: "), err
+    assert str(run / "metrics.jsonl") in lines[0]
+    want = {"'loss'": sorted(bad_loss), "'max_vio'": [bad_vio], "'expert_load'": [bad_load]}
+    for field, idx in want.items():
+        part = lines[0].split(field + " on ")[1].split(";")[0]
+        assert [int(x) for x in part.replace("lines", "").replace("line", "").split(",")] == [i + 1 for i in idx], err
+    assert {os.path.basename(p) for p in out.split()} == {"loss.png", "max_vio.png", "expert_load.png"}
 
 
 def test_generate_says_when_the_context_is_too_short(tmp_path, model_dir, capsys):

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 
 def read_metrics(run_dir: str) -> list[dict]:
     """The rows of RUN/metrics.jsonl, checked: each a JSON object with an integer ``step`` and numbers where
     the plots read numbers (a UserError naming the file and line otherwise). A last line cut short by a
-    killed process is skipped."""
+    killed process is skipped. A number that cannot be drawn (NaN, ±Infinity, or beyond float32's range,
+    which no logged metric reaches and which broke the axes) becomes NaN, a gap in the picture, and one
+    warning names the file, the fields and the lines."""
+    import warnings
+
     from ..errors import UserError, iter_jsonl, json_kind
 
     path = os.path.join(run_dir, "metrics.jsonl")
@@ -19,20 +24,27 @@ def read_metrics(run_dir: str) -> list[dict]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
     rows = []
+    gaps: dict[str, list[int]] = {}      # field -> lines whose value is drawn as a gap
     for lineno, rec in iter_jsonl(path, "metrics file", allow_nonfinite=True):   # a NaN metric is a gap
         where = f"metrics file {path} line {lineno}"
         step = rec.get("step")
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise UserError(f"{where}: 'step' must be a non-negative integer, found {step!r}")
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2**63:
+            raise UserError(f"{where}: 'step' must be a non-negative integer below 2**63, found {step!r}"[:300])
         for key in _NUMBERS:
             v = rec.get(key)
             if key in rec and (isinstance(v, bool) or not isinstance(v, (int, float))):
                 raise UserError(f"{where}: {key!r} must be a number, found {v!r}"[:300])
+            if key in rec and not _drawable(v):
+                rec[key] = math.nan
+                gaps.setdefault(key, []).append(lineno)
         load = rec.get("expert_load")
         if load is not None and not (isinstance(load, list) and load and all(
                 isinstance(r, list) and r and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in r)
                 for r in load)):
             raise UserError(f"{where}: 'expert_load' must be a list of per-layer lists of numbers")
+        if load is not None and not all(_drawable(x) for r in load for x in r):
+            rec["expert_load"] = [[math.nan] * len(r) for r in load]
+            gaps.setdefault("expert_load", []).append(lineno)
         names = rec.get("moe_layers")
         if names is not None and not (isinstance(names, list) and all(isinstance(x, str) for x in names)):
             raise UserError(f"{where}: 'moe_layers' must be a list of layer names, found {json_kind(names)}")
@@ -42,10 +54,25 @@ def read_metrics(run_dir: str) -> list[dict]:
     shapes = {(len(r["expert_load"]), len(r["expert_load"][0])) for r in rows if "expert_load" in r}
     if len(shapes) > 1 or any(len({len(x) for x in r["expert_load"]}) > 1 for r in rows if "expert_load" in r):
         raise UserError(f"metrics file {path}: 'expert_load' rows differ in shape ({sorted(shapes)})")
+    if gaps:
+        def lines(ns: list[int]) -> str:
+            shown = ", ".join(map(str, ns[:5]))
+            return f"line{'s' if len(ns) > 1 else ''} {shown}" + (f" … ({len(ns)} lines)" if len(ns) > 5 else "")
+
+        warnings.warn(f"metrics file {path}: values that are not finite or beyond float32's range (±{_FLOAT32_MAX:.1e}) "
+                      f"are left out of the plots (gaps): " + "; ".join(f"{k!r} on {lines(v)}" for k, v in gaps.items()),
+                      stacklevel=2)
     return rows
 
 
 _NUMBERS = ("loss", "mtp", "val_loss", "max_vio", "val_max_vio")
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _drawable(v) -> bool:
+    """A number the plots can draw: finite and within float32's range (the trainer logs float32 values; one
+    near float64's limit made matplotlib fail computing the axis ticks)."""
+    return math.isfinite(v) and abs(v) <= _FLOAT32_MAX
 
 
 def check_out_dir(out_dir: str, flag: str = "--out") -> None:
