@@ -133,6 +133,10 @@ CASES = [
         **TINY_HF, "quantization_config": {"quant_method": "fp8", "weight_block_size": 128}})], "weight_block_size"),
     ("config-eos-empty", lambda t, m: ["info", "--config", _write(t / "c.json", {**TINY_HF, "eos_token_id": []})],
      "eos_token_id"),
+    ("config-kv-heads-differ", lambda t, m: ["info", "--config", _write(t / "c.json", {   # MLA: no separate KV heads
+        **TINY_HF, "num_key_value_heads": TINY_HF["num_attention_heads"] // 2})], "num_key_value_heads = 2"),
+    ("config-kv-heads-string", lambda t, m: ["info", "--config", _write(t / "c.json", {
+        **TINY_HF, "num_key_value_heads": "4"})], "num_key_value_heads"),
     ("config-hidden-null", lambda t, m: ["info", "--config", _write(t / "c.json", {**TINY_HF, "hidden_size": None})],
      "hidden_size"),
     ("config-layers-string", lambda t, m: ["info", "--config",

@@ -162,6 +162,34 @@ def test_eos_token_id_list_is_saved_as_given_and_read_alike_by_transformers(tmp_
     assert transformers.GenerationConfig.from_model_config(hf_cfg).eos_token_id == ids
 
 
+def test_num_key_value_heads_other_than_num_attention_heads_is_refused_naming_it(tmp_path):
+    """MLA has no separate key/value heads: transformers' DeepseekV3 repeats the keys heads / kv_heads times
+    and fails on the shapes; dsv3 ignored the key without a word. Now it is refused, naming it; null (which
+    transformers reads as num_attention_heads) and the equal value load as before."""
+    import random
+
+    heads = BASE["num_attention_heads"]
+    fewer = random.choice([d for d in range(1, heads) if heads % d == 0])
+    hf = DeepseekV3ForCausalLM(hf_config(num_key_value_heads=fewer, num_hidden_layers=1)).eval()
+    hf.config._attn_implementation = "eager"
+    with pytest.raises(RuntimeError, match="size of tensor"), torch.no_grad():
+        hf(tokens(n=4))
+    dsv3.save_pretrained(make_ours(seed=random.randrange(1000)), tmp_path)
+    with open(tmp_path / "config.json") as f:
+        cfg = json.load(f)
+    assert cfg["num_key_value_heads"] == heads
+    for value in (fewer, random.randint(heads + 1, 512)):
+        with open(tmp_path / "config.json", "w") as f:
+            json.dump({**cfg, "num_key_value_heads": value}, f)
+        with pytest.raises(ValueError, match=re.escape(f"config.json: num_key_value_heads = {value}: must equal "
+                                                       f"num_attention_heads ({heads})")):
+            dsv3.load_pretrained(tmp_path)
+    for value in (None, heads):
+        with open(tmp_path / "config.json", "w") as f:
+            json.dump({**cfg, "num_key_value_heads": value}, f)
+        assert dsv3.load_pretrained(tmp_path).cfg.num_attention_heads == heads
+
+
 # YaRN keys transformers reads that DeepSeek's released configs do not vary: one of mscale / mscale_all_dim
 # alone (transformers then scales cos/sin by mscale(factor), not by their ratio), an explicit attention_factor,
 # truncate false (the ramp's ends not rounded; original 64 positions put them between whole dimensions)

@@ -329,6 +329,7 @@ class ModelConfig:
             if k not in kwargs:
                 kwargs[k] = v
                 defaulted[k] = v
+        _check_kv_heads(hf.get("num_key_value_heads"), kwargs["num_attention_heads"])
         known = set(_HF_SCALAR_KEYS) | {"rope_scaling", "rope_parameters", "quantization_config",
                                         "model_type", "num_mtp_layers"}
         kwargs["extra"] = {k: v for k, v in hf.items() if k not in known}
@@ -435,6 +436,25 @@ _STR_FIELDS = ("scoring_func", "topk_method", "hidden_act")
 _HF_NULLABLE = ("q_lora_rank", "bos_token_id", "eos_token_id", "pad_token_id", "n_group", "topk_group",
                 "n_routed_experts", "num_experts_per_tok", "rope_scaling", "rope_parameters", "quantization_config",
                 "num_key_value_heads")
+
+
+def _check_kv_heads(kv_heads, heads) -> None:
+    """config.json's ``num_key_value_heads``: null, absent or ``num_attention_heads``. Multi-head latent
+    attention has no separate key/value heads (every query head gets its own key and value from the shared
+    latent through kv_b_proj), so no other value can be honoured; transformers' DeepseekV3 repeats its keys
+    num_attention_heads / num_key_value_heads times and fails on the shapes (ValueError naming the field)."""
+    from .errors import json_kind
+
+    if kv_heads is None:
+        return
+    if isinstance(kv_heads, bool) or not isinstance(kv_heads, int):
+        raise ValueError(f"num_key_value_heads = {json.dumps(kv_heads)[:60]}: must be an integer or null, found "
+                         f"{json_kind(kv_heads)}")
+    if kv_heads != heads:
+        raise ValueError(f"num_key_value_heads = {kv_heads}: must equal num_attention_heads ({heads}) or be left out; "
+                         f"DeepSeek's multi-head latent attention has no separate key/value heads (each head's "
+                         f"key and value come from the shared latent), and transformers' DeepseekV3 fails on "
+                         f"any other value")
 
 
 def _check_hf_types(hf: dict) -> None:
