@@ -190,6 +190,30 @@ def test_num_key_value_heads_other_than_num_attention_heads_is_refused_naming_it
         assert dsv3.load_pretrained(tmp_path).cfg.num_attention_heads == heads
 
 
+def test_export_of_a_config_with_auto_map_loads_with_trust_remote_code(tmp_path):
+    """DeepSeek's config.json names its remote code in auto_map; the export carried auto_map without the .py
+    files, so from_pretrained(..., trust_remote_code=True) (as DeepSeek's model card loads it) failed with
+    "does not appear to have a file named configuration_deepseek.py". Now auto_map is left out and transformers
+    uses its built-in DeepseekV3, with our logits."""
+    import random
+
+    with open(os.path.join(os.path.dirname(__file__), "data", "deepseek-v3-config.json")) as f:
+        auto_map = json.load(f)["auto_map"]
+    seed = random.randrange(1000)
+    ours = make_ours(seed=seed, auto_map=auto_map, ep_size=1)
+    assert ours.cfg.to_hf()["auto_map"] == auto_map                  # kept in memory, as every unknown key
+    dsv3.save_pretrained(ours, tmp_path)
+    with open(tmp_path / "config.json") as f:
+        written = json.load(f)
+    assert "auto_map" not in written and written["ep_size"] == 1   # only auto_map is left out
+    for trust in (True, False):
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=trust,
+                                                               dtype=torch.float32).eval()
+        assert type(hf) is DeepseekV3ForCausalLM
+        x = tokens(seed=seed)
+        assert rel_err(hf_logits(hf, x), our_logits(ours, x)) < 1e-4
+
+
 # YaRN keys transformers reads that DeepSeek's released configs do not vary: one of mscale / mscale_all_dim
 # alone (transformers then scales cos/sin by mscale(factor), not by their ratio), an explicit attention_factor,
 # truncate false (the ramp's ends not rounded; original 64 positions put them between whole dimensions)

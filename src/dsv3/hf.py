@@ -470,6 +470,11 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, dtype: torch.dtyp
     ``fp8_embeddings=True`` (with ``fp8``) quantises the embedding and the output head the same way
     — not done in the release, where they are 0.4% of the bytes, but they are a third of a tiny
     model's; not for tied word embeddings.
+
+    A source config's ``auto_map`` (DeepSeek's points at ``modeling_deepseek.py`` / ``configuration_deepseek.py``)
+    is not written: those files are not part of the export, and ``from_pretrained(..., trust_remote_code=True)``
+    failed looking for them; without it transformers loads the export with its built-in DeepseekV3 classes,
+    the layout written here (every other unknown key is kept).
     """
     from safetensors.torch import save_file
 
@@ -507,6 +512,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, dtype: torch.dtyp
         shards[-1][name] = tensors[name]
         size += nbytes
     hf_cfg = cfg.to_hf()
+    hf_cfg.pop("auto_map", None)     # remote code this directory does not hold (see above)
     hf_cfg["torch_dtype"] = str(stored_dtype).replace("torch.", "")
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf_cfg, f, indent=2, sort_keys=True)
