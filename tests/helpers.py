@@ -90,13 +90,15 @@ def wait_healthy(url: str, proc, log, seconds: float, what: str = "the server") 
 def save_served_model(out, seed: int, **config) -> str:
     """A small random model (random gate biases, so routing is uneven) with a byte-level tokenizer saved
     in ``out``: a model directory for ``dsv3 serve`` that needs no corpus. ``config`` overrides
-    :func:`small_config` (default 300 ids, 64 positions)."""
+    :func:`small_config` (default 300 ids, 64 positions, and no eos_token_id: the byte-level tokenizer has no
+    end-of-sequence token, so generation runs to its max_tokens, which the tests of long requests need)."""
     import torch
 
     from dsv3 import Transformer, save_pretrained
 
     torch.manual_seed(seed)
-    m = Transformer(small_config(**{"vocab_size": 300, "max_position_embeddings": 64, **config}))
+    m = Transformer(small_config(**{"vocab_size": 300, "max_position_embeddings": 64, "eos_token_id": None,
+                                    **config}))
     with torch.no_grad():
         for moe in m.moe_layers():
             moe.gate.e_score_correction_bias.normal_(0, 0.05)
