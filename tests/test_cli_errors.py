@@ -510,6 +510,26 @@ def test_plot_draws_the_drawable_rows_and_names_the_extreme_ones(tmp_path, capsy
     assert {os.path.basename(p) for p in out.split()} == {"loss.png", "max_vio.png", "expert_load.png"}
 
 
+def test_plot_of_one_load_row_and_an_idle_layer_warns_nothing(tmp_path, capsys):
+    """A run with a single expert_load row (matplotlib: "identical low and high xlims") whose second layer
+    saw no token (numpy: "invalid value encountered in divide") drew with stray warning lines."""
+    import random
+    import warnings
+
+    rng = random.Random()
+    row = {"step": rng.randint(1, 500), "loss": rng.uniform(1, 9), "max_vio": rng.uniform(0, 2),
+           "expert_load": [[rng.randint(1, 50) for _ in range(4)], [0, 0, 0, 0]]}
+    run = tmp_path / "run"
+    _write(run / "metrics.jsonl", json.dumps(row) + "\n")
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["plot", str(run)]) == 0
+    out, err = capsys.readouterr()
+    assert not caught and not err.strip(), [str(w.message) for w in caught] + [err]
+    assert {os.path.basename(p) for p in out.split()} == {"loss.png", "max_vio.png", "expert_load.png"}
+
+
 def test_generate_says_when_the_context_is_too_short(tmp_path, model_dir, capsys):
     assert main(["generate", "--model", model_dir, "--prompt", "a" * 58, "--max-new-tokens", "100000",
                  "--temperature", "0"]) == 0       # 64 positions, 58 taken by the prompt (one byte per token)

@@ -125,17 +125,20 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
     loads = [r for r in rows if "expert_load" in r]
     if loads:
         arr = np.array([r["expert_load"] for r in loads], dtype=float)   # [steps, layers, experts]
-        arr = arr / arr.sum(-1, keepdims=True) * arr.shape[-1]            # 1.0 = perfectly balanced
+        total = arr.sum(-1, keepdims=True)                                # 0: a layer that saw no token
+        arr = np.divide(arr * arr.shape[-1], total, out=np.full_like(arr, np.nan), where=total > 0)  # 1.0 = balanced
         n_layers = arr.shape[1]
         fig, axes = plt.subplots(n_layers, 1, figsize=(8, 2.2 * n_layers + 0.6), squeeze=False)
         steps = [r["step"] for r in loads]
+        x0, x1 = (steps[0], steps[-1]) if steps[-1] > steps[0] else (steps[0] - 0.5, steps[0] + 0.5)  # one row: a strip
+        peak = float(np.nanmax(arr)) if np.isfinite(arr).any() else 0.0
         names = next((r["moe_layers"] for r in rows if "moe_layers" in r), None)
         if not names or len(names) != n_layers:
             names = [f"MoE layer {i}" for i in range(n_layers)]
         for i in range(n_layers):
             ax = axes[i, 0]
-            im = ax.imshow(arr[:, i].T, aspect="auto", cmap="magma", vmin=0, vmax=max(2.0, float(arr.max())),
-                           extent=[steps[0], steps[-1], arr.shape[-1] - 0.5, -0.5], interpolation="nearest")
+            im = ax.imshow(arr[:, i].T, aspect="auto", cmap="magma", vmin=0, vmax=max(2.0, peak),
+                           extent=[x0, x1, arr.shape[-1] - 0.5, -0.5], interpolation="nearest")
             ax.set_ylabel(f"{names[i]}\nexpert")
             fig.colorbar(im, ax=ax, label="load / mean")
         axes[-1, 0].set_xlabel("step")
