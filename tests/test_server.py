@@ -564,6 +564,30 @@ def test_content_part_errors_name_the_part(served):
         assert ".str" not in err["message"] and "list[" not in err["message"], err
 
 
+def test_an_answer_sent_back_in_the_history_is_accepted(served):
+    """``message.model_dump()`` of an answer writes refusal, tool_calls, function_call, audio and annotations
+    (all null); sent back as history it is served like the plain message (it was a 400 naming
+    messages[1].refusal). Those fields carrying something are refused by name."""
+    c = served.client
+    ask = [{"role": "user", "content": "hi"}]
+    answer = c.chat.completions.create(model=NAME, messages=ask, max_tokens=3, temperature=0).choices[0].message
+    then = [{"role": "user", "content": "more"}]
+    dumped = answer.model_dump()
+    assert {"refusal", "tool_calls", "function_call", "audio", "annotations"} <= set(dumped)
+    r = c.chat.completions.create(model=NAME, messages=ask + [dumped] + then, max_tokens=3, temperature=0)
+    plain = c.chat.completions.create(model=NAME, messages=ask + [{"role": "assistant", "content": answer.content}]
+                                      + then, max_tokens=3, temperature=0)
+    assert r.choices[0].message.content == plain.choices[0].message.content
+    assert r.usage.prompt_tokens == plain.usage.prompt_tokens
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    for field, value in (("refusal", "no"), ("tool_calls", [call]), ("function_call", call["function"]),
+                         ("audio", {"id": "a1"}), ("annotations", [{"type": "url_citation"}]), ("tool_calls", {})):
+        r = served.post("/v1/chat/completions", {"messages": ask + [{"role": "assistant", "content": "x", field: value}],
+                                                 "max_tokens": 1})
+        assert r.status_code == 400 and is_error_shape(r), (field, r.text)
+        assert r.json()["error"]["param"] == f"messages[1].{field}", (field, r.text)
+
+
 def test_completion_top_logprobs_hold_the_sampled_token(served):
     """OpenAI: "the API will always return the logprob of the sampled token, so there may be up to
     logprobs+1 elements" in each top_logprobs map (sampled, whole and streamed, and echoed prompts)."""

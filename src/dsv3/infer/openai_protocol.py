@@ -270,10 +270,21 @@ class TextPart(_Strict):
     text: str
 
 
+# fields of an answer's message that a client sends back in its history (``message.model_dump()`` writes
+# them all, as null), and the values that carry nothing
+_MESSAGE_FIELDS_OFF = {"refusal": (None,), "tool_calls": (None, []), "function_call": (None,), "audio": (None,),
+                       "annotations": (None, [])}
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: Union[str, list[TextPart], None] = None
     name: Optional[str] = None
+    refusal: Any = None
+    tool_calls: Any = None
+    function_call: Any = None
+    audio: Any = None
+    annotations: Any = None
 
     def text(self) -> str | None:
         if isinstance(self.content, list):
@@ -321,6 +332,11 @@ class ChatCompletionRequest(_Sampling):
         """The messages as plain dicts for the chat template (text parts joined)."""
         out = []
         for i, m in enumerate(self.messages):
+            for name, off in _MESSAGE_FIELDS_OFF.items():
+                value = getattr(m, name)
+                check(any(type(value) is type(o) and value == o for o in off),
+                      f"messages[{i}].{name}: not supported by this server (allowed: "
+                      f"{', '.join(json.dumps(o) for o in off)})", f"messages[{i}].{name}")
             check(m.content != [], f"messages[{i}].content: an array of content parts must not be empty",
                   f"messages[{i}].content")
             text = m.text()
