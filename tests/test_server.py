@@ -344,6 +344,18 @@ def test_context_overflow_and_unsupported(served):
     assert r.usage.completion_tokens == 2
 
 
+def test_max_tokens_and_max_completion_tokens_that_disagree_are_refused(served):
+    """Both given with different values: a 400 naming max_tokens (OpenAI refuses the pair as
+    invalid_parameter_combination); max_completion_tokens used to win and max_tokens was dropped without a
+    word. The same value in both asks for one thing and is served."""
+    ask = {"messages": [{"role": "user", "content": "hi"}], "logit_bias": {str(served.tok.eos_id): -100}}
+    r = served.post("/v1/chat/completions", dict(ask, max_tokens=2, max_completion_tokens=5))
+    assert r.status_code == 400 and is_error_shape(r), r.text
+    assert r.json()["error"]["param"] == "max_tokens" and r.json()["error"]["code"] == "invalid_parameter_combination"
+    r = served.post("/v1/chat/completions", dict(ask, max_tokens=3, max_completion_tokens=3))
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3, r.text
+
+
 def test_api_key(served):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
         r = httpx.post(served.url + "/v1/completions", json={"prompt": "x", "max_tokens": 1}, headers=headers)

@@ -526,6 +526,10 @@ async def chat_completions(st: ServerState, request):
         check(len(ids) > 0, "messages: the chat template rendered no tokens", "messages")
         return ids
 
+    if body.max_tokens is not None and body.max_completion_tokens is not None \
+            and body.max_tokens != body.max_completion_tokens:     # one of them would be ignored (OpenAI: a 400)
+        raise APIError(400, f"max_tokens ({body.max_tokens}) and max_completion_tokens ({body.max_completion_tokens}) "
+                            "disagree: set one of them", param="max_tokens", code="invalid_parameter_combination")
     ids = await st.off_loop(render)
     asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     mt = max_new_tokens(st, len(ids), asked, None, "messages",
