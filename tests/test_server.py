@@ -287,6 +287,24 @@ def test_chat_template_from_the_model_directory(tmp_path, served):
         == served.tok.bos_token + "q"
 
 
+def test_developer_messages_reach_a_template_that_knows_only_system():
+    """A model's template that never mentions "developer" (DeepSeek-V3's collects 'system' messages and
+    skips roles it does not know) gets developer messages as system ones; they were dropped without a word.
+    A template that handles "developer" itself gets the role as sent."""
+    from dsv3.infer.chat_template import ChatTemplate
+
+    system_only = ("{% set ns = namespace(sys='') %}{% for m in messages %}{% if m['role'] == 'system' %}"
+                   "{% set ns.sys = ns.sys + m['content'] %}{% endif %}{% endfor %}{{ ns.sys }}|"
+                   "{% for m in messages %}{% if m['role'] == 'user' %}U:{{ m['content'] }}{% endif %}{% endfor %}")
+    messages = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "q"}]
+    assert ChatTemplate(system_only).render(messages) == "Be brief.|U:q"
+    assert ChatTemplate(system_only).render([{"role": "system", "content": "Be brief."}, messages[1]]) == \
+        "Be brief.|U:q"
+    own = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+    assert ChatTemplate(own + "{# developer #}").render(messages) == "[developer]Be brief.[user]q"
+    assert ChatTemplate(own).render(messages) == "[system]Be brief.[user]q"
+
+
 def test_chat_template_renders_as_transformers(model_dir):
     transformers = pytest.importorskip("transformers")
     from dsv3.data import BOS_TOKEN, EOS_TOKEN

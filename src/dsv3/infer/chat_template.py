@@ -13,6 +13,10 @@ The default follows DeepSeek-V3's own template: the beginning-of-sentence token,
 prompts joined by blank lines, then ``<｜User｜>…`` and ``<｜Assistant｜>…<｜end▁of▁sentence｜>``
 turns, and ``<｜Assistant｜>`` to ask for the next answer.
 
+OpenAI's ``developer`` role is the newer name of ``system``: a template that never mentions "developer"
+(DeepSeek-V3's own, most Hugging Face ones) gets those messages as ``system`` ones, which it would
+otherwise drop without a word or refuse (as vLLM and llama.cpp map them).
+
     tmpl = ChatTemplate.from_model_dir("runs/tiny/final", tokenizer)
     text = tmpl.render([{"role": "user", "content": "Hi"}])      # then tokenizer.encode(text)
 """
@@ -90,6 +94,7 @@ class ChatTemplate:
         except TemplateError as e:
             raise ValueError(f"the chat template does not compile: {e}") from None
         self.source, self.is_default = source, is_default
+        self.knows_developer = "developer" in source
         self.tokens = {"bos_token": bos_token or "", "eos_token": eos_token or "", "pad_token": pad_token or ""}
 
     @classmethod
@@ -104,6 +109,8 @@ class ChatTemplate:
         if the template refuses them or fails."""
         from jinja2 import TemplateError
 
+        if not self.knows_developer:
+            messages = [dict(m, role="system") if m.get("role") == "developer" else m for m in messages]
         try:
             return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                         **self.tokens)
