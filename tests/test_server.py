@@ -247,6 +247,17 @@ def test_logit_bias_and_penalties(served):
     assert e.value.body["param"] == "logit_bias"
 
 
+def test_logit_bias_naming_a_token_twice_is_refused(served):
+    """"5" and "05" (or " 5") are one token id: the bias given last used to replace the other without a word."""
+    for bias in ({"5": -100, "05": 100}, {" 5": 1, "5": 2}):
+        for path, body in (("/v1/completions", {"prompt": "x"}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})):
+            r = served.post(path, dict(body, max_tokens=1, logit_bias=bias))
+            assert r.status_code == 400 and is_error_shape(r), r.text
+            err = r.json()["error"]
+            assert err["param"] == "logit_bias" and "token id 5 is given twice" in err["message"], err
+
+
 def test_chat_uses_the_template(served):
     from dsv3.infer.chat_template import DEFAULT_TEMPLATE, ChatTemplate
 

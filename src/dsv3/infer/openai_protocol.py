@@ -216,8 +216,9 @@ class _Sampling(_Strict):
         return list(dict.fromkeys(stop))
 
     def bias(self, vocab_size: int) -> dict[int, float]:
-        """``logit_bias`` with integer keys, each a token id of the model and each bias in [-100, 100]."""
-        out = {}
+        """``logit_bias`` with integer keys, each a token id of the model (once: "5" and "05" are one id)
+        and each bias in [-100, 100]."""
+        out, keys = {}, {}
         check(len(self.logit_bias or {}) <= MAX_LOGIT_BIAS, f"logit_bias: at most {MAX_LOGIT_BIAS} tokens",
               "logit_bias")
         for key, value in (self.logit_bias or {}).items():
@@ -226,6 +227,9 @@ class _Sampling(_Strict):
             tid = int(key)
             check(0 <= tid < vocab_size, f"logit_bias: token id {tid} is outside the vocabulary [0, {vocab_size})",
                   "logit_bias")
+            check(tid not in keys, f"logit_bias: token id {tid} is given twice (keys {keys.get(tid)!r} and "
+                                   f"{key[:40]!r})", "logit_bias")
+            keys[tid] = key[:40]
             check(-100 <= value <= 100, f"logit_bias[{tid}]: bias {value} must be in [-100, 100]", "logit_bias")
             out[tid] = float(value)
         return out
