@@ -258,6 +258,21 @@ def test_logit_bias_naming_a_token_twice_is_refused(served):
             assert err["param"] == "logit_bias" and "token id 5 is given twice" in err["message"], err
 
 
+def test_stream_options_include_obfuscation_and_an_empty_stop_string(served):
+    """include_obfuscation: false is what this server does (served); true is refused by name, not ignored.
+    A plain "" stop string is refused naming stop, not "stop[0]" (the client sent no list)."""
+    c = served.client
+    args = dict(model=NAME, prompt="for i in", max_tokens=3, temperature=0, stream=True)
+    off = list(c.completions.create(**args, stream_options={"include_usage": True, "include_obfuscation": False}))
+    assert off[-1].usage.completion_tokens == 3 and not any("obfuscation" in (ch.model_extra or {}) for ch in off)
+    r = served.post("/v1/completions", {"prompt": "x", "max_tokens": 1, "stream": True,
+                                        "stream_options": {"include_obfuscation": True}})
+    assert r.status_code == 400 and is_error_shape(r) and r.json()["error"]["param"] == "stream_options", r.text
+    assert "include_obfuscation" in r.json()["error"]["message"]
+    r = served.post("/v1/completions", {"prompt": "x", "max_tokens": 1, "stop": ""})
+    assert r.status_code == 400 and r.json()["error"]["message"] == "stop: must not be empty", r.text
+
+
 def test_chat_uses_the_template(served):
     from dsv3.infer.chat_template import DEFAULT_TEMPLATE, ChatTemplate
 

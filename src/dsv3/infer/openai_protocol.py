@@ -181,6 +181,7 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: Optional[bool] = None
+    include_obfuscation: Optional[bool] = None      # OpenAI's padding of stream chunks: never added here
 
 
 class _Sampling(_Strict):
@@ -206,6 +207,7 @@ class _Sampling(_Strict):
         if stop is None:
             return []
         if isinstance(stop, str):
+            check(stop != "", "stop: must not be empty", "stop")
             stop = [stop]
         check(isinstance(stop, list), "stop: must be a string or a list of strings", "stop")
         check(len(stop) <= MAX_STOP, f"stop: at most {MAX_STOP} strings", "stop")
@@ -237,6 +239,9 @@ class _Sampling(_Strict):
     def include_usage(self) -> bool:
         check(self.stream_options is None or bool(self.stream), "stream_options: only allowed with stream: true",
               "stream_options")
+        check(self.stream_options is None or not self.stream_options.include_obfuscation,
+              "stream_options.include_obfuscation: true is not supported (this server adds no obfuscation padding "
+              "to stream chunks; send false or leave it out)", "stream_options")
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
