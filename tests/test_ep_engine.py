@@ -85,7 +85,7 @@ CONFIGS = {"small": dict(max_position_embeddings=128),          # small_config: 
 SCENARIOS = {
     2: [("flat", {}, {}, None),
         ("speculative", {}, dict(speculative=True), None),
-        ("idle_rank", {}, {}, [0]),
+        ("idle_rank", {}, {}, [1]),                  # rank 0 (which drives the group) has no requests
         ("preempt", {}, dict(blocks=9), None),
         ("fp8_dispatch", dict(fp8_dispatch=True), {}, None),
         ("shared_rebalance", dict(shared_as_routed=True, redundant_experts=2, load_window=6),
@@ -244,17 +244,20 @@ def test_requests_spread_over_ranks(request, world):
     placed = res["flat"]["placed"]
     assert sum(placed) == N_REQ and max(placed) - min(placed) <= N_REQ // n // 2, placed
     assert all(info["steps"] > 0 for info in res["flat"]["ranks"])
+    assert res["flat"]["stats"]["steps"] >= max(info["steps"] for info in res["flat"]["ranks"])   # the group's
 
 
-@pytest.mark.parametrize("world, name, idle", [("two", "idle_rank", 1),
+@pytest.mark.parametrize("world, name, idle", [("two", "idle_rank", 0),
                                                 pytest.param("four", "idle_rank_shared", 2, marks=pytest.mark.slow)])
 def test_a_rank_without_requests_serves_the_others(request, world, name, idle):
     r = request.getfixturevalue(world)[name]
     assert r["placed"][idle] == 0
     info = r["ranks"][idle]
     assert info["steps"] == 0 and info["empty_forwards"] > 0        # it joined every forward with no rows
-    busy = r["ranks"][0]
+    busy = r["ranks"][1 if idle == 0 else 0]
     assert info["empty_forwards"] >= busy["steps"]
+    # /health's and /metrics' steps under --ep: the group's, not rank 0's (0 here: it has no requests)
+    assert r["stats"]["steps"] >= max(i["steps"] for i in r["ranks"]) > 0, (r["stats"]["steps"], r["ranks"])
 
 
 @pytest.mark.parametrize("world, name", [

@@ -162,6 +162,7 @@ class EPEngine:
         self._active = [0] * self.world            # unfinished requests placed on each rank
         self.placed = [0] * self.world             # requests placed on each rank so far
         self.empty_forwards = 0                    # every rank: forwards it joined without rows
+        self.steps = 0                             # every rank: the group's steps that ran a forward (any rank's)
         self._stats = [self.engine.stats()] * self.world
         self._outbox: list[tuple] = []
         self._closing = False
@@ -232,7 +233,9 @@ class EPEngine:
         return len(self._reqs)
 
     def stats(self) -> dict:
-        """Rank 0: the engines' counters as of the last step, summed over ranks (``ranks``: each one's)."""
+        """Rank 0: the engines' counters as of the last step, summed over ranks (``ranks``: each one's);
+        ``steps``: the group's steps that ran a forward on any rank (each rank's engine counts only those
+        with rows of its own)."""
         per = list(self._stats)
         out = {k: sum(s[k] for s in per) for k in ("running", "waiting", "blocks_used", "blocks_total",
                                                      "cache_bytes", "prompt_tokens", "prefix_hit_tokens",
@@ -241,7 +244,7 @@ class EPEngine:
         rate = None                              # the group's: every rank's drafts, not rank 0's alone
         if per[0]["speculative_acceptance_rate"] is not None:
             rate = out["accepted"] / out["drafted"] if out["drafted"] else 0.0
-        out.update(steps=per[0]["steps"], block_size=per[0]["block_size"], ranks=per,
+        out.update(steps=self.steps, block_size=per[0]["block_size"], ranks=per,
                    speculative_acceptance_rate=rate,
                    placement_version=self.placement_version,
                    rebalance_bytes=sum(s.get("rebalance_bytes", 0) for s in per))
@@ -361,7 +364,9 @@ class EPEngine:
         flags = self._exchange((int(prefill), int(decode), self.placement_version))
         if len({f[2] for f in flags}) != 1:
             raise RuntimeError(f"EPEngine: the ranks serve different expert placements {[f[2] for f in flags]}")
-        return any(f[0] for f in flags), any(f[1] for f in flags)
+        prefill, decode = any(f[0] for f in flags), any(f[1] for f in flags)
+        self.steps += prefill or decode
+        return prefill, decode
 
     def empty_forward(self, part: str = "all") -> None:
         """Take part in one forward with no rows: every MoE layer it passes, in order, with zero tokens
