@@ -143,3 +143,43 @@ def test_the_line_names_exited_ranks_and_keeps_the_transports_words(tmp_path, mo
     path = line.split("; traceback in ")[1]
     assert line.startswith("the expert-parallel group failed: ValueError: a bug of this rank; traceback in ")
     assert "a bug of this rank" in open(path).read() and path.startswith(str(tmp_path))
+
+
+def test_a_rank_stopped_while_the_group_forms_exits_at_once(tmp_path):
+    """SIGTERM (torchrun passing on a Ctrl-C, or stopping the group) reaches rank 1 while the group still
+    forms — here it waits for a rank 0 whose store accepts the connection and never answers: it exits at
+    once, quietly (nothing runs yet, nothing to drain). It used to ignore SIGTERM from its first line, so
+    torchrun waited out its --shutdown-timeout (30 s) and then SIGKILLed it."""
+    import socket
+    import subprocess
+    import sys
+
+    from helpers import cli_env
+
+    model_dir = save_served_model(tmp_path / "model", SEED)
+    ep = dict(size=2, gpus_per_node=2, two_hop=False, fp8_dispatch=False, shared_as_routed=False, timeout=60.0,
+              redundant_experts=0, rebalance_interval=None, rebalance_window=128, tbo=False, trace_dir=None)
+    spec = dict(model_dir=model_dir, device="cpu", fp8="auto", threads=1, prefix_cache=None, engine={}, ep=ep)
+    with socket.socket() as store:                      # rank 0's store: takes the connection, never answers
+        store.bind(("127.0.0.1", 0))
+        store.listen()
+        env = dict(cli_env(), RANK="1", LOCAL_RANK="1", WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.getsockname()[1]))
+        proc = subprocess.Popen([sys.executable, "-c", "import sys; from dsv3.infer.ep_engine import serve_follower; "
+                                 f"sys.exit(serve_follower({spec!r}))"], env=env, stderr=subprocess.PIPE, text=True)
+        try:
+            store.settimeout(60)
+            conn, _ = store.accept()                    # rank 1 is inside init_process_group
+            with conn:
+                time.sleep(0.5)
+                os.kill(proc.pid, signal.SIGTERM)
+                t0 = time.time()
+                code = proc.wait(timeout=10)
+                assert time.time() - t0 < 5
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert code == -signal.SIGTERM, code
+    assert "Traceback" not in proc.stderr.read()
+

@@ -579,19 +579,22 @@ def build_ep_engine(spec: dict) -> EPEngine:
 
 
 def serve_follower(spec: dict) -> int:
-    """Ranks 1 …: build the engine and step with rank 0 until it closes the group (signals are left to
-    rank 0, which drains and then releases this rank). When the group fails (a rank died): one line
-    naming it (:mod:`dsv3.infer.ep_failure`), exit code 1."""
+    """Ranks 1 …: build the engine and step with rank 0 until it closes the group (once the group has
+    formed, signals are left to rank 0, which drains and then releases this rank; before that nothing
+    runs, and SIGINT / SIGTERM end this rank at once, even inside a collective waiting for the others).
+    When the group fails (a rank died): one line naming it (:mod:`dsv3.infer.ep_failure`), exit code 1."""
     import signal
     import sys
 
     from .ep_failure import group_failures, peer_processes
     from .worker import EngineFailed
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
     ep = build_ep_engine(spec)
-    peers = peer_processes(ep.group)
+    peers = peer_processes(ep.group)        # every rank's EPEngine exists: rank 0 may now take requests
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     try:
         with group_failures(peers):
             ep.serve()
