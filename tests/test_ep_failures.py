@@ -183,3 +183,27 @@ def test_a_rank_stopped_while_the_group_forms_exits_at_once(tmp_path):
     assert code == -signal.SIGTERM, code
     assert "Traceback" not in proc.stderr.read()
 
+
+def test_an_engine_whose_server_is_gone_before_it_is_ready_exits_quietly(tmp_path):
+    """Ctrl-C / SIGTERM while the model loads stops the server's process at once; its engine process (under
+    --ep: rank 0 of the group, the others waiting for it) finishes loading, or fails to, and finds no one
+    to tell. It exits quietly (code 0); it used to end with a BrokenPipeError traceback in the log."""
+    import subprocess
+    import sys
+
+    from helpers import cli_env
+
+    model_dir = save_served_model(tmp_path / "model", SEED)
+    script = f"""
+import multiprocessing as mp
+from dsv3.infer.worker import _engine_process
+for model_dir in ({str(tmp_path / "missing")!r}, {model_dir!r}):          # fails to start; starts
+    server, engine = mp.Pipe()
+    server.close()                                                        # the server has gone
+    _engine_process(engine, dict(model_dir=model_dir, device="cpu", fp8="auto", threads=1, prefix_cache=None,
+                                 engine=dict(max_batch=2), ep=None))
+print("returned")
+"""
+    done = subprocess.run([sys.executable, "-c", script], env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "returned", done.stderr
+    assert "Traceback" not in done.stderr, done.stderr

@@ -198,9 +198,17 @@ def _engine_process(conn, spec: dict) -> None:
     try:
         engine = _build_engine(spec)
     except Exception as e:  # noqa: BLE001 — the caller raises it as one clear line
-        conn.send(("error", str(e) if isinstance(e, (ValueError, FileNotFoundError)) else f"{type(e).__name__}: {e}"))
+        message = str(e) if isinstance(e, (ValueError, FileNotFoundError)) else f"{type(e).__name__}: {e}"
+        with contextlib.suppress(OSError):              # unless the server has gone meanwhile (stopped)
+            conn.send(("error", message))
         return
-    conn.send(("ready", engine.limits, engine.stats()))
+    try:
+        conn.send(("ready", engine.limits, engine.stats()))
+    except OSError:                                     # the server was stopped while the model loaded
+        if hasattr(engine, "close"):                    # expert-parallel: release the other ranks
+            with contextlib.suppress(EngineFailed):
+                engine.close()
+        return
     try:
         _EngineLoop(engine, conn).run()
     except EngineFailed as e:                           # the server reports it; nothing is left to close
