@@ -284,6 +284,28 @@ def test_live_rebalance_moves_only_changed_experts(request, world, name):
     assert sum(x["bytes_received"] for info in ranks for x in info["rebalances"]) > 0
 
 
+def test_a_long_running_group_keeps_a_bounded_rebalance_history(model_dir):
+    """Every rebalance appends what it measured (per layer and rank) to ``rebalances`` on every rank: a
+    server rebalancing every few steps for weeks kept them all (and summed the bytes over all of them each
+    step). Only the last REBALANCE_HISTORY are kept; the bytes received are a running total."""
+    from dsv3.infer.ep_engine import EPEngine, load_ep_model
+    from dsv3.parallel.mesh import EPComm
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        comm = EPComm(0, 1, 1, group=dist.new_group([0]))
+        ep = EPEngine(load_ep_model(model_dir, comm, dtype=torch.float64), rebalance_interval=(1, "steps"), **ENGINE)
+        ep.REBALANCE_HISTORY = 5
+        req = ep.submit(list(range(1, 9)), 40, SamplingParams(0.0))
+        ep.run()
+        assert req.finish_reason == "length" and ep.placement_version > 30, (req.finish_reason, ep.placement_version)
+        assert [r["version"] for r in ep.rebalances] == list(range(ep.placement_version - 4, ep.placement_version + 1))
+        assert ep.stats()["rebalance_bytes"] == 0                 # one rank holds every expert: nothing moves
+        ep.close()
+    finally:
+        dist.destroy_process_group()
+
+
 def test_speculative_acceptance_rate_is_the_groups(two):
     """/health under --ep: the acceptance rate over every rank's drafts (it was rank 0's alone)."""
     r = two["speculative"]

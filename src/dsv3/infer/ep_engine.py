@@ -110,6 +110,8 @@ class EPEngine:
     ``tbo``: two-micro-batch overlap (the same on every rank; needs ``Mesh.add_lane(1)`` on every rank
     first). ``trace_dir``: record the lanes' timeline and write it there when serving ends."""
 
+    REBALANCE_HISTORY = 100          # rebalances kept in ``rebalances``: a server runs for weeks
+
     def __init__(self, model, group=None, rebalance_interval: tuple[float, str] | None = None, tbo: bool = False,
                  trace_dir: str | None = None, trace_limit: int = 100_000, **engine_kwargs):
         from ..parallel.expert import ExpertParallelMoE
@@ -173,7 +175,8 @@ class EPEngine:
             raise ValueError(f"EPEngine.rebalance_interval = {rebalance_interval}: (n > 0, 'steps' or 's')")
         self.rebalance_interval = rebalance_interval
         self.placement_version = 0
-        self.rebalances: list[dict] = []           # every rank: what each rebalance measured and moved
+        self.rebalances: list[dict] = []           # every rank: what the last REBALANCE_HISTORY rebalances measured
+        self.rebalance_bytes = 0                   # every rank: expert bytes it received in all rebalances
         self._since = (0, time.monotonic())        # rank 0: steps and time at the last rebalance order
 
     # ------------------------------------------------------------------ rank 0: requests
@@ -286,7 +289,7 @@ class EPEngine:
             if self._rebalance_due():
                 self.request_rebalance()
         self.engine.step()                         # its agree() is the step's one exchange
-        stats = dict(self.engine.stats(), rebalance_bytes=sum(r["bytes_received"] for r in self.rebalances))
+        stats = dict(self.engine.stats(), rebalance_bytes=self.rebalance_bytes)
         self._report = (self._failed + take_deltas(self._local, self._sent), stats)
         self._failed = []
         return True
@@ -357,6 +360,8 @@ class EPEngine:
             version=version, bytes_received=moved, slots_changed=int((new != old).sum()),
             rank_loads=measured.tolist(), balancedness_before=balancedness(measured),
             balancedness_expected=balancedness(gpu_loads(logical, new, num_gpus=self.world))))
+        del self.rebalances[:-self.REBALANCE_HISTORY]
+        self.rebalance_bytes += moved
 
     # ------------------------------------------------------------------ lockstep hooks (Engine.step)
     def agree(self, prefill: bool, decode: bool) -> tuple[bool, bool]:
