@@ -479,6 +479,36 @@ def test_final_stop_token_never_shown_between_append_and_done(served):
         assert g.output_tokens == len(req.output)
 
 
+def test_latency_metrics_time_only_the_answers_tokens(served):
+    """Tokens that arrive after the one completing a stop string are no part of the answer (the abort
+    reaches the engine a step later): /metrics' inter-token histogram timed them all. Replayed on the
+    engine's own Request: one token, then an arrival of three whose first completes the stop string."""
+    from dsv3.infer.detokenize import TokenBytes
+    from dsv3.infer.engine import Request
+    from dsv3.infer.generation_stream import GenerationStream
+    from dsv3.infer.metrics import ServerMetrics
+    from dsv3.infer.sampling import SamplingParams
+
+    class Worker:                                        # the stream's one call into the engine here
+        aborted = []
+
+        def abort(self, req):
+            self.aborted.append(req)
+
+    tok, metrics, worker = served.tok, ServerMetrics(), Worker()
+    first, stop, *after = tok.encode("ab cd ef gh")
+    g = GenerationStream(worker, TokenBytes(tok), 0, [1], 8, None, 0, [tok.decode([stop])], set(), metrics=metrics)
+    req = g.req = Request([1], 8, SamplingParams())
+    req.output.append(first)
+    assert g.advance() is not None
+    req.output.extend([stop, *after[:2]])
+    d = g.advance()
+    assert d.finish_reason == "stop" and worker.aborted == [req] and g.output_tokens == 2
+    value = metrics.registry.get_sample_value
+    assert value("dsv3_completion_tokens_total") == 2 and value("dsv3_time_to_first_token_seconds_count") == 1
+    assert value("dsv3_inter_token_latency_seconds_count") == 1
+
+
 def test_concurrent_requests_equal_one_at_a_time(served):
     """More requests than --max-batch at once: each equals its greedy reference."""
     tok, out = served.tok, {}

@@ -105,13 +105,6 @@ class GenerationStream:
         delta = Delta(self.index)
         new = req.output[self.seen:n]
         now = time.monotonic()
-        if new and self.metrics is not None:
-            if self._last_token_at is None:
-                self.metrics.ttft.observe(now - self.arrival)
-            else:                            # k tokens in one arrival (speculative steps): k equal gaps
-                for _ in new:
-                    self.metrics.itl.observe((now - self._last_token_at) / len(new))
-            self._last_token_at = now
         for j, tid in enumerate(new, start=self.seen):
             lp = req.output_logprobs[j] if self.logprobs is not None and j < len(req.output_logprobs) else None
             if lp is not None:
@@ -127,10 +120,10 @@ class GenerationStream:
             piece, matched = self.stopper.feed(self.text.push(tid))
             delta.text += piece
             if matched:                                  # the tokens after this one are not the answer's
-                self._count(j + 1)
+                self._count(j + 1, now)
                 self.abort()
                 return self._finish(delta, "stop")
-        self._count(n)
+        self._count(n, now)
         if done:
             tail, _ = self.stopper.feed(self.text.flush())
             delta.text += tail + self.stopper.flush()
@@ -143,10 +136,20 @@ class GenerationStream:
         self._keep(delta)
         return delta
 
-    def _count(self, seen: int) -> None:
-        """The output tokens up to ``seen`` are consumed (and counted in the metrics)."""
-        if self.metrics is not None and seen > self.seen:
-            self.metrics.completion_tokens.inc(seen - self.seen)
+    def _count(self, seen: int, now: float) -> None:
+        """The output tokens up to ``seen`` are consumed, arriving at ``now``: counted in the metrics with
+        their latency (the first arrival's from the request's; k tokens at once, as from a speculative
+        step, are k equal gaps). Tokens past a stop string's match are never consumed, so never timed."""
+        k = seen - self.seen
+        if self.metrics is not None and k > 0:
+            self.metrics.completion_tokens.inc(k)
+            if self._last_token_at is None:
+                self.metrics.ttft.observe(now - self.arrival)
+            else:
+                for _ in range(k):
+                    self.metrics.itl.observe((now - self._last_token_at) / k)
+        if k > 0:
+            self._last_token_at = now
         self.seen = seen
 
     def _finish(self, delta: Delta, reason: str) -> Delta:
