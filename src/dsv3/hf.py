@@ -172,7 +172,7 @@ def stop_token_ids(path: str | os.PathLike, cfg: ModelConfig | None = None) -> t
     """The end-of-sequence ids a model directory's generation stops on, as transformers reads them:
     ``generation_config.json``'s ``eos_token_id`` (an id or a list of ids) when that file gives one, else
     ``config.json``'s (``cfg`` when already read). A bad value is a ValueError naming the file and field."""
-    from .errors import json_kind, read_json
+    from .errors import read_json
 
     path = os.fspath(path)
     cfg = cfg if cfg is not None else ModelConfig.from_hf(path)
@@ -181,15 +181,11 @@ def stop_token_ids(path: str | os.PathLike, cfg: ModelConfig | None = None) -> t
         data = read_json(gen, "generation config")
         if "eos_token_id" in data:
             v = data["eos_token_id"]
-            ids = v if isinstance(v, list) else [] if v is None else [v]
-            if (isinstance(v, list) and not v) or any(isinstance(t, bool) or not isinstance(t, int) or t < 0
-                                                      for t in ids):
-                raise ValueError(f"{gen}: eos_token_id = {json.dumps(v)[:60]}: must be a token id or a non-empty "
-                                 f"list of token ids, found {json_kind(v)}")
-            if any(t >= cfg.vocab_size for t in ids):
-                raise ValueError(f"{gen}: eos_token_id = {json.dumps(v)[:60]}: not a token of the vocabulary "
-                                 f"(config.json's vocab_size is {cfg.vocab_size})")
-            return tuple(ids)
+            try:                                   # checked as config.json's eos_token_id is
+                return cfg.replace(eos_token_id=v).eos_token_ids
+            except ValueError as e:
+                why = str(e).removeprefix(f"ModelConfig.eos_token_id = {v!r}: ")
+                raise ValueError(f"{gen}: eos_token_id = {json.dumps(v)[:60]}: {why}") from None
     return cfg.eos_token_ids
 
 
