@@ -90,6 +90,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import dsv3  # noqa: E402
 from dsv3 import fp8  # noqa: E402
+from dsv3.fp8.gemm import FP8_MMA_REL_TOL  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -187,6 +188,8 @@ def correctness(s: Suite) -> None:
     dev, dry = s.device, s.dry
     triton_ok = fp8.triton_usable(dev) or (dry and fp8.triton_available())
     exact = dev.type == "cuda"          # the interpreter's own fp32→e4m3 cast can land one step away
+    # the interpreter sums in FP32; Hopper's FP8 MMA keeps fewer accumulator bits within a 128-group
+    mma_tol = FP8_MMA_REL_TOL if dev.type == "cuda" else 1e-5
 
     def quantisers():
         from dsv3.fp8 import triton_kernels as tk
@@ -246,8 +249,8 @@ def correctness(s: Suite) -> None:
                     worst_64 = max(worst_64, _rel(out, fp64_reference(*ops, row)))
                 bf = fp8.fp8_gemm(*ops, out_dtype=torch.bfloat16, backend=backend)
                 _need(bf.dtype == torch.bfloat16 and _rel(bf, ref) < 2 ** -7, f"{backend} BF16 output off")
-            _need(worst_ref < 1e-5, f"{backend} vs torch reference: {worst_ref:.2e}")
-            _need(worst_64 < 1e-4, f"{backend} vs fp64: {worst_64:.2e}")
+            _need(worst_ref < mma_tol, f"{backend} vs torch reference: {worst_ref:.2e} (bound {mma_tol:.0e})")
+            _need(worst_64 < max(mma_tol, 1e-4), f"{backend} vs fp64: {worst_64:.2e}")
             return {"summary": f"max rel err {worst_ref:.1e} vs torch reference, {worst_64:.1e} vs fp64",
                     "rel_err_vs_torch": worst_ref, "rel_err_vs_fp64": worst_64}
         return run
@@ -262,7 +265,7 @@ def correctness(s: Suite) -> None:
             out = fp8.fp8_grouped_gemm(*ops, counts=counts, out_dtype=torch.float32, backend="triton")
             _need(bool(torch.isfinite(out).all()), f"grouped GEMM {counts}: non-finite output")
             worst = max(worst, _rel(out, ref))
-        _need(worst < 1e-5, f"grouped GEMM vs torch reference: {worst:.2e}")
+        _need(worst < mma_tol, f"grouped GEMM vs torch reference: {worst:.2e} (bound {mma_tol:.0e})")
         return {"summary": f"max rel err {worst:.1e} vs torch reference (empty groups included)", "rel_err": worst}
 
     def paged_attention():
@@ -421,6 +424,9 @@ def gemm_speed(s: Suite) -> None:
                 except RuntimeError as err:
                     row[f"{be}_error"] = str(err)[:160]
             tri = row.get("triton_tflops")
+            if tri and dev.type == "cuda":
+                from dsv3.fp8 import triton_kernels as tk
+                row["triton_config"] = str(tk._fp8_gemm_kernel.best_config)       # the autotuner's pick
             if tri:
                 row["triton_vs_bf16"] = tri / row["bf16_tflops"]
                 if row.get("scaled_mm_tflops"):
@@ -460,6 +466,29 @@ def gemm_speed(s: Suite) -> None:
         return {"summary": f"act_quant {q_gbs:.4g} GB/s, copy {c_gbs:.4g} GB/s ({q_gbs / c_gbs:.0%})",
                 "quant_gb_s": q_gbs, "copy_gb_s": c_gbs, "ratio": q_gbs / c_gbs, "shape": [m, k]}
 
+    def host_overhead():
+        """Host time per call, no synchronisation, on a tiny shape (the GPU work is negligible): what
+        bounds the small-M rows and every decode-sized GEMM."""
+        m, n, k = 16, 256, 256
+        a, b = _data((m, k), 6, dev, gemm_dtype), _data((n, k), 7, dev, gemm_dtype)
+        ops = (*fp8.quantize_activation(a), *fp8.quantize_weight(b))
+        from dsv3.fp8 import triton_kernels as tk
+        calls = {"torch.matmul (BF16)": lambda: a @ b.T,
+                 "fp8_gemm triton": lambda: fp8.fp8_gemm(*ops, out_dtype=torch.bfloat16, backend="triton"),
+                 "triton_kernels.fp8_gemm": lambda: tk.fp8_gemm(*ops, out_dtype=torch.bfloat16),
+                 "act_quant": lambda: tk.act_quant(a)}
+        us = {}
+        for name, fn in calls.items():
+            fn()
+            _sync(dev)
+            reps = 5 if dry else 200
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            us[name] = 1e6 * (time.perf_counter() - t0) / reps
+            _sync(dev)
+        return {"summary": ", ".join(f"{k} {v:.0f} µs" for k, v in us.items()), "host_us_per_call": us}
+
     if not (fp8.triton_usable(dev) or (dry and fp8.triton_available())):
         s.check("gemm", "FP8 GEMM throughput", lambda: {"status": "skipped", "summary": "Triton not usable here"})
         return
@@ -468,6 +497,7 @@ def gemm_speed(s: Suite) -> None:
     for e, t, n, k, ref in grouped:
         s.check("gemm", f"grouped {e}x{t} N={n} K={k}", grouped_row(e, t, n, k, ref))
     s.check("gemm", "1x128 quantiser bandwidth", quantiser)
+    s.check("gemm", "host time per call (no sync)", host_overhead)
     s.data["gemm"] = {"rows": rows}
 
 

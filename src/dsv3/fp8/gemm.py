@@ -130,23 +130,51 @@ _SCALED_MM_LAYOUTS = {
     "blk_t_pad4": ("block", lambda bs: _pad4(bs.contiguous()).t()),     # [L4, NB], stride (1, L4)
     "blk_t": ("block", lambda bs: bs.contiguous().t()),                 # [G, NB], stride (1, G)
     "blk": ("block", lambda bs: bs.contiguous()),                       # [NB, G]
+    # the same through torch.nn.functional.scaled_mm (torch ≥ 2.10), which names the recipes
+    "f_row_gn": ("row", lambda bs: bs.t().contiguous()),
+    "f_row_ng": ("row", lambda bs: bs.t().contiguous().t()),
+    "f_blk_t_pad4": ("block", lambda bs: _pad4(bs.contiguous()).t()),
+    "f_blk_t": ("block", lambda bs: bs.contiguous().t()),
+    "f_blk": ("block", lambda bs: bs.contiguous()),
 }
 
 
 def _call_scaled_mm(a_q, a_s, b_q, b_s, layout, out_dtype):
     sa = a_s.float().t().contiguous().t()                               # [M, G], stride (1, M)
-    sb = _SCALED_MM_LAYOUTS[layout][1](b_s.float())
+    kind, build = _SCALED_MM_LAYOUTS[layout]
+    sb = build(b_s.float())
+    if layout.startswith("f_"):
+        F = torch.nn.functional
+        if not hasattr(F, "scaled_mm"):
+            raise RuntimeError("torch.nn.functional.scaled_mm needs torch ≥ 2.10")
+        def recipe(tile):             # spelled Blockwise_1x128 in some releases, BlockWise1x128 in others
+            rt = F.ScalingType
+            return getattr(rt, f"BlockWise{tile}", None) or getattr(rt, f"Blockwise_{tile}")
+        return F.scaled_mm(a_q, b_q.t(), sa, recipe("1x128"), sb,
+                           recipe("1x128" if kind == "row" else "128x128"), output_dtype=out_dtype)
     return torch._scaled_mm(a_q, b_q.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype)
+
+
+# Why the probe found no layout, per (device, kind, dtype): what each candidate raised or how far it was.
+SCALED_MM_PROBE_NOTES: dict = {}
+
+# Hopper's FP8 MMA keeps fewer accumulator bits than FP32 inside one 128-wide group (the report's
+# "about 14 bits"): errors of ~1e-4 of the output's scale are the hardware's, not a layout's.
+FP8_MMA_REL_TOL = 5e-4
 
 
 @functools.lru_cache(maxsize=None)
 def _scaled_mm_layout(device_index: int, kind: str, out_dtype: torch.dtype):
     """Which layout in `_SCALED_MM_LAYOUTS` works on this device for this b-scale kind and
-    output dtype, or None (not supported: "auto" then uses Triton)."""
+    output dtype, or None (not supported: "auto" then uses Triton; the reasons are kept in
+    `SCALED_MM_PROBE_NOTES`)."""
+    key = (device_index, kind, str(out_dtype))
     if not hasattr(torch, "_scaled_mm"):
+        SCALED_MM_PROBE_NOTES[key] = "torch has no _scaled_mm"
         return None
     dev = torch.device("cuda", device_index)
     if torch.cuda.get_device_capability(dev) < (9, 0):
+        SCALED_MM_PROBE_NOTES[key] = "needs sm90 or newer"
         return None
     from .quant import quantize_activation, quantize_weight
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -156,17 +184,25 @@ def _scaled_mm_layout(device_index: int, kind: str, out_dtype: torch.dtype):
     a_q, a_s = quantize_activation(a)
     b_q, b_s = quantize_activation(b) if kind == "row" else quantize_weight(b)
     ref = _gemm_torch(a_q, a_s, b_q, b_s, torch.float32, BLOCK, kind)
-    tol = 1e-4 if out_dtype == torch.float32 else 1e-2
+    tol = FP8_MMA_REL_TOL if out_dtype == torch.float32 else 1e-2
+    notes = []
     for name, (k_name, _) in _SCALED_MM_LAYOUTS.items():
         if k_name != kind:
             continue
         try:
             out = _call_scaled_mm(a_q, a_s, b_q, b_s, name, out_dtype)
             torch.cuda.synchronize(dev)
-        except Exception:  # noqa: BLE001 — an unsupported layout raises; try the next one
+        except Exception as err:  # noqa: BLE001 — an unsupported layout raises; try the next one
+            notes.append(f"{name}: {type(err).__name__}: {str(err).splitlines()[0][:150] if str(err) else ''}")
             continue
-        if out.shape == ref.shape and bool((out.float() - ref).abs().max() < tol * ref.abs().max()):
+        if out.shape != ref.shape:
+            notes.append(f"{name}: shape {tuple(out.shape)}")
+            continue
+        err = float((out.float() - ref).abs().max() / ref.abs().max())
+        if err < tol:
             return name
+        notes.append(f"{name}: rel err {err:.1e}")
+    SCALED_MM_PROBE_NOTES[key] = "; ".join(notes)
     return None
 
 
@@ -178,7 +214,9 @@ def _gemm_scaled_mm(a_q, a_s, b_q, b_s, out_dtype, block, kind):
         raise _ShapeUnsupported("scaled_mm backend needs K a multiple of 128 and N of 16")
     layout = _scaled_mm_layout(a_q.device.index or 0, kind, out_dtype)
     if layout is None:
-        raise _ShapeUnsupported("torch._scaled_mm block-scaled GEMM is not available here")
+        why = SCALED_MM_PROBE_NOTES.get((a_q.device.index or 0, kind, str(out_dtype)), "")
+        raise _ShapeUnsupported("torch._scaled_mm block-scaled GEMM is not available here"
+                                + (f" ({why})" if why else ""))
     return _call_scaled_mm(a_q.contiguous(), a_s, b_q.contiguous(), b_s, layout, out_dtype)
 
 

@@ -53,8 +53,12 @@ def _pow2_ceil(s: torch.Tensor) -> torch.Tensor:
 
 
 def _scale_from_amax(amax: torch.Tensor, pow2_scale: bool) -> torch.Tensor:
-    # torch.clamp propagates NaN, so a NaN tile keeps a NaN scale (inf stays inf).
-    s = torch.clamp(amax.float(), min=AMAX_FLOOR) / FP8_MAX
+    # torch.clamp propagates NaN, so a NaN tile keeps a NaN scale (inf stays inf). The division is
+    # done in FP64 and rounded once to FP32: on CUDA, torch divides by a Python scalar as a multiply
+    # by its FP32 reciprocal, which is not the correctly rounded amax / 448 (one ulp off for some
+    # amax, so GPU and CPU scales differed); FP64 has the bits (53 ≥ 2·24 + 2) for the FP32 cast of
+    # the FP64 quotient to equal the correctly rounded FP32 quotient, reciprocal or not.
+    s = (torch.clamp(amax.float(), min=AMAX_FLOOR).double() / FP8_MAX).float()
     return _pow2_ceil(s) if pow2_scale else s
 
 

@@ -45,20 +45,25 @@ def _next_pow2(x: int) -> int:
 def _gemm_configs():
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    shapes = [  # (BLOCK_M, BLOCK_N, stages, warps)
-        (128, 128, 4, 8), (128, 256, 3, 8), (256, 128, 3, 8), (128, 64, 4, 4),
-        (64, 128, 4, 4), (64, 256, 3, 8), (64, 64, 5, 4), (32, 128, 4, 4), (16, 128, 4, 4),
-        (16, 64, 5, 4),
-    ]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=st, num_warps=w)
-            for bm, bn, st, w in shapes]
+            for bm, bn, st, w in _GEMM_TILES]
+
+
+# (BLOCK_M, BLOCK_N, stages, warps), from tall tiles for long M to short ones for decode-sized M.
+# The pruner keeps three per call (below): every kept config is compiled once and benchmarked once
+# per autotuning key, so a short list keeps the first steps of an FP8 run from compiling for minutes.
+_GEMM_TILES = [
+    (128, 256, 3, 8), (128, 128, 4, 8), (256, 128, 3, 8),      # M ≥ 256
+    (64, 128, 4, 4), (64, 256, 3, 8), (64, 64, 5, 4),          # 64 ≤ M < 256
+    (16, 64, 5, 4), (32, 128, 4, 4), (16, 128, 4, 4),          # M < 64
+]
 
 
 def _prune_gemm(configs, named_args, **kwargs):
-    """Skip tiles far taller than M (decode-sized GEMMs) — they only waste the tensor cores."""
+    """The three tiles of M's class (decode-sized GEMMs get short tiles, long ones tall tiles)."""
     m = named_args["M_BUCKET"]
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, 2 * m)]
-    return kept or configs[:1]
+    first = 0 if m >= 256 else 3 if m >= 64 else 6
+    return configs[first:first + 3] if len(configs) >= first + 3 else configs[:1]
 
 
 def _grouped_configs():
@@ -101,12 +106,12 @@ def _scaled_tile(a_ptr, b_ptr, as_ptr, bs_ptr, offs_m, offs_n, K,
     return acc
 
 
-@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "B_SCALE_DIV"],
+@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K_BUCKET", "B_SCALE_DIV"],
                  prune_configs_by={"early_config_prune": _prune_gemm})
 @triton.jit
 def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, M, N, K,
                      stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
-                     stride_asm, stride_asg, stride_bsn, stride_bsg, M_BUCKET,
+                     stride_asm, stride_asg, stride_bsn, stride_bsg, M_BUCKET, K_BUCKET,
                      B_SCALE_DIV: tl.constexpr, EVEN_K: tl.constexpr, GROUP_M: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # Grouped launch order: GROUP_M row-tiles share each column tile while it is hot in L2.
@@ -175,7 +180,7 @@ def fp8_gemm(a_q, a_s, b_q, b_s, out_dtype=torch.bfloat16, b_row_scales=False):
     _fp8_gemm_kernel[grid](
         a_q, b_q, c, a_s, b_s, m, n, k,
         a_q.stride(0), a_q.stride(1), b_q.stride(0), b_q.stride(1), c.stride(0), c.stride(1),
-        a_s.stride(0), a_s.stride(1), b_s.stride(0), b_s.stride(1), _next_pow2(m),
+        a_s.stride(0), a_s.stride(1), b_s.stride(0), b_s.stride(1), _next_pow2(m), _next_pow2(k),
         B_SCALE_DIV=1 if b_row_scales else BLOCK, EVEN_K=(k % BLOCK == 0), GROUP_M=8,
         BLOCK_K=BLOCK)
     return c
