@@ -530,7 +530,8 @@ def _train_configs(dry: bool) -> dict:
     # DeepSeek-V3's attention shapes at a quarter of its width (1.6B parameters with MTP)
     wide = small.replace(hidden_size=2048, num_hidden_layers=12, intermediate_size=5632, q_lora_rank=768,
                          kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-                         moe_intermediate_size=512, n_routed_experts=32, num_experts_per_tok=6)
+                         moe_intermediate_size=512, n_routed_experts=32, num_experts_per_tok=6,
+                         max_position_embeddings=8192)       # 4096 tokens + the MTP's extra one
     return {"small": (small, 16, 2048), "wide": (wide, 8, 4096)}
 
 

@@ -113,3 +113,13 @@ def test_a_killed_run_leaves_its_finished_checks(tmp_path):
     res = json.loads(path.read_text())
     assert not res["complete"] and res["checks"], res
     assert res["checks"][0]["name"] == "Triton quantisers (1x128, SwiGLU+quant)"
+
+
+def test_gpu_sized_training_configs_pass_the_trainers_checks(monkeypatch):
+    """The dry run trains only the tiny config: the GPU run's own configs are checked here against the
+    Trainer's argument rules (a 4096-token sequence once exceeded the wide model's positions on the H200)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_suite
+    from dsv3.train.trainer import TrainConfig
+    for name, (cfg, batch, seq) in gpu_suite._train_configs(dry=False).items():
+        TrainConfig(out="unused", steps=6, batch_size=batch, seq_len=seq).validate(cfg)
