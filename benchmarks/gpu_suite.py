@@ -213,8 +213,21 @@ def correctness(s: Suite) -> None:
         y = q if exact else tk.swiglu_quant(g, u, q_dtype=torch.float32)[0].to(fp8.FP8_DTYPE)
         off = float((y.float() != q_ref.float()).float().mean())
         _need(off < 0.01, f"swiglu_quant: {off:.3%} of values differ")
-        return {"summary": f"scales bit-exact; values equal {worst:.2%} (act), {1 - off:.2%} (swiglu)",
-                "act_values_equal": worst, "swiglu_values_equal": 1 - off}
+        # the weight (128×128) and token-direction (128×1, transposed; from the FP8 cache) quantisers
+        w = _data((3, 300, 500) if not dry else (2, 130, 200), 8, dev)
+        q_ref, s_ref = fp8.quantize_weight(w)
+        q, sc = tk.weight_quant(w)
+        _need(torch.equal(sc, s_ref), "weight_quant scales differ")
+        y = q if exact else tk.weight_quant(w, q_dtype=torch.float32)[0].to(fp8.FP8_DTYPE)
+        _need(torch.equal(y.float(), q_ref.float()), "weight_quant values differ")
+        x_q, x_s = fp8.quantize_activation(_data((1000, 384) if not dry else (150, 256), 9, dev))
+        q_ref, s_ref = fp8.quantize_activation_t(fp8.dequantize_activation(x_q, x_s))
+        q, sc = tk.act_quant_t(x_q, x_s)
+        _need(torch.equal(sc, s_ref), "act_quant_t scales differ")
+        y = q if exact else tk.act_quant_t(x_q, x_s, q_dtype=torch.float32)[0].to(fp8.FP8_DTYPE)
+        _need(torch.equal(y.float(), q_ref.float()), "act_quant_t values differ")
+        return {"summary": f"scales bit-exact; values equal {worst:.2%} (act), {1 - off:.2%} (swiglu), "
+                           "100% (weight, transposed)", "act_values_equal": worst, "swiglu_values_equal": 1 - off}
 
     def operands(m, n, k, seed, row=False, e=None):
         a_q, a_s = fp8.quantize_activation(_data((m, k), seed, dev))
@@ -268,6 +281,25 @@ def correctness(s: Suite) -> None:
         _need(worst < mma_tol, f"grouped GEMM vs torch reference: {worst:.2e} (bound {mma_tol:.0e})")
         return {"summary": f"max rel err {worst:.1e} vs torch reference (empty groups included)", "rel_err": worst}
 
+    def grouped_wgrad():
+        from dsv3.fp8 import triton_kernels as tk
+        from dsv3.fp8.linear import _wgrad
+        counts = [10, 0, 37] if dry else [700, 0, 129, 1, 2048, 64]
+        segs = fp8.segment_bounds(counts)
+        n, k = (48, 256) if dry else (1024, 2048)
+        dy = _data((sum(counts), n), 11, dev)
+        x_q, x_s = fp8.quantize_activation(_data((sum(counts), k), 12, dev))
+        dw = tk.grouped_wgrad(dy, x_q, x_s, segs)
+        _need(bool((dw[1] == 0).all()), "grouped Wgrad: an expert without tokens got a gradient")
+        # on the CPU the interpreter's own E4M3 cast of the transposed operands can land one step away
+        tol, worst = (mma_tol if exact else 1e-2), 0.0
+        for e, (s0, s1) in enumerate(segs):
+            if s1 > s0:
+                worst = max(worst, _rel(dw[e], _wgrad(dy[s0:s1], x_q[s0:s1], x_s[s0:s1], "torch")))
+        _need(worst < tol, f"grouped Wgrad vs per-expert torch Wgrad: {worst:.2e}")
+        return {"summary": f"max rel err {worst:.1e} vs per-expert torch Wgrad (one launch, empty experts zero)",
+                "rel_err": worst}
+
     def paged_attention():
         from dsv3.infer import paged_attention as pa
         worst = 0.0
@@ -289,6 +321,7 @@ def correctness(s: Suite) -> None:
         s.check("correctness", "Triton quantisers (1x128, SwiGLU+quant)", quantisers)
         s.check("correctness", "Triton block-scaled GEMM", gemm("triton"))
         s.check("correctness", "Triton grouped GEMM", grouped)
+        s.check("correctness", "Triton K-grouped expert Wgrad", grouped_wgrad)
         s.check("correctness", "Triton paged MLA attention", paged_attention)
     else:
         for name in ("Triton kernels",):

@@ -13,6 +13,11 @@ x along the token dim from that FP8 copy (dequantise → transpose → quantise 
 round trip the report describes for its FP8 activation cache. The weight is re-quantised in
 backward rather than saved, so no per-micro-batch FP8 weight copy is held.
 
+On CUDA each quantisation is one Triton launch (the token-direction one dequantises the FP8 cache
+on load), Dgrad reads Wᵀ through strides, and the experts' Wgrads are one K-grouped GEMM over
+128-aligned token tiles (DeepGEMM's "k-grouped" layout) instead of a GEMM per expert; elsewhere
+the torch quantisers and a per-expert loop compute the same numbers.
+
 Gradients: dx in x's dtype, dW in FP32 (master-gradient precision).
 """
 
@@ -29,12 +34,34 @@ from .quant import (dequantize_activation, quantize_activation, quantize_activat
                     quantize_weight)
 
 
-def _quant_act(x: torch.Tensor, backend: str, pow2_scale: bool = False):
-    """1×128 quantisation; the fused Triton kernel on CUDA (bit-identical to the torch one)."""
-    if backend in ("auto", "triton") and x.is_cuda and triton_usable(x.device):
+def _triton(t: torch.Tensor, backend: str):
+    """The Triton kernels module when this backend runs its quantisers and Wgrad there (CUDA with
+    Triton usable; their results are bit-identical to the torch quantisers'), else None."""
+    if backend in ("auto", "triton") and t.is_cuda and triton_usable(t.device):
         from . import triton_kernels
-        return triton_kernels.act_quant(x, pow2_scale=pow2_scale)
-    return quantize_activation(x, pow2_scale=pow2_scale)
+        return triton_kernels
+    return None
+
+
+def _quant_act(x: torch.Tensor, backend: str, pow2_scale: bool = False):
+    """1×128 quantisation; the fused Triton kernel on CUDA."""
+    tk = _triton(x, backend)
+    return tk.act_quant(x, pow2_scale=pow2_scale) if tk else quantize_activation(x, pow2_scale=pow2_scale)
+
+
+def _quant_weight(w: torch.Tensor, backend: str):
+    """128×128 quantisation of a master weight [N, K] or [E, N, K]; one Triton launch on CUDA."""
+    tk = _triton(w, backend)
+    return tk.weight_quant(w) if tk else quantize_weight(w)
+
+
+def _transposed(w_q: torch.Tensor, w_s: torch.Tensor, backend: str):
+    """Wᵀ and its block scales for Dgrad: a strided view for the Triton GEMMs (they take strides),
+    a contiguous copy for the others."""
+    wt_q, wt_s = w_q.transpose(-1, -2), w_s.transpose(-1, -2)
+    if _triton(w_q, backend):
+        return wt_q, wt_s
+    return wt_q.contiguous(), wt_s.contiguous()
 
 
 def _autocast_off(step):
@@ -69,7 +96,7 @@ class _FP8LinearFn(torch.autograd.Function):
         k = x.shape[-1]
         x2 = x.reshape(-1, k)
         x_q, x_s = _quant_act(x2, backend, pow2_scale)
-        w_q, w_s = quantize_weight(weight)
+        w_q, w_s = _quant_weight(weight, backend)
         y = fp8_gemm(x_q, x_s, w_q, w_s, out_dtype=_out_dtype(x), backend=backend)
         ctx.save_for_backward(x_q, x_s, weight)
         ctx.backend, ctx.x_shape, ctx.x_dtype = backend, x.shape, x.dtype
@@ -84,8 +111,8 @@ class _FP8LinearFn(torch.autograd.Function):
         dx = dw = None
         if ctx.needs_input_grad[0]:
             dy_q, dy_s = _quant_act(dy2, ctx.backend)                 # 1×128 along N
-            w_q, w_s = quantize_weight(weight)
-            dx = fp8_gemm(dy_q, dy_s, w_q.t().contiguous(), w_s.t().contiguous(),
+            w_q, w_s = _quant_weight(weight, ctx.backend)
+            dx = fp8_gemm(dy_q, dy_s, *_transposed(w_q, w_s, ctx.backend),
                           out_dtype=_out_dtype(dy), backend=ctx.backend)
             dx = dx.reshape(ctx.x_shape).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
@@ -94,9 +121,15 @@ class _FP8LinearFn(torch.autograd.Function):
 
 
 def _wgrad(dy2, x_q, x_s, backend):
-    """dW [N, K] = dyᵀ x, both operands quantised 1×128 along the token dim."""
-    dyt_q, dyt_s = quantize_activation_t(dy2)                       # [N, T], [N, T/128]
-    xt_q, xt_s = quantize_activation_t(dequantize_activation(x_q, x_s))   # [K, T], [K, T/128]
+    """dW [N, K] = dyᵀ x, both operands quantised 1×128 along the token dim (on CUDA one Triton pass
+    each: x dequantised from its FP8 cache, transposed and requantised on load)."""
+    tk = _triton(dy2, backend)
+    if tk:
+        dyt_q, dyt_s = tk.act_quant_t(dy2)
+        xt_q, xt_s = tk.act_quant_t(x_q, x_s)
+    else:
+        dyt_q, dyt_s = quantize_activation_t(dy2)                       # [N, T], [N, T/128]
+        xt_q, xt_s = quantize_activation_t(dequantize_activation(x_q, x_s))   # [K, T], [K, T/128]
     return fp8_gemm(dyt_q, dyt_s, xt_q, xt_s, out_dtype=torch.float32, backend=backend)
 
 
@@ -156,7 +189,7 @@ class _FP8GroupedLinearFn(torch.autograd.Function):
     @_autocast_off
     def forward(ctx, x, weights, segs, backend):
         x_q, x_s = _quant_act(x, backend)
-        w_q, w_s = quantize_weight(weights)                          # [E, N, K], [E, N/128, K/128]
+        w_q, w_s = _quant_weight(weights, backend)                   # [E, N, K], [E, N/128, K/128]
         y = fp8_grouped_gemm(x_q, x_s, w_q, w_s, offsets=[0] + [e for _, e in segs],
                              out_dtype=_out_dtype(x), backend=backend)
         ctx.save_for_backward(x_q, x_s, weights)
@@ -172,15 +205,18 @@ class _FP8GroupedLinearFn(torch.autograd.Function):
         dx = dw = None
         if ctx.needs_input_grad[0]:
             dy_q, dy_s = _quant_act(dy, backend)
-            w_q, w_s = quantize_weight(weights)
-            dx = fp8_grouped_gemm(dy_q, dy_s, w_q.transpose(1, 2).contiguous(),
-                                  w_s.transpose(1, 2).contiguous(), offsets=offsets,
+            w_q, w_s = _quant_weight(weights, backend)
+            dx = fp8_grouped_gemm(dy_q, dy_s, *_transposed(w_q, w_s, backend), offsets=offsets,
                                   out_dtype=_out_dtype(dy), backend=backend).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
-            dw = torch.zeros_like(weights, dtype=torch.float32)
-            for e, (s0, s1) in enumerate(segs):
-                if s1 > s0:   # token tiles never straddle two experts
-                    dw[e] = _wgrad(dy[s0:s1], x_q[s0:s1], x_s[s0:s1], backend)
+            tk = _triton(dy, backend)
+            if tk:    # every expert in three launches (two token-direction quantisers, one GEMM)
+                dw = tk.grouped_wgrad(dy, x_q, x_s, segs)
+            else:
+                dw = torch.zeros_like(weights, dtype=torch.float32)
+                for e, (s0, s1) in enumerate(segs):
+                    if s1 > s0:   # token tiles never straddle two experts
+                        dw[e] = _wgrad(dy[s0:s1], x_q[s0:s1], x_s[s0:s1], backend)
         return dx, dw, None, None
 
 

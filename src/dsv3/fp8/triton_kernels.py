@@ -26,6 +26,7 @@ from .quant import AMAX_FLOOR, BLOCK, FP8_MAX
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _AMAX_FLOOR = tl.constexpr(AMAX_FLOOR)
 _FP8_MAX = tl.constexpr(FP8_MAX)
+_GROUP = tl.constexpr(BLOCK)          # the quantisation tile width (128)
 
 
 def _cdiv(a, b):
@@ -228,18 +229,28 @@ def fp8_grouped_gemm(a_q, a_s, b_q, b_s, segments, out_dtype=torch.bfloat16,
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
-def _quant_tile(x, POW2: tl.constexpr):
-    """x [BM, 128] fp32 → (x / s clamped to ±448, s [BM]) with the torch quantiser's rules."""
-    amax = tl.max(tl.abs(x), axis=1)
-    n_nan = tl.sum((x != x).to(tl.int32), axis=1)
+def _scale(amax, n_nan, POW2: tl.constexpr):
+    """The torch quantiser's scale rule: max(amax, floor) / 448 correctly rounded, optionally rounded
+    up to a power of two; NaN where the tile held a NaN."""
     s = tl.math.div_rn(tl.maximum(amax, _AMAX_FLOOR), _FP8_MAX)
     if POW2:  # round up to a power of two, bit-exactly (inf stays inf)
         bits = s.to(tl.int32, bitcast=True)
         s = ((bits + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
-    s = tl.where(n_nan > 0, float("nan"), s)
-    y = tl.math.div_rn(x, s[:, None])
-    y = tl.minimum(tl.maximum(y, -_FP8_MAX), _FP8_MAX)
-    return y, s
+    return tl.where(n_nan > 0, float("nan"), s)
+
+
+@triton.jit
+def _scaled_clamped(x, s):
+    """x / s clamped to ±448 (s broadcast to x)."""
+    y = tl.math.div_rn(x, s)
+    return tl.minimum(tl.maximum(y, -_FP8_MAX), _FP8_MAX)
+
+
+@triton.jit
+def _quant_tile(x, POW2: tl.constexpr):
+    """x [BM, 128] fp32 → (x / s clamped to ±448, s [BM]) with the torch quantiser's rules."""
+    s = _scale(tl.max(tl.abs(x), axis=1), tl.sum((x != x).to(tl.int32), axis=1), POW2)
+    return _scaled_clamped(x, s[:, None]), s
 
 
 @triton.jit
@@ -317,3 +328,200 @@ def swiglu_quant(gate: torch.Tensor, up: torch.Tensor, pow2_scale: bool = False,
             g2, u2, q, s, m, k, g2.stride(0), u2.stride(0), q.stride(0), s.stride(0),
             POW2=pow2_scale, BLOCK_M=block_m, BLOCK_K=BLOCK, num_warps=4)
     return q.reshape(*gate.shape[:-1], k), s.reshape(*gate.shape[:-1], kg)
+
+
+# --------------------------------------------------------------------------------------------
+# Weights: one 128×128 block per program (weight_quant), for [N, K] or stacked experts [E, N, K].
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _weight_quant_kernel(w_ptr, q_ptr, s_ptr, N, K, stride_we, stride_wn, stride_qe, stride_qn,
+                         stride_se, stride_sn, POW2: tl.constexpr, BLOCK: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    e = tl.program_id(2).to(tl.int64)
+    rows = pid_n * BLOCK + tl.arange(0, BLOCK)
+    cols = pid_k * BLOCK + tl.arange(0, BLOCK)
+    mask = (rows[:, None] < N) & (cols[None, :] < K)
+    x = tl.load(w_ptr + e * stride_we + rows[:, None] * stride_wn + cols[None, :], mask=mask,
+                other=0.0).to(tl.float32)
+    amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+    n_nan = tl.sum(tl.sum((x != x).to(tl.int32), axis=1), axis=0)
+    s = _scale(amax, n_nan, POW2)
+    y = _scaled_clamped(x, s)
+    tl.store(q_ptr + e * stride_qe + rows[:, None] * stride_qn + cols[None, :],
+             y.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + e * stride_se + pid_n * stride_sn + pid_k, s)
+
+
+def weight_quant(w: torch.Tensor, pow2_scale: bool = False, q_dtype: torch.dtype = torch.float8_e4m3fn):
+    """Triton twin of :func:`dsv3.fp8.quantize_weight`: w [N, K] or [E, N, K] → (q, s [.., ⌈N/128⌉,
+    ⌈K/128⌉]) in one launch."""
+    if w.dim() not in (2, 3):
+        raise ValueError(f"weight_quant needs [N, K] or [E, N, K], got {tuple(w.shape)}")
+    w3 = w if w.dim() == 3 else w.unsqueeze(0)
+    if w3.stride(-1) != 1:
+        w3 = w3.contiguous()
+    e, n, k = w3.shape
+    nb, kb = _cdiv(n, BLOCK), _cdiv(k, BLOCK)
+    q = torch.empty(e, n, k, dtype=q_dtype, device=w.device)
+    s = torch.empty(e, nb, kb, dtype=torch.float32, device=w.device)
+    if e and n and k:
+        _weight_quant_kernel[(nb, kb, e)](
+            w3, q, s, n, k, w3.stride(0), w3.stride(1), q.stride(0), q.stride(1), s.stride(0), s.stride(1),
+            POW2=pow2_scale, BLOCK=BLOCK, num_warps=8)
+    return (q, s) if w.dim() == 3 else (q[0], s[0])
+
+
+# --------------------------------------------------------------------------------------------
+# Token-direction quantisation for Wgrad (act_quant_t): 128×1 tiles (one channel over 128
+# tokens), written transposed. With expert segments every segment starts a new tile at a
+# 128-aligned column, its last tile zero-padded, so a K-grouped GEMM walks whole tiles.
+# --------------------------------------------------------------------------------------------
+
+def token_tiles(segments, t: int):
+    """Tile schedule for :func:`act_quant_t`: per 128-token tile (first row, end row, first output
+    column), the output width, and per segment its first column and its padded column count.
+
+    segments None: one segment, no padding (output width = t)."""
+    if segments is None:
+        segments, pad = [(0, t)], False
+    else:
+        pad = True
+    tiles, col0, ncols, col = [], [], [], 0
+    for s0, s1 in segments:
+        col0.append(col)
+        for r0 in range(s0, s1, BLOCK):
+            tiles.append((r0, min(r0 + BLOCK, s1), col))
+            col += BLOCK
+        ncols.append(col - col0[-1])
+    width = col if pad else t
+    return tiles, width, col0, ncols
+
+
+@triton.jit
+def _act_quant_t_kernel(x_ptr, xs_ptr, q_ptr, s_ptr, r0_ptr, r1_ptr, c0_ptr, K, width,
+                        stride_xm, stride_xsm, stride_qk, stride_sk,
+                        DEQUANT: tl.constexpr, POW2: tl.constexpr, BLOCK_T: tl.constexpr,
+                        BLOCK_C: tl.constexpr):
+    pid_t = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    r0 = tl.load(r0_ptr + pid_t)
+    r1 = tl.load(r1_ptr + pid_t)
+    c0 = tl.load(c0_ptr + pid_t)
+    rows = r0 + tl.arange(0, BLOCK_T)
+    chans = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows[:, None] < r1) & (chans[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + chans[None, :], mask=mask,
+                other=0.0).to(tl.float32)                                          # [BT, BC]
+    if DEQUANT:   # an FP8 input with 1×128 scales along K: dequantise on load
+        sx = tl.load(xs_ptr + rows[:, None].to(tl.int64) * stride_xsm + chans[None, :] // _GROUP,
+                     mask=mask, other=0.0)
+        x = x * sx
+    s = _scale(tl.max(tl.abs(x), axis=0), tl.sum((x != x).to(tl.int32), axis=0), POW2)   # [BC]
+    y = _scaled_clamped(x, s[None, :])
+    cols = c0 + tl.arange(0, BLOCK_T)
+    tl.store(q_ptr + chans[None, :].to(tl.int64) * stride_qk + cols[:, None],
+             y.to(q_ptr.dtype.element_ty), mask=(chans[None, :] < K) & (cols[:, None] < width))
+    tl.store(s_ptr + chans.to(tl.int64) * stride_sk + c0 // _GROUP, s, mask=chans < K)
+
+
+def act_quant_t(x: torch.Tensor, x_scale: torch.Tensor | None = None, segments=None,
+                pow2_scale: bool = False, q_dtype: torch.dtype = torch.float8_e4m3fn):
+    """Triton twin of :func:`dsv3.fp8.quantize_activation_t` for x [T, K] → (q [K, W], s [K, W/128]),
+    from a float x or an E4M3 x with its 1×128 scales ``x_scale`` [T, ⌈K/128⌉] (dequantised on load:
+    the FP8 activation cache's round trip in one pass).
+
+    ``segments`` [(start, end)] of rows (experts' tokens): each starts a new tile at a 128-aligned
+    column, W = Σ ⌈len/128⌉·128, padding columns zero; without them W = T."""
+    if x.dim() != 2:
+        raise ValueError(f"act_quant_t needs [T, K], got {tuple(x.shape)}")
+    t, k = x.shape
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    dequant = x_scale is not None
+    if dequant:
+        x_scale = x_scale.float()
+        if tuple(x_scale.shape) != (t, _cdiv(k, BLOCK)):
+            raise ValueError(f"x_scale must be [{t}, {_cdiv(k, BLOCK)}], got {tuple(x_scale.shape)}")
+    tiles, width, _, _ = token_tiles(segments, t)
+    q = (torch.zeros if segments is not None else torch.empty)(k, width, dtype=q_dtype, device=x.device)
+    s = torch.empty(k, _cdiv(width, BLOCK), dtype=torch.float32, device=x.device)
+    if tiles and k:
+        sched = torch.tensor(tiles, dtype=torch.int32).t().contiguous().to(x.device)
+        block_c = 32 if INTERPRET else 64
+        xs = x_scale if dequant else s
+        _act_quant_t_kernel[(len(tiles), _cdiv(k, block_c))](
+            x, xs, q, s, sched[0], sched[1], sched[2], k, width, x.stride(0), xs.stride(0),
+            q.stride(0), s.stride(0), DEQUANT=dequant, POW2=pow2_scale, BLOCK_T=BLOCK, BLOCK_C=block_c,
+            num_warps=4)
+    return q, s
+
+
+# --------------------------------------------------------------------------------------------
+# K-grouped GEMM (expert Wgrad): dW_e = dy_eᵀ x_e for every expert in one launch, K being the
+# expert's own tokens — 128-aligned column ranges of the act_quant_t outputs.
+# --------------------------------------------------------------------------------------------
+
+def _kgrouped_configs():
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=st, num_warps=w)
+            for bm, bn, st, w in [(128, 128, 4, 8), (64, 128, 4, 4), (128, 64, 4, 4)]]
+
+
+@triton.autotune(configs=_kgrouped_configs(), key=["M", "N"])
+@triton.jit
+def _fp8_kgrouped_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, col0_ptr, ncols_ptr, M, N,
+                              stride_am, stride_ak, stride_bn, stride_bk, stride_ce, stride_cm,
+                              stride_cn, stride_asm, stride_asg, stride_bsn, stride_bsg,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    e = tl.program_id(1)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    c0 = tl.load(col0_ptr + e).to(tl.int64)
+    nk = tl.load(ncols_ptr + e)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    g0 = c0 // BLOCK_K
+    acc = _scaled_tile(a_ptr + c0 * stride_ak, b_ptr + c0 * stride_bk, as_ptr + g0 * stride_asg,
+                       bs_ptr + g0 * stride_bsg, tl.minimum(rows, M - 1), tl.minimum(cols, N - 1), nk,
+                       stride_am, stride_ak, stride_bn, stride_bk,
+                       stride_asm, stride_asg, stride_bsn, stride_bsg,
+                       1, True, BLOCK_M, BLOCK_N, BLOCK_K)
+    c_ptrs = c_ptr + e.to(tl.int64) * stride_ce + rows[:, None] * stride_cm + cols[None, :] * stride_cn
+    tl.store(c_ptrs, acc, mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+def kgrouped_gemm(a_q, a_s, b_q, b_s, col0, ncols) -> torch.Tensor:
+    """Per group e: a[:, c0:c0+n] @ b[:, c0:c0+n]ᵀ → [E, M, N] FP32, for a [M, W], b [N, W] E4M3 with
+    1×128 scales along W ([M, W/128], [N, W/128]) and 128-aligned column ranges (col0[e], ncols[e])."""
+    m, n = a_q.shape[0], b_q.shape[0]
+    out = torch.empty(len(col0), m, n, dtype=torch.float32, device=a_q.device)
+    if not len(col0) or m == 0 or n == 0:
+        return out.zero_()
+    if any(c % BLOCK for c in list(col0) + list(ncols)):
+        raise ValueError("kgrouped_gemm: column ranges must start and end on 128-column tiles")
+    meta = torch.tensor([list(col0), list(ncols)], dtype=torch.int32).to(a_q.device)
+
+    def grid(cfg):
+        return (_cdiv(m, cfg["BLOCK_M"]) * _cdiv(n, cfg["BLOCK_N"]), len(col0))
+
+    _fp8_kgrouped_gemm_kernel[grid](
+        a_q, b_q, out, a_s.float(), b_s.float(), meta[0], meta[1], m, n,
+        a_q.stride(0), a_q.stride(1), b_q.stride(0), b_q.stride(1),
+        out.stride(0), out.stride(1), out.stride(2), a_s.stride(0), a_s.stride(1),
+        b_s.stride(0), b_s.stride(1), BLOCK_K=BLOCK)
+    return out
+
+
+def grouped_wgrad(dy: torch.Tensor, x_q: torch.Tensor, x_s: torch.Tensor, segments) -> torch.Tensor:
+    """Expert weight gradients dW [E, N, K] (FP32) = dy[s0:s1]ᵀ · x[s0:s1] per expert segment, from
+    dy [T, N] (float) and the FP8 activation cache x_q [T, K] with 1×128 scales x_s: both operands
+    quantised 128×1 along the tokens per segment (two launches), then one K-grouped GEMM launch.
+    Per expert it equals the dense Wgrad of that expert's rows."""
+    dyt_q, dyt_s = act_quant_t(dy, segments=segments)            # [N, W], [N, W/128]
+    xt_q, xt_s = act_quant_t(x_q, x_s, segments=segments)        # [K, W], [K, W/128]
+    _, _, col0, ncols = token_tiles(segments, dy.shape[0])
+    return kgrouped_gemm(dyt_q, dyt_s, xt_q, xt_s, col0, ncols)
