@@ -162,6 +162,65 @@ def test_eos_token_id_list_is_saved_as_given_and_read_alike_by_transformers(tmp_
     assert transformers.GenerationConfig.from_model_config(hf_cfg).eos_token_id == ids
 
 
+def _json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_export_writes_generation_config_read_back_alike_by_dsv3_and_transformers(tmp_path):
+    """save_pretrained writes generation_config.json with the model's bos and eos (nothing else made up);
+    load_pretrained, stop_token_ids and transformers read the same ids from it."""
+    ours = make_ours(seed=3, bos_token_id=5, eos_token_id=7)
+    dsv3.save_pretrained(ours, tmp_path)
+    gen = _json(tmp_path / "generation_config.json")
+    assert gen == {"bos_token_id": 5, "eos_token_id": 7}        # no invented temperature / top_p
+    back = dsv3.load_pretrained(tmp_path)
+    assert back.generation_config == gen
+    assert back.cfg.eos_token_ids == dsv3.hf.stop_token_ids(tmp_path) == (7,)
+    hf_gen = transformers.GenerationConfig.from_pretrained(tmp_path)
+    assert (hf_gen.bos_token_id, hf_gen.eos_token_id) == (5, 7)
+    assert hf_gen.temperature in (None, 1.0) and hf_gen.top_p in (None, 1.0)   # transformers' own defaults
+    hf = DeepseekV3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    assert (hf.generation_config.bos_token_id, hf.generation_config.eos_token_id) == (5, 7)
+
+
+def test_export_keeps_eos_list_whole_in_generation_config(tmp_path):
+    ids = [9, 4, 250]
+    ours = make_ours(seed=4, eos_token_id=ids)
+    dsv3.save_pretrained(ours, tmp_path)
+    assert _json(tmp_path / "generation_config.json")["eos_token_id"] == ids
+    assert dsv3.hf.stop_token_ids(tmp_path) == dsv3.load_pretrained(tmp_path).cfg.eos_token_ids == tuple(ids)
+    assert transformers.GenerationConfig.from_pretrained(tmp_path).eos_token_id == ids
+
+
+def test_export_keeps_the_sampling_defaults_of_the_source_generation_config(tmp_path):
+    """A checkpoint with its own generation_config.json (DeepSeek's gives temperature 0.6, top_p 0.95):
+    load → save keeps its sampling defaults and the ids it stops on; the keys describing the file go."""
+    ours = make_ours(seed=5, eos_token_id=1)
+    dsv3.save_pretrained(ours, tmp_path / "src")
+    source = {"_from_model_config": True, "bos_token_id": 0, "eos_token_id": [1, 11], "do_sample": True,
+              "temperature": 0.6, "top_p": 0.95, "transformers_version": "4.46.3"}
+    with open(tmp_path / "src" / "generation_config.json", "w") as f:
+        json.dump(source, f)
+    loaded = dsv3.load_pretrained(tmp_path / "src")
+    assert loaded.generation_config == source
+    dsv3.save_pretrained(loaded, tmp_path / "out")
+    gen = _json(tmp_path / "out" / "generation_config.json")
+    assert gen == {"bos_token_id": 0, "eos_token_id": [1, 11], "do_sample": True, "temperature": 0.6, "top_p": 0.95}
+    assert dsv3.hf.stop_token_ids(tmp_path / "out") == dsv3.hf.stop_token_ids(tmp_path / "src") == (1, 11)
+    hf_gen = transformers.GenerationConfig.from_pretrained(tmp_path / "out")
+    assert (hf_gen.temperature, hf_gen.top_p, hf_gen.do_sample, hf_gen.eos_token_id) == (0.6, 0.95, True, [1, 11])
+    # an explicit generation_config replaces the loaded one; the model's ids fill in what it leaves out
+    dsv3.save_pretrained(loaded, tmp_path / "explicit", generation_config={"temperature": 0.3})
+    assert _json(tmp_path / "explicit" / "generation_config.json") == {"bos_token_id": 0, "eos_token_id": 1,
+                                                                      "temperature": 0.3}
+    # a bad eos in the source's file is refused at load, naming the file and field
+    with open(tmp_path / "src" / "generation_config.json", "w") as f:
+        json.dump({"eos_token_id": [1, 10**6]}, f)
+    with pytest.raises(ValueError, match=r"generation_config\.json: eos_token_id"):
+        dsv3.load_pretrained(tmp_path / "src")
+
+
 def test_num_key_value_heads_other_than_num_attention_heads_is_refused_naming_it(tmp_path):
     """MLA has no separate key/value heads: transformers' DeepseekV3 repeats the keys heads / kv_heads times
     and fails on the shapes; dsv3 ignored the key without a word. Now it is refused, naming it; null (which

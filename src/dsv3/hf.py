@@ -168,25 +168,60 @@ def check_model_dir(path: str | os.PathLike) -> ModelConfig:
     return cfg
 
 
+GENERATION_CONFIG = "generation_config.json"
+# keys of a generation_config.json that describe the file, not the model's generation defaults: not carried
+# into an export (transformers' ``_from_model_config`` would have generate() rebuild the file from config.json)
+_GENERATION_FILE_KEYS = ("_from_model_config", "transformers_version")
+
+
+def read_generation_config(path: str | os.PathLike, cfg: ModelConfig | None = None) -> dict | None:
+    """A model directory's ``generation_config.json`` as a dict, None without one. Its ``eos_token_id``
+    (an id, a list of ids, or null) is checked by ModelConfig's own eos_token_id rules against the model's
+    vocabulary (``cfg``, else config.json); a bad file or value is a ValueError naming the file and field."""
+    from .errors import read_json
+
+    path = os.fspath(path)
+    gen = os.path.join(path, GENERATION_CONFIG)
+    if not os.path.isfile(gen):
+        return None
+    data = read_json(gen, "generation config")
+    if "eos_token_id" in data:
+        v = data["eos_token_id"]
+        cfg = cfg if cfg is not None else ModelConfig.from_hf(path)
+        try:                                   # checked as config.json's eos_token_id is
+            cfg.replace(eos_token_id=v)
+        except ValueError as e:
+            why = str(e).removeprefix(f"ModelConfig.eos_token_id = {v!r}: ")
+            raise ValueError(f"{gen}: eos_token_id = {json.dumps(v)[:60]}: {why}") from None
+    return data
+
+
 def stop_token_ids(path: str | os.PathLike, cfg: ModelConfig | None = None) -> tuple[int, ...]:
     """The end-of-sequence ids a model directory's generation stops on, as transformers reads them:
     ``generation_config.json``'s ``eos_token_id`` (an id or a list of ids) when that file gives one, else
     ``config.json``'s (``cfg`` when already read). A bad value is a ValueError naming the file and field."""
-    from .errors import read_json
-
     path = os.fspath(path)
     cfg = cfg if cfg is not None else ModelConfig.from_hf(path)
-    gen = os.path.join(path, "generation_config.json")
-    if os.path.isfile(gen):
-        data = read_json(gen, "generation config")
-        if "eos_token_id" in data:
-            v = data["eos_token_id"]
-            try:                                   # checked as config.json's eos_token_id is
-                return cfg.replace(eos_token_id=v).eos_token_ids
-            except ValueError as e:
-                why = str(e).removeprefix(f"ModelConfig.eos_token_id = {v!r}: ")
-                raise ValueError(f"{gen}: eos_token_id = {json.dumps(v)[:60]}: {why}") from None
+    gen = read_generation_config(path, cfg)
+    if gen is not None and "eos_token_id" in gen:
+        return cfg.replace(eos_token_id=gen["eos_token_id"]).eos_token_ids
     return cfg.eos_token_ids
+
+
+def export_generation_config(cfg: ModelConfig, source: dict | None = None) -> dict:
+    """The ``generation_config.json`` of an export: ``source`` (the generation config of the checkpoint
+    the model was loaded from: its sampling defaults, and its token ids where it gives them, which are
+    what generation stopped on) without the keys describing that file, and the model's ``bos_token_id``,
+    ``eos_token_id`` (a list kept whole) and ``pad_token_id`` where it gives none. No sampling default is
+    made up: without a source the file holds the token ids only. A null id of the model is left out (as
+    transformers leaves out defaults), so it does not hide an id a later edit of config.json gives."""
+    out: dict = {}
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        v = getattr(cfg, k)
+        if v is not None:
+            out[k] = list(v) if isinstance(v, list) else v
+    out.update({k: copy.deepcopy(v) for k, v in (source or {}).items() if k not in _GENERATION_FILE_KEYS})
+    return out
 
 
 def _read(src: _TensorSource, name: str, dtype: torch.dtype, block: tuple[int, int] = (128, 128)) -> torch.Tensor:
@@ -283,6 +318,9 @@ def load_pretrained(path: str | os.PathLike, device=None, dtype: torch.dtype | N
     ``prepare(model)``, when given, runs on the model while it is still on the ``meta`` device, after
     the checkpoint has been checked against the whole model; it may swap modules, e.g.
     ``convert_to_expert_parallel``, whose layers then read only their own experts' tensors.
+
+    The directory's ``generation_config.json`` (:func:`read_generation_config`; None without one) is kept
+    as ``model.generation_config``, a dict: ``save_pretrained`` writes its sampling defaults again.
     """
     from .model import Transformer
 
@@ -290,6 +328,7 @@ def load_pretrained(path: str | os.PathLike, device=None, dtype: torch.dtype | N
         raise ValueError(f"fp8 = {fp8!r}: expected one of {', '.join(FP8_MODES)}")
     path = os.fspath(path)
     cfg = ModelConfig.from_hf(path)
+    generation = read_generation_config(path, cfg)   # kept for save_pretrained (see there)
     qcfg = cfg.quantization_config
     mode = resolve_fp8_mode(fp8, qcfg, device)
     keep = mode in ("keep", "weight-only")
@@ -380,6 +419,7 @@ def load_pretrained(path: str | os.PathLike, device=None, dtype: torch.dtype | N
         model.embed_tokens.act_dtype = model.embed_tokens.act_dtype.to(dtype)
     model.load_state_dict(state, strict=True, assign=False)
     model._freqs = torch.empty(0, dtype=torch.complex64)
+    model.generation_config = generation
     return model
 
 
@@ -458,8 +498,15 @@ def _fp8_quantisable(name: str, t: torch.Tensor, embeddings: bool = False) -> bo
 
 
 def save_pretrained(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = None,
-                    fp8: bool = False, fp8_embeddings: bool = False, max_shard_bytes: int = 4 << 30) -> None:
-    """Write ``config.json`` + safetensors (sharded with an index when large) in the HF layout.
+                    fp8: bool = False, fp8_embeddings: bool = False, max_shard_bytes: int = 4 << 30,
+                    generation_config: dict | None = None) -> None:
+    """Write ``config.json``, ``generation_config.json`` and safetensors (sharded with an index when large)
+    in the HF layout.
+
+    ``generation_config.json`` (:func:`export_generation_config`) gives transformers' ``generate`` the
+    model's ``bos_token_id`` and ``eos_token_id`` (a list kept whole), and the sampling defaults
+    (temperature, top_p, …) of ``generation_config`` — default: the generation config of the checkpoint the
+    model was loaded from (``model.generation_config``); none are made up.
 
     ``fp8=True`` block-quantises the Linear weights to E4M3 with 128×128 ``weight_scale_inv``
     (as the official DeepSeek-V3 release); the config then carries ``quantization_config``.
@@ -512,6 +559,10 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, dtype: torch.dtyp
     hf_cfg["torch_dtype"] = str(stored_dtype).replace("torch.", "")
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf_cfg, f, indent=2, sort_keys=True)
+    if generation_config is None:
+        generation_config = getattr(model, "generation_config", None)
+    with open(os.path.join(path, GENERATION_CONFIG), "w") as f:
+        json.dump(export_generation_config(cfg, generation_config), f, indent=2, sort_keys=True)
     meta = {"format": "pt"}
     if len(shards) == 1:
         save_file(shards[0], os.path.join(path, _SINGLE), metadata=meta)
