@@ -597,3 +597,61 @@ def test_resume_sets_the_skipped_checkpoints_aside_at_its_first_save(tmp_path, c
     assert len(lines) == 1 and "step-000000005.broken" in lines[0], err
     assert (ck / "step-000000005.broken" / "model.safetensors").read_bytes() == truncated    # kept, untouched
     assert list_checkpoints(ck) == ["step-000000001", "step-000000002"]
+
+
+def _corrupt_newest_with_other_lr(ck, lr: float) -> str:
+    """A copy of the newest checkpoint of ``ck`` as step 5, its meta.json saying --lr ``lr`` (with a matching
+    checksum of its own) and its model.safetensors cut short: readable settings, broken weights."""
+    from dsv3.checkpoint import meta_digest
+
+    newest = ck / list_checkpoints(ck)[-1]
+    shutil.copytree(newest, ck / "step-000000005")
+    meta_path = ck / "step-000000005" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["step"] = meta["data_step"] = 5
+    meta["train_config"]["lr"] = lr
+    meta["meta_sha256"] = meta_digest(meta)
+    meta_path.write_text(json.dumps(meta))
+    weights = ck / "step-000000005" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-7])
+    return "step-000000005"
+
+
+def test_resume_without_run_json_compares_the_checkpoint_the_resume_loads(tmp_path, capsys, data_dir):
+    """A run from before run.json: its settings were read from the newest-named checkpoint, even one that fails
+    its checksum and that the resume then skips. The settings come from the checkpoint the resume loads."""
+    run = tmp_path / "run"
+    args = ["train", "--out", str(run), "--data", data_dir, *QUICK, "--save-every", "1"]
+    assert cli(args) == 0
+    shutil.rmtree(run / "final")
+    os.remove(run / "run.json")
+    broken = _corrupt_newest_with_other_lr(run / "checkpoints", 0.5)
+    capsys.readouterr()
+    # the broken step 5 (--lr 0.5) is not the run's record: another --lr is refused as a change of step 3's
+    assert cli([*args, "--lr", "0.5", "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--lr (" in err and "-> 0.5)" in err and len(err.splitlines()) == 1, err
+    assert not (run / "run.json").exists()
+    # the same settings resume from step 3, skipping step 5 with a warning
+    assert cli([*args, "--resume"]) == 0
+    out, err = capsys.readouterr()
+    assert "resumed from" in out and "step-000000003" in out and "skipping checkpoint" in err and broken in err
+    assert json.load(open(run / "run.json"))["lr"] != 0.5
+
+
+def test_resume_without_run_json_and_no_valid_checkpoint_says_so(tmp_path, capsys, data_dir):
+    """Every checkpoint broken and no run.json: one line naming each and why, before run.json is written."""
+    run = tmp_path / "run"
+    args = ["train", "--out", str(run), "--data", data_dir, *QUICK, "--save-every", "2"]
+    assert cli(args) == 0
+    shutil.rmtree(run / "final")
+    os.remove(run / "run.json")
+    for name in list_checkpoints(run / "checkpoints"):
+        f = run / "checkpoints" / name / "optim.safetensors"
+        f.write_bytes(f.read_bytes()[:-3])
+    capsys.readouterr()
+    assert cli([*args, "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no checkpoint" in err and "verifies" in err, err
+    assert "step-000000002: optim.safetensors does not match its checksum" in err and "step-000000003" in err
+    assert not (run / "run.json").exists()

@@ -233,22 +233,34 @@ def verify_checkpoint(path: str) -> dict:
     return meta
 
 
-def load_latest(ckpt_root: str) -> tuple[str, dict, dict[str, dict[str, torch.Tensor]]] | None:
-    """The newest checkpoint that verifies: (path, meta, {file: tensors}); None if there is none.
-
-    Checkpoints that fail verification are skipped with a warning naming them.
-    """
+def newest_valid(ckpt_root: str, warn: bool = True) -> tuple[str | None, dict[str, str]]:
+    """The checkpoint a resume loads: the newest under ``ckpt_root`` that verifies
+    (:func:`verify_checkpoint`), and ``{name: what is wrong}`` of the newer ones that do not (each skipped
+    with a warning naming it when ``warn``; the next save sets them aside, :func:`set_aside`). (None, …)
+    when none verifies. The one answer to "which checkpoint is the run's newest": every reader asks it."""
+    skipped: dict[str, str] = {}
     for name in reversed(list_checkpoints(ckpt_root)):
         path = os.path.join(ckpt_root, name)
         try:
-            meta = verify_checkpoint(path)
-            reader = CheckpointReader(path, meta)
-            tensors = {f"{kind}.safetensors": reader.tensors(kind) for kind in KINDS}
+            verify_checkpoint(path)
         except Exception as e:  # noqa: BLE001 - any failure means: skip this one
-            warnings.warn(f"skipping checkpoint {path}: {e}", stacklevel=2)
+            if warn:
+                warnings.warn(f"skipping checkpoint {path}: {e}", stacklevel=2)
+            skipped[name] = str(e)
             continue
-        return path, meta, tensors
-    return None
+        return path, skipped
+    return None, skipped
+
+
+def load_latest(ckpt_root: str) -> tuple[str, dict, dict[str, dict[str, torch.Tensor]]] | None:
+    """The newest checkpoint that verifies (:func:`newest_valid`): (path, meta, {file: tensors}); None if
+    there is none. Checkpoints that fail verification are skipped with a warning naming them."""
+    path, _ = newest_valid(ckpt_root)
+    if path is None:
+        return None
+    meta = verify_checkpoint(path)
+    reader = CheckpointReader(path, meta)
+    return path, meta, {f"{kind}.safetensors": reader.tensors(kind) for kind in KINDS}
 
 
 # ----------------------------------------------------------------------------------------- sharded

@@ -440,15 +440,27 @@ def resolved_precision(precision: str, device: str) -> str:
     return resolve_precision(precision, pick_device(device))
 
 
-def _checkpoint_identity(out: str) -> dict | None:
-    """What the newest checkpoint's meta.json says of the run's identity; None without one."""
-    from ..checkpoint import list_checkpoints
+def no_valid_checkpoint(out: str, why: str = "the warnings say why") -> CLIError:
+    """The --resume error for a run directory whose checkpoints all fail verification: not a reason to
+    start over."""
+    return CLIError(f"--resume: no checkpoint in {os.path.join(out, 'checkpoints')} verifies ({why}); move them "
+                    f"away to start over, or use --overwrite without --resume")
 
-    names = list_checkpoints(os.path.join(out, "checkpoints"))
-    if not names:
+
+def _checkpoint_identity(out: str) -> dict | None:
+    """What the meta.json of the checkpoint a resume loads (the newest that verifies,
+    ``checkpoint.newest_valid``; broken newer ones are skipped, as the resume skips them) says of the run's
+    identity; None without a checkpoint. Checkpoints none of which verifies: a CLIError saying so."""
+    from ..checkpoint import list_checkpoints, newest_valid
+
+    root = os.path.join(out, "checkpoints")
+    if not list_checkpoints(root):
         return None
+    path, broken = newest_valid(root, warn=False)   # the resume that follows warns about the skipped ones
+    if path is None:
+        raise no_valid_checkpoint(out, "; ".join(f"{name}: {why}" for name, why in broken.items()))
     try:
-        with open(os.path.join(out, "checkpoints", names[-1], "meta.json")) as f:
+        with open(os.path.join(path, "meta.json")) as f:
             meta = json.load(f)
         tc = meta["train_config"]
         rec = {"config": meta["model_config"], "seed": tc["seed"], "batch-size": tc["batch_size"],
@@ -675,9 +687,7 @@ def _run(args, cfg, tc, info, held: dict) -> int:
             from .trainer import has_checkpoints
 
             if has_checkpoints(args.out):   # there are some, but none verifies: do not silently start over
-                raise CLIError(f"--resume: no checkpoint in {os.path.join(args.out, 'checkpoints')} verifies (the "
-                               f"warnings say why); move them away to start over, or use --overwrite without "
-                               f"--resume")
+                raise no_valid_checkpoint(args.out)
             if info.main:
                 print(f"no checkpoint in {args.out}; starting from scratch", flush=True)
                 clear_metrics(args.out)

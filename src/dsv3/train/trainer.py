@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from .. import balance
-from ..checkpoint import flatten_optimizer_state, list_checkpoints, save_checkpoint, save_sharded
+from ..checkpoint import flatten_optimizer_state, list_checkpoints, newest_valid, save_checkpoint, save_sharded
 from ..config import ModelConfig
 from ..model import Transformer
 from ..parallel.pipeline.schedule import SCHEDULES
@@ -268,7 +268,8 @@ class Trainer:
 
         choice = [None]
         if self.dist.main:
-            choice[0], self.skipped = _newest_valid(self.ckpt_root)
+            choice[0], skipped = newest_valid(self.ckpt_root)
+            self.skipped = list(skipped)
         if self.dist.world > 1:
             dist.broadcast_object_list(choice, src=0)
         path = choice[0]
@@ -436,26 +437,6 @@ def _named_groups(model, weight_decay: float) -> list[list[tuple[str, torch.Tens
     the optimizer state in checkpoints, whatever the layout."""
     name = {id(p): n for n, p in model.named_parameters()}
     return [[(name[id(p)], p) for p in g["params"]] for g in param_groups(model, weight_decay)]
-
-
-def _newest_valid(root: str) -> tuple[str | None, list[str]]:
-    """The newest checkpoint under ``root`` that verifies, and the names of the newer ones that did not
-    (each skipped with a warning; the next save sets them aside). (None, …) when none verifies."""
-    import warnings
-
-    from ..checkpoint import verify_checkpoint
-
-    skipped = []
-    for name in reversed(list_checkpoints(root)):
-        path = os.path.join(root, name)
-        try:
-            verify_checkpoint(path)
-        except Exception as e:  # noqa: BLE001 - any failure means: skip this one
-            warnings.warn(f"skipping checkpoint {path}: {e}", stacklevel=2)
-            skipped.append(name)
-            continue
-        return path, skipped
-    return None, skipped
 
 
 def _truncate_metrics(path: str, step: int) -> None:
