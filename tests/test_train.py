@@ -655,3 +655,36 @@ def test_resume_without_run_json_and_no_valid_checkpoint_says_so(tmp_path, capsy
     assert len(err.splitlines()) == 1 and "no checkpoint" in err and "verifies" in err, err
     assert "step-000000002: optim.safetensors does not match its checksum" in err and "step-000000003" in err
     assert not (run / "run.json").exists()
+
+
+def test_resume_takes_an_eos_id_and_its_one_element_list_as_the_same_model_config(tmp_path, capsys, data_dir):
+    """A run.json written before eos lists were kept whole holds eos_token_id 1 where the config now gives [1]
+    (or the other way round): the same model config, not a change to refuse. A real change of the ids still is."""
+    from dsv3 import ModelConfig
+
+    def config(eos) -> str:
+        path = tmp_path / f"config-{json.dumps(eos)}.json"
+        path.write_text(json.dumps(ModelConfig.preset("tiny").replace(eos_token_id=eos).to_hf()))
+        return str(path)
+
+    def recorded_eos(eos) -> None:      # run.json as an older dsv3 wrote it
+        rec = json.load(open(run / "run.json"))
+        rec["config"]["eos_token_id"] = eos
+        (run / "run.json").write_text(json.dumps(rec))
+
+    run = tmp_path / "run"
+    args = ["train", "--out", str(run), "--data", data_dir, *QUICK]
+    assert cli([*args, "--config", config([1])]) == 0
+    assert json.load(open(run / "run.json"))["config"]["eos_token_id"] == [1]
+    for then, now in ((1, [1]), ([1], 1)):
+        shutil.rmtree(run / "final")
+        recorded_eos(then)
+        capsys.readouterr()
+        assert cli([*args, "--config", config(now), "--resume"]) == 0, capsys.readouterr().err
+    for then, now in ((1, [1, 5]), ([1], 2), ([1], [5])):
+        recorded_eos(then)
+        capsys.readouterr()
+        assert cli([*args, "--config", config(now), "--resume"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"eos_token_id {then!r} -> {now!r}" in err and "--allow-changed config" in err, err
+        assert len(err.splitlines()) == 1

@@ -495,9 +495,26 @@ def _recorded_identity(out: str) -> dict | None:
     return _checkpoint_identity(out)
 
 
+def _same_config_value(key: str, old, new) -> bool:
+    """Whether a config.json key holds the same value in a run's record and now. An ``eos_token_id`` of one id
+    and a one-element list of that id are the same (a run recorded before eos lists were kept whole holds the
+    id, its config.json now gives the list, or the other way round); any other difference is a change."""
+    if key == "eos_token_id":
+        old, new = ([v] if isinstance(v, int) and not isinstance(v, bool) else v for v in (old, new))
+    return old == new
+
+
+def _config_changes(old, new) -> list[str]:
+    """The keys of two model configs (config.json dicts) that differ (:func:`_same_config_value`)."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return [] if old == new else ["config"]
+    return sorted(k for k in set(old) | set(new) if not _same_config_value(k, old.get(k), new.get(k)))
+
+
 def _describe_change(key: str, old, new) -> str:
     if key == "config":
-        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        old, new = (c if isinstance(c, dict) else {} for c in (old, new))
+        diff = _config_changes(old, new)
         return "the model config (" + ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:4]) + \
             (" …" if len(diff) > 4 else "") + ")"
     if key == "data":
@@ -521,7 +538,7 @@ def check_identity(args, identity: dict) -> bool:
     # before it was compared
     has_file = os.path.exists(os.path.join(args.out, RUN_FILE))
     changed = [k for k in IDENTITY if (k in recorded or (k == "from" and has_file))
-               and recorded.get(k) != identity.get(k)]
+               and (_config_changes(recorded[k], identity[k]) if k == "config" else recorded.get(k) != identity.get(k))]
     if ("data" in changed and isinstance(recorded["data"], dict)
             and None in (recorded["data"].get("prepared"), identity["data"]["prepared"])
             and recorded["data"].get("source") == identity["data"]["source"]):
