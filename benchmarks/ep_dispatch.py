@@ -39,7 +39,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dsv3.model.moe import route
-from dsv3.parallel.expert import CommCounters, combine, dispatch, get_dispatch_layout, plan_dispatch
+from dsv3.parallel.expert import (CommCounters, DispatchCapacity, combine, dispatch, get_dispatch_layout,
+                                  plan_dispatch)
 from dsv3.parallel.expert import _gather, _row_spec, _sum_rows
 from dsv3.parallel.mesh import MeshSpec, build_mesh
 
@@ -108,26 +109,29 @@ def _timing_worker(rank, world, gpn, port, args, out):
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(args.tokens, args.hidden).to(dtype)
         for two_hop in (False, True):
-            for fp8 in (False, True):
-                if fp8 and dtype == torch.float32:
+            for fp8, learn in ((False, False), (False, True), (True, False)):
+                if (fp8 and dtype == torch.float32) or (learn and two_hop):
                     continue
-
-                plan = plan_dispatch(idx, E, comm, two_hop, CommCounters())
+                # learn: the flat dispatch sends blocks padded to capacities learnt from the previous
+                # dispatch (the warm-up below) instead of exchanging counts first
+                cap = DispatchCapacity() if learn else None
+                plan = plan_dispatch(idx, E, comm, two_hop, CommCounters(), capacity=cap)
                 x_r, _ = dispatch(x, w, plan, fp8)         # builds the second hop (two-hop)
                 y = torch.randn(x_r.shape).to(dtype)       # stand-in for the experts' output (not timed)
 
                 def ours():
-                    plan = plan_dispatch(idx, E, comm, two_hop)
+                    plan = plan_dispatch(idx, E, comm, two_hop, capacity=cap)
                     dispatch(x, w, plan, fp8)
                     combine(y, plan)
 
-                def plan_only():
-                    plan_dispatch(idx, E, comm, two_hop).wait()
+                def plan_only():       # with learnt capacities: the layout alone (no count exchange)
+                    plan_dispatch(idx, E, comm, two_hop, capacity=cap).wait()
 
                 row = args.hidden + 4 * (-(-args.hidden // 128)) if fp8 else x.element_size() * args.hidden
                 t = _timed(dict(ours=ours, plan=plan_only, bare=_bare(plan.hops, row),
                                 counted=_bare(plan.hops, row, comm.group)), args.iters, 3, comm.group)
-                name = f"{'two-hop' if two_hop else 'flat'} {str(dtype).split('.')[-1]}{' fp8-dispatch' if fp8 else ''}"
+                name = (f"{'two-hop' if two_hop else 'flat'} {str(dtype).split('.')[-1]}{' fp8-dispatch' if fp8 else ''}"
+                        f"{' learnt capacity' if learn else ''}")
                 res[name] = dict(ours_ms=1e3 * t["ours"], plan_ms=1e3 * t["plan"], bare_a2a_ms=1e3 * t["bare"],
                                  bare_with_counts_ms=1e3 * t["counted"], overhead=t["ours"] / t["bare"],
                                  counts_floor=t["counted"] / t["bare"], hops=[h.kind for h in plan.hops],

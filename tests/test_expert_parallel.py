@@ -252,8 +252,74 @@ def scenario_collectives(comm, cfg_kw, tokens, seed=0, **ep_kw) -> dict:
     return dict(forward=calls[:n_fwd], backward=calls[n_fwd:], error=err)
 
 
+def _grad(p: torch.Tensor) -> torch.Tensor:
+    """p's gradient, zeros when no rows reached it (an empty batch)."""
+    return p.grad if p.grad is not None else torch.zeros_like(p)
+
+
+def scenario_capacity(comm, cfg_kw, steps, seed=0, fp8_dispatch=False) -> dict:
+    """One flat EP layer over several steps of changing token counts: the first dispatch exchanges
+    counts, the later ones send blocks padded to learnt capacities (none exchanged), with overflow
+    point to point. Each step against the single-process MoE (output, dx, expert grads), and against
+    the same layer exchanging counts (bitwise)."""
+    cfg = _cfg(**cfg_kw)
+    torch.manual_seed(seed)
+    ref = MoE(cfg)
+    init_weights(ref, 0.3)
+    eps = {learn: ExpertParallelMoE(cfg, comm, fp8_dispatch=fp8_dispatch, learn_capacity=learn)
+           for learn in (True, False)}
+    for ep in eps.values():
+        ep.load_from(ref)
+    calls, orig_a2a, orig_isend = [], dist.all_to_all_single, dist.isend
+
+    def counting(output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):
+        calls.append("count" if async_op else "rows")
+        return orig_a2a(output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op)
+
+    def isend(tensor, dst, group=None, tag=0):
+        calls.append("overflow")
+        return orig_isend(tensor, dst, group=group, tag=tag)
+
+    errors, bitwise, per_step = [], [], []
+    for step, tokens in enumerate(steps):
+        g = torch.Generator().manual_seed(seed * 100 + step)
+        n = sum(tokens)
+        x, gout = torch.randn(n, cfg.hidden_size, generator=g), torch.randn(n, cfg.hidden_size, generator=g)
+        off = sum(tokens[:comm.rank])
+        sl = slice(off, off + tokens[comm.rank])
+        ref.zero_grad(set_to_none=True)
+        xr = x.clone().requires_grad_()
+        y = ref(xr)
+        (y * gout).sum().backward()
+        got = {}
+        for learn, ep in eps.items():
+            ep.zero_grad(set_to_none=True)
+            xs = x[sl].clone().requires_grad_()
+            del calls[:]
+            dist.all_to_all_single, dist.isend = counting, isend
+            try:
+                ys = ep(xs)
+                (ys * gout[sl]).sum().backward()
+            finally:
+                dist.all_to_all_single, dist.isend = orig_a2a, orig_isend
+            got[learn] = (ys.detach(), _grad(xs), _grad(ep.experts.w13), _grad(ep.experts.w2))
+            if learn:
+                per_step.append(dict(count=calls.count("count"), overflow=calls.count("overflow")))
+        ll = eps[True].local_logical
+        errors.append(max(_global_rel(comm, zip(got[True], (y.detach()[sl], _grad(xr)[sl],
+                                                            _grad(ref.experts.w13)[ll], _grad(ref.experts.w2)[ll])))))
+        bitwise.append(all(torch.equal(a, b) for a, b in zip(got[True], got[False])))
+    overflow = _sum(comm, [float(s["overflow"]) for s in per_step])
+    return dict(errors=errors, bitwise=bitwise, count_exchanges=[s["count"] for s in per_step],
+                overflow_sends=[int(v) for v in overflow])
+
+
 SUITES = {
     4: [  # 2 nodes × 2 ranks
+        ("capacity", scenario_capacity, dict(cfg_kw=B, steps=[[6, 6, 6, 6], [6, 5, 6, 6], [30, 2, 0, 12],
+                                                              [0, 0, 0, 0], [4, 0, 3, 9], [6, 6, 6, 6]])),
+        ("capacity_fp8", scenario_capacity, dict(cfg_kw=dict(B, d=256), steps=[[6, 6, 6, 6], [40, 1, 7, 0]],
+                                                 fp8_dispatch=True)),
         ("flat_A", scenario_compare, dict(cfg_kw=A, tokens=[6, 6, 6, 6], seed=1)),
         ("twohop_A", scenario_compare, dict(cfg_kw=A, tokens=[6, 6, 6, 6], seed=1, two_hop=True)),
         ("flat_B", scenario_compare, dict(cfg_kw=B, tokens=[7, 5, 6, 4], seed=2)),
@@ -438,6 +504,16 @@ def test_one_count_exchange_per_layer_and_step(four, name, hops):
     assert payload == hops + hops[::-1]                                   # dispatch, then combine
     assert all(c["dtype"] == "torch.uint8" for c in fwd if not c["async_op"])   # packed rows
     assert [c["group"] for c in bwd] == hops + hops[::-1] and not any(c["async_op"] for c in bwd)
+
+
+@pytest.mark.parametrize("name", ["capacity", "capacity_fp8"])
+def test_flat_dispatch_learns_capacities_instead_of_exchanging_counts(four, name):
+    r = _ok(four, name)
+    tol = 0.1 if "fp8" in name else TOL
+    assert all(e < tol for e in r["errors"]), r["errors"]
+    assert all(r["bitwise"])                                 # = the same layer exchanging counts
+    assert r["count_exchanges"][0] == 1 and not any(r["count_exchanges"][1:])
+    assert r["overflow_sends"][0] == 0 and sum(r["overflow_sends"]) > 0    # a step outgrew its capacities
 
 
 def _bias_identical(res) -> None:

@@ -52,7 +52,7 @@ from ..config import ModelConfig
 from ..model.layers import MLP
 from ..model.moe import Gate, GroupedExperts, MoE, Routing
 from .mesh import EPComm
-from .overlap import communicating, lane_group
+from .overlap import communicating, current_lane, lane_group
 
 try:  # the FP8 quantiser (dsv3.fp8); FP8 dispatch is unavailable without it
     from ..fp8.quant import BLOCK as FP8_BLOCK
@@ -208,6 +208,7 @@ class DispatchPlan:
         self._counts, self._work = counts, work
         self._hop2_recv: list[int] | None = None
         self.node_bits: torch.Tensor | None = None   # two-hop: int32 [N, nodes], bit l = visits in-node rank l
+        self.capacity: DispatchCapacity | None = None  # flat: learns from this plan's forward dispatch
 
     def wait(self) -> None:
         """Finish the count exchange: receive splits of hop 1 (and hop 2's, for later)."""
@@ -239,6 +240,35 @@ class DispatchPlan:
                              comm.local, g, comm.intra))
 
 
+class DispatchCapacity:
+    """Rows per peer a flat dispatch sends without asking first, learnt from the previous dispatch of
+    the same layer on the same lane.
+
+    Both ends of a pair know what the last dispatch moved between them (the sender counted its rows,
+    the receiver read the count that travels in every row), so both derive the same capacity for the
+    next one, ``count + max(extra, ⌈slack · count⌉)``, and that dispatch needs no count exchange
+    (the layer's one small all-to-all, as costly as a large one on a high-latency fabric): each peer's
+    block is padded up to its capacity, and rows beyond it follow point to point (the receiver knows
+    how many from the count). The first dispatch of a layer, which has no history, exchanges counts.
+    Every rank runs the same sequence of dispatches per layer and lane, so the two ends always agree.
+    """
+
+    def __init__(self, slack: float = 0.125, extra: int = 8):
+        self.slack, self.extra = slack, extra
+        self.send: list[int] | None = None      # capacity towards each peer
+        self.recv: list[int] | None = None      # capacity from each peer
+
+    def _grow(self, counts: list[int]) -> list[int]:
+        return [c + max(self.extra, math.ceil(self.slack * c)) for c in counts]
+
+    def update(self, sent: list[int], received: list[int]) -> None:
+        self.send, self.recv = self._grow(sent), self._grow(received)
+
+    @property
+    def known(self) -> bool:
+        return self.send is not None
+
+
 def _start_count_exchange(send: torch.Tensor, comm: EPComm):
     if comm.size == 1:
         return send, None
@@ -247,14 +277,18 @@ def _start_count_exchange(send: torch.Tensor, comm: EPComm):
 
 
 def plan_dispatch(topk_idx: torch.Tensor, num_experts: int, comm: EPComm, two_hop: bool = False,
-                  counters: CommCounters | None = None) -> DispatchPlan:
+                  counters: CommCounters | None = None,
+                  capacity: DispatchCapacity | None = None) -> DispatchPlan:
     """Layout, first hop and the start of the layer's one count exchange (collective over the EP
     group; each rank sends every rank t the number of its tokens that visit t and, for the two-hop
-    path, the number it sends to t's node when t is its hop-1 peer)."""
+    path, the number it sends to t's node when t is its hop-1 peer). A flat plan given a
+    ``capacity`` that knows the layer's last dispatch starts no count exchange: its dispatch sends
+    padded blocks instead (see :class:`DispatchCapacity`)."""
     R, G = comm.size, comm.ranks_per_node
     layout = get_dispatch_layout(topk_idx, num_experts, R, G)
     two_hop = two_hop and comm.num_nodes > 1 and G > 1
     to_rank = layout.num_tokens_per_rank
+    capped = capacity is not None and not two_hop and R > 1
     if not two_hop:
         counts = to_rank
     else:
@@ -262,7 +296,7 @@ def plan_dispatch(topk_idx: torch.Tensor, num_experts: int, comm: EPComm, two_ho
         counts = torch.zeros(R, 2, dtype=torch.int64, device=topk_idx.device)
         counts[:, 0] = to_rank
         counts[comm.local::G, 1] = to_node            # hop-1 peers: the ranks with my in-node index
-    recv, work = _start_count_exchange(counts, comm)
+    recv, work = (None, None) if capped and capacity.known else _start_count_exchange(counts, comm)
     # while the counts travel: the first hop's rows and send counts
     n = topk_idx.shape[0]
     if not two_hop:
@@ -274,6 +308,7 @@ def plan_dispatch(topk_idx: torch.Tensor, num_experts: int, comm: EPComm, two_ho
     if counters is not None:
         counters.add_visits(layout.nodes_per_token, comm.num_nodes)
     plan = DispatchPlan(layout, [hop], topk_idx.to(torch.int32), comm, num_experts // R, two_hop, recv, work)
+    plan.capacity = capacity if capped else None
     if two_hop:   # which in-node ranks each token visits, per node: the forwarders' hop-2 routing
         if G > 62:
             raise ValueError(f"two-hop dispatch supports up to 62 ranks per node, got {G}")
@@ -361,11 +396,83 @@ def _a2a(buf: torch.Tensor, send: list[int], recv, group, during=None) -> torch.
     return out
 
 
+def _dispatch_capped(tensors, plan: DispatchPlan, counters, phases):
+    """The flat forward dispatch without a count exchange: to each peer a block of its capacity
+    (the rows, then padding), every row carrying the block's true row count; a peer over capacity
+    gets the rest point to point. The receiver keeps each block's real rows and appends that peer's
+    overflow, so the received rows and their order are those of the exchanged-counts dispatch."""
+    hop, cap = plan.hops[0], plan.capacity
+    count_col = torch.zeros(hop.n_in, 1, dtype=torch.int32, device=hop.index.device)
+    tensors = tensors + [count_col]
+    specs, width = _row_spec(tensors)
+    sent, cap_send, cap_recv = hop.send_splits, cap.send, cap.recv
+    # sender: block j = my first min(c_j, cap_j) rows to j, then padding (copies of row 0, ignored)
+    starts = [0]
+    for c in sent:
+        starts.append(starts[-1] + c)
+    pieces, over = [], []
+    for j, (c, k) in enumerate(zip(sent, cap_send)):
+        rows = hop.index[starts[j]:starts[j] + min(c, k)]
+        pieces.append(rows)
+        if c < k:
+            pieces.append(rows.new_zeros(k - c))
+        elif c > k:
+            over.append((j, hop.index[starts[j] + k:starts[j + 1]]))
+    index = torch.cat(pieces) if pieces else hop.index[:0]
+    if hop.n_in == 0:                       # nothing to copy from: padding rows of zeros
+        buf = torch.zeros(index.numel(), width, dtype=torch.uint8, device=index.device)
+    else:
+        buf = _gather(tensors, specs, width, index)
+    off = specs[-1][0]
+    buf[:, off:off + 4].view(torch.int32)[:, 0] = torch.tensor(sent, dtype=torch.int32).repeat_interleave(
+        torch.tensor(cap_send))
+    if counters is not None:
+        _record(counters, tensors, phases + ["dispatch_meta"], hop, cap_send)
+    out = _a2a(buf, cap_send, cap_recv, hop.group)
+    # receiver: the true counts from the first row of each block (every capacity is ≥ 1)
+    firsts = torch.tensor([0] + cap_recv[:-1]).cumsum(0)
+    received = out[firsts, off:off + 4].contiguous().view(torch.int32)[:, 0].tolist()
+    group = lane_group(hop.group)
+    works, extra = [], {}
+    for j, rows in over:                    # rows beyond a peer's capacity, point to point
+        if counters is not None:
+            _record(counters, tensors, phases + ["dispatch_meta"], hop,
+                    [rows.numel() if i == j else 0 for i in range(hop.size)])
+        rows_buf = _gather(tensors, specs, width, rows)
+        if j == hop.me:                     # my own rows: no message
+            extra[j] = rows_buf
+        else:
+            works.append(dist.isend(rows_buf, _global_rank(group, j), group=group))
+    for j, (c, k) in enumerate(zip(received, cap_recv)):
+        if c > k and j != hop.me:
+            extra[j] = out.new_empty(c - k, width)
+            works.append(dist.irecv(extra[j], _global_rank(group, j), group=group))
+    with communicating("all_to_all"):
+        for w in works:
+            w.wait()
+    parts, at = [], 0
+    for j, (c, k) in enumerate(zip(received, cap_recv)):
+        parts.append(out[at:at + min(c, k)])
+        if j in extra:
+            parts.append(extra[j])
+        at += k
+    hop.recv_splits = received
+    cap.update(sent, received)
+    return _unpack(torch.cat(parts), specs)[:-1]
+
+
+def _global_rank(group, r: int) -> int:
+    return r if group is None else dist.get_global_rank(group, r)
+
+
 def _dispatch_rows(tensors, plan: DispatchPlan, counters, phases):
     """Forward every tensor's rows along the plan's hops: per hop one row gather into a packed
     send buffer and one all-to-all (a forwarding rank re-gathers the packed rows it received).
     When the plan's second hop is not built yet (forward dispatch, two-hop), ``tensors[-1]`` are the
     plan's ``node_bits`` it is built from."""
+    learn = plan.capacity if plan.hops[0].recv_splits is None else None    # a forward dispatch
+    if learn is not None and learn.known:
+        return _dispatch_capped(tensors, plan, counters, phases)
     specs, width = _row_spec(tensors)
     buf = None
     i = 0
@@ -379,6 +486,8 @@ def _dispatch_rows(tensors, plan: DispatchPlan, counters, phases):
         recv = hop.recv_splits if hop.recv_splits is not None else (lambda h=hop: (plan.wait(), h.recv_splits)[1])
         buf = _a2a(buf, hop.send_splits, recv, hop.group)
         i += 1
+    if learn is not None:                   # the layer's first dispatch on this lane: counts exchanged
+        learn.update(plan.hops[0].send_splits, plan.hops[0].recv_splits)
     return _unpack(buf, specs)
 
 
@@ -613,7 +722,9 @@ class ExpertParallelMoE(nn.Module):
     """DeepSeekMoE with its routed experts spread over an EP group (same parameters as ``MoE``;
     the gate and shared expert are replicated, each rank holds S = P/R physical experts).
 
-    Options: ``two_hop`` (inter-node then intra-node forwarding), ``fp8_dispatch``, ``placement``
+    Options: ``two_hop`` (inter-node then intra-node forwarding), ``fp8_dispatch``, ``learn_capacity``
+    (the flat dispatch sends padded blocks sized from its last dispatch instead of exchanging counts
+    first: :class:`DispatchCapacity`), ``placement``
     (phy2log of redundant experts, e.g. from ``eplb.rebalance_experts``), ``shared_as_routed``
     (the shared expert becomes logical expert E, selected by every token with gate value 1),
     ``replica_choice`` ("spread": replica (t + rank) mod count of the token's local index t;
@@ -622,7 +733,7 @@ class ExpertParallelMoE(nn.Module):
 
     def __init__(self, cfg: ModelConfig, comm: EPComm, *, two_hop: bool = False, fp8_dispatch: bool = False,
                  placement=None, shared_as_routed: bool = False, replica_choice: str = "spread",
-                 load_window: int = 16):
+                 load_window: int = 16, learn_capacity: bool = True):
         super().__init__()
         if fp8_dispatch and quantize_activation is None:
             raise ValueError("ExpertParallelMoE.fp8_dispatch: dsv3.fp8.quant is not available")
@@ -650,6 +761,9 @@ class ExpertParallelMoE(nn.Module):
         self.phys_load = LoadWindow(self.placement.num_physical, load_window)   # (token, slot) pairs per slot
         self.counters = CommCounters()
         self.last_plan: DispatchPlan | None = None
+        # per lane: the flat dispatch's capacities, learnt from its last dispatch (no count exchange)
+        self.learn_capacity = learn_capacity
+        self.capacities: dict[int, DispatchCapacity] = {}
         self._build_choice()
 
     # ------------------------------------------------------------------ placement
@@ -814,7 +928,9 @@ class ExpertParallelMoE(nn.Module):
         self.load.add(torch.bincount(logical.flatten(), minlength=self.num_logical))
         phys = self.to_physical(logical)
         self.phys_load.add(torch.bincount(phys.flatten(), minlength=self.placement.num_physical))
-        plan = plan_dispatch(phys, self.placement.num_physical, self.comm, self.two_hop, self.counters)
+        plan = plan_dispatch(phys, self.placement.num_physical, self.comm, self.two_hop, self.counters,
+                             capacity=(self.capacities.setdefault(current_lane(), DispatchCapacity())
+                                       if self.learn_capacity else None))
         self.last_plan = plan
         # the shared expert runs while communication is in flight: the combine's rows without
         # autograd (inference: the larger wait), the count exchange with it (training)
