@@ -286,15 +286,30 @@ def test_chat_uses_the_template(served):
     ref = served.greedy(ids, 10)
     assert chat.choices[0].message.content == tok.decode(ref, skip_special_tokens=True)
     assert chat.choices[0].message.role == "assistant"
-    parts = [{"role": "system", "content": [{"type": "text", "text": "You write "}, {"type": "text", "text": "Python."}]},
+    parts = [{"role": "system", "content": [{"type": "text", "text": "You write"}, {"type": "text", "text": "Python."}]},
              messages[1]]
-    assert c.chat.completions.create(model=NAME, messages=parts, max_tokens=10, temperature=0).choices[0] \
-        .message.content == chat.choices[0].message.content
+    joined = [{"role": "system", "content": "You write\nPython."}, messages[1]]
+    by_parts, by_text = (c.chat.completions.create(model=NAME, messages=m, max_tokens=10, temperature=0)
+                         for m in (parts, joined))
+    assert by_parts.choices[0].message.content == by_text.choices[0].message.content
+    assert by_parts.usage.prompt_tokens == by_text.usage.prompt_tokens
     stream = list(c.chat.completions.create(model=NAME, messages=messages, max_tokens=10, temperature=0, stream=True,
                                             stream_options={"include_usage": True}))
     assert stream[0].choices[0].delta.role == "assistant"
     assert "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices) == chat.choices[0].message.content
     assert stream[-1].usage.prompt_tokens == len(ids)
+
+
+def test_text_parts_are_joined_by_newlines():
+    """A content list of text parts reaches the template as one text, the parts joined by "\\n" (as vLLM
+    joins them): joined with nothing, "Hello" and "world" became "Helloworld"."""
+    from dsv3.infer.openai_protocol import ChatCompletionRequest, validate
+
+    parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "world"}]
+    body = validate(ChatCompletionRequest, {"messages": [{"role": "system", "content": [parts[0]]},
+                                                         {"role": "user", "content": parts}]})
+    assert body.chat_messages() == [{"role": "system", "content": "Hello"},
+                                    {"role": "user", "content": "Hello\nworld"}]
 
 
 def test_chat_template_from_the_model_directory(tmp_path, served):

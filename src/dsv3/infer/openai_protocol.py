@@ -296,8 +296,10 @@ class ChatMessage(_Strict):
     annotations: Any = None
 
     def text(self) -> str | None:
+        """The content as one string: a list of text parts joined by newlines (as vLLM joins them; joined
+        with nothing, "Hello" and "world" became "Helloworld")."""
         if isinstance(self.content, list):
-            return "".join(p.text for p in self.content)
+            return "\n".join(p.text for p in self.content)
         return self.content
 
 
@@ -338,7 +340,7 @@ class ChatCompletionRequest(_Sampling):
                   f"is not supported by this server (allowed: {', '.join(json.dumps(o) for o in off)})", name)
 
     def chat_messages(self) -> list[dict]:
-        """The messages as plain dicts for the chat template (text parts joined)."""
+        """The messages as plain dicts for the chat template (text parts joined by newlines)."""
         out = []
         for i, m in enumerate(self.messages):
             for name, off in _MESSAGE_FIELDS_OFF.items():
