@@ -368,6 +368,69 @@ def test_chat_template_renders_as_transformers(model_dir):
                 hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
 
 
+def test_continue_final_message(served):
+    """vLLM's continue_final_message: the prompt ends with the last (assistant) message's text, without its
+    end-of-sentence token or a new "<｜Assistant｜>", and the answer continues it (greedy: the model's own
+    tokens after that prompt). add_generation_prompt left out counts as false then; true with it, or a last
+    message that is not the assistant's, is a 400 naming continue_final_message."""
+    c, tok = served.client, served.tok
+    messages = [{"role": "user", "content": "a loop"}, {"role": "assistant", "content": "for i in"}]
+    text = tok.bos_token + "<｜User｜>a loop<｜Assistant｜>for i in"
+    ids = tok.encode(text)
+    ref = tok.decode(served.greedy(ids, 8), skip_special_tokens=True)
+    for extra in ({"add_generation_prompt": False}, {}):
+        r = c.chat.completions.create(model=NAME, messages=messages, max_tokens=8, temperature=0,
+                                      extra_body={"continue_final_message": True, **extra})
+        assert r.usage.prompt_tokens == len(ids) and r.choices[0].message.content == ref, (extra, r)
+    plain = c.chat.completions.create(model=NAME, messages=messages, max_tokens=8, temperature=0)
+    assert plain.usage.prompt_tokens == len(tok.encode(text + tok.eos_token + "<｜Assistant｜>"))
+    stream = list(c.chat.completions.create(model=NAME, messages=messages, max_tokens=8, temperature=0, stream=True,
+                                            extra_body={"continue_final_message": True}))
+    assert "".join(ch.choices[0].delta.content or "" for ch in stream) == ref
+    for body, message in ((dict(continue_final_message=True, add_generation_prompt=True), "add_generation_prompt"),
+                          (dict(continue_final_message=True, messages=messages[:1]), "messages[0] is 'user'")):
+        r = served.post("/v1/chat/completions", dict(dict(messages=messages, max_tokens=2), **body))
+        assert r.status_code == 400 and is_error_shape(r), r.text
+        err = r.json()["error"]
+        assert err["param"] == "continue_final_message" and message in err["message"], r.text
+    r = served.post("/v1/chat/completions", dict(messages=messages, max_tokens=2, continue_final_message=False,
+                                                 add_generation_prompt=True))
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == plain.usage.prompt_tokens, r.text
+
+
+def test_continue_final_message_cuts_the_template_after_the_content(model_dir):
+    """The rendered text ends right after the last message's content however the template writes it:
+    escaped by tojson (an open JSON string), with its trailing space, after earlier messages holding the
+    same words, or written twice; a template that drops the content is refused. Without trailing spaces,
+    transformers' apply_chat_template(continue_final_message=True) gives the same text."""
+    from dsv3.infer.chat_template import DEFAULT_TEMPLATE, ChatTemplate, ChatTemplateError
+
+    as_json = ("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] | tojson }}<end>\n{% endfor %}"
+               "{% if add_generation_prompt %}[assistant]{% endif %}")
+    messages = [{"role": "user", "content": 'say "hi"'}, {"role": "assistant", "content": 'say "hi"\nok '}]
+    assert ChatTemplate(as_json).render(messages, False, True) == \
+        '[user]"say \\"hi\\""<end>\n[assistant]"say \\"hi\\"\\nok '
+    default = ChatTemplate(DEFAULT_TEMPLATE, "<s>", "</s>")
+    assert default.render(messages, False, True) == '<s><｜User｜>say "hi"<｜Assistant｜>say "hi"\nok '
+    assert default.render(messages[:1] + [{"role": "assistant", "content": ""}], False, True) == \
+        default.render(messages[:1], True)                        # nothing to continue: a new answer
+    twice = "{% for m in messages %}{{ m['content'] }}|{{ m['content'] }}/{% endfor %}"
+    assert ChatTemplate(twice).render(messages, False, True) == 'say "hi"|say "hi"/say "hi"\nok |say "hi"\nok '
+    with pytest.raises(ChatTemplateError, match="continue_final_message"):
+        ChatTemplate("{% for m in messages if m['role'] == 'user' %}{{ m['content'] }}{% endfor %}") \
+            .render(messages, False, True)
+    transformers = pytest.importorskip("transformers")
+    from dsv3.data import BOS_TOKEN, EOS_TOKEN
+
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_file=os.path.join(model_dir, "tokenizer.json"),
+                                              bos_token=BOS_TOKEN, eos_token=EOS_TOKEN)
+    plain = [messages[0], {"role": "assistant", "content": "Sure: for i in"}]
+    for source in (as_json.replace("| tojson", ""), DEFAULT_TEMPLATE):
+        hf.chat_template = source
+        assert ChatTemplate(source, BOS_TOKEN, EOS_TOKEN).render(plain, False, True) == \
+            hf.apply_chat_template(plain, tokenize=False, add_generation_prompt=False, continue_final_message=True)
+
+
 def test_context_overflow_and_unsupported(served):
     c = served.client
     cases = [(dict(prompt="x", max_tokens=500), "max_tokens"), (dict(prompt="x " * 400, max_tokens=4), "prompt"),

@@ -59,6 +59,16 @@ def _strftime_now(fmt):
     return datetime.now().strftime(fmt)
 
 
+def _marker(messages: list[dict]) -> str:
+    """A string of letters and digits that no message holds."""
+    import secrets
+
+    while True:
+        marker = f"dsv3{secrets.token_hex(16)}"
+        if not any(marker in str(m.get("content")) for m in messages):
+            return marker
+
+
 def find_template(model_dir: str) -> str | None:
     """The chat template a model directory carries, or None."""
     path = os.path.join(model_dir, "chat_template.jinja")
@@ -104,13 +114,36 @@ class ChatTemplate:
                    getattr(tokenizer, "eos_token", None), getattr(tokenizer, "pad_token", None),
                    is_default=source is None)
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True,
+               continue_final_message: bool = False) -> str:
         """The prompt text for ``messages`` ([{"role", "content"}, …]); :class:`ChatTemplateError`
-        if the template refuses them or fails."""
-        from jinja2 import TemplateError
-
+        if the template refuses them or fails. ``continue_final_message``: the text ends right after the
+        last message's content, unterminated (no end-of-turn token, nothing the template writes after
+        it), so that the model continues that message."""
         if not self.knows_developer:
             messages = [dict(m, role="system") if m.get("role") == "developer" else m for m in messages]
+        if not continue_final_message:
+            return self._render(messages, add_generation_prompt)
+        return self._render_continued(messages, add_generation_prompt)
+
+    def _render_continued(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        """The messages rendered with a marker (random letters and digits, which no filter such as
+        ``tojson`` or ``trim`` alters) right after the last one's content, cut where the marker lands: the
+        end of that content however the template writes it (escaped, wrapped, after other messages that
+        hold the same words). Another copy of the marker, if the template wrote the content twice, is
+        taken out."""
+        marker = _marker(messages)
+        last = dict(messages[-1], content=(messages[-1].get("content") or "") + marker)
+        text = self._render(messages[:-1] + [last], add_generation_prompt)
+        end = text.rfind(marker)
+        if end < 0:
+            raise ChatTemplateError("continue_final_message: the chat template does not write the last message's "
+                                    "content as sent, so it cannot be continued")
+        return text[:end].replace(marker, "")
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        from jinja2 import TemplateError
+
         try:
             return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                         **self.tokens)

@@ -321,6 +321,7 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: Optional[int] = Field(None, ge=1, le=2 ** 31 - 1)
     response_format: Optional[ResponseFormat] = None
     add_generation_prompt: Optional[bool] = None                      # extension, as vLLM
+    continue_final_message: Optional[bool] = None                     # extension, as vLLM
     # Features this server does not have (tool calling, stored completions): clients that always send
     # these fields get through with their "off" value; any other value is refused by name.
     tools: Any = None
@@ -338,6 +339,21 @@ class ChatCompletionRequest(_Sampling):
             check(any(type(value) is type(o) and value == o for o in off),
                   f"{name}: {'tool calling' if name not in ('store', 'metadata') else 'stored completions'} "
                   f"is not supported by this server (allowed: {', '.join(json.dumps(o) for o in off)})", name)
+
+    def prompt_end(self) -> tuple[bool, bool]:
+        """(add_generation_prompt, continue_final_message) for the chat template. Continuing the last
+        message needs it to be the assistant's and no new generation prompt (``add_generation_prompt``
+        left out means false then): otherwise a 400 naming continue_final_message."""
+        if not self.continue_final_message:
+            return self.add_generation_prompt is not False, False
+        if self.add_generation_prompt:
+            raise APIError(400, "continue_final_message: cannot be true with add_generation_prompt true (one continues "
+                                "the last message, the other starts a new one); set add_generation_prompt to false",
+                           param="continue_final_message", code="invalid_parameter_combination")
+        role = self.messages[-1].role
+        check(role == "assistant", f"continue_final_message: the last message must be the assistant's to be continued "
+                                   f"(messages[{len(self.messages) - 1}] is {role!r})", "continue_final_message")
+        return False, True
 
     def chat_messages(self) -> list[dict]:
         """The messages as plain dicts for the chat template (text parts joined by newlines)."""

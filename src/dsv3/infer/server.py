@@ -516,9 +516,11 @@ async def chat_completions(st: ServerState, request):
     want_lp = bool(body.logprobs)
     params = sampling_params(st, body)
 
+    add_generation_prompt, continue_final_message = body.prompt_end()
+
     def render():
         try:
-            text = st.template.render(messages, add_generation_prompt=body.add_generation_prompt is not False)
+            text = st.template.render(messages, add_generation_prompt, continue_final_message)
         except ChatTemplateError as e:
             raise APIError(400, str(e), param="messages") from None
         st.check_text_fits(text, "messages")
