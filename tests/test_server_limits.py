@@ -3,12 +3,15 @@ meets it (a real server process, the official ``openai`` client and httpx).
 
 Speculative steps hand two tokens at once to the server, so a stop string can end the answer in the
 middle of what arrived; and a pool that holds fewer positions than the model's context bounds every
-request (and runs one request at a time, so others wait). One server for the module, with
-``--shutdown-grace 0``; the last test stops it.
+request (and runs one request at a time, so others wait); a client that does not send its whole body
+in time gets a 408. One server for the module, with ``--shutdown-grace 0`` and ``--body-timeout 1.5``;
+the last test stops it.
 """
 
 import json
+import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +26,7 @@ httpx = pytest.importorskip("httpx")
 from helpers import cli_env, free_port, wait_healthy  # noqa: E402
 
 NAME = "spec-model"
+BODY_TIMEOUT = 1.5
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +44,7 @@ def spec(model_dir, tmp_path_factory):
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "dsv3.cli", "serve", "--model", model_dir, "--port", str(port),
                                  "--max-batch", "4", "--served-model-name", NAME, "--speculative", "--shutdown-grace", "0",
+                                 "--body-timeout", str(BODY_TIMEOUT),
                                  "--cache-memory", f"{1.5 * per_block / (1 << 30):.10g}"],
                                 env=cli_env(), stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -94,6 +99,41 @@ def test_a_pool_smaller_than_the_context_bounds_requests(spec):
     events = [line[6:] for line in http.post("/v1/chat/completions", json=body).text.splitlines()
               if line.startswith("data: ")]
     assert events[-1] == "[DONE]" and not any("error" in json.loads(e) for e in events[:-1]), events[-3:]
+
+
+def test_a_body_that_does_not_arrive_in_time_gets_408(spec):
+    """A client that sends its headers and part of its body, then nothing (or a trickle that would take too
+    long), held its request for ever: after --body-timeout it gets a 408 in OpenAI's shape and its
+    connection is closed, while the server goes on answering others (also meanwhile)."""
+    client, http, _, _, _, _ = spec
+    port = http.base_url.port
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000\r\n\r\n")
+    for trickle in (False, True):
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+            t0 = time.monotonic()
+            s.sendall(head + b'{"prompt":')                 # 10 of the 1000 bytes, then silence
+            r = client.completions.create(model=NAME, prompt="x", max_tokens=2)     # meanwhile: served
+            assert r.usage.completion_tokens == 2
+            while trickle and time.monotonic() - t0 < 2 * BODY_TIMEOUT and not select.select([s], [], [], 0.1)[0]:
+                s.sendall(b" ")                              # a byte every 0.1 s until the answer comes
+            answer = b""
+            try:
+                while chunk := s.recv(65536):                # until the server closes the connection
+                    answer += chunk
+            except ConnectionResetError:                     # closed with trickled bytes unread: the answer came
+                pass
+            waited = time.monotonic() - t0
+        status, _, rest = answer.partition(b"\r\n")
+        headers, _, body = rest.partition(b"\r\n\r\n")
+        assert status.startswith(b"HTTP/1.1 408"), answer
+        assert b"connection: close" in headers.lower(), headers
+        err = json.loads(body)["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["code"] == "request_timeout", err
+        assert "--body-timeout" in err["message"] and ("10 of 1000 bytes" in err["message"]) != trickle, err
+        assert BODY_TIMEOUT <= waited < BODY_TIMEOUT + 10, waited
+    assert client.completions.create(model=NAME, prompt="x", max_tokens=2).usage.completion_tokens == 2
+    assert 'dsv3_http_requests_total{code="408"} 2.0' in http.get("/metrics").text
 
 
 def test_requests_cut_off_by_the_drain_get_503(spec):

@@ -259,7 +259,8 @@ async def prefill_route(st, request) -> dict:
 
     st.check_serving()
     body = await read_json(request, prefill_body_limit(st.max_len - 1, st.vocab_size, st.max_body_bytes),
-                           limit_source="64 prompts of this server's longest as token ids, or --max-body-bytes")
+                           limit_source="64 prompts of this server's longest as token ids, or --max-body-bytes",
+                           timeout=st.body_timeout)
     prompts = body.get("prompts") if isinstance(body, dict) else None
     check(isinstance(prompts, list) and prompts and len(prompts) <= MAX_PROMPTS
           and all(isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)

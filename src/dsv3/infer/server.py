@@ -2,7 +2,8 @@
 
     dsv3 serve --model RUN/final [--host 127.0.0.1] [--port 8000] [--max-batch 32] [--cache-memory GB]
                [--prefix-cache DIR_OR_URL] [--speculative] [--api-key KEY] [--served-model-name NAME]
-               [--max-body-bytes N] [--shutdown-grace S] [--fp8 auto|keep|dequant] [--device DEV]
+               [--max-body-bytes N] [--body-timeout S] [--shutdown-grace S] [--fp8 auto|keep|dequant]
+               [--device DEV]
 
     dsv3 serve … --role prefill|decode [--prefill-url URL]   disaggregated prefill (dsv3.infer.disagg)
 
@@ -15,8 +16,9 @@
 
 The engine runs in a process of its own (:class:`dsv3.infer.worker.EngineWorker`); handlers only
 post requests to it and read the tokens it hands back through the event loop, so no handler waits
-on a step and the HTTP side never competes with the model for the interpreter. Request bodies are read with a size limit, validated strictly
-(:mod:`dsv3.infer.openai_protocol`), tokenised and templated on a worker thread. Every error is
+on a step and the HTTP side never competes with the model for the interpreter. Request bodies are read with a
+size limit and a time limit (``--body-timeout``: a client that stops sending its body gets 408), validated
+strictly (:mod:`dsv3.infer.openai_protocol`), tokenised and templated on a worker thread. Every error is
 answered in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``. A client that goes
 away has its requests aborted at once. SIGTERM (or Ctrl-C) stops taking requests (503), lets those
 in flight finish for up to ``--shutdown-grace`` seconds, aborts the rest and exits 0.
@@ -49,6 +51,7 @@ from .openai_protocol import (APIError, ChatCompletionRequest, CompletionRequest
                               error_type, parse_body, validate)
 
 DEFAULT_MAX_BODY = 8 << 20
+DEFAULT_BODY_TIMEOUT = 30.0      # seconds a client may take to send its whole request body
 
 
 def choice_seed(seed: int, k: int) -> int:
@@ -67,12 +70,13 @@ class ServerState:
     """What the handlers share."""
 
     def __init__(self, worker, tokenizer, model_name: str, template, api_key: str | None, max_body_bytes: int,
-                 shutdown_grace: float, remote_prefill=None):
+                 shutdown_grace: float, remote_prefill=None, body_timeout: float = DEFAULT_BODY_TIMEOUT):
         from .detokenize import TokenBytes
         from .metrics import ServerMetrics
 
         self.worker, self.tokenizer, self.model_name, self.template = worker, tokenizer, model_name, template
         self.api_key, self.max_body_bytes, self.shutdown_grace = api_key, max_body_bytes, shutdown_grace
+        self.body_timeout = body_timeout
         self.remote_prefill = remote_prefill       # --role decode: a disagg.RemotePrefill
         self.tb = TokenBytes(tokenizer)
         self.metrics = ServerMetrics(worker)
@@ -139,36 +143,55 @@ class ServerState:
 
 
 # --------------------------------------------------------------------------------------- request plumbing
-async def read_json(request, limit: int, model=None, limit_source: str = "--max-body-bytes"):
-    """The request's JSON object, read with a size limit (413, naming ``limit_source``) and parsed strictly
-    (400), validated as ``model`` when one is given; a client that disconnects before its body is in raises
-    :class:`ClientGone` (answered 499, nothing logged). A body over 256 KiB is parsed and validated on a
-    worker thread: a few MB of JSON take up to a second, which would hold every other stream."""
+async def read_json(request, limit: int, model=None, limit_source: str = "--max-body-bytes",
+                    timeout: float = DEFAULT_BODY_TIMEOUT):
+    """The request's JSON object, read with a size limit (413, naming ``limit_source``) and a time limit
+    (:func:`read_body`), parsed strictly (400) and validated as ``model`` when one is given. A body over
+    256 KiB is parsed and validated on a worker thread: a few MB of JSON take up to a second, which would
+    hold every other stream."""
     length = request.headers.get("content-length")
     if length is not None:
         check(length.isdigit(), "invalid Content-Length header", None)
         if int(length) > limit:
             raise APIError(413, f"the request body has {int(length)} bytes; the limit is {limit} ({limit_source})",
                            code="request_too_large")
-    from starlette.requests import ClientDisconnect
-
-    buf = bytearray()
-    try:
-        async for chunk in request.stream():
-            buf += chunk
-            if len(buf) > limit:
-                raise APIError(413, f"the request body exceeds {limit} bytes ({limit_source})",
-                               code="request_too_large")
-    except ClientDisconnect:                 # the client went away before sending all of it: no answer is due
-        raise ClientGone() from None
+    buf = await read_body(request, limit, limit_source, timeout)
 
     def parse(raw: bytes):
         body = parse_body(raw)
         return body if model is None else validate(model, body)
 
     if len(buf) > (256 << 10):
-        return await asyncio.get_running_loop().run_in_executor(None, parse, bytes(buf))
-    return parse(bytes(buf))
+        return await asyncio.get_running_loop().run_in_executor(None, parse, buf)
+    return parse(buf)
+
+
+async def read_body(request, limit: int, limit_source: str, timeout: float) -> bytes:
+    """The request's body, at most ``limit`` bytes (413, naming ``limit_source``), all of it within
+    ``timeout`` seconds: a client that sends its headers and then too little of its body, or nothing, or a
+    trickle, gets 408 and its connection is closed (it held a request open for ever). A client that
+    disconnects before its body is in raises :class:`ClientGone` (answered 499, nothing logged)."""
+    from starlette.requests import ClientDisconnect
+
+    buf = bytearray()
+
+    async def read() -> None:
+        async for chunk in request.stream():
+            buf.extend(chunk)
+            if len(buf) > limit:
+                raise APIError(413, f"the request body exceeds {limit} bytes ({limit_source})",
+                               code="request_too_large")
+
+    try:
+        await asyncio.wait_for(read(), timeout)
+    except ClientDisconnect:                 # the client went away before sending all of it: no answer is due
+        raise ClientGone() from None
+    except asyncio.TimeoutError:
+        length = request.headers.get("content-length")
+        raise APIError(408, f"the request body did not arrive within {timeout:g} s ({len(buf)} of "
+                            f"{length or 'an unknown number of'} bytes came; --body-timeout)",
+                       code="request_timeout") from None
+    return bytes(buf)
 
 
 async def until_disconnected(receive) -> None:
@@ -404,7 +427,7 @@ async def completions(st: ServerState, request):
 
     arrival = time.monotonic()
     st.check_serving()
-    body = await read_json(request, st.max_body_bytes, CompletionRequest)
+    body = await read_json(request, st.max_body_bytes, CompletionRequest, timeout=st.body_timeout)
     st.check_model(body.model)
     check(not body.suffix, "suffix: not supported by this server", "suffix")
     prompts = body.prompts()
@@ -504,7 +527,7 @@ async def chat_completions(st: ServerState, request):
 
     arrival = time.monotonic()
     st.check_serving()
-    body = await read_json(request, st.max_body_bytes, ChatCompletionRequest)
+    body = await read_json(request, st.max_body_bytes, ChatCompletionRequest, timeout=st.body_timeout)
     st.check_model(body.model)
     body.check_features()
     messages = body.chat_messages()
@@ -624,7 +647,7 @@ class Gate:
 
 def create_app(worker, tokenizer, model_name: str = "dsv3", template=None, api_key: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY, shutdown_grace: float = 30.0, role: str | None = None,
-               remote_prefill=None):
+               remote_prefill=None, body_timeout: float = DEFAULT_BODY_TIMEOUT):
     """The FastAPI app over a running :class:`dsv3.infer.worker.EngineWorker`. ``template``: a
     :class:`dsv3.infer.chat_template.ChatTemplate` (default: the DeepSeek-V3-style one). ``role``
     "prefill" adds ``POST /internal/prefill``; ``remote_prefill`` (a :class:`dsv3.infer.disagg.RemotePrefill`,
@@ -642,7 +665,7 @@ def create_app(worker, tokenizer, model_name: str = "dsv3", template=None, api_k
         template = ChatTemplate(DEFAULT_TEMPLATE, tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token,
                                 is_default=True)
     st = ServerState(worker, tokenizer, model_name, template, api_key, max_body_bytes, shutdown_grace,
-                     remote_prefill)
+                     remote_prefill, body_timeout)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -662,7 +685,9 @@ def create_app(worker, tokenizer, model_name: str = "dsv3", template=None, api_k
 
     @app.exception_handler(APIError)
     async def api_error(_request, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status)
+        # a 408 leaves the rest of the body unread: the connection cannot carry another request
+        headers = {"Connection": "close"} if e.status == 408 else None
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
     @app.exception_handler(ClientGone)
     async def client_gone(_request, _e):
@@ -777,6 +802,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"largest request body accepted; larger ones get 413 (default {DEFAULT_MAX_BODY}; "
                         "--role prefill's POST /internal/prefill takes at least what 64 of its longest prompts "
                         "as token ids need)")
+    p.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT, metavar="S",
+                   help=f"seconds a client may take to send its whole request body; then it gets 408 and its "
+                        f"connection is closed (default {DEFAULT_BODY_TIMEOUT:g})")
     p.add_argument("--shutdown-grace", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, seconds requests in flight may take to finish before they are aborted "
                         "(default 30)")
@@ -798,6 +826,8 @@ def check_args(args) -> None:
         raise ValueError(f"--cache-memory {args.cache_memory}: must be a positive number of GB")
     if args.max_body_bytes < 1024:
         raise ValueError(f"--max-body-bytes {args.max_body_bytes}: must be >= 1024")
+    if not (math.isfinite(args.body_timeout) and args.body_timeout > 0):
+        raise ValueError(f"--body-timeout {args.body_timeout}: must be a positive number of seconds")
     if not (math.isfinite(args.shutdown_grace) and args.shutdown_grace >= 0):
         raise ValueError(f"--shutdown-grace {args.shutdown_grace}: must be a number of seconds >= 0")
     if args.api_key is not None and not args.api_key.strip():       # e.g. --api-key "$KEY" with KEY unset
@@ -895,7 +925,7 @@ def run(args) -> int:
             worker.close(grace=0)
             raise
     app = create_app(worker, tokenizer, name, template, api_key, args.max_body_bytes, args.shutdown_grace,
-                     args.role, remote)
+                     args.role, remote, args.body_timeout)
     st = app.st
     if st.max_len < worker.max_len:
         sys.stderr.write(f"dsv3 serve: the cache pool holds {st.max_len} positions of one request, fewer than the "
