@@ -298,9 +298,49 @@ def test_a_long_running_group_keeps_a_bounded_rebalance_history(model_dir):
         ep.REBALANCE_HISTORY = 5
         req = ep.submit(list(range(1, 9)), 40, SamplingParams(0.0))
         ep.run()
-        assert req.finish_reason == "length" and ep.placement_version > 30, (req.finish_reason, ep.placement_version)
+        # every other step: an order takes the loads up to its own step's forward, the next waits for one after it
+        assert req.finish_reason == "length" and ep.placement_version > 15, (req.finish_reason, ep.placement_version)
         assert [r["version"] for r in ep.rebalances] == list(range(ep.placement_version - 4, ep.placement_version + 1))
         assert ep.stats()["rebalance_bytes"] == 0                 # one rank holds every expert: nothing moves
+        ep.close()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rebalance_is_due_after_the_interval_and_new_load_only():
+    """Rank 0's decision, in data: the interval has passed since the last order (steps or seconds) and
+    the group ran a forward after the last rebalance took its loads; an idle group orders none."""
+    from dsv3.infer.ep_engine import rebalance_due
+
+    for interval, steps, seconds, forwards, due in [
+            ((4, "steps"), 4, 0.0, 1, True), ((4, "steps"), 3, 99.0, 1, False), ((4, "steps"), 400, 0.0, 0, False),
+            ((30.0, "s"), 0, 30.0, 2, True), ((30.0, "s"), 99, 29.9, 2, False), ((30.0, "s"), 0, 3600.0, 0, False),
+            (None, 99, 3600.0, 5, False)]:
+        assert rebalance_due(interval, steps, seconds, forwards) == due, (interval, steps, seconds, forwards)
+
+
+def test_an_idle_group_orders_no_rebalance(model_dir):
+    """Rebalancing every step while requests run; once none runs (the server idles, stepping only to keep
+    the group alive), no more orders: each would find no new load on any rank. A request then brings
+    them back."""
+    from dsv3.infer.ep_engine import EPEngine, load_ep_model
+    from dsv3.parallel.mesh import EPComm
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        comm = EPComm(0, 1, 1, group=dist.new_group([0]))
+        ep = EPEngine(load_ep_model(model_dir, comm, dtype=torch.float64), rebalance_interval=(1, "steps"), **ENGINE)
+        ep.submit(list(range(1, 9)), 6, SamplingParams(0.0))
+        ep.run()
+        busy = ep.rebalance_orders
+        assert busy >= 2, busy
+        for _ in range(20):                       # idle steps (Rank0Engine's heartbeat under dsv3 serve)
+            assert ep.step()
+        assert ep.rebalance_orders == busy and ep.placement_version == busy      # the last order applied, no more
+        ep.submit(list(range(1, 9)), 6, SamplingParams(0.0))
+        ep.run()
+        ep.step()
+        assert ep.rebalance_orders > busy and ep.placement_version == ep.rebalance_orders   # each one found load
         ep.close()
     finally:
         dist.destroy_process_group()

@@ -35,9 +35,10 @@ One step (:meth:`EPEngine.step`, collective over every rank):
 slots (``expert.initial_placement``: a rank's own block plus replicas of its neighbour's experts).
 Every layer keeps the logical and per-slot loads of its last forwards (``ExpertParallelMoE.load`` /
 ``phys_load``). Every ``rebalance_interval`` (steps or seconds, counted on rank 0) rank 0 puts a
-``rebalance`` order with the next placement version in the step's exchange; at the start of the
-following step every rank sums the windows over the group, computes the same placements with
-``eplb.rebalance_experts``, and fetches point-to-point only the experts it newly holds
+``rebalance`` order with the next placement version in the step's exchange, provided the group ran a
+forward after the last rebalance took its loads (:func:`rebalance_due`: an idle group orders none); at
+the start of the following step every rank sums the windows over the group, computes the same
+placements with ``eplb.rebalance_experts``, and fetches point-to-point only the experts it newly holds
 (``ExpertParallelMoE.set_placement``) — serving pauses for that one step. Every rank reports its
 placement version in each exchange, so ranks on different placements fail loudly. A token's replica
 of an expert is chosen from its index, so the same batch routes the same way on every run.
@@ -72,6 +73,18 @@ from .sampling import SamplingParams
 from .worker import apply_delta, take_deltas
 
 ALL = -1          # the rank of a command every rank obeys (a rebalance)
+
+
+def rebalance_due(interval: tuple[float, str] | None, steps_since_order: int, seconds_since_order: float,
+                  forwards_since_loads: int) -> bool:
+    """Whether rank 0 orders a live rebalance now: ``interval`` ((n, "steps"), (seconds, "s"); None: never)
+    has passed since the last order, and the group ran a forward (routed tokens) after the last rebalance
+    took its loads (``forwards_since_loads`` > 0). With nothing routed since, every rank would find no
+    new load and skip the rebalance: an idle group ordered one every interval for nothing."""
+    if interval is None or forwards_since_loads <= 0:
+        return False
+    n, unit = interval
+    return steps_since_order >= n if unit == "steps" else seconds_since_order >= n
 
 
 def load_ep_model(path: str, comm, device="cpu", dtype: torch.dtype | None = None, fp8: str = "dequant", *,
@@ -178,6 +191,8 @@ class EPEngine:
         self.rebalances: list[dict] = []           # every rank: what the last REBALANCE_HISTORY rebalances measured
         self.rebalance_bytes = 0                   # every rank: expert bytes it received in all rebalances
         self._since = (0, time.monotonic())        # rank 0: steps and time at the last rebalance order
+        self._loads_taken = 0                      # every rank: ``steps`` whose loads the last rebalance order takes
+        self.rebalance_orders = 0                  # rank 0: rebalances ordered (each rank skips one without load)
 
     # ------------------------------------------------------------------ rank 0: requests
     def submit(self, prompt: list[int], max_new_tokens: int, params: SamplingParams | None = None, seed: int = 0,
@@ -259,13 +274,11 @@ class EPEngine:
         with self._lock:
             self._outbox.append(("rebalance", ALL, self.placement_version + 1))
             self._since = (0, time.monotonic())
+            self.rebalance_orders += 1
 
     def _rebalance_due(self) -> bool:
-        if self.rebalance_interval is None:
-            return False
-        n, unit = self.rebalance_interval
         steps, t0 = self._since
-        return steps >= n if unit == "steps" else time.monotonic() - t0 >= n
+        return rebalance_due(self.rebalance_interval, steps, time.monotonic() - t0, self.steps - self._loads_taken)
 
     # ------------------------------------------------------------------ every rank: the step
     def step(self) -> bool:
@@ -371,6 +384,8 @@ class EPEngine:
             raise RuntimeError(f"EPEngine: the ranks serve different expert placements {[f[2] for f in flags]}")
         prefill, decode = any(f[0] for f in flags), any(f[1] for f in flags)
         self.steps += prefill or decode
+        if any(cmd[0] == "rebalance" for cmd in self._inbox):     # applied next step: its loads end with this one
+            self._loads_taken = self.steps
         return prefill, decode
 
     def empty_forward(self, part: str = "all") -> None:
@@ -447,7 +462,7 @@ def add_ep_arguments(p) -> None:
                         "loads at each rebalance")
     p.add_argument("--rebalance-interval", default=None, metavar="N|Ns",
                    help="with --ep: re-place the experts from the live loads every N steps, or every N seconds "
-                        "('30s'); default: the placement stays static")
+                        "('30s'), when tokens were routed since the last time; default: the placement stays static")
     p.add_argument("--rebalance-window", type=int, default=128, metavar="F",
                    help="with --ep: forwards of expert loads a rebalance looks at (default 128)")
     p.add_argument("--tbo", action="store_true",
