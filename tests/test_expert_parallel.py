@@ -270,15 +270,15 @@ def scenario_capacity(comm, cfg_kw, steps, seed=0, fp8_dispatch=False) -> dict:
            for learn in (True, False)}
     for ep in eps.values():
         ep.load_from(ref)
-    calls, orig_a2a, orig_isend = [], dist.all_to_all_single, dist.isend
+    calls, orig_a2a, orig_p2p = [], dist.all_to_all_single, dist.batch_isend_irecv
 
     def counting(output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):
         calls.append("count" if async_op else "rows")
         return orig_a2a(output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op)
 
-    def isend(tensor, dst, group=None, tag=0):
-        calls.append("overflow")
-        return orig_isend(tensor, dst, group=group, tag=tag)
+    def p2p(ops):
+        calls.extend("overflow" for op in ops if op.op is dist.isend)
+        return orig_p2p(ops)
 
     errors, bitwise, per_step = [], [], []
     for step, tokens in enumerate(steps):
@@ -296,12 +296,12 @@ def scenario_capacity(comm, cfg_kw, steps, seed=0, fp8_dispatch=False) -> dict:
             ep.zero_grad(set_to_none=True)
             xs = x[sl].clone().requires_grad_()
             del calls[:]
-            dist.all_to_all_single, dist.isend = counting, isend
+            dist.all_to_all_single, dist.batch_isend_irecv = counting, p2p
             try:
                 ys = ep(xs)
                 (ys * gout[sl]).sum().backward()
             finally:
-                dist.all_to_all_single, dist.isend = orig_a2a, orig_isend
+                dist.all_to_all_single, dist.batch_isend_irecv = orig_a2a, orig_p2p
             got[learn] = (ys.detach(), _grad(xs), _grad(ep.experts.w13), _grad(ep.experts.w2))
             if learn:
                 per_step.append(dict(count=calls.count("count"), overflow=calls.count("overflow")))

@@ -170,6 +170,9 @@ class Hop:
     me: int                     # this rank's index in the group
     ranks_per_node: int         # of the EP group: which peers of a flat hop are on another node
     group: object = field(default=None, repr=False)
+    # padded blocks (a dispatch with learnt capacities): ``index`` with padding rows read from row 0,
+    # and this with them summed into row n_in, which combine drops
+    sum_index: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def size(self) -> int:
@@ -352,7 +355,10 @@ def _pack(tensors, specs, width: int) -> torch.Tensor:
 
 
 def _gather(tensors, specs, width: int, index: torch.Tensor) -> torch.Tensor:
-    """``_pack(tensors)[index]`` in one copy: each tensor's rows gathered straight into its columns."""
+    """``_pack(tensors)[index]`` in one copy: each tensor's rows gathered straight into its columns.
+    No rows to gather from (an empty batch sending only padding): zero rows."""
+    if tensors[0].shape[0] == 0:
+        return torch.zeros(index.numel(), width, dtype=torch.uint8, device=index.device)
     if len(tensors) == 1:
         return _pack(tensors, specs, width).index_select(0, index)
     buf = torch.empty(index.numel(), width, dtype=torch.uint8, device=index.device)
@@ -397,43 +403,48 @@ def _a2a(buf: torch.Tensor, send: list[int], recv, group, during=None) -> torch.
 
 
 def _dispatch_capped(tensors, plan: DispatchPlan, counters, phases):
-    """The flat forward dispatch without a count exchange: to each peer a block of its capacity
-    (the rows, then padding), every row carrying the block's true row count; a peer over capacity
-    gets the rest point to point. The receiver keeps each block's real rows and appends that peer's
-    overflow, so the received rows and their order are those of the exchanged-counts dispatch."""
+    """The flat forward dispatch without a count exchange (``tensors[0]`` begins with the top-k ids).
+
+    To each peer a block of its capacity: the rows, then padding rows whose top-k ids are -1 (no
+    expert takes them), every row carrying the block's true row count; a peer over capacity gets the
+    rest point to point. The blocks stay padded through the experts, the combine and both backward
+    passes (the sender sums the padding's returns into a dropped row), so no received row is copied:
+    a pair's block is its capacity, or its count where that overflowed (then the receiver appends the
+    overflow to the block, the one case that copies)."""
     hop, cap = plan.hops[0], plan.capacity
+    k_ids = plan.topk_idx.shape[1]
     count_col = torch.zeros(hop.n_in, 1, dtype=torch.int32, device=hop.index.device)
     tensors = tensors + [count_col]
     specs, width = _row_spec(tensors)
     sent, cap_send, cap_recv = hop.send_splits, cap.send, cap.recv
-    # sender: block j = my first min(c_j, cap_j) rows to j, then padding (copies of row 0, ignored)
+    # sender: block j = my rows to j (the first cap_j of them when over), then padding (row 0's copies)
     starts = [0]
     for c in sent:
         starts.append(starts[-1] + c)
-    pieces, over = [], []
+    pieces, pads, over = [], [], []
     for j, (c, k) in enumerate(zip(sent, cap_send)):
-        rows = hop.index[starts[j]:starts[j] + min(c, k)]
-        pieces.append(rows)
+        pieces.append(hop.index[starts[j]:starts[j] + min(c, k)])
         if c < k:
-            pieces.append(rows.new_zeros(k - c))
+            pads.append(torch.arange(k - c) + (sum(cap_send[:j]) + c))
+            pieces.append(hop.index.new_zeros(k - c))
         elif c > k:
             over.append((j, hop.index[starts[j] + k:starts[j + 1]]))
     index = torch.cat(pieces) if pieces else hop.index[:0]
-    if hop.n_in == 0:                       # nothing to copy from: padding rows of zeros
-        buf = torch.zeros(index.numel(), width, dtype=torch.uint8, device=index.device)
-    else:
-        buf = _gather(tensors, specs, width, index)
+    pad_at = torch.cat(pads).to(index.device) if pads else index[:0]
+    buf = _gather(tensors, specs, width, index)
+    ids_at = specs[0][0]
+    buf[pad_at, ids_at:ids_at + 4 * k_ids] = 255                     # int32 -1: no expert
     off = specs[-1][0]
     buf[:, off:off + 4].view(torch.int32)[:, 0] = torch.tensor(sent, dtype=torch.int32).repeat_interleave(
-        torch.tensor(cap_send))
+        torch.tensor(cap_send)).to(buf.device)
     if counters is not None:
         _record(counters, tensors, phases + ["dispatch_meta"], hop, cap_send)
     out = _a2a(buf, cap_send, cap_recv, hop.group)
     # receiver: the true counts from the first row of each block (every capacity is ≥ 1)
-    firsts = torch.tensor([0] + cap_recv[:-1]).cumsum(0)
+    firsts = torch.tensor([0] + cap_recv[:-1]).cumsum(0).to(out.device)
     received = out[firsts, off:off + 4].contiguous().view(torch.int32)[:, 0].tolist()
     group = lane_group(hop.group)
-    works, extra = [], {}
+    ops, extra = [], {}
     for j, rows in over:                    # rows beyond a peer's capacity, point to point
         if counters is not None:
             _record(counters, tensors, phases + ["dispatch_meta"], hop,
@@ -442,23 +453,40 @@ def _dispatch_capped(tensors, plan: DispatchPlan, counters, phases):
         if j == hop.me:                     # my own rows: no message
             extra[j] = rows_buf
         else:
-            works.append(dist.isend(rows_buf, _global_rank(group, j), group=group))
+            ops.append(dist.P2POp(dist.isend, rows_buf, _global_rank(group, j), group))
     for j, (c, k) in enumerate(zip(received, cap_recv)):
         if c > k and j != hop.me:
             extra[j] = out.new_empty(c - k, width)
-            works.append(dist.irecv(extra[j], _global_rank(group, j), group=group))
-    with communicating("all_to_all"):
-        for w in works:
-            w.wait()
-    parts, at = [], 0
-    for j, (c, k) in enumerate(zip(received, cap_recv)):
-        parts.append(out[at:at + min(c, k)])
-        if j in extra:
-            parts.append(extra[j])
-        at += k
-    hop.recv_splits = received
+            ops.append(dist.P2POp(dist.irecv, extra[j], _global_rank(group, j), group))
+    if ops:                                 # one batch: no ordering of the sends against the receives
+        with communicating("all_to_all"):
+            for w in dist.batch_isend_irecv(ops):
+                w.wait()
+    if extra:                               # a block that overflowed continues with its extra rows
+        parts, at = [], 0
+        for j, k in enumerate(cap_recv):
+            parts.append(out[at:at + k])
+            if j in extra:
+                parts.append(extra[j])
+            at += k
+        out = torch.cat(parts)
+    # from here on the hop is its padded blocks: sizes, the gather index, and where returns are summed
+    full = [max(c, k) for c, k in zip(sent, cap_send)]
+    if over:
+        pieces, at = [], 0
+        for j, (c, k) in enumerate(zip(sent, cap_send)):
+            pieces.append(hop.index[starts[j]:starts[j + 1]])
+            if c < k:
+                pieces.append(hop.index.new_zeros(k - c))
+        index = torch.cat(pieces)
+        pad_at = torch.cat([torch.arange(k - c) + (sum(full[:j]) + c)
+                            for j, (c, k) in enumerate(zip(sent, cap_send)) if c < k] or [pad_at.cpu()]).to(index.device)
+    hop.index, hop.send_splits = index, full
+    hop.recv_splits = [max(c, k) for c, k in zip(received, cap_recv)]
+    hop.sum_index = index.clone()
+    hop.sum_index[pad_at] = hop.n_in
     cap.update(sent, received)
-    return _unpack(torch.cat(parts), specs)[:-1]
+    return _unpack(out, specs)[:-1]
 
 
 def _global_rank(group, r: int) -> int:
@@ -500,7 +528,10 @@ def _combine_rows(tensors, plan: DispatchPlan, counters, phases, during=None):
             _record(counters, tensors, phases, hop, hop.recv_splits)
         back = _a2a(_pack(tensors, specs, width), hop.recv_splits, hop.send_splits, hop.group, during)
         during = None
-        tensors = [_sum_rows(b, hop.index, hop.n_in) for b in _unpack(back, specs)]
+        if hop.sum_index is None:
+            tensors = [_sum_rows(b, hop.index, hop.n_in) for b in _unpack(back, specs)]
+        else:                               # padded blocks: the padding's returns land in row n_in
+            tensors = [_sum_rows(b, hop.sum_index, hop.n_in + 1)[:hop.n_in] for b in _unpack(back, specs)]
     return tensors
 
 
