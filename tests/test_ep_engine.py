@@ -88,6 +88,7 @@ SCENARIOS = {
         ("idle_rank", {}, {}, [1]),                  # rank 0 (which drives the group) has no requests
         ("preempt", {}, dict(blocks=9), None),
         ("fp8_dispatch", dict(fp8_dispatch=True), {}, None),
+        ("dispatch_capacity", dict(dispatch_capacity=True), {}, None),
         ("shared_rebalance", dict(shared_as_routed=True, redundant_experts=2, load_window=6),
          dict(rebalance=(4, "steps")), None)],
     4: [("flat", {}, {}, None),
@@ -419,6 +420,9 @@ def test_serve_under_torchrun(served_dir, tmp_path, world, flags):
     ({}, ["--ep", "2"], "--ep 2: must equal the number of ranks, 1"),
     ({}, ["--two-hop"], "--two-hop needs --ep N"),
     ({}, ["--shared-as-routed"], "--shared-as-routed needs --ep N"),
+    ({}, ["--dispatch-capacity"], "--dispatch-capacity needs --ep N"),
+    ({"WORLD_SIZE": "4"}, ["--ep", "4", "--gpus-per-node", "2", "--two-hop", "--dispatch-capacity"],
+     "--dispatch-capacity applies to the flat dispatch"),
     ({"WORLD_SIZE": "2"}, [], "give --ep 2"),
     ({"WORLD_SIZE": "3"}, ["--ep", "3"], "--ep 3: must divide the model's routed experts (8)"),
     ({"WORLD_SIZE": "4"}, ["--ep", "4", "--gpus-per-node", "3"], "--gpus-per-node 3: must divide the number of ranks (4)"),

@@ -85,6 +85,12 @@ def test_ep2_on_two_ranks_matches_one_process(tmp_path, data_dir, reference):
     _check_same_run(tmp_path / "ep2", reference)
 
 
+def test_ep2_with_learnt_dispatch_capacities_matches_one_process(tmp_path, data_dir, reference):
+    # after each layer's first dispatch no counts are exchanged: padded blocks through experts and backward
+    _train(tmp_path / "ep2cap", data_dir, 2, ["--ep", "2", "--dispatch-capacity"])
+    _check_same_run(tmp_path / "ep2cap", reference)
+
+
 @pytest.mark.slow   # run with -m slow (the default suite keeps one representative of each kind)
 def test_ep2_times_two_data_parallel_groups_matches_one_process(tmp_path, data_dir, reference):
     # 4 ranks = 2 EP groups of 2: expert gradients summed over the expert-data group, / world
@@ -126,6 +132,7 @@ def test_one_process_checkpoint_resumes_under_ep(tmp_path, data_dir, reference):
     (["--ep", "2"], "--ep 2 must divide the data-parallel ranks of a stage (1 = 1 processes / --pp 1)"),
     (["--ep", "2", "--pp", "2"], "--pp 2 must divide the number of processes (1)"),
     (["--two-hop"], "need --ep > 1"),
+    (["--dispatch-capacity"], "need --ep > 1"),
     (["--ep", "3"], "must divide the model's routed experts"),
 ])
 def test_bad_ep_flags_are_one_clear_line(tmp_path, capsys, data_dir, args, message):
@@ -140,6 +147,8 @@ def test_bad_ep_flags_are_one_clear_line(tmp_path, capsys, data_dir, args, messa
     ("6", ["--ep", "2", "--gpus-per-node", "3"], "--ep 2 must be a multiple or a divisor of --gpus-per-node 3"),
     # ran as the flat dispatch without a word
     ("2", ["--ep", "2", "--two-hop"], "--two-hop needs an expert group over more than one node"),
+    ("4", ["--ep", "4", "--gpus-per-node", "2", "--two-hop", "--dispatch-capacity"],
+     "--dispatch-capacity applies to the flat dispatch"),
     # with 1f1b / zb1p (no forward & backward pairs) it did nothing
     ("4", ["--ep", "2", "--pp", "2", "--overlap"], "--overlap with --pp needs --schedule dualpipe or dualpipev"),
     ("4", ["--ep", "2", "--pp", "2", "--schedule", "zb1p", "--overlap"], "--schedule zb1p has none"),

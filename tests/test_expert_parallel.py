@@ -266,7 +266,7 @@ def scenario_capacity(comm, cfg_kw, steps, seed=0, fp8_dispatch=False) -> dict:
     torch.manual_seed(seed)
     ref = MoE(cfg)
     init_weights(ref, 0.3)
-    eps = {learn: ExpertParallelMoE(cfg, comm, fp8_dispatch=fp8_dispatch, learn_capacity=learn)
+    eps = {learn: ExpertParallelMoE(cfg, comm, fp8_dispatch=fp8_dispatch, dispatch_capacity=learn)
            for learn in (True, False)}
     for ep in eps.values():
         ep.load_from(ref)

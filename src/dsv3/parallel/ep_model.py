@@ -52,15 +52,17 @@ def _is_expert(p: torch.Tensor) -> bool:
 
 def convert_to_expert_parallel(model: nn.Module, comm: EPComm, *, two_hop: bool = False,
                                fp8_dispatch: bool = False, shared_as_routed: bool = False,
-                               placement=None, load_window: int = 16) -> list[ExpertParallelMoE]:
+                               placement=None, load_window: int = 16,
+                               dispatch_capacity: bool = False) -> list[ExpertParallelMoE]:
     """Replace every ``MoE`` of ``model`` (blocks and MTP blocks, i.e. ``model.moe_layers()``) in place by
     an ``ExpertParallelMoE`` holding this rank's experts, weights copied from the full layer (a layer on
     the ``meta`` device — held by another pipeline rank — becomes a ``meta`` EP layer). Call it before
     the FP8 conversion and before building the optimizer. ``shared_as_routed``: the shared expert becomes
     a routed one (weight 1) with a replica on every rank (serving). ``placement``: phy2log [P] of every
     layer (e.g. ``expert.initial_placement`` with redundant experts; default one slot per expert);
-    ``load_window``: forwards of expert loads each layer keeps for a rebalance. Leaves the global RNG
-    untouched."""
+    ``load_window``: forwards of expert loads each layer keeps for a rebalance; ``dispatch_capacity``:
+    flat dispatches with learnt capacities instead of count exchanges (``expert.DispatchCapacity``).
+    Leaves the global RNG untouched."""
     if model.cfg.n_routed_experts % comm.size:
         raise ValueError(f"--ep {comm.size} must divide the number of routed experts "
                          f"({model.cfg.n_routed_experts})")
@@ -74,7 +76,7 @@ def convert_to_expert_parallel(model: nn.Module, comm: EPComm, *, two_hop: bool 
             ref = next(moe.parameters())
             ep = ExpertParallelMoE(model.cfg, comm, two_hop=two_hop, fp8_dispatch=fp8_dispatch,
                                    shared_as_routed=shared_as_routed, placement=placement,
-                                   load_window=load_window)
+                                   load_window=load_window, dispatch_capacity=dispatch_capacity)
             ep.to(device=ref.device)
             if not ref.is_meta:               # a layer another pipeline rank holds stays shapes only
                 ep.load_from(moe)             # gate (with its bias), shared expert, this rank's experts

@@ -63,7 +63,8 @@ class Replicated:
         if mesh.spec.ep > 1:   # keeps only this rank's experts
             from ..parallel.ep_model import convert_to_expert_parallel
 
-            convert_to_expert_parallel(model, mesh.expert_comm(), two_hop=tc.two_hop, fp8_dispatch=tc.fp8_dispatch)
+            convert_to_expert_parallel(model, mesh.expert_comm(), two_hop=tc.two_hop, fp8_dispatch=tc.fp8_dispatch,
+                                       dispatch_capacity=tc.dispatch_capacity)
         model.to(device)
         self.module = model
         self.data_rank, self.data_size = mesh.coords["dp_rank"], mesh.spec.dp
@@ -218,7 +219,8 @@ class Pipelined:
             model, tc.schedule, tc.pp, tc.microbatches or None, local_batch=tc.batch_size // mesh.spec.dp,
             loss_fn=functools.partial(token_loss, mtp_lambda=tc.mtp_lambda), autocast=autocast,
             balance_fn=functools.partial(routing_balance_loss, balance_alpha=tc.balance_alpha), device=device,
-            mesh=mesh, expert_options=dict(two_hop=tc.two_hop, fp8_dispatch=tc.fp8_dispatch), eval_fn=eval_sums,
+            mesh=mesh, expert_options=dict(two_hop=tc.two_hop, fp8_dispatch=tc.fp8_dispatch,
+                                           dispatch_capacity=tc.dispatch_capacity), eval_fn=eval_sums,
             overlap=tc.overlap)
         self.module = self.pipe.module
         self.data_rank, self.data_size = mesh.coords["dp_rank"], mesh.spec.dp

@@ -74,6 +74,7 @@ class TrainConfig:
     gpus_per_node: int = 0               # ranks per (simulated) node for EP; 0: torchrun's LOCAL_WORLD_SIZE
     two_hop: bool = False                # EP dispatch: inter-node hop, then intra-node forwarding
     fp8_dispatch: bool = False           # EP dispatch in FP8 (E4M3, 1×128 scales)
+    dispatch_capacity: bool = False      # flat EP dispatch: learnt capacities instead of a count exchange
     overlap: bool = False                # two micro-batches on two lanes: all-to-alls behind compute (parallel.overlap)
     init_from: str = ""                  # an HF-layout model directory whose weights start the run (--from)
 
@@ -129,8 +130,10 @@ class TrainConfig:
         if self.overlap and self.pp > 1 and self.schedule not in ("dualpipe", "dualpipev"):
             raise ValueError(f"--overlap with --pp needs --schedule dualpipe or dualpipev: it runs their overlapped "
                              f"forward & backward pairs, which --schedule {self.schedule} has none of")
-        if self.ep == 1 and (self.two_hop or self.fp8_dispatch or self.gpus_per_node):
-            raise ValueError("--two-hop, --fp8-dispatch and --gpus-per-node need --ep > 1")
+        if self.ep == 1 and (self.two_hop or self.fp8_dispatch or self.gpus_per_node or self.dispatch_capacity):
+            raise ValueError("--two-hop, --fp8-dispatch, --dispatch-capacity and --gpus-per-node need --ep > 1")
+        if self.dispatch_capacity and self.two_hop:
+            raise ValueError("--dispatch-capacity applies to the flat dispatch: --two-hop exchanges counts")
 
 
 @dataclass
