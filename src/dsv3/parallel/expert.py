@@ -417,20 +417,12 @@ def _dispatch_capped(tensors, plan: DispatchPlan, counters, phases):
     tensors = tensors + [count_col]
     specs, width = _row_spec(tensors)
     sent, cap_send, cap_recv = hop.send_splits, cap.send, cap.recv
-    # sender: block j = my rows to j (the first cap_j of them when over), then padding (row 0's copies)
     starts = [0]
     for c in sent:
         starts.append(starts[-1] + c)
-    pieces, pads, over = [], [], []
-    for j, (c, k) in enumerate(zip(sent, cap_send)):
-        pieces.append(hop.index[starts[j]:starts[j] + min(c, k)])
-        if c < k:
-            pads.append(torch.arange(k - c) + (sum(cap_send[:j]) + c))
-            pieces.append(hop.index.new_zeros(k - c))
-        elif c > k:
-            over.append((j, hop.index[starts[j] + k:starts[j + 1]]))
-    index = torch.cat(pieces) if pieces else hop.index[:0]
-    pad_at = torch.cat(pads).to(index.device) if pads else index[:0]
+    # sender: block j = my rows to j (the first cap_j of them when over), then padding (row 0's copies)
+    index, pad_at = _padded_blocks(hop.index, starts, sent, cap_send)
+    over = [(j, hop.index[starts[j] + k:starts[j + 1]]) for j, (c, k) in enumerate(zip(sent, cap_send)) if c > k]
     buf = _gather(tensors, specs, width, index)
     ids_at = specs[0][0]
     buf[pad_at, ids_at:ids_at + 4 * k_ids] = 255                     # int32 -1: no expert
@@ -473,20 +465,26 @@ def _dispatch_capped(tensors, plan: DispatchPlan, counters, phases):
     # from here on the hop is its padded blocks: sizes, the gather index, and where returns are summed
     full = [max(c, k) for c, k in zip(sent, cap_send)]
     if over:
-        pieces, at = [], 0
-        for j, (c, k) in enumerate(zip(sent, cap_send)):
-            pieces.append(hop.index[starts[j]:starts[j + 1]])
-            if c < k:
-                pieces.append(hop.index.new_zeros(k - c))
-        index = torch.cat(pieces)
-        pad_at = torch.cat([torch.arange(k - c) + (sum(full[:j]) + c)
-                            for j, (c, k) in enumerate(zip(sent, cap_send)) if c < k] or [pad_at.cpu()]).to(index.device)
+        index, pad_at = _padded_blocks(hop.index, starts, sent, full)
     hop.index, hop.send_splits = index, full
     hop.recv_splits = [max(c, k) for c, k in zip(received, cap_recv)]
     hop.sum_index = index.clone()
     hop.sum_index[pad_at] = hop.n_in
     cap.update(sent, received)
     return _unpack(out, specs)[:-1]
+
+
+def _padded_blocks(index: torch.Tensor, starts: list[int], counts: list[int], sizes: list[int]):
+    """Blocks of ``sizes`` rows, block j holding the first min(counts[j], sizes[j]) rows of
+    ``index[starts[j]:]`` then padding (row 0): (the padded index, the padding positions)."""
+    pieces, pads, at = [], [], 0
+    for j, (c, k) in enumerate(zip(counts, sizes)):
+        pieces.append(index[starts[j]:starts[j] + min(c, k)])
+        if c < k:
+            pieces.append(index.new_zeros(k - c))
+            pads.append(torch.arange(at + c, at + k, device=index.device))
+        at += k
+    return (torch.cat(pieces) if pieces else index[:0]), (torch.cat(pads) if pads else index[:0])
 
 
 def _global_rank(group, r: int) -> int:
