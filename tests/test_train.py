@@ -262,6 +262,19 @@ def test_resume_of_a_from_run_without_from_is_one_line(tmp_path, capsys, data_di
     assert "--from (" in err and "-> none)" in err and "--allow-changed from" in err and len(err.splitlines()) == 1
 
 
+def test_a_run_from_a_model_exports_that_models_generation_defaults(tmp_path, data_dir, model_dir):
+    src = tmp_path / "src"
+    shutil.copytree(model_dir, src)
+    gen = json.load(open(src / "generation_config.json"))
+    gen.update(temperature=0.6, top_p=0.95)
+    (src / "generation_config.json").write_text(json.dumps(gen))
+    run = tmp_path / "run"
+    assert cli(["train", "--out", str(run), "--data", data_dir, *QUICK, "--from", str(src)]) == 0
+    out = json.load(open(run / "final" / "generation_config.json"))
+    assert out["temperature"] == 0.6 and out["top_p"] == 0.95
+    assert out["eos_token_id"] == gen["eos_token_id"]
+
+
 def test_resume_with_another_model_config_is_refused(tmp_path, capsys, data_dir):
     run = tmp_path / "run"
     assert cli(["train", "--out", str(run), "--data", data_dir, *QUICK]) == 0

@@ -726,7 +726,7 @@ def _run(args, cfg, tc, info, held: dict) -> int:
 
 
 def _finish(args, trainer, tokenizer, summary: dict, model=None) -> None:
-    from ..hf import save_pretrained
+    from ..hf import read_generation_config, save_pretrained
 
     model = trainer.model if model is None else model
     final = os.path.join(args.out, "final")
@@ -740,7 +740,10 @@ def _finish(args, trainer, tokenizer, summary: dict, model=None) -> None:
         # written beside final/ and renamed into place: a killed export leaves the old final/ (or none)
         tmp, old = os.path.join(args.out, ".final.tmp"), os.path.join(args.out, ".final.old")
         shutil.rmtree(tmp, ignore_errors=True)
-        save_pretrained(model, tmp)
+        # a run started --from a model keeps that model's generation defaults (sampling, stop ids)
+        source = getattr(trainer.tc, "init_from", "")
+        generation = read_generation_config(source, model.cfg) if source else None
+        save_pretrained(model, tmp, generation_config=generation)
         tokenizer.save(tmp)
         if os.path.exists(final):
             shutil.rmtree(old, ignore_errors=True)
