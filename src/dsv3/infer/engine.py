@@ -114,6 +114,7 @@ class Request:
     on_token: object = None                  # callable(request) after each token, or None
     on_done: object = None                   # callable(request) once at the end, or None
     id: int = 0
+    grammar: object = None                   # a structured.GrammarSpec the output must follow, or None
     output: list[int] = field(default_factory=list)
     output_logprobs: list = field(default_factory=list)
     prompt_logprobs_out: list = field(default_factory=list)
@@ -133,6 +134,7 @@ class Request:
     _counts: torch.Tensor | None = None               # generated-token counts (penalties)
     _abort: bool = False
     _counted: bool = False                            # its prompt is in the engine's token counts
+    _constraint: object = None                        # grammar: its structured.Constraint (matcher state)
 
     @property
     def seq(self) -> list[int]:
@@ -147,11 +149,13 @@ class Request:
 class Engine:
     def __init__(self, model, max_batch: int = 8, cache_memory: int | None = None, block_size: int = 64,
                  prefix_cache=None, speculative: bool = False, prefill_chunk: int = 512,
-                 max_len: int | None = None):
+                 max_len: int | None = None, grammars=None):
         """``cache_memory``: bytes for the latent-cache pool (default: what ``max_batch`` full-length
         sequences need, at most a quarter of the free memory). ``prefix_cache``: a
         :class:`dsv3.infer.prefix_cache.PrefixCache` (on-disk latent blocks, the second tier).
-        ``speculative``: draft with MTP module 1 and verify two tokens per row per step."""
+        ``speculative``: draft with MTP module 1 and verify two tokens per row per step.
+        ``grammars``: a :class:`dsv3.infer.structured.Grammars` for requests with a ``grammar``
+        (structured output; none: such requests are refused)."""
         if max_batch < 1:
             raise ValueError(f"max_batch = {max_batch}: must be >= 1")
         if prefill_chunk < 1:
@@ -167,6 +171,7 @@ class Engine:
             raise ValueError(f"max_len = {self.max_len}: must be in 2 … {cfg.max_position_embeddings} "
                              "(max_position_embeddings)")
         self.max_batch, self.speculative, self.prefill_chunk = max_batch, speculative, prefill_chunk
+        self.grammars = grammars
         self.lookahead = int(speculative)
         p = model.norm.weight
         self.device, dtype = p.device, p.dtype
@@ -200,13 +205,22 @@ class Engine:
     # ------------------------------------------------------------------ requests
     def make_request(self, prompt_ids: list[int], max_new_tokens: int = 64, params: SamplingParams | None = None,
                      seed: int = 0, stop_ids=(), logprobs: int | None = None, prompt_logprobs: int | None = None,
-                     on_token=None, on_done=None) -> Request:
+                     on_token=None, on_done=None, grammar=None) -> Request:
         """A validated request (not yet queued): ValueError naming what is wrong, ContextOverflow when
-        the prompt and ``max_new_tokens`` exceed the context."""
+        the prompt and ``max_new_tokens`` exceed the context. ``grammar``: a
+        :class:`dsv3.infer.structured.GrammarSpec` every output token must keep to (the request ends with
+        "stop" once the output is complete); ValueError when it cannot be built here."""
         params = params or SamplingParams()
         check_request(self.limits, prompt_ids, max_new_tokens, logprobs, prompt_logprobs)
         req = Request(list(prompt_ids), max_new_tokens, params, seed, frozenset(stop_ids), logprobs,
-                      prompt_logprobs, on_token, on_done, next(self._ids))
+                      prompt_logprobs, on_token, on_done, next(self._ids), grammar)
+        if grammar is not None:
+            if self.grammars is None:
+                raise ValueError("this engine has no tokenizer for structured output (Engine(grammars=…))")
+            try:
+                req._constraint = self.grammars.matcher(grammar, req.stop_ids)
+            except Exception as e:  # noqa: BLE001 — GrammarError, GrammarUnavailable: the request is refused
+                raise ValueError(f"structured output: {e}") from None
         req._gen = torch.Generator(device=self.device).manual_seed(seed)
         req._target = list(prompt_ids)
         return req
@@ -520,7 +534,7 @@ class Engine:
         rows alike drawn in one batch) and, per row, None or the error that ends that request alone."""
         n = len(rows)
         if all(r.params.greedy and not r.params.adjusts for r in rows):
-            return logits.argmax(-1).tolist(), [None] * n
+            return self._adjusted_rows(rows, logits).argmax(-1).tolist(), [None] * n
         errors: list[str | None] = [None] * n
         tokens, ok = sample_rows(self._adjusted_rows(rows, logits), [r.params for r in rows], [r._gen for r in rows])
         for i in (~ok).nonzero().flatten().tolist():
@@ -595,10 +609,15 @@ class Engine:
             self._set_drafts([rows[i] for i in live], mtp_logits[live, [follow[i][2] for i in live]])
 
     def _adjusted_rows(self, rows: list[Request], logits: torch.Tensor) -> torch.Tensor:
-        """logits [n, V] with each row's penalties and bias applied (the same tensor when no row has any)."""
-        if not any(r.params.adjusts for r in rows):
-            return logits
-        return torch.stack([self._adjusted(r, logits[i]).to(logits.dtype) for i, r in enumerate(rows)])
+        """logits [n, V] with each row's penalties and bias applied, then the tokens its grammar (if any)
+        does not allow next set to -inf (the same tensor when no row has any of these)."""
+        if any(r.params.adjusts for r in rows):
+            logits = torch.stack([self._adjusted(r, logits[i]).to(logits.dtype) for i, r in enumerate(rows)])
+        constrained = [i for i, r in enumerate(rows) if r._constraint is not None]
+        if constrained:
+            from .structured import mask_logits
+            logits = mask_logits(logits, constrained, [rows[i]._constraint for i in constrained])
+        return logits
 
     # ------------------------------------------------------------------ two micro-batches (--tbo)
     @property
@@ -677,6 +696,9 @@ class Engine:
         :class:`TokenLogprob` computed already (needed only for ``req.logprobs``)."""
         req.output.append(tid)
         req._next = tid
+        if req._constraint is not None and not req._constraint.accept(tid):   # never, as the mask allowed it
+            self._finish(req, "error", finished, f"structured output: token {tid} breaks the grammar")
+            return
         if req.params.presence_penalty or req.params.frequency_penalty:
             if req._counts is None:
                 req._counts = torch.zeros(self.model.cfg.vocab_size, device=self.device)
@@ -685,8 +707,8 @@ class Engine:
             if not isinstance(logits, TokenLogprob):
                 logits = self._logprob_entries([req], logits.view(1, -1), [tid])[0]
             req.output_logprobs.append(logits)
-        if tid in req.stop_ids:
-            self._finish(req, "stop", finished)
+        if tid in req.stop_ids or (req._constraint is not None and req._constraint.terminated):
+            self._finish(req, "stop", finished)         # (a grammar without stop tokens: complete)
         elif len(req.output) >= req.max_new_tokens or req.length >= self.max_len:
             self._finish(req, "length", finished)
         if req.on_token is not None:

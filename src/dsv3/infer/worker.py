@@ -69,6 +69,9 @@ class EngineWorker:
             self._proc.join(5)
             raise ValueError(msg[1])
         _, self.limits, self._stats = msg
+        # structured output (response_format json): the single-process engine only; an expert-parallel
+        # group's ranks build their requests without grammars
+        self.structured_output = not ep
         self.max_len, self.vocab_size = self.limits.max_len, self.limits.vocab_size
         self.accepting = True
         self.error: str | None = None
@@ -92,18 +95,22 @@ class EngineWorker:
 
     def submit(self, prompt: list[int], max_new_tokens: int, params: SamplingParams | None = None, seed: int = 0,
                stop_ids=frozenset(), logprobs: int | None = None, prompt_logprobs: int | None = None,
-               on_token=None, on_done=None) -> Request:
+               on_token=None, on_done=None, grammar=None) -> Request:
+        """``grammar``: a :class:`dsv3.infer.structured.GrammarSpec` (the engine builds its matcher; a
+        grammar it cannot build finishes the request with an error)."""
         if not self._alive:
             raise RuntimeError(f"the engine has stopped: {self.error}")
         if not self.accepting:
             raise RuntimeError("the server is shutting down")
         params = params or SamplingParams()
         check_request(self.limits, prompt, max_new_tokens, logprobs, prompt_logprobs)
+        if grammar is not None and not self.structured_output:
+            raise ValueError("structured output is not supported by this engine (expert-parallel serving)")
         req = Request(list(prompt), max_new_tokens, params, seed, frozenset(stop_ids), logprobs, prompt_logprobs,
-                      on_token, on_done, next(self._ids))
+                      on_token, on_done, next(self._ids), grammar)
         self._reqs[req.id] = req
         self._send(("submit", req.id, req.prompt, max_new_tokens, params, seed, req.stop_ids, logprobs,
-                    prompt_logprobs))
+                    prompt_logprobs, grammar))
         return req
 
     def abort(self, req: Request) -> None:
@@ -237,7 +244,12 @@ def _build_engine(spec: dict):
     if spec["prefix_cache"]:
         from .prefix_cache import PrefixCache
         store = PrefixCache(spec["prefix_cache"], model, spec["engine"].get("block_size", 64))
-    return Engine(model, prefix_cache=store, **spec["engine"])
+    from .generate import load_tokenizer
+    from .structured import Grammars
+
+    # structured output: the tokenizer is read (and xgrammar imported) when the first request asks for it
+    grammars = Grammars(lambda: load_tokenizer(spec["model_dir"]), model.cfg.vocab_size)
+    return Engine(model, prefix_cache=store, grammars=grammars, **spec["engine"])
 
 
 class _EngineLoop:
@@ -294,9 +306,11 @@ class _EngineLoop:
             timeout = 0.0
             msg = self.conn.recv()
             if msg[0] == "submit":
-                rid, prompt, max_new, params, seed, stop_ids, logprobs, prompt_logprobs = msg[1:]
+                rid, prompt, max_new, params, seed, stop_ids, logprobs, prompt_logprobs, grammar = msg[1:]
                 try:
-                    req = self.engine.make_request(prompt, max_new, params, seed, stop_ids, logprobs, prompt_logprobs)
+                    kw = {} if grammar is None else {"grammar": grammar}     # (Rank0Engine takes none)
+                    req = self.engine.make_request(prompt, max_new, params, seed, stop_ids, logprobs, prompt_logprobs,
+                                                   **kw)
                 except ValueError as e:
                     self.conn.send(("step", [(rid, [], [], [], True, "error", str(e), 0)], self.engine.stats()))
                     continue

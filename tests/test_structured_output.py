@@ -1,0 +1,171 @@
+"""Structured output (``response_format`` json_object / json_schema): the token mask without the server
+(bitmask layout, masked rows only), the engine (constrained rows beside free ones, greedy, sampled and
+speculative, each output valid JSON that keeps to its schema and ends with "stop"), then a real
+``dsv3 serve`` driven with the ``openai`` client."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from dsv3 import Transformer
+from dsv3.infer.engine import Engine
+from dsv3.infer.sampling import SamplingParams
+from dsv3.infer.structured import GrammarSpec, allowed_tokens, mask_logits, new_bitmask
+from helpers import small_config
+
+SCHEMA = {"type": "object",
+          "properties": {"color": {"enum": ["red", "green", "blue"]}, "ok": {"type": "boolean"},
+                         "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+          "required": ["color", "ok", "n"], "additionalProperties": False}
+
+
+def valid(value, schema=SCHEMA) -> bool:
+    """``value`` keeps to SCHEMA (checked by hand: no jsonschema dependency)."""
+    if not isinstance(value, dict) or set(value) != set(schema["required"]):
+        return False
+    n = value["n"]
+    return (value["color"] in ("red", "green", "blue") and isinstance(value["ok"], bool)
+            and isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= 99)
+
+
+# --------------------------------------------------------------------------------------- the mask
+class _Fixed:
+    """A stand-in constraint allowing a fixed set of tokens."""
+
+    def __init__(self, allowed):
+        self.allowed = allowed
+
+    def fill(self, bitmask, row):
+        bitmask[row] = 0
+        for t in self.allowed:
+            word, bit = divmod(t, 32)
+            value = int(bitmask[row, word]) & 0xFFFFFFFF | (1 << bit)
+            bitmask[row, word] = value - (1 << 32) if value >= 1 << 31 else value      # int32 two's complement
+
+
+def test_bitmask_layout_and_masked_rows_only():
+    V = 70                                      # not a multiple of 32: the last word is partly past the vocabulary
+    bm = new_bitmask(2, V)
+    assert bm.shape == (2, 3) and allowed_tokens(bm, V).all()
+    logits = torch.randn(3, V, dtype=torch.float64)
+    picks = [[0, 31, 32, 63, 69], [5]]
+    out = mask_logits(logits, [0, 2], [_Fixed(picks[0]), _Fixed(picks[1])])
+    assert torch.equal(out[1], logits[1])                      # an unconstrained row is untouched
+    for row, allowed in zip((0, 2), picks):
+        keep = torch.zeros(V, dtype=torch.bool)
+        keep[allowed] = True
+        assert torch.equal(out[row][keep], logits[row][keep])
+        assert torch.isneginf(out[row][~keep]).all()
+    assert out[2].argmax() == 5 and torch.isfinite(logits).all()   # the input is left as it was
+
+
+# --------------------------------------------------------------------------------------- a tokenizer
+def _tokenizer():
+    """A byte-level tokenizer (256 byte tokens, then bos and eos as special tokens: 258 ids) in dsv3's wrapper."""
+    pytest.importorskip("xgrammar")
+    from tokenizers import AddedToken, Tokenizer as HF, decoders, models, pre_tokenizers
+
+    from dsv3.data import Tokenizer
+
+    vocab = {tok: i for i, tok in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    hf = HF(models.BPE(vocab=vocab, merges=[]))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    tok = Tokenizer(hf)
+    hf.add_special_tokens([AddedToken(tok.bos_token, special=True), AddedToken(tok.eos_token, special=True)])
+    assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (256, 257, 258)
+    return tok
+
+
+def _model(seed, **kw):
+    torch.manual_seed(seed)
+    m = Transformer(small_config(vocab_size=300, max_position_embeddings=160, **kw)).double()   # ids 258… padding
+    return m.eval()
+
+
+def test_grammar_masks_follow_the_bytes_of_byte_level_tokens():
+    from dsv3.infer.structured import Grammars, GrammarError
+
+    tok = _tokenizer()
+    g = Grammars(tok, 300)
+    c = g.matcher(GrammarSpec("json_object"), {tok.eos_id})
+    bm = new_bitmask(1, 300)
+    c.fill(bm, 0)
+    assert allowed_tokens(bm, 300)[0].nonzero().flatten().tolist() == tok.encode("{")
+    for t in tok.encode('{"a": [1, 2]}'):
+        c.fill(bm, 0)
+        assert allowed_tokens(bm, 300)[0, t]
+        assert c.accept(t) and not c.terminated
+    c.fill(bm, 0)
+    assert allowed_tokens(bm, 300)[0].nonzero().flatten().tolist() == [tok.eos_id]     # complete: only eos
+    assert c.accept(tok.eos_id) and c.terminated
+    c = g.matcher(GrammarSpec("json_object"), {tok.eos_id})
+    assert c.accept(tok.encode("{")[0]) and not c.accept(tok.encode(" ")[0])           # no loose whitespace
+    assert not c.accept(tok.bos_id)
+    assert not c.accept(299)                                                             # padding ids never
+    with pytest.raises(GrammarError, match="Unsupported type"):
+        g.compile(GrammarSpec.json_schema({"type": "foo"}))
+    c = g.matcher(GrammarSpec.json_schema(SCHEMA), set())          # no stop token: complete = terminated
+    for t in tok.encode('{"color": "red", "ok": false, "n": 7}'):
+        assert c.accept(t)
+    assert c.terminated
+
+
+def _run(eng, tok, specs):
+    reqs = [eng.submit(tok.encode("x", add_bos=True), k, SamplingParams(t), seed=i, stop_ids={tok.eos_id},
+                       grammar=g) for i, (g, t, k) in enumerate(specs)]
+    eng.run()
+    return reqs
+
+
+def _text(tok, r):
+    return tok.decode([t for t in r.output if t != tok.eos_id])
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_engine_constrained_rows_beside_free_ones(speculative, one_thread):
+    from dsv3.infer.generate import generate
+    from dsv3.infer.structured import Grammars
+
+    tok = _tokenizer()
+    m = _model(seed=3)
+    schema = GrammarSpec.json_schema(SCHEMA)
+    specs = [(schema, 0.0, 60), (None, 0.0, 20), (schema, 1.0, 60), (schema, 0.8, 60), (GrammarSpec("json_object"),
+                                                                                     0.0, 40)]
+    eng = Engine(m, max_batch=4, block_size=16, speculative=speculative, grammars=Grammars(tok, 300))
+    reqs = _run(eng, tok, specs)
+    for r, (g, t, k) in zip(reqs, specs):
+        assert r.done and r.error is None, r.error
+        if g is None:                            # the free row is exactly what it is alone
+            assert r.output == generate(m, r.prompt, k, 0.0, eos_id=tok.eos_id)
+        elif g.kind == "json_schema":
+            assert r.finish_reason == "stop" and r.output[-1] == tok.eos_id
+            assert valid(json.loads(_text(tok, r))), _text(tok, r)
+        else:
+            text = _text(tok, r)
+            assert text.startswith("{") and " " * 2 not in text
+            if r.finish_reason == "stop":
+                assert isinstance(json.loads(text), dict)
+    if speculative:
+        assert eng.drafted > 0
+        plain = _run(Engine(m, max_batch=4, block_size=16, grammars=Grammars(tok, 300)), tok, specs)
+        for a, b, (_, t, _) in zip(reqs, plain, specs):      # greedy: the same tokens either way
+            if t == 0.0:
+                assert a.output == b.output
+
+
+def test_engine_refuses_a_grammar_it_cannot_build(one_thread):
+    from dsv3.infer.structured import Grammars
+
+    tok = _tokenizer()
+    m = _model(seed=4)
+    with pytest.raises(ValueError, match="no tokenizer for structured output"):
+        Engine(m).submit([1, 2], 4, grammar=GrammarSpec("json_object"))
+    with pytest.raises(ValueError, match="structured output: .*minimum greater than maximum"):
+        Engine(m, grammars=Grammars(tok, 300)).submit(
+            [1, 2], 4, grammar=GrammarSpec.json_schema({"type": "integer", "minimum": 5, "maximum": 1}))
