@@ -663,7 +663,7 @@ def malformed_requests():
              {"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, {"messages": [["user", "x"]]},
              {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 3},
              {"messages": [{"role": "user", "content": "x"}], "logprobs": 1},
-             {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+             {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "yaml"}},
              {"messages": [{"role": "user", "content": "x"}], "tools": []},
              {"messages": [{"role": "user", "content": "x"}], "functions": [{"name": "f"}]},
              {"messages": [{"role": "user", "content": "x"}], "model": "unknown"},

@@ -43,11 +43,12 @@ class GenerationStream:
     def __init__(self, worker, tb: TokenBytes, index: int, prompt: list[int], max_tokens: int, params, seed: int,
                  stops: list[str], stop_ids: set[int], logprobs: int | None = None,
                  prompt_logprobs: int | None = None, hide_output: bool = False, metrics=None,
-                 arrival: float | None = None):
+                 arrival: float | None = None, grammar=None):
         self.worker, self.tb, self.index, self.prompt = worker, tb, index, prompt
         self.max_tokens, self.params, self.seed = max_tokens, params, seed
         self.stop_ids, self.logprobs, self.prompt_logprobs = set(stop_ids), logprobs, prompt_logprobs
         self.hide_output, self.metrics = hide_output, metrics
+        self.grammar = grammar                           # a structured.GrammarSpec, or None
         self.arrival = time.monotonic() if arrival is None else arrival
         self.text = IncrementalText(tb)
         self.stopper = StopMatcher(stops)
@@ -69,7 +70,8 @@ class GenerationStream:
 
         self.req = self.worker.submit(self.prompt, self.max_tokens, self.params, self.seed,
                                       stop_ids=frozenset(self.stop_ids), logprobs=self.logprobs,
-                                      prompt_logprobs=self.prompt_logprobs, on_token=notify, on_done=notify)
+                                      prompt_logprobs=self.prompt_logprobs, on_token=notify, on_done=notify,
+                                      **({} if self.grammar is None else {"grammar": self.grammar}))
         if self.metrics is not None:
             self.metrics.prompt_tokens.inc(len(self.prompt))
 

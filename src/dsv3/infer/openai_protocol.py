@@ -303,8 +303,37 @@ class ChatMessage(_Strict):
         return self.content
 
 
+class JSONSchemaFormat(_Strict):
+    """``response_format.json_schema``: OpenAI's name (letters, digits, ``_`` and ``-``, at most 64), an
+    optional description, the JSON Schema itself and ``strict`` (the output keeps to the schema either way:
+    decoding is constrained to it)."""
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, populate_by_name=False)
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: Optional[str] = None
+    schema_: Optional[dict[str, Any]] = Field(None, alias="schema")
+    strict: Optional[bool] = None
+
+
 class ResponseFormat(_Strict):
-    type: Literal["text"]
+    """``response_format``: "text" (no constraint), "json_object" (any JSON object) or "json_schema" (the
+    output keeps to ``json_schema.schema``)."""
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JSONSchemaFormat] = None
+
+    def grammar(self):
+        """The :class:`dsv3.infer.structured.GrammarSpec` asked for (None for "text"); 400 naming the field
+        for a json_schema without its schema, or one where it does not belong."""
+        from .structured import GrammarSpec
+
+        if self.type != "json_schema":
+            check(self.json_schema is None, f"response_format.json_schema: only allowed with type "
+                                            f"'json_schema' (type is {self.type!r})", "response_format.json_schema")
+            return None if self.type == "text" else GrammarSpec("json_object")
+        check(self.json_schema is not None, "response_format.json_schema: required with type 'json_schema'",
+              "response_format.json_schema")
+        check(self.json_schema.schema_ is not None, "response_format.json_schema.schema: a required argument is "
+                                                    "missing", "response_format.json_schema.schema")
+        return GrammarSpec.json_schema(self.json_schema.schema_)
 
 
 # the chat fields of features this server does not have, and the values that ask for none of them

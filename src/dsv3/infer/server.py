@@ -42,6 +42,7 @@ import os
 import secrets
 import signal
 import sys
+import threading
 import time
 import uuid
 import weakref
@@ -98,6 +99,30 @@ class ServerState:
         # the default executor
         self.executor = ThreadPoolExecutor(max_workers=max(2, (os.cpu_count() or 2) // 2),
                                            thread_name_prefix="dsv3-tokenize")
+        self._grammars = None              # structured output: a structured.Grammars, made on first use
+        self._grammars_lock = threading.Lock()
+
+    def check_grammar(self, spec) -> None:
+        """400 unless ``spec`` (a structured.GrammarSpec) can be served: the engine takes grammars, xgrammar
+        is installed and compiles it (compiled here, on a tokenising thread, and cached; the engine process
+        compiles it again, once). Runs on a worker thread."""
+        from .structured import GrammarError, GrammarUnavailable, Grammars
+
+        if not getattr(self.worker, "structured_output", False):
+            raise APIError(400, f"response_format: {spec.kind} is not supported by this server's engine (expert-"
+                                "parallel serving, --ep, decodes without grammars); send type 'text' or leave it out",
+                           param="response_format", code="unsupported_response_format")
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = Grammars(self.tokenizer, self.vocab_size)
+        try:
+            self._grammars.compile(spec)
+        except GrammarUnavailable as e:
+            raise APIError(400, f"response_format: {spec.kind} is not available on this server: {e}",
+                           param="response_format", code="unsupported_response_format") from None
+        except GrammarError as e:
+            raise APIError(400, f"response_format.json_schema: the schema cannot be used: {e}",
+                           param="response_format.json_schema", code="invalid_json_schema") from None
 
     def check_text_fits(self, text: str, param: str) -> None:
         if self.max_text_bytes is not None and len(text) > self.max_text_bytes \
@@ -538,6 +563,7 @@ async def chat_completions(st: ServerState, request):
     check(body.max_tokens != 0, "max_tokens: must be >= 1", "max_tokens")
     want_lp = bool(body.logprobs)
     params = sampling_params(st, body)
+    grammar = body.response_format.grammar() if body.response_format is not None else None
 
     add_generation_prompt, continue_final_message = body.prompt_end()
 
@@ -556,13 +582,15 @@ async def chat_completions(st: ServerState, request):
         raise APIError(400, f"max_tokens ({body.max_tokens}) and max_completion_tokens ({body.max_completion_tokens}) "
                             "disagree: set one of them", param="max_tokens", code="invalid_parameter_combination")
     ids = await st.off_loop(render)
+    if grammar is not None:
+        await st.off_loop(st.check_grammar, grammar)
     asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     mt = max_new_tokens(st, len(ids), asked, None, "messages",
                         "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
     seed = secrets.randbits(63) if body.seed is None else body.seed
     gens = [GenerationStream(st.worker, st.tb, j, ids, mt, params, choice_seed(seed, j), stops, st.stop_ids,
                              logprobs=(body.top_logprobs or 0) if want_lp else None, metrics=st.metrics,
-                             arrival=arrival) for j in range(n)]
+                             arrival=arrival, grammar=grammar) for j in range(n)]
     queue = await prefill_and_start(st, gens, "messages", request)
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
