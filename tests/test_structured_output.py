@@ -301,3 +301,14 @@ def test_serve_bad_response_format_is_a_400(served, fmt, param, words):
         _chat(served, response_format=fmt, max_tokens=5)
     body = e.value.body
     assert body["param"] == param and words in body["message"] and body["type"] == "invalid_request_error", body
+
+
+def test_serve_json_with_continue_final_message_is_a_400(served):
+    with pytest.raises(openai.BadRequestError) as e:
+        served.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "x"},
+                                                             {"role": "assistant", "content": '{"a": '}],
+                                       response_format={"type": "json_object"}, max_tokens=5,
+                                       extra_body={"continue_final_message": True, "add_generation_prompt": False})
+    assert e.value.body["param"] == "response_format" and "continue_final_message" in e.value.body["message"]
+    ok = _chat(served, response_format={"type": "text"}, max_tokens=3, temperature=0)      # text: no constraint
+    assert ok.choices[0].message.content == _chat(served, max_tokens=3, temperature=0).choices[0].message.content

@@ -566,6 +566,10 @@ async def chat_completions(st: ServerState, request):
     grammar = body.response_format.grammar() if body.response_format is not None else None
 
     add_generation_prompt, continue_final_message = body.prompt_end()
+    if grammar is not None and continue_final_message:    # the grammar would start mid-message
+        raise APIError(400, f"response_format: {grammar.kind} cannot be combined with continue_final_message (the "
+                            "JSON would have to start in the middle of the continued message)",
+                       param="response_format", code="invalid_parameter_combination")
 
     def render():
         try:
