@@ -20,6 +20,13 @@ Every step (decided first, then executed):
 Each request samples with its own generator, so its tokens equal ``generate(model, prompt, …)`` with
 the same settings, whatever else runs beside it.
 
+A request with a ``grammar`` (structured output, :mod:`dsv3.infer.structured`) has every token it
+draws limited to what its grammar matcher allows next (the rest get logit -inf after its penalties and
+bias), in greedy, sampled and speculative steps alike: a draft is drawn from the masked MTP
+distribution and verified against the masked target one (both at the matcher's current state, so the
+acceptance rule stays exact), and the bonus token is masked after the accepted one has advanced the
+matcher. Once the output is complete the grammar allows only the request's stop tokens.
+
 Under expert-parallel serving with two-micro-batch overlap (``--tbo``, :mod:`dsv3.infer.ep_engine`)
 each forward's rows split into two halves of similar token count that run at once, one per overlap
 lane (:func:`dsv3.parallel.overlap.run_pair`): one half's attention and expert GEMMs run while the
