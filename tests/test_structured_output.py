@@ -108,6 +108,7 @@ def test_grammar_masks_follow_the_bytes_of_byte_level_tokens():
     assert c.accept(tok.encode("{")[0]) and not c.accept(tok.encode(" ")[0])           # no loose whitespace
     assert not c.accept(tok.bos_id)
     assert not c.accept(299)                                                             # padding ids never
+    assert g.compile(GrammarSpec.json_schema(SCHEMA)) is g.compile(GrammarSpec.json_schema(dict(SCHEMA)))  # cached
     with pytest.raises(GrammarError, match="Unsupported type"):
         g.compile(GrammarSpec.json_schema({"type": "foo"}))
     c = g.matcher(GrammarSpec.json_schema(SCHEMA), set())          # no stop token: complete = terminated

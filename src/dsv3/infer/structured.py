@@ -108,7 +108,8 @@ class Grammars:
             tb = TokenBytes(tok)
             self._info = xgr.TokenizerInfo(vocabulary(tb, self.vocab_size), xgr.VocabType.RAW,
                                            vocab_size=self.vocab_size, stop_token_ids=sorted(tok.stop_ids) or None)
-            self._compiler = xgr.GrammarCompiler(self._info, max_threads=self.threads)
+            # no cache of xgrammar's own (unbounded): this class keeps the last CACHE grammars
+            self._compiler = xgr.GrammarCompiler(self._info, max_threads=self.threads, cache_enabled=False)
         return self._compiler
 
     def compile(self, spec: GrammarSpec):
