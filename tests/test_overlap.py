@@ -85,7 +85,7 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None and not p.is_meta}
 
 
-def _plain(rank, world, overlap):
+def _plain(rank, world, overlap, capacity=False, steps=1):
     from dsv3 import Transformer
     from dsv3.parallel.ep_model import convert_to_expert_parallel
     from dsv3.parallel.mesh import MeshSpec, build_mesh
@@ -94,7 +94,7 @@ def _plain(rank, world, overlap):
     mesh = build_mesh(MeshSpec(world, world, 1, world), rank)
     torch.manual_seed(0)
     model = Transformer(_cfg())
-    convert_to_expert_parallel(model, mesh.expert_comm())
+    convert_to_expert_parallel(model, mesh.expert_comm(), dispatch_capacity=capacity)
     if overlap:
         mesh.add_lane(1)
     inputs, targets = _batch(4 * world)
@@ -106,11 +106,12 @@ def _plain(rank, world, overlap):
 
     trace = ov.Trace()
     ov.set_trace(trace)
-    if overlap:
-        ov.run_pair(lambda: micro(0), lambda: micro(1))
-    else:
-        micro(0)
-        micro(1)
+    for _ in range(steps):           # gradients accumulate over the steps
+        if overlap:
+            ov.run_pair(lambda: micro(0), lambda: micro(1))
+        else:
+            micro(0)
+            micro(1)
     ov.set_trace(None)
     return _grads(model), ov.overlap_summary(trace.events)
 
@@ -140,9 +141,13 @@ def _worker(rank, world, store, layout, q):
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=60))
-        fn = _plain if layout == "plain" else _pipelined
-        g_off, s_off = fn(rank, world, False)
-        g_on, s_on = fn(rank, world, True)
+        if layout == "plain_capacity":   # learnt dispatch capacities per lane (a lane's later steps send padded
+            g_off, s_off = _plain(rank, world, False, steps=3)      # blocks) against the count exchange
+            g_on, s_on = _plain(rank, world, True, capacity=True, steps=3)
+        else:
+            fn = _plain if layout == "plain" else _pipelined
+            g_off, s_off = fn(rank, world, False)
+            g_on, s_on = fn(rank, world, True)
         same = g_off.keys() == g_on.keys() and all(torch.equal(g_off[k], g_on[k]) for k in g_off)
         q.put((rank, "ok", {"bitwise": same, "n": len(g_on), "off": s_off, "on": s_on}))
     except BaseException:
@@ -175,6 +180,12 @@ def test_plain_ep_two_microbatches_overlapped_equal_sequential_bitwise(tmp_path)
     for rank, r in out.items():
         assert r["bitwise"] and r["n"] > 10, (rank, r)
         assert r["off"]["hidden_fraction"] == 0.0 and r["on"]["comm_s"] > 0, (rank, r)
+
+
+def test_overlapped_lanes_with_learnt_dispatch_capacities_equal_sequential_bitwise(tmp_path):
+    out = _spawn("plain_capacity", 2, tmp_path)
+    for rank, r in out.items():
+        assert r["bitwise"] and r["n"] > 10, (rank, r)
 
 
 @pytest.mark.slow   # run with -m slow (the default suite keeps one representative of each kind)
