@@ -173,20 +173,14 @@ def test_engine_refuses_a_grammar_it_cannot_build(one_thread):
 
 
 def test_check_grammar_refusals_without_a_server(monkeypatch):
-    """The server's 400s where a grammar cannot be served: an engine without grammars (expert-parallel
-    serving), xgrammar missing, a schema it cannot compile."""
+    """The server's 400s where a grammar cannot be served: xgrammar missing, a schema it cannot compile."""
     from types import SimpleNamespace
 
     from dsv3.infer.openai_protocol import APIError
     from dsv3.infer.server import ServerState
 
     tok = _tokenizer()
-    state = SimpleNamespace(worker=SimpleNamespace(structured_output=False), tokenizer=tok, vocab_size=300,
-                            _grammars=None, _grammars_lock=threading.Lock())
-    with pytest.raises(APIError) as e:
-        ServerState.check_grammar(state, GrammarSpec("json_object"))
-    assert e.value.status == 400 and e.value.param == "response_format" and "--ep" in e.value.message
-    state.worker.structured_output = True
+    state = SimpleNamespace(tokenizer=tok, vocab_size=300, _grammars=None, _grammars_lock=threading.Lock())
     with pytest.raises(APIError) as e:
         ServerState.check_grammar(state, GrammarSpec.json_schema({"enum": []}))
     assert e.value.param == "response_format.json_schema" and "enum array must not be empty" in e.value.message
@@ -317,3 +311,60 @@ def test_serve_json_with_continue_final_message_is_a_400(served):
     assert e.value.body["param"] == "response_format" and "continue_final_message" in e.value.body["message"]
     ok = _chat(served, response_format={"type": "text"}, max_tokens=3, temperature=0)      # text: no constraint
     assert ok.choices[0].message.content == _chat(served, max_tokens=3, temperature=0).choices[0].message.content
+
+
+def _ep_rank(rank, world, port, model_dir, out_path):
+    """One rank of a 2-rank expert-parallel group decoding grammar requests placed on both ranks."""
+    import datetime
+    import json as _json
+
+    import torch.distributed as dist
+
+    from dsv3.infer.ep_engine import EPEngine, load_ep_model
+    from dsv3.infer.generate import load_tokenizer
+    from dsv3.infer.structured import Grammars
+    from dsv3.parallel.mesh import MeshSpec, build_mesh
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    comm = build_mesh(MeshSpec(world, world), rank).expert_comm()
+    model = load_ep_model(model_dir, comm, dtype=torch.float64)
+    tok = load_tokenizer(model_dir)
+    ep = EPEngine(model, max_batch=4, block_size=16, grammars=Grammars(tok, model.cfg.vocab_size))
+    if rank == 0:
+        reqs = [ep.submit(tok.encode("x", add_bos=True), k, SamplingParams(t), seed=i, stop_ids={tok.eos_id},
+                          grammar=g, rank=i % world) for i, (g, t, k) in enumerate(_ep_specs())]
+        ep.run()
+        res = [dict(output=r.output, reason=r.finish_reason, error=r.error) for r in reqs]
+        ep.close()
+        with open(out_path, "w") as f:
+            _json.dump(res, f)
+    else:
+        ep.serve()
+    dist.destroy_process_group()
+
+
+def _ep_specs():
+    return [(GrammarSpec.json_schema(SCHEMA), 0.0, 60), (None, 0.0, 12), (GrammarSpec.json_schema(SCHEMA), 0.9, 60),
+            (GrammarSpec("json_object"), 0.0, 30)]
+
+
+def test_expert_parallel_ranks_decode_grammar_requests_like_the_single_engine(tmp_path, model_dir):
+    """Under --ep a request's grammar travels with it to the rank that decodes it: the outputs equal the
+    single-process engine's (same seeds), grammar requests placed on both ranks."""
+    from dsv3 import load_pretrained
+    from dsv3.infer.generate import load_tokenizer
+    from dsv3.infer.structured import Grammars
+    from helpers import free_port, spawn_ranks
+
+    out = str(tmp_path / "ep.json")
+    res = spawn_ranks(_ep_rank, (2, free_port(), model_dir, out), 2, out, timeout=180)
+    tok = load_tokenizer(model_dir)
+    model = load_pretrained(model_dir, dtype=torch.float64)
+    eng = Engine(model, max_batch=4, block_size=16, grammars=Grammars(tok, model.cfg.vocab_size))
+    reqs = _run(eng, tok, _ep_specs())
+    assert [r["output"] for r in res] == [r.output for r in reqs]
+    assert all(r["error"] is None for r in res)
+    first = tok.decode([t for t in res[0]["output"] if t != tok.eos_id])
+    assert res[0]["reason"] == "stop" and valid(json.loads(first)), first

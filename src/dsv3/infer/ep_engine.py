@@ -197,19 +197,22 @@ class EPEngine:
     # ------------------------------------------------------------------ rank 0: requests
     def submit(self, prompt: list[int], max_new_tokens: int, params: SamplingParams | None = None, seed: int = 0,
                stop_ids=frozenset(), logprobs: int | None = None, prompt_logprobs: int | None = None,
-               on_token=None, on_done=None, rank: int | None = None) -> Request:
+               on_token=None, on_done=None, rank: int | None = None, grammar=None) -> Request:
         """A request (validated here: ValueError / ContextOverflow) placed on ``rank``, or on the least
         loaded rank; it is sent with the next step. The returned request mirrors the engine's: its
-        ``output`` grows after each step, ``done`` is set last."""
+        ``output`` grows after each step, ``done`` is set last. ``grammar``: a structured.GrammarSpec the
+        output keeps to (the rank that decodes the request builds its matcher: every rank's engine needs
+        ``grammars``)."""
         req = self.make_request(prompt, max_new_tokens, params, seed, stop_ids, logprobs, prompt_logprobs,
-                                on_token, on_done)
+                                on_token, on_done, grammar)
         self.enqueue(req, rank)
         return req
 
     def make_request(self, prompt: list[int], max_new_tokens: int, params: SamplingParams | None = None,
                      seed: int = 0, stop_ids=frozenset(), logprobs: int | None = None,
-                     prompt_logprobs: int | None = None, on_token=None, on_done=None) -> Request:
-        """Rank 0: a validated mirror request, not yet placed (:meth:`enqueue`)."""
+                     prompt_logprobs: int | None = None, on_token=None, on_done=None, grammar=None) -> Request:
+        """Rank 0: a validated mirror request, not yet placed (:meth:`enqueue`); its ``grammar`` travels to
+        the rank that decodes it."""
         if self.rank != 0:
             raise RuntimeError("EPEngine: requests enter on rank 0")
         if self._closing or self.stopped:
@@ -218,7 +221,7 @@ class EPEngine:
         with self._lock:
             rid = next(self._ids)
         return Request(list(prompt), max_new_tokens, params or SamplingParams(), seed, frozenset(stop_ids), logprobs,
-                       prompt_logprobs, on_token, on_done, rid)
+                       prompt_logprobs, on_token, on_done, rid, grammar)
 
     def enqueue(self, req: Request, rank: int | None = None) -> None:
         """Rank 0: place ``req`` on ``rank`` (default: the least loaded); it is sent with the next step."""
@@ -230,7 +233,7 @@ class EPEngine:
             self._active[r] += 1
             self.placed[r] += 1
             self._outbox.append(("submit", r, req.id, req.prompt, req.max_new_tokens, req.params, req.seed,
-                                 req.stop_ids, req.logprobs, req.prompt_logprobs))
+                                 req.stop_ids, req.logprobs, req.prompt_logprobs, req.grammar))
 
     def abort(self, req: Request) -> None:
         """Finish ``req`` with "abort" (its rank drops it in the next step)."""
@@ -338,9 +341,10 @@ class EPEngine:
 
     def _command(self, cmd: tuple) -> None:
         if cmd[0] == "submit":
-            rid, prompt, max_new, params, seed, stop_ids, logprobs, prompt_logprobs = cmd[2:]
+            rid, prompt, max_new, params, seed, stop_ids, logprobs, prompt_logprobs, grammar = cmd[2:]
             try:
-                req = self.engine.make_request(prompt, max_new, params, seed, stop_ids, logprobs, prompt_logprobs)
+                req = self.engine.make_request(prompt, max_new, params, seed, stop_ids, logprobs, prompt_logprobs,
+                                               grammar=grammar)
             except ValueError as e:
                 self._failed.append((rid, [], [], [], True, "error", str(e), 0))
                 return
@@ -603,8 +607,14 @@ def build_ep_engine(spec: dict) -> EPEngine:
     if spec["prefix_cache"]:
         from .prefix_cache import PrefixCache
         store = PrefixCache(spec["prefix_cache"], model, spec["engine"].get("block_size", 64))
+    from .generate import load_tokenizer
+    from .structured import Grammars
+
+    # structured output on the rank that decodes a request: the tokenizer is read (and xgrammar imported)
+    # when the first such request reaches this rank
+    grammars = Grammars(lambda: load_tokenizer(spec["model_dir"]), model.cfg.vocab_size)
     return EPEngine(model, group=control, rebalance_interval=ep["rebalance_interval"], tbo=ep["tbo"],
-                    trace_dir=ep["trace_dir"], prefix_cache=store, **spec["engine"])
+                    trace_dir=ep["trace_dir"], prefix_cache=store, grammars=grammars, **spec["engine"])
 
 
 def serve_follower(spec: dict) -> int:

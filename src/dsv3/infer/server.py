@@ -103,15 +103,11 @@ class ServerState:
         self._grammars_lock = threading.Lock()
 
     def check_grammar(self, spec) -> None:
-        """400 unless ``spec`` (a structured.GrammarSpec) can be served: the engine takes grammars, xgrammar
-        is installed and compiles it (compiled here, on a tokenising thread, and cached; the engine process
-        compiles it again, once). Runs on a worker thread."""
+        """400 unless ``spec`` (a structured.GrammarSpec) can be served: xgrammar is installed and compiles
+        it (compiled here, on a tokenising thread, and cached; the engine process — under --ep, the rank
+        decoding the request — compiles it again, once). Runs on a worker thread."""
         from .structured import GrammarError, GrammarUnavailable, Grammars
 
-        if not getattr(self.worker, "structured_output", False):
-            raise APIError(400, f"response_format: {spec.kind} is not supported by this server's engine (expert-"
-                                "parallel serving, --ep, decodes without grammars); send type 'text' or leave it out",
-                           param="response_format", code="unsupported_response_format")
         with self._grammars_lock:
             if self._grammars is None:
                 self._grammars = Grammars(self.tokenizer, self.vocab_size)

@@ -69,9 +69,6 @@ class EngineWorker:
             self._proc.join(5)
             raise ValueError(msg[1])
         _, self.limits, self._stats = msg
-        # structured output (response_format json): the single-process engine only; an expert-parallel
-        # group's ranks build their requests without grammars
-        self.structured_output = not ep
         self.max_len, self.vocab_size = self.limits.max_len, self.limits.vocab_size
         self.accepting = True
         self.error: str | None = None
@@ -104,8 +101,6 @@ class EngineWorker:
             raise RuntimeError("the server is shutting down")
         params = params or SamplingParams()
         check_request(self.limits, prompt, max_new_tokens, logprobs, prompt_logprobs)
-        if grammar is not None and not self.structured_output:
-            raise ValueError("structured output is not supported by this engine (expert-parallel serving)")
         req = Request(list(prompt), max_new_tokens, params, seed, frozenset(stop_ids), logprobs, prompt_logprobs,
                       on_token, on_done, next(self._ids), grammar)
         self._reqs[req.id] = req
@@ -308,9 +303,8 @@ class _EngineLoop:
             if msg[0] == "submit":
                 rid, prompt, max_new, params, seed, stop_ids, logprobs, prompt_logprobs, grammar = msg[1:]
                 try:
-                    kw = {} if grammar is None else {"grammar": grammar}     # (Rank0Engine takes none)
                     req = self.engine.make_request(prompt, max_new, params, seed, stop_ids, logprobs, prompt_logprobs,
-                                                   **kw)
+                                                   grammar=grammar)
                 except ValueError as e:
                     self.conn.send(("step", [(rid, [], [], [], True, "error", str(e), 0)], self.engine.stats()))
                     continue
