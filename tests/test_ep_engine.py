@@ -332,7 +332,9 @@ def test_an_idle_group_orders_no_rebalance(model_dir):
         comm = EPComm(0, 1, 1, group=dist.new_group([0]))
         ep = EPEngine(load_ep_model(model_dir, comm, dtype=torch.float64), rebalance_interval=(1, "steps"), **ENGINE)
         ep.submit(list(range(1, 9)), 6, SamplingParams(0.0))
+        assert ep.stats()["waiting"] == 1          # placed, not yet sent to its rank: waiting all the same
         ep.run()
+        assert ep.stats()["waiting"] == ep.stats()["running"] == 0
         busy = ep.rebalance_orders
         assert busy >= 2, busy
         for _ in range(20):                       # idle steps (Rank0Engine's heartbeat under dsv3 serve)

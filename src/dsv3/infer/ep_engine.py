@@ -256,12 +256,15 @@ class EPEngine:
     def stats(self) -> dict:
         """Rank 0: the engines' counters as of the last step, summed over ranks (``ranks``: each one's);
         ``steps``: the group's steps that ran a forward on any rank (each rank's engine counts only those
-        with rows of its own)."""
+        with rows of its own). ``waiting`` also counts the requests placed since, which travel to their
+        ranks with the next step."""
         per = list(self._stats)
         out = {k: sum(s[k] for s in per) for k in ("running", "waiting", "blocks_used", "blocks_total",
                                                      "cache_bytes", "prompt_tokens", "prefix_hit_tokens",
                                                      "prefix_hit_tokens_disk", "preemptions", "drafted",
                                                      "accepted")}
+        with self._lock:
+            out["waiting"] += sum(1 for cmd in self._outbox if cmd[0] == "submit")
         rate = None                              # the group's: every rank's drafts, not rank 0's alone
         if per[0]["speculative_acceptance_rate"] is not None:
             rate = out["accepted"] / out["drafted"] if out["drafted"] else 0.0
