@@ -104,14 +104,19 @@ def _timing_worker(rank, world, gpn, port, args, out):
     torch.manual_seed(rank)
     scores = torch.rand(args.tokens, E)
     idx = route(scores, None, k, n_group, topk_group)
+    # other routings of the same tokens (fresh scores), for the row whose routing changes every call
+    others = [route(torch.rand(args.tokens, E), None, k, n_group, topk_group) for _ in range(7)]
     w = torch.rand(args.tokens, k)
     res = {}
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(args.tokens, args.hidden).to(dtype)
         for two_hop in (False, True):
-            for fp8, learn in ((False, False), (False, True), (True, False)):
-                if (fp8 and dtype == torch.float32) or (learn and two_hop):
+            for fp8, learn in ((False, False), (False, True), (False, "redrawn"), (True, False)):
+                if (fp8 and dtype == torch.float32) or (learn and two_hop) or (learn == "redrawn" and
+                                                                                dtype != torch.float32):
                     continue
+                routings = [idx, *others] if learn == "redrawn" else [idx]
+                calls = [0]
                 # learn: the flat dispatch sends blocks padded to capacities learnt from the previous
                 # dispatch (the warm-up below) instead of exchanging counts first
                 cap = DispatchCapacity() if learn else None
@@ -120,8 +125,9 @@ def _timing_worker(rank, world, gpn, port, args, out):
                 # stand-in for the experts' output (not timed); padded blocks (learnt capacities) hold more rows
                 y = torch.randn(2 * x_r.shape[0] + 64 * comm.size, x_r.shape[1]).to(dtype)
 
-                def ours():
-                    plan = plan_dispatch(idx, E, comm, two_hop, capacity=cap)
+                def ours():           # "redrawn": each call routes the tokens anew (capacities lag a call)
+                    calls[0] += 1
+                    plan = plan_dispatch(routings[calls[0] % len(routings)], E, comm, two_hop, capacity=cap)
                     rows = dispatch(x, w, plan, fp8)[0].shape[0]
                     combine(y[:rows], plan)
 
@@ -132,7 +138,7 @@ def _timing_worker(rank, world, gpn, port, args, out):
                 t = _timed(dict(ours=ours, plan=plan_only, bare=_bare(plan.hops, row),
                                 counted=_bare(plan.hops, row, comm.group)), args.iters, 3, comm.group)
                 name = (f"{'two-hop' if two_hop else 'flat'} {str(dtype).split('.')[-1]}{' fp8-dispatch' if fp8 else ''}"
-                        f"{' learnt capacity' if learn else ''}")
+                        f"{' learnt capacity' if learn else ''}{', routing redrawn each call' if learn == 'redrawn' else ''}")
                 res[name] = dict(ours_ms=1e3 * t["ours"], plan_ms=1e3 * t["plan"], bare_a2a_ms=1e3 * t["bare"],
                                  bare_with_counts_ms=1e3 * t["counted"], overhead=t["ours"] / t["bare"],
                                  counts_floor=t["counted"] / t["bare"], hops=[h.kind for h in plan.hops],
@@ -272,7 +278,9 @@ def _markdown(res: dict) -> str:
                   "capacity learnt from the previous dispatch (`DispatchCapacity`: count + max(8, count/8)) "
                   "instead of exchanging counts first, and the blocks stay padded through the combine; their "
                   "bare all-to-all is still the unpadded rows, so the padding counts against them (routing is "
-                  "the same every iteration here, so no block overflows). "
+                  "the same every iteration in the other rows, so no block overflows there; the \"routing redrawn\" "
+                  "row cycles through 8 routings of the same tokens, so the capacities always come from another "
+                  "routing's counts and blocks overflow now and then — its bare all-to-all is the first routing's). "
                   "Each path's four timings are interleaved iteration by iteration; "
                   f"the row shown is the median of {t.get('repeats', 1)} runs.",
                   ""]
