@@ -316,7 +316,6 @@ def test_serve_json_with_continue_final_message_is_a_400(served):
 def _ep_rank(rank, world, port, model_dir, out_path):
     """One rank of a 2-rank expert-parallel group decoding grammar requests placed on both ranks."""
     import datetime
-    import json as _json
 
     import torch.distributed as dist
 
@@ -324,6 +323,7 @@ def _ep_rank(rank, world, port, model_dir, out_path):
     from dsv3.infer.generate import load_tokenizer
     from dsv3.infer.structured import Grammars
     from dsv3.parallel.mesh import MeshSpec, build_mesh
+    from helpers import finish_ranks
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
@@ -332,17 +332,16 @@ def _ep_rank(rank, world, port, model_dir, out_path):
     model = load_ep_model(model_dir, comm, dtype=torch.float64)
     tok = load_tokenizer(model_dir)
     ep = EPEngine(model, max_batch=4, block_size=16, grammars=Grammars(tok, model.cfg.vocab_size))
+    results = {}
     if rank == 0:
         reqs = [ep.submit(tok.encode("x", add_bos=True), k, SamplingParams(t), seed=i, stop_ids={tok.eos_id},
                           grammar=g, rank=i % world) for i, (g, t, k) in enumerate(_ep_specs())]
         ep.run()
-        res = [dict(output=r.output, reason=r.finish_reason, error=r.error) for r in reqs]
+        results["reqs"] = [dict(output=r.output, reason=r.finish_reason, error=r.error) for r in reqs]
         ep.close()
-        with open(out_path, "w") as f:
-            _json.dump(res, f)
     else:
         ep.serve()
-    dist.destroy_process_group()
+    finish_ranks(results, out_path)             # a barrier before leaving the group
 
 
 def _ep_specs():
@@ -359,7 +358,7 @@ def test_expert_parallel_ranks_decode_grammar_requests_like_the_single_engine(tm
     from helpers import free_port, spawn_ranks
 
     out = str(tmp_path / "ep.json")
-    res = spawn_ranks(_ep_rank, (2, free_port(), model_dir, out), 2, out, timeout=180)
+    res = spawn_ranks(_ep_rank, (2, free_port(), model_dir, out), 2, out, timeout=180)["reqs"]
     tok = load_tokenizer(model_dir)
     model = load_pretrained(model_dir, dtype=torch.float64)
     eng = Engine(model, max_batch=4, block_size=16, grammars=Grammars(tok, model.cfg.vocab_size))
