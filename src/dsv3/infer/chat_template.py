@@ -11,7 +11,15 @@ and rendered with ``messages``, ``add_generation_prompt`` and the tokenizer's sp
 
 The default follows DeepSeek-V3's own template: the beginning-of-sentence token, the system
 prompts joined by blank lines, then ``<｜User｜>…`` and ``<｜Assistant｜>…<｜end▁of▁sentence｜>``
-turns, and ``<｜Assistant｜>`` to ask for the next answer.
+turns, and ``<｜Assistant｜>`` to ask for the next answer. An assistant turn with ``tool_calls`` writes
+them as DeepSeek-V3's tool-call block after its content; ``tool`` messages (the results) become
+``<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>…<｜tool▁output▁end｜>…<｜tool▁outputs▁end｜>``, after which
+the model answers without a new ``<｜Assistant｜>`` (as DeepSeek-V3's template writes it).
+
+A request's ``tools`` are passed to the template as ``tools`` (as ``transformers`` does); a template that
+never mentions ``tools`` (DeepSeek-V3's own and the default) gets them as one more system message
+describing the functions and the call format (:func:`dsv3.infer.tool_calls.tools_system_prompt`), after
+the request's leading system messages.
 
 OpenAI's ``developer`` role is the newer name of ``system``: a template that never mentions "developer"
 (DeepSeek-V3's own, most Hugging Face ones) gets those messages as ``system`` ones, which it would
@@ -25,7 +33,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from datetime import datetime
+
+from .tool_calls import (CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, OUTPUT_BEGIN, OUTPUT_END, OUTPUTS_BEGIN,
+                         OUTPUTS_END, SEP, tools_system_prompt)
 
 USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
 
@@ -34,12 +46,30 @@ DEFAULT_TEMPLATE = (
     "{%- for m in messages if m['role'] in ('system', 'developer') -%}"
     "{{ m['content'] }}{% if not loop.last %}{{ '\\n\\n' }}{% endif %}"
     "{%- endfor -%}"
+    "{%- set ns = namespace(in_tool=false) -%}"
     "{%- for m in messages -%}"
+    "{%- if m['role'] == 'tool' -%}"
+    "{%- if ns.in_tool -%}{{ '\\n' }}{%- else -%}{{ '" + OUTPUTS_BEGIN + "' }}{%- endif -%}"
+    "{{ '" + OUTPUT_BEGIN + "' + m['content'] + '" + OUTPUT_END + "' }}"
+    "{%- set ns.in_tool = true -%}"
+    "{%- else -%}"
+    "{%- if ns.in_tool -%}{{ '" + OUTPUTS_END + "' }}{%- endif -%}"
     "{%- if m['role'] == 'user' -%}{{ '" + USER + "' + m['content'] }}"
-    "{%- elif m['role'] == 'assistant' -%}{{ '" + ASSISTANT + "' + m['content'] + eos_token }}"
+    "{%- elif m['role'] == 'assistant' -%}"
+    "{%- if not ns.in_tool -%}{{ '" + ASSISTANT + "' }}{%- endif -%}"
+    "{{ m['content'] or '' }}"
+    "{%- if m.get('tool_calls') -%}{{ '" + CALLS_BEGIN + "' }}"
+    "{%- for c in m['tool_calls'] -%}{% if not loop.first %}{{ '\\n' }}{% endif %}"
+    "{{ '" + CALL_BEGIN + "' + c['type'] + '" + SEP + "' + c['function']['name'] + '\\n```json\\n' "
+    "+ c['function']['arguments'] + '\\n```" + CALL_END + "' }}"
+    "{%- endfor -%}{{ '" + CALLS_END + "' }}{%- endif -%}"
+    "{{ eos_token }}"
+    "{%- endif -%}"
+    "{%- set ns.in_tool = false -%}"
     "{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '" + ASSISTANT + "' }}{%- endif -%}"
+    "{%- if ns.in_tool -%}{{ '" + OUTPUTS_END + "' }}{%- endif -%}"
+    "{%- if add_generation_prompt and not ns.in_tool -%}{{ '" + ASSISTANT + "' }}{%- endif -%}"
 )
 
 
@@ -105,6 +135,7 @@ class ChatTemplate:
             raise ValueError(f"the chat template does not compile: {e}") from None
         self.source, self.is_default = source, is_default
         self.knows_developer = "developer" in source
+        self.knows_tools = re.search(r"\btools\b", source) is not None
         self.tokens = {"bos_token": bos_token or "", "eos_token": eos_token or "", "pad_token": pad_token or ""}
 
     @classmethod
@@ -115,18 +146,22 @@ class ChatTemplate:
                    is_default=source is None)
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True,
-               continue_final_message: bool = False) -> str:
+               continue_final_message: bool = False, tools: list[dict] | None = None) -> str:
         """The prompt text for ``messages`` ([{"role", "content"}, …]); :class:`ChatTemplateError`
         if the template refuses them or fails. ``continue_final_message``: the text ends right after the
         last message's content, unterminated (no end-of-turn token, nothing the template writes after
         it), so that the model continues that message."""
         if not self.knows_developer:
             messages = [dict(m, role="system") if m.get("role") == "developer" else m for m in messages]
+        if tools and not self.knows_tools:
+            lead = next((i for i, m in enumerate(messages) if m.get("role") not in ("system", "developer")),
+                        len(messages))
+            messages = messages[:lead] + [{"role": "system", "content": tools_system_prompt(tools)}] + messages[lead:]
         if not continue_final_message:
-            return self._render(messages, add_generation_prompt)
-        return self._render_continued(messages, add_generation_prompt)
+            return self._render(messages, add_generation_prompt, tools)
+        return self._render_continued(messages, add_generation_prompt, tools)
 
-    def _render_continued(self, messages: list[dict], add_generation_prompt: bool) -> str:
+    def _render_continued(self, messages: list[dict], add_generation_prompt: bool, tools=None) -> str:
         """The messages rendered with a marker (random letters and digits, which no filter such as
         ``tojson`` or ``trim`` alters) right after the last one's content, cut where the marker lands: the
         end of that content however the template writes it (escaped, wrapped, after other messages that
@@ -134,19 +169,19 @@ class ChatTemplate:
         taken out."""
         marker = _marker(messages)
         last = dict(messages[-1], content=(messages[-1].get("content") or "") + marker)
-        text = self._render(messages[:-1] + [last], add_generation_prompt)
+        text = self._render(messages[:-1] + [last], add_generation_prompt, tools)
         end = text.rfind(marker)
         if end < 0:
             raise ChatTemplateError("continue_final_message: the chat template does not write the last message's "
                                     "content as sent, so it cannot be continued")
         return text[:end].replace(marker, "")
 
-    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+    def _render(self, messages: list[dict], add_generation_prompt: bool, tools=None) -> str:
         from jinja2 import TemplateError
 
         try:
             return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                        **self.tokens)
+                                        tools=tools, **self.tokens)
         except ChatTemplateError:
             raise
         except (TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError,

@@ -281,16 +281,31 @@ class TextPart(_Strict):
 
 # fields of an answer's message that a client sends back in its history (``message.model_dump()`` writes
 # them all, as null), and the values that carry nothing
-_MESSAGE_FIELDS_OFF = {"refusal": (None,), "tool_calls": (None, []), "function_call": (None,), "audio": (None,),
-                       "annotations": (None, [])}
+_MESSAGE_FIELDS_OFF = {"refusal": (None,), "function_call": (None,), "audio": (None,), "annotations": (None, [])}
+
+TOOL_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
+MAX_TOOLS = 128
+
+
+class CalledFunction(_Strict):
+    name: str = Field(min_length=1)
+    arguments: str
+
+
+class ToolCall(_Strict):
+    """A call in an assistant message of the history (as an answer's ``message.tool_calls`` gave it)."""
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
 
 
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextPart], None] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None                       # assistant
+    tool_call_id: Optional[str] = None                                # tool
     refusal: Any = None
-    tool_calls: Any = None
     function_call: Any = None
     audio: Any = None
     annotations: Any = None
@@ -336,9 +351,33 @@ class ResponseFormat(_Strict):
         return GrammarSpec.json_schema(self.json_schema.schema_)
 
 
-# the chat fields of features this server does not have, and the values that ask for none of them
-_FEATURES_OFF = {"tools": (None,), "tool_choice": (None, "none"), "functions": (None,),
-                 "function_call": (None, "none"), "parallel_tool_calls": (None,), "store": (None, False),
+class FunctionDef(_Strict):
+    """``tools[i].function``: a name of letters, digits, ``_`` and ``-`` (at most 64), an optional
+    description and the parameters as a JSON Schema object."""
+    name: str = Field(pattern=TOOL_NAME)
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+    strict: Optional[bool] = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class ChosenFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    """``tool_choice`` {"type": "function", "function": {"name": …}}: that function must be called."""
+    type: Literal["function"]
+    function: ChosenFunction
+
+
+# the chat fields of features this server does not have (the deprecated functions API, stored
+# completions), and the values that ask for none of them
+_FEATURES_OFF = {"functions": (None,), "function_call": (None, "none"), "store": (None, False),
                  "metadata": (None, {})}
 
 
@@ -351,23 +390,56 @@ class ChatCompletionRequest(_Sampling):
     response_format: Optional[ResponseFormat] = None
     add_generation_prompt: Optional[bool] = None                      # extension, as vLLM
     continue_final_message: Optional[bool] = None                     # extension, as vLLM
-    # Features this server does not have (tool calling, stored completions): clients that always send
-    # these fields get through with their "off" value; any other value is refused by name.
-    tools: Any = None
-    tool_choice: Any = None
+    tools: Optional[list[Tool]] = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: Optional[bool] = None
+    # Features this server does not have (the deprecated functions API, stored completions): clients that
+    # always send these fields get through with their "off" value; any other value is refused by name.
     functions: Any = None
     function_call: Any = None
-    parallel_tool_calls: Any = None
     store: Any = None
     metadata: Any = None
 
     def check_features(self) -> None:
-        """400 naming the first field that asks for tool calling or stored completions."""
+        """400 naming the first field that asks for the functions API or stored completions."""
         for name, off in _FEATURES_OFF.items():
             value = getattr(self, name)
+            what = "stored completions" if name in ("store", "metadata") else \
+                "the deprecated functions API (use tools and tool_choice)"
             check(any(type(value) is type(o) and value == o for o in off),
-                  f"{name}: {'tool calling' if name not in ('store', 'metadata') else 'stored completions'} "
-                  f"is not supported by this server (allowed: {', '.join(json.dumps(o) for o in off)})", name)
+                  f"{name}: {what} is not supported by this server (allowed: "
+                  f"{', '.join(json.dumps(o) for o in off)})", name)
+
+    def tool_setup(self) -> tuple[list[dict] | None, Any]:
+        """(tools, choice): the tools as plain dicts for the chat template (None when there are none or
+        ``tool_choice`` is "none": then the model is not told of them and nothing is parsed) and the choice:
+        "auto" (the default with tools), "required" or {"type": "function", "function": {"name"}}. 400
+        naming the field for duplicate names, parameters that are no object schema, or a choice that names
+        no tool or needs tools where there are none."""
+        tools = self.tools or []
+        names = set()
+        for i, t in enumerate(tools):
+            name = t.function.name
+            check(name not in names, f"tools[{i}].function.name: {name!r} is given twice (names must be unique)",
+                  f"tools[{i}].function.name")
+            names.add(name)
+            params = t.function.parameters
+            if params is not None:
+                check(params.get("type", "object") == "object", f"tools[{i}].function.parameters: must be a JSON "
+                      f"Schema of an object (its \"type\" is {json.dumps(params.get('type'))})",
+                      f"tools[{i}].function.parameters")
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice):
+            check(choice.function.name in names, f"tool_choice.function.name: {choice.function.name!r} is not one "
+                  f"of the tools ({', '.join(sorted(names)) or 'none were given'})", "tool_choice.function.name")
+            choice = choice.model_dump()
+        elif choice == "required":
+            check(bool(tools), "tool_choice: 'required' needs tools", "tool_choice")
+        elif choice is None:
+            choice = "auto" if tools else "none"
+        if choice == "none" or not tools:
+            return None, "none"
+        return [t.model_dump(exclude_none=True) for t in tools], choice
 
     def prompt_end(self) -> tuple[bool, bool]:
         """(add_generation_prompt, continue_final_message) for the chat template. Continuing the last
@@ -398,7 +470,24 @@ class ChatCompletionRequest(_Sampling):
             text = m.text()
             check(text is not None or m.role == "assistant", f"messages[{i}].content: required for role {m.role!r}",
                   f"messages[{i}].content")
+            check(not m.tool_calls or m.role == "assistant", f"messages[{i}].tool_calls: only allowed in an "
+                  f"assistant message (this one's role is {m.role!r})", f"messages[{i}].tool_calls")
+            check((m.tool_call_id is not None) == (m.role == "tool"), f"messages[{i}].tool_call_id: "
+                  + ("required for role 'tool'" if m.role == "tool" else f"only allowed for role 'tool' (this "
+                                                                           f"one's role is {m.role!r})"),
+                  f"messages[{i}].tool_call_id")
             d = {"role": m.role, "content": text or ""}
+            if m.tool_calls:
+                for j, c in enumerate(m.tool_calls):
+                    try:
+                        json.loads(c.function.arguments)
+                    except (ValueError, RecursionError):
+                        raise APIError(400, f"messages[{i}].tool_calls[{j}].function.arguments: not valid JSON",
+                                       param=f"messages[{i}].tool_calls[{j}].function.arguments") from None
+                d["content"] = text
+                d["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+            if m.tool_call_id is not None:
+                d["tool_call_id"] = m.tool_call_id
             if m.name is not None:
                 d["name"] = m.name
             out.append(d)

@@ -36,6 +36,7 @@ import argparse                 # no `from __future__ import annotations`: FastA
 import asyncio
 import hashlib
 import hmac
+import json
 import logging
 import math
 import os
@@ -105,7 +106,8 @@ class ServerState:
     def check_grammar(self, spec) -> None:
         """400 unless ``spec`` (a structured.GrammarSpec) can be served: xgrammar is installed and compiles
         it (compiled here, on a tokenising thread, and cached; the engine process — under --ep, the rank
-        decoding the request — compiles it again, once). Runs on a worker thread."""
+        decoding the request — compiles it again, once). Runs on a worker thread. A tool-call grammar's
+        errors name ``tool_choice`` / ``tools``, the others' ``response_format``."""
         from .structured import GrammarError, GrammarUnavailable, Grammars
 
         with self._grammars_lock:
@@ -114,9 +116,15 @@ class ServerState:
         try:
             self._grammars.compile(spec)
         except GrammarUnavailable as e:
+            if spec.kind == "tool_call":
+                raise APIError(400, f"tool_choice: 'required' and a named function are not available on this "
+                                    f"server: {e}", param="tool_choice", code="unsupported_tool_choice") from None
             raise APIError(400, f"response_format: {spec.kind} is not available on this server: {e}",
                            param="response_format", code="unsupported_response_format") from None
         except GrammarError as e:
+            if spec.kind == "tool_call":
+                raise APIError(400, f"tools: a function's parameters schema cannot be used: {e}", param="tools",
+                               code="invalid_json_schema") from None
             raise APIError(400, f"response_format.json_schema: the schema cannot be used: {e}",
                            param="response_format.json_schema", code="invalid_json_schema") from None
 
@@ -545,12 +553,14 @@ async def chat_completions(st: ServerState, request):
     from .chat_template import ChatTemplateError
     from .generation_stream import GenerationStream
     from .openai_responses import chat_logprobs, usage
+    from .tool_calls import ToolCallStream, parse_tool_calls, tool_call_grammar
 
     arrival = time.monotonic()
     st.check_serving()
     body = await read_json(request, st.max_body_bytes, ChatCompletionRequest, timeout=st.body_timeout)
     st.check_model(body.model)
     body.check_features()
+    tools, tool_choice = body.tool_setup()          # tools None: none given, or tool_choice "none"
     messages = body.chat_messages()
     stops = body.stop_strings()
     include_usage = body.include_usage()
@@ -566,10 +576,19 @@ async def chat_completions(st: ServerState, request):
         raise APIError(400, f"response_format: {grammar.kind} cannot be combined with continue_final_message (the "
                             "JSON would have to start in the middle of the continued message)",
                        param="response_format", code="invalid_parameter_combination")
+    if tools is not None and tool_choice != "auto":       # "required" or a named function: the output is a call
+        if grammar is not None:
+            raise APIError(400, f"tool_choice: {json.dumps(tool_choice)} cannot be combined with response_format {grammar.kind} (the answer is a tool call)",
+                           param="tool_choice", code="invalid_parameter_combination")
+        if continue_final_message:
+            raise APIError(400, "tool_choice: a forced tool call cannot be combined with continue_final_message (the "
+                                "call would have to start in the middle of the continued message)",
+                           param="tool_choice", code="invalid_parameter_combination")
+        grammar = tool_call_grammar(tools, tool_choice)
 
     def render():
         try:
-            text = st.template.render(messages, add_generation_prompt, continue_final_message)
+            text = st.template.render(messages, add_generation_prompt, continue_final_message, tools)
         except ChatTemplateError as e:
             raise APIError(400, str(e), param="messages") from None
         st.check_text_fits(text, "messages")
@@ -608,12 +627,26 @@ async def chat_completions(st: ServerState, request):
         def head():
             return [chunk(g.index, {"role": "assistant", "content": ""}) for g in gens]
 
+        # with tools, text that may begin a tool-call block is held back; a block is sent at the end as
+        # one tool_calls delta per call (id, name and all the arguments), finish_reason "tool_calls"
+        splitters = {g.index: ToolCallStream() for g in gens} if tools is not None else {}
+
         def chunks(d):
             out = []
-            if d.text or d.tokens:
-                out.append(chunk(d.index, {"content": d.text}, chat_logprobs(d.tokens, st.tb) if want_lp else None))
+            sp = splitters.get(d.index)
+            text = sp.feed(d.text) if sp is not None else d.text
+            if text or d.tokens:
+                out.append(chunk(d.index, {"content": text}, chat_logprobs(d.tokens, st.tb) if want_lp else None))
             if d.finish_reason is not None:
-                out.append(chunk(d.index, {}, None, d.finish_reason))
+                finish = d.finish_reason
+                if sp is not None:
+                    rest, calls = sp.finish()
+                    if rest:
+                        out.append(chunk(d.index, {"content": rest}))
+                    if calls:
+                        out.append(chunk(d.index, {"tool_calls": [dict(c, index=k) for k, c in enumerate(calls)]}))
+                        finish = "tool_calls"
+                out.append(chunk(d.index, {}, None, finish))
             return out
 
         def tail():
@@ -622,9 +655,20 @@ async def chat_completions(st: ServerState, request):
         return stream_response(st, gens, queue, request, head, chunks, tail)
 
     await run_whole(st, gens, queue, request)
-    choices = [{"index": g.index, "message": {"role": "assistant", "content": g.completion_text},
-                "logprobs": chat_logprobs(g.tokens, st.tb) if want_lp else None, "finish_reason": g.finish_reason}
-               for g in gens]
+
+    def answer(g) -> tuple[dict, str]:
+        text = g.completion_text
+        if tools is not None:
+            content, calls = parse_tool_calls(text)
+            if calls is not None:
+                return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+        return {"role": "assistant", "content": text}, g.finish_reason
+
+    choices = []
+    for g in gens:
+        message, finish = answer(g)
+        choices.append({"index": g.index, "message": message,
+                        "logprobs": chat_logprobs(g.tokens, st.tb) if want_lp else None, "finish_reason": finish})
     return {"id": cid, "object": "chat.completion", "created": created, "model": st.model_name,
             "choices": choices, "usage": the_usage()}
 

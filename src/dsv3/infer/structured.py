@@ -33,17 +33,18 @@ INSTALL_HINT = "pip install 'xgrammar>=0.2.9,<0.3' (or pip install 'dsv3[serve]'
 
 @dataclass(frozen=True)
 class GrammarSpec:
-    """What a request's output must be: ``kind`` "json_object" (any JSON object) or "json_schema"
+    """What a request's output must be: ``kind`` "json_object" (any JSON object), "json_schema"
     (``schema``: the JSON Schema as compact JSON text, its keys in their given order: properties are
-    written in the order the schema declares them)."""
+    written in the order the schema declares them) or "tool_call" (``schema``: JSON [[name, parameters or
+    null], …]: one DeepSeek-V3 tool-call block calling one of these functions, :mod:`dsv3.infer.tool_calls`)."""
     kind: str
     schema: str | None = None
 
     def __post_init__(self):
-        if self.kind not in ("json_object", "json_schema"):
-            raise ValueError(f"grammar kind {self.kind!r}: must be 'json_object' or 'json_schema'")
-        if (self.kind == "json_schema") != (self.schema is not None):
-            raise ValueError("a json_schema grammar needs a schema (and only it)")
+        if self.kind not in ("json_object", "json_schema", "tool_call"):
+            raise ValueError(f"grammar kind {self.kind!r}: must be 'json_object', 'json_schema' or 'tool_call'")
+        if (self.kind != "json_object") != (self.schema is not None):
+            raise ValueError("json_schema and tool_call grammars need a schema (and only they)")
 
     @classmethod
     def json_schema(cls, schema: dict) -> "GrammarSpec":
@@ -124,6 +125,10 @@ class Grammars:
         try:
             if spec.kind == "json_object":       # any object; properties not named are allowed
                 grammar = compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
+            elif spec.kind == "tool_call":
+                from .tool_calls import build_grammar
+
+                grammar = compiler.compile_grammar(build_grammar(import_xgrammar(), spec.schema))
             else:
                 grammar = compiler.compile_json_schema(spec.schema, any_whitespace=False, strict_mode=True)
         except (RuntimeError, ValueError, TypeError) as e:

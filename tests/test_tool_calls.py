@@ -1,0 +1,317 @@
+"""Tool calling (``tools`` / ``tool_choice`` on /v1/chat/completions) in DeepSeek-V3's format: the parser
+of tool-call blocks (whole and streamed), request validation, the chat template with tool history, the
+grammar that forces a call, then a real ``dsv3 serve`` driven with the ``openai`` client ("required" and
+a named function give calls whose arguments keep to the schema, streamed as tool_call deltas)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dsv3.infer.openai_protocol import APIError, ChatCompletionRequest, validate
+from dsv3.infer.tool_calls import (CALLS_BEGIN, CALLS_END, ToolCallStream, parse_tool_calls, render_call,
+                                   tool_call_grammar)
+
+WEATHER = {"type": "object",
+           "properties": {"city": {"enum": ["Paris", "Rome", "Oslo"]},
+                          "days": {"type": "integer", "minimum": 1, "maximum": 7},
+                          "metric": {"type": "boolean"}},
+           "required": ["city", "days", "metric"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The forecast for a city.",
+                                           "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "get-time"}}]
+
+
+def valid_weather(args: dict) -> bool:
+    return (set(args) == {"city", "days", "metric"} and args["city"] in ("Paris", "Rome", "Oslo")
+            and isinstance(args["days"], int) and not isinstance(args["days"], bool) and 1 <= args["days"] <= 7
+            and isinstance(args["metric"], bool))
+
+
+def block(*calls) -> str:
+    return CALLS_BEGIN + "\n".join(render_call(n, a) for n, a in calls) + CALLS_END
+
+
+# --------------------------------------------------------------------------------------- the parser
+def test_parse_calls_and_content_before():
+    text = block(("get_weather", '{"city": "Rome", "days": 2, "metric": true}'), ("get-time", "{}"))
+    content, calls = parse_tool_calls(text)
+    assert content is None and [c["function"] for c in calls] == [
+        {"name": "get_weather", "arguments": '{"city": "Rome", "days": 2, "metric": true}'},
+        {"name": "get-time", "arguments": "{}"}]
+    assert all(c["type"] == "function" and c["id"].startswith("call_") for c in calls)
+    assert calls[0]["id"] != calls[1]["id"]
+    content, calls = parse_tool_calls("Let me look.\n" + block(("f", '{"a": [1, {"b": "```"}]}')))
+    assert content == "Let me look.\n" and json.loads(calls[0]["function"]["arguments"]) == {"a": [1, {"b": "```"}]}
+    assert parse_tool_calls("  \n" + block(("f", "{}")) + "\n")[0] is None            # whitespace: no content
+    no_end = CALLS_BEGIN + render_call("f", '{"x": 1}')                               # cut before calls_end
+    assert parse_tool_calls(no_end)[1][0]["function"]["name"] == "f"
+
+
+@pytest.mark.parametrize("text", [
+    "no block at all",
+    block(("f", "{not json")),
+    block(("f", "[1, 2]")),                                                # arguments not an object
+    block(("f", "{}")) + " and then more",                                 # text after the block
+    CALLS_BEGIN + render_call("f", "{}").replace("function", "retrieval", 1) + CALLS_END,
+    CALLS_BEGIN + render_call("f", '{"a": 1}')[:-5],                        # cut inside a call
+    CALLS_BEGIN + CALLS_END,                                               # no calls
+    CALLS_BEGIN + "garbage" + CALLS_END,
+    block(("", "{}")),
+])
+def test_malformed_blocks_are_plain_content(text):
+    assert parse_tool_calls(text) == (text, None)
+
+
+def test_stream_holds_back_only_what_may_begin_a_block():
+    text = "Sure <｜tool no marker here " + block(("get_weather", '{"city": "Oslo", "days": 1, "metric": false}'))
+    for step in (1, 3, 7, len(text)):
+        sp, sent = ToolCallStream(), ""
+        for i in range(0, len(text), step):
+            sent += sp.feed(text[i:i + step])
+        rest, calls = sp.finish()
+        assert sent == "Sure <｜tool no marker here " and rest == "" and calls[0]["function"]["name"] == "get_weather"
+    sp = ToolCallStream()
+    assert sp.feed("a <｜tool▁ca") == "a " and sp.feed("t") == "<｜tool▁cat" and sp.finish() == ("", None)
+    bad = "x" + block(("f", "{oops"))
+    sp = ToolCallStream()
+    assert sp.feed(bad) == "x" and sp.finish() == (bad[1:], None)              # a malformed block comes back
+
+
+# --------------------------------------------------------------------------------------- requests
+def _req(**kw) -> ChatCompletionRequest:
+    return validate(ChatCompletionRequest, {"messages": [{"role": "user", "content": "hi"}], **kw})
+
+
+def _bad(param, words, **kw):
+    with pytest.raises(APIError) as e:
+        r = _req(**kw)
+        r.check_features()
+        r.tool_setup()
+        r.chat_messages()
+    assert e.value.status == 400 and e.value.param == param and words in e.value.message, e.value.message
+
+
+def test_tool_choice_defaults_and_values():
+    tools, choice = _req(tools=TOOLS).tool_setup()
+    assert choice == "auto" and [t["function"]["name"] for t in tools] == ["get_weather", "get-time"]
+    assert tools[1] == {"type": "function", "function": {"name": "get-time"}}
+    assert _req(tools=TOOLS, tool_choice="none").tool_setup() == (None, "none")
+    assert _req().tool_setup() == (None, "none") == _req(tool_choice="none", tools=None).tool_setup()
+    assert _req(tools=TOOLS, tool_choice="required").tool_setup()[1] == "required"
+    named = {"type": "function", "function": {"name": "get-time"}}
+    assert _req(tools=TOOLS, tool_choice=named, parallel_tool_calls=False).tool_setup()[1] == named
+
+
+@pytest.mark.parametrize("kw,param,words", [
+    (dict(tools=[TOOLS[1], TOOLS[1]]), "tools[1].function.name", "given twice"),
+    (dict(tools=[{"type": "function", "function": {"name": "has space"}}]), "tools[0].function.name", "pattern"),
+    (dict(tools=[{"type": "function", "function": {"name": "x" * 65}}]), "tools[0].function.name", "pattern"),
+    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]),
+     "tools[0].function.parameters", "object"),
+    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": []}}]),
+     "tools[0].function.parameters", "dictionary"),
+    (dict(tools=[{"type": "code_interpreter"}]), "tools[0].type", "function"),
+    (dict(tools=TOOLS, tool_choice="always"), "tool_choice", "none"),
+    (dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}), "tool_choice.function.name",
+     "not one of the tools"),
+    (dict(tool_choice="required"), "tool_choice", "needs tools"),
+    (dict(functions=[{"name": "f"}]), "functions", "deprecated"),
+    (dict(messages=[{"role": "tool", "content": "r"}]), "messages[0].tool_call_id", "required"),
+    (dict(messages=[{"role": "user", "content": "r", "tool_call_id": "c"}]), "messages[0].tool_call_id",
+     "only allowed"),
+    (dict(messages=[{"role": "user", "content": "r", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]), "messages[0].tool_calls",
+     "only allowed"),
+    (dict(messages=[{"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{x"}}]}]),
+     "messages[0].tool_calls[0].function.arguments", "not valid JSON"),
+])
+def test_bad_tool_requests_are_400s_naming_the_field(kw, param, words):
+    _bad(param, words, **kw)
+
+
+def test_history_messages_as_template_dicts():
+    call = {"id": "call_1", "type": "function", "function": {"name": "get-time", "arguments": "{}"}}
+    r = _req(messages=[{"role": "user", "content": "time?"},
+                       {"role": "assistant", "content": None, "tool_calls": [call], "refusal": None},
+                       {"role": "tool", "content": [{"type": "text", "text": "12:00"}], "tool_call_id": "call_1"}])
+    assert r.chat_messages()[1:] == [{"role": "assistant", "content": None, "tool_calls": [call]},
+                                     {"role": "tool", "content": "12:00", "tool_call_id": "call_1"}]
+
+
+# --------------------------------------------------------------------------------------- the template
+def test_default_template_writes_deepseek_tool_turns_and_describes_tools():
+    from dsv3.infer.chat_template import DEFAULT_TEMPLATE, ChatTemplate
+
+    t = ChatTemplate(DEFAULT_TEMPLATE, "<B>", "<E>")
+    calls = [{"id": "a", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}},
+             {"id": "b", "type": "function", "function": {"name": "g", "arguments": "{}"}}]
+    msgs = [{"role": "user", "content": "U"}, {"role": "assistant", "content": "Let me see.", "tool_calls": calls},
+            {"role": "tool", "content": "R1", "tool_call_id": "a"}, {"role": "tool", "content": "R2", "tool_call_id": "b"}]
+    outputs = ("<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>R1<｜tool▁output▁end｜>\n"
+               "<｜tool▁output▁begin｜>R2<｜tool▁output▁end｜><｜tool▁outputs▁end｜>")
+    head = ("<B><｜User｜>U<｜Assistant｜>Let me see." + block(("f", '{"x": 1}'), ("g", "{}")) + "<E>" + outputs)
+    assert t.render(msgs) == head                 # after tool outputs the model answers without <｜Assistant｜>
+    assert t.render(msgs + [{"role": "assistant", "content": "Done."}, {"role": "user", "content": "V"}]) == \
+        head + "Done.<E><｜User｜>V<｜Assistant｜>"
+    text = t.render([{"role": "system", "content": "S"}, {"role": "user", "content": "U"}], tools=TOOLS)
+    assert text.startswith("<B>S\n\n## Tools\n") and text.endswith("<｜User｜>U<｜Assistant｜>")
+    assert "### get_weather\nDescription: The forecast for a city.\nParameters: " + json.dumps(WEATHER) in text
+    assert "### get-time\nParameters: " in text and CALLS_BEGIN in text
+
+
+def test_a_template_that_knows_tools_renders_them_itself():
+    from dsv3.infer.chat_template import ChatTemplate
+
+    t = ChatTemplate("{% for x in tools or [] %}[{{ x.function.name }}]{% endfor %}"
+                     "{% for m in messages %}{{ m.role }}:{{ m.content }};{% endfor %}")
+    assert t.knows_tools and t.render([{"role": "user", "content": "U"}], tools=TOOLS) == \
+        "[get_weather][get-time]user:U;"
+    plain = ChatTemplate("{% for m in messages %}{{ m.role }}:{{ m.content[:8] }};{% endfor %}")
+    assert plain.render([{"role": "user", "content": "U"}], tools=TOOLS) == "system:## Tools;user:U;"
+
+
+# --------------------------------------------------------------------------------------- the grammar
+def test_grammar_forces_one_call_of_the_chosen_function():
+    pytest.importorskip("xgrammar")
+    from dsv3.infer.structured import Grammars
+    from test_structured_output import _tokenizer
+
+    tok = _tokenizer()
+    g = Grammars(tok, 300)
+    good = block(("get_weather", '{"city": "Rome", "days": 3, "metric": false}'))
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        c = g.matcher(tool_call_grammar(TOOLS, choice), {tok.eos_id})
+        assert all(c.accept(t) for t in tok.encode(good)) and c.accept(tok.eos_id) and c.terminated
+    c = g.matcher(tool_call_grammar(TOOLS, "required"), {tok.eos_id})
+    assert all(c.accept(t) for t in tok.encode(block(("get-time", '{"any": [1]}'))))     # no parameters: any object
+    named = tool_call_grammar(TOOLS, {"type": "function", "function": {"name": "get-time"}})
+    c = g.matcher(named, {tok.eos_id})
+    assert not all(c.accept(t) for t in tok.encode(CALLS_BEGIN + render_call("get_weather", "{}")))
+    c = g.matcher(tool_call_grammar(TOOLS, "required"), {tok.eos_id})
+    ids = tok.encode(block(("get_weather", '{"city": "Rome", "days": 9, "metric": false}')))
+    assert not all(c.accept(t) for t in ids)                                              # days > 7
+
+
+# --------------------------------------------------------------------------------------- dsv3 serve
+try:
+    import openai
+except ImportError:
+    openai = None
+KEY, NAME = "sk-test", "tool-model"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, data_dir):
+    """A random model (the corpus tokenizer, 1024 positions: the tools' description is long) behind dsv3 serve."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("openai")
+    pytest.importorskip("xgrammar")
+    import os
+    import shutil
+
+    import torch
+
+    from dsv3 import Transformer, save_pretrained
+    from helpers import cli_env, free_port, small_config, wait_healthy
+
+    out = tmp_path_factory.mktemp("tool_model")
+    torch.manual_seed(0)
+    save_pretrained(Transformer(small_config(vocab_size=2048, max_position_embeddings=1024)), out)
+    shutil.copy(os.path.join(data_dir, "tokenizer.json"), out / "tokenizer.json")
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<｜begin▁of▁sentence｜>", "eos_token": "<｜end▁of▁sentence｜>", "add_bos_token": True}))
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve_tools") / "server.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "dsv3.cli", "serve", "--model", str(out), "--port", str(port),
+                                 "--max-batch", "4", "--served-model-name", NAME, "--api-key", KEY, "--threads", "1"],
+                                env=cli_env(), stdout=f, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc, log, 120)
+        yield openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=300)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+MESSAGES = [{"role": "user", "content": "What is the weather in Rome?"}]
+
+
+def _chat(client, **kw):
+    return client.chat.completions.create(model=NAME, messages=kw.pop("messages", MESSAGES), tools=TOOLS,
+                                          max_tokens=kw.pop("max_tokens", 400), **kw)
+
+
+def test_serve_named_and_required_tool_choice_give_valid_calls(served):
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    r = _chat(served, tool_choice=named, n=3, temperature=1.0, seed=1)
+    r0 = _chat(served, tool_choice=named, temperature=0)
+    for ch in r.choices + r0.choices:
+        assert ch.finish_reason == "tool_calls" and ch.message.content is None, ch
+        (call,) = ch.message.tool_calls
+        assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather"
+        assert valid_weather(json.loads(call.function.arguments)), call.function.arguments
+    r = _chat(served, tool_choice="required", n=4, temperature=1.0, seed=2)
+    for ch in r.choices:
+        assert ch.finish_reason == "tool_calls"
+        (call,) = ch.message.tool_calls
+        args = json.loads(call.function.arguments)
+        assert call.function.name in ("get_weather", "get-time") and isinstance(args, dict)
+        assert call.function.name != "get_weather" or valid_weather(args)
+
+
+def test_serve_streamed_call_is_a_tool_call_delta(served):
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    whole = _chat(served, tool_choice=named, temperature=0).choices[0]
+    chunks = list(_chat(served, tool_choice=named, temperature=0, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(d.content or "" for d in deltas) == ""
+    calls = [tc for d in deltas for tc in (d.tool_calls or [])]
+    assert len(calls) == 1 and calls[0].index == 0 and calls[0].id.startswith("call_")
+    assert calls[0].function.name == "get_weather"
+    assert calls[0].function.arguments == whole.message.tool_calls[0].function.arguments
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_serve_auto_and_none_stream_text_as_before(served):
+    for choice in ("auto", "none"):
+        whole = _chat(served, tool_choice=choice, temperature=0, max_tokens=24).choices[0]
+        chunks = list(_chat(served, tool_choice=choice, temperature=0, max_tokens=24, stream=True))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        if whole.message.tool_calls is None:      # a random model: almost surely no call
+            assert text == whole.message.content and whole.finish_reason in ("stop", "length")
+            assert chunks[-1].choices[0].finish_reason == whole.finish_reason
+
+
+def test_serve_tool_history_round_trip(served):
+    named = {"type": "function", "function": {"name": "get-time"}}
+    first = _chat(served, tool_choice=named, temperature=0).choices[0]
+    assert first.finish_reason == "tool_calls", first
+    call = first.message.tool_calls[0]
+    history = MESSAGES + [first.message.model_dump(exclude_none=False),
+                          {"role": "tool", "tool_call_id": call.id, "content": "12:00"}]
+    r = _chat(served, messages=history, temperature=0, max_tokens=8)
+    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    assert r.usage.prompt_tokens > 40
+
+
+@pytest.mark.parametrize("kw,param,words", [
+    (dict(tool_choice={"type": "function", "function": {"name": "nope"}}), "tool_choice.function.name",
+     "not one of"),
+    (dict(tool_choice="required", response_format={"type": "json_object"}), "tool_choice", "response_format"),
+    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "x": {"type": "integer", "minimum": 5, "maximum": 1}}}}}], tool_choice="required"), "tools",
+     "minimum greater than maximum"),
+])
+def test_serve_bad_tool_requests_are_400s(served, kw, param, words):
+    with pytest.raises(openai.BadRequestError) as e:
+        served.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=5, **{"tools": TOOLS, **kw})
+    assert e.value.body["param"] == param and words in e.value.body["message"], e.value.body
