@@ -315,3 +315,29 @@ def test_serve_bad_tool_requests_are_400s(served, kw, param, words):
     with pytest.raises(openai.BadRequestError) as e:
         served.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=5, **{"tools": TOOLS, **kw})
     assert e.value.body["param"] == param and words in e.value.body["message"], e.value.body
+
+
+def test_tool_markers_are_text_even_where_the_tokenizer_calls_them_special():
+    """A tokenizer with DeepSeek-V3's markers as special added tokens: they come out as text (the parser
+    reads them) and a tool-call grammar may pick each as one token."""
+    pytest.importorskip("xgrammar")
+    from tokenizers import AddedToken
+
+    from dsv3.infer.detokenize import IncrementalText, TokenBytes
+    from dsv3.infer.structured import Grammars, allowed_tokens, new_bitmask
+    from dsv3.infer.tool_calls import CALL_BEGIN, MARKERS
+    from test_structured_output import _tokenizer
+
+    tok = _tokenizer()
+    tok.hf.add_special_tokens([AddedToken(m, special=True) for m in sorted(MARKERS)])
+    begin = tok.hf.token_to_id(CALLS_BEGIN)
+    assert begin is not None and tok.encode(CALLS_BEGIN) == [begin]
+    tb = TokenBytes(tok)
+    assert begin not in tb.special and tok.eos_id in tb.special
+    inc = IncrementalText(tb)
+    assert "".join(inc.push(t) for t in tok.encode(block(("f", "{}"))) + [tok.eos_id]) == block(("f", "{}"))
+    c = Grammars(tok, 300).matcher(tool_call_grammar(TOOLS, "required"), {tok.eos_id})
+    bm = new_bitmask(1, 300)
+    c.fill(bm, 0)
+    assert allowed_tokens(bm, 300)[0, begin]
+    assert c.accept(begin) and c.accept(tok.hf.token_to_id(CALL_BEGIN))

@@ -4,8 +4,10 @@ DeepSeek-V3's tokenizer is byte-level: every ordinary token stands for a fixed b
 text of a completion is the UTF-8 decoding of the concatenated bytes. :class:`TokenBytes` builds that
 table once per tokenizer; :class:`IncrementalText` feeds each new token's bytes to an incremental
 UTF-8 decoder, which holds back a character split across tokens until its last byte arrives. Special
-tokens (end of sentence, reserved tokens …) give no text. For a tokenizer that is not byte-level the
-fallback decodes a short window of recent ids.
+tokens (end of sentence, reserved tokens …) give no text, but for DeepSeek-V3's tool-call markers
+(``<｜tool▁calls▁begin｜>`` …, :mod:`dsv3.infer.tool_calls`), which are read from the text. For a
+tokenizer that is not byte-level the fallback decodes a short window of recent ids (special tokens,
+tool markers among them, skipped).
 
 :class:`StopMatcher` finds OpenAI ``stop`` strings in the text as it grows, also across token
 boundaries: it holds back only the longest tail that could still begin a stop string, releases the
@@ -26,7 +28,11 @@ class TokenBytes:
 
         hf = tokenizer.hf
         added = hf.get_added_tokens_decoder()            # id → AddedToken
-        self.special = {i for i, t in added.items() if t.special}
+        # DeepSeek-V3's tool-call markers are text to the server even where a tokenizer calls them
+        # special: tool calls are parsed out of the text, and a grammar may force them
+        from .tool_calls import MARKERS
+
+        self.special = {i for i, t in added.items() if t.special and t.content not in MARKERS}
         size = max(hf.get_vocab_size(with_added_tokens=True), max(added, default=-1) + 1)
         table: list[bytes] | None = [b""] * size
         for token, i in hf.get_vocab(with_added_tokens=True).items():

@@ -390,7 +390,7 @@ class ChatCompletionRequest(_Sampling):
     response_format: Optional[ResponseFormat] = None
     add_generation_prompt: Optional[bool] = None                      # extension, as vLLM
     continue_final_message: Optional[bool] = None                     # extension, as vLLM
-    tools: Optional[list[Tool]] = Field(None, max_length=MAX_TOOLS)
+    tools: Optional[list[Tool]] = Field(None, min_length=1, max_length=MAX_TOOLS)
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     parallel_tool_calls: Optional[bool] = None
     # Features this server does not have (the deprecated functions API, stored completions): clients that

@@ -578,8 +578,9 @@ async def chat_completions(st: ServerState, request):
                        param="response_format", code="invalid_parameter_combination")
     if tools is not None and tool_choice != "auto":       # "required" or a named function: the output is a call
         if grammar is not None:
-            raise APIError(400, f"tool_choice: {json.dumps(tool_choice)} cannot be combined with response_format {grammar.kind} (the answer is a tool call)",
-                           param="tool_choice", code="invalid_parameter_combination")
+            raise APIError(400, f"tool_choice: {json.dumps(tool_choice)} cannot be combined with response_format "
+                                f"{grammar.kind} (the answer is a tool call)", param="tool_choice",
+                           code="invalid_parameter_combination")
         if continue_final_message:
             raise APIError(400, "tool_choice: a forced tool call cannot be combined with continue_final_message (the "
                                 "call would have to start in the middle of the continued message)",

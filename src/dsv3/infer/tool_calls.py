@@ -29,6 +29,8 @@ CALLS_BEGIN, CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end
 CALL_BEGIN, CALL_END, SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
 OUTPUTS_BEGIN, OUTPUTS_END = "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>"
 OUTPUT_BEGIN, OUTPUT_END = "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>"
+MARKERS = frozenset((CALLS_BEGIN, CALLS_END, CALL_BEGIN, CALL_END, SEP, OUTPUTS_BEGIN, OUTPUTS_END, OUTPUT_BEGIN,
+                     OUTPUT_END))
 
 _CALL = re.compile(re.escape(CALL_BEGIN) + r"(?P<type>[^\n<]*?)" + re.escape(SEP) + r"(?P<name>[^\n]*?)\n"
                    r"```(?:json)?\n(?P<args>.*?)\n?```" + re.escape(CALL_END), re.DOTALL)
