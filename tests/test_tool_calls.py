@@ -204,18 +204,15 @@ KEY, NAME = "sk-test", "tool-model"
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, data_dir):
-    """A random model (the corpus tokenizer, 1024 positions: the tools' description is long) behind dsv3 serve."""
-    pytest.importorskip("fastapi")
-    pytest.importorskip("openai")
-    pytest.importorskip("xgrammar")
+def tool_model(tmp_path_factory, data_dir):
+    """A random model (the corpus tokenizer, 1024 positions: the tools' description is long)."""
     import os
     import shutil
 
     import torch
 
     from dsv3 import Transformer, save_pretrained
-    from helpers import cli_env, free_port, small_config, wait_healthy
+    from helpers import small_config
 
     out = tmp_path_factory.mktemp("tool_model")
     torch.manual_seed(0)
@@ -223,11 +220,23 @@ def served(tmp_path_factory, data_dir):
     shutil.copy(os.path.join(data_dir, "tokenizer.json"), out / "tokenizer.json")
     (out / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<｜begin▁of▁sentence｜>", "eos_token": "<｜end▁of▁sentence｜>", "add_bos_token": True}))
+    return str(out)
+
+
+@pytest.fixture(scope="module", params=["plain", "speculative"])
+def served(request, tool_model, tmp_path_factory):
+    """The model behind dsv3 serve, decoding one token a step or two with MTP drafts (--speculative)."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("openai")
+    pytest.importorskip("xgrammar")
+    from helpers import cli_env, free_port, wait_healthy
+
     port = free_port()
     log = tmp_path_factory.mktemp("serve_tools") / "server.log"
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "dsv3.cli", "serve", "--model", str(out), "--port", str(port),
-                                 "--max-batch", "4", "--served-model-name", NAME, "--api-key", KEY, "--threads", "1"],
+        proc = subprocess.Popen([sys.executable, "-m", "dsv3.cli", "serve", "--model", tool_model, "--port", str(port),
+                                 "--max-batch", "4", "--served-model-name", NAME, "--api-key", KEY, "--threads", "1"]
+                                + (["--speculative"] if request.param == "speculative" else []),
                                 env=cli_env(), stdout=f, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -245,8 +254,15 @@ def served(tmp_path_factory, data_dir):
 MESSAGES = [{"role": "user", "content": "What is the weather in Rome?"}]
 
 
+# tools whose arguments are bounded: a random model fills an unconstrained object ("get-time") until max_tokens
+BOUNDED = [TOOLS[0], {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"tz": {"enum": ["UTC", "CET"]}}, "required": ["tz"],
+    "additionalProperties": False}}}]
+
+
 def _chat(client, **kw):
-    return client.chat.completions.create(model=NAME, messages=kw.pop("messages", MESSAGES), tools=TOOLS,
+    return client.chat.completions.create(model=NAME, messages=kw.pop("messages", MESSAGES),
+                                          tools=kw.pop("tools", TOOLS),
                                           max_tokens=kw.pop("max_tokens", 400), **kw)
 
 
@@ -259,13 +275,13 @@ def test_serve_named_and_required_tool_choice_give_valid_calls(served):
         (call,) = ch.message.tool_calls
         assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather"
         assert valid_weather(json.loads(call.function.arguments)), call.function.arguments
-    r = _chat(served, tool_choice="required", n=4, temperature=1.0, seed=2)
+    r = _chat(served, tools=BOUNDED, tool_choice="required", n=4, temperature=1.0, seed=2)
     for ch in r.choices:
-        assert ch.finish_reason == "tool_calls"
+        assert ch.finish_reason == "tool_calls", ch
         (call,) = ch.message.tool_calls
         args = json.loads(call.function.arguments)
-        assert call.function.name in ("get_weather", "get-time") and isinstance(args, dict)
-        assert call.function.name != "get_weather" or valid_weather(args)
+        assert call.function.name in ("get_weather", "get_time")
+        assert valid_weather(args) if call.function.name == "get_weather" else args in ({"tz": "UTC"}, {"tz": "CET"})
 
 
 def test_serve_streamed_call_is_a_tool_call_delta(served):
@@ -279,26 +295,35 @@ def test_serve_streamed_call_is_a_tool_call_delta(served):
     assert calls[0].function.name == "get_weather"
     assert calls[0].function.arguments == whole.message.tool_calls[0].function.arguments
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    chunks = list(_chat(served, tools=BOUNDED, tool_choice="required", n=2, temperature=1.0, seed=4, stream=True))
+    for i in range(2):                                  # each choice gets its own call and finish
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == i]
+        calls = [tc for ch in mine for tc in (ch.delta.tool_calls or [])]
+        assert len(calls) == 1 and isinstance(json.loads(calls[0].function.arguments), dict)
+        assert [ch.finish_reason for ch in mine if ch.finish_reason] == ["tool_calls"]
 
 
 def test_serve_auto_and_none_stream_text_as_before(served):
+    prompt = {}
     for choice in ("auto", "none"):
-        whole = _chat(served, tool_choice=choice, temperature=0, max_tokens=24).choices[0]
+        r = _chat(served, tool_choice=choice, temperature=0, max_tokens=24)
+        whole, prompt[choice] = r.choices[0], r.usage.prompt_tokens
         chunks = list(_chat(served, tool_choice=choice, temperature=0, max_tokens=24, stream=True))
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         if whole.message.tool_calls is None:      # a random model: almost surely no call
             assert text == whole.message.content and whole.finish_reason in ("stop", "length")
             assert chunks[-1].choices[0].finish_reason == whole.finish_reason
+    assert prompt["none"] + 100 < prompt["auto"]        # "none": the tools are not described to the model
 
 
 def test_serve_tool_history_round_trip(served):
-    named = {"type": "function", "function": {"name": "get-time"}}
-    first = _chat(served, tool_choice=named, temperature=0).choices[0]
+    named = {"type": "function", "function": {"name": "get_time"}}
+    first = _chat(served, tools=BOUNDED, tool_choice=named, temperature=0).choices[0]
     assert first.finish_reason == "tool_calls", first
     call = first.message.tool_calls[0]
     history = MESSAGES + [first.message.model_dump(exclude_none=False),
                           {"role": "tool", "tool_call_id": call.id, "content": "12:00"}]
-    r = _chat(served, messages=history, temperature=0, max_tokens=8)
+    r = _chat(served, tools=BOUNDED, messages=history, temperature=0, max_tokens=8)
     assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
     assert r.usage.prompt_tokens > 40
 
