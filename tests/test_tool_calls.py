@@ -193,6 +193,16 @@ def test_grammar_forces_one_call_of_the_chosen_function():
     c = g.matcher(tool_call_grammar(TOOLS, "required"), {tok.eos_id})
     ids = tok.encode(block(("get_weather", '{"city": "Rome", "days": 9, "metric": false}')))
     assert not all(c.accept(t) for t in ids)                                              # days > 7
+    # "required": up to MAX_FORCED_CALLS calls, one with parallel_tool_calls false; named: exactly one
+    from dsv3.infer.tool_calls import MAX_FORCED_CALLS
+
+    for choice, parallel, most in (("required", True, MAX_FORCED_CALLS), ("required", False, 1),
+                                   ({"type": "function", "function": {"name": "get-time"}}, True, 1)):
+        spec = tool_call_grammar(TOOLS, choice, parallel)
+        for k in range(1, MAX_FORCED_CALLS + 2):
+            c = g.matcher(spec, {tok.eos_id})
+            ok = all(c.accept(t) for t in tok.encode(block(*[("get-time", "{}")] * k))) and c.accept(tok.eos_id)
+            assert ok == (k <= most), (choice, parallel, k)
 
 
 # --------------------------------------------------------------------------------------- dsv3 serve
@@ -205,7 +215,7 @@ KEY, NAME = "sk-test", "tool-model"
 
 @pytest.fixture(scope="module")
 def tool_model(tmp_path_factory, data_dir):
-    """A random model (the corpus tokenizer, 1024 positions: the tools' description is long)."""
+    """A random model (the corpus tokenizer, 2048 positions: the tools' description and the call markers are long)."""
     import os
     import shutil
 
@@ -216,7 +226,7 @@ def tool_model(tmp_path_factory, data_dir):
 
     out = tmp_path_factory.mktemp("tool_model")
     torch.manual_seed(0)
-    save_pretrained(Transformer(small_config(vocab_size=2048, max_position_embeddings=1024)), out)
+    save_pretrained(Transformer(small_config(vocab_size=2048, max_position_embeddings=2048)), out)
     shutil.copy(os.path.join(data_dir, "tokenizer.json"), out / "tokenizer.json")
     (out / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<｜begin▁of▁sentence｜>", "eos_token": "<｜end▁of▁sentence｜>", "add_bos_token": True}))
@@ -275,13 +285,18 @@ def test_serve_named_and_required_tool_choice_give_valid_calls(served):
         (call,) = ch.message.tool_calls
         assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather"
         assert valid_weather(json.loads(call.function.arguments)), call.function.arguments
-    r = _chat(served, tools=BOUNDED, tool_choice="required", n=4, temperature=1.0, seed=2)
-    for ch in r.choices:
-        assert ch.finish_reason == "tool_calls", ch
-        (call,) = ch.message.tool_calls
-        args = json.loads(call.function.arguments)
-        assert call.function.name in ("get_weather", "get_time")
-        assert valid_weather(args) if call.function.name == "get_weather" else args in ({"tz": "UTC"}, {"tz": "CET"})
+    for parallel in (None, False):
+        r = _chat(served, tools=BOUNDED, tool_choice="required", n=4, temperature=1.0, seed=2,
+                  parallel_tool_calls=parallel, max_tokens=1400)
+        for ch in r.choices:
+            assert ch.finish_reason == "tool_calls", ch
+            assert 1 <= len(ch.message.tool_calls) <= (1 if parallel is False else 4)
+            assert len({c.id for c in ch.message.tool_calls}) == len(ch.message.tool_calls)
+            for call in ch.message.tool_calls:
+                args = json.loads(call.function.arguments)
+                assert call.function.name in ("get_weather", "get_time")
+                assert valid_weather(args) if call.function.name == "get_weather" else \
+                    args in ({"tz": "UTC"}, {"tz": "CET"})
 
 
 def test_serve_streamed_call_is_a_tool_call_delta(served):

@@ -585,7 +585,7 @@ async def chat_completions(st: ServerState, request):
             raise APIError(400, "tool_choice: a forced tool call cannot be combined with continue_final_message (the "
                                 "call would have to start in the middle of the continued message)",
                            param="tool_choice", code="invalid_parameter_combination")
-        grammar = tool_call_grammar(tools, tool_choice)
+        grammar = tool_call_grammar(tools, tool_choice, body.parallel_tool_calls is not False)
 
     def render():
         try:

@@ -35,8 +35,9 @@ INSTALL_HINT = "pip install 'xgrammar>=0.2.9,<0.3' (or pip install 'dsv3[serve]'
 class GrammarSpec:
     """What a request's output must be: ``kind`` "json_object" (any JSON object), "json_schema"
     (``schema``: the JSON Schema as compact JSON text, its keys in their given order: properties are
-    written in the order the schema declares them) or "tool_call" (``schema``: JSON [[name, parameters or
-    null], …]: one DeepSeek-V3 tool-call block calling one of these functions, :mod:`dsv3.infer.tool_calls`)."""
+    written in the order the schema declares them) or "tool_call" (``schema``: JSON {"functions": [[name,
+    parameters or null], …], "max_calls": k}: one DeepSeek-V3 tool-call block of 1 … k calls of these
+    functions, :mod:`dsv3.infer.tool_calls`)."""
     kind: str
     schema: str | None = None
 

@@ -146,18 +146,23 @@ class ToolCallStream:
 
 
 # --------------------------------------------------------------------------------------- the grammar
-def tool_call_grammar(tools: list[dict], choice) -> "object":
-    """The :class:`dsv3.infer.structured.GrammarSpec` for ``tool_choice`` "required" (a call of any of
-    ``tools``) or ``{"type": "function", "function": {"name": …}}`` (a call of that one): the output is
-    exactly one call block, its arguments keeping to the function's ``parameters`` schema."""
+MAX_FORCED_CALLS = 4         # calls a "required" answer may hold (parallel_tool_calls not false)
+
+
+def tool_call_grammar(tools: list[dict], choice, parallel: bool = True) -> "object":
+    """The :class:`dsv3.infer.structured.GrammarSpec` for ``tool_choice`` "required" (one call block of 1 …
+    MAX_FORCED_CALLS calls of any of ``tools``; one call when ``parallel`` is false) or ``{"type":
+    "function", "function": {"name": …}}`` (exactly one call of that one), each call's arguments keeping to
+    its function's ``parameters`` schema."""
     from .structured import GrammarSpec
 
     if isinstance(choice, str):
-        chosen = tools
+        chosen, most = tools, (MAX_FORCED_CALLS if parallel else 1)
     else:
-        chosen = [t for t in tools if t["function"]["name"] == choice["function"]["name"]]
+        chosen, most = [t for t in tools if t["function"]["name"] == choice["function"]["name"]], 1
     funcs = [[t["function"]["name"], t["function"].get("parameters")] for t in chosen]
-    return GrammarSpec("tool_call", json.dumps(funcs, ensure_ascii=False, separators=(",", ":")))
+    return GrammarSpec("tool_call", json.dumps({"functions": funcs, "max_calls": most}, ensure_ascii=False,
+                                               separators=(",", ":")))
 
 
 def _ebnf_literal(text: str) -> str:
@@ -165,19 +170,28 @@ def _ebnf_literal(text: str) -> str:
 
 
 def build_grammar(xgr, spec_text: str):
-    """xgrammar ``Grammar`` of a "tool_call" spec (``spec_text``: JSON [[name, parameters or null], …]):
-    the call block of one of the functions, its arguments JSON (compact spacing) that keeps to its
-    parameters (any object when there are none)."""
-    funcs = json.loads(spec_text)
-    alts = []
-    for name, params in funcs:
-        head = xgr.Grammar.from_ebnf("root ::= " + _ebnf_literal(
-            f"{CALLS_BEGIN}{CALL_BEGIN}function{SEP}{name}\n```json\n"))
-        tail = xgr.Grammar.from_ebnf("root ::= " + _ebnf_literal(f"\n```{CALL_END}{CALLS_END}"))
-        if params is None:
-            body = xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
-        else:
-            body = xgr.Grammar.from_json_schema(json.dumps(params, ensure_ascii=False), any_whitespace=False,
-                                                strict_mode=True)
-        alts.append(xgr.Grammar.concat(head, body, tail))
-    return alts[0] if len(alts) == 1 else xgr.Grammar.union(*alts)
+    """xgrammar ``Grammar`` of a "tool_call" spec (``spec_text``: JSON {"functions": [[name, parameters or
+    null], …], "max_calls": k}): a call block of 1 … k calls (separated by a new line), each of one of the
+    functions, its arguments JSON (compact spacing) that keeps to its parameters (any object when there
+    are none)."""
+    spec = json.loads(spec_text)
+
+    def lit(text):
+        return xgr.Grammar.from_ebnf("root ::= " + _ebnf_literal(text))
+
+    def call():                  # one call of any of the functions (a fresh copy each time it is used)
+        alts = []
+        for name, params in spec["functions"]:
+            if params is None:
+                body = xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
+            else:
+                body = xgr.Grammar.from_json_schema(json.dumps(params, ensure_ascii=False), any_whitespace=False,
+                                                    strict_mode=True)
+            alts.append(xgr.Grammar.concat(lit(f"{CALL_BEGIN}function{SEP}{name}\n```json\n"), body,
+                                           lit(f"\n```{CALL_END}")))
+        return alts[0] if len(alts) == 1 else xgr.Grammar.union(*alts)
+
+    calls = call()               # 1 … k calls, built from the last: call ("" | "\n" calls)
+    for _ in range(int(spec["max_calls"]) - 1):
+        calls = xgr.Grammar.concat(call(), xgr.Grammar.union(lit(""), xgr.Grammar.concat(lit("\n"), calls)))
+    return xgr.Grammar.concat(lit(CALLS_BEGIN), calls, lit(CALLS_END))
