@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import socket
+import subprocess
+import sys
 import time
 
 import torch.multiprocessing as mp
@@ -105,6 +109,31 @@ def save_served_model(out, seed: int, **config) -> str:
     save_pretrained(m, out)
     save_byte_level_tokenizer(out)
     return str(out)
+
+
+@contextlib.contextmanager
+def serve_openai(model_dir: str, log_dir, name: str, key: str, *flags: str, timeout: float = 120):
+    """A real ``dsv3 serve`` of ``model_dir`` (one thread, batches of 4, ``flags`` added), yielding an
+    official ``openai`` client for it; stopped (SIGTERM, then SIGKILL) afterwards."""
+    import openai
+
+    port = free_port()
+    log = os.path.join(log_dir, "server.log")
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "dsv3.cli", "serve", "--model", model_dir, "--port", str(port),
+                                 "--max-batch", "4", "--served-model-name", name, "--api-key", key, "--threads", "1",
+                                 *flags], env=cli_env(), stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc, log, 120)
+        yield openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=timeout)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
 
 
 def start_ep_serve(model_dir: str, world: int, port: int, log, *flags: str):

@@ -214,27 +214,11 @@ def served(request, model_dir, tmp_path_factory):
     pytest.importorskip("fastapi")
     pytest.importorskip("openai")
     pytest.importorskip("xgrammar")
-    from helpers import cli_env, free_port, wait_healthy
+    from helpers import serve_openai
 
-    port = free_port()
-    log = tmp_path_factory.mktemp("serve_json") / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "dsv3.cli", "serve", "--model", model_dir, "--port", str(port),
-                                 "--max-batch", "4", "--served-model-name", NAME, "--api-key", KEY, "--threads", "1"]
-                                + (["--speculative"] if request.param == "speculative" else []),
-                                env=cli_env(), stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, proc, log, 120)
-        yield openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
-
+    flags = ["--speculative"] if request.param == "speculative" else []
+    with serve_openai(model_dir, tmp_path_factory.mktemp("serve_json"), NAME, KEY, *flags) as client:
+        yield client
 
 def _chat(client, **kw):
     return client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Give me JSON."}], **kw)

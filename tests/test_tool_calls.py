@@ -4,8 +4,6 @@ grammar that forces a call, then a real ``dsv3 serve`` driven with the ``openai`
 a named function give calls whose arguments keep to the schema, streamed as tool_call deltas)."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -239,27 +237,11 @@ def served(request, tool_model, tmp_path_factory):
     pytest.importorskip("fastapi")
     pytest.importorskip("openai")
     pytest.importorskip("xgrammar")
-    from helpers import cli_env, free_port, wait_healthy
+    from helpers import serve_openai
 
-    port = free_port()
-    log = tmp_path_factory.mktemp("serve_tools") / "server.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "dsv3.cli", "serve", "--model", tool_model, "--port", str(port),
-                                 "--max-batch", "4", "--served-model-name", NAME, "--api-key", KEY, "--threads", "1"]
-                                + (["--speculative"] if request.param == "speculative" else []),
-                                env=cli_env(), stdout=f, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, proc, log, 120)
-        yield openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=300)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
-
+    flags = ["--speculative"] if request.param == "speculative" else []
+    with serve_openai(tool_model, tmp_path_factory.mktemp("serve_tools"), NAME, KEY, *flags, timeout=300) as client:
+        yield client
 
 MESSAGES = [{"role": "user", "content": "What is the weather in Rome?"}]
 
