@@ -71,7 +71,7 @@ class GenerationStream:
         self.req = self.worker.submit(self.prompt, self.max_tokens, self.params, self.seed,
                                       stop_ids=frozenset(self.stop_ids), logprobs=self.logprobs,
                                       prompt_logprobs=self.prompt_logprobs, on_token=notify, on_done=notify,
-                                      **({} if self.grammar is None else {"grammar": self.grammar}))
+                                      grammar=self.grammar)
         if self.metrics is not None:
             self.metrics.prompt_tokens.inc(len(self.prompt))
 
