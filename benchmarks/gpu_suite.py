@@ -262,6 +262,18 @@ def correctness(s: Suite) -> None:
                     worst_64 = max(worst_64, _rel(out, fp64_reference(*ops, row)))
                 bf = fp8.fp8_gemm(*ops, out_dtype=torch.bfloat16, backend=backend)
                 _need(bf.dtype == torch.bfloat16 and _rel(bf, ref) < 2 ** -7, f"{backend} BF16 output off")
+                if backend == "triton":      # the pointer kernel too, where the TMA one served the call
+                    from dsv3.fp8 import triton_kernels as tk
+                    out = tk.fp8_gemm(*ops, torch.float32, b_row_scales=row, tma=False)
+                    worst_ref = max(worst_ref, _rel(out, ref))
+            if backend == "triton":          # Dgrad's operand: Wᵀ as a strided view of W (TMA: B_KN)
+                from dsv3.fp8 import triton_kernels as tk
+                a_q, a_s, b_q, b_s = operands(256, 384, 1024 if not dry else 256, 77)
+                d_q, d_s = fp8.quantize_activation(_data((256, b_q.shape[0]), 78, dev))
+                ref = fp8.fp8_gemm(d_q, d_s, b_q.t().contiguous(), b_s.t().contiguous(), torch.float32, "torch")
+                for tma in (None, False):
+                    worst_ref = max(worst_ref, _rel(tk.fp8_gemm(d_q, d_s, b_q.t(), b_s.t(), torch.float32,
+                                                                tma=tma), ref))
             _need(worst_ref < mma_tol, f"{backend} vs torch reference: {worst_ref:.2e} (bound {mma_tol:.0e})")
             _need(worst_64 < max(mma_tol, 1e-4), f"{backend} vs fp64: {worst_64:.2e}")
             return {"summary": f"max rel err {worst_ref:.1e} vs torch reference, {worst_64:.1e} vs fp64",
@@ -278,8 +290,12 @@ def correctness(s: Suite) -> None:
             out = fp8.fp8_grouped_gemm(*ops, counts=counts, out_dtype=torch.float32, backend="triton")
             _need(bool(torch.isfinite(out).all()), f"grouped GEMM {counts}: non-finite output")
             worst = max(worst, _rel(out, ref))
+            from dsv3.fp8 import triton_kernels as tk      # the pointer kernel too
+            out = tk.fp8_grouped_gemm(*ops, fp8.segment_bounds(counts), torch.float32, b_row_scales=row, tma=False)
+            worst = max(worst, _rel(out, ref))
         _need(worst < mma_tol, f"grouped GEMM vs torch reference: {worst:.2e} (bound {mma_tol:.0e})")
-        return {"summary": f"max rel err {worst:.1e} vs torch reference (empty groups included)", "rel_err": worst}
+        return {"summary": f"max rel err {worst:.1e} vs torch reference (TMA and pointer kernels, empty groups "
+                           "included)", "rel_err": worst}
 
     def grouped_wgrad():
         from dsv3.fp8 import triton_kernels as tk
@@ -456,10 +472,17 @@ def gemm_speed(s: Suite) -> None:
                         lambda: fp8.fp8_gemm(*ops, out_dtype=torch.bfloat16, backend=be), dev, dry) / 1e9
                 except RuntimeError as err:
                     row[f"{be}_error"] = str(err)[:160]
+            from dsv3.fp8 import triton_kernels as tk
+            c = torch.empty(m, n, dtype=torch.bfloat16, device=dev)
+            row["triton_kernel"] = "tma" if tk.gemm_uses_tma(ops[0], ops[2], c) else "pointer"
+            if row["triton_kernel"] == "tma":          # the pointer kernel alongside
+                row["triton_ptr_tflops"] = flops / _bench_ms(lambda: tk.fp8_gemm(*ops, tma=False), dev, dry) / 1e9
             tri = row.get("triton_tflops")
-            if tri and dev.type == "cuda":
-                from dsv3.fp8 import triton_kernels as tk
-                row["triton_config"] = str(tk._fp8_gemm_kernel.best_config)       # the autotuner's pick
+            if tri and dev.type == "cuda":                                        # the autotuner's picks
+                row["triton_config"] = str((tk._fp8_gemm_tma_kernel if row["triton_kernel"] == "tma"
+                                            else tk._fp8_gemm_kernel).best_config)
+                if "triton_ptr_tflops" in row:
+                    row["triton_ptr_config"] = str(tk._fp8_gemm_kernel.best_config)
             if tri:
                 row["triton_vs_bf16"] = tri / row["bf16_tflops"]
                 if row.get("scaled_mm_tflops"):
@@ -483,9 +506,14 @@ def gemm_speed(s: Suite) -> None:
                    "bf16_tflops": flops / _bench_ms(lambda: torch.bmm(a3, b.transpose(1, 2)), dev, dry) / 1e9,
                    "triton_tflops": flops / _bench_ms(lambda: fp8.fp8_grouped_gemm(
                        a_q, a_s, b_q, b_s, counts=counts, out_dtype=torch.bfloat16, backend="triton"), dev, dry) / 1e9}
+            from dsv3.fp8 import triton_kernels as tk
+            segs = fp8.segment_bounds(counts)
+            row["triton_ptr_tflops"] = flops / _bench_ms(lambda: tk.fp8_grouped_gemm(
+                a_q, a_s, b_q, b_s, segs, tma=False), dev, dry) / 1e9
             row["triton_vs_bf16"] = row["triton_tflops"] / row["bf16_tflops"]
             rows.append(row)
-            return {"summary": f"TFLOPS: triton {row['triton_tflops']:.4g}, bf16 bmm {row['bf16_tflops']:.4g}", **row}
+            return {"summary": f"TFLOPS: triton {row['triton_tflops']:.4g} (pointer kernel {row['triton_ptr_tflops']:.4g}),"
+                               f" bf16 bmm {row['bf16_tflops']:.4g}", **row}
         return run
 
     def quantiser():

@@ -89,7 +89,7 @@ def _scaled_tile(a_ptr, b_ptr, as_ptr, bs_ptr, offs_m, offs_n, K,
     a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk   # [BK, BN]
     as_ptrs = as_ptr + offs_m * stride_asm
-    bs_ptrs = bs_ptr + (offs_n // B_SCALE_DIV) * stride_bsn
+    bs_ptrs = _b_scale_ptrs(bs_ptr, offs_n, stride_bsn, B_SCALE_DIV, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for g in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
@@ -99,12 +99,45 @@ def _scaled_tile(a_ptr, b_ptr, as_ptr, bs_ptr, offs_m, offs_n, K,
             k_left = K - g * BLOCK_K
             a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
             b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        sa = tl.load(as_ptrs + g * stride_asg)
-        sb = tl.load(bs_ptrs + g * stride_bsg)
-        acc += tl.dot(a, b) * sa[:, None] * sb[None, :]
+        acc = _promote(acc, tl.dot(a, b), as_ptrs + g * stride_asg, bs_ptrs + g * stride_bsg,
+                       ONE_B_SCALE=(B_SCALE_DIV >= BLOCK_N))
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     return acc
+
+
+@triton.jit
+def _promote(acc, part, as_ptrs, bs_ptrs, ONE_B_SCALE: tl.constexpr):
+    """acc + part · sa ⊗ sb: one 128-group's MMA result scaled into the FP32 accumulator.
+
+    ONE_B_SCALE: the tile's columns share one weight block (BLOCK_N divides 128 and tiles start on
+    multiples of BLOCK_N), so sb is one number, folded into the row scales: one FMA per element."""
+    sa = tl.load(as_ptrs)
+    sb = tl.load(bs_ptrs)
+    if ONE_B_SCALE:
+        return acc + part * (sa * sb)[:, None]
+    return acc + part * sa[:, None] * sb[None, :]
+
+
+@triton.jit
+def _b_scale_ptrs(bs_ptr, offs_n, stride_bsn, B_SCALE_DIV: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The tile's weight-scale pointers along N for group 0: one pointer when its columns share a
+    128-row weight block (see _promote), else one per column."""
+    if B_SCALE_DIV >= BLOCK_N:
+        return bs_ptr + (tl.min(offs_n, axis=0) // B_SCALE_DIV) * stride_bsn
+    return bs_ptr + (offs_n // B_SCALE_DIV) * stride_bsn
+
+
+@triton.jit
+def _tile_order(pid, M, N, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(row tile, column tile) of program pid in grouped launch order: GROUP_M row tiles share each
+    column tile while it is hot in L2."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % width) % size_m, (pid % width) // size_m
 
 
 @triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K_BUCKET", "B_SCALE_DIV"],
@@ -116,15 +149,7 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, M, N, K,
                      B_SCALE_DIV: tl.constexpr, EVEN_K: tl.constexpr, GROUP_M: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # Grouped launch order: GROUP_M row-tiles share each column tile while it is hot in L2.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * num_n
-    first_m = (pid // width) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
-
+    pid_m, pid_n = _tile_order(tl.program_id(0), M, N, GROUP_M, BLOCK_M, BLOCK_N)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = _scaled_tile(a_ptr, b_ptr, as_ptr, bs_ptr,
@@ -166,25 +191,177 @@ def _fp8_grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr,
              mask=(rows[:, None] < r1) & (cols[None, :] < N))
 
 
-def fp8_gemm(a_q, a_s, b_q, b_s, out_dtype=torch.bfloat16, b_row_scales=False):
-    """a [M, K] e4m3 (1×128 scales) @ b [N, K]ᵀ e4m3 (128×128, or 1×128 if b_row_scales)."""
+# --------------------------------------------------------------------------------------------
+# TMA variants (Hopper): operand tiles arrive by tensor-memory-accelerator copies from host-built
+# descriptors instead of per-thread pointer loads (no address arithmetic in the loop, zero fill
+# past the edges, so no K masks), and the dense kernel stores C the same way. Used where every
+# operand meets TMA's rules (16-byte aligned base and row strides, unit inner stride); the
+# pointer kernels above serve the rest and the CPU interpreter's tests cover both.
+# --------------------------------------------------------------------------------------------
+
+def _tma_configs(tiles, grouped=False):
+    """Configs from (BLOCK_M, BLOCK_N, stages, warps); the grouped kernel's BLOCK_M is the caller's."""
+    if INTERPRET:
+        tiles = [(32, 32, 1, 4)]
+
+    def meta(bm, bn):
+        return {"BLOCK_N": bn} if grouped else {"BLOCK_M": bm, "BLOCK_N": bn}
+    return [triton.Config(meta(bm, bn), num_stages=st, num_warps=w, pre_hook=_tma_blocks)
+            for bm, bn, st, w in tiles]
+
+
+def _tma_blocks(nargs):
+    """Autotuner pre-hook: each config's tile shapes onto the descriptors."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["a_desc"].block_shape = [bm, bk]
+    nargs["b_desc"].block_shape = [bk, bn] if nargs.get("B_KN") else [bn, bk]
+    if "c_desc" in nargs:
+        nargs["c_desc"].block_shape = [bm, bn]
+
+
+# 128×128 tiles with 8 warps keep the MMA result and the FP32 accumulator of one 128-group in
+# registers (64 + 64 per thread); wider tiles spill. 64-row tiles give decode-sized M more CTAs.
+_TMA_TILES = [
+    (128, 128, 4, 8), (128, 128, 5, 8), (128, 256, 3, 8),      # M ≥ 256
+    (64, 128, 4, 4), (64, 64, 6, 4), (128, 64, 5, 4),          # 64 ≤ M < 256
+    (64, 64, 4, 4), (64, 128, 4, 4), (64, 32, 6, 4),           # M < 64
+]
+
+
+@triton.jit
+def _scaled_tile_tma(a_desc, b_desc, as_ptr, bs_ptr, row0, brow0, offs_m, offs_n, K,
+                     stride_asm, stride_asg, stride_bsn, stride_bsg,
+                     B_SCALE_DIV: tl.constexpr, B_KN: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """_scaled_tile with TMA operand loads: A rows row0…, B rows brow0… (or, B_KN, B stored [K, N]:
+    columns brow0…). offs_m / offs_n (clamped) only address the scales."""
+    as_ptrs = as_ptr + offs_m * stride_asm
+    bs_ptrs = _b_scale_ptrs(bs_ptr, offs_n, stride_bsn, B_SCALE_DIV, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for g in range(0, tl.cdiv(K, BLOCK_K)):
+        a = a_desc.load([row0, g * BLOCK_K])
+        if B_KN:
+            b = b_desc.load([g * BLOCK_K, brow0])
+        else:
+            b = b_desc.load([brow0, g * BLOCK_K]).T
+        acc = _promote(acc, tl.dot(a, b), as_ptrs + g * stride_asg, bs_ptrs + g * stride_bsg,
+                       ONE_B_SCALE=(B_SCALE_DIV >= BLOCK_N))
+    return acc
+
+
+def _prune_tma(configs, named_args, **kwargs):
+    m = named_args["M_BUCKET"]
+    first = 0 if m >= 256 else 3 if m >= 64 else 6
+    return configs[first:first + 3] if len(configs) >= first + 3 else configs[:1]
+
+
+@triton.autotune(configs=_tma_configs(_TMA_TILES), key=["M_BUCKET", "N", "K_BUCKET", "B_SCALE_DIV", "B_KN"],
+                 prune_configs_by={"early_config_prune": _prune_tma})
+@triton.jit
+def _fp8_gemm_tma_kernel(a_desc, b_desc, c_desc, as_ptr, bs_ptr, M, N, K,
+                         stride_asm, stride_asg, stride_bsn, stride_bsg, M_BUCKET, K_BUCKET,
+                         B_SCALE_DIV: tl.constexpr, B_KN: tl.constexpr, OUT: tl.constexpr,
+                         GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
+    pid_m, pid_n = _tile_order(tl.program_id(0), M, N, GROUP_M, BLOCK_M, BLOCK_N)
+    row0, col0 = pid_m * BLOCK_M, pid_n * BLOCK_N
+    rows = tl.minimum(row0 + tl.arange(0, BLOCK_M), M - 1)
+    cols = tl.minimum(col0 + tl.arange(0, BLOCK_N), N - 1)
+    acc = _scaled_tile_tma(a_desc, b_desc, as_ptr, bs_ptr, row0, col0, rows, cols, K,
+                           stride_asm, stride_asg, stride_bsn, stride_bsg,
+                           B_SCALE_DIV, B_KN, BLOCK_M, BLOCK_N, BLOCK_K)
+    c_desc.store([row0, col0], acc.to(OUT))
+
+
+@triton.autotune(configs=_tma_configs([(None, 128, 4, 8), (None, 128, 5, 8), (None, 64, 5, 4)], grouped=True),
+                 key=["N", "K", "B_SCALE_DIV", "BLOCK_M"])
+@triton.jit
+def _fp8_grouped_gemm_tma_kernel(a_desc, b_desc, c_ptr, as_ptr, bs_ptr,
+                                 tile_e_ptr, tile_r0_ptr, tile_r1_ptr, N, K,
+                                 stride_cm, stride_cn, stride_asm, stride_asg,
+                                 stride_bse, stride_bsn, stride_bsg,
+                                 B_SCALE_DIV: tl.constexpr, BLOCK_M: tl.constexpr,
+                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # b_desc covers the experts' weights as one [E·N, K] matrix: expert e's rows start at e·N.
+    # A rows past r1 (the next expert's, or zero fill past T) are computed and not stored.
+    pid_t = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(tile_e_ptr + pid_t)
+    r0 = tl.load(tile_r0_ptr + pid_t)
+    r1 = tl.load(tile_r1_ptr + pid_t)
+    rows = r0 + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = _scaled_tile_tma(a_desc, b_desc, as_ptr, bs_ptr + e.to(tl.int64) * stride_bse, r0,
+                           e * N + pid_n * BLOCK_N, tl.minimum(rows, r1 - 1), tl.minimum(cols, N - 1), K,
+                           stride_asm, stride_asg, stride_bsn, stride_bsg,
+                           B_SCALE_DIV, False, BLOCK_M, BLOCK_N, BLOCK_K)
+    c_ptrs = c_ptr + rows[:, None].to(tl.int64) * stride_cm + cols[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty),
+             mask=(rows[:, None] < r1) & (cols[None, :] < N))
+
+
+def tma_supported(device: torch.device) -> bool:
+    """TMA descriptors work here: Hopper or newer, or the interpreter (tests)."""
+    if INTERPRET:
+        return True
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def _tma_rows(t: torch.Tensor) -> bool:
+    """t (2-D) can back a TMA descriptor as stored: unit inner stride, 16-byte aligned base and rows."""
+    es = t.element_size()
+    return (t.dim() == 2 and t.stride(1) == 1 and t.data_ptr() % 16 == 0
+            and (t.stride(0) * es) % 16 == 0 and t.shape[1] * es >= 16)
+
+
+def _descriptor(t: torch.Tensor):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    return TensorDescriptor.from_tensor(t, [16, 64])       # a placeholder: each config sets its own (_tma_blocks)
+
+
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+def fp8_gemm(a_q, a_s, b_q, b_s, out_dtype=torch.bfloat16, b_row_scales=False, tma: bool | None = None):
+    """a [M, K] e4m3 (1×128 scales) @ b [N, K]ᵀ e4m3 (128×128, or 1×128 if b_row_scales).
+
+    b may be a transposed view (Dgrad's Wᵀ). ``tma``: None takes the TMA kernel wherever the
+    operands allow it (:func:`gemm_uses_tma`), True demands it (ValueError where they do not),
+    False takes the pointer kernel."""
     m, k = a_q.shape
     n = b_q.shape[0]
     a_s, b_s = a_s.float(), b_s.float()
     c = torch.empty(m, n, dtype=out_dtype, device=a_q.device)
     if m == 0 or n == 0:
         return c
+    use_tma = out_dtype in _TL_DTYPES and gemm_uses_tma(a_q, b_q, c)
+    if tma and not use_tma:
+        raise ValueError("fp8_gemm(tma=True): the operands do not meet TMA's alignment rules here")
+    keys = dict(B_SCALE_DIV=1 if b_row_scales else BLOCK, GROUP_M=8, BLOCK_K=BLOCK)
 
     def grid(meta):
         return (_cdiv(m, meta["BLOCK_M"]) * _cdiv(n, meta["BLOCK_N"]),)
 
+    if use_tma and tma is not False:
+        b_kn = b_q.stride(1) != 1                      # a transposed view: describe its [K, N] storage
+        _fp8_gemm_tma_kernel[grid](
+            _descriptor(a_q), _descriptor(b_q.t() if b_kn else b_q), _descriptor(c), a_s, b_s, m, n, k,
+            a_s.stride(0), a_s.stride(1), b_s.stride(0), b_s.stride(1), _next_pow2(m), _next_pow2(k),
+            B_KN=b_kn, OUT=_TL_DTYPES[out_dtype], **keys)
+        return c
     _fp8_gemm_kernel[grid](
         a_q, b_q, c, a_s, b_s, m, n, k,
         a_q.stride(0), a_q.stride(1), b_q.stride(0), b_q.stride(1), c.stride(0), c.stride(1),
         a_s.stride(0), a_s.stride(1), b_s.stride(0), b_s.stride(1), _next_pow2(m), _next_pow2(k),
-        B_SCALE_DIV=1 if b_row_scales else BLOCK, EVEN_K=(k % BLOCK == 0), GROUP_M=8,
-        BLOCK_K=BLOCK)
+        EVEN_K=(k % BLOCK == 0), **keys)
     return c
+
+
+def gemm_uses_tma(a_q, b_q, c) -> bool:
+    """The dense GEMM takes its TMA kernel: the device has TMA and A, C and B (as stored, [N, K] or
+    a transposed view of [K, N]) meet its alignment rules."""
+    return (tma_supported(a_q.device) and _tma_rows(a_q) and _tma_rows(c)
+            and (_tma_rows(b_q) or _tma_rows(b_q.t())))
 
 
 def grouped_block_m(segments) -> int:
@@ -198,10 +375,13 @@ def grouped_block_m(segments) -> int:
 
 
 def fp8_grouped_gemm(a_q, a_s, b_q, b_s, segments, out_dtype=torch.bfloat16,
-                     b_row_scales=False, block_m: int | None = None):
-    """Per-expert a[r0:r1] @ b[e]ᵀ over contiguous segments [(r0, r1)] (one per expert)."""
+                     b_row_scales=False, block_m: int | None = None, tma: bool | None = None):
+    """Per-expert a[r0:r1] @ b[e]ᵀ over contiguous segments [(r0, r1)] (one per expert).
+
+    ``tma`` as in :func:`fp8_gemm` (TMA needs b contiguous: its experts are described as one
+    [E·N, K] matrix)."""
     t, k = a_q.shape
-    _, n, _ = b_q.shape
+    e_count, n, _ = b_q.shape
     a_s, b_s = a_s.float(), b_s.float()
     c = torch.empty(t, n, dtype=out_dtype, device=a_q.device)
     bm = block_m or grouped_block_m(segments)
@@ -214,6 +394,17 @@ def fp8_grouped_gemm(a_q, a_s, b_q, b_s, segments, out_dtype=torch.bfloat16,
     def grid(meta):
         return (len(tiles), _cdiv(n, meta["BLOCK_N"]))
 
+    use_tma = (tma_supported(a_q.device) and b_q.is_contiguous() and _tma_rows(a_q)
+               and _tma_rows(b_q.view(e_count * n, k)))
+    if tma and not use_tma:
+        raise ValueError("fp8_grouped_gemm(tma=True): the operands do not meet TMA's alignment rules here")
+    if use_tma and tma is not False:
+        _fp8_grouped_gemm_tma_kernel[grid](
+            _descriptor(a_q), _descriptor(b_q.view(e_count * n, k)), c, a_s, b_s,
+            sched[0], sched[1], sched[2], n, k, c.stride(0), c.stride(1), a_s.stride(0), a_s.stride(1),
+            b_s.stride(0), b_s.stride(1), b_s.stride(2),
+            B_SCALE_DIV=1 if b_row_scales else BLOCK, BLOCK_M=bm, BLOCK_K=BLOCK)
+        return c
     _fp8_grouped_gemm_kernel[grid](
         a_q, b_q, c, a_s, b_s, sched[0], sched[1], sched[2], n, k,
         a_q.stride(0), a_q.stride(1), b_q.stride(0), b_q.stride(1), b_q.stride(2),
@@ -254,7 +445,7 @@ def _quant_tile(x, POW2: tl.constexpr):
 
 
 @triton.jit
-def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm,
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_sg,
                       POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -265,12 +456,12 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm
     y, s = _quant_tile(x.to(tl.float32), POW2)
     tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :],
              y.to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(s_ptr + rows * stride_sm + pid_k, s, mask=rows < M)
+    tl.store(s_ptr + rows * stride_sm + pid_k * stride_sg, s, mask=rows < M)
 
 
 @triton.jit
 def _swiglu_quant_kernel(g_ptr, u_ptr, q_ptr, s_ptr, M, K, stride_gm, stride_um, stride_qm,
-                         stride_sm, POW2: tl.constexpr, BLOCK_M: tl.constexpr,
+                         stride_sm, stride_sg, POW2: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_K: tl.constexpr):
     # silu(g) * u computed in FP32 and quantised without writing the BF16 product to memory.
     pid_m = tl.program_id(0)
@@ -285,12 +476,18 @@ def _swiglu_quant_kernel(g_ptr, u_ptr, q_ptr, s_ptr, M, K, stride_gm, stride_um,
     y, s = _quant_tile(h, POW2)
     tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :],
              y.to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(s_ptr + rows * stride_sm + pid_k, s, mask=rows < M)
+    tl.store(s_ptr + rows * stride_sm + pid_k * stride_sg, s, mask=rows < M)
 
 
 def _rows(x):
     x2 = x.reshape(-1, x.shape[-1])
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _scales_m_major(m: int, groups: int, device) -> torch.Tensor:
+    """An [m, groups] FP32 scale tensor stored group-major (stride (1, m)): a GEMM tile reads each
+    group's BLOCK_M row scales as one contiguous run instead of BLOCK_M strided words."""
+    return torch.empty(groups, m, dtype=torch.float32, device=device).t()
 
 
 def act_quant(x: torch.Tensor, pow2_scale: bool = False, block_m: int = 32,
@@ -304,10 +501,10 @@ def act_quant(x: torch.Tensor, pow2_scale: bool = False, block_m: int = 32,
     m = x2.shape[0]
     kg = _cdiv(k, BLOCK)
     q = torch.empty(m, k, dtype=q_dtype, device=x.device)
-    s = torch.empty(m, kg, dtype=torch.float32, device=x.device)
+    s = _scales_m_major(m, kg, x.device)
     if m:
         _act_quant_kernel[(_cdiv(m, block_m), kg)](
-            x2, q, s, m, k, x2.stride(0), q.stride(0), s.stride(0),
+            x2, q, s, m, k, x2.stride(0), q.stride(0), s.stride(0), s.stride(1),
             POW2=pow2_scale, BLOCK_M=block_m, BLOCK_K=BLOCK, num_warps=4)
     return q.reshape(*x.shape[:-1], k), s.reshape(*x.shape[:-1], kg)
 
@@ -322,10 +519,10 @@ def swiglu_quant(gate: torch.Tensor, up: torch.Tensor, pow2_scale: bool = False,
     m = g2.shape[0]
     kg = _cdiv(k, BLOCK)
     q = torch.empty(m, k, dtype=q_dtype, device=gate.device)
-    s = torch.empty(m, kg, dtype=torch.float32, device=gate.device)
+    s = _scales_m_major(m, kg, gate.device)
     if m:
         _swiglu_quant_kernel[(_cdiv(m, block_m), kg)](
-            g2, u2, q, s, m, k, g2.stride(0), u2.stride(0), q.stride(0), s.stride(0),
+            g2, u2, q, s, m, k, g2.stride(0), u2.stride(0), q.stride(0), s.stride(0), s.stride(1),
             POW2=pow2_scale, BLOCK_M=block_m, BLOCK_K=BLOCK, num_warps=4)
     return q.reshape(*gate.shape[:-1], k), s.reshape(*gate.shape[:-1], kg)
 
@@ -401,7 +598,7 @@ def token_tiles(segments, t: int):
 
 @triton.jit
 def _act_quant_t_kernel(x_ptr, xs_ptr, q_ptr, s_ptr, r0_ptr, r1_ptr, c0_ptr, K, width,
-                        stride_xm, stride_xsm, stride_qk, stride_sk,
+                        stride_xm, stride_xsm, stride_xsg, stride_qk, stride_sk,
                         DEQUANT: tl.constexpr, POW2: tl.constexpr, BLOCK_T: tl.constexpr,
                         BLOCK_C: tl.constexpr):
     pid_t = tl.program_id(0)
@@ -415,7 +612,7 @@ def _act_quant_t_kernel(x_ptr, xs_ptr, q_ptr, s_ptr, r0_ptr, r1_ptr, c0_ptr, K, 
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + chans[None, :], mask=mask,
                 other=0.0).to(tl.float32)                                          # [BT, BC]
     if DEQUANT:   # an FP8 input with 1×128 scales along K: dequantise on load
-        sx = tl.load(xs_ptr + rows[:, None].to(tl.int64) * stride_xsm + chans[None, :] // _GROUP,
+        sx = tl.load(xs_ptr + rows[:, None].to(tl.int64) * stride_xsm + (chans[None, :] // _GROUP) * stride_xsg,
                      mask=mask, other=0.0)
         x = x * sx
     s = _scale(tl.max(tl.abs(x), axis=0), tl.sum((x != x).to(tl.int32), axis=0), POW2)   # [BC]
@@ -451,7 +648,7 @@ def act_quant_t(x: torch.Tensor, x_scale: torch.Tensor | None = None, segments=N
         block_c = 32 if INTERPRET else 64
         xs = x_scale if dequant else s
         _act_quant_t_kernel[(len(tiles), _cdiv(k, block_c))](
-            x, xs, q, s, sched[0], sched[1], sched[2], k, width, x.stride(0), xs.stride(0),
+            x, xs, q, s, sched[0], sched[1], sched[2], k, width, x.stride(0), xs.stride(0), xs.stride(1),
             q.stride(0), s.stride(0), DEQUANT=dequant, POW2=pow2_scale, BLOCK_T=BLOCK, BLOCK_C=block_c,
             num_warps=4)
     return q, s
