@@ -129,6 +129,48 @@ def test_triton_gemm_transposed_weight_operand():
     _assert_gemm_close(out, ref)
 
 
+
+@pytest.mark.parametrize("m,n,k,row", [(40, 64, 256, False), (33, 160, 272, False), (64, 96, 256, True)])
+def test_tma_and_pointer_gemm_kernels_agree_with_reference(m, n, k, row):
+    """Both dense kernels on TMA-legal operands (K and N rows 16-byte aligned; K not a multiple of
+    128 where TMA's zero fill stands in for the masks), and the activation scales as the Triton
+    quantiser stores them (group-major)."""
+    a_q, a_s, b_q, b_s = _operands(m, n, k, seed=3 * m + n, row=row)
+    a_s = a_s.t().contiguous().t()                      # [M, G] stored group-major, like act_quant's
+    ref = fp8.fp8_gemm(a_q, a_s, b_q, b_s, out_dtype=torch.float32, backend="torch")
+    assert tk.gemm_uses_tma(a_q, b_q, ref)
+    for tma in (True, False):
+        _assert_gemm_close(tk.fp8_gemm(a_q, a_s, b_q, b_s, torch.float32, b_row_scales=row, tma=tma), ref)
+
+
+def test_tma_gemm_refuses_unaligned_operands_and_auto_takes_pointer_kernel():
+    a_q, a_s, b_q, b_s = _operands(8, 48, 300, seed=9)         # 300-byte rows: not TMA-legal
+    assert not tk.gemm_uses_tma(a_q, b_q, torch.empty(8, 48))
+    with pytest.raises(ValueError, match="TMA"):
+        tk.fp8_gemm(a_q, a_s, b_q, b_s, torch.float32, tma=True)
+    ref = fp8.fp8_gemm(a_q, a_s, b_q, b_s, out_dtype=torch.float32, backend="torch")
+    _assert_gemm_close(tk.fp8_gemm(a_q, a_s, b_q, b_s, torch.float32), ref)
+
+
+def test_tma_gemm_transposed_weight_operand():
+    """Dgrad's Wᵀ as a strided view: the TMA kernel describes its [K, N] storage (B_KN)."""
+    a_q, a_s, b_q, b_s = _operands(32, 160, 256, seed=15)
+    d_q, d_s = fp8.quantize_activation(_data((48, 160), 16))
+    ref = fp8.fp8_gemm(d_q, d_s, b_q.t().contiguous(), b_s.t().contiguous(), torch.float32, "torch")
+    _assert_gemm_close(tk.fp8_gemm(d_q, d_s, b_q.t(), b_s.t(), torch.float32, tma=True), ref)
+
+
+@pytest.mark.parametrize("counts,row", [([10, 0, 37, 64], False), ([1, 70], True)])
+def test_tma_grouped_gemm_matches_reference(counts, row):
+    """A tiles that run past their expert read the next expert's rows (or TMA's zero fill): not stored."""
+    e, n, k = len(counts), 64, 384
+    a_q, a_s, b_q, b_s = _operands(sum(counts), n, k, seed=sum(counts) + 1, row=row, e=e)
+    ref = fp8.fp8_grouped_gemm(a_q, a_s, b_q, b_s, counts=counts, out_dtype=torch.float32, backend="torch")
+    segs = fp8.segment_bounds(counts)
+    for tma in (True, False):
+        _assert_gemm_close(tk.fp8_grouped_gemm(a_q, a_s, b_q, b_s, segs, torch.float32, b_row_scales=row,
+                                               tma=tma), ref)
+
 @pytest.mark.parametrize("counts,row", [([10, 0, 37], False), ([33, 1, 0, 64], True)])
 def test_triton_grouped_gemm_matches_torch_reference(counts, row):
     e, n, k = len(counts), 48, 256
