@@ -171,6 +171,20 @@ def test_tma_grouped_gemm_matches_reference(counts, row):
         _assert_gemm_close(tk.fp8_grouped_gemm(a_q, a_s, b_q, b_s, segs, torch.float32, b_row_scales=row,
                                                tma=tma), ref)
 
+
+def test_tma_grouped_gemm_transposed_weights():
+    """Grouped Dgrad: dy [T, N] @ (Wᵀ_e)ᵀ per expert, Wᵀ a strided view of W [E, N, K]."""
+    counts, n, k = [70, 0, 33], 128, 192
+    w = _data((3, n, k), 31)
+    w_q, w_s = fp8.quantize_weight(w)
+    d_q, d_s = fp8.quantize_activation(_data((sum(counts), n), 32))
+    wt_q, wt_s = w_q.transpose(1, 2), w_s.transpose(1, 2)
+    ref = fp8.fp8_grouped_gemm(d_q, d_s, wt_q.contiguous(), wt_s.contiguous(), counts=counts,
+                               out_dtype=torch.float32, backend="torch")
+    for tma in (True, False):
+        _assert_gemm_close(tk.fp8_grouped_gemm(d_q, d_s, wt_q, wt_s, fp8.segment_bounds(counts), torch.float32,
+                                               tma=tma), ref)
+
 @pytest.mark.parametrize("counts,row", [([10, 0, 37], False), ([33, 1, 0, 64], True)])
 def test_triton_grouped_gemm_matches_torch_reference(counts, row):
     e, n, k = len(counts), 48, 256

@@ -214,7 +214,7 @@ def _tma_blocks(nargs):
     """Autotuner pre-hook: each config's tile shapes onto the descriptors."""
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
     nargs["a_desc"].block_shape = [bm, bk]
-    nargs["b_desc"].block_shape = [bk, bn] if nargs.get("B_KN") else [bn, bk]
+    nargs["b_desc"].block_shape = [bk, bn] if nargs["B_KN"] else [bn, bk]
     if "c_desc" in nargs:
         nargs["c_desc"].block_shape = [bm, bn]
 
@@ -229,19 +229,19 @@ _TMA_TILES = [
 
 
 @triton.jit
-def _scaled_tile_tma(a_desc, b_desc, as_ptr, bs_ptr, row0, brow0, offs_m, offs_n, K,
+def _scaled_tile_tma(a_desc, b_desc, as_ptr, bs_ptr, row0, brow0, bk0, offs_m, offs_n, K,
                      stride_asm, stride_asg, stride_bsn, stride_bsg,
                      B_SCALE_DIV: tl.constexpr, B_KN: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """_scaled_tile with TMA operand loads: A rows row0…, B rows brow0… (or, B_KN, B stored [K, N]:
-    columns brow0…). offs_m / offs_n (clamped) only address the scales."""
+    rows bk0… and columns brow0…). offs_m / offs_n (clamped) only address the scales."""
     as_ptrs = as_ptr + offs_m * stride_asm
     bs_ptrs = _b_scale_ptrs(bs_ptr, offs_n, stride_bsn, B_SCALE_DIV, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for g in range(0, tl.cdiv(K, BLOCK_K)):
         a = a_desc.load([row0, g * BLOCK_K])
         if B_KN:
-            b = b_desc.load([g * BLOCK_K, brow0])
+            b = b_desc.load([bk0 + g * BLOCK_K, brow0])
         else:
             b = b_desc.load([brow0, g * BLOCK_K]).T
         acc = _promote(acc, tl.dot(a, b), as_ptrs + g * stride_asg, bs_ptrs + g * stride_bsg,
@@ -267,22 +267,23 @@ def _fp8_gemm_tma_kernel(a_desc, b_desc, c_desc, as_ptr, bs_ptr, M, N, K,
     row0, col0 = pid_m * BLOCK_M, pid_n * BLOCK_N
     rows = tl.minimum(row0 + tl.arange(0, BLOCK_M), M - 1)
     cols = tl.minimum(col0 + tl.arange(0, BLOCK_N), N - 1)
-    acc = _scaled_tile_tma(a_desc, b_desc, as_ptr, bs_ptr, row0, col0, rows, cols, K,
+    acc = _scaled_tile_tma(a_desc, b_desc, as_ptr, bs_ptr, row0, col0, 0, rows, cols, K,
                            stride_asm, stride_asg, stride_bsn, stride_bsg,
                            B_SCALE_DIV, B_KN, BLOCK_M, BLOCK_N, BLOCK_K)
     c_desc.store([row0, col0], acc.to(OUT))
 
 
 @triton.autotune(configs=_tma_configs([(None, 128, 4, 8), (None, 128, 5, 8), (None, 64, 5, 4)], grouped=True),
-                 key=["N", "K", "B_SCALE_DIV", "BLOCK_M"])
+                 key=["N", "K", "B_SCALE_DIV", "B_KN", "BLOCK_M"])
 @triton.jit
 def _fp8_grouped_gemm_tma_kernel(a_desc, b_desc, c_ptr, as_ptr, bs_ptr,
                                  tile_e_ptr, tile_r0_ptr, tile_r1_ptr, N, K,
                                  stride_cm, stride_cn, stride_asm, stride_asg,
                                  stride_bse, stride_bsn, stride_bsg,
-                                 B_SCALE_DIV: tl.constexpr, BLOCK_M: tl.constexpr,
+                                 B_SCALE_DIV: tl.constexpr, B_KN: tl.constexpr, BLOCK_M: tl.constexpr,
                                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # b_desc covers the experts' weights as one [E·N, K] matrix: expert e's rows start at e·N.
+    # b_desc covers the experts' weights as one [E·N, K] matrix: expert e's rows start at e·N (B_KN:
+    # the storage of a transposed view, one [E·K, N] matrix, expert e's rows from e·K).
     # A rows past r1 (the next expert's, or zero fill past T) are computed and not stored.
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -291,10 +292,14 @@ def _fp8_grouped_gemm_tma_kernel(a_desc, b_desc, c_ptr, as_ptr, bs_ptr,
     r1 = tl.load(tile_r1_ptr + pid_t)
     rows = r0 + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if B_KN:
+        brow0, bk0 = pid_n * BLOCK_N, e * K
+    else:
+        brow0, bk0 = e * N + pid_n * BLOCK_N, 0
     acc = _scaled_tile_tma(a_desc, b_desc, as_ptr, bs_ptr + e.to(tl.int64) * stride_bse, r0,
-                           e * N + pid_n * BLOCK_N, tl.minimum(rows, r1 - 1), tl.minimum(cols, N - 1), K,
+                           brow0, bk0, tl.minimum(rows, r1 - 1), tl.minimum(cols, N - 1), K,
                            stride_asm, stride_asg, stride_bsn, stride_bsg,
-                           B_SCALE_DIV, False, BLOCK_M, BLOCK_N, BLOCK_K)
+                           B_SCALE_DIV, B_KN, BLOCK_M, BLOCK_N, BLOCK_K)
     c_ptrs = c_ptr + rows[:, None].to(tl.int64) * stride_cm + cols[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty),
              mask=(rows[:, None] < r1) & (cols[None, :] < N))
@@ -378,8 +383,9 @@ def fp8_grouped_gemm(a_q, a_s, b_q, b_s, segments, out_dtype=torch.bfloat16,
                      b_row_scales=False, block_m: int | None = None, tma: bool | None = None):
     """Per-expert a[r0:r1] @ b[e]ᵀ over contiguous segments [(r0, r1)] (one per expert).
 
-    ``tma`` as in :func:`fp8_gemm` (TMA needs b contiguous: its experts are described as one
-    [E·N, K] matrix)."""
+    ``tma`` as in :func:`fp8_gemm`. TMA describes the experts as one matrix: b contiguous ([E·N, K]),
+    or b a transposed view of contiguous [E, K, N] storage with K a multiple of 128 (Dgrad's Wᵀ; a
+    K tile then never reaches into the next expert's rows)."""
     t, k = a_q.shape
     e_count, n, _ = b_q.shape
     a_s, b_s = a_s.float(), b_s.float()
@@ -394,16 +400,18 @@ def fp8_grouped_gemm(a_q, a_s, b_q, b_s, segments, out_dtype=torch.bfloat16,
     def grid(meta):
         return (len(tiles), _cdiv(n, meta["BLOCK_N"]))
 
-    use_tma = (tma_supported(a_q.device) and b_q.is_contiguous() and _tma_rows(a_q)
-               and _tma_rows(b_q.view(e_count * n, k)))
+    b_kn = not b_q.is_contiguous()
+    b_mat = (b_q.transpose(1, 2).reshape(e_count * k, n) if b_kn and b_q.transpose(1, 2).is_contiguous()
+             and k % BLOCK == 0 else b_q.view(e_count * n, k) if not b_kn else None)
+    use_tma = tma_supported(a_q.device) and _tma_rows(a_q) and b_mat is not None and _tma_rows(b_mat)
     if tma and not use_tma:
         raise ValueError("fp8_grouped_gemm(tma=True): the operands do not meet TMA's alignment rules here")
     if use_tma and tma is not False:
         _fp8_grouped_gemm_tma_kernel[grid](
-            _descriptor(a_q), _descriptor(b_q.view(e_count * n, k)), c, a_s, b_s,
+            _descriptor(a_q), _descriptor(b_mat), c, a_s, b_s,
             sched[0], sched[1], sched[2], n, k, c.stride(0), c.stride(1), a_s.stride(0), a_s.stride(1),
             b_s.stride(0), b_s.stride(1), b_s.stride(2),
-            B_SCALE_DIV=1 if b_row_scales else BLOCK, BLOCK_M=bm, BLOCK_K=BLOCK)
+            B_SCALE_DIV=1 if b_row_scales else BLOCK, B_KN=b_kn, BLOCK_M=bm, BLOCK_K=BLOCK)
         return c
     _fp8_grouped_gemm_kernel[grid](
         a_q, b_q, c, a_s, b_s, sched[0], sched[1], sched[2], n, k,
