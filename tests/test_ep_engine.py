@@ -320,6 +320,46 @@ def test_rebalance_is_due_after_the_interval_and_new_load_only():
         assert rebalance_due(interval, steps, seconds, forwards) == due, (interval, steps, seconds, forwards)
 
 
+def test_idle_heartbeat_steps_do_not_count_toward_a_steps_rebalance_interval(model_dir):
+    """A server idles (heartbeat steps only, no forward) before its first request and between two: with
+    ``--rebalance-interval N`` in steps, an order needs N steps that ran a forward since the last order
+    (or since the start) — idle steps never count, so the first busy steps after a long idle do not order
+    a rebalance from the load of one forward."""
+    from dsv3.infer.ep_engine import EPEngine, load_ep_model
+    from dsv3.parallel.mesh import EPComm
+
+    n = 5
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        comm = EPComm(0, 1, 1, group=dist.new_group([0]))
+        ep = EPEngine(load_ep_model(model_dir, comm, dtype=torch.float64), rebalance_interval=(n, "steps"), **ENGINE)
+        orders_at = []                            # ep.steps (forwards run) when each order was made
+
+        def step():
+            before, orders = ep.steps, ep.rebalance_orders
+            assert ep.step()
+            if ep.rebalance_orders > orders:
+                orders_at.append(before)
+
+        rng = random.Random(SEED)
+        for _ in range(3):
+            forwards = ep.steps
+            for _ in range(rng.randrange(3 * n, 8 * n)):      # idle: heartbeats only
+                step()
+            assert ep.steps == forwards                       # no forward while idle
+            req = ep.submit([rng.randrange(1, 60) for _ in range(rng.randrange(2, 20))], 3 * n,
+                            SamplingParams(0.0))
+            while ep._reqs:
+                step()
+            assert req.finish_reason == "length"
+        assert orders_at, orders_at
+        gaps = [b - a for a, b in zip([0] + orders_at, orders_at)]
+        assert all(g >= n for g in gaps), (orders_at, gaps)
+        ep.close()
+    finally:
+        dist.destroy_process_group()
+
+
 def test_an_idle_group_orders_no_rebalance(model_dir):
     """Rebalancing every step while requests run; once none runs (the server idles, stepping only to keep
     the group alive), no more orders: each would find no new load on any rank. A request then brings

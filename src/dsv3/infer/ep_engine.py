@@ -34,10 +34,11 @@ One step (:meth:`EPEngine.step`, collective over every rank):
 **Live redundant experts** (report §3.4): with ``--redundant-experts R`` every MoE layer has E + R
 slots (``expert.initial_placement``: a rank's own block plus replicas of its neighbour's experts).
 Every layer keeps the logical and per-slot loads of its last forwards (``ExpertParallelMoE.load`` /
-``phys_load``). Every ``rebalance_interval`` (steps or seconds, counted on rank 0) rank 0 puts a
-``rebalance`` order with the next placement version in the step's exchange, provided the group ran a
-forward after the last rebalance took its loads (:func:`rebalance_due`: an idle group orders none); at
-the start of the following step every rank sums the windows over the group, computes the same
+``phys_load``). Every ``rebalance_interval`` (steps that ran a forward — the heartbeat steps of an idle
+group do not count — or seconds, counted on rank 0) rank 0 puts a ``rebalance`` order with the next
+placement version in the step's exchange, provided the group ran a forward after the last rebalance
+took its loads (:func:`rebalance_due`: an idle group orders none); at the start of the following step
+every rank sums the windows over the group, computes the same
 placements with ``eplb.rebalance_experts``, and fetches point-to-point only the experts it newly holds
 (``ExpertParallelMoE.set_placement``) — serving pauses for that one step. Every rank reports its
 placement version in each exchange, so ranks on different placements fail loudly. A token's replica
@@ -80,7 +81,12 @@ def rebalance_due(interval: tuple[float, str] | None, steps_since_order: int, se
     """Whether rank 0 orders a live rebalance now: ``interval`` ((n, "steps"), (seconds, "s"); None: never)
     has passed since the last order, and the group ran a forward (routed tokens) after the last rebalance
     took its loads (``forwards_since_loads`` > 0). With nothing routed since, every rank would find no
-    new load and skip the rebalance: an idle group ordered one every interval for nothing."""
+    new load and skip the rebalance: an idle group ordered one every interval for nothing.
+
+    ``steps_since_order`` counts only steps that ran a forward (on any rank) since the last order (or
+    the start): the heartbeat steps an idle group takes to stay in lockstep are no work, and counting
+    them let an idle server's counter race past n, so its first busy step ordered a rebalance from the
+    load of a single forward."""
     if interval is None or forwards_since_loads <= 0:
         return False
     n, unit = interval
@@ -190,7 +196,7 @@ class EPEngine:
         self.placement_version = 0
         self.rebalances: list[dict] = []           # every rank: what the last REBALANCE_HISTORY rebalances measured
         self.rebalance_bytes = 0                   # every rank: expert bytes it received in all rebalances
-        self._since = (0, time.monotonic())        # rank 0: steps and time at the last rebalance order
+        self._since = (0, time.monotonic())        # rank 0: ``steps`` (forwards) and time at the last order
         self._loads_taken = 0                      # every rank: ``steps`` whose loads the last rebalance order takes
         self.rebalance_orders = 0                  # rank 0: rebalances ordered (each rank skips one without load)
 
@@ -279,12 +285,13 @@ class EPEngine:
         but one (the order travels with the next exchange)."""
         with self._lock:
             self._outbox.append(("rebalance", ALL, self.placement_version + 1))
-            self._since = (0, time.monotonic())
+            self._since = (self.steps, time.monotonic())
             self.rebalance_orders += 1
 
     def _rebalance_due(self) -> bool:
-        steps, t0 = self._since
-        return rebalance_due(self.rebalance_interval, steps, time.monotonic() - t0, self.steps - self._loads_taken)
+        steps, t0 = self._since                    # idle (heartbeat) steps leave ``steps`` as it is
+        return rebalance_due(self.rebalance_interval, self.steps - steps, time.monotonic() - t0,
+                             self.steps - self._loads_taken)
 
     # ------------------------------------------------------------------ every rank: the step
     def step(self) -> bool:
@@ -304,7 +311,6 @@ class EPEngine:
                 set_trace(None)
             return False
         if self.rank == 0:
-            self._since = (self._since[0] + 1, self._since[1])
             if self._rebalance_due():
                 self.request_rebalance()
         self.engine.step()                         # its agree() is the step's one exchange
@@ -472,7 +478,8 @@ def add_ep_arguments(p) -> None:
                    help="with --ep: R extra expert replicas per MoE layer (a multiple of --ep), placed by the live "
                         "loads at each rebalance")
     p.add_argument("--rebalance-interval", default=None, metavar="N|Ns",
-                   help="with --ep: re-place the experts from the live loads every N steps, or every N seconds "
+                   help="with --ep: re-place the experts from the live loads every N steps that ran a forward (idle "
+                        "heartbeat steps do not count), or every N seconds "
                         "('30s'), when tokens were routed since the last time; default: the placement stays static")
     p.add_argument("--rebalance-window", type=int, default=128, metavar="F",
                    help="with --ep: forwards of expert loads a rebalance looks at (default 128)")
