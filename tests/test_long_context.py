@@ -163,6 +163,121 @@ def test_resume_inside_an_extension_stage_repeats_it(stage, tmp_path):
     assert cli(argv[:2] + [str(tmp_path)] + argv[3:]) == 2
 
 
+# ------------------------------------------------------------------------------ the length a run trained at
+CORRUPTIONS = ("truncated tensors", "flipped byte", "edited meta", "half-written meta")
+
+
+def _checkpoint(root, step: int, seq_len: int, rng) -> str:
+    """A real checkpoint (``checkpoint.save_checkpoint``) of a few random tensors, trained at ``seq_len``."""
+    from dsv3.checkpoint import save_checkpoint
+
+    t = {"w": torch.randn(rng.randrange(8, 64), generator=torch.Generator().manual_seed(rng.randrange(1 << 30)))}
+    return save_checkpoint(str(root), step, t, {"m": t["w"] * 2}, {"rng": t["w"] + 1},
+                           {"train_config": {"seq_len": seq_len, "seed": rng.randrange(100)}}, keep=10)
+
+
+def _corrupt(path: str, how: str, rng) -> None:
+    """What a killed writer or a bad disk leaves: a checkpoint that fails ``checkpoint.verify_checkpoint``."""
+    meta_path = os.path.join(path, "meta.json")
+    if how == "truncated tensors":
+        f = os.path.join(path, rng.choice(["model.safetensors", "optim.safetensors", "extra.safetensors"]))
+        with open(f, "r+b") as fh:
+            fh.truncate(os.path.getsize(f) // 2)
+    elif how == "flipped byte":
+        f = os.path.join(path, "model.safetensors")
+        data = bytearray(open(f, "rb").read())
+        data[rng.randrange(len(data))] ^= 0xFF
+        open(f, "wb").write(bytes(data))
+    elif how == "edited meta":                    # still valid JSON: the checksum no longer matches
+        meta = json.load(open(meta_path))
+        meta["train_config"]["seq_len"] += 1
+        json.dump(meta, open(meta_path, "w"))
+    else:
+        text = open(meta_path).read()
+        open(meta_path, "w").write(text[:len(text) // 2])
+
+
+@pytest.mark.parametrize("how", CORRUPTIONS)
+def test_trained_length_reads_the_newest_checkpoint_that_verifies(how, tmp_path):
+    """A run without run.json (from before it, or lost): its length comes from the newest checkpoint that
+    verifies, as a resume would load it — not from a newer one partially written or failing its checksum."""
+    import random as _random
+
+    from dsv3.checkpoint import newest_valid
+    from dsv3.train.extend import original_length, trained_length
+
+    rng = _random.Random()
+    good, bad = rng.sample(range(8, 4096), 2)
+    root = tmp_path / "run" / "checkpoints"
+    _checkpoint(root, 2, good + 7, rng)
+    good_path = _checkpoint(root, 4, good, rng)
+    for step in range(6, 6 + 2 * rng.randrange(1, 3), 2):     # one or two broken newer ones
+        _corrupt(_checkpoint(root, step, bad, rng), how, rng)
+    assert newest_valid(str(root), warn=False)[0] == good_path
+    assert trained_length(str(tmp_path / "run")) == good
+    run = str(tmp_path / "run")
+    assert original_length(small_config(), run) == (good, f"the --seq-len {run} trained at")
+
+
+def test_trained_length_of_an_unusable_run_is_one_error_naming_it(tmp_path):
+    """Every checkpoint broken and no run.json, or a broken run.json and no checkpoint: a UserError naming
+    the files and the flag that gives the length instead; a directory with neither has no length (None)."""
+    import random as _random
+
+    from dsv3.errors import UserError
+    from dsv3.train.extend import trained_length
+
+    rng = _random.Random()
+    run = tmp_path / "run"
+    assert trained_length(str(run)) is None and trained_length(None) is None
+    for step in (2, 4):
+        _corrupt(_checkpoint(run / "checkpoints", step, rng.randrange(8, 4096), rng), rng.choice(CORRUPTIONS), rng)
+    with pytest.raises(UserError) as e:
+        trained_length(str(run), "--original-length")
+    msg = str(e.value)
+    assert f"no checkpoint in {run / 'checkpoints'} verifies" in msg and "step-000000004" in msg, msg
+    assert msg.endswith("give it with --original-length") and "\n" not in msg, msg
+    shutil.rmtree(run / "checkpoints")
+    for text in ('{"seq-len": ', '{"seq-len": "long"}', '[16]', '{"seq-len": 0}'):
+        (run / "run.json").write_text(text)
+        with pytest.raises(UserError, match=f"{run / 'run.json'}"):
+            trained_length(str(run), "--trained-length")
+    n = rng.randrange(8, 4096)                    # a broken run.json, but a checkpoint that verifies: its length
+    _checkpoint(run / "checkpoints", 2, n, rng)
+    assert trained_length(str(run)) == n
+
+
+def _broken_run(source_run, tmp_path, rng) -> str:
+    """A finished run (final/) whose run.json is gone and whose every checkpoint is broken."""
+    run = tmp_path / "broken_run"
+    shutil.copytree(source_run / "final", run / "final")
+    for step in (2, 4):
+        _corrupt(_checkpoint(run / "checkpoints", step, rng.randrange(8, 64), rng), rng.choice(CORRUPTIONS), rng)
+    return str(run)
+
+
+def test_extension_from_a_run_whose_checkpoints_are_all_broken_is_one_line(source_run, data_dir, tmp_path, capsys):
+    import random as _random
+
+    run = _broken_run(source_run, tmp_path, _random.Random())
+    code = cli(["train", "--from", run, "--extend-context", "2", "--seq-len", "16", "--data", data_dir,
+                "--out", str(tmp_path / "o"), "--steps", "1", *FAST])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and err.count("\n") == 1, err
+    assert f"run in {run} trained at" in err and "verifies" in err and "--original-length" in err, err
+
+
+def test_eval_of_a_run_whose_checkpoints_are_all_broken_is_one_line(source_run, tmp_path, capsys):
+    import random as _random
+
+    run = _broken_run(source_run, tmp_path, _random.Random())
+    code = cli(["eval", "--model", os.path.join(run, "final"), "--task", "passkey", "--lengths", "40",
+                "--depths", "0.5", "--samples", "1", "--json"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and err.count("\n") == 1, err
+    assert f"run in {run} trained at" in err and "--trained-length" in err, err
+
+
 @pytest.mark.parametrize("extra,needle", [
     (["--extend-context", "4"], "--extend-context needs --from"),
     (["--from", "/nonexistent/run"], "--from /nonexistent/run: no such directory"),

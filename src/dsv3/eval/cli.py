@@ -147,7 +147,7 @@ def _trained_length(args, cfg) -> tuple[int, str]:
     if cfg.rope_scaling is not None:
         return cfg.rope_scaling["original_max_position_embeddings"], "rope_scaling"
     run_dir = os.path.dirname(os.path.abspath(args.model))
-    n = trained_length(run_dir)
+    n = trained_length(run_dir, "--trained-length")
     if n is not None:
         return n, f"the run in {run_dir}"
     return cfg.max_position_embeddings, "max_position_embeddings"

@@ -46,25 +46,50 @@ def _is_run(path: str) -> bool:
     return os.path.exists(os.path.join(path, "run.json")) or os.path.isdir(os.path.join(path, "checkpoints"))
 
 
-def trained_length(run_dir: str | None) -> int | None:
-    """The --seq-len the run in ``run_dir`` trained at (run.json, else its newest checkpoint), or None."""
+def trained_length(run_dir: str | None, flag: str | None = None) -> int | None:
+    """The --seq-len the run in ``run_dir`` trained at: its run.json, else the meta.json of its newest
+    checkpoint that verifies (:func:`~dsv3.checkpoint.newest_valid`: newer ones partially written or failing
+    their checksums are skipped, as a resume skips them); None for a directory with neither. A run whose
+    run.json is unusable and none of whose checkpoints verifies: a UserError naming them, and ``flag``
+    (the flag that gives the length instead)."""
     if run_dir is None:
         return None
-    try:
-        with open(os.path.join(run_dir, "run.json")) as f:
-            return int(json.load(f)["seq-len"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    from ..checkpoint import list_checkpoints
+    from ..checkpoint import list_checkpoints, newest_valid
 
-    root = os.path.join(run_dir, "checkpoints")
-    for name in reversed(list_checkpoints(root)):
+    problems = []
+    path = os.path.join(run_dir, "run.json")
+    if os.path.exists(path):
         try:
-            with open(os.path.join(root, name, "meta.json")) as f:
-                return int(json.load(f)["train_config"]["seq_len"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
+            with open(path) as f:
+                n = _length(json.load(f)["seq-len"])
+            if n is not None:
+                return n
+            problems.append(f"{path} holds no positive seq-len")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            problems.append(f"{path} is unusable ({type(e).__name__}: {e})")
+    root = os.path.join(run_dir, "checkpoints")
+    if list_checkpoints(root):
+        ckpt, broken = newest_valid(root, warn=False)
+        if ckpt is None:
+            problems.append(f"no checkpoint in {root} verifies ("
+                            + "; ".join(f"{name}: {why}" for name, why in broken.items()) + ")")
+        else:
+            try:
+                with open(os.path.join(ckpt, "meta.json")) as f:
+                    n = _length(json.load(f)["train_config"]["seq_len"])
+            except (OSError, ValueError, KeyError, TypeError):
+                n = None
+            if n is not None:
+                return n
+            problems.append(f"{os.path.join(ckpt, 'meta.json')} holds no positive train_config.seq_len")
+    if problems:
+        raise UserError(f"cannot tell the --seq-len the run in {run_dir} trained at: " + "; ".join(problems)
+                        + (f"; give it with {flag}" if flag else ""))
     return None
+
+
+def _length(v) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 1 else None
 
 
 def original_length(cfg: ModelConfig, run_dir: str | None, given: int | None = None) -> tuple[int, str]:
@@ -73,7 +98,7 @@ def original_length(cfg: ModelConfig, run_dir: str | None, given: int | None = N
         return given, "--original-length"
     if cfg.rope_scaling is not None:
         return cfg.rope_scaling["original_max_position_embeddings"], "the source's rope_scaling"
-    n = trained_length(run_dir)
+    n = trained_length(run_dir, "--original-length")
     if n is not None:
         return n, f"the --seq-len {run_dir} trained at"
     return cfg.max_position_embeddings, "the source's max_position_embeddings"
