@@ -30,8 +30,6 @@ So checkpoints are the same whatever the layout, and a run saved under one resum
 from __future__ import annotations
 
 import functools
-import json
-import os
 from dataclasses import dataclass
 
 import torch
@@ -364,7 +362,3 @@ def build_strategy(model: nn.Module, tc, mesh, device, autocast, loss_fn, names_
         return Pipelined(model, tc, mesh, device, autocast, loss_fn, names_by_group)
     return Replicated(model, tc, mesh, device, autocast, loss_fn)
 
-
-def read_meta(path: str) -> dict:
-    with open(os.path.join(path, "meta.json")) as f:
-        return json.load(f)
