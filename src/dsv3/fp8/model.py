@@ -20,6 +20,7 @@ their type (``nn.Linear``) and attributes.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -38,6 +39,8 @@ def _is_grouped_experts(m: nn.Module) -> bool:
 def _fp8_experts_forward(self, x_sorted, counts):
     """SwiGLU experts on expert-sorted tokens with both GEMMs (and their grads) in FP8."""
     backend = getattr(self, "fp8_backend", "auto")
+    if torch.is_tensor(counts):
+        counts = counts.tolist()        # read once (one device sync), not once per GEMM
     h = fp8_grouped_linear(x_sorted, self.w13, counts=counts, backend=backend)
     gate, up = h.split(self.inter, dim=-1)
     return fp8_grouped_linear(F.silu(gate) * up, self.w2, counts=counts, backend=backend)

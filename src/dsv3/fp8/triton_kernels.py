@@ -37,6 +37,19 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
+
+def _upload(rows, device) -> torch.Tensor:
+    """A host-built schedule (a list of equal-length int tuples) as an int32 [fields, len] device tensor.
+
+    On CUDA through pinned memory without blocking: a plain ``.to(device)`` of a pageable tensor
+    synchronises the stream, so every grouped GEMM would wait for all queued GPU work and leave the
+    GPU idle while the host launched the next kernels. (PyTorch's pinned-memory cache reuses a block
+    only after the copy that used it completed.)"""
+    t = torch.tensor(rows, dtype=torch.int32).t().contiguous()
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
 # --------------------------------------------------------------------------------------------
 # Configs. BLOCK_K is fixed to the quantisation group (128). On Hopper an E4M3 128×128 operand
 # tile is 16 KiB, so 3–4 stages of a 128×256 tile pair fit in shared memory. The interpreter
@@ -395,7 +408,7 @@ def fp8_grouped_gemm(a_q, a_s, b_q, b_s, segments, out_dtype=torch.bfloat16,
              for r0 in range(s0, s1, bm)]
     if not tiles or n == 0:
         return c
-    sched = torch.tensor(tiles, dtype=torch.int32).t().contiguous().to(a_q.device)
+    sched = _upload(tiles, a_q.device)
 
     def grid(meta):
         return (len(tiles), _cdiv(n, meta["BLOCK_N"]))
@@ -652,7 +665,7 @@ def act_quant_t(x: torch.Tensor, x_scale: torch.Tensor | None = None, segments=N
     q = (torch.zeros if segments is not None else torch.empty)(k, width, dtype=q_dtype, device=x.device)
     s = torch.empty(k, _cdiv(width, BLOCK), dtype=torch.float32, device=x.device)
     if tiles and k:
-        sched = torch.tensor(tiles, dtype=torch.int32).t().contiguous().to(x.device)
+        sched = _upload(tiles, x.device)
         block_c = 32 if INTERPRET else 64
         xs = x_scale if dequant else s
         _act_quant_t_kernel[(len(tiles), _cdiv(k, block_c))](
@@ -708,7 +721,7 @@ def kgrouped_gemm(a_q, a_s, b_q, b_s, col0, ncols) -> torch.Tensor:
         return out.zero_()
     if any(c % BLOCK for c in list(col0) + list(ncols)):
         raise ValueError("kgrouped_gemm: column ranges must start and end on 128-column tiles")
-    meta = torch.tensor([list(col0), list(ncols)], dtype=torch.int32).to(a_q.device)
+    meta = _upload(list(zip(col0, ncols)), a_q.device)
 
     def grid(cfg):
         return (_cdiv(m, cfg["BLOCK_M"]) * _cdiv(n, cfg["BLOCK_N"]), len(col0))
