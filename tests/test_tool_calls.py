@@ -363,3 +363,47 @@ def test_tool_markers_are_text_even_where_the_tokenizer_calls_them_special():
     c.fill(bm, 0)
     assert allowed_tokens(bm, 300)[0, begin]
     assert c.accept(begin) and c.accept(tok.hf.token_to_id(CALL_BEGIN))
+
+
+def _unigram_tokenizer():
+    """A real tokenizer that is not byte-level (a Unigram model with SentencePiece's Metaspace pre-tokenizer and
+    decoder, which write spaces as "▁"), with bos / eos and DeepSeek-V3's tool-call markers as special tokens."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    from dsv3.data.tokenizer import Tokenizer as DsTokenizer
+    from dsv3.infer.tool_calls import MARKERS
+
+    pieces = ["<unk>", "▁", "▁Let", "▁me", "▁look", "```", "json", "function", "get_weather", "city"]
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyzRP{}\":,.`_-0123456789\n") - set(pieces))
+    hf = Tokenizer(models.Unigram([(p, -1.0) for p in pieces] + [(c, -3.0) for c in chars], unk_id=0,
+                                  byte_fallback=False))
+    hf.pre_tokenizer = pre_tokenizers.Metaspace()
+    hf.decoder = decoders.Metaspace()
+    hf.add_special_tokens([AddedToken(t, special=True) for t in ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>")])
+    hf.add_special_tokens([AddedToken(m, special=True) for m in sorted(MARKERS)])
+    return DsTokenizer(hf)
+
+
+def test_non_byte_level_detokenizer_keeps_the_tool_call_markers():
+    """The detokenizer's fallback (a tokenizer that is not byte-level) writes the tool-call markers out as
+    themselves, token by token, so the answer parses as a call; bos and eos still give no text; a marker's
+    logprob text is the marker."""
+    from dsv3.infer.detokenize import IncrementalText, TokenBytes
+    from dsv3.infer.tool_calls import MARKERS
+
+    tok = _unigram_tokenizer()
+    args = '{"city": "Paris"}'
+    text = "Let me look." + block(("get_weather", args))
+    ids = tok.encode(text)
+    tb = TokenBytes(tok)
+    assert tb.table is None and {tok.bos_id, tok.eos_id} <= tb.special
+    begin = tok.hf.token_to_id(CALLS_BEGIN)
+    assert begin in ids and tb.token_str(begin) == CALLS_BEGIN
+    assert tok.decode(ids) != text                         # the tokenizer's own decoding garbles the markers
+    inc = IncrementalText(tb)
+    out = "".join(inc.push(t) for t in [tok.bos_id, *ids, tok.eos_id]) + inc.flush()
+    assert all(out.count(m) == text.count(m) for m in MARKERS), out
+    assert "begin▁of" not in out and "end▁of" not in out and out.startswith("Let me look."), out
+    content, calls = parse_tool_calls(out)
+    assert content == "Let me look." and len(calls) == 1, out
+    assert calls[0]["function"] == {"name": "get_weather", "arguments": args}

@@ -6,8 +6,10 @@ table once per tokenizer; :class:`IncrementalText` feeds each new token's bytes 
 UTF-8 decoder, which holds back a character split across tokens until its last byte arrives. Special
 tokens (end of sentence, reserved tokens …) give no text, but for DeepSeek-V3's tool-call markers
 (``<｜tool▁calls▁begin｜>`` …, :mod:`dsv3.infer.tool_calls`), which are read from the text. For a
-tokenizer that is not byte-level the fallback decodes a short window of recent ids (special tokens,
-tool markers among them, skipped).
+tokenizer that is not byte-level the fallback decodes a short window of recent ids (special tokens
+skipped); a tool-call marker that the tokenizer holds as a token of its own is written out as the
+marker itself (a decoder such as Metaspace would turn its "▁" into spaces), so tool calls are parsed
+from such a tokenizer's text too.
 
 :class:`StopMatcher` finds OpenAI ``stop`` strings in the text as it grows, also across token
 boundaries: it holds back only the longest tail that could still begin a stop string, releases the
@@ -33,6 +35,7 @@ class TokenBytes:
         from .tool_calls import MARKERS
 
         self.special = {i for i, t in added.items() if t.special and t.content not in MARKERS}
+        self.markers = {i: t.content for i, t in added.items() if t.content in MARKERS}     # id → marker text
         size = max(hf.get_vocab_size(with_added_tokens=True), max(added, default=-1) + 1)
         table: list[bytes] | None = [b""] * size
         for token, i in hf.get_vocab(with_added_tokens=True).items():
@@ -49,6 +52,8 @@ class TokenBytes:
     def bytes(self, tid: int) -> bytes:
         if self.table is not None and 0 <= tid < self.size:
             return self.table[tid]
+        if tid in self.markers:
+            return self.markers[tid].encode("utf-8")
         return self.tokenizer.decode([tid]).encode("utf-8", "surrogatepass")
 
     def token_str(self, tid: int) -> str:
@@ -83,24 +88,37 @@ class IncrementalText:
 
     def _window(self, tid: int) -> str:
         """Decode the ids since the last shown one plus one before it (for tokenizers whose
-        decoding of a token depends on its neighbour); wait while the text ends in a partial character."""
+        decoding of a token depends on its neighbour); wait while the text ends in a partial character.
+        A tool-call marker is shown as itself, after whatever was still held back (decoded as it is);
+        as the neighbour of the next token it is decoded by the tokenizer, alike on both sides of the
+        difference. Special tokens never get here (:meth:`push`), so nothing is skipped."""
+        marker = self.tb.markers.get(tid)
+        if marker is not None:
+            text = self._held()
+            self.ids.append(tid)
+            self.start, self.shown = len(self.ids) - 1, len(self.ids)
+            return text + marker
         self.ids.append(tid)
         dec = self.tb.tokenizer.decode
-        before = dec(self.ids[self.start:self.shown], skip_special_tokens=True)
-        after = dec(self.ids[self.start:], skip_special_tokens=True)
+        before = dec(self.ids[self.start:self.shown])
+        after = dec(self.ids[self.start:])
         if after.endswith("\ufffd"):
             return ""
         self.start, self.shown = self.shown, len(self.ids)
         return after[len(before):]
+
+    def _held(self) -> str:
+        """The text of the ids not yet shown (fallback), an unfinished character as U+FFFD."""
+        dec = self.tb.tokenizer.decode
+        return dec(self.ids[self.start:])[len(dec(self.ids[self.start:self.shown])):]
 
     def flush(self) -> str:
         """Whatever an unfinished character leaves at the end (U+FFFD)."""
         if self.tb.table is not None:
             text = self.decoder.decode(b"", final=True)
         else:
-            dec = self.tb.tokenizer.decode
-            text = dec(self.ids[self.start:], skip_special_tokens=True)[
-                len(dec(self.ids[self.start:self.shown], skip_special_tokens=True)):]
+            text = self._held()
+            self.start = self.shown = len(self.ids)
         self.length += len(text)
         return text
 
