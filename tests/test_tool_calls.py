@@ -62,19 +62,66 @@ def test_malformed_blocks_are_plain_content(text):
     assert parse_tool_calls(text) == (text, None)
 
 
+def _stream(sp: ToolCallStream, text: str, step: int):
+    """(content, tool-call deltas, calls) of ``text`` fed to ``sp`` ``step`` characters at a time, and the
+    deltas that came before finish()."""
+    content, deltas = "", []
+    for i in range(0, len(text), step):
+        c, d = sp.feed(text[i:i + step])
+        content, deltas = content + c, deltas + d
+    early = list(deltas)
+    rest, last, calls = sp.finish()
+    return content + rest, deltas + last, calls, early
+
+
 def test_stream_holds_back_only_what_may_begin_a_block():
     text = "Sure <｜tool no marker here " + block(("get_weather", '{"city": "Oslo", "days": 1, "metric": false}'))
     for step in (1, 3, 7, len(text)):
         sp, sent = ToolCallStream(), ""
         for i in range(0, len(text), step):
-            sent += sp.feed(text[i:i + step])
-        rest, calls = sp.finish()
+            sent += sp.feed(text[i:i + step])[0]
+        rest, _, calls = sp.finish()
         assert sent == "Sure <｜tool no marker here " and rest == "" and calls[0]["function"]["name"] == "get_weather"
     sp = ToolCallStream()
-    assert sp.feed("a <｜tool▁ca") == "a " and sp.feed("t") == "<｜tool▁cat" and sp.finish() == ("", None)
-    bad = "x" + block(("f", "{oops"))
-    sp = ToolCallStream()
-    assert sp.feed(bad) == "x" and sp.finish() == (bad[1:], None)              # a malformed block comes back
+    assert sp.feed("a <｜tool▁ca") == ("a ", []) and sp.feed("t") == ("<｜tool▁cat", []) and sp.finish() == ("", [], None)
+    for bad in ("x" + CALLS_BEGIN + render_call("f", "{}").replace("function", "retrieval", 1) + CALLS_END,
+                "x" + block(("", "{}")), "x" + CALLS_BEGIN + "garbage" + CALLS_END):
+        assert _stream(ToolCallStream(), bad, 5)[:3] == (bad, [], None)     # a malformed block comes back as content
+
+
+@pytest.mark.parametrize("text", [
+    block(("get_weather", '{"city": "Rome", "days": 2, "metric": true}'), ("get-time", "{}")),
+    "Let me look.\n" + block(("f", '{"a": [1, {"b": "```"}], "s": "x\\n```", "t": "  "}')),
+    CALLS_BEGIN + render_call(" f ", '  \n {"x": 1}  \n\n').replace("```json", "```") + "\n" + CALLS_END,
+    CALLS_BEGIN + render_call("f", '{"x": 1}'),                        # cut before the block's end: still calls
+])
+def test_stream_sends_arguments_as_they_come(text):
+    """Each call: a first delta with index, id, type and name (arguments ""), then fragments of its arguments
+    only (index and arguments) as the text arrives, never whitespace or a fence that the whole answer's
+    arguments leave out: joined they are exactly parse_tool_calls' arguments, whatever the pieces."""
+    content, want = parse_tool_calls(text)
+    for step in (1, 2, 5, 11):
+        got, deltas, calls, early = _stream(ToolCallStream(), text, step)
+        assert (got if got.strip() else None) == content
+        assert [c["function"] for c in calls] == [c["function"] for c in want]
+        for k, call in enumerate(calls):
+            mine = [d for d in deltas if d["index"] == k]
+            assert mine[0] == {"index": k, "id": call["id"], "type": "function",
+                               "function": {"name": call["function"]["name"], "arguments": ""}}
+            assert all(set(d) == {"index", "function"} and set(d["function"]) == {"arguments"} for d in mine[1:])
+            assert "".join(d["function"]["arguments"] for d in mine) == call["function"]["arguments"]
+            if step == 1:                                # one character a time: they came as they were written
+                assert len(mine) > 1 and mine == [d for d in early if d["index"] == k]
+
+
+def test_stream_of_a_call_cut_off_keeps_what_was_sent():
+    """A call whose arguments have gone out cannot be taken back: when the block turns out malformed (cut off
+    inside the arguments, as by max_tokens) the fragments sent stay, the rest of the text is content and
+    there are no calls."""
+    text = CALLS_BEGIN + render_call("f", '{"a": 1, "b": 2}')[:-len("2}\n```<｜tool▁call▁end｜>")] + " \n"
+    got, deltas, calls, _ = _stream(ToolCallStream(), text, 3)
+    assert calls is None and deltas[0]["function"]["name"] == "f"
+    assert "".join(d["function"]["arguments"] for d in deltas) == '{"a": 1, "b":' and got == "  \n"
 
 
 # --------------------------------------------------------------------------------------- requests
@@ -281,22 +328,32 @@ def test_serve_named_and_required_tool_choice_give_valid_calls(served):
                     args in ({"tz": "UTC"}, {"tz": "CET"})
 
 
-def test_serve_streamed_call_is_a_tool_call_delta(served):
+def test_serve_streamed_call_arguments_come_in_fragments(served):
+    """Streamed, a call goes out as OpenAI's do: the first tool_calls delta has its index, id and name, then
+    its arguments come in fragments, chunk by chunk as the model writes them (not at the end in one piece);
+    joined they are the arguments of the same request not streamed."""
     named = {"type": "function", "function": {"name": "get_weather"}}
     whole = _chat(served, tool_choice=named, temperature=0).choices[0]
     chunks = list(_chat(served, tool_choice=named, temperature=0, stream=True))
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     assert "".join(d.content or "" for d in deltas) == ""
     calls = [tc for d in deltas for tc in (d.tool_calls or [])]
-    assert len(calls) == 1 and calls[0].index == 0 and calls[0].id.startswith("call_")
-    assert calls[0].function.name == "get_weather"
-    assert calls[0].function.arguments == whole.message.tool_calls[0].function.arguments
+    assert calls[0].index == 0 and calls[0].id.startswith("call_") and calls[0].type == "function"
+    assert calls[0].function.name == "get_weather" and calls[0].function.arguments == ""
+    assert all(tc.index == 0 and tc.id is None and tc.function.name is None for tc in calls[1:])
+    # in fragments (a token or two each, unless the server fell behind the engine), one delta a chunk
+    assert len(calls) >= 3 and all(len(d.tool_calls or []) <= 1 for d in deltas), calls
+    assert "".join(tc.function.arguments for tc in calls) == whole.message.tool_calls[0].function.arguments
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
     chunks = list(_chat(served, tools=BOUNDED, tool_choice="required", n=2, temperature=1.0, seed=4, stream=True))
-    for i in range(2):                                  # each choice gets its own call and finish
+    for i in range(2):                                  # each choice gets its own calls and finish
         mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == i]
         calls = [tc for ch in mine for tc in (ch.delta.tool_calls or [])]
-        assert len(calls) == 1 and isinstance(json.loads(calls[0].function.arguments), dict)
+        firsts = [tc for tc in calls if tc.id is not None]
+        assert 1 <= len(firsts) <= 4 and [tc.index for tc in firsts] == list(range(len(firsts)))
+        for k, first in enumerate(firsts):
+            args = "".join(tc.function.arguments for tc in calls if tc.index == k)
+            assert first.function.name in ("get_weather", "get_time") and isinstance(json.loads(args), dict)
         assert [ch.finish_reason for ch in mine if ch.finish_reason] == ["tool_calls"]
 
 

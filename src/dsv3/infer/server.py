@@ -628,24 +628,28 @@ async def chat_completions(st: ServerState, request):
         def head():
             return [chunk(g.index, {"role": "assistant", "content": ""}) for g in gens]
 
-        # with tools, text that may begin a tool-call block is held back; a block is sent at the end as
-        # one tool_calls delta per call (id, name and all the arguments), finish_reason "tool_calls"
+        # with tools, text that may begin a tool-call block is held back; a block's calls stream as OpenAI's
+        # do (id, type and name in a call's first tool_calls delta, then its arguments in fragments as they
+        # are decoded), finish_reason "tool_calls"
         splitters = {g.index: ToolCallStream() for g in gens} if tools is not None else {}
 
         def chunks(d):
             out = []
             sp = splitters.get(d.index)
-            text = sp.feed(d.text) if sp is not None else d.text
-            if text or d.tokens:
+            text, calls = sp.feed(d.text) if sp is not None else (d.text, [])
+            if text or (d.tokens and not calls):
                 out.append(chunk(d.index, {"content": text}, chat_logprobs(d.tokens, st.tb) if want_lp else None))
+            for k, c in enumerate(calls):            # one call's delta a chunk (a header, then a fragment)
+                out.append(chunk(d.index, {"tool_calls": [c]},
+                                 chat_logprobs(d.tokens, st.tb) if want_lp and not text and k == 0 else None))
             if d.finish_reason is not None:
                 finish = d.finish_reason
                 if sp is not None:
-                    rest, calls = sp.finish()
+                    rest, last, whole = sp.finish()
                     if rest:
                         out.append(chunk(d.index, {"content": rest}))
-                    if calls:
-                        out.append(chunk(d.index, {"tool_calls": [dict(c, index=k) for k, c in enumerate(calls)]}))
+                    out += [chunk(d.index, {"tool_calls": [c]}) for c in last]
+                    if whole:
                         finish = "tool_calls"
                 out.append(chunk(d.index, {}, None, finish))
             return out

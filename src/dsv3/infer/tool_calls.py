@@ -105,44 +105,174 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[dict] | None]:
     return (before if before.strip() else None), calls
 
 
+_ARGS_END = "```" + CALL_END          # what ends a call's arguments (after an optional "\n")
+_FENCES = ("```json\n", "```\n")
+
+
+def _tail_hold(text: str, end: str) -> int:
+    """Length of the longest tail of ``text`` that may still grow into an end of arguments: whitespace
+    (which the arguments lose when they end there) then a proper prefix of ``end`` (maybe empty)."""
+    k = next((k for k in range(min(len(end) - 1, len(text)), 0, -1) if end.startswith(text[-k:])), 0)
+    rest = text[:len(text) - k]
+    return k + len(rest) - len(rest.rstrip())
+
+
 class ToolCallStream:
-    """Splits a streamed answer into content to send at once and a tool-call block held until the end:
-    :meth:`feed` returns the text that can go out now (all of it until the block's first marker could
-    begin; a tail that may be the start of the marker is held back), :meth:`finish` returns (the rest of
-    the content, the calls or None). When the held text turns out to be no well-formed block, it is
-    returned by :meth:`finish` as content: nothing the model wrote is lost."""
+    """Splits a streamed answer into content and tool calls, both sent as they are decoded.
+
+    :meth:`feed` returns (content that can go out now, tool-call deltas): content until the block's first
+    marker could begin (a tail that may be the start of the marker is held back); then, inside the block,
+    each call as OpenAI streams it: a first delta ``{"index", "id", "type": "function", "function": {"name",
+    "arguments": ""}}`` once its header (marker, type, name and the opening fence) is complete, then
+    ``{"index", "function": {"arguments": FRAGMENT}}`` deltas as its arguments are written (leading and
+    trailing whitespace and what may be the closing fence held back), so the fragments of a well-formed call
+    join into exactly the ``arguments`` that :func:`parse_tool_calls` gives for the whole answer.
+
+    :meth:`finish` returns (the rest of the content, the last deltas, the calls or None), judged as
+    :func:`parse_tool_calls` judges the whole answer. A block that turns out malformed (arguments that are
+    no JSON object, a cut-off call, text after the block) with no call sent yet comes back as content, as
+    before: nothing the model wrote is lost. Once a call has gone out it cannot be taken back: the calls sent
+    stay (a client sees what OpenAI sends for an answer cut off by max_tokens: arguments that may not
+    parse), the text not yet sent comes back as content and the calls are None (finish_reason stays the
+    engine's)."""
 
     def __init__(self):
-        self.held = ""           # text not yet sent: a possible marker start, or the whole block
+        self.held = ""           # text not yet sent as content: a possible marker start, or the whole block
         self.in_block = False
         self.sent = ""
+        self.state = "between"   # in the block: "between" calls, "args" of one, "done" (after the end marker),
+        self.pos = 0             # "bad" (no call block after all); pos: where parsing goes on in ``held``
+        self.calls: list[dict] = []      # the calls begun: {"id", "name", "args": arguments sent so far,
+        #                                  "lead": the whitespace before the arguments (None until they begin)}
+        self.args_start = 0      # in state "args": where the current call's arguments begin in ``held``
+        self.scanned = 0         # … and how far the search for their end has looked
+        self.used = 0            # ``held`` up to here is sent as call headers and arguments
 
-    def feed(self, text: str) -> str:
+    def feed(self, text: str) -> tuple[str, list[dict]]:
         if self.in_block:
             self.held += text
-            return ""
+            return "", self._parse()
         buf = self.held + text
         i = buf.find(CALLS_BEGIN)
         if i >= 0:
-            self.in_block, self.held = True, buf[i:]
+            self.in_block, self.held, self.pos = True, buf[i:], len(CALLS_BEGIN)
             out = buf[:i]
-        else:
-            keep = 0
-            for k in range(min(len(CALLS_BEGIN) - 1, len(buf)), 0, -1):
-                if CALLS_BEGIN.startswith(buf[-k:]):
-                    keep = k
-                    break
-            out, self.held = buf[:len(buf) - keep], buf[len(buf) - keep:]
+            self.sent += out
+            return out, self._parse()
+        keep = 0
+        for k in range(min(len(CALLS_BEGIN) - 1, len(buf)), 0, -1):
+            if CALLS_BEGIN.startswith(buf[-k:]):
+                keep = k
+                break
+        out, self.held = buf[:len(buf) - keep], buf[len(buf) - keep:]
         self.sent += out
-        return out
+        return out, []
 
-    def finish(self) -> tuple[str, list[dict] | None]:
+    def _parse(self) -> list[dict]:
+        """Deltas for what the block's new text completes; stops at what needs more text."""
+        out, buf = [], self.held
+        while True:
+            if self.state == "between":
+                while self.pos < len(buf) and buf[self.pos] in " \n":
+                    self.pos += 1
+                rest = buf[self.pos:]
+                if rest.startswith(CALLS_END):
+                    self.state, self.pos = "done", self.pos + len(CALLS_END)
+                elif rest.startswith(CALL_BEGIN):
+                    if not self._header(buf, self.pos + len(CALL_BEGIN), out):
+                        return out
+                elif not (CALL_BEGIN.startswith(rest) or CALLS_END.startswith(rest)):
+                    self.state = "bad"
+                else:
+                    return out
+            elif self.state == "args":
+                i = buf.find(_ARGS_END, max(self.args_start, self.scanned - len(_ARGS_END) + 1))
+                call = self.calls[-1]
+                if i >= 0:
+                    args = buf[self.args_start:i].strip()
+                else:                                    # what is surely part of them: O(new text) a feed
+                    self.scanned = len(buf)
+                    if call["lead"] is None:             # the whitespace before them is held until they begin
+                        seg = buf[self.args_start:]
+                        if not seg.strip():
+                            return out
+                        call["lead"] = len(seg) - len(seg.lstrip())
+                    first = self.args_start + call["lead"]
+                    tail = buf[max(first, len(buf) - len(_ARGS_END) - 64):]
+                    hold = _tail_hold(tail, _ARGS_END)
+                    if hold == len(tail):                # a long run of whitespace: look at all of it
+                        hold = _tail_hold(buf[first:], _ARGS_END)
+                    end = len(buf) - hold
+                    args = call["args"] + buf[first + len(call["args"]):end] if end > first + len(call["args"]) \
+                        else call["args"]
+                if len(args) > len(call["args"]):
+                    out.append({"index": len(self.calls) - 1, "function": {"arguments": args[len(call["args"]):]}})
+                    call["args"] = args
+                if i < 0:
+                    self.used = self.args_start + call["lead"] + len(args)
+                    return out
+                self.state, self.pos = "between", i + len(_ARGS_END)
+                self.used = self.pos
+            elif self.state == "done":
+                if buf[self.pos:].strip():
+                    self.state = "bad"
+                return out
+            else:                                        # "bad": the rest is content, at the end
+                return out
+
+    def _header(self, buf: str, at: int, out: list) -> bool:
+        """A call's header from ``at`` (after its begin marker): TYPE, the separator, NAME, a new line and the
+        opening fence. Complete and well-formed: its first delta goes out (True). Malformed: state "bad" (True).
+        Incomplete: False."""
+        sep = buf.find(SEP, at)
+        head = buf[at:] if sep < 0 else buf[at:sep]
+        lt = head.find("<")                              # TYPE holds neither a new line nor "<"
+        if "\n" in head or (lt >= 0 and (sep >= 0 or not SEP.startswith(head[lt:]))):
+            self.state = "bad"
+            return True
+        if sep < 0:
+            return False
+        nl = buf.find("\n", sep + len(SEP))
+        if nl < 0:
+            return False
+        fence = buf[nl + 1:nl + 1 + len(_FENCES[0])]
+        if not any(fence.startswith(f) for f in _FENCES):
+            if any(f.startswith(fence) for f in _FENCES) and nl + 1 + len(fence) == len(buf):
+                return False                             # the fence may still come
+            self.state = "bad"
+            return True
+        name = buf[sep + len(SEP):nl].strip()
+        if head.strip() != "function" or not name:
+            self.state = "bad"
+            return True
+        start = nl + 1 + next(len(f) for f in _FENCES if fence.startswith(f))
+        self.calls.append({"id": call_id(), "name": name, "args": "", "lead": None})
+        out.append({"index": len(self.calls) - 1, "id": self.calls[-1]["id"], "type": "function",
+                    "function": {"name": name, "arguments": ""}})
+        self.state, self.args_start, self.scanned, self.used = "args", start, start, start
+        return True
+
+    def finish(self) -> tuple[str, list[dict], list[dict] | None]:
         held, self.held = self.held, ""
-        if self.in_block:
-            _, calls = parse_tool_calls(held)
-            if calls is not None:
-                return "", calls
-        return held, None
+        if not self.in_block:
+            return held, [], None
+        _, calls = parse_tool_calls(held)
+        out = []
+        if calls is not None and len(calls) >= len(self.calls) and all(
+                c["function"]["name"] == mine["name"] and c["function"]["arguments"].startswith(mine["args"])
+                for c, mine in zip(calls, self.calls)):
+            for k, c in enumerate(calls):
+                if k < len(self.calls):                  # begun: the rest of its arguments (none, normally)
+                    c["id"] = self.calls[k]["id"]
+                    more = c["function"]["arguments"][len(self.calls[k]["args"]):]
+                    if more:
+                        out.append({"index": k, "function": {"arguments": more}})
+                else:                                    # never begun (not expected): sent whole
+                    out.append(dict(c, index=k))
+            return "", out, calls
+        if not self.calls:
+            return held, [], None
+        return held[self.used:], [], None
 
 
 # --------------------------------------------------------------------------------------- the grammar
