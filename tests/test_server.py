@@ -892,7 +892,8 @@ def test_bad_flags_and_help(capsys, model_dir):
                        (["--max-batch", "0"], "--max-batch"), (["--shutdown-grace", "nan"], "--shutdown-grace"),
                        (["--max-body-bytes", "10"], "--max-body-bytes"), (["--api-key", ""], "--api-key"),
                        (["--api-key", " "], "--api-key"), (["--body-timeout", "0"], "--body-timeout"),
-                       (["--body-timeout", "inf"], "--body-timeout")):
+                       (["--body-timeout", "inf"], "--body-timeout"), (["--header-timeout", "0"], "--header-timeout"),
+                       (["--header-timeout", "nan"], "--header-timeout")):
         assert main(["serve", "--model", model_dir, *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and flag in err[0], err
@@ -910,7 +911,7 @@ def test_bad_flags_and_help(capsys, model_dir):
         main(["serve", "--help"])
     help_text = capsys.readouterr().out
     for flag in ("--api-key", "--cache-memory", "--prefix-cache", "--speculative", "--served-model-name",
-                 "--max-body-bytes", "--body-timeout", "--shutdown-grace", "--fp8"):
+                 "--max-body-bytes", "--body-timeout", "--header-timeout", "--shutdown-grace", "--fp8"):
         assert flag in help_text
 
 

@@ -4,8 +4,9 @@ meets it (a real server process, the official ``openai`` client and httpx).
 Speculative steps hand two tokens at once to the server, so a stop string can end the answer in the
 middle of what arrived; and a pool that holds fewer positions than the model's context bounds every
 request (and runs one request at a time, so others wait); a client that does not send its whole body
-in time gets a 408. One server for the module, with ``--shutdown-grace 0`` and ``--body-timeout 1.5``;
-the last test stops it.
+in time gets a 408, one that does not send its headers in time has its connection closed. One server for
+the module, with ``--shutdown-grace 0``, ``--body-timeout 1.5`` and ``--header-timeout 2``; the last test
+stops it.
 """
 
 import json
@@ -27,6 +28,7 @@ from helpers import cli_env, free_port, wait_healthy  # noqa: E402
 
 NAME = "spec-model"
 BODY_TIMEOUT = 1.5
+HEADER_TIMEOUT = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +46,7 @@ def spec(model_dir, tmp_path_factory):
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "dsv3.cli", "serve", "--model", model_dir, "--port", str(port),
                                  "--max-batch", "4", "--served-model-name", NAME, "--speculative", "--shutdown-grace", "0",
-                                 "--body-timeout", str(BODY_TIMEOUT),
+                                 "--body-timeout", str(BODY_TIMEOUT), "--header-timeout", str(HEADER_TIMEOUT),
                                  "--cache-memory", f"{1.5 * per_block / (1 << 30):.10g}"],
                                 env=cli_env(), stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -134,6 +136,76 @@ def test_a_body_that_does_not_arrive_in_time_gets_408(spec):
         assert BODY_TIMEOUT <= waited < BODY_TIMEOUT + 10, waited
     assert client.completions.create(model=NAME, prompt="x", max_tokens=2).usage.completion_tokens == 2
     assert 'dsv3_http_requests_total{code="408"} 2.0' in http.get("/metrics").text
+
+
+def _until_closed(s: socket.socket) -> tuple[bytes, float]:
+    """What the server sends on ``s`` until it closes the connection, and when that was (time.monotonic())."""
+    answer = b""
+    try:
+        while chunk := s.recv(65536):
+            answer += chunk
+    except ConnectionResetError:
+        pass
+    return answer, time.monotonic()
+
+
+def test_stalled_headers_are_cut_off_while_others_are_served(spec):
+    """Clients that open a connection and send part of a request's headers (on a new connection, or on one
+    kept alive after an answer), or nothing, and then wait, held their connections for ever: uvicorn sets no
+    limit on headers and --body-timeout starts after them. Now --header-timeout after a request's first byte
+    (a new connection's start) the server closes them, with a 408 in OpenAI's shape where part of a request
+    came; and two dozen of them waiting meanwhile keep no one else from being answered at once. A connection
+    kept alive is not cut while idle between requests (the keep-alive timer rules there)."""
+    client, http, _, _, _, _ = spec
+    port = http.base_url.port
+
+    def connect():
+        return socket.create_connection(("127.0.0.1", port), timeout=HEADER_TIMEOUT + 15)
+
+    health = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+
+    def answered(s) -> bytes:                        # one whole answer to /health on a kept-alive connection
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += s.recv(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")))
+        while len(body) < length:
+            body += s.recv(65536)
+        return head
+
+    kept = connect()                                 # answered, then part of its next request's headers
+    kept.sendall(health)
+    assert answered(kept).startswith(b"HTTP/1.1 200")
+    partial = [connect() for _ in range(16)]
+    silent = [connect() for _ in range(8)]
+    t0 = time.monotonic()
+    for i, s in enumerate(partial + [kept]):
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n" if i % 2 else b"GET /heal")
+    assert [m.id for m in client.models.list().data] == [NAME]                # answered at once meanwhile
+    assert time.monotonic() - t0 < HEADER_TIMEOUT
+    r = client.completions.create(model=NAME, prompt="x", max_tokens=2)
+    assert r.usage.completion_tokens == 2
+    for s in partial + [kept] + silent:
+        with s:
+            answer, closed = _until_closed(s)
+        assert HEADER_TIMEOUT - 0.2 <= closed - t0 < HEADER_TIMEOUT + 10, closed - t0
+        if s in silent:
+            assert answer == b"", answer                 # nothing came: closed without an answer
+            continue
+        status, _, rest = answer.partition(b"\r\n")
+        headers, _, body = rest.partition(b"\r\n\r\n")
+        assert status.startswith(b"HTTP/1.1 408") and b"connection: close" in headers.lower(), answer
+        err = json.loads(body)["error"]
+        assert err["code"] == "request_timeout" and "--header-timeout" in err["message"], err
+    with connect() as idle:                          # idle between requests longer than the header limit: kept
+        idle.sendall(health)
+        assert answered(idle).startswith(b"HTTP/1.1 200")
+        time.sleep(HEADER_TIMEOUT + 0.5)
+        idle.sendall(health)
+        assert answered(idle).startswith(b"HTTP/1.1 200")
+    assert client.completions.create(model=NAME, prompt="x", max_tokens=2).usage.completion_tokens == 2
 
 
 def test_requests_cut_off_by_the_drain_get_503(spec):

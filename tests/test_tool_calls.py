@@ -83,7 +83,8 @@ def test_stream_holds_back_only_what_may_begin_a_block():
         rest, _, calls = sp.finish()
         assert sent == "Sure <｜tool no marker here " and rest == "" and calls[0]["function"]["name"] == "get_weather"
     sp = ToolCallStream()
-    assert sp.feed("a <｜tool▁ca") == ("a ", []) and sp.feed("t") == ("<｜tool▁cat", []) and sp.finish() == ("", [], None)
+    assert sp.feed("a <｜tool▁ca") == ("a ", []) and sp.feed("t") == ("<｜tool▁cat", [])
+    assert sp.finish() == ("", [], None)
     for bad in ("x" + CALLS_BEGIN + render_call("f", "{}").replace("function", "retrieval", 1) + CALLS_END,
                 "x" + block(("", "{}")), "x" + CALLS_BEGIN + "garbage" + CALLS_END):
         assert _stream(ToolCallStream(), bad, 5)[:3] == (bad, [], None)     # a malformed block comes back as content
@@ -436,7 +437,8 @@ def _unigram_tokenizer():
                                   byte_fallback=False))
     hf.pre_tokenizer = pre_tokenizers.Metaspace()
     hf.decoder = decoders.Metaspace()
-    hf.add_special_tokens([AddedToken(t, special=True) for t in ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>")])
+    hf.add_special_tokens([AddedToken(t, special=True)
+                           for t in ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>")])
     hf.add_special_tokens([AddedToken(m, special=True) for m in sorted(MARKERS)])
     return DsTokenizer(hf)
 

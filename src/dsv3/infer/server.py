@@ -2,7 +2,8 @@
 
     dsv3 serve --model RUN/final [--host 127.0.0.1] [--port 8000] [--max-batch 32] [--cache-memory GB]
                [--prefix-cache DIR_OR_URL] [--speculative] [--api-key KEY] [--served-model-name NAME]
-               [--max-body-bytes N] [--body-timeout S] [--shutdown-grace S] [--fp8 auto|keep|dequant]
+               [--max-body-bytes N] [--body-timeout S] [--header-timeout S] [--shutdown-grace S]
+               [--fp8 auto|keep|dequant]
                [--device DEV]
 
     dsv3 serve … --role prefill|decode [--prefill-url URL]   disaggregated prefill (dsv3.infer.disagg)
@@ -17,7 +18,9 @@
 The engine runs in a process of its own (:class:`dsv3.infer.worker.EngineWorker`); handlers only
 post requests to it and read the tokens it hands back through the event loop, so no handler waits
 on a step and the HTTP side never competes with the model for the interpreter. Request bodies are read with a
-size limit and a time limit (``--body-timeout``: a client that stops sending its body gets 408), validated
+size limit and a time limit (``--body-timeout``: a client that stops sending its body gets 408), after headers
+that must come within ``--header-timeout`` seconds of the connection's start or its previous answer (else
+the connection is closed, with a 408 when part of a request came: :func:`header_timeout_protocol`), validated
 strictly (:mod:`dsv3.infer.openai_protocol`), tokenised and templated on a worker thread. Every error is
 answered in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``. A client that goes
 away has its requests aborted at once. SIGTERM (or Ctrl-C) stops taking requests (503), lets those
@@ -54,6 +57,7 @@ from .openai_protocol import (APIError, ChatCompletionRequest, CompletionRequest
 
 DEFAULT_MAX_BODY = 8 << 20
 DEFAULT_BODY_TIMEOUT = 30.0      # seconds a client may take to send its whole request body
+DEFAULT_HEADER_TIMEOUT = 30.0    # seconds a connection may take to send a request's headers
 
 
 def choice_seed(seed: int, k: int) -> int:
@@ -678,6 +682,83 @@ async def chat_completions(st: ServerState, request):
             "choices": choices, "usage": the_usage()}
 
 
+# --------------------------------------------------------------------------------------- the connections
+def header_timeout_protocol(base: type, seconds: float, on_timeout=None) -> type:
+    """``base`` (a uvicorn HTTP/1.1 protocol class: h11's, httptools' …) with a time limit on request headers.
+
+    uvicorn reads a request's headers for as long as the client takes: a client that connects and sends part
+    of them (or nothing) and then waits held its connection for ever (``--body-timeout`` starts only once
+    the headers are in; uvicorn's keep-alive timer runs only between requests, and stops at the first byte
+    of the next). Here a request's headers must be complete within ``seconds`` of the first of its bytes
+    (of the connection's start, for its first request); else the connection is closed, after an answer 408
+    in OpenAI's shape when part of a request came (none to a connection that sent nothing: its client may
+    be about to use it, and would read a 408 as the answer to its request), and ``on_timeout(partial)`` is
+    called. Between requests the keep-alive timer rules, as before. Each waiting connection costs a timer
+    and its buffer, never a task: others are answered meanwhile.
+
+    What the subclass relies on, common to uvicorn's protocols: ``cycle`` (the request being answered,
+    made once its headers are complete; ``response_complete`` once answered), ``transport`` and ``loop``."""
+    body = json.dumps(error_body(f"the request headers did not arrive within {seconds:g} s (--header-timeout)",
+                                 error_type(408), None, "request_timeout")).encode()
+    answer = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+              b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+    class HeaderTimeoutProtocol(base):
+        def connection_made(self, transport) -> None:
+            self._header_timer, self._header_bytes, self._known_cycle = None, 0, None
+            super().connection_made(transport)
+            self._known_cycle = self.cycle
+            self._arm_header_timer()
+
+        def data_received(self, data: bytes) -> None:
+            if self._header_timer is None and self._idle() and not self.transport.is_closing():
+                self._arm_header_timer()             # the first bytes of a request on a kept-alive connection
+            if self._header_timer is not None:
+                self._header_bytes += len(data)
+            super().data_received(data)
+            self._note_new_request()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._note_new_request()             # a pipelined request may have begun
+
+        def connection_lost(self, exc) -> None:
+            self._cancel_header_timer()
+            super().connection_lost(exc)
+
+        def _idle(self) -> bool:
+            """No request is being read or answered: the next one's headers are awaited."""
+            return self.cycle is None or self.cycle.response_complete
+
+        def _note_new_request(self) -> None:
+            if self.cycle is not self._known_cycle:      # a request's headers are complete: no limit meanwhile
+                self._known_cycle = self.cycle
+                self._cancel_header_timer()
+
+        def _arm_header_timer(self) -> None:
+            self._cancel_header_timer()
+            self._header_bytes = 0
+            self._header_timer = self.loop.call_later(seconds, self._headers_timed_out)
+
+        def _cancel_header_timer(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_timed_out(self) -> None:
+            self._header_timer = None
+            if self.transport.is_closing() or self.cycle is not self._known_cycle or not self._idle():
+                return
+            if self._header_bytes:
+                self.transport.write(answer)
+            self.transport.close()
+            if on_timeout is not None:
+                on_timeout(bool(self._header_bytes))
+
+    HeaderTimeoutProtocol.__name__ = HeaderTimeoutProtocol.__qualname__ = f"HeaderTimeout{base.__name__}"
+    return HeaderTimeoutProtocol
+
+
 # --------------------------------------------------------------------------------------- the app
 class Gate:
     """ASGI middleware: the API key on ``/v1/*`` and ``/internal/*`` and the count of answers by status code."""
@@ -882,6 +963,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT, metavar="S",
                    help=f"seconds a client may take to send its whole request body; then it gets 408 and its "
                         f"connection is closed (default {DEFAULT_BODY_TIMEOUT:g})")
+    p.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT, metavar="S",
+                   help=f"seconds a connection may take to send a request's headers (from its start, or the end of "
+                        f"its previous answer); then it is closed, with a 408 when part of a request came "
+                        f"(default {DEFAULT_HEADER_TIMEOUT:g})")
     p.add_argument("--shutdown-grace", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, seconds requests in flight may take to finish before they are aborted "
                         "(default 30)")
@@ -905,6 +990,8 @@ def check_args(args) -> None:
         raise ValueError(f"--max-body-bytes {args.max_body_bytes}: must be >= 1024")
     if not (math.isfinite(args.body_timeout) and args.body_timeout > 0):
         raise ValueError(f"--body-timeout {args.body_timeout}: must be a positive number of seconds")
+    if not (math.isfinite(args.header_timeout) and args.header_timeout > 0):
+        raise ValueError(f"--header-timeout {args.header_timeout}: must be a positive number of seconds")
     if not (math.isfinite(args.shutdown_grace) and args.shutdown_grace >= 0):
         raise ValueError(f"--shutdown-grace {args.shutdown_grace}: must be a number of seconds >= 0")
     if args.api_key is not None and not args.api_key.strip():       # e.g. --api-key "$KEY" with KEY unset
@@ -1020,7 +1107,15 @@ def run(args) -> int:
 
     # past the grace the server aborts what is left and answers it (503, or an error event): uvicorn's
     # own deadline, which cancels handlers (a bare 500, a stream cut without [DONE]), comes later
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+    from uvicorn.config import HTTP_PROTOCOLS
+    from uvicorn.importer import import_from_string
+
+    def header_timeout(partial: bool) -> None:      # a connection closed for its headers: counted as a 408
+        if partial:
+            st.metrics.http_requests.labels(code="408").inc()
+
+    http = header_timeout_protocol(import_from_string(HTTP_PROTOCOLS["auto"]), args.header_timeout, header_timeout)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", http=http,
                             timeout_graceful_shutdown=args.shutdown_grace + 10, lifespan="on")
     try:
         Server(config).run()
