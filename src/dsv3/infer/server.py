@@ -693,11 +693,14 @@ def header_timeout_protocol(base: type, seconds: float, on_timeout=None) -> type
     (of the connection's start, for its first request); else the connection is closed, after an answer 408
     in OpenAI's shape when part of a request came (none to a connection that sent nothing: its client may
     be about to use it, and would read a 408 as the answer to its request), and ``on_timeout(partial)`` is
-    called. Between requests the keep-alive timer rules, as before. Each waiting connection costs a timer
-    and its buffer, never a task: others are answered meanwhile.
+    called. Between requests uvicorn's keep-alive timer rules, as before (also over the start of a pipelined
+    request that came while the previous one was answered: closed after the keep-alive timeout, 5 s, unless
+    more bytes come, which start this limit). Each waiting connection costs a timer and its buffer, never a
+    task: others are answered meanwhile.
 
-    What the subclass relies on, common to uvicorn's protocols: ``cycle`` (the request being answered,
-    made once its headers are complete; ``response_complete`` once answered), ``transport`` and ``loop``."""
+    What the subclass relies on, common to uvicorn's protocols (h11's is the one tested; httptools' has the
+    same): ``cycle`` (the request being answered, made once its headers are complete; ``response_complete``
+    once answered), ``transport`` and ``loop``."""
     body = json.dumps(error_body(f"the request headers did not arrive within {seconds:g} s (--header-timeout)",
                                  error_type(408), None, "request_timeout")).encode()
     answer = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
