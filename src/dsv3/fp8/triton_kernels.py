@@ -233,9 +233,12 @@ def _tma_blocks(nargs):
 
 
 # 128×128 tiles with 8 warps keep the MMA result and the FP32 accumulator of one 128-group in
-# registers (64 + 64 per thread); wider tiles spill. 64-row tiles give decode-sized M more CTAs.
+# registers (64 + 64 per thread); 128×256 would spill. The promotion waits for each group's MMA, so
+# the tensor cores idle during it unless another CTA's MMA fills the gap: 64×128 tiles with 4 warps
+# (fewer registers and 24 KiB a stage) let two CTAs share an SM. 64-row tiles also give decode-sized
+# M more CTAs.
 _TMA_TILES = [
-    (128, 128, 4, 8), (128, 128, 5, 8), (128, 256, 3, 8),      # M ≥ 256
+    (128, 128, 4, 8), (64, 128, 4, 4), (64, 256, 3, 8),        # M ≥ 256
     (64, 128, 4, 4), (64, 64, 6, 4), (128, 64, 5, 4),          # 64 ≤ M < 256
     (64, 64, 4, 4), (64, 128, 4, 4), (64, 32, 6, 4),           # M < 64
 ]
