@@ -1,4 +1,4 @@
-"""Host overhead of one engine decode step: aten ops dispatched, host syncs, ms (``small`` preset, CPU).
+"""Host overhead of one engine decode step: aten ops dispatched (and of those, the ones that are not mere views: on a GPU each launches a kernel), host syncs, ms (``small`` preset, CPU).
 
 A decode step that is bound by the host (Python, op dispatch, kernel launches, waits for the device)
 leaves a GPU idle, whatever its speed. This counts, for one decode step of
@@ -37,6 +37,7 @@ import hashlib
 import importlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -64,6 +65,11 @@ SYNC_OPS = {aten._local_scalar_dense.default, aten.item.default, aten.nonzero.de
             aten.bincount.default, aten._unique2.default, aten.unique_dim.default,
             aten.unique_consecutive.default, aten.repeat_interleave.Tensor}
 UPLOAD_OPS = {aten.lift_fresh.default}
+# ops that only make a new view / read metadata: no kernel on a GPU (the rest each launch at least one)
+VIEW_OPS = {"view", "_unsafe_view", "reshape", "slice", "select", "transpose", "t", "permute", "unsqueeze", "squeeze",
+            "flatten", "split", "split_with_sizes", "view_as_complex", "view_as_real", "expand", "alias", "detach",
+            "detach_", "as_strided", "unbind", "resolve_conj", "resolve_neg", "lift_fresh", "item",
+            "_local_scalar_dense"}
 
 
 def _is_sync(func, args, kwargs) -> bool:
@@ -116,7 +122,8 @@ class StepCounter(TorchDispatchMode):
         return super().__exit__(*exc)
 
     def summary(self) -> dict:
-        return {"aten_ops": sum(self.ops.values()), "syncs": sum(self.syncs.values()), "uploads": self.uploads,
+        return {"aten_ops": sum(self.ops.values()),
+                "non_view_ops": sum(n for op, n in self.ops.items() if op not in VIEW_OPS), "syncs": sum(self.syncs.values()), "uploads": self.uploads,
                 "sync_kinds": dict(self.syncs.most_common()), "top_ops": dict(self.ops.most_common(12))}
 
 
@@ -125,17 +132,22 @@ def current(model) -> SimpleNamespace:
 
 
 def baseline(rev: str, model) -> SimpleNamespace:
-    """The engine classes of revision ``rev`` (package ``dsv3_baseline``) and its model with ``model``'s weights."""
+    """The engine classes of revision ``rev`` (package ``dsv3_baseline``) and its model with ``model``'s weights.
+    ``rev`` may also be a directory holding that revision's ``dsv3`` package (a machine without the git history)."""
     tmp = tempfile.mkdtemp(prefix="decode_host_")
-    archive = subprocess.run(["git", "archive", rev, "src/dsv3"], cwd=ROOT.parent, capture_output=True, check=True)
-    subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
-    os.rename(Path(tmp, "src", "dsv3"), Path(tmp, "dsv3_baseline"))
+    if Path(rev, "dsv3").is_dir():
+        shutil.copytree(Path(rev, "dsv3"), Path(tmp, "dsv3_baseline"))
+    else:
+        archive = subprocess.run(["git", "archive", rev, "src/dsv3"], cwd=ROOT.parent, capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
+        os.rename(Path(tmp, "src", "dsv3"), Path(tmp, "dsv3_baseline"))
     sys.path.insert(0, tmp)
     cfg_mod = importlib.import_module("dsv3_baseline.config")
     fields = {k: getattr(model.cfg, k) for k, f in cfg_mod.ModelConfig.__dataclass_fields__.items()
               if f.init and hasattr(model.cfg, k)}
     old = importlib.import_module("dsv3_baseline.model.transformer").Transformer(cfg_mod.ModelConfig(**fields))
     old.load_state_dict(model.state_dict())
+    old = old.to(device=model.norm.weight.device, dtype=model.norm.weight.dtype)
     return SimpleNamespace(Engine=importlib.import_module("dsv3_baseline.infer.engine").Engine,
                            Params=importlib.import_module("dsv3_baseline.infer.sampling").SamplingParams,
                            model=old.eval())
@@ -158,11 +170,29 @@ class Decode:
     def counted_step(self) -> dict:
         with StepCounter() as c:
             self.eng.step()
-        return c.summary()
+        out = c.summary()
+        dev = self.eng.device
+        if dev.type == "cuda":                  # the device's own count: CUDA's sync debug mode warnings
+            import warnings
+            torch.cuda.synchronize(dev)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    self.eng.step()
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            out["cuda_syncs"] = sum("synchroniz" in str(w.message) for w in caught)
+        return out
 
     def timed_step(self) -> float:
+        dev = self.eng.device
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
         self.eng.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
         return time.perf_counter() - t0
 
     def digest(self) -> str:
@@ -178,13 +208,17 @@ def git(*args) -> str:
 
 
 def table(res: dict, codes: list[str]) -> list[str]:
-    lines = ["| batch | code | aten ops / step | syncs / step | uploads / step | ms / step (median) | sync kinds |",
-             "|---:|---|---:|---:|---:|---:|---|"]
+    cuda = any("cuda_syncs" in r for per in res.values() for r in per.values())
+    lines = ["| batch | code | aten ops / step | of which not views | syncs / step "
+             + ("| syncs CUDA saw " if cuda else "") + "| uploads / step | ms / step (median) | sync kinds |",
+             "|---:|---|---:|---:|---:|" + ("---:|" if cuda else "") + "---:|---:|---|"]
     for b, per in res.items():
         for name in codes:
             r = per[name]
             kinds = ", ".join(f"{k} {v}" for k, v in r["sync_kinds"].items()) or "—"
-            lines.append(f"| {b} | {name} | {r['aten_ops']} | {r['syncs']} | {r['uploads']} | {r['ms']:.1f} | {kinds} |")
+            lines.append(f"| {b} | {name} | {r['aten_ops']} | {r['non_view_ops']} | {r['syncs']} | "
+                         + (f"{r.get('cuda_syncs', '')} | " if cuda else "")
+                         + f"{r['uploads']} | {r['ms']:.1f} | {kinds} |")
     return lines
 
 
@@ -193,14 +227,21 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--baseline", default=None, help="git revision to run alongside, in the same process")
+    ap.add_argument("--baseline", default=None, help="git revision to run alongside, in the same process "
+                    "(or a directory holding its dsv3 package)")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: there the steps are timed with a "
+                    "device sync around each, and CUDA's sync debug mode counts the syncs too")
+    ap.add_argument("--dtype", default="float32", help="model dtype (float32; bfloat16 on a GPU)")
     ap.add_argument("--out", default="decode_host_overhead")
     ap.add_argument("--keep-before", action=argparse.BooleanOptionalAction, default=True,
                     help="carry the '## Before' section of the existing md into the new one")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = Transformer(ModelConfig.preset("small")).eval()
+    cfg = ModelConfig.preset("small")
+    if args.device != "cpu":                    # as benchmarks/gpu_suite.py serves it: no MTP module
+        cfg = cfg.replace(num_nextn_predict_layers=0)
+    model = Transformer(cfg).eval().to(device=args.device, dtype=getattr(torch, args.dtype))
     codes = {"current": current(model)}
     if args.baseline:
         codes["baseline"] = baseline(args.baseline, model)
@@ -218,13 +259,15 @@ def main():
             per[name]["ms_all"] = [round(t * 1e3, 2) for t in times[name]]
             per[name]["greedy_digest"] = run.digest()
         res[b] = per
-        print(f"batch {b}: " + "; ".join(f"{n} {p['aten_ops']} ops, {p['syncs']} syncs, {p['uploads']} uploads, "
+        print(f"batch {b}: " + "; ".join(f"{n} {p['aten_ops']} ops ({p['non_view_ops']} not views), {p['syncs']} syncs"
+                                         f" (CUDA: {p.get('cuda_syncs', '-')}), {p['uploads']} uploads, "
                                          f"{p['ms']:.1f} ms" for n, p in per.items()), flush=True)
     load_after = os.getloadavg()
     commit = git("rev-parse", "--short", "HEAD")
     dirty = bool(git("status", "--porcelain", "--", "../src/dsv3"))
     result = {"when": datetime.datetime.now().isoformat(timespec="seconds"), "commit": commit, "src_dirty": dirty,
-              "baseline": args.baseline, "model": "small preset, random init (seed 0), fp32, CPU, greedy",
+              "baseline": args.baseline, "model": f"small preset, random init (seed 0), {args.dtype}, {args.device}, greedy",
+              "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
               "threads": args.threads, "steps": args.steps, "prompt_len": PROMPT_LEN, "torch": torch.__version__,
               "load_average_before": load_before, "load_average_after": load_after, "results": res}
     OUT.mkdir(exist_ok=True)
@@ -239,12 +282,13 @@ def main():
             before = "## Before\n" + text[text.index("## This run") + len("## This run"):].rstrip() + "\n"
     names = list(codes)
     cmd = f"python benchmarks/decode_host_overhead.py --steps {args.steps}"
+    cmd += f" --device {args.device} --dtype {args.dtype}" if args.device != "cpu" else ""
     cmd += f" --baseline {args.baseline}" if args.baseline else ""
     digests_equal = {b: len({p["greedy_digest"] for p in per.values()}) == 1 for b, per in res.items()}
     lines = [
-        "# Host overhead of one decode step (engine, `small` preset, CPU)", "",
+        f"# Host overhead of one decode step (engine, `small` preset, {result['device_name']}, {args.dtype})", "",
         "Counted with a `TorchDispatchMode` over one engine decode step (see the script's docstring): aten ops "
-        "dispatched, host syncs (device→host reads: `.item()`/`int()`/`bool()` of tensors, `.tolist()`, "
+        "dispatched (and of those, the ones that are not mere views: on a GPU each launches a kernel), host syncs (device→host reads: `.item()`/`int()`/`bool()` of tensors, `.tolist()`, "
         "`nonzero`, boolean-mask indexing, `bincount`, …: each would stall the host on a GPU) and uploads "
         "(`torch.tensor(list)`: a blocking host→device copy on a GPU). ms: median wall time of the timed steps, "
         "1 torch thread on a shared 2-core machine (noisy; the counts are exact).", "",

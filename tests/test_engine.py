@@ -446,3 +446,100 @@ def test_paged_view_slots_against_the_block_tables():
     assert _visible(view, view.start, 5, view.end, "cpu") is mask                      # built once per forward
     decode = pool.view(tables, torch.tensor(last), [1, 1, 1])
     assert decode.valid is None and decode.write_idx.tolist() == [slot(t, e) for t, e in zip(tables, last)]
+
+
+# ------------------------------------------------------------------------------ host overhead of a decode step
+class _DecodeCounter:
+    """Counts, while active, the aten ops dispatched, the host syncs they would cost on a GPU (reads of
+    device values: item/_local_scalar_dense, tolist, nonzero, bincount, boolean-mask indexing …) and the
+    tensors made from Python data (uploads) — what benchmarks/decode_host_overhead.py reports."""
+
+    def __init__(self, monkeypatch):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        aten = torch.ops.aten
+        sync_ops = {aten._local_scalar_dense.default, aten.item.default, aten.nonzero.default,
+                    aten.masked_select.default, aten.bincount.default, aten._unique2.default}
+        counter = self
+        self.ops, self.syncs, self.uploads = 0, [], 0
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                counter.ops += 1
+                bool_index = func in (aten.index.Tensor, aten.index_put_.default) and any(
+                    isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
+                if func in sync_ops or bool_index:
+                    counter.syncs.append(str(func))
+                counter.uploads += func is aten.lift_fresh.default
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+        real = torch.Tensor.tolist
+        monkeypatch.setattr(torch.Tensor, "tolist", lambda t: self.syncs.append("tolist") or real(t))
+
+    def __enter__(self):
+        self.ops, self.syncs, self.uploads = 0, [], 0
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+def _fp32_model(seed):
+    torch.manual_seed(seed)
+    m = Transformer(small_config(max_position_embeddings=128))
+    with torch.no_grad():
+        for mod in m.moe_layers():
+            mod.gate.e_score_correction_bias.normal_(0, 0.05)
+    return m.eval()
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_decode_step_host_syncs_and_ops_are_fixed(batch, one_thread, monkeypatch):
+    """A greedy decode step (fp32, CPU: the MoE layers take the grouped GEMM) reads the device once — its
+    tokens — makes two tensors from Python data (the tokens fed, the cache view's indices: one copy
+    each) and dispatches the same number of ops every step, whatever the routing and the positions."""
+    m = _fp32_model(seed=11)
+    eng = Engine(m, max_batch=batch, max_len=128, block_size=16)
+    g = torch.Generator().manual_seed(batch)
+    reqs = [eng.submit(torch.randint(3, 97, (5 + 3 * i,), generator=g).tolist(), 30, GREEDY) for i in range(batch)]
+    while any(not r.output for r in reqs):
+        eng.step()
+    counter = _DecodeCounter(monkeypatch)
+    ops = []
+    for _ in range(14):                      # crosses a 16-token block boundary of every row
+        with counter:
+            eng.step()
+        assert len(counter.syncs) <= 1, counter.syncs
+        assert counter.uploads <= 2
+        ops.append(counter.ops)
+    assert len(set(ops)) == 1, ops
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fp32_engine_decode_matches_full_forward(batch, one_thread):
+    """fp32 greedy decoding through the engine (the decode-sized MoE path, unmasked attention at batch 1,
+    rows at different positions at batch 3): every token is the argmax of the model's full forward
+    over the sequence so far, and its log-probability agrees with that forward's to fp32 rounding; the
+    per-segment MoE path (the one taken before for few tokens) gives the same tokens and numbers."""
+    m = _fp32_model(seed=12)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 97, (4 + 7 * i,), generator=g).tolist() for i in range(batch)]
+
+    def run(backend):
+        for mod in m.moe_layers():
+            mod.experts.backend = backend
+        eng = Engine(m, max_batch=batch, max_len=128, block_size=16)
+        reqs = [eng.submit(p, 12, GREEDY, logprobs=0) for p in prompts]
+        eng.run()
+        return reqs
+
+    auto, segments = run("auto"), run("segments")
+    for a, s, p in zip(auto, segments, prompts):
+        assert a.output == s.output
+        for j, (ea, es) in enumerate(zip(a.output_logprobs, s.output_logprobs)):
+            assert abs(ea.logprob - es.logprob) < 1e-5
+            with torch.no_grad():
+                ref = torch.log_softmax(m(torch.tensor([p + a.output[:j]]))[0, -1], -1)
+            assert a.output[j] == int(ref.argmax()) and abs(ea.logprob - float(ref[a.output[j]])) < 1e-4

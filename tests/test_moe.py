@@ -307,3 +307,69 @@ def test_combine_sums_weighted_expert_outputs():
             h = moe.experts.w13[e] @ flat[t]
             want += r.weights[t, k].double() * (moe.experts.w2[e] @ (F.silu(h[:I]) * h[I:]))
         torch.testing.assert_close(y[t], want.detach(), rtol=1e-10, atol=1e-10)
+
+
+# ------------------------------------------------------------------------------ decode-sized inputs
+def _random_moe(seed: int, dtype=torch.float32) -> MoE:
+    """A MoE layer with every parameter and the selection bias drawn afresh (no zeros)."""
+    torch.manual_seed(seed)
+    moe = MoE(_gate_cfg(hidden_size=16, moe_intermediate_size=8, n_shared_experts=1))
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.3)
+        moe.gate.e_score_correction_bias.normal_(0, 0.1)
+    moe = moe.to(dtype)
+    moe.gate.e_score_correction_bias.data = moe.gate.e_score_correction_bias.float()
+    return moe.eval()
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 8])
+def test_decode_sized_moe_equals_the_per_segment_path(tokens, monkeypatch):
+    """Few tokens on CPU in fp32: "auto" runs the grouped GEMM (one op per GEMM, segment offsets on the
+    device, no loop over experts and no host read of the counts). It gives what the per-expert loop
+    (the path before) gives, to fp32 rounding, and both match the fp64 per-token reference."""
+    import dsv3.model.moe as moe_mod
+
+    moe = _random_moe(10 + tokens)
+    x = torch.randn(tokens, 16)
+    grouped = []
+    real = moe_mod._GroupedMM.apply
+    monkeypatch.setattr(moe_mod._GroupedMM, "apply", lambda *a: grouped.append(1) or real(*a))
+    with torch.no_grad():
+        y_auto = moe(x)
+        assert len(grouped) == 2                             # both expert GEMMs took the grouped op
+        moe.experts.backend = "segments"
+        y_seg = moe(x)
+    assert len(grouped) == 2
+    torch.testing.assert_close(y_auto, y_seg, rtol=1e-6, atol=1e-6)
+    ref = _moe_reference(moe.double(), x.double(), gate_dtype=torch.float32)   # the routing of the fp32 layer
+    torch.testing.assert_close(y_auto.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_backend_switch_on_cpu(monkeypatch):
+    """The grouped GEMM up to GROUPED_MM_CPU_MAX_ROWS expert-sorted rows on CPU (FP32), the per-segment
+    loop above it and for FP64; CUDA BF16 alone decides by alignment (not checked here)."""
+    import dsv3.model.moe as moe_mod
+
+    w = torch.randn(4, 8, 16)
+    limit = moe_mod.GROUPED_MM_CPU_MAX_ROWS
+    assert moe_mod._grouped_mm_ok(torch.randn(limit, 16), w)
+    assert not moe_mod._grouped_mm_ok(torch.randn(limit + 1, 16), w)
+    assert not moe_mod._grouped_mm_ok(torch.randn(4, 16, dtype=torch.float64), w.double())
+    moe = _random_moe(5)
+    calls = []
+    monkeypatch.setattr(moe_mod.torch.Tensor, "tolist", lambda t: calls.append(1) or t.numpy().tolist())
+    with torch.no_grad():
+        moe(torch.randn(3, 16))                              # 9 rows: no host read of the counts
+        assert calls == []
+        moe(torch.randn(limit // 3 + 1, 16))                 # above the limit: the loop reads them
+        assert len(calls) == 2
+
+
+def test_expert_counts_equal_bincount():
+    from dsv3.model.moe import expert_counts
+
+    g = torch.Generator().manual_seed(7)
+    idx = torch.randint(0, 13, (40, 3), generator=g)
+    assert torch.equal(expert_counts(idx, 16), torch.bincount(idx.flatten(), minlength=16))
+    assert expert_counts(idx[:0], 16).tolist() == [0] * 16

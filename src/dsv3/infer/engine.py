@@ -48,7 +48,7 @@ import torch
 
 from ..model.layers import at_least_fp32
 from ..parallel.overlap import run_pair, span
-from .paged_cache import BlockPool, PagedLatentCache, block_keys
+from .paged_cache import BlockPool, PagedLatentCache, block_keys, upload
 from .sampling import (NOT_FINITE, SamplingParams, accept_or_resample, adjust_logits, distributions, draw,
                        sample_rows, token_logprobs, uniforms)
 
@@ -442,11 +442,10 @@ class Engine:
         reqs, lens = [r for r, _ in chunks], [n for _, n in chunks]
         starts = [r._computed for r in reqs]
         T = max(lens)
-        tokens = torch.tensor([r._target[s:s + n] + [0] * (T - n) for r, s, n in zip(reqs, starts, lens)],
-                              device=self.device)
-        start = torch.tensor(starts, device=self.device)
-        view = self.cache.view([r._blocks for r in reqs], start, lens)
-        return tokens, starts[0] if len(set(starts)) == 1 else start, view
+        tokens = upload([t for r, s, n in zip(reqs, starts, lens) for t in r._target[s:s + n] + [0] * (T - n)],
+                        self.device).view(len(reqs), T)
+        view = self.cache.view([r._blocks for r in reqs], starts, lens)
+        return tokens, starts[0] if len(set(starts)) == 1 else view.start, view
 
     def _at_last(self, x: torch.Tensor, lens: list[int]) -> torch.Tensor:
         """Row i's entry at position lens[i] - 1: x [n, T, …] → [n, …]."""
@@ -519,13 +518,13 @@ class Engine:
             req._target = req.prompt
 
     def _plain_step(self, rows: list[Request], finished: list) -> None:
-        tokens = torch.tensor([[r._next] for r in rows], device=self.device)
-        start = torch.tensor([r.length - 1 for r in rows], device=self.device)
+        tokens = upload([r._next for r in rows], self.device).view(-1, 1)
+        start = [r.length - 1 for r in rows]
 
         def forward(lo: int, hi: int) -> torch.Tensor:
             """Rows lo:hi → next-token logits [m, V]."""
             view = self.cache.view([r._blocks for r in rows[lo:hi]], start[lo:hi], [1] * (hi - lo))
-            return self.model(tokens[lo:hi], start[lo:hi], view)[:, -1]
+            return self.model(tokens[lo:hi], view.start, view)[:, -1]
 
         logits = self._forward(forward, [1] * len(rows), "trunk")
         tokens, errors = self._sample_rows(rows, logits)
@@ -542,11 +541,9 @@ class Engine:
         n = len(rows)
         if all(r.params.greedy and not r.params.adjusts for r in rows):
             return self._adjusted_rows(rows, logits).argmax(-1).tolist(), [None] * n
-        errors: list[str | None] = [None] * n
         tokens, ok = sample_rows(self._adjusted_rows(rows, logits), [r.params for r in rows], [r._gen for r in rows])
-        for i in (~ok).nonzero().flatten().tolist():
-            errors[i] = f"FloatingPointError: {NOT_FINITE}"
-        return tokens.tolist(), errors
+        tokens, ok = torch.stack([tokens, ok.long()]).tolist()            # one read to the host
+        return tokens, [None if good else f"FloatingPointError: {NOT_FINITE}" for good in ok]
 
     def _logprob_entries(self, rows: list[Request], logits: torch.Tensor, tokens) -> list:
         """Per row: the :class:`TokenLogprob` of ``tokens[i]`` under the raw logits [n, V] (and its
@@ -568,20 +565,21 @@ class Engine:
     def _speculative_step(self, rows: list[Request], finished: list) -> None:
         """Verify every row's draft with its last token in one forward (positions pos, pos+1), accept
         or resample per row, then one batched MTP forward for the next drafts."""
-        start = torch.tensor([r.length - 1 for r in rows], device=self.device)
+        start = [r.length - 1 for r in rows]
         view = functools.cache(lambda lo, hi: self.cache.view([r._blocks for r in rows[lo:hi]], start[lo:hi],
                                                               [2] * (hi - lo)))
         drafts = torch.cat([r._draft[0] for r in rows])
-        tokens = torch.stack([torch.tensor([r._next for r in rows], device=self.device), drafts], dim=1)
+        tokens = torch.stack([upload([r._next for r in rows], self.device), drafts], dim=1)
         sizes = [2] * len(rows)
-        logits, h = self._forward(lambda lo, hi: self.model.forward_hidden(tokens[lo:hi], start[lo:hi], view(lo, hi)),
+        logits, h = self._forward(lambda lo, hi: self.model.forward_hidden(tokens[lo:hi], view(lo, hi).start,
+                                                                           view(lo, hi)),
                                   sizes, "trunk")                              # [n, 2, V], [n, 2, d]
         # every row's acceptance test in one batch: its target distribution at pos (its own settings) and
         # two uniforms from its generator, as accept_or_resample draws them for the row alone
         p, ok = distributions(self._adjusted_rows(rows, logits[:, 0]), [r.params for r in rows])
         q = torch.cat([r._draft[1] for r in rows])
         tokens, accepted = accept_or_resample(drafts, p, q, u=uniforms([r._gen for r in rows], 2, self.device))
-        tokens, accepted, ok = tokens.tolist(), accepted.tolist(), ok.tolist()
+        tokens, accepted, ok = torch.stack([tokens, accepted.long(), ok.long()]).tolist()   # one read to the host
         entries = self._logprob_entries(rows, logits[:, 0], tokens)
         bonus_rows = []
         for i, req in enumerate(rows):
@@ -608,8 +606,8 @@ class Engine:
         # per row: the tokens after positions pos, pos+1, and where to draft (pos+1 of the caches is
         # rewritten next step where the draft was rejected)
         follow = [(tokens[i], bonus[i], 1) if i in bonus else (tokens[i], tokens[i], 0) for i in range(len(rows))]
-        nxt = torch.tensor([[a, b] for a, b, _ in follow], device=self.device)
-        mtp_logits = self._forward(lambda lo, hi: self.model.forward_mtp(h[lo:hi], nxt[lo:hi], start[lo:hi],
+        nxt = upload([t for a, b, _ in follow for t in (a, b)], self.device).view(-1, 2)
+        mtp_logits = self._forward(lambda lo, hi: self.model.forward_mtp(h[lo:hi], nxt[lo:hi], view(lo, hi).start,
                                                                          view(lo, hi))[0], sizes, "mtp")
         live = [i for i, req in enumerate(rows) if not req.done]
         if live:

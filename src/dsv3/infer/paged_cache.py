@@ -142,37 +142,64 @@ class PagedLatentCache:
         self.pe[:, block] = pe.to(self.pe)
 
 
+def upload(values: list[int], device) -> torch.Tensor:
+    """A LongTensor of ``values`` on ``device``. To a GPU it goes from pinned memory without blocking
+    the host (a plain ``torch.tensor(values, device=…)`` waits for the copy, and so for the device)."""
+    t = torch.tensor(values, dtype=torch.long)
+    device = torch.device(device)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t if device.type == "cpu" else t.to(device)
+
+
 class PagedView:
     """What one forward over B sequences sees: row b's new tokens sit at positions
     start[b] … start[b]+lengths[b]−1 (columns beyond lengths[b] are padding: never written).
     ``update`` has :class:`dsv3.model.mla.LatentCache`'s contract, so MLA runs on it unchanged."""
 
-    def __init__(self, cache: PagedLatentCache, tables: list[list[int]], start: torch.Tensor, lengths: list[int]):
+    def __init__(self, cache: PagedLatentCache, tables: list[list[int]], start, lengths: list[int]):
+        """``start``: the rows' first new positions, a list of ints (nothing is read back from the
+        device) or a LongTensor [B] (read on the host once: a sync when it lives on a GPU)."""
         dev = cache.kv.device
         bs = cache.block_size
         self.cache = cache
-        self.start = start.to(dev)
-        starts = self.start.tolist()
+        starts = start.tolist() if isinstance(start, torch.Tensor) else [int(s) for s in start]
+        B = len(starts)
         T = max(lengths)
         last = [s + n - 1 for s, n in zip(starts, lengths)]                           # each row's last position
         self.end = max(last) + 1                                                       # positions to read
         width = max(len(t) for t in tables)
         if self.end > width * bs:
             raise ValueError(f"the block tables cover {width * bs} positions, the forward needs {self.end}")
-        self.table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=dev)
-        # a row's positions past its own end read its last position (masked anyway, but never another
-        # request's or an unwritten slot, so nothing non-finite can leak in through 0 · NaN)
-        s = torch.minimum(torch.arange(self.end, device=dev), torch.tensor(last, device=dev)[:, None])
-        self.read_idx = self.table.gather(1, s // bs) * bs + s % bs                    # [B, end] flat slots
-        self.read_flat = self.read_idx.view(-1)
         # the slots written: row by row, the valid positions (few: made in Python)
-        self.write_idx = torch.tensor([t[p // bs] * bs + p % bs for t, s, n in zip(tables, starts, lengths)
-                                       for p in range(s, s + n)], dtype=torch.long, device=dev)
+        write = [t[p // bs] * bs + p % bs for t, s, n in zip(tables, starts, lengths) for p in range(s, s + n)]
+        # every index this forward needs, made on the host and sent to the device in one copy
+        meta = upload(starts + last + write + [b for t in tables for b in t + [0] * (width - len(t))], dev)
+        self.start = meta[:B]
+        self.start_max = max(starts)                   # on the host: the model's RoPE table needs no sync
+        self.last = meta[B:2 * B]
+        self.write_idx = meta[2 * B:2 * B + len(write)]
+        self.table = meta[2 * B + len(write):].view(B, width)
         self.all_valid = min(lengths) == T                                             # decode: no padding
         self.valid = None if self.all_valid else (torch.arange(T, device=dev)
                                                   < torch.tensor(lengths, device=dev)[:, None])   # [B, T]
         self.T = T
+        # one query per row and every row at the same position: every cached key is visible to every
+        # query, so attention needs no mask (decoding a single request)
+        self.unmasked = T == 1 and len(set(last)) == 1
         self.masks: dict = {}          # attention masks of this forward, made once by the first layer (MLA)
+        self._read_idx = None
+
+    @property
+    def read_idx(self) -> torch.Tensor:
+        """[B, end] flat slots of every row's positions 0 … end−1 (made once, on the device). A row's
+        positions past its own end read its last position (masked anyway, but never another request's
+        or an unwritten slot, so nothing non-finite can leak in through 0 · NaN)."""
+        if self._read_idx is None:
+            bs = self.cache.block_size
+            s = torch.minimum(torch.arange(self.end, device=self.last.device), self.last[:, None])
+            self._read_idx = self.table.gather(1, s // bs) * bs + s % bs
+        return self._read_idx
 
     kernel_backend = "auto"        # of :func:`dsv3.infer.paged_attention.paged_mla_attention`
 
@@ -198,9 +225,10 @@ class PagedView:
         """Write kv/pe [B, T, ·] of the valid positions; return every row's cached [B, end, ·]."""
         self.write(layer, kv, pe)
         B = self.read_idx.shape[0]
+        flat = self.read_idx.view(-1)
         kv_slots, pe_slots = self.cache.kv_slots[layer], self.cache.pe_slots[layer]
-        return (kv_slots.index_select(0, self.read_flat).view(B, self.end, kv_slots.shape[1]),
-                pe_slots.index_select(0, self.read_flat).view(B, self.end, pe_slots.shape[1]))
+        return (kv_slots.index_select(0, flat).view(B, self.end, kv_slots.shape[1]),
+                pe_slots.index_select(0, flat).view(B, self.end, pe_slots.shape[1]))
 
     def attend(self, layer: int, q_lat: torch.Tensor, q_pe: torch.Tensor, scale: float) -> torch.Tensor:
         """Absorbed attention of q_lat [B, T, H, r], q_pe [B, T, H, rope] over the blocks → o_lat [B, T, H, r]."""

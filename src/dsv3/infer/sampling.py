@@ -137,7 +137,7 @@ def distributions(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[t
     for p, rows in groups.items():
         part = logits if len(rows) == n else logits[rows]
         if p.greedy:
-            pr = torch.nn.functional.one_hot(part.argmax(-1), V).float()
+            pr = part.new_zeros(len(rows), V, dtype=torch.float32).scatter_(1, part.argmax(-1, keepdim=True), 1.0)
             fine = torch.ones(len(rows), dtype=torch.bool, device=logits.device)
         else:
             pr = _filtered(part.float() / p.temperature, p).softmax(-1)

@@ -168,7 +168,8 @@ class MLA(nn.Module):
         T, S = q_nope.shape[1], c_kv.shape[1]
         visible = None
         if T > 1 or isinstance(start_pos, torch.Tensor):
-            visible = _visible(cache, start_pos, T, S, c_kv.device)                # [B, 1, T, S] or [T, S]
+            visible = _visible(cache, start_pos, T, S, c_kv.device)                # [B, 1, T, S], [T, S] or None
+        if visible is not None:
             visible = visible.transpose(1, 2) if visible.dim() == 4 else visible[:, None]   # → [·, T, 1, S]
         w_uk, w_uv = self._w_uk_uv(q_nope.dtype)
         o_lat = latent_attention(self._absorb_query(q_nope, w_uk), q_pe, c_kv, k_pe, self.scale, visible)
@@ -217,7 +218,10 @@ def latent_attention(q_lat, q_pe, c_kv, k_pe, scale: float, visible=None) -> tor
 
 def _visible(cache, start_pos, T: int, S: int, device) -> torch.Tensor:
     """``_chunk_mask(start_pos, T, S)``. A per-forward cache view (one with a ``masks`` dict, e.g.
-    :class:`dsv3.infer.paged_cache.PagedView`) keeps it, so the layers of a forward build it once."""
+    :class:`dsv3.infer.paged_cache.PagedView`) keeps it, so the layers of a forward build it once;
+    None (no mask) when the view says every key it holds is visible to every query (``unmasked``)."""
+    if getattr(cache, "unmasked", False):
+        return None
     masks = getattr(cache, "masks", None)
     if masks is None:
         return _chunk_mask(start_pos, T, S, device)

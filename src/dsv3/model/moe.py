@@ -10,6 +10,17 @@ Routing, per token (DeepSeek-V3):
 Routed experts: the (token, expert) pairs are sorted by expert so every expert sees one contiguous
 segment; the experts then run as one grouped GEMM over those segments (``torch._grouped_mm``) or,
 where that is slower or unsupported, as one matmul per expert segment — never a loop over tokens.
+Which one (``grouped_linear``, backend "auto"):
+
+* CUDA, BF16 (16-byte aligned rows): the grouped GEMM, at every size.
+* CPU (FP32/BF16), at most ``GROUPED_MM_CPU_MAX_ROWS`` (token, expert) rows — decoding and small
+  batches: the grouped GEMM. Its segment offsets stay on the device, so a decode step's MoE layer has
+  no host sync and a fixed number of ops whatever the routing. Above it (training, prefill), the
+  per-segment loop, which reads the counts on the host (one sync) but is no slower there.
+* anything else (FP64, FP16, FP32 on CUDA): the per-segment loop.
+
+The per-expert token counts are made without a host sync (a scatter-add, not ``bincount``, which
+reads the largest index on the host on CUDA).
 """
 
 from __future__ import annotations
@@ -73,8 +84,18 @@ class Gate(nn.Module):
             w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
         if self.scale != 1.0:                     # × 1.0 would change nothing
             w = w * self.scale
-        counts = torch.bincount(idx.flatten(), minlength=scores.shape[1])
-        return Routing(idx, w, scores, counts)
+        return Routing(idx, w, scores, expert_counts(idx, scores.shape[1]))
+
+
+def expert_counts(idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Tokens routed to each expert [E] (long) from indices [N, k]: ``bincount`` without its host sync."""
+    flat = idx.flatten()
+    return torch.zeros(num_experts, dtype=torch.long, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
+# Up to this many expert-sorted rows (tokens × top_k), "auto" runs the grouped GEMM on CPU too (see
+# the module doc): decode-sized MoE layers then have no data-dependent loop and no host sync.
+GROUPED_MM_CPU_MAX_ROWS = 256
 
 
 class _GroupedMM(torch.autograd.Function):
@@ -94,13 +115,14 @@ class _GroupedMM(torch.autograd.Function):
         return dx, dw, None
 
 
-def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """Per-expert x_e @ w_eᵀ over contiguous segments. x [M, K], w [E, N, K], counts [E] → [M, N]."""
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, backend: str = "auto",
+                   offs: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-expert x_e @ w_eᵀ over contiguous segments. x [M, K], w [E, N, K], counts [E] → [M, N].
+    ``offs``: the segments' ends (``segment_ends(counts)``) where the caller has them already."""
     if backend == "auto":
         backend = "grouped_mm" if _grouped_mm_ok(x, w) else "segments"
     if backend == "grouped_mm":
-        offs = torch.cumsum(counts, 0).to(torch.int32)
-        return _GroupedMM.apply(x, w, offs)
+        return _GroupedMM.apply(x, w, segment_ends(counts) if offs is None else offs)
     if backend != "segments":
         raise ValueError(f"unknown grouped GEMM backend {backend!r} (auto, grouped_mm, segments)")
     outs, at = [], 0
@@ -113,11 +135,22 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, backe
     return torch.cat(outs) if outs else x.new_zeros(0, w.shape[1])
 
 
-def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
-    # On CPU a loop of per-expert matmuls is faster than torch._grouped_mm (benchmarks/); on CUDA the
-    # grouped kernel needs BF16 and 16-byte aligned rows.
-    return (x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16
-            and w.dtype == torch.bfloat16 and x.shape[1] % 8 == 0 and w.shape[1] % 8 == 0)
+def segment_ends(counts: torch.Tensor) -> torch.Tensor:
+    """The grouped GEMM's ``offs``: cumulative counts as int32 (on the device, no sync)."""
+    return torch.cumsum(counts, 0, dtype=torch.int32)
+
+
+def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor, k: int | None = None) -> bool:
+    """Whether "auto" takes the grouped GEMM for x [M, k] (k = x.shape[1] unless given) and w [E, N, k]
+    (module doc): on CUDA it needs BF16 and 16-byte aligned rows; on CPU (FP32/BF16) it is taken for
+    decode-sized inputs (≤ GROUPED_MM_CPU_MAX_ROWS rows)."""
+    if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype:
+        return False
+    if x.is_cuda:
+        k = x.shape[1] if k is None else k
+        return x.dtype == torch.bfloat16 and k % 8 == 0 and w.shape[1] % 8 == 0
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+            and x.shape[0] <= GROUPED_MM_CPU_MAX_ROWS)
 
 
 class GroupedExperts(nn.Module):
@@ -135,8 +168,13 @@ class GroupedExperts(nn.Module):
         dtype = x_sorted.dtype
         w13 = self.w13 if self.w13.dtype is dtype else self.w13.to(dtype)
         w2 = self.w2 if self.w2.dtype is dtype else self.w2.to(dtype)
-        gate, up = grouped_linear(x_sorted, w13, counts, self.backend).split(self.inter, dim=-1)
-        return grouped_linear(F.silu(gate) * up, w2, counts, self.backend)
+        backend = self.backend
+        if backend == "auto":                     # decided once for both GEMMs: both must suit it
+            ok = _grouped_mm_ok(x_sorted, w13) and _grouped_mm_ok(x_sorted, w2, k=self.inter)
+            backend = "grouped_mm" if ok else "segments"
+        offs = segment_ends(counts) if backend == "grouped_mm" else None
+        gate, up = grouped_linear(x_sorted, w13, counts, backend, offs).split(self.inter, dim=-1)
+        return grouped_linear(F.silu(gate) * up, w2, counts, backend, offs)
 
 
 class MoE(nn.Module):

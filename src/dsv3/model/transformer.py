@@ -91,15 +91,17 @@ class Transformer(nn.Module):
         init_weights(self, cfg.initializer_range)
 
     # ------------------------------------------------------------------ helpers
-    def freqs_cis(self, start, length: int, device) -> torch.Tensor:
+    def freqs_cis(self, start, length: int, device, start_max: int | None = None) -> torch.Tensor:
         """[length, rope/2] for positions start …; [B, length, rope/2] for per-row starts (LongTensor [B]).
         With per-row starts, positions past ``max_position_embeddings`` (the padding of a row shorter than
-        ``length`` near the end of the context) take the last position's entry."""
+        ``length`` near the end of the context) take the last position's entry. ``start_max``: the largest
+        per-row start when the caller knows it on the host (else it is read from ``start``: a sync on a GPU)."""
         if isinstance(start, torch.Tensor):
             start = start.to(device)
+            top = int(start.max()) if start_max is None else start_max
             if length == 1:
-                return self.freqs_cis(0, int(start.max()) + 1, device)[start[:, None]]
-            end = min(int(start.max()) + length, self.cfg.max_position_embeddings)
+                return self.freqs_cis(0, top + 1, device)[start[:, None]]
+            end = min(top + length, self.cfg.max_position_embeddings)
             pos = start[:, None] + torch.arange(length, device=device)
             return self.freqs_cis(0, end, device)[pos.clamp(max=end - 1)]
         end = start + length
@@ -130,7 +132,7 @@ class Transformer(nn.Module):
 
     def _trunk(self, tokens, start_pos=0, cache=None, stats=None):
         T = tokens.shape[1]
-        freqs = self.freqs_cis(start_pos, T, tokens.device)
+        freqs = self.freqs_cis(start_pos, T, tokens.device, getattr(cache, "start_max", None))
         h = self.embed_tokens(tokens)
         for block in self.layers:
             h = block(h, freqs, cache, start_pos, stats, self.recompute)
@@ -165,7 +167,7 @@ class Transformer(nn.Module):
         if next_tokens.shape != hidden.shape[:2]:
             raise ValueError(f"next_tokens {tuple(next_tokens.shape)} must match hidden {tuple(hidden.shape[:2])}")
         module = self.mtp[depth - 1]
-        freqs = self.freqs_cis(start_pos, hidden.shape[1], hidden.device)
+        freqs = self.freqs_cis(start_pos, hidden.shape[1], hidden.device, getattr(cache, "start_max", None))
         h = module.forward_mtp(hidden, self.embed_tokens(next_tokens), freqs, cache=cache, start_pos=start_pos)
         return at_least_fp32(self.lm_head(module.shared_head.norm(h))), h
 
