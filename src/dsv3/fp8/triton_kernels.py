@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..devices import upload
 from .quant import AMAX_FLOOR, BLOCK, FP8_MAX
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -39,16 +40,12 @@ def _next_pow2(x: int) -> int:
 
 
 def _upload(rows, device) -> torch.Tensor:
-    """A host-built schedule (a list of equal-length int tuples) as an int32 [fields, len] device tensor.
+    """A host-built schedule (a list of equal-length int tuples) as an int32 [fields, len] device tensor,
+    copied without blocking the host (a blocking copy would make every grouped GEMM wait for all
+    queued GPU work)."""
+    fields = len(rows[0])
+    return upload([r[f] for f in range(fields) for r in rows], device, torch.int32).view(fields, len(rows))
 
-    On CUDA through pinned memory without blocking: a plain ``.to(device)`` of a pageable tensor
-    synchronises the stream, so every grouped GEMM would wait for all queued GPU work and leave the
-    GPU idle while the host launched the next kernels. (PyTorch's pinned-memory cache reuses a block
-    only after the copy that used it completed.)"""
-    t = torch.tensor(rows, dtype=torch.int32).t().contiguous()
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 # --------------------------------------------------------------------------------------------
 # Configs. BLOCK_K is fixed to the quantisation group (128). On Hopper an E4M3 128×128 operand

@@ -46,9 +46,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..devices import upload
 from ..model.layers import at_least_fp32
 from ..parallel.overlap import run_pair, span
-from .paged_cache import BlockPool, PagedLatentCache, block_keys, upload
+from .paged_cache import BlockPool, PagedLatentCache, block_keys
 from .sampling import (NOT_FINITE, SamplingParams, accept_or_resample, adjust_logits, distributions, draw,
                        sample_rows, token_logprobs, uniforms)
 

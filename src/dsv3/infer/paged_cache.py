@@ -23,6 +23,7 @@ from collections import OrderedDict
 import torch
 
 from ..config import ModelConfig
+from ..devices import upload
 
 
 def block_keys(tokens: list[int], block: int, lookahead: int = 0, salt: bytes = b"") -> list[bytes]:
@@ -140,16 +141,6 @@ class PagedLatentCache:
         """Fill one block from kv [layers, block, r], pe [layers, block, rope] (e.g. read from disk)."""
         self.kv[:, block] = kv.to(self.kv)
         self.pe[:, block] = pe.to(self.pe)
-
-
-def upload(values: list[int], device) -> torch.Tensor:
-    """A LongTensor of ``values`` on ``device``. To a GPU it goes from pinned memory without blocking
-    the host (a plain ``torch.tensor(values, device=…)`` waits for the copy, and so for the device)."""
-    t = torch.tensor(values, dtype=torch.long)
-    device = torch.device(device)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t if device.type == "cpu" else t.to(device)
 
 
 class PagedView:
