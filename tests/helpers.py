@@ -230,3 +230,62 @@ def finish_ranks(results: dict, out_path: str) -> None:
             json.dump(results, f)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def save_scripted_model(out, scripts: dict[str, list[str]], hidden_size: int = 64,
+                        max_position_embeddings: int = 1024) -> dict:
+    """A real dsv3 checkpoint (with a byte-level tokenizer and a chat template) that answers by script: a
+    deterministic bigram model. Every block's weights are zero, so each block adds nothing to the residual
+    stream and the logits of position t are ``lm_head(norm(embed(token_t)))``; the embeddings of the tokens
+    that lead somewhere are orthonormal, and the output head maps each to its scripted successor with a
+    margin of ~80 logits over every other token (so sampling at temperature 1 follows the script too).
+
+    ``scripts``: a trigger (one ASCII character, the last one of the prompt) → the answer's pieces, each
+    made a token of its own (an added, non-special token; pieces must be distinct across scripts); the
+    last piece is followed by end of sentence. The chat template writes only the messages' contents, one
+    after the other, so a user message ending in the trigger starts its script. Returns {piece: token id}
+    (and "<eos>": the end-of-sentence id)."""
+    import torch
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    from dsv3 import Transformer, save_pretrained
+
+    vocab = {tok: i for i, tok in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    bos, eos = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+    tok.add_special_tokens([bos, eos])
+    pieces = [p for script in scripts.values() for p in script]
+    assert len(set(pieces)) == len(pieces), "script pieces must be distinct: the model is a bigram table"
+    tok.add_tokens([AddedToken(p, special=False, normalized=False) for p in pieces])
+    ids = {p: tok.token_to_id(p) for p in pieces}
+    ids["<eos>"] = tok.token_to_id(eos)
+    successor = {}
+    for trigger, script in scripts.items():
+        (first,) = tok.encode(trigger).ids
+        chain = [first] + [ids[p] for p in script] + [ids["<eos>"]]
+        for a, b in zip(chain, chain[1:]):
+            assert successor.setdefault(a, b) == b, f"token {a} would have two successors"
+    assert len(successor) <= hidden_size, "more scripted tokens than dimensions"
+    vocab_size = max(300, tok.get_vocab_size() + 8)
+
+    torch.manual_seed(0)
+    m = Transformer(small_config(vocab_size=vocab_size, hidden_size=hidden_size, eos_token_id=None,
+                                 max_position_embeddings=max_position_embeddings))
+    with torch.no_grad():
+        for p in list(m.layers.parameters()) + list(m.mtp.parameters()):
+            p.zero_()
+        m.lm_head.weight.zero_()
+        scale = 80.0 / hidden_size ** 0.5                # the norm makes a unit embedding sqrt(d) long
+        for slot, (a, b) in enumerate(sorted(successor.items())):
+            m.embed_tokens.weight[a] = 0.0
+            m.embed_tokens.weight[a, slot] = 1.0
+            m.lm_head.weight[b, slot] = scale
+    save_pretrained(m, out)
+    tok.save(os.path.join(str(out), "tokenizer.json"))
+    with open(os.path.join(str(out), "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": bos, "eos_token": eos, "add_bos_token": False}, f)
+    with open(os.path.join(str(out), "chat_template.jinja"), "w") as f:
+        f.write("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    return ids

@@ -37,6 +37,7 @@ importing this module is not enough to need them.
 
 import argparse                 # no `from __future__ import annotations`: FastAPI reads handler types
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -76,7 +77,8 @@ class ServerState:
     """What the handlers share."""
 
     def __init__(self, worker, tokenizer, model_name: str, template, api_key: str | None, max_body_bytes: int,
-                 shutdown_grace: float, remote_prefill=None, body_timeout: float = DEFAULT_BODY_TIMEOUT):
+                 shutdown_grace: float, remote_prefill=None, body_timeout: float = DEFAULT_BODY_TIMEOUT,
+                 reasoning_parser: str | None = None):
         from .detokenize import TokenBytes
         from .metrics import ServerMetrics
 
@@ -84,6 +86,7 @@ class ServerState:
         self.api_key, self.max_body_bytes, self.shutdown_grace = api_key, max_body_bytes, shutdown_grace
         self.body_timeout = body_timeout
         self.remote_prefill = remote_prefill       # --role decode: a disagg.RemotePrefill
+        self.reasoning_parser = reasoning_parser   # --reasoning-parser: chat answers split at </think>
         self.tb = TokenBytes(tokenizer)
         self.metrics = ServerMetrics(worker)
         self.created = int(time.time())
@@ -557,6 +560,7 @@ async def chat_completions(st: ServerState, request):
     from .chat_template import ChatTemplateError
     from .generation_stream import GenerationStream
     from .openai_responses import chat_logprobs, usage
+    from .reasoning import THINK_END, ReasoningSplitter, reasoning_tokens, split_reasoning
     from .tool_calls import ToolCallStream, parse_tool_calls, tool_call_grammar
 
     arrival = time.monotonic()
@@ -590,6 +594,9 @@ async def chat_completions(st: ServerState, request):
                                 "call would have to start in the middle of the continued message)",
                            param="tool_choice", code="invalid_parameter_combination")
         grammar = tool_call_grammar(tools, tool_choice, body.parallel_tool_calls is not False)
+    reasoning = st.reasoning_parser is not None
+    if grammar is not None and reasoning:        # the thinking is free text: the grammar starts after </think>
+        grammar = dataclasses.replace(grammar, after=THINK_END)
 
     def render():
         try:
@@ -618,8 +625,15 @@ async def chat_completions(st: ServerState, request):
     queue = await prefill_and_start(st, gens, "messages", request)
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
+    # --reasoning-parser: each answer's text up to </think> is reasoning_content, the rest content
+    thinkers = {g.index: ReasoningSplitter() for g in gens} if reasoning else {}
+
     def the_usage():
-        return usage(len(ids), sum(g.output_tokens for g in gens), gens[0].cached_tokens)
+        out = usage(len(ids), sum(g.output_tokens for g in gens), gens[0].cached_tokens)
+        if reasoning:                # as OpenAI reports them: the tokens up to the end of the thinking
+            out["completion_tokens_details"] = {"reasoning_tokens": sum(
+                reasoning_tokens(g.tokens, thinkers[g.index].end, g.output_tokens) for g in gens)}
+        return out
 
     if body.stream:
         def chunk(index, delta, lp=None, finish=None):
@@ -639,15 +653,32 @@ async def chat_completions(st: ServerState, request):
 
         def chunks(d):
             out = []
-            sp = splitters.get(d.index)
-            text, calls = sp.feed(d.text) if sp is not None else (d.text, [])
-            if text or (d.tokens and not calls):
-                out.append(chunk(d.index, {"content": text}, chat_logprobs(d.tokens, st.tb) if want_lp else None))
-            for k, c in enumerate(calls):            # one call's delta a chunk (a header, then a fragment)
-                out.append(chunk(d.index, {"tool_calls": [c]},
-                                 chat_logprobs(d.tokens, st.tb) if want_lp and not text and k == 0 else None))
+            sp, th = splitters.get(d.index), thinkers.get(d.index)
+            lp = chat_logprobs(d.tokens, st.tb) if want_lp else None     # with the delta's first chunk
+            thought, text = th.feed(d.text) if th is not None else ("", d.text)
+            if thought:
+                out.append(chunk(d.index, {"reasoning_content": thought}, lp))
+                lp = None
+            text, calls = sp.feed(text) if sp is not None else (text, [])
+            if text or (d.tokens and not calls and not thought):
+                empty = {"reasoning_content": ""} if th is not None and th.thinking else {"content": ""}
+                out.append(chunk(d.index, {"content": text} if text else empty, lp))
+                lp = None
+            for c in calls:                          # one call's delta a chunk (a header, then a fragment)
+                out.append(chunk(d.index, {"tool_calls": [c]}, lp))
+                lp = None
             if d.finish_reason is not None:
                 finish = d.finish_reason
+                if th is not None:
+                    thought, text = th.finish()
+                    if thought:
+                        out.append(chunk(d.index, {"reasoning_content": thought}))
+                else:
+                    text = ""
+                text, calls = sp.feed(text) if sp is not None and text else (text, [])
+                if text:
+                    out.append(chunk(d.index, {"content": text}))
+                out += [chunk(d.index, {"tool_calls": [c]}) for c in calls]
                 if sp is not None:
                     rest, last, whole = sp.finish()
                     if rest:
@@ -667,11 +698,15 @@ async def chat_completions(st: ServerState, request):
 
     def answer(g) -> tuple[dict, str]:
         text = g.completion_text
-        if tools is not None:
+        message = {"role": "assistant", "content": text}
+        if reasoning:
+            thought, text, thinkers[g.index].end = split_reasoning(text)
+            message = {"role": "assistant", "content": text, "reasoning_content": thought}
+        if tools is not None and text is not None:
             content, calls = parse_tool_calls(text)
             if calls is not None:
-                return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
-        return {"role": "assistant", "content": text}, g.finish_reason
+                return dict(message, content=content, tool_calls=calls), "tool_calls"
+        return message, g.finish_reason
 
     choices = []
     for g in gens:
@@ -808,11 +843,12 @@ class Gate:
 
 def create_app(worker, tokenizer, model_name: str = "dsv3", template=None, api_key: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY, shutdown_grace: float = 30.0, role: str | None = None,
-               remote_prefill=None, body_timeout: float = DEFAULT_BODY_TIMEOUT):
+               remote_prefill=None, body_timeout: float = DEFAULT_BODY_TIMEOUT, reasoning_parser: str | None = None):
     """The FastAPI app over a running :class:`dsv3.infer.worker.EngineWorker`. ``template``: a
     :class:`dsv3.infer.chat_template.ChatTemplate` (default: the DeepSeek-V3-style one). ``role``
     "prefill" adds ``POST /internal/prefill``; ``remote_prefill`` (a :class:`dsv3.infer.disagg.RemotePrefill`,
-    role "decode") has every prompt prefilled there first."""
+    role "decode") has every prompt prefilled there first. ``reasoning_parser`` ("deepseek_r1"): chat answers
+    come as ``reasoning_content`` and ``content`` (:mod:`dsv3.infer.reasoning`)."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
@@ -826,7 +862,7 @@ def create_app(worker, tokenizer, model_name: str = "dsv3", template=None, api_k
         template = ChatTemplate(DEFAULT_TEMPLATE, tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token,
                                 is_default=True)
     st = ServerState(worker, tokenizer, model_name, template, api_key, max_body_bytes, shutdown_grace,
-                     remote_prefill, body_timeout)
+                     remote_prefill, body_timeout, reasoning_parser)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -973,6 +1009,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shutdown-grace", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, seconds requests in flight may take to finish before they are aborted "
                         "(default 30)")
+    from .reasoning import PARSERS
+    p.add_argument("--reasoning-parser", default=None, choices=PARSERS,
+                   help="split a reasoning model's chat answers (DeepSeek-R1: '<think>…</think>' then the answer) "
+                        "into message.reasoning_content and message.content, streamed alike; tool calls and "
+                        "response_format apply to the answer after </think> (default: none, the text is content)")
     from .disagg import add_role_arguments
     add_role_arguments(p)
     from .ep_engine import add_ep_arguments
@@ -1092,7 +1133,7 @@ def run(args) -> int:
             worker.close(grace=0)
             raise
     app = create_app(worker, tokenizer, name, template, api_key, args.max_body_bytes, args.shutdown_grace,
-                     args.role, remote, args.body_timeout)
+                     args.role, remote, args.body_timeout, args.reasoning_parser)
     st = app.st
     if st.max_len < worker.max_len:
         sys.stderr.write(f"dsv3 serve: the cache pool holds {st.max_len} positions of one request, fewer than the "

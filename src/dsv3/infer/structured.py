@@ -37,15 +37,23 @@ class GrammarSpec:
     (``schema``: the JSON Schema as compact JSON text, its keys in their given order: properties are
     written in the order the schema declares them) or "tool_call" (``schema``: JSON {"functions": [[name,
     parameters or null], …], "max_calls": k}: one DeepSeek-V3 tool-call block of 1 … k calls of these
-    functions, :mod:`dsv3.infer.tool_calls`)."""
+    functions, :mod:`dsv3.infer.tool_calls`).
+
+    ``after``: the text that starts the constrained part (a reasoning model's ``"</think>"``,
+    :mod:`dsv3.infer.reasoning`), or None (the whole output). With it, the output is free up to the first
+    ``after``, then at most two newlines (R1's ``</think>\\n\\n``), then what ``kind`` asks for
+    (:class:`DeferredConstraint`)."""
     kind: str
     schema: str | None = None
+    after: str | None = None
 
     def __post_init__(self):
         if self.kind not in ("json_object", "json_schema", "tool_call"):
             raise ValueError(f"grammar kind {self.kind!r}: must be 'json_object', 'json_schema' or 'tool_call'")
         if (self.kind != "json_object") != (self.schema is not None):
             raise ValueError("json_schema and tool_call grammars need a schema (and only they)")
+        if self.after is not None and not self.after:
+            raise ValueError("after: the text that starts the grammar must not be empty")
 
     @classmethod
     def json_schema(cls, schema: dict) -> "GrammarSpec":
@@ -99,6 +107,8 @@ class Grammars:
         self._compiler = None
         self._info = None
         self._cache: OrderedDict[GrammarSpec, object] = OrderedDict()
+        self._vocab: list[bytes] | None = None   # each id's bytes (xgrammar's vocabulary)
+        self._ban_cache: dict[bytes, list[list[int]]] = {}
         self._lock = threading.Lock()
 
     def _ensure(self):
@@ -108,7 +118,8 @@ class Grammars:
 
             tok = self._tokenizer() if callable(self._tokenizer) else self._tokenizer
             tb = TokenBytes(tok)
-            self._info = xgr.TokenizerInfo(vocabulary(tb, self.vocab_size), xgr.VocabType.RAW,
+            self._vocab = vocabulary(tb, self.vocab_size)
+            self._info = xgr.TokenizerInfo(self._vocab, xgr.VocabType.RAW,
                                            vocab_size=self.vocab_size, stop_token_ids=sorted(tok.stop_ids) or None)
             # no cache of xgrammar's own (unbounded): this class keeps the last CACHE grammars
             self._compiler = xgr.GrammarCompiler(self._info, max_threads=self.threads, cache_enabled=False)
@@ -124,7 +135,11 @@ class Grammars:
                 self._cache.move_to_end(spec)
                 return hit
         try:
-            if spec.kind == "json_object":       # any object; properties not named are allowed
+            if spec.after is not None:           # up to two newlines, then the grammar (DeferredConstraint)
+                xgr = import_xgrammar()
+                lead = xgr.Grammar.from_ebnf('root ::= "" | "\\n" | "\\n\\n"')
+                grammar = compiler.compile_grammar(xgr.Grammar.concat(lead, _grammar(xgr, spec)))
+            elif spec.kind == "json_object":     # any object; properties not named are allowed
                 grammar = compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
             elif spec.kind == "tool_call":
                 from .tool_calls import build_grammar
@@ -149,7 +164,32 @@ class Grammars:
             m = xgr.GrammarMatcher(grammar, override_stop_tokens=stop)
         else:          # no stop token: the request ends as soon as the grammar is complete
             m = xgr.GrammarMatcher(grammar, terminate_without_stop_token=True)
+        if spec.after is not None:
+            return DeferredConstraint(Constraint(m, self.vocab_size), spec.after.encode("utf-8"), self._vocab,
+                                      self._bans(spec.after.encode("utf-8")))
         return Constraint(m, self.vocab_size)
+
+    def _bans(self, after: bytes) -> list[list[int]]:
+        """Per k (the text ends in ``after[:k]``, k < len(after)): the tokens that would complete ``after``
+        and go on with more than at most two newlines in the same token, which the grammar that follows
+        might refuse (computed once per marker)."""
+        with self._lock:
+            cached = self._ban_cache.get(after)
+        if cached is not None:
+            return cached
+        bans: list[list[int]] = [[] for _ in range(len(after))]
+        last = after[-1:]
+        for tid, b in enumerate(self._vocab):
+            if last not in b:                    # no token without the marker's last byte completes it
+                continue
+            for k in range(len(after)):
+                s = after[:k] + b
+                i = s.find(after)
+                if i >= 0 and s[i + len(after):] not in _LEAD:
+                    bans[k].append(tid)
+        with self._lock:
+            self._ban_cache[after] = bans
+        return bans
 
 
 class Constraint:
@@ -170,6 +210,61 @@ class Constraint:
     def terminated(self) -> bool:
         """The output is complete (its stop token accepted, or with no stop tokens the grammar complete)."""
         return bool(self.matcher.is_terminated())
+
+
+_LEAD = (b"", b"\n", b"\n\n")        # what a deferred grammar takes before its own part
+
+
+def _grammar(xgr, spec: GrammarSpec):
+    """The (uncompiled) xgrammar ``Grammar`` of ``spec``'s kind and schema."""
+    if spec.kind == "json_object":
+        return xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
+    if spec.kind == "tool_call":
+        from .tool_calls import build_grammar
+
+        return build_grammar(xgr, spec.schema)
+    return xgr.Grammar.from_json_schema(spec.schema, any_whitespace=False, strict_mode=True)
+
+
+class DeferredConstraint:
+    """A grammar that starts after a marker (a reasoning model's ``</think>``): until the output holds
+    ``after`` every token is allowed but those that would complete it and go on, in the same token, with
+    more than the two newlines the grammar takes first; from then on the grammar's matcher decides (the
+    bytes after the marker in the token that completed it are fed to it first)."""
+
+    def __init__(self, inner: Constraint, after: bytes, vocab: list, bans: list[list[int]]):
+        self.inner, self.after, self.vocab, self.bans = inner, after, vocab, bans
+        self.tail = b""            # while inactive: the output's longest tail that is a proper prefix of ``after``
+        self.active = False
+
+    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+        if self.active:
+            self.inner.fill(bitmask, row)
+            return
+        for tid in self.bans[len(self.tail)]:            # the row is all-allowed: clear these bits
+            w, bit = tid >> 5, tid & 31
+            word = (int(bitmask[row, w]) & 0xFFFFFFFF) & ~(1 << bit)
+            bitmask[row, w] = word - (1 << 32) if word >= (1 << 31) else word
+
+    def accept(self, token: int) -> bool:
+        if self.active:
+            return self.inner.accept(token)
+        b = self.vocab[token] if 0 <= token < len(self.vocab) else b""
+        if token in self.bans[len(self.tail)]:
+            return False
+        s = self.tail + b
+        i = s.find(self.after)
+        if i < 0:
+            k = next((k for k in range(min(len(self.after) - 1, len(s)), 0, -1) if s.endswith(self.after[:k])), 0)
+            self.tail = s[len(s) - k:] if k else b""
+            return True
+        self.active, self.tail = True, b""
+        rest = s[i + len(self.after):]
+        return not rest or bool(self.inner.matcher.accept_string(rest))
+
+    @property
+    def terminated(self) -> bool:
+        return self.active and self.inner.terminated
 
 
 def new_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
