@@ -893,7 +893,10 @@ def test_bad_flags_and_help(capsys, model_dir):
                        (["--max-body-bytes", "10"], "--max-body-bytes"), (["--api-key", ""], "--api-key"),
                        (["--api-key", " "], "--api-key"), (["--body-timeout", "0"], "--body-timeout"),
                        (["--body-timeout", "inf"], "--body-timeout"), (["--header-timeout", "0"], "--header-timeout"),
-                       (["--header-timeout", "nan"], "--header-timeout")):
+                       (["--header-timeout", "nan"], "--header-timeout"),
+                       (["--cuda-graphs", "--speculative"], "--cuda-graphs"),
+                       (["--cuda-graphs", "--device", "cpu"], "--cuda-graphs"),
+                       (["--cuda-graphs", "--ep", "2"], "--cuda-graphs")):
         assert main(["serve", "--model", model_dir, *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and flag in err[0], err
@@ -911,7 +914,8 @@ def test_bad_flags_and_help(capsys, model_dir):
         main(["serve", "--help"])
     help_text = capsys.readouterr().out
     for flag in ("--api-key", "--cache-memory", "--prefix-cache", "--speculative", "--served-model-name",
-                 "--max-body-bytes", "--body-timeout", "--header-timeout", "--shutdown-grace", "--fp8"):
+                 "--max-body-bytes", "--body-timeout", "--header-timeout", "--shutdown-grace", "--fp8",
+                 "--cuda-graphs"):
         assert flag in help_text
 
 

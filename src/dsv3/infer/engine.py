@@ -157,19 +157,23 @@ class Request:
 class Engine:
     def __init__(self, model, max_batch: int = 8, cache_memory: int | None = None, block_size: int = 64,
                  prefix_cache=None, speculative: bool = False, prefill_chunk: int = 512,
-                 max_len: int | None = None, grammars=None):
+                 max_len: int | None = None, grammars=None, cuda_graphs: bool = False):
         """``cache_memory``: bytes for the latent-cache pool (default: what ``max_batch`` full-length
         sequences need, at most a quarter of the free memory). ``prefix_cache``: a
         :class:`dsv3.infer.prefix_cache.PrefixCache` (on-disk latent blocks, the second tier).
         ``speculative``: draft with MTP module 1 and verify two tokens per row per step.
         ``grammars``: a :class:`dsv3.infer.structured.Grammars` for requests with a ``grammar``
-        (structured output; none: such requests are refused)."""
+        (structured output; none: such requests are refused). ``cuda_graphs``: decode steps replay
+        CUDA graphs captured here, one per batch bucket (:mod:`dsv3.infer.decode_graphs`)."""
         if max_batch < 1:
             raise ValueError(f"max_batch = {max_batch}: must be >= 1")
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk = {prefill_chunk}: must be >= 1")
         if speculative and not len(model.mtp):
             raise ValueError("speculative decoding needs a model with an MTP module (num_nextn_predict_layers ≥ 1)")
+        if cuda_graphs and speculative:
+            raise ValueError("CUDA graphs capture the plain decode step; speculative decoding verifies drafts "
+                             "in a step of its own: use one or the other")
         if prefix_cache is not None and prefix_cache.block != block_size:
             raise ValueError(f"the prefix cache's blocks hold {prefix_cache.block} tokens, the engine's {block_size}")
         self.model = model.eval()
@@ -209,6 +213,16 @@ class Engine:
         # forward's MoE dispatch/combine with no rows of this engine's own ("all" its MoE layers, or the
         # "trunk"'s or the "mtp" module's), and whose tbo (if any) says whether forwards run as two micro-batches
         self.lockstep = None
+        self.graphs = None                        # decode at fixed shapes (use_decode_graphs)
+        if cuda_graphs:
+            self.use_decode_graphs(capture=True)
+
+    def use_decode_graphs(self, capture: bool) -> None:
+        """Decode steps from now on run at fixed shapes (:class:`dsv3.infer.decode_graphs.DecodeGraphs`),
+        replayed from CUDA graphs captured now when ``capture``, else eagerly (what the CPU tests check)."""
+        from .decode_graphs import DecodeGraphs
+
+        self.graphs = DecodeGraphs(self.model, self.cache, self.pool, self.max_batch, self.max_len, capture)
 
     # ------------------------------------------------------------------ requests
     def make_request(self, prompt_ids: list[int], max_new_tokens: int = 64, params: SamplingParams | None = None,
@@ -519,15 +533,18 @@ class Engine:
             req._target = req.prompt
 
     def _plain_step(self, rows: list[Request], finished: list) -> None:
-        tokens = upload([r._next for r in rows], self.device).view(-1, 1)
         start = [r.length - 1 for r in rows]
+        if self.graphs is not None and self.lockstep is None:
+            logits = self.graphs.decode([r._next for r in rows], start, [r._blocks for r in rows])
+        else:
+            tokens = upload([r._next for r in rows], self.device).view(-1, 1)
 
-        def forward(lo: int, hi: int) -> torch.Tensor:
-            """Rows lo:hi → next-token logits [m, V]."""
-            view = self.cache.view([r._blocks for r in rows[lo:hi]], start[lo:hi], [1] * (hi - lo))
-            return self.model(tokens[lo:hi], view.start, view)[:, -1]
+            def forward(lo: int, hi: int) -> torch.Tensor:
+                """Rows lo:hi → next-token logits [m, V]."""
+                view = self.cache.view([r._blocks for r in rows[lo:hi]], start[lo:hi], [1] * (hi - lo))
+                return self.model(tokens[lo:hi], view.start, view)[:, -1]
 
-        logits = self._forward(forward, [1] * len(rows), "trunk")
+            logits = self._forward(forward, [1] * len(rows), "trunk")
         tokens, errors = self._sample_rows(rows, logits)
         entries = self._logprob_entries(rows, logits, tokens)
         for i, req in enumerate(rows):

@@ -987,6 +987,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep prompt-prefix latent blocks on disk (a path, mount or fsspec URL) and reuse them")
     p.add_argument("--speculative", action="store_true",
                    help="MTP speculative decoding (same output distribution, fewer forwards)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="decode steps replay CUDA graphs captured at startup, one per batch bucket (one launch "
+                        "a step instead of hundreds; CUDA, BF16 models; not with --speculative or --ep)")
     from .generate import add_fp8_argument, add_memory_limit_argument
     add_fp8_argument(p)
     add_memory_limit_argument(p)
@@ -1044,10 +1047,26 @@ def check_args(args) -> None:
         raise ValueError("--served-model-name: must not be empty")
     from ..errors import check_device
     check_device("--device", args.device)
+    if args.cuda_graphs:
+        check_cuda_graphs_args(args)
     if args.prefix_cache and "://" not in args.prefix_cache:
         check_prefix_cache_dir(args.prefix_cache)
     from .disagg import check_role_args
     check_role_args(args)
+
+
+def check_cuda_graphs_args(args) -> None:
+    """--cuda-graphs needs a CUDA device and the plain single-process decode step."""
+    import torch
+
+    if args.speculative:
+        raise ValueError("--cuda-graphs: not with --speculative (its verify step is not captured)")
+    if getattr(args, "ep", None):
+        raise ValueError("--cuda-graphs: not with --ep (the expert-parallel step's collectives are not captured)")
+    if args.device == "cpu" or args.device.startswith("mps") or (args.device == "auto"
+                                                                 and not torch.cuda.is_available()):
+        raise ValueError(f"--cuda-graphs: needs a CUDA device (--device {args.device}"
+                         + ("" if args.device != "auto" else ": no CUDA GPU here") + ")")
 
 
 def check_prefix_cache_dir(path: str) -> None:
@@ -1109,6 +1128,8 @@ def run(args) -> int:
     template = ChatTemplate.from_model_dir(args.model, tokenizer)
     cache_memory = None if args.cache_memory is None else int(args.cache_memory * (1 << 30))
     engine_kwargs = dict(max_batch=args.max_batch, cache_memory=cache_memory, speculative=args.speculative)
+    if args.cuda_graphs:
+        engine_kwargs["cuda_graphs"] = True
     if ep is not None and int(os.environ.get("RANK", "0")) > 0:
         return serve_follower(dict(model_dir=args.model, device=args.device, fp8=args.fp8, threads=args.threads,
                                    prefix_cache=args.prefix_cache, engine=engine_kwargs, ep=ep))
