@@ -747,34 +747,50 @@ def decode_speed(s: Suite) -> None:
         ours.eval()
         theirs.eval()
         g = torch.Generator().manual_seed(3)
-        rows, agree = [], None
+        rows, agree, graphs_equal = [], None, True
+        # the engine eagerly, the engine replaying CUDA graphs (on the CPU: the same static forward, eagerly)
+        names = ("dsv3 engine", "dsv3 engine, CUDA graphs", "transformers")
         for b in batches:
             prompts = torch.randint(3, c.vocab_size, (b, prompt_len), generator=g)
-            t = {}
-            for name in ("dsv3 engine", "transformers"):
-                _sync(dev)
-                t0 = time.perf_counter()
+            t, outs = {}, {}
+            for name in names:
                 with torch.no_grad():
-                    if name == "dsv3 engine":
+                    if name.startswith("dsv3"):
                         eng = Engine(ours, max_batch=b)
+                        if name.endswith("graphs"):
+                            eng.use_decode_graphs(capture=dev.type == "cuda")   # captured before the clock starts
+                        _sync(dev)
+                        t0 = time.perf_counter()
                         reqs = [eng.submit(p.tolist(), new, SamplingParams(0.0)) for p in prompts]
                         eng.run()
-                        mine = [r.output for r in reqs]
+                        outs[name] = [r.output for r in reqs]
                     else:
-                        out = theirs.generate(prompts.to(dev), max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                              use_cache=True, pad_token_id=0)[:, prompt_len:].tolist()
+                        _sync(dev)
+                        t0 = time.perf_counter()
+                        outs[name] = theirs.generate(prompts.to(dev), max_new_tokens=new, min_new_tokens=new,
+                                                     do_sample=False, use_cache=True,
+                                                     pad_token_id=0)[:, prompt_len:].tolist()
                 _sync(dev)
                 t[name] = b * new / (time.perf_counter() - t0)
+            mine, out = outs["dsv3 engine"], outs["transformers"]
             if b == 1:
                 agree = next((j for j, (x, y) in enumerate(zip(mine[0], out[0])) if x != y), new)
+            same = sum(x == y for x, y in zip(mine, outs["dsv3 engine, CUDA graphs"])) / b
+            graphs_equal = graphs_equal and same == 1.0
             rows.append({"batch": b, "engine_tokens_per_s": t["dsv3 engine"],
+                         "engine_graphs_tokens_per_s": t["dsv3 engine, CUDA graphs"],
+                         "graphs_same_output": same,
                          "transformers_tokens_per_s": t["transformers"],
-                         "ratio": t["dsv3 engine"] / t["transformers"]})
+                         "ratio": t["dsv3 engine"] / t["transformers"],
+                         "graphs_ratio": t["dsv3 engine, CUDA graphs"] / t["transformers"]})
         s.data["decode"] = {"rows": rows, "greedy_tokens_agreeing_batch1": agree, "new_tokens": new,
                             "prompt_len": prompt_len, "transformers": version}
-        return {"summary": "; ".join(f"batch {r['batch']}: {r['engine_tokens_per_s']:,.0f} vs "
-                                     f"{r['transformers_tokens_per_s']:,.0f} tokens/s ({r['ratio']:.2f}x)" for r in rows),
-                "rows": rows, "greedy_tokens_agreeing_batch1": agree}
+        # BF16 greedy rows may part where two logits tie within rounding; the share is reported
+        return {"summary": "; ".join(f"batch {r['batch']}: {r['engine_tokens_per_s']:,.0f} (graphs "
+                                     f"{r['engine_graphs_tokens_per_s']:,.0f}, same output {r['graphs_same_output']:.0%})"
+                                     f" vs {r['transformers_tokens_per_s']:,.0f} tokens/s ({r['ratio']:.2f}x, "
+                                     f"graphs {r['graphs_ratio']:.2f}x)" for r in rows),
+                "rows": rows, "greedy_tokens_agreeing_batch1": agree, "graphs_output_identical": graphs_equal}
 
     def mla():
         sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -863,9 +879,11 @@ def _markdown(res: dict) -> str:
     d = data.get("decode")
     if d:
         lines += _table(f"Decoding ({d['prompt_len']}-token prompts, {d['new_tokens']} greedy tokens)",
-                        ["batch", "dsv3 engine tokens/s", "transformers generate", "ratio"],
-                        [[r["batch"], f"{r['engine_tokens_per_s']:,.0f}", f"{r['transformers_tokens_per_s']:,.0f}",
-                          f"{r['ratio']:.2f}×"] for r in d["rows"]])
+                        ["batch", "dsv3 engine tokens/s", "with CUDA graphs", "same output", "transformers generate",
+                         "ratio", "ratio with graphs"],
+                        [[r["batch"], f"{r['engine_tokens_per_s']:,.0f}", _num(r, "engine_graphs_tokens_per_s", "{:,.0f}"),
+                          _num(r, "graphs_same_output", "{:.0%}"), f"{r['transformers_tokens_per_s']:,.0f}",
+                          f"{r['ratio']:.2f}×", _num(r, "graphs_ratio", "{:.2f}×")] for r in d["rows"]])
     m = data.get("mla")
     if m:
         lines += _table(m["layer"], ["cached positions", "naive ms", "absorbed ms", "speed-up"],
