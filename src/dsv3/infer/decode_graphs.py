@@ -118,7 +118,7 @@ class DecodeGraphs:
             self.views[b].reset()
             graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(graph, pool=pool):
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):   # the HTTP side's threads may run
                     out = self._forward(b)
             except Exception as err:  # noqa: BLE001 — re-raised with what to do about it
                 raise RuntimeError(
