@@ -3,7 +3,7 @@
     dsv3 serve --model RUN/final [--host 127.0.0.1] [--port 8000] [--max-batch 32] [--cache-memory GB]
                [--prefix-cache DIR_OR_URL] [--speculative] [--api-key KEY] [--served-model-name NAME]
                [--max-body-bytes N] [--body-timeout S] [--header-timeout S] [--shutdown-grace S]
-               [--fp8 auto|keep|dequant]
+               [--fp8 auto|keep|dequant] [--reasoning-parser deepseek_r1] [--cuda-graphs]
                [--device DEV]
 
     dsv3 serve … --role prefill|decode [--prefill-url URL]   disaggregated prefill (dsv3.infer.disagg)
