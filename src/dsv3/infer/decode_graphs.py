@@ -10,7 +10,7 @@ pointer, so the decode forward is made to have them fixed:
   (:func:`batch_buckets`); a step's n rows run in the smallest bucket ≥ n, the others are padding;
 * **static inputs**: each row's token, position, the cache slot it writes and its block table (the
   full width of the longest request) live in buffers made once; a step copies its values into them
-  (one non-blocking upload) and replays;
+  (one non-blocking upload of the blocks in use, not the full width) and replays;
 * **padding rows** decode token 0 at position 0 into a scratch block that no request ever holds, so
   they never touch a real cache; their logits are dropped;
 * the model sees a :class:`StaticView`, a :class:`~dsv3.infer.paged_cache.PagedView` over those buffers
@@ -139,15 +139,19 @@ class DecodeGraphs:
             raise ValueError(f"a block table of {max(len(t) for t in tables)} blocks: the decode graphs "
                              f"hold {self.width}")
         b = next(x for x in self.buckets if x >= n)
-        bs, W, pad, s = self.cache.block_size, self.width, b - n, self.scratch
+        bs, pad, s = self.cache.block_size, b - n, self.scratch
+        # only the first m columns of the tables are sent: the columns past a row's last block are never
+        # read (the kernel stops at the row's position; the eager path clamps to it), so whatever an
+        # earlier step left there stays — always some block id, never out of range
+        m = max(len(t) for t in tables)
         write = [t[p // bs] * bs + p % bs for t, p in zip(tables, starts)]
         flat = (tokens + [0] * pad + starts + [0] * pad + write + [s * bs] * pad
-                + [x for t in tables for x in t + [s] * (W - len(t))] + [s] * (W * pad))
+                + [x for t in tables for x in t + [s] * (m - len(t))] + [s] * (m * pad))
         meta = upload(flat, self.device)
         self.tokens[:b, 0].copy_(meta[:b])
         self.start[:b].copy_(meta[b:2 * b])
         self.write[:b].copy_(meta[2 * b:3 * b])
-        self.table[:b].copy_(meta[3 * b:].view(b, W))
+        self.table[:b, :m].copy_(meta[3 * b:].view(b, m))
         if b in self.graphs:
             self.graphs[b].replay()
             return self.outputs[b][:n]
