@@ -34,14 +34,10 @@ import argparse
 import collections
 import datetime
 import hashlib
-import importlib
 import json
 import os
-import shutil
 import statistics
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -49,6 +45,7 @@ from types import SimpleNamespace
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from _baseline import baseline  # noqa: E402 (benchmarks/ is the script's directory)
 import dsv3.infer.engine
 import dsv3.infer.sampling
 from dsv3.config import ModelConfig
@@ -129,28 +126,6 @@ class StepCounter(TorchDispatchMode):
 
 def current(model) -> SimpleNamespace:
     return SimpleNamespace(Engine=dsv3.infer.engine.Engine, Params=dsv3.infer.sampling.SamplingParams, model=model)
-
-
-def baseline(rev: str, model) -> SimpleNamespace:
-    """The engine classes of revision ``rev`` (package ``dsv3_baseline``) and its model with ``model``'s weights.
-    ``rev`` may also be a directory holding that revision's ``dsv3`` package (a machine without the git history)."""
-    tmp = tempfile.mkdtemp(prefix="decode_host_")
-    if Path(rev, "dsv3").is_dir():
-        shutil.copytree(Path(rev, "dsv3"), Path(tmp, "dsv3_baseline"))
-    else:
-        archive = subprocess.run(["git", "archive", rev, "src/dsv3"], cwd=ROOT.parent, capture_output=True, check=True)
-        subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
-        os.rename(Path(tmp, "src", "dsv3"), Path(tmp, "dsv3_baseline"))
-    sys.path.insert(0, tmp)
-    cfg_mod = importlib.import_module("dsv3_baseline.config")
-    fields = {k: getattr(model.cfg, k) for k, f in cfg_mod.ModelConfig.__dataclass_fields__.items()
-              if f.init and hasattr(model.cfg, k)}
-    old = importlib.import_module("dsv3_baseline.model.transformer").Transformer(cfg_mod.ModelConfig(**fields))
-    old.load_state_dict(model.state_dict())
-    old = old.to(device=model.norm.weight.device, dtype=model.norm.weight.dtype)
-    return SimpleNamespace(Engine=importlib.import_module("dsv3_baseline.infer.engine").Engine,
-                           Params=importlib.import_module("dsv3_baseline.infer.sampling").SamplingParams,
-                           model=old.eval())
 
 
 class Decode:

@@ -29,19 +29,17 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
-import importlib
 import json
 import os
 import statistics
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
+from _baseline import baseline  # noqa: E402 (benchmarks/ is the script's directory)
 import dsv3.infer.engine
 import dsv3.infer.sampling
 
@@ -63,23 +61,6 @@ def load(model_dir: str):
 
 def current(model) -> SimpleNamespace:
     return SimpleNamespace(Engine=dsv3.infer.engine.Engine, Params=dsv3.infer.sampling.SamplingParams, model=model)
-
-
-def baseline(rev: str, model) -> SimpleNamespace:
-    """The engine classes of revision ``rev`` (package ``dsv3_baseline``) and its model with ``model``'s weights."""
-    tmp = tempfile.mkdtemp(prefix="engine_step_")
-    archive = subprocess.run(["git", "archive", rev, "src/dsv3"], cwd=ROOT.parent, capture_output=True, check=True)
-    subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
-    os.rename(Path(tmp, "src", "dsv3"), Path(tmp, "dsv3_baseline"))
-    sys.path.insert(0, tmp)
-    cfg_mod = importlib.import_module("dsv3_baseline.config")
-    fields = {k: getattr(model.cfg, k) for k, f in cfg_mod.ModelConfig.__dataclass_fields__.items()
-              if f.init and hasattr(model.cfg, k)}
-    old = importlib.import_module("dsv3_baseline.model.transformer").Transformer(cfg_mod.ModelConfig(**fields))
-    old.load_state_dict(model.state_dict())
-    return SimpleNamespace(Engine=importlib.import_module("dsv3_baseline.infer.engine").Engine,
-                           Params=importlib.import_module("dsv3_baseline.infer.sampling").SamplingParams,
-                           model=old.eval())
 
 
 def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:

@@ -61,6 +61,23 @@ def small_config(**kw):
     return ModelConfig.preset("tiny").replace(**base)
 
 
+
+def small_model(seed: int = 0, dtype=None, **kw):
+    """A Transformer of ``small_config(**kw)`` in eval mode, seeded, with random routing biases (so the
+    bias-corrected routing is exercised), in ``dtype`` (default float32)."""
+    import torch
+
+    from dsv3 import Transformer
+
+    torch.manual_seed(seed)
+    m = Transformer(small_config(**kw))
+    if dtype is not None:
+        m = m.to(dtype)
+    with torch.no_grad():
+        for moe in m.moe_layers():
+            moe.gate.e_score_correction_bias.normal_(0, 0.05)
+    return m.eval()
+
 def save_byte_level_tokenizer(out) -> None:
     """A byte-level BPE tokenizer without merges (256 ids) as ``out/tokenizer.json``: a model
     directory's tokenizer that needs no corpus."""

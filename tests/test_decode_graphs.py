@@ -5,21 +5,15 @@ block boundaries, preemption; captured CUDA graphs are checked against it on a G
 import pytest
 import torch
 
-from dsv3 import Transformer
 from dsv3.infer.decode_graphs import DecodeGraphs, batch_buckets
 from dsv3.infer.engine import Engine
 from dsv3.infer.generate import generate
 from dsv3.infer.sampling import SamplingParams
-from helpers import small_config
+from helpers import small_model
 
 
 def _model(seed, dtype=torch.float64, **kw):
-    torch.manual_seed(seed)
-    m = Transformer(small_config(**kw)).to(dtype)
-    with torch.no_grad():
-        for mod in m.moe_layers():
-            mod.gate.e_score_correction_bias.normal_(0, 0.05)
-    return m.eval()
+    return small_model(seed, dtype, **kw)
 
 
 def _specs(seed, lengths, vocab=97):

@@ -12,16 +12,11 @@ from dsv3 import Transformer
 from dsv3.infer.engine import ContextOverflow, Engine
 from dsv3.infer.sampling import SamplingParams
 from dsv3.infer.generate import generate
-from helpers import small_config
+from helpers import small_config, small_model
 
 
 def _model(seed=0, **kw):
-    torch.manual_seed(seed)
-    m = Transformer(small_config(**kw)).double()
-    with torch.no_grad():
-        for mod in m.moe_layers():
-            mod.gate.e_score_correction_bias.normal_(0, 0.05)
-    return m.eval()
+    return small_model(seed, torch.float64, **kw)
 
 
 def test_rows_at_different_positions_in_one_forward(one_thread):
@@ -487,12 +482,7 @@ class _DecodeCounter:
 
 
 def _fp32_model(seed):
-    torch.manual_seed(seed)
-    m = Transformer(small_config(max_position_embeddings=128))
-    with torch.no_grad():
-        for mod in m.moe_layers():
-            mod.gate.e_score_correction_bias.normal_(0, 0.05)
-    return m.eval()
+    return small_model(seed, max_position_embeddings=128)
 
 
 @pytest.mark.parametrize("batch", [1, 8])

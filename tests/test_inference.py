@@ -11,16 +11,11 @@ from dsv3 import Transformer
 from dsv3.infer.generate import generate
 from dsv3.infer.sampling import SamplingParams, accept_or_resample, probabilities, sample_next
 from dsv3.infer.speculative import generate_speculative
-from helpers import cli_env, small_config
+from helpers import cli_env, small_model
 
 
 def _model(seed=0, dtype=torch.float64, **kw):
-    torch.manual_seed(seed)
-    m = Transformer(small_config(**kw)).to(dtype)
-    with torch.no_grad():
-        for mod in m.moe_layers():
-            mod.gate.e_score_correction_bias.normal_(0, 0.05)
-    return m.eval()
+    return small_model(seed, dtype, **kw)
 
 
 def _set_attn(m, impl):
