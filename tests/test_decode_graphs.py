@@ -5,7 +5,7 @@ block boundaries, preemption; captured CUDA graphs are checked against it on a G
 import pytest
 import torch
 
-from dsv3.infer.decode_graphs import DecodeGraphs, batch_buckets
+from dsv3.infer.decode_graphs import batch_buckets
 from dsv3.infer.engine import Engine
 from dsv3.infer.generate import generate
 from dsv3.infer.sampling import SamplingParams
@@ -93,25 +93,44 @@ def test_refusals():
     m = _model(seed=1, dtype=torch.float32, max_position_embeddings=32)
     with pytest.raises(ValueError, match="CUDA device"):
         Engine(m, max_batch=2, block_size=16, cuda_graphs=True)
-    with pytest.raises(ValueError, match="speculative"):
-        Engine(m, max_batch=2, block_size=16, cuda_graphs=True, speculative=True)
     eng = Engine(m, max_batch=2, block_size=16)
     eng.use_decode_graphs(capture=False)
     with pytest.raises(ValueError, match="1 … 2"):
         eng.graphs.decode([1, 2, 3], [0, 0, 0], [[0], [0], [0]])
+    with pytest.raises(RuntimeError, match="not speculative"):
+        eng.graphs.verify([1], torch.tensor([2]), [0], [[0]])
+
+
+def test_static_speculative_decode_equals_the_speculative_engine(one_thread):
+    """Verify (trunk at two positions) and draft (MTP) at fixed shapes: the same tokens — sampled ones too —
+    and the same draft acceptances as the ordinary speculative step; padding rows included."""
+    m = _model(seed=13, max_position_embeddings=72)
+    specs = _specs(7, [(5, 22), (19, 15), (2, 25), (33, 9), (8, 17)])
+    runs = []
+    for static in (False, True):
+        eng = Engine(m, max_batch=4, block_size=8, speculative=True, prefill_chunk=20)
+        if static:
+            eng.use_decode_graphs(capture=False)
+            assert eng.graphs.parts == ("verify", "draft")
+        reqs = [eng.submit(p, k, sp, seed=s) for p, k, sp, s in specs]
+        eng.run()
+        assert all(r.done and r.finish_reason == "length" for r in reqs), [r.error for r in reqs]
+        runs.append(([r.output for r in reqs], eng.drafted, eng.accepted))
+    assert runs[0] == runs[1]
+    assert runs[1][2] > 0                  # some drafts were accepted (bonus tokens through the static path)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_captured_graphs_equal_the_eager_static_forward():
     m = _model(seed=4, dtype=torch.bfloat16, max_position_embeddings=256).cuda()
     prompts = [[5 + (7 * i) % 90 for i in range(n)] for n in (40, 3, 100, 17, 64)]
-    outs = []
-    for capture in (False, True):
-        eng = Engine(m, max_batch=8, block_size=64)
-        eng.use_decode_graphs(capture=capture)
-        assert eng.graphs.captured == capture
-        reqs = [eng.submit(p, 24, SamplingParams(0.0)) for p in prompts]
-        eng.run()
-        outs.append([r.output for r in reqs])
-    assert outs[0] == outs[1]
-    assert isinstance(DecodeGraphs, type)
+    for speculative in (False, True):
+        outs = []
+        for capture in (False, True):
+            eng = Engine(m, max_batch=8, block_size=64, speculative=speculative)
+            eng.use_decode_graphs(capture=capture)
+            assert eng.graphs.captured == capture
+            reqs = [eng.submit(p, 24, SamplingParams(0.0)) for p in prompts]
+            eng.run()
+            outs.append([r.output for r in reqs])
+        assert outs[0] == outs[1]

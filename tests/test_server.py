@@ -894,7 +894,6 @@ def test_bad_flags_and_help(capsys, model_dir):
                        (["--api-key", " "], "--api-key"), (["--body-timeout", "0"], "--body-timeout"),
                        (["--body-timeout", "inf"], "--body-timeout"), (["--header-timeout", "0"], "--header-timeout"),
                        (["--header-timeout", "nan"], "--header-timeout"),
-                       (["--cuda-graphs", "--speculative"], "--cuda-graphs"),
                        (["--cuda-graphs", "--device", "cpu"], "--cuda-graphs"),
                        (["--cuda-graphs", "--ep", "2"], "--cuda-graphs")):
         assert main(["serve", "--model", model_dir, *argv]) == 2

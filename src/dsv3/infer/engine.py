@@ -163,17 +163,15 @@ class Engine:
         :class:`dsv3.infer.prefix_cache.PrefixCache` (on-disk latent blocks, the second tier).
         ``speculative``: draft with MTP module 1 and verify two tokens per row per step.
         ``grammars``: a :class:`dsv3.infer.structured.Grammars` for requests with a ``grammar``
-        (structured output; none: such requests are refused). ``cuda_graphs``: decode steps replay
-        CUDA graphs captured here, one per batch bucket (:mod:`dsv3.infer.decode_graphs`)."""
+        (structured output; none: such requests are refused). ``cuda_graphs``: decode steps (plain, or
+        speculative: verify and draft) replay CUDA graphs captured here, one per batch bucket
+        (:mod:`dsv3.infer.decode_graphs`)."""
         if max_batch < 1:
             raise ValueError(f"max_batch = {max_batch}: must be >= 1")
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk = {prefill_chunk}: must be >= 1")
         if speculative and not len(model.mtp):
             raise ValueError("speculative decoding needs a model with an MTP module (num_nextn_predict_layers ≥ 1)")
-        if cuda_graphs and speculative:
-            raise ValueError("CUDA graphs capture the plain decode step; speculative decoding verifies drafts "
-                             "in a step of its own: use one or the other")
         if prefix_cache is not None and prefix_cache.block != block_size:
             raise ValueError(f"the prefix cache's blocks hold {prefix_cache.block} tokens, the engine's {block_size}")
         self.model = model.eval()
@@ -222,7 +220,8 @@ class Engine:
         replayed from CUDA graphs captured now when ``capture``, else eagerly (what the CPU tests check)."""
         from .decode_graphs import DecodeGraphs
 
-        self.graphs = DecodeGraphs(self.model, self.cache, self.pool, self.max_batch, self.max_len, capture)
+        self.graphs = DecodeGraphs(self.model, self.cache, self.pool, self.max_batch, self.max_len, capture,
+                                   speculative=self.speculative)
 
     # ------------------------------------------------------------------ requests
     def make_request(self, prompt_ids: list[int], max_new_tokens: int = 64, params: SamplingParams | None = None,
@@ -587,11 +586,15 @@ class Engine:
         view = functools.cache(lambda lo, hi: self.cache.view([r._blocks for r in rows[lo:hi]], start[lo:hi],
                                                               [2] * (hi - lo)))
         drafts = torch.cat([r._draft[0] for r in rows])
-        tokens = torch.stack([upload([r._next for r in rows], self.device), drafts], dim=1)
         sizes = [2] * len(rows)
-        logits, h = self._forward(lambda lo, hi: self.model.forward_hidden(tokens[lo:hi], view(lo, hi).start,
-                                                                           view(lo, hi)),
-                                  sizes, "trunk")                              # [n, 2, V], [n, 2, d]
+        graphs = self.graphs if self.lockstep is None else None
+        if graphs is not None:
+            logits, h = graphs.verify([r._next for r in rows], drafts, start, [r._blocks for r in rows])
+        else:
+            tokens = torch.stack([upload([r._next for r in rows], self.device), drafts], dim=1)
+            logits, h = self._forward(lambda lo, hi: self.model.forward_hidden(tokens[lo:hi], view(lo, hi).start,
+                                                                               view(lo, hi)),
+                                      sizes, "trunk")                          # [n, 2, V], [n, 2, d]
         # every row's acceptance test in one batch: its target distribution at pos (its own settings) and
         # two uniforms from its generator, as accept_or_resample draws them for the row alone
         p, ok = distributions(self._adjusted_rows(rows, logits[:, 0]), [r.params for r in rows])
@@ -625,8 +628,11 @@ class Engine:
         # rewritten next step where the draft was rejected)
         follow = [(tokens[i], bonus[i], 1) if i in bonus else (tokens[i], tokens[i], 0) for i in range(len(rows))]
         nxt = upload([t for a, b, _ in follow for t in (a, b)], self.device).view(-1, 2)
-        mtp_logits = self._forward(lambda lo, hi: self.model.forward_mtp(h[lo:hi], nxt[lo:hi], view(lo, hi).start,
-                                                                         view(lo, hi))[0], sizes, "mtp")
+        if graphs is not None:
+            mtp_logits = graphs.draft(nxt)
+        else:
+            mtp_logits = self._forward(lambda lo, hi: self.model.forward_mtp(h[lo:hi], nxt[lo:hi], view(lo, hi).start,
+                                                                             view(lo, hi))[0], sizes, "mtp")
         live = [i for i, req in enumerate(rows) if not req.done]
         if live:
             self._set_drafts([rows[i] for i in live], mtp_logits[live, [follow[i][2] for i in live]])

@@ -989,7 +989,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="MTP speculative decoding (same output distribution, fewer forwards)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="decode steps replay CUDA graphs captured at startup, one per batch bucket (one launch "
-                        "a step instead of hundreds; CUDA, BF16 models; not with --speculative or --ep)")
+                        "a step instead of hundreds; CUDA, BF16 models; with --speculative too; not with --ep)")
     from .generate import add_fp8_argument, add_memory_limit_argument
     add_fp8_argument(p)
     add_memory_limit_argument(p)
@@ -1059,8 +1059,6 @@ def check_cuda_graphs_args(args) -> None:
     """--cuda-graphs needs a CUDA device and the plain single-process decode step."""
     import torch
 
-    if args.speculative:
-        raise ValueError("--cuda-graphs: not with --speculative (its verify step is not captured)")
     if getattr(args, "ep", None):
         raise ValueError("--cuda-graphs: not with --ep (the expert-parallel step's collectives are not captured)")
     if args.device == "cpu" or args.device.startswith("mps") or (args.device == "auto"
