@@ -328,6 +328,25 @@ def segment_bounds(counts=None, offsets=None, total: int | None = None) -> list[
     return list(zip(o[:-1], o[1:]))
 
 
+def device_offsets(counts=None, offsets=None) -> torch.Tensor:
+    """The experts' offsets as int32 [E+1] on their device, from a `counts` [E] or `offsets` [E+1]
+    tensor, by device ops only (no host read): what the Triton grouped kernels schedule from."""
+    if (counts is None) == (offsets is None):
+        raise ValueError("pass exactly one of counts= or offsets=")
+    if offsets is not None:
+        return offsets.to(torch.int32)
+    return torch.nn.functional.pad(torch.cumsum(counts, 0, dtype=torch.int32), (1, 0))
+
+
+def grouped_uses_triton(device, backend: str = "auto") -> bool:
+    """:func:`fp8_grouped_gemm` takes its Triton kernel for this device and backend (then device
+    offsets are scheduled on the device, never read on the host)."""
+    device = torch.device(device)
+    if backend == "triton":
+        return True
+    return backend == "auto" and "triton" in available_backends(device)
+
+
 def fp8_grouped_gemm(a_q, a_s, b_q, b_s, counts=None, offsets=None,
                      out_dtype: torch.dtype = torch.bfloat16, backend: str = "auto",
                      block: int = BLOCK) -> torch.Tensor:
@@ -337,9 +356,13 @@ def fp8_grouped_gemm(a_q, a_s, b_q, b_s, counts=None, offsets=None,
     offsets[e]:offsets[e+1] (or given as counts [E]); b_q e4m3 [E, N, K] with b_s
     [E, ceil(N/128), ceil(K/128)] (or [E, N, ceil(K/128)]). Returns [T, N].
 
-    Backends: "triton" (one launch over a host-built tile schedule), "torch" (a loop of
-    reference GEMMs); "auto" takes Triton where usable. There is no grouped cuBLAS path, so
-    "scaled_mm" means the torch loop here.
+    Backends: "triton" (one launch; its programs find their expert's rows from the offsets on the
+    device), "torch" (a loop of reference GEMMs); "auto" takes Triton where usable. There is no
+    grouped cuBLAS path, so "scaled_mm" means the torch loop here.
+
+    Counts or offsets given as tensors are never read on the host on the Triton path (they must then
+    cover the T rows: that is not checked, it would need a read); host lists are checked and uploaded.
+    The torch loop reads them (one sync).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -347,9 +370,17 @@ def fp8_grouped_gemm(a_q, a_s, b_q, b_s, counts=None, offsets=None,
         raise ValueError("grouped b_q must be [E, N, K] and b_s [E, *, ceil(K/128)]")
     t, k = a_q.shape
     e, n, _ = b_q.shape
-    segs = segment_bounds(counts, offsets, total=t)
-    if len(segs) != e:
-        raise ValueError(f"{len(segs)} segments for {e} experts")
+    on_device = torch.is_tensor(counts) or torch.is_tensor(offsets)
+    if on_device:
+        bounds = counts if counts is not None else offsets
+        if bounds.dim() != 1 or bounds.shape[0] != e + (offsets is not None):
+            raise ValueError(f"{'offsets' if offsets is not None else 'counts'} of shape "
+                             f"{tuple(bounds.shape)} for {e} experts")
+        segs = None                     # read on the host only by the torch loop
+    else:
+        segs = segment_bounds(counts, offsets, total=t)
+        if len(segs) != e:
+            raise ValueError(f"{len(segs)} segments for {e} experts")
     _check(a_q[:0], a_s[:0], b_q[0], b_s[0], block)
     names = available_backends(a_q.device) if backend == "auto" else [backend]
     names = [nm for nm in names if nm != "scaled_mm"] or ["torch"]   # no grouped cuBLAS path
@@ -359,7 +390,8 @@ def fp8_grouped_gemm(a_q, a_s, b_q, b_s, counts=None, offsets=None,
             if not triton_usable(a_q.device) or block != BLOCK:
                 raise RuntimeError("triton backend unavailable on this device")
             kind = _b_scale_kind(b_s[0], n, _cdiv(k, block), block)
-            return triton_kernels.fp8_grouped_gemm(a_q, a_s, b_q, b_s, segs, out_dtype,
+            sched = device_offsets(counts, offsets).to(a_q.device) if on_device else segs
+            return triton_kernels.fp8_grouped_gemm(a_q, a_s, b_q, b_s, sched, out_dtype,
                                                    b_row_scales=(kind == "row"))
         except Exception as err:  # noqa: BLE001 — compile/launch failure: use the reference
             if backend == "triton":
@@ -367,6 +399,8 @@ def fp8_grouped_gemm(a_q, a_s, b_q, b_s, counts=None, offsets=None,
             if "grouped-triton" not in _warned:
                 _warned.add("grouped-triton")
                 warnings.warn(f"fp8_grouped_gemm: triton failed ({err}); falling back", stacklevel=2)
+    if segs is None:
+        segs = segment_bounds(counts, offsets, total=t)
     out = torch.zeros(t, n, dtype=out_dtype, device=a_q.device)
     for i, (s0, s1) in enumerate(segs):
         if s1 > s0:

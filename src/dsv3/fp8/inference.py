@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .gemm import fp8_gemm, fp8_grouped_gemm
+from .gemm import device_offsets, fp8_gemm, fp8_grouped_gemm, grouped_uses_triton
 from .linear import _out_dtype, _quant_act
 from .quant import BLOCK, FP8_DTYPE, _cdiv, quantize_weight
 
@@ -274,12 +274,18 @@ class FP8InferenceExperts(nn.Module):
         if self.weight_only:
             return self._forward_weight_only(x_sorted, counts)
         out_dtype = _out_dtype(x_sorted)
+        offsets = None
+        if torch.is_tensor(counts):
+            if grouped_uses_triton(x_sorted.device, self.backend):   # scheduled on the device: no sync
+                offsets, counts = device_offsets(counts), None
+            else:
+                counts = counts.tolist()      # the reference loop: one read for both GEMMs
         x_q, x_s = _quant_act(x_sorted, self.backend)
-        h = fp8_grouped_gemm(x_q, x_s, self.w13, self.w13_scale_inv, counts=counts,
+        h = fp8_grouped_gemm(x_q, x_s, self.w13, self.w13_scale_inv, counts=counts, offsets=offsets,
                              out_dtype=out_dtype, backend=self.backend)
         gate, up = h.split(self.inter, dim=-1)
         a_q, a_s = _quant_act(F.silu(gate) * up, self.backend)
-        y = fp8_grouped_gemm(a_q, a_s, self.w2, self.w2_scale_inv, counts=counts,
+        y = fp8_grouped_gemm(a_q, a_s, self.w2, self.w2_scale_inv, counts=counts, offsets=offsets,
                              out_dtype=out_dtype, backend=self.backend)
         return y.to(x_sorted.dtype)
 

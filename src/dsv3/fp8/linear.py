@@ -29,7 +29,7 @@ import math
 import torch
 from torch import nn
 
-from .gemm import fp8_gemm, fp8_grouped_gemm, segment_bounds, triton_usable
+from .gemm import device_offsets, fp8_gemm, fp8_grouped_gemm, segment_bounds, triton_usable
 from .quant import (dequantize_activation, quantize_activation, quantize_activation_t,
                     quantize_weight)
 
@@ -185,34 +185,40 @@ class FP8Linear(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 class _FP8GroupedLinearFn(torch.autograd.Function):
+    """``segs``: host segments [(start, end)], or the experts' offsets as an int32 tensor [E+1] on the
+    device (the Triton route: every kernel schedules itself from them, nothing is read on the host)."""
+
     @staticmethod
     @_autocast_off
     def forward(ctx, x, weights, segs, backend):
         x_q, x_s = _quant_act(x, backend)
         w_q, w_s = _quant_weight(weights, backend)                   # [E, N, K], [E, N/128, K/128]
-        y = fp8_grouped_gemm(x_q, x_s, w_q, w_s, offsets=[0] + [e for _, e in segs],
+        y = fp8_grouped_gemm(x_q, x_s, w_q, w_s, offsets=_offsets_arg(segs),
                              out_dtype=_out_dtype(x), backend=backend)
-        ctx.save_for_backward(x_q, x_s, weights)
-        ctx.segs, ctx.backend, ctx.x_dtype = segs, backend, x.dtype
+        on_device = torch.is_tensor(segs)
+        ctx.save_for_backward(x_q, x_s, weights, *([segs] if on_device else []))
+        ctx.segs = None if on_device else segs
+        ctx.backend, ctx.x_dtype = backend, x.dtype
         return y
 
     @staticmethod
     @_autocast_off
     def backward(ctx, dy):
-        x_q, x_s, weights = ctx.saved_tensors
-        segs, backend = ctx.segs, ctx.backend
-        offsets = [0] + [e for _, e in segs]
+        x_q, x_s, weights, *offs = ctx.saved_tensors
+        segs, backend = (offs[0] if offs else ctx.segs), ctx.backend
         dx = dw = None
         if ctx.needs_input_grad[0]:
             dy_q, dy_s = _quant_act(dy, backend)
             w_q, w_s = _quant_weight(weights, backend)
-            dx = fp8_grouped_gemm(dy_q, dy_s, *_transposed(w_q, w_s, backend), offsets=offsets,
+            dx = fp8_grouped_gemm(dy_q, dy_s, *_transposed(w_q, w_s, backend), offsets=_offsets_arg(segs),
                                   out_dtype=_out_dtype(dy), backend=backend).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             tk = _triton(dy, backend)
             if tk:    # every expert in three launches (two token-direction quantisers, one GEMM)
                 dw = tk.grouped_wgrad(dy, x_q, x_s, segs)
-            else:
+            else:     # the reference: a loop over the experts, read on the host
+                if torch.is_tensor(segs):
+                    segs = segment_bounds(offsets=segs, total=dy.shape[0])
                 dw = torch.zeros_like(weights, dtype=torch.float32)
                 for e, (s0, s1) in enumerate(segs):
                     if s1 > s0:   # token tiles never straddle two experts
@@ -220,15 +226,37 @@ class _FP8GroupedLinearFn(torch.autograd.Function):
         return dx, dw, None, None
 
 
+def _offsets_arg(segs):
+    return segs if torch.is_tensor(segs) else [0] + [e for _, e in segs]
+
+
 def fp8_grouped_linear(x_sorted: torch.Tensor, weights: torch.Tensor, counts=None,
                        offsets=None, backend: str = "auto") -> torch.Tensor:
     """Per-expert FP8 linear: rows of `x_sorted` [T, K] belonging to expert e (contiguous,
     `counts` [E] or `offsets` [E+1]) are multiplied by `weights[e]` [N, K]ᵀ → [T, N].
-    Differentiable in x and weights (FP32 master weights [E, N, K])."""
-    segs = segment_bounds(counts, offsets, total=x_sorted.shape[0])
-    if weights.dim() != 3 or len(segs) != weights.shape[0]:
-        raise ValueError(f"weights must be [E, N, K] with E = {len(segs)} segments")
-    return _FP8GroupedLinearFn.apply(_autocast_input(x_sorted), weights, segs, backend)
+    Differentiable in x and weights (FP32 master weights [E, N, K]).
+
+    Counts or offsets given as tensors on the Triton route (:func:`grouped_on_device`) stay on the
+    device: forward, Dgrad and Wgrad schedule their tiles from them there, no host sync (they must
+    cover the T rows; that is not checked). Elsewhere they are read once on the host."""
+    x = _autocast_input(x_sorted)
+    if weights.dim() != 3:
+        raise ValueError(f"weights must be [E, N, K], got {tuple(weights.shape)}")
+    if (torch.is_tensor(counts) or torch.is_tensor(offsets)) and grouped_on_device(x, backend):
+        segs = device_offsets(counts, offsets).to(x.device)
+        n_segs = segs.shape[0] - 1
+    else:
+        segs = segment_bounds(counts, offsets, total=x_sorted.shape[0])
+        n_segs = len(segs)
+    if n_segs != weights.shape[0]:
+        raise ValueError(f"weights must be [E, N, K] with E = {n_segs} segments")
+    return _FP8GroupedLinearFn.apply(x, weights, segs, backend)
+
+
+def grouped_on_device(x: torch.Tensor, backend: str) -> bool:
+    """The FP8 grouped linear runs on its Triton route here (quantisers, grouped GEMMs and the
+    K-grouped Wgrad all Triton kernels): expert counts can stay on the device."""
+    return _triton(x, backend) is not None
 
 
 # --------------------------------------------------------------------------------------------

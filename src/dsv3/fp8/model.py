@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .linear import FP8Linear, fp8_grouped_linear
+from .gemm import device_offsets
+from .linear import FP8Linear, fp8_grouped_linear, grouped_on_device
 
 DEFAULT_SKIP = ("lm_head",)
 POW2_INPUT = ("o_proj",)
@@ -39,11 +40,15 @@ def _is_grouped_experts(m: nn.Module) -> bool:
 def _fp8_experts_forward(self, x_sorted, counts):
     """SwiGLU experts on expert-sorted tokens with both GEMMs (and their grads) in FP8."""
     backend = getattr(self, "fp8_backend", "auto")
+    offsets = None
     if torch.is_tensor(counts):
-        counts = counts.tolist()        # read once (one device sync), not once per GEMM
-    h = fp8_grouped_linear(x_sorted, self.w13, counts=counts, backend=backend)
+        if grouped_on_device(x_sorted, backend):     # Triton: tiles scheduled on the device, no sync
+            offsets, counts = device_offsets(counts), None
+        else:
+            counts = counts.tolist()    # the reference loop: read once (one device sync), not per GEMM
+    h = fp8_grouped_linear(x_sorted, self.w13, counts=counts, offsets=offsets, backend=backend)
     gate, up = h.split(self.inter, dim=-1)
-    return fp8_grouped_linear(F.silu(gate) * up, self.w2, counts=counts, backend=backend)
+    return fp8_grouped_linear(F.silu(gate) * up, self.w2, counts=counts, offsets=offsets, backend=backend)
 
 
 _FP8_CLASSES: dict = {}

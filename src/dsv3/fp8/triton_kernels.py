@@ -48,6 +48,76 @@ def _upload(rows, device) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
+# Expert schedules on the device. The grouped kernels take the experts' row offsets as an int32
+# tensor [E+1] (cumulative token counts, offsets[0] = 0 … offsets[E] = T), launch a grid sized by a
+# bound the host knows without reading them, and each program finds its own (expert, row range):
+# expert e owns row tiles ends[e-1] … ends[e]-1 of the global tile order, ends being the cumulative
+# sum of ⌈count_e / BLOCK⌉; programs past the last real tile exit at once.
+# --------------------------------------------------------------------------------------------
+
+def tile_bound(t: int, e: int, bm: int) -> int:
+    """An upper bound of Σ_e ⌈count_e / bm⌉ over any E counts summing to T, known on the host:
+    each expert adds at most bm-1 rows of padding, so Σ ⌈c/bm⌉ ≤ ⌊(T + (bm-1)·E) / bm⌋."""
+    return (t + (bm - 1) * e) // bm
+
+
+def expert_pow2(e: int) -> int:
+    """The vector width a kernel uses to scan E experts' offsets (≥ 16: tiny aranges are awkward)."""
+    return max(16, _next_pow2(e))
+
+
+def expert_offsets(segments, device) -> torch.Tensor:
+    """Offsets int32 [E+1] on `device` from contiguous host segments [(start, end)] (uploaded without
+    blocking), or from an offsets tensor (cast on the device, never read on the host)."""
+    if torch.is_tensor(segments):
+        if segments.dim() != 1 or segments.shape[0] < 1:
+            raise ValueError(f"offsets must be a 1-D tensor [E+1], got {tuple(segments.shape)}")
+        return segments.to(device=device, dtype=torch.int32)
+    segments = [(int(a), int(b)) for a, b in segments]
+    if any(b < a for a, b in segments) or any(n[0] != p[1] for p, n in zip(segments, segments[1:])):
+        raise ValueError("segments must be contiguous, non-decreasing (start, end) pairs")
+    return upload([segments[0][0] if segments else 0] + [b for _, b in segments], device, torch.int32)
+
+
+def _n_segments(segments) -> int:
+    return segments.shape[0] - 1 if torch.is_tensor(segments) else len(segments)
+
+
+def _row_tiles(segments, t: int, bm: int) -> int:
+    """Programs along the row-tile axis: exact for host segments, the bound for device offsets."""
+    if torch.is_tensor(segments):
+        return tile_bound(t, segments.shape[0] - 1, bm)
+    return sum(_cdiv(b - a, bm) for a, b in segments)
+
+
+def expert_columns(offsets: torch.Tensor, block: int = BLOCK):
+    """(col0, ncols) int32 [E] on the device: each expert's first column and its column count in the
+    token-tiled layout of :func:`act_quant_t` (⌈count/128⌉·128 each, in expert order), no sync."""
+    counts = offsets[1:] - offsets[:-1]
+    ncols = (counts + block - 1) // block * block
+    col0 = torch.cumsum(ncols, 0) - ncols
+    return col0.to(torch.int32), ncols.to(torch.int32)
+
+
+@triton.jit
+def _find_tile(off_ptr, pid, E, BM: tl.constexpr, E_POW2: tl.constexpr):
+    """Row tile `pid` of the experts' schedule → (e, r0, r1): expert e, its rows r0:r1 (≤ BM of them).
+    e ≥ E when pid is past the last real tile (the caller exits)."""
+    idx = tl.arange(0, E_POW2)
+    live = idx < E
+    lo = tl.load(off_ptr + idx, mask=live, other=0)
+    hi = tl.load(off_ptr + idx + 1, mask=live, other=0)
+    ntiles = (hi - lo + BM - 1) // BM
+    ends = tl.cumsum(ntiles, axis=0)
+    e = tl.sum((ends <= pid).to(tl.int32), axis=0)            # experts whose tiles all come before pid
+    first = tl.sum(tl.where(idx < e, ntiles, 0), axis=0)      # expert e's first tile
+    ec = tl.minimum(e, E - 1)                                 # in-bounds loads for the exiting programs
+    r0 = tl.load(off_ptr + ec) + (pid - first) * BM
+    r1 = tl.minimum(r0 + BM, tl.load(off_ptr + ec + 1))
+    return e, r0, r1
+
+
+# --------------------------------------------------------------------------------------------
 # Configs. BLOCK_K is fixed to the quantisation group (128). On Hopper an E4M3 128×128 operand
 # tile is 16 KiB, so 3–4 stages of a 128×256 tile pair fit in shared memory. The interpreter
 # gets one small config (no autotuning benchmark runs on the CPU).
@@ -124,18 +194,24 @@ def _promote(acc, part, as_ptrs, bs_ptrs, ONE_B_SCALE: tl.constexpr):
     multiples of BLOCK_N), so sb is one number, folded into the row scales: one FMA per element."""
     sa = tl.load(as_ptrs)
     sb = tl.load(bs_ptrs)
+    # one return per function: Triton 3.9's code generator records both returns of a constexpr
+    # `if … return` followed by a `return` and rejects their differing types
     if ONE_B_SCALE:
-        return acc + part * (sa * sb)[:, None]
-    return acc + part * sa[:, None] * sb[None, :]
+        out = acc + part * (sa * sb)[:, None]
+    else:
+        out = acc + part * sa[:, None] * sb[None, :]
+    return out
 
 
 @triton.jit
 def _b_scale_ptrs(bs_ptr, offs_n, stride_bsn, B_SCALE_DIV: tl.constexpr, BLOCK_N: tl.constexpr):
     """The tile's weight-scale pointers along N for group 0: one pointer when its columns share a
     128-row weight block (see _promote), else one per column."""
-    if B_SCALE_DIV >= BLOCK_N:
-        return bs_ptr + (tl.min(offs_n, axis=0) // B_SCALE_DIV) * stride_bsn
-    return bs_ptr + (offs_n // B_SCALE_DIV) * stride_bsn
+    if B_SCALE_DIV >= BLOCK_N:     # one return (see _promote)
+        ptrs = bs_ptr + (tl.min(offs_n, axis=0) // B_SCALE_DIV) * stride_bsn
+    else:
+        ptrs = bs_ptr + (offs_n // B_SCALE_DIV) * stride_bsn
+    return ptrs
 
 
 @triton.jit
@@ -175,20 +251,21 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, M, N, K,
 @triton.autotune(configs=_grouped_configs(), key=["N", "K", "B_SCALE_DIV", "BLOCK_M"])
 @triton.jit
 def _fp8_grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr,
-                             tile_e_ptr, tile_r0_ptr, tile_r1_ptr, N, K,
+                             off_ptr, E, N, K,
                              stride_am, stride_ak, stride_be, stride_bn, stride_bk,
                              stride_cm, stride_cn, stride_asm, stride_asg,
                              stride_bse, stride_bsn, stride_bsg,
-                             B_SCALE_DIV: tl.constexpr, EVEN_K: tl.constexpr,
+                             B_SCALE_DIV: tl.constexpr, EVEN_K: tl.constexpr, E_POW2: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_K: tl.constexpr):
-    # Program (t, n): row tile t of the host-built schedule — rows r0:r1 of one expert e's
-    # contiguous segment — times column tile n of that expert's weight.
+    # Program (t, n): row tile t of the experts' schedule (found from the device offsets) — rows
+    # r0:r1 of one expert e's contiguous segment — times column tile n of that expert's weight.
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
-    e = tl.load(tile_e_ptr + pid_t).to(tl.int64)
-    r0 = tl.load(tile_r0_ptr + pid_t)
-    r1 = tl.load(tile_r1_ptr + pid_t)
+    e, r0, r1 = _find_tile(off_ptr, pid_t, E, BLOCK_M, E_POW2)
+    if e >= E:
+        return
+    e = e.to(tl.int64)
     rows = r0 + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = _scaled_tile(a_ptr, b_ptr + e * stride_be, as_ptr, bs_ptr + e * stride_bse,
@@ -290,19 +367,19 @@ def _fp8_gemm_tma_kernel(a_desc, b_desc, c_desc, as_ptr, bs_ptr, M, N, K,
                  key=["N", "K", "B_SCALE_DIV", "B_KN", "BLOCK_M"])
 @triton.jit
 def _fp8_grouped_gemm_tma_kernel(a_desc, b_desc, c_ptr, as_ptr, bs_ptr,
-                                 tile_e_ptr, tile_r0_ptr, tile_r1_ptr, N, K,
+                                 off_ptr, E, N, K,
                                  stride_cm, stride_cn, stride_asm, stride_asg,
                                  stride_bse, stride_bsn, stride_bsg,
-                                 B_SCALE_DIV: tl.constexpr, B_KN: tl.constexpr, BLOCK_M: tl.constexpr,
-                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                                 B_SCALE_DIV: tl.constexpr, B_KN: tl.constexpr, E_POW2: tl.constexpr,
+                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # b_desc covers the experts' weights as one [E·N, K] matrix: expert e's rows start at e·N (B_KN:
     # the storage of a transposed view, one [E·K, N] matrix, expert e's rows from e·K).
     # A rows past r1 (the next expert's, or zero fill past T) are computed and not stored.
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
-    e = tl.load(tile_e_ptr + pid_t)
-    r0 = tl.load(tile_r0_ptr + pid_t)
-    r1 = tl.load(tile_r1_ptr + pid_t)
+    e, r0, r1 = _find_tile(off_ptr, pid_t, E, BLOCK_M, E_POW2)
+    if e >= E:
+        return
     rows = r0 + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if B_KN:
@@ -382,19 +459,29 @@ def gemm_uses_tma(a_q, b_q, c) -> bool:
             and (_tma_rows(b_q) or _tma_rows(b_q.t())))
 
 
-def grouped_block_m(segments) -> int:
+def grouped_block_m(segments, t: int | None = None) -> int:
     """Row-tile height for the grouped GEMM: 64 on the GPU (32 under the interpreter), 128 when
-    the experts' segments are long enough to fill it."""
+    the experts' segments are long enough to fill it. With device offsets (a tensor) the counts are
+    not read: the average over all E experts, T / E, decides."""
     if INTERPRET:
         return 32
-    counts = [e - s for s, e in segments if e > s]
-    avg = sum(counts) / max(1, len(counts))
+    if torch.is_tensor(segments):
+        avg = (t or 0) / max(1, segments.shape[0] - 1)
+    else:
+        counts = [e - s for s, e in segments if e > s]
+        avg = sum(counts) / max(1, len(counts))
     return 128 if avg >= 512 else 64
 
 
 def fp8_grouped_gemm(a_q, a_s, b_q, b_s, segments, out_dtype=torch.bfloat16,
                      b_row_scales=False, block_m: int | None = None, tma: bool | None = None):
     """Per-expert a[r0:r1] @ b[e]ᵀ over contiguous segments [(r0, r1)] (one per expert).
+
+    ``segments``: host pairs [(start, end)], or the experts' offsets as an int tensor [E+1] on the
+    device (cumulative counts from 0; rows past offsets[E] are not written). Either way one launch
+    whose programs find their expert and rows from the offsets on the device (:func:`_find_tile`):
+    host segments are uploaded and launch exactly Σ ⌈count/BLOCK_M⌉ row tiles; device offsets are
+    never read on the host and launch :func:`tile_bound` row tiles, the surplus exiting at once.
 
     ``tma`` as in :func:`fp8_gemm`. TMA describes the experts as one matrix: b contiguous ([E·N, K]),
     or b a transposed view of contiguous [E, K, N] storage with K a multiple of 128 (Dgrad's Wᵀ; a
@@ -403,15 +490,18 @@ def fp8_grouped_gemm(a_q, a_s, b_q, b_s, segments, out_dtype=torch.bfloat16,
     e_count, n, _ = b_q.shape
     a_s, b_s = a_s.float(), b_s.float()
     c = torch.empty(t, n, dtype=out_dtype, device=a_q.device)
-    bm = block_m or grouped_block_m(segments)
-    tiles = [(e, r0, min(r0 + bm, s1)) for e, (s0, s1) in enumerate(segments)
-             for r0 in range(s0, s1, bm)]
-    if not tiles or n == 0:
+    bm = block_m or grouped_block_m(segments, t)
+    if _n_segments(segments) != e_count:
+        raise ValueError(f"{_n_segments(segments)} segments for {e_count} experts")
+    n_tiles = _row_tiles(segments, t, bm)
+    if not n_tiles or n == 0 or t == 0:
         return c
-    sched = _upload(tiles, a_q.device)
+    offs = expert_offsets(segments, a_q.device)
+    sched = dict(E_POW2=expert_pow2(e_count), BLOCK_M=bm, BLOCK_K=BLOCK,
+                 B_SCALE_DIV=1 if b_row_scales else BLOCK)
 
     def grid(meta):
-        return (len(tiles), _cdiv(n, meta["BLOCK_N"]))
+        return (n_tiles, _cdiv(n, meta["BLOCK_N"]))
 
     b_kn = not b_q.is_contiguous()
     b_mat = (b_q.transpose(1, 2).reshape(e_count * k, n) if b_kn and b_q.transpose(1, 2).is_contiguous()
@@ -422,17 +512,14 @@ def fp8_grouped_gemm(a_q, a_s, b_q, b_s, segments, out_dtype=torch.bfloat16,
     if use_tma and tma is not False:
         _fp8_grouped_gemm_tma_kernel[grid](
             _descriptor(a_q), _descriptor(b_mat), c, a_s, b_s,
-            sched[0], sched[1], sched[2], n, k, c.stride(0), c.stride(1), a_s.stride(0), a_s.stride(1),
-            b_s.stride(0), b_s.stride(1), b_s.stride(2),
-            B_SCALE_DIV=1 if b_row_scales else BLOCK, B_KN=b_kn, BLOCK_M=bm, BLOCK_K=BLOCK)
+            offs, e_count, n, k, c.stride(0), c.stride(1), a_s.stride(0), a_s.stride(1),
+            b_s.stride(0), b_s.stride(1), b_s.stride(2), B_KN=b_kn, **sched)
         return c
     _fp8_grouped_gemm_kernel[grid](
-        a_q, b_q, c, a_s, b_s, sched[0], sched[1], sched[2], n, k,
+        a_q, b_q, c, a_s, b_s, offs, e_count, n, k,
         a_q.stride(0), a_q.stride(1), b_q.stride(0), b_q.stride(1), b_q.stride(2),
         c.stride(0), c.stride(1), a_s.stride(0), a_s.stride(1),
-        b_s.stride(0), b_s.stride(1), b_s.stride(2),
-        B_SCALE_DIV=1 if b_row_scales else BLOCK, EVEN_K=(k % BLOCK == 0),
-        BLOCK_M=bm, BLOCK_K=BLOCK)
+        b_s.stride(0), b_s.stride(1), b_s.stride(2), EVEN_K=(k % BLOCK == 0), **sched)
     return c
 
 
@@ -618,15 +705,23 @@ def token_tiles(segments, t: int):
 
 
 @triton.jit
-def _act_quant_t_kernel(x_ptr, xs_ptr, q_ptr, s_ptr, r0_ptr, r1_ptr, c0_ptr, K, width,
+def _act_quant_t_kernel(x_ptr, xs_ptr, q_ptr, s_ptr, off_ptr, E, T, K, width,
                         stride_xm, stride_xsm, stride_xsg, stride_qk, stride_sk,
-                        DEQUANT: tl.constexpr, POW2: tl.constexpr, BLOCK_T: tl.constexpr,
-                        BLOCK_C: tl.constexpr):
+                        DEQUANT: tl.constexpr, POW2: tl.constexpr, SEGMENTED: tl.constexpr,
+                        E_POW2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Program (t, c): token tile t — 128 rows of one expert (SEGMENTED: found from the device
+    # offsets, tiles laid out in expert order so tile t starts column t·128), or rows t·128… of the
+    # whole input — times channel block c.
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
-    r0 = tl.load(r0_ptr + pid_t)
-    r1 = tl.load(r1_ptr + pid_t)
-    c0 = tl.load(c0_ptr + pid_t)
+    if SEGMENTED:
+        e, r0, r1 = _find_tile(off_ptr, pid_t, E, BLOCK_T, E_POW2)
+        if e >= E:
+            return
+    else:
+        r0 = pid_t * BLOCK_T
+        r1 = tl.minimum(r0 + BLOCK_T, T)
+    c0 = pid_t * BLOCK_T
     rows = r0 + tl.arange(0, BLOCK_T)
     chans = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (rows[:, None] < r1) & (chans[None, :] < K)
@@ -650,8 +745,12 @@ def act_quant_t(x: torch.Tensor, x_scale: torch.Tensor | None = None, segments=N
     from a float x or an E4M3 x with its 1×128 scales ``x_scale`` [T, ⌈K/128⌉] (dequantised on load:
     the FP8 activation cache's round trip in one pass).
 
-    ``segments`` [(start, end)] of rows (experts' tokens): each starts a new tile at a 128-aligned
-    column, W = Σ ⌈len/128⌉·128, padding columns zero; without them W = T."""
+    ``segments`` (experts' tokens): host pairs [(start, end)] of rows, or the experts' offsets as an
+    int tensor [E+1] on the device. Each expert starts a new tile at a 128-aligned column (its
+    columns from :func:`expert_columns`), padding columns zero. Host segments give W = Σ ⌈len/128⌉·128;
+    device offsets are never read on the host, so W is the bound :func:`tile_bound` (T, E, 128)·128 and
+    the columns past the experts' last tile stay zero (their scales unset: no expert reads them).
+    Without segments W = T."""
     if x.dim() != 2:
         raise ValueError(f"act_quant_t needs [T, K], got {tuple(x.shape)}")
     t, k = x.shape
@@ -661,17 +760,20 @@ def act_quant_t(x: torch.Tensor, x_scale: torch.Tensor | None = None, segments=N
         x_scale = x_scale.float()
         if tuple(x_scale.shape) != (t, _cdiv(k, BLOCK)):
             raise ValueError(f"x_scale must be [{t}, {_cdiv(k, BLOCK)}], got {tuple(x_scale.shape)}")
-    tiles, width, _, _ = token_tiles(segments, t)
-    q = (torch.zeros if segments is not None else torch.empty)(k, width, dtype=q_dtype, device=x.device)
+    segmented = segments is not None
+    n_tiles = _row_tiles(segments, t, BLOCK) if segmented else _cdiv(t, BLOCK)
+    width = n_tiles * BLOCK if segmented else t
+    q = (torch.zeros if segmented else torch.empty)(k, width, dtype=q_dtype, device=x.device)
     s = torch.empty(k, _cdiv(width, BLOCK), dtype=torch.float32, device=x.device)
-    if tiles and k:
-        sched = _upload(tiles, x.device)
+    if n_tiles and k and t:
+        e_count = _n_segments(segments) if segmented else 1
+        offs = expert_offsets(segments, x.device) if segmented else s
         block_c = 32 if INTERPRET else 64
         xs = x_scale if dequant else s
-        _act_quant_t_kernel[(len(tiles), _cdiv(k, block_c))](
-            x, xs, q, s, sched[0], sched[1], sched[2], k, width, x.stride(0), xs.stride(0), xs.stride(1),
-            q.stride(0), s.stride(0), DEQUANT=dequant, POW2=pow2_scale, BLOCK_T=BLOCK, BLOCK_C=block_c,
-            num_warps=4)
+        _act_quant_t_kernel[(n_tiles, _cdiv(k, block_c))](
+            x, xs, q, s, offs, e_count, t, k, width, x.stride(0), xs.stride(0), xs.stride(1),
+            q.stride(0), s.stride(0), DEQUANT=dequant, POW2=pow2_scale, SEGMENTED=segmented,
+            E_POW2=expert_pow2(e_count), BLOCK_T=BLOCK, BLOCK_C=block_c, num_warps=4)
     return q, s
 
 
@@ -714,20 +816,26 @@ def _fp8_kgrouped_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, col0_ptr, nco
 
 def kgrouped_gemm(a_q, a_s, b_q, b_s, col0, ncols) -> torch.Tensor:
     """Per group e: a[:, c0:c0+n] @ b[:, c0:c0+n]ᵀ → [E, M, N] FP32, for a [M, W], b [N, W] E4M3 with
-    1×128 scales along W ([M, W/128], [N, W/128]) and 128-aligned column ranges (col0[e], ncols[e])."""
+    1×128 scales along W ([M, W/128], [N, W/128]) and 128-aligned column ranges (col0[e], ncols[e]):
+    host lists (checked, uploaded) or int tensors on the device (never read on the host: one program
+    per (output tile, expert) reads its expert's range there; see :func:`expert_columns`)."""
     m, n = a_q.shape[0], b_q.shape[0]
-    out = torch.empty(len(col0), m, n, dtype=torch.float32, device=a_q.device)
-    if not len(col0) or m == 0 or n == 0:
+    e_count = col0.shape[0] if torch.is_tensor(col0) else len(col0)
+    out = torch.empty(e_count, m, n, dtype=torch.float32, device=a_q.device)
+    if not e_count or m == 0 or n == 0:
         return out.zero_()
-    if any(c % BLOCK for c in list(col0) + list(ncols)):
-        raise ValueError("kgrouped_gemm: column ranges must start and end on 128-column tiles")
-    meta = _upload(list(zip(col0, ncols)), a_q.device)
+    if torch.is_tensor(col0):
+        c0_t, nc_t = (v.to(device=a_q.device, dtype=torch.int32) for v in (col0, ncols))
+    else:
+        if any(c % BLOCK for c in list(col0) + list(ncols)):
+            raise ValueError("kgrouped_gemm: column ranges must start and end on 128-column tiles")
+        c0_t, nc_t = _upload(list(zip(col0, ncols)), a_q.device)
 
     def grid(cfg):
-        return (_cdiv(m, cfg["BLOCK_M"]) * _cdiv(n, cfg["BLOCK_N"]), len(col0))
+        return (_cdiv(m, cfg["BLOCK_M"]) * _cdiv(n, cfg["BLOCK_N"]), e_count)
 
     _fp8_kgrouped_gemm_kernel[grid](
-        a_q, b_q, out, a_s.float(), b_s.float(), meta[0], meta[1], m, n,
+        a_q, b_q, out, a_s.float(), b_s.float(), c0_t, nc_t, m, n,
         a_q.stride(0), a_q.stride(1), b_q.stride(0), b_q.stride(1),
         out.stride(0), out.stride(1), out.stride(2), a_s.stride(0), a_s.stride(1),
         b_s.stride(0), b_s.stride(1), BLOCK_K=BLOCK)
@@ -738,8 +846,16 @@ def grouped_wgrad(dy: torch.Tensor, x_q: torch.Tensor, x_s: torch.Tensor, segmen
     """Expert weight gradients dW [E, N, K] (FP32) = dy[s0:s1]ᵀ · x[s0:s1] per expert segment, from
     dy [T, N] (float) and the FP8 activation cache x_q [T, K] with 1×128 scales x_s: both operands
     quantised 128×1 along the tokens per segment (two launches), then one K-grouped GEMM launch.
-    Per expert it equals the dense Wgrad of that expert's rows."""
+    Per expert it equals the dense Wgrad of that expert's rows.
+
+    ``segments``: host pairs [(start, end)], or the experts' offsets as an int tensor [E+1] on the
+    device — then nothing is read on the host: the operands' width is the bound of
+    :func:`act_quant_t` and each expert's columns come from :func:`expert_columns` (torch ops on the
+    device)."""
     dyt_q, dyt_s = act_quant_t(dy, segments=segments)            # [N, W], [N, W/128]
     xt_q, xt_s = act_quant_t(x_q, x_s, segments=segments)        # [K, W], [K, W/128]
-    _, _, col0, ncols = token_tiles(segments, dy.shape[0])
+    if torch.is_tensor(segments):
+        col0, ncols = expert_columns(expert_offsets(segments, dy.device))
+    else:
+        _, _, col0, ncols = token_tiles(segments, dy.shape[0])
     return kgrouped_gemm(dyt_q, dyt_s, xt_q, xt_s, col0, ncols)
