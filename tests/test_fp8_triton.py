@@ -371,3 +371,254 @@ def test_fp8_linears_triton_wiring_matches_torch_backend(monkeypatch):
         lin[b](xs[b]).backward(dy[:100, :160])
     close(xs["triton"].grad, xs["torch"].grad)
     close(lin["triton"].weight.grad, lin["torch"].weight.grad)
+
+
+# ------------------------------------------------------------------------------------------
+# Device-side expert schedules: the experts' offsets as a device tensor, never read on the host
+# ------------------------------------------------------------------------------------------
+
+def _offsets(counts, dtype=torch.int32):
+    return torch.tensor([0] + counts, dtype=dtype, device=DEV).cumsum(0).to(dtype)
+
+
+# empty experts (first, middle, last), counts not multiples of the tile (32 here, 64/128 on a GPU),
+# and more slack in the launch bound than real tiles (many empty experts)
+SCHED_COUNTS = [[0, 45, 0, 0, 33, 1], [70, 0, 129, 33], [5, 0, 0, 0, 0, 0, 0, 64]]
+
+
+@pytest.mark.parametrize("counts", SCHED_COUNTS)
+@pytest.mark.parametrize("row", [False, True])
+def test_grouped_gemm_device_offsets_match_host_schedule_and_reference(counts, row):
+    """Both grouped kernels (pointer, TMA) scheduled from device offsets: the reference's numbers, and
+    bit for bit the host-segment launch's (the same tiles, found on the device)."""
+    e, n, k = len(counts), 64, 256
+    a_q, a_s, b_q, b_s = _operands(sum(counts), n, k, seed=sum(counts) + 7, row=row, e=e)
+    ref = fp8.fp8_grouped_gemm(a_q, a_s, b_q, b_s, counts=counts, out_dtype=torch.float32, backend="torch")
+    segs = fp8.segment_bounds(counts)
+    bound = tk.tile_bound(sum(counts), e, 32)
+    assert bound >= sum(-(-c // 32) for c in counts)
+    for tma in (True, False):
+        host = tk.fp8_grouped_gemm(a_q, a_s, b_q, b_s, segs, torch.float32, b_row_scales=row, tma=tma)
+        for offs in (_offsets(counts), _offsets(counts, torch.int64)):
+            dev = tk.fp8_grouped_gemm(a_q, a_s, b_q, b_s, offs, torch.float32, b_row_scales=row, tma=tma)
+            assert torch.equal(dev, host)
+            _assert_gemm_close(dev, ref)
+    # the dispatcher with tensor counts / offsets takes the device schedule on the Triton backend
+    for kw in ({"counts": torch.tensor(counts, device=DEV)}, {"offsets": _offsets(counts, torch.int64)}):
+        out = fp8.fp8_grouped_gemm(a_q, a_s, b_q, b_s, out_dtype=torch.float32, backend="triton", **kw)
+        assert torch.equal(out, host)
+        # and the torch reference reads them on the host
+        assert torch.equal(fp8.fp8_grouped_gemm(a_q, a_s, b_q, b_s, out_dtype=torch.float32,
+                                                backend="torch", **kw), ref)
+
+
+def test_grouped_gemm_device_offsets_transposed_weights():
+    """Grouped Dgrad from device offsets: Wᵀ a strided view, both kernels."""
+    counts, n, k = [70, 0, 33, 1], 128, 192
+    w_q, w_s = fp8.quantize_weight(_data((4, n, k), 51))
+    d_q, d_s = fp8.quantize_activation(_data((sum(counts), n), 52))
+    wt_q, wt_s = w_q.transpose(1, 2), w_s.transpose(1, 2)
+    ref = fp8.fp8_grouped_gemm(d_q, d_s, wt_q.contiguous(), wt_s.contiguous(), counts=counts,
+                               out_dtype=torch.float32, backend="torch")
+    for tma in (True, False):
+        out = tk.fp8_grouped_gemm(d_q, d_s, wt_q, wt_s, _offsets(counts), torch.float32, tma=tma)
+        assert torch.equal(out, tk.fp8_grouped_gemm(d_q, d_s, wt_q, wt_s, fp8.segment_bounds(counts),
+                                                    torch.float32, tma=tma))
+        _assert_gemm_close(out, ref)
+
+
+def test_act_quant_t_device_offsets_bound_width_same_columns():
+    """Device offsets: width = the host-known bound, each expert's tiles at the same columns as with
+    host segments (expert_columns = token_tiles' col0/ncols), the columns past them zero."""
+    counts = [130, 0, 5, 128, 0, 77]
+    segs = fp8.segment_bounds(counts)
+    x = _data((sum(counts), 160), 53)
+    x_q, x_s = fp8.quantize_activation(x)
+    _, width, col0, ncols = tk.token_tiles(segs, x.shape[0])
+    offs = _offsets(counts)
+    c0_t, nc_t = tk.expert_columns(offs)
+    assert c0_t.tolist() == col0 and nc_t.tolist() == ncols
+    bound = tk.tile_bound(sum(counts), len(counts), 128) * 128
+    assert bound >= width
+    for args in ((x,), (x_q, x_s)):
+        y_h, s_h = tk.act_quant_t(*args, segments=segs, q_dtype=torch.float32)
+        y_d, s_d = tk.act_quant_t(*args, segments=offs, q_dtype=torch.float32)
+        assert y_d.shape == (160, bound) and s_d.shape == (160, bound // 128)
+        assert torch.equal(y_d[:, :width], y_h) and (y_d[:, width:] == 0).all()
+        assert torch.equal(s_d[:, :width // 128], s_h)
+        q_d, _ = tk.act_quant_t(*args, segments=offs)
+        assert q_d.dtype == torch.float8_e4m3fn and q_d.shape == y_d.shape
+
+
+def test_kgrouped_gemm_and_grouped_wgrad_from_device_offsets():
+    """The K-grouped GEMM reading each expert's columns from device tensors, and the whole Wgrad from
+    device offsets: bit for bit the host-scheduled result (itself held to the reference above)."""
+    counts = [130, 0, 37, 256, 1, 0]
+    segs = fp8.segment_bounds(counts)
+    n, k = 96, 256
+    dy = _data((sum(counts), n), 54)
+    x_q, x_s = fp8.quantize_activation(_data((sum(counts), k), 55))
+    offs = _offsets(counts)
+    host = tk.grouped_wgrad(dy, x_q, x_s, segs)
+    dev = tk.grouped_wgrad(dy, x_q, x_s, offs)
+    assert dev.shape == (6, n, k) and (dev[1] == 0).all() and (dev[5] == 0).all()
+    assert torch.equal(dev, host)
+    # kgrouped_gemm on its own: operands of the bound width, ranges as device tensors
+    a = tk.act_quant_t(dy, segments=offs)
+    b = tk.act_quant_t(x_q, x_s, segments=offs)
+    _, _, col0, ncols = tk.token_tiles(segs, sum(counts))
+    assert torch.equal(tk.kgrouped_gemm(*a, *b, *tk.expert_columns(offs)),
+                       tk.kgrouped_gemm(*a, *b, col0, ncols))
+
+
+class _HostReads:
+    """Counts, while active, reads of tensor data by the host (what would be a device→host sync on a
+    GPU): the aten ops that need one (item/_local_scalar_dense, nonzero, masked_select, bincount, unique,
+    boolean-mask indexing) and Tensor.tolist / item / __int__ / __float__ / __bool__ / __index__ / numpy.
+    Under the interpreter the kernels themselves run on the CPU through numpy: their launches are not
+    counted (on a GPU they are launches), so the count is the Python side's."""
+
+    def __init__(self, monkeypatch):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        import triton.runtime.interpreter as interp
+
+        aten = torch.ops.aten
+        sync_ops = {aten._local_scalar_dense.default, aten.item.default, aten.nonzero.default,
+                    aten.masked_select.default, aten.bincount.default, aten._unique2.default}
+        reads, state = [], {"on": False, "kernel": 0}
+        self.reads, self.state, self.launches = reads, state, 0
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if state["on"] and not state["kernel"]:
+                    bool_index = func in (aten.index.Tensor, aten.index_put_.default) and any(
+                        isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
+                    if func in sync_ops or bool_index:
+                        reads.append(str(func))
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+        for name in ("tolist", "item", "__int__", "__float__", "__bool__", "__index__", "numpy"):
+            real = getattr(torch.Tensor, name)
+
+            def spy(t, *a, _real=real, _name=name, **kw):
+                if state["on"] and not state["kernel"]:
+                    reads.append(_name)
+                return _real(t, *a, **kw)
+            monkeypatch.setattr(torch.Tensor, name, spy)
+        real_call = interp.GridExecutor.__call__
+        counter = self
+
+        def launch(ex, *a, **kw):
+            state["kernel"] += 1
+            counter.launches += state["on"]
+            try:
+                return real_call(ex, *a, **kw)
+            finally:
+                state["kernel"] -= 1
+        monkeypatch.setattr(interp.GridExecutor, "__call__", launch)
+
+    def __enter__(self):
+        self.reads.clear()
+        self.launches = 0
+        self.mode.__enter__()
+        self.state["on"] = True
+        return self
+
+    def __exit__(self, *exc):
+        self.state["on"] = False
+        return self.mode.__exit__(*exc)
+
+
+def _triton_route(monkeypatch):
+    """Force the CUDA-only Triton route of the FP8 linears onto the interpreter (as the wiring test
+    above does), the quantisers' pre-cast values cast by torch (the interpreter's E4M3 cast is inexact)."""
+    from types import SimpleNamespace
+
+    from dsv3.fp8 import linear
+    if CUDA:
+        return
+
+    def cast(fn):
+        def run(*args, **kw):
+            q, s = fn(*args, q_dtype=torch.float32, **kw)
+            return q.to(torch.float8_e4m3fn), s
+        return run
+    qt = cast(tk.act_quant_t)
+
+    def grouped_wgrad(dy, x_q, x_s, segs):
+        cols = (tk.expert_columns(tk.expert_offsets(segs, dy.device)) if torch.is_tensor(segs)
+                else tk.token_tiles(segs, dy.shape[0])[2:])
+        return tk.kgrouped_gemm(*qt(dy, segments=segs), *qt(x_q, x_s, segments=segs), *cols)
+    route = SimpleNamespace(act_quant=cast(tk.act_quant), weight_quant=cast(tk.weight_quant),
+                            act_quant_t=qt, grouped_wgrad=grouped_wgrad)
+    monkeypatch.setattr(linear, "_triton", lambda t, backend: route if backend == "triton" else None)
+
+
+def test_triton_fp8_grouped_forward_backward_reads_nothing_on_the_host(monkeypatch):
+    """fp8_grouped_linear with device counts on the Triton route: forward (quantisers, grouped GEMM),
+    Dgrad (grouped GEMM over Wᵀ) and Wgrad (token-direction quantisers, K-grouped GEMM) schedule every
+    kernel on the device — no host read of device data — and give bit for bit what host counts give."""
+    from dsv3.fp8 import linear
+    _triton_route(monkeypatch)
+    hr = _HostReads(monkeypatch)
+    counts = [70, 0, 129, 33, 0]
+    x = _data((sum(counts), 256), 56)
+    w = _data((5, 192, 256), 57) * 0.05
+    dy = _data((sum(counts), 192), 58)
+    res = {}
+    for name, c in (("device", torch.tensor(counts, device=DEV)), ("host", counts)):
+        for _ in range(2 if CUDA else 1):      # on a GPU the first call autotunes (timings read back)
+            xb, wb = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+            with hr:
+                y = fp8.fp8_grouped_linear(xb, wb, counts=c, backend="triton")
+                y.backward(dy)
+        res[name] = (y.detach(), xb.grad, wb.grad, list(hr.reads), hr.launches)
+    *dev, reads, launches = res["device"]
+    assert reads == [] and (CUDA or launches >= 7), (reads, launches)
+    assert linear.grouped_on_device(x, "triton")
+    for a, b in zip(dev, res["host"][:3]):
+        assert torch.equal(a, b)
+    assert (dev[2][1] == 0).all() and (dev[2][4] == 0).all()
+
+
+def test_fp8_experts_on_triton_route_read_nothing_on_the_host(monkeypatch):
+    """The FP8 experts as models use them — convert_to_fp8's experts (training: forward and backward)
+    and the FP8 inference experts — called with device counts: no host read on the Triton route; the
+    torch reference route reads the counts once (and gives the same numbers within the interpreter's
+    rounding)."""
+    from dsv3.fp8.inference import FP8InferenceExperts
+    from dsv3.fp8.model import convert_to_fp8
+    from dsv3.model.moe import GroupedExperts
+    _triton_route(monkeypatch)
+    hr = _HostReads(monkeypatch)
+    torch.manual_seed(59)
+    experts = GroupedExperts(6, 256, 128).to(DEV)
+    with torch.no_grad():
+        experts.w13.normal_(0, 0.05)
+        experts.w2.normal_(0, 0.05)
+    counts = torch.tensor([40, 0, 33, 1, 0, 70], device=DEV)
+    x = _data((int(counts.sum()), 256), 60)
+    out = {}
+    for backend in ("triton", "torch"):
+        m = convert_to_fp8(torch.nn.ModuleDict({"experts": GroupedExperts(6, 256, 128)}).to(DEV),
+                           backend=backend)["experts"]
+        assert type(m).__name__ == "FP8GroupedExperts"
+        m.load_state_dict(experts.state_dict())
+        for _ in range(2 if CUDA else 1):      # on a GPU the first call autotunes
+            xb = x.clone().requires_grad_(True)
+            m.zero_grad()
+            with hr:
+                y = m(xb, counts)
+                y.backward(torch.ones_like(y))
+        out[backend] = (y.detach(), xb.grad, m.w13.grad, m.w2.grad, list(hr.reads))
+    assert out["triton"][-1] == [] and out["torch"][-1] == ["tolist"]
+    for a, b in zip(out["triton"][:-1], out["torch"][:-1]):
+        err = (a.float() - b.float()).abs().max() / b.float().abs().max()
+        assert err < GEMM_TOL, err
+    for backend, expect in (("triton", []), ("torch", ["tolist"])):
+        inf = FP8InferenceExperts.from_experts(experts, backend=backend)
+        for _ in range(2 if CUDA else 1):
+            with hr, torch.no_grad():
+                inf(x, counts)
+        assert hr.reads == expect, (backend, hr.reads)
