@@ -293,9 +293,15 @@ def correctness(s: Suite) -> None:
             from dsv3.fp8 import triton_kernels as tk      # the pointer kernel too
             out = tk.fp8_grouped_gemm(*ops, fp8.segment_bounds(counts), torch.float32, b_row_scales=row, tma=False)
             worst = max(worst, _rel(out, ref))
+            # device offsets (never read on the host, a bound of row tiles launched): the same tiles
+            offs = torch.tensor([0] + counts, device=dev).cumsum(0)
+            for tma in (None, False):
+                host = tk.fp8_grouped_gemm(*ops, fp8.segment_bounds(counts), torch.float32, b_row_scales=row, tma=tma)
+                _need(torch.equal(tk.fp8_grouped_gemm(*ops, offs, torch.float32, b_row_scales=row, tma=tma), host),
+                      f"grouped GEMM {counts} (tma={tma}): device offsets differ from host segments")
         _need(worst < mma_tol, f"grouped GEMM vs torch reference: {worst:.2e} (bound {mma_tol:.0e})")
         return {"summary": f"max rel err {worst:.1e} vs torch reference (TMA and pointer kernels, empty groups "
-                           "included)", "rel_err": worst}
+                           "included; device-offset schedules equal the host ones)", "rel_err": worst}
 
     def grouped_wgrad():
         from dsv3.fp8 import triton_kernels as tk
@@ -307,6 +313,9 @@ def correctness(s: Suite) -> None:
         x_q, x_s = fp8.quantize_activation(_data((sum(counts), k), 12, dev))
         dw = tk.grouped_wgrad(dy, x_q, x_s, segs)
         _need(bool((dw[1] == 0).all()), "grouped Wgrad: an expert without tokens got a gradient")
+        offs = torch.tensor([0] + counts, device=dev).cumsum(0)
+        _need(torch.equal(tk.grouped_wgrad(dy, x_q, x_s, offs), dw),
+              "grouped Wgrad: device offsets differ from host segments")
         # on the CPU the interpreter's own E4M3 cast of the transposed operands can land one step away
         tol, worst = (mma_tol if exact else 1e-2), 0.0
         for e, (s0, s1) in enumerate(segs):
@@ -542,9 +551,13 @@ def gemm_speed(s: Suite) -> None:
             segs = fp8.segment_bounds(counts)
             row["triton_ptr_tflops"] = flops / _bench_ms(lambda: tk.fp8_grouped_gemm(
                 a_q, a_s, b_q, b_s, segs, tma=False), dev, dry) / 1e9
+            counts_t = torch.tensor(counts, device=dev)      # device counts: scheduled on the GPU, no sync
+            row["triton_device_counts_tflops"] = flops / _bench_ms(lambda: fp8.fp8_grouped_gemm(
+                a_q, a_s, b_q, b_s, counts=counts_t, out_dtype=torch.bfloat16, backend="triton"), dev, dry) / 1e9
             row["triton_vs_bf16"] = row["triton_tflops"] / row["bf16_tflops"]
             rows.append(row)
-            return {"summary": f"TFLOPS: triton {row['triton_tflops']:.4g} (pointer kernel {row['triton_ptr_tflops']:.4g}),"
+            return {"summary": f"TFLOPS: triton {row['triton_tflops']:.4g} (pointer kernel {row['triton_ptr_tflops']:.4g},"
+                               f" device counts {row['triton_device_counts_tflops']:.4g}),"
                                f" bf16 bmm {row['bf16_tflops']:.4g}", **row}
         return run
 
