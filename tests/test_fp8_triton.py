@@ -626,7 +626,8 @@ def test_fp8_experts_on_triton_route_read_nothing_on_the_host(monkeypatch):
 
 def test_kernels_compile_for_hopper_without_a_gpu():
     """The interpreter runs kernels as Python and accepts code Triton's compiler rejects: compile the
-    GEMM kernels (device schedules included) for sm90 in a process without the interpreter."""
+    FP8 kernels (device schedules included) for sm90 in a process without the interpreter, and every
+    autotune config of the GEMMs as a launch specialises it, none spilling registers."""
     import subprocess
     import sys
     from pathlib import Path
@@ -640,4 +641,4 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     run = subprocess.run([sys.executable, "-W", "ignore", str(root / "tests" / "triton_compile_sm90.py")],
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count("ok ") == 8, run.stdout
+    assert "FAIL" not in run.stdout and "config dense TMA" in run.stdout and "config K-grouped" in run.stdout, run.stdout
