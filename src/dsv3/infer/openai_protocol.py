@@ -17,9 +17,9 @@ Ranges follow OpenAI's documentation (temperature [0, 2], penalties [-2, 2], log
 from __future__ import annotations
 
 import json
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
 INT64_MIN, UINT64_MAX = -(2 ** 63), 2 ** 64 - 1
 MAX_N = 16                  # choices per prompt (n, best_of)
@@ -375,6 +375,38 @@ class NamedToolChoice(_Strict):
     function: ChosenFunction
 
 
+def setup_tools(functions: list[FunctionDef], choice: str | None, named: str | None, where, named_param: str
+                ) -> tuple[list[dict] | None, Any]:
+    """(tools, choice) of a request's function tools (``functions``) and its tool choice (``choice`` "none",
+    "auto", "required" or None; ``named``: the name a named choice gives): the tools as plain chat dicts
+    ``{"type": "function", "function": {…}}`` for the chat template (None when there are none or the choice
+    is "none": then the model is not told of them and nothing is parsed) and the choice: "auto" (the default
+    with tools), "required" or {"type": "function", "function": {"name"}}. 400 naming the field
+    (``where(i)``: the path of tool i's function, ``named_param``: of the named choice) for duplicate names,
+    parameters that are no object schema, or a choice that names no tool or needs tools where there are
+    none. Chat completions and the Responses API share it."""
+    names = set()
+    for i, f in enumerate(functions):
+        check(f.name not in names, f"{where(i)}.name: {f.name!r} is given twice (names must be unique)",
+              f"{where(i)}.name")
+        names.add(f.name)
+        params = f.parameters
+        if params is not None:
+            check(params.get("type", "object") == "object", f"{where(i)}.parameters: must be a JSON Schema of an "
+                  f"object (its \"type\" is {json.dumps(params.get('type'))})", f"{where(i)}.parameters")
+    if named is not None:
+        check(named in names, f"{named_param}: {named!r} is not one of the tools "
+              f"({', '.join(sorted(names)) or 'none were given'})", named_param)
+        choice = {"type": "function", "function": {"name": named}}
+    elif choice == "required":
+        check(bool(functions), "tool_choice: 'required' needs tools", "tool_choice")
+    elif choice is None:
+        choice = "auto" if functions else "none"
+    if choice == "none" or not functions:
+        return None, "none"
+    return [{"type": "function", "function": f.model_dump(exclude_none=True)} for f in functions], choice
+
+
 # the chat fields of features this server does not have (the deprecated functions API, stored
 # completions), and the values that ask for none of them
 _FEATURES_OFF = {"functions": (None,), "function_call": (None, "none"), "store": (None, False),
@@ -411,35 +443,12 @@ class ChatCompletionRequest(_Sampling):
                   f"{', '.join(json.dumps(o) for o in off)})", name)
 
     def tool_setup(self) -> tuple[list[dict] | None, Any]:
-        """(tools, choice): the tools as plain dicts for the chat template (None when there are none or
-        ``tool_choice`` is "none": then the model is not told of them and nothing is parsed) and the choice:
-        "auto" (the default with tools), "required" or {"type": "function", "function": {"name"}}. 400
-        naming the field for duplicate names, parameters that are no object schema, or a choice that names
-        no tool or needs tools where there are none."""
-        tools = self.tools or []
-        names = set()
-        for i, t in enumerate(tools):
-            name = t.function.name
-            check(name not in names, f"tools[{i}].function.name: {name!r} is given twice (names must be unique)",
-                  f"tools[{i}].function.name")
-            names.add(name)
-            params = t.function.parameters
-            if params is not None:
-                check(params.get("type", "object") == "object", f"tools[{i}].function.parameters: must be a JSON "
-                      f"Schema of an object (its \"type\" is {json.dumps(params.get('type'))})",
-                      f"tools[{i}].function.parameters")
+        """(tools, choice) for the chat template and the grammar: :func:`setup_tools` of ``tools`` and
+        ``tool_choice``."""
         choice = self.tool_choice
-        if isinstance(choice, NamedToolChoice):
-            check(choice.function.name in names, f"tool_choice.function.name: {choice.function.name!r} is not one "
-                  f"of the tools ({', '.join(sorted(names)) or 'none were given'})", "tool_choice.function.name")
-            choice = choice.model_dump()
-        elif choice == "required":
-            check(bool(tools), "tool_choice: 'required' needs tools", "tool_choice")
-        elif choice is None:
-            choice = "auto" if tools else "none"
-        if choice == "none" or not tools:
-            return None, "none"
-        return [t.model_dump(exclude_none=True) for t in tools], choice
+        named = choice.function.name if isinstance(choice, NamedToolChoice) else None
+        return setup_tools([t.function for t in self.tools or []], None if named else choice, named,
+                           lambda i: f"tools[{i}].function", "tool_choice.function.name")
 
     def prompt_end(self) -> tuple[bool, bool]:
         """(add_generation_prompt, continue_final_message) for the chat template. Continuing the last
@@ -491,4 +500,216 @@ class ChatCompletionRequest(_Sampling):
             if m.name is not None:
                 d["name"] = m.name
             out.append(d)
+        return out
+
+
+# --------------------------------------------------------------------------------------- the Responses API
+MAX_METADATA = 16            # metadata pairs (OpenAI: 16, keys of at most 64 characters, values of 512)
+
+
+class InputTextPart(_Strict):
+    """A text part of an input message: ``input_text``, or ``output_text`` (an earlier answer sent back;
+    its annotations and logprobs are accepted and dropped)."""
+    type: Literal["input_text", "output_text"]
+    text: str
+    annotations: Optional[list] = None
+    logprobs: Optional[list] = None
+
+
+_ITEM_STATUS = Optional[Literal["in_progress", "completed", "incomplete"]]
+
+
+class InputMessage(_Strict):
+    """A message of ``input`` (``type`` "message", or left out as clients write short messages)."""
+    type: Optional[Literal["message"]] = None
+    role: Literal["user", "system", "developer", "assistant"]
+    content: Union[str, list[InputTextPart]]
+    id: Optional[str] = None
+    status: _ITEM_STATUS = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
+
+
+class FunctionCallInput(_Strict):
+    """A call the model made earlier (an answer's ``function_call`` item sent back)."""
+    type: Literal["function_call"]
+    call_id: str = Field(min_length=1)
+    name: str = Field(min_length=1)
+    arguments: str
+    id: Optional[str] = None
+    status: _ITEM_STATUS = None
+
+
+class FunctionCallOutputInput(_Strict):
+    """The result of a call (``call_id`` names it), as text or a list of text parts."""
+    type: Literal["function_call_output"]
+    call_id: str = Field(min_length=1)
+    output: Union[str, list[InputTextPart]]
+    id: Optional[str] = None
+    status: _ITEM_STATUS = None
+
+    def text(self) -> str:
+        return self.output if isinstance(self.output, str) else "\n".join(p.text for p in self.output)
+
+
+class ReasoningInput(_Strict):
+    """An earlier answer's reasoning item sent back: dropped (DeepSeek's chat templates keep no thinking in
+    the history)."""
+    type: Literal["reasoning"]
+    id: Optional[str] = None
+    summary: list = Field(default_factory=list)
+    content: Optional[list] = None
+    encrypted_content: Optional[str] = None
+    status: _ITEM_STATUS = None
+
+
+def _item_kind(v: Any) -> str | None:
+    return v.get("type", "message") if isinstance(v, dict) else None
+
+
+InputItem = Annotated[Union[Annotated[InputMessage, Tag("message")], Annotated[FunctionCallInput, Tag("function_call")],
+                            Annotated[FunctionCallOutputInput, Tag("function_call_output")],
+                            Annotated[ReasoningInput, Tag("reasoning")]],
+                      Discriminator(_item_kind, custom_error_type="invalid_input_item",
+                                    custom_error_message="must be an object whose type is 'message' (the default), "
+                                                         "'function_call', 'function_call_output' or 'reasoning'")]
+
+
+class FunctionTool(_Strict):
+    """A function of ``tools``, in the Responses API's flat shape (no ``function`` wrapper)."""
+    type: Literal["function"]
+    name: str = Field(pattern=TOOL_NAME)
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+    strict: Optional[bool] = None
+
+    def function(self) -> FunctionDef:
+        return FunctionDef(name=self.name, description=self.description, parameters=self.parameters,
+                           strict=self.strict)
+
+
+class FunctionChoice(_Strict):
+    """``tool_choice`` {"type": "function", "name": …}: that function must be called."""
+    type: Literal["function"]
+    name: str
+
+
+class TextFormat(_Strict):
+    """``text.format``: {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "name", "schema",
+    "description", "strict"} (the output keeps to the schema either way: decoding is constrained to it)."""
+    type: Literal["text", "json_object", "json_schema"]
+    name: Optional[str] = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: Optional[str] = None
+    schema_: Optional[dict[str, Any]] = Field(None, alias="schema")
+    strict: Optional[bool] = None
+
+    def grammar(self):
+        """The :class:`dsv3.infer.structured.GrammarSpec` asked for (None for "text"); 400 naming the field for
+        a json_schema without its name or schema, or a name or schema where they do not belong."""
+        from .structured import GrammarSpec
+
+        if self.type != "json_schema":
+            for field, value in (("name", self.name), ("schema", self.schema_), ("strict", self.strict),
+                                 ("description", self.description)):
+                check(value is None, f"text.format.{field}: only allowed with type 'json_schema' (type is "
+                                     f"{self.type!r})", f"text.format.{field}")
+            return None if self.type == "text" else GrammarSpec("json_object")
+        for field, value in (("name", self.name), ("schema", self.schema_)):
+            check(value is not None, f"text.format.{field}: a required argument is missing (type 'json_schema')",
+                  f"text.format.{field}")
+        return GrammarSpec.json_schema(self.schema_)
+
+
+class TextConfig(_Strict):
+    format: Optional[TextFormat] = None
+
+
+class ResponsesStreamOptions(_Strict):
+    include_obfuscation: Optional[bool] = None      # OpenAI's padding of stream events: never added here
+
+
+class ResponsesRequest(_Strict):
+    """``POST /v1/responses``, stateless: the whole conversation comes as ``input`` (a string: one user
+    message, or a list of items), ``instructions`` first as a system message. ``top_k`` and ``seed`` are
+    extensions (as on chat completions)."""
+    model: Optional[str] = None
+    input: Union[str, list[InputItem]]
+    instructions: Optional[str] = None
+    max_output_tokens: Optional[int] = Field(None, ge=1, le=2 ** 31 - 1)
+    temperature: Optional[float] = Field(None, ge=0, le=2)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    top_k: Optional[int] = Field(None, ge=-1, le=2 ** 31 - 1)         # extension: 0 or -1 = off
+    seed: Optional[int] = Field(None, ge=INT64_MIN, le=UINT64_MAX)    # extension
+    stream: Optional[bool] = None
+    stream_options: Optional[ResponsesStreamOptions] = None
+    tools: Optional[list[FunctionTool]] = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Union[Literal["none", "auto", "required"], FunctionChoice, None] = None
+    parallel_tool_calls: Optional[bool] = None
+    text: Optional[TextConfig] = None
+    store: Optional[bool] = None                 # accepted either way: nothing is stored (the answer says store false)
+    previous_response_id: Optional[str] = None   # refused: check_features()
+    metadata: Optional[dict[str, str]] = None
+    user: Optional[str] = None
+
+    def check_features(self) -> None:
+        """400 naming the field for what a stateless server cannot do (``previous_response_id``), bad
+        ``metadata`` and ``stream_options`` that ask for obfuscation or come without ``stream``."""
+        if self.previous_response_id is not None:
+            raise APIError(400, "previous_response_id: this server stores no responses (it is stateless, as with "
+                                "store false), so it cannot continue one; send the whole conversation as input",
+                           param="previous_response_id", code="previous_response_not_found")
+        check(self.stream_options is None or bool(self.stream), "stream_options: only allowed with stream: true",
+              "stream_options")
+        check(self.stream_options is None or not self.stream_options.include_obfuscation,
+              "stream_options.include_obfuscation: true is not supported (this server adds no obfuscation padding "
+              "to stream events; send false or leave it out)", "stream_options")
+        meta = self.metadata or {}
+        check(len(meta) <= MAX_METADATA, f"metadata: at most {MAX_METADATA} pairs", "metadata")
+        for k, v in meta.items():
+            check(len(k) <= 64, f"metadata: key {k[:40]!r}… is longer than 64 characters", "metadata")
+            check(len(v) <= 512, f"metadata[{k!r}]: the value is longer than 512 characters", "metadata")
+
+    def tool_setup(self) -> tuple[list[dict] | None, Any]:
+        """(tools, choice) in the chat shape: :func:`setup_tools`."""
+        choice = self.tool_choice
+        named = choice.name if isinstance(choice, FunctionChoice) else None
+        return setup_tools([t.function() for t in self.tools or []], None if named else choice, named,
+                           lambda i: f"tools[{i}]", "tool_choice.name")
+
+    def grammar(self):
+        fmt = self.text.format if self.text is not None else None
+        return fmt.grammar() if fmt is not None else None
+
+    def chat_messages(self) -> list[dict]:
+        """``instructions`` and ``input`` as chat messages for the chat template: a system message first, then
+        the items in order (consecutive function calls, and the assistant message right before them, make one
+        assistant turn with ``tool_calls``; each function_call_output a ``tool`` message; reasoning items
+        are dropped)."""
+        out = [] if self.instructions is None else [{"role": "system", "content": self.instructions}]
+        items = [InputMessage(role="user", content=self.input)] if isinstance(self.input, str) else self.input
+        check(len(items) > 0, "input: must not be empty", "input")
+        for i, item in enumerate(items):
+            if isinstance(item, InputMessage):
+                check(item.content != [], f"input[{i}].content: an array of content parts must not be empty",
+                      f"input[{i}].content")
+                out.append({"role": item.role, "content": item.text()})
+            elif isinstance(item, FunctionCallInput):
+                try:
+                    json.loads(item.arguments)
+                except (ValueError, RecursionError):
+                    raise APIError(400, f"input[{i}].arguments: not valid JSON",
+                                   param=f"input[{i}].arguments") from None
+                call = {"id": item.call_id, "type": "function",
+                        "function": {"name": item.name, "arguments": item.arguments}}
+                last = out[-1] if out else None
+                if last is not None and last["role"] == "assistant" and (last.get("tool_calls") or
+                                                                         isinstance(items[i - 1], InputMessage)):
+                    last.setdefault("tool_calls", []).append(call)
+                    last["content"] = last["content"] or None
+                else:
+                    out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            elif isinstance(item, FunctionCallOutputInput):
+                out.append({"role": "tool", "tool_call_id": item.call_id, "content": item.text()})
+        check(bool(out), "input: holds no message (only reasoning items)", "input")
         return out

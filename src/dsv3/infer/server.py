@@ -9,6 +9,7 @@
     dsv3 serve … --role prefill|decode [--prefill-url URL]   disaggregated prefill (dsv3.infer.disagg)
 
     POST /v1/completions, POST /v1/chat/completions      whole or streamed (server-sent events)
+    POST /v1/responses                                   the Responses API, stateless (nothing is stored)
     GET  /v1/models, GET /v1/models/{id}
     GET  /health (200 with the engine's counters; 503 while draining or once the engine has stopped)
     GET  /metrics (Prometheus)
@@ -110,13 +111,16 @@ class ServerState:
         self._grammars = None              # structured output: a structured.Grammars, made on first use
         self._grammars_lock = threading.Lock()
 
-    def check_grammar(self, spec) -> None:
+    def check_grammar(self, spec, format_param: str = "response_format") -> None:
         """400 unless ``spec`` (a structured.GrammarSpec) can be served: xgrammar is installed and compiles
         it (compiled here, on a tokenising thread, and cached; the engine process — under --ep, the rank
         decoding the request — compiles it again, once). Runs on a worker thread. A tool-call grammar's
-        errors name ``tool_choice`` / ``tools``, the others' ``response_format``."""
+        errors name ``tool_choice`` / ``tools``, the others' the request's output format (``format_param``:
+        chat's ``response_format``, the Responses API's ``text.format``)."""
         from .structured import GrammarError, GrammarUnavailable, Grammars
 
+        schema_param = "response_format.json_schema" if format_param == "response_format" \
+            else f"{format_param}.schema"
         with self._grammars_lock:
             if self._grammars is None:
                 self._grammars = Grammars(self.tokenizer, self.vocab_size)
@@ -126,14 +130,14 @@ class ServerState:
             if spec.kind == "tool_call":
                 raise APIError(400, f"tool_choice: 'required' and a named function are not available on this "
                                     f"server: {e}", param="tool_choice", code="unsupported_tool_choice") from None
-            raise APIError(400, f"response_format: {spec.kind} is not available on this server: {e}",
-                           param="response_format", code="unsupported_response_format") from None
+            raise APIError(400, f"{format_param}: {spec.kind} is not available on this server: {e}",
+                           param=format_param, code="unsupported_response_format") from None
         except GrammarError as e:
             if spec.kind == "tool_call":
                 raise APIError(400, f"tools: a function's parameters schema cannot be used: {e}", param="tools",
                                code="invalid_json_schema") from None
-            raise APIError(400, f"response_format.json_schema: the schema cannot be used: {e}",
-                           param="response_format.json_schema", code="invalid_json_schema") from None
+            raise APIError(400, f"{schema_param}: the schema cannot be used: {e}",
+                           param=schema_param, code="invalid_json_schema") from None
 
     def check_text_fits(self, text: str, param: str) -> None:
         if self.max_text_bytes is not None and len(text) > self.max_text_bytes \
@@ -264,9 +268,9 @@ def sampling_params(st: ServerState, body):
     try:
         return SamplingParams(temperature=1.0 if body.temperature is None else body.temperature,
                               top_k=max(body.top_k or 0, 0), top_p=1.0 if body.top_p is None else body.top_p,
-                              presence_penalty=body.presence_penalty or 0.0,
-                              frequency_penalty=body.frequency_penalty or 0.0,
-                              logit_bias=body.bias(st.vocab_size))
+                              presence_penalty=getattr(body, "presence_penalty", None) or 0.0,   # not in Responses
+                              frequency_penalty=getattr(body, "frequency_penalty", None) or 0.0,
+                              logit_bias=body.bias(st.vocab_size) if hasattr(body, "bias") else {})
     except ValueError as e:
         raise APIError(400, str(e)) from None
 
@@ -411,13 +415,19 @@ async def run_whole(st: ServerState, gens: list, queue: asyncio.Queue, request) 
                 g.abort()
 
 
-def stream_response(st: ServerState, gens: list, queue: asyncio.Queue, request, head, chunks, tail):
+def stream_response(st: ServerState, gens: list, queue: asyncio.Queue, request, head, chunks, tail, encode=None,
+                    error_event=None, done: bool = True):
     """Server-sent events: ``head()`` (chunks before any token), ``chunks(delta)`` per delta,
-    ``tail()`` (the usage chunk), then ``[DONE]``; an error mid-stream is sent as an error event.
-    A client that disconnects has its requests aborted at once."""
+    ``tail()`` (the usage chunk), then ``[DONE]`` (unless ``done`` is false); an error mid-stream is sent as
+    an error event (``error_event(body)`` of OpenAI's error body; default: the body itself). ``encode``: a
+    chunk as the text of its event (default :func:`dsv3.infer.openai_responses.sse`). A client that
+    disconnects has its requests aborted at once."""
     from fastapi.responses import StreamingResponse
 
     from .openai_responses import sse
+
+    encode = encode or sse
+    error_event = error_event or (lambda body: body)
 
     def abort_all(_=None):
         for g in gens:
@@ -429,21 +439,22 @@ def stream_response(st: ServerState, gens: list, queue: asyncio.Queue, request, 
         watch.add_done_callback(lambda t: None if t.cancelled() else abort_all())
         try:
             for c in head():
-                yield sse(c)
+                yield encode(c)
             async for d in deltas(st, gens, queue):
                 for c in chunks(d):
-                    yield sse(c)
+                    yield encode(c)
             for c in tail():
-                yield sse(c)
+                yield encode(c)
         except APIError as e:
-            yield sse(e.body())
+            yield encode(error_event(e.body()))
         except Exception as e:  # noqa: BLE001 — a bug here must not cut the stream without a word
             logging.getLogger("dsv3.serve").exception("stream failed")
-            yield sse(error_body(f"internal server error: {type(e).__name__}", "server_error"))
+            yield encode(error_event(error_body(f"internal server error: {type(e).__name__}", "server_error")))
         finally:
             watch.cancel()
             abort_all()
-        yield sse("[DONE]")
+        if done:
+            yield sse("[DONE]")
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -555,13 +566,71 @@ async def completions(st: ServerState, request):
             "choices": choices, "usage": the_usage()}
 
 
+@dataclasses.dataclass
+class ChatPlan:
+    """What a chat-style request (chat completions, the Responses API) generates from: the prompt's token
+    ids, the tokens to generate, the grammar (a structured.GrammarSpec or None) and whether the answer is
+    split into reasoning (--reasoning-parser) and into tool calls (tools given)."""
+    ids: list
+    max_tokens: int
+    grammar: object
+    reasoning: bool
+    tools: bool
+
+
+async def plan_chat(st: ServerState, messages: list[dict], tools, tool_choice, parallel: bool, grammar,
+                    add_generation_prompt: bool, continue_final_message: bool, asked: int | None, tokens_param: str,
+                    messages_param: str = "messages", format_param: str = "response_format") -> ChatPlan:
+    """The shared preparation of chat completions and the Responses API: the checks of tool choice, grammar
+    and continuation against each other, the tool-call grammar a forced choice needs, the grammar deferred
+    past ``</think>`` with --reasoning-parser, the template rendered and tokenised and the grammar compiled
+    (on the tokenising threads), and the tokens to generate (``asked``, the request's ``tokens_param``, or
+    the rest of the context). Errors name the request's own fields (``messages_param``: the messages,
+    ``format_param``: the output format)."""
+    from .chat_template import ChatTemplateError
+    from .reasoning import THINK_END
+    from .tool_calls import tool_call_grammar
+
+    if grammar is not None and continue_final_message:    # the grammar would start mid-message
+        raise APIError(400, f"{format_param}: {grammar.kind} cannot be combined with continue_final_message (the "
+                            "JSON would have to start in the middle of the continued message)",
+                       param=format_param, code="invalid_parameter_combination")
+    if tools is not None and tool_choice != "auto":       # "required" or a named function: the output is a call
+        if grammar is not None:
+            raise APIError(400, f"tool_choice: {json.dumps(tool_choice)} cannot be combined with {format_param} "
+                                f"{grammar.kind} (the answer is a tool call)", param="tool_choice",
+                           code="invalid_parameter_combination")
+        if continue_final_message:
+            raise APIError(400, "tool_choice: a forced tool call cannot be combined with continue_final_message (the "
+                                "call would have to start in the middle of the continued message)",
+                           param="tool_choice", code="invalid_parameter_combination")
+        grammar = tool_call_grammar(tools, tool_choice, parallel)
+    reasoning = st.reasoning_parser is not None
+    if grammar is not None and reasoning:        # the thinking is free text: the grammar starts after </think>
+        grammar = dataclasses.replace(grammar, after=THINK_END)
+
+    def render():
+        try:
+            text = st.template.render(messages, add_generation_prompt, continue_final_message, tools)
+        except ChatTemplateError as e:
+            raise APIError(400, str(e), param=messages_param) from None
+        st.check_text_fits(text, messages_param)
+        ids = st.tokenizer.encode_batch([text])[0]
+        check(len(ids) > 0, f"{messages_param}: the chat template rendered no tokens", messages_param)
+        return ids
+
+    ids = await st.off_loop(render)
+    if grammar is not None:
+        await st.off_loop(st.check_grammar, grammar, format_param)
+    mt = max_new_tokens(st, len(ids), asked, None, messages_param, tokens_param)
+    return ChatPlan(ids, mt, grammar, reasoning, tools is not None)
+
+
 async def chat_completions(st: ServerState, request):
     """``POST /v1/chat/completions``."""
-    from .chat_template import ChatTemplateError
+    from .answer_parts import CALL, CONTENT, REASONING, AnswerStream, reasoning_token_count, split_answer
     from .generation_stream import GenerationStream
     from .openai_responses import chat_logprobs, usage
-    from .reasoning import THINK_END, ReasoningSplitter, reasoning_tokens, split_reasoning
-    from .tool_calls import ToolCallStream, parse_tool_calls, tool_call_grammar
 
     arrival = time.monotonic()
     st.check_serving()
@@ -578,61 +647,28 @@ async def chat_completions(st: ServerState, request):
     want_lp = bool(body.logprobs)
     params = sampling_params(st, body)
     grammar = body.response_format.grammar() if body.response_format is not None else None
-
     add_generation_prompt, continue_final_message = body.prompt_end()
-    if grammar is not None and continue_final_message:    # the grammar would start mid-message
-        raise APIError(400, f"response_format: {grammar.kind} cannot be combined with continue_final_message (the "
-                            "JSON would have to start in the middle of the continued message)",
-                       param="response_format", code="invalid_parameter_combination")
-    if tools is not None and tool_choice != "auto":       # "required" or a named function: the output is a call
-        if grammar is not None:
-            raise APIError(400, f"tool_choice: {json.dumps(tool_choice)} cannot be combined with response_format "
-                                f"{grammar.kind} (the answer is a tool call)", param="tool_choice",
-                           code="invalid_parameter_combination")
-        if continue_final_message:
-            raise APIError(400, "tool_choice: a forced tool call cannot be combined with continue_final_message (the "
-                                "call would have to start in the middle of the continued message)",
-                           param="tool_choice", code="invalid_parameter_combination")
-        grammar = tool_call_grammar(tools, tool_choice, body.parallel_tool_calls is not False)
-    reasoning = st.reasoning_parser is not None
-    if grammar is not None and reasoning:        # the thinking is free text: the grammar starts after </think>
-        grammar = dataclasses.replace(grammar, after=THINK_END)
-
-    def render():
-        try:
-            text = st.template.render(messages, add_generation_prompt, continue_final_message, tools)
-        except ChatTemplateError as e:
-            raise APIError(400, str(e), param="messages") from None
-        st.check_text_fits(text, "messages")
-        ids = st.tokenizer.encode_batch([text])[0]
-        check(len(ids) > 0, "messages: the chat template rendered no tokens", "messages")
-        return ids
-
     if body.max_tokens is not None and body.max_completion_tokens is not None \
             and body.max_tokens != body.max_completion_tokens:     # one of them would be ignored (OpenAI: a 400)
         raise APIError(400, f"max_tokens ({body.max_tokens}) and max_completion_tokens ({body.max_completion_tokens}) "
                             "disagree: set one of them", param="max_tokens", code="invalid_parameter_combination")
-    ids = await st.off_loop(render)
-    if grammar is not None:
-        await st.off_loop(st.check_grammar, grammar)
     asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    mt = max_new_tokens(st, len(ids), asked, None, "messages",
-                        "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
+    plan = await plan_chat(st, messages, tools, tool_choice, body.parallel_tool_calls is not False, grammar,
+                           add_generation_prompt, continue_final_message, asked,
+                           "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
+    ids, reasoning = plan.ids, plan.reasoning
     seed = secrets.randbits(63) if body.seed is None else body.seed
-    gens = [GenerationStream(st.worker, st.tb, j, ids, mt, params, choice_seed(seed, j), stops, st.stop_ids,
-                             logprobs=(body.top_logprobs or 0) if want_lp else None, metrics=st.metrics,
-                             arrival=arrival, grammar=grammar) for j in range(n)]
+    gens = [GenerationStream(st.worker, st.tb, j, ids, plan.max_tokens, params, choice_seed(seed, j), stops,
+                             st.stop_ids, logprobs=(body.top_logprobs or 0) if want_lp else None, metrics=st.metrics,
+                             arrival=arrival, grammar=plan.grammar) for j in range(n)]
     queue = await prefill_and_start(st, gens, "messages", request)
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-
-    # --reasoning-parser: each answer's text up to </think> is reasoning_content, the rest content
-    thinkers = {g.index: ReasoningSplitter() for g in gens} if reasoning else {}
+    ends = {}                    # --reasoning-parser: each answer's position past </think>, for the usage
 
     def the_usage():
         out = usage(len(ids), sum(g.output_tokens for g in gens), gens[0].cached_tokens)
         if reasoning:                # as OpenAI reports them: the tokens up to the end of the thinking
-            out["completion_tokens_details"] = {"reasoning_tokens": sum(
-                reasoning_tokens(g.tokens, thinkers[g.index].end, g.output_tokens) for g in gens)}
+            out["completion_tokens_details"] = {"reasoning_tokens": reasoning_token_count(gens, ends)}
         return out
 
     if body.stream:
@@ -646,47 +682,32 @@ async def chat_completions(st: ServerState, request):
         def head():
             return [chunk(g.index, {"role": "assistant", "content": ""}) for g in gens]
 
-        # with tools, text that may begin a tool-call block is held back; a block's calls stream as OpenAI's
-        # do (id, type and name in a call's first tool_calls delta, then its arguments in fragments as they
-        # are decoded), finish_reason "tool_calls"
-        splitters = {g.index: ToolCallStream() for g in gens} if tools is not None else {}
+        # each answer split as it streams (answer_parts.AnswerStream): with --reasoning-parser its thinking
+        # as reasoning_content; with tools, text that may begin a tool-call block is held back, and a block's
+        # calls stream as OpenAI's do (id, type and name in a call's first tool_calls delta, then its
+        # arguments in fragments as they are decoded), finish_reason "tool_calls"
+        streams = {g.index: AnswerStream(reasoning, tools is not None) for g in gens}
+        field = {REASONING: "reasoning_content", CONTENT: "content"}
+
+        def part_chunks(index, parts, lp=None):
+            out = []
+            for kind, value in parts:            # the delta's logprobs go with its first chunk
+                out.append(chunk(index, {"tool_calls": [value]} if kind == CALL else {field[kind]: value}, lp))
+                lp = None
+            return out
 
         def chunks(d):
-            out = []
-            sp, th = splitters.get(d.index), thinkers.get(d.index)
-            lp = chat_logprobs(d.tokens, st.tb) if want_lp else None     # with the delta's first chunk
-            thought, text = th.feed(d.text) if th is not None else ("", d.text)
-            if thought:
-                out.append(chunk(d.index, {"reasoning_content": thought}, lp))
-                lp = None
-            text, calls = sp.feed(text) if sp is not None else (text, [])
-            if text or (d.tokens and not calls and not thought):
-                empty = {"reasoning_content": ""} if th is not None and th.thinking else {"content": ""}
-                out.append(chunk(d.index, {"content": text} if text else empty, lp))
-                lp = None
-            for c in calls:                          # one call's delta a chunk (a header, then a fragment)
-                out.append(chunk(d.index, {"tool_calls": [c]}, lp))
-                lp = None
+            a = streams[d.index]
+            lp = chat_logprobs(d.tokens, st.tb) if want_lp else None
+            parts = a.feed(d.text)
+            out = part_chunks(d.index, parts, lp)
+            if not parts and d.tokens:           # tokens that show nothing yet: an empty chunk (their logprobs)
+                out.append(chunk(d.index, {"reasoning_content": ""} if a.thinking else {"content": ""}, lp))
             if d.finish_reason is not None:
-                finish = d.finish_reason
-                if th is not None:
-                    thought, text = th.finish()
-                    if thought:
-                        out.append(chunk(d.index, {"reasoning_content": thought}))
-                else:
-                    text = ""
-                text, calls = sp.feed(text) if sp is not None and text else (text, [])
-                if text:
-                    out.append(chunk(d.index, {"content": text}))
-                out += [chunk(d.index, {"tool_calls": [c]}) for c in calls]
-                if sp is not None:
-                    rest, last, whole = sp.finish()
-                    if rest:
-                        out.append(chunk(d.index, {"content": rest}))
-                    out += [chunk(d.index, {"tool_calls": [c]}) for c in last]
-                    if whole:
-                        finish = "tool_calls"
-                out.append(chunk(d.index, {}, None, finish))
+                parts, whole = a.finish()
+                ends[d.index] = a.end
+                out += part_chunks(d.index, parts)
+                out.append(chunk(d.index, {}, None, "tool_calls" if whole else d.finish_reason))
             return out
 
         def tail():
@@ -697,15 +718,12 @@ async def chat_completions(st: ServerState, request):
     await run_whole(st, gens, queue, request)
 
     def answer(g) -> tuple[dict, str]:
-        text = g.completion_text
+        thought, text, calls, ends[g.index] = split_answer(g.completion_text, reasoning, tools is not None)
         message = {"role": "assistant", "content": text}
         if reasoning:
-            thought, text, thinkers[g.index].end = split_reasoning(text)
-            message = {"role": "assistant", "content": text, "reasoning_content": thought}
-        if tools is not None and text is not None:
-            content, calls = parse_tool_calls(text)
-            if calls is not None:
-                return dict(message, content=content, tool_calls=calls), "tool_calls"
+            message["reasoning_content"] = thought
+        if calls is not None:
+            return dict(message, tool_calls=calls), "tool_calls"
         return message, g.finish_reason
 
     choices = []
@@ -715,6 +733,72 @@ async def chat_completions(st: ServerState, request):
                         "logprobs": chat_logprobs(g.tokens, st.tb) if want_lp else None, "finish_reason": finish})
     return {"id": cid, "object": "chat.completion", "created": created, "model": st.model_name,
             "choices": choices, "usage": the_usage()}
+
+
+async def responses(st: ServerState, request):
+    """``POST /v1/responses``: OpenAI's Responses API, stateless (nothing is stored: ``previous_response_id``
+    is refused, ``store`` true is answered as false). The input becomes chat messages and goes the chat path
+    (:func:`plan_chat`: template, tools, grammars; answers split by :mod:`dsv3.infer.answer_parts`); the answer
+    is a response object of output items (:class:`dsv3.infer.openai_responses.ResponseBuilder`), whole or as
+    its stream of events."""
+    from .answer_parts import AnswerStream, reasoning_token_count
+    from .generation_stream import GenerationStream
+    from .openai_protocol import ResponsesRequest
+    from .openai_responses import ResponseBuilder, response_usage, sse_event
+
+    arrival = time.monotonic()
+    st.check_serving()
+    body = await read_json(request, st.max_body_bytes, ResponsesRequest, timeout=st.body_timeout)
+    st.check_model(body.model)
+    body.check_features()
+    tools, tool_choice = body.tool_setup()          # tools None: none given, or tool_choice "none"
+    messages = body.chat_messages()
+    params = sampling_params(st, body)
+    parallel = body.parallel_tool_calls is not False
+    plan = await plan_chat(st, messages, tools, tool_choice, parallel, body.grammar(), True, False,
+                           body.max_output_tokens, "max_output_tokens", messages_param="input",
+                           format_param="text.format")
+    seed = secrets.randbits(63) if body.seed is None else body.seed
+    g = GenerationStream(st.worker, st.tb, 0, plan.ids, plan.max_tokens, params, choice_seed(seed, 0), [],
+                         st.stop_ids, metrics=st.metrics, arrival=arrival, grammar=plan.grammar)
+    queue = await prefill_and_start(st, [g], "input", request)
+    fmt = body.text.format if body.text is not None and body.text.format is not None else None
+    builder = ResponseBuilder({
+        "id": f"resp_{uuid.uuid4().hex}", "object": "response", "created_at": int(time.time()), "error": None,
+        "incomplete_details": None, "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
+        "model": st.model_name, "parallel_tool_calls": parallel, "previous_response_id": None, "reasoning": None,
+        "store": False, "temperature": 1.0 if body.temperature is None else body.temperature,
+        "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt else {"type": "text"}},
+        "tool_choice": body.tool_choice.model_dump() if hasattr(body.tool_choice, "model_dump")
+        else body.tool_choice or "auto",
+        "tools": [t.model_dump(exclude_none=True) for t in body.tools or []],
+        "top_p": 1.0 if body.top_p is None else body.top_p, "truncation": "disabled", "user": body.user,
+        "metadata": body.metadata or {}})
+    answer = AnswerStream(plan.reasoning, plan.tools)
+
+    def finish(finish_reason: str) -> tuple[list, dict]:
+        parts, calls = answer.finish()
+        reasoning = reasoning_token_count([g], {0: answer.end}) if plan.reasoning else 0
+        return builder.finish(parts, calls, finish_reason,
+                              response_usage(len(plan.ids), g.output_tokens, g.cached_tokens, reasoning))
+
+    if body.stream:
+        def chunks(d):
+            events = builder.feed(answer.feed(d.text))
+            if d.finish_reason is not None:
+                events += finish(d.finish_reason)[0]
+            return events
+
+        def error_event(err: dict) -> dict:
+            e = err["error"]
+            return builder.event("error", code=e["code"], message=e["message"], param=e["param"])
+
+        return stream_response(st, [g], queue, request, builder.start, chunks, list, encode=sse_event,
+                               error_event=error_event, done=False)
+
+    await run_whole(st, [g], queue, request)
+    builder.feed(answer.feed(g.completion_text))
+    return finish(g.finish_reason)[1]
 
 
 # --------------------------------------------------------------------------------------- the connections
@@ -949,6 +1033,10 @@ def create_app(worker, tokenizer, model_name: str = "dsv3", template=None, api_k
     async def chat_route(request: Request):
         return await chat_completions(st, request)
 
+    @app.post("/v1/responses")
+    async def responses_route(request: Request):
+        return await responses(st, request)
+
     if role == "prefill":
         from .disagg import PREFILL_PATH, prefill_info, prefill_route
 
@@ -965,8 +1053,8 @@ def create_app(worker, tokenizer, model_name: str = "dsv3", template=None, api_k
 
 # --------------------------------------------------------------------------------------- the command
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.description = ("serve a model over the OpenAI API: /v1/completions and /v1/chat/completions (whole or "
-                     "streamed), /v1/models, /health, /metrics; all requests share one batched engine")
+    p.description = ("serve a model over the OpenAI API: /v1/completions, /v1/chat/completions and /v1/responses "
+                     "(whole or streamed), /v1/models, /health, /metrics; all requests share one batched engine")
     p.epilog = ("example: dsv3 serve --model runs/tiny/final --served-model-name tiny --api-key sk-local, then "
                 "OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='sk-local')")
     p.add_argument("--model", required=True, metavar="DIR",
