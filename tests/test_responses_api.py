@@ -101,6 +101,41 @@ def _final(events):
     return events[-1].response
 
 
+# --------------------------------------------------------------------------------------- without a server
+def _build(text: str, finish: str, reasoning: bool = False, tools: bool = True, step: int = 3):
+    """(events, response) of ``text`` fed ``step`` characters at a time through AnswerStream and
+    ResponseBuilder, as the server streams an answer."""
+    from dsv3.infer.answer_parts import AnswerStream
+    from dsv3.infer.openai_responses import ResponseBuilder
+
+    a, b = AnswerStream(reasoning, tools), ResponseBuilder({"id": "resp_x", "object": "response"})
+    events = b.start()
+    for i in range(0, len(text), step):
+        events += b.feed(a.feed(text[i:i + step]))
+    parts, calls = a.finish()
+    more, response = b.finish(parts, calls, finish, {"input_tokens": 1})
+    return events + more, response
+
+
+def test_builder_items_and_statuses():
+    call = CALL_BEGIN + "function" + SEP + "f\n```json\n" + '{"x": [1, 2]}' + "\n```" + CALL_END
+    events, r = _build("Let me look. " + CALLS_BEGIN + call + "\n" + call.replace("f\n", "g\n") + CALLS_END, "stop")
+    assert [(o["type"], o["status"]) for o in r["output"]] == [("message", "completed"), ("function_call", "completed"),
+                                                              ("function_call", "completed")]
+    assert r["status"] == "completed" and r["output"][0]["content"][0]["text"] == "Let me look. "
+    assert [o.get("name") for o in r["output"]] == [None, "f", "g"] and r["output"][2]["arguments"] == '{"x": [1, 2]}'
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert [e["output_index"] for e in events if e["type"] == "response.output_item.done"] == [0, 1, 2]
+    events, r = _build(CALLS_BEGIN + call[:-30], "length")              # cut inside the arguments
+    assert r["status"] == "incomplete" and r["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert [(o["type"], o["status"]) for o in r["output"]] == [("function_call", "incomplete")]
+    assert events[-1]["type"] == "response.incomplete"
+    _, r = _build("", "stop")                                          # nothing written: an empty message
+    assert [(o["type"], o["content"][0]["text"]) for o in r["output"]] == [("message", "")]
+    _, r = _build("<think>hm</think>", "stop", reasoning=True)        # only thinking, finished: and ""
+    assert [o["type"] for o in r["output"]] == ["reasoning", "message"] and r["status"] == "completed"
+
+
 # --------------------------------------------------------------------------------------- a random model
 def test_text_input_streamed_equals_whole_and_max_output_tokens_is_incomplete(random_server):
     r = random_server.responses.create(model=NAME, input="Tell me a story", max_output_tokens=12, temperature=0)

@@ -1103,7 +1103,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from .reasoning import PARSERS
     p.add_argument("--reasoning-parser", default=None, choices=PARSERS,
                    help="split a reasoning model's chat answers (DeepSeek-R1: '<think>…</think>' then the answer) "
-                        "into message.reasoning_content and message.content, streamed alike; tool calls and "
+                        "into message.reasoning_content and message.content (/v1/responses: a reasoning item, then "
+                        "the message), streamed alike; tool calls and "
                         "response_format apply to the answer after </think> (default: none, the text is content)")
     from .disagg import add_role_arguments
     add_role_arguments(p)
