@@ -86,7 +86,8 @@ class ResponseBuilder:
     Items come in the order the model writes them: a ``reasoning`` item (``summary`` [] and the thinking as
     ``content`` [{"type": "reasoning_text"}]), a ``message`` item (one ``output_text`` part), ``function_call``
     items (``call_id``, ``name``, ``arguments``). A part of another kind than the open item's closes it and
-    opens the next. An answer without calls always has a message (maybe empty). Each item goes out as
+    opens the next. A finished answer without calls always has a message (maybe empty); one cut off ends
+    with the item the length cut, "incomplete". Each item goes out as
     ``response.output_item.added`` (with ``response.content_part.added`` for text), its text or arguments in
     ``….delta`` events, then ``….done`` events and ``response.output_item.done`` with the item whole; every
     event has its ``sequence_number``. :meth:`finish` closes the last item and gives the response whole
@@ -187,8 +188,9 @@ class ResponseBuilder:
         AnswerStream.finish, ``finish_reason`` the engine's."""
         events = self.feed(parts)
         incomplete = finish_reason == "length" and calls is None
-        if not self.has_message and calls is None:          # an answer of no text (or only thinking)
-            self.has_message = True
+        if not self.has_message and calls is None and not (incomplete and self.output):
+            self.has_message = True      # an answer of no text, or a finished one of only thinking: "" (a
+            #                              reasoning cut off by the length stays the last item, incomplete)
             self._open({"id": _item_id("msg"), "type": "message", "status": "in_progress", "role": "assistant",
                         "content": []}, events)
         events += self._close("incomplete" if incomplete else "completed")
