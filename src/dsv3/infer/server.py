@@ -206,6 +206,15 @@ async def read_json(request, limit: int, model=None, limit_source: str = "--max-
     return parse(buf)
 
 
+async def read_request(st: "ServerState", request, model_cls):
+    """The validated body of an inference request (``model_cls``, an openai_protocol request model) once the
+    server takes requests and the body names the served model (an APIError otherwise)."""
+    st.check_serving()
+    body = await read_json(request, st.max_body_bytes, model_cls, timeout=st.body_timeout)
+    st.check_model(body.model)
+    return body
+
+
 async def read_body(request, limit: int, limit_source: str, timeout: float) -> bytes:
     """The request's body, at most ``limit`` bytes (413, naming ``limit_source``), all of it within
     ``timeout`` seconds: a client that sends its headers and then too little of its body, or nothing, or a
@@ -473,9 +482,7 @@ async def completions(st: ServerState, request):
     from .openai_responses import completion_logprobs, merge_logprobs, usage
 
     arrival = time.monotonic()
-    st.check_serving()
-    body = await read_json(request, st.max_body_bytes, CompletionRequest, timeout=st.body_timeout)
-    st.check_model(body.model)
+    body = await read_request(st, request, CompletionRequest)
     check(not body.suffix, "suffix: not supported by this server", "suffix")
     prompts = body.prompts()
     stops = body.stop_strings()
@@ -633,9 +640,7 @@ async def chat_completions(st: ServerState, request):
     from .openai_responses import chat_logprobs, usage
 
     arrival = time.monotonic()
-    st.check_serving()
-    body = await read_json(request, st.max_body_bytes, ChatCompletionRequest, timeout=st.body_timeout)
-    st.check_model(body.model)
+    body = await read_request(st, request, ChatCompletionRequest)
     body.check_features()
     tools, tool_choice = body.tool_setup()          # tools None: none given, or tool_choice "none"
     messages = body.chat_messages()
@@ -747,9 +752,7 @@ async def responses(st: ServerState, request):
     from .openai_responses import ResponseBuilder, response_usage, sse_event
 
     arrival = time.monotonic()
-    st.check_serving()
-    body = await read_json(request, st.max_body_bytes, ResponsesRequest, timeout=st.body_timeout)
-    st.check_model(body.model)
+    body = await read_request(st, request, ResponsesRequest)
     body.check_features()
     tools, tool_choice = body.tool_setup()          # tools None: none given, or tool_choice "none"
     messages = body.chat_messages()
