@@ -895,7 +895,7 @@ def test_bad_flags_and_help(capsys, model_dir):
                        (["--body-timeout", "inf"], "--body-timeout"), (["--header-timeout", "0"], "--header-timeout"),
                        (["--header-timeout", "nan"], "--header-timeout"),
                        (["--cuda-graphs", "--device", "cpu"], "--cuda-graphs"),
-                       (["--cuda-graphs", "--ep", "2"], "--cuda-graphs")):
+                       (["--cuda-graphs", "--ep", "2"], "--cuda-graphs"), (["--max-requests", "0"], "--max-requests")):
         assert main(["serve", "--model", model_dir, *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and flag in err[0], err
@@ -914,7 +914,7 @@ def test_bad_flags_and_help(capsys, model_dir):
     help_text = capsys.readouterr().out
     for flag in ("--api-key", "--cache-memory", "--prefix-cache", "--speculative", "--served-model-name",
                  "--max-body-bytes", "--body-timeout", "--header-timeout", "--shutdown-grace", "--fp8",
-                 "--cuda-graphs"):
+                 "--cuda-graphs", "--max-requests"):
         assert flag in help_text
 
 

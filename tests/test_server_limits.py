@@ -208,6 +208,39 @@ def test_stalled_headers_are_cut_off_while_others_are_served(spec):
     assert client.completions.create(model=NAME, prompt="x", max_tokens=2).usage.completion_tokens == 2
 
 
+
+def test_max_requests_sheds_load_with_503_and_keeps_serving(model_dir, tmp_path):
+    """``--max-requests 2`` with one request decoded at a time: a request for more generations than the
+    limit (n=3), and requests beyond two in flight, get 503 server_overloaded with Retry-After; every one
+    admitted is answered in full; once they are done the server takes requests again."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from helpers import serve_openai
+
+    with serve_openai(model_dir, str(tmp_path), NAME, "k", "--max-requests", "2", "--max-batch", "1") as client:
+        with pytest.raises(openai.APIStatusError) as err:
+            client.completions.create(model=NAME, prompt="a", max_tokens=3, n=3)
+        assert err.value.status_code == 503 and err.value.response.headers.get("retry-after") == "1"
+        body = err.value.response.json()["error"]
+        assert body["code"] == "server_overloaded" and "--max-requests" in body["message"]
+
+        def one(i):
+            try:
+                r = client.completions.create(model=NAME, prompt=f"a{i}", max_tokens=40, temperature=0)
+                return "ok", r.usage.completion_tokens
+            except openai.APIStatusError as e:
+                return e.status_code, e.response.json()["error"]["code"]
+
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(one, range(8)))
+        done = [r for r in results if r[0] == "ok"]
+        shed = [r for r in results if r[0] != "ok"]
+        assert shed and all(r == (503, "server_overloaded") for r in shed), results
+        assert done and all(0 < n <= 40 for _, n in done), results
+        r = client.completions.create(model=NAME, prompt="again", max_tokens=5)      # all answered: room again
+        assert r.choices[0].text is not None
+
+
 def test_requests_cut_off_by_the_drain_get_503(spec):
     """Last: stops the module's server. SIGTERM with --shutdown-grace 0: the requests still in flight
     (one streaming, others waiting for the pool) are aborted and answered, a 503 in OpenAI's shape or

@@ -34,10 +34,11 @@ class APIError(Exception):
     """An error for the client: HTTP ``status`` and OpenAI's ``{"error": {…}}`` body."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str | None = None):
+                 type: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type or error_type(status)
+        self.headers = headers               # extra HTTP headers of the answer (e.g. Retry-After)
 
     def body(self) -> dict:
         return error_body(self.message, self.type, self.param, self.code)

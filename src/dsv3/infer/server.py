@@ -1,6 +1,7 @@
 """``dsv3 serve``: the OpenAI API over the batched engine.
 
-    dsv3 serve --model RUN/final [--host 127.0.0.1] [--port 8000] [--max-batch 32] [--cache-memory GB]
+    dsv3 serve --model RUN/final [--host 127.0.0.1] [--port 8000] [--max-batch 32] [--max-requests N]
+               [--cache-memory GB]
                [--prefix-cache DIR_OR_URL] [--speculative] [--api-key KEY] [--served-model-name NAME]
                [--max-body-bytes N] [--body-timeout S] [--header-timeout S] [--shutdown-grace S]
                [--fp8 auto|keep|dequant] [--reasoning-parser deepseek_r1] [--cuda-graphs]
@@ -79,7 +80,7 @@ class ServerState:
 
     def __init__(self, worker, tokenizer, model_name: str, template, api_key: str | None, max_body_bytes: int,
                  shutdown_grace: float, remote_prefill=None, body_timeout: float = DEFAULT_BODY_TIMEOUT,
-                 reasoning_parser: str | None = None):
+                 reasoning_parser: str | None = None, max_requests: int | None = None):
         from .detokenize import TokenBytes
         from .metrics import ServerMetrics
 
@@ -88,6 +89,7 @@ class ServerState:
         self.body_timeout = body_timeout
         self.remote_prefill = remote_prefill       # --role decode: a disagg.RemotePrefill
         self.reasoning_parser = reasoning_parser   # --reasoning-parser: chat answers split at </think>
+        self.max_requests = max_requests           # --max-requests: generations in flight at most (None: no limit)
         self.tb = TokenBytes(tokenizer)
         self.metrics = ServerMetrics(worker)
         self.created = int(time.time())
@@ -347,6 +349,11 @@ def start_all(st: ServerState, gens: list, prompt_param: str) -> asyncio.Queue:
 
     if st.cut_off:
         raise APIError(503, "the server is shutting down", code="shutting_down")
+    if st.max_requests is not None and len(st.in_flight) + len(gens) > st.max_requests:
+        # shed load before it queues: a client (the openai one does by itself) retries after a moment
+        raise APIError(503, f"the server is at its limit of {st.max_requests} generations in flight "
+                            f"(--max-requests; {len(st.in_flight)} now, this request asks for {len(gens)}): "
+                            "retry shortly", code="server_overloaded", headers={"Retry-After": "1"})
     loop, queue = asyncio.get_running_loop(), asyncio.Queue()
     try:
         for g in gens:
@@ -930,7 +937,8 @@ class Gate:
 
 def create_app(worker, tokenizer, model_name: str = "dsv3", template=None, api_key: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY, shutdown_grace: float = 30.0, role: str | None = None,
-               remote_prefill=None, body_timeout: float = DEFAULT_BODY_TIMEOUT, reasoning_parser: str | None = None):
+               remote_prefill=None, body_timeout: float = DEFAULT_BODY_TIMEOUT, reasoning_parser: str | None = None,
+               max_requests: int | None = None):
     """The FastAPI app over a running :class:`dsv3.infer.worker.EngineWorker`. ``template``: a
     :class:`dsv3.infer.chat_template.ChatTemplate` (default: the DeepSeek-V3-style one). ``role``
     "prefill" adds ``POST /internal/prefill``; ``remote_prefill`` (a :class:`dsv3.infer.disagg.RemotePrefill`,
@@ -949,7 +957,7 @@ def create_app(worker, tokenizer, model_name: str = "dsv3", template=None, api_k
         template = ChatTemplate(DEFAULT_TEMPLATE, tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token,
                                 is_default=True)
     st = ServerState(worker, tokenizer, model_name, template, api_key, max_body_bytes, shutdown_grace,
-                     remote_prefill, body_timeout, reasoning_parser)
+                     remote_prefill, body_timeout, reasoning_parser, max_requests)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -970,7 +978,7 @@ def create_app(worker, tokenizer, model_name: str = "dsv3", template=None, api_k
     @app.exception_handler(APIError)
     async def api_error(_request, e: APIError):
         # a 408 leaves the rest of the body unread: the connection cannot carry another request
-        headers = {"Connection": "close"} if e.status == 408 else None
+        headers = {**({"Connection": "close"} if e.status == 408 else {}), **(e.headers or {})} or None
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
     @app.exception_handler(ClientGone)
@@ -1071,6 +1079,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "none: open; with --role decode also sent to the prefill server)")
     p.add_argument("--max-batch", type=int, default=32, metavar="N",
                    help="requests decoded together in one forward (default 32; the cache pool bounds memory)")
+    p.add_argument("--max-requests", type=int, default=None, metavar="N",
+                   help="generations in flight (running and queued; n > 1 counts n) at most: a request beyond "
+                        "gets 503 server_overloaded with Retry-After (default: no limit, everything queues)")
     p.add_argument("--cache-memory", type=float, default=None, metavar="GB",
                    help="GB for the paged latent cache (default: what --max-batch full-context requests need, "
                         "at most a quarter of free memory)")
@@ -1123,6 +1134,8 @@ def check_args(args) -> None:
         raise ValueError(f"--threads {args.threads}: must be >= 1")
     if args.max_batch < 1:
         raise ValueError(f"--max-batch {args.max_batch}: must be >= 1")
+    if args.max_requests is not None and args.max_requests < 1:
+        raise ValueError(f"--max-requests {args.max_requests}: must be >= 1")
     if args.cache_memory is not None and not (math.isfinite(args.cache_memory) and args.cache_memory > 0):
         raise ValueError(f"--cache-memory {args.cache_memory}: must be a positive number of GB")
     if args.max_body_bytes < 1024:
@@ -1244,7 +1257,7 @@ def run(args) -> int:
             worker.close(grace=0)
             raise
     app = create_app(worker, tokenizer, name, template, api_key, args.max_body_bytes, args.shutdown_grace,
-                     args.role, remote, args.body_timeout, args.reasoning_parser)
+                     args.role, remote, args.body_timeout, args.reasoning_parser, args.max_requests)
     st = app.st
     if st.max_len < worker.max_len:
         sys.stderr.write(f"dsv3 serve: the cache pool holds {st.max_len} positions of one request, fewer than the "
