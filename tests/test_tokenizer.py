@@ -174,3 +174,37 @@ def test_transformers_loads_saved_dir(tok, tmp_path):
     ids = hf(text)["input_ids"]
     assert ids == tok.encode(text, add_bos=True)          # bos added like DeepSeek's tokenizer
     assert hf.decode(ids, skip_special_tokens=True) == text
+
+
+def test_text_prompts_start_with_bos_exactly_when_transformers_adds_it(tok, tmp_path):
+    """``add_bos_token`` (whether served text prompts start with bos) as transformers encodes the same
+    directory: tokenizer_config.json's own word when it says; else the tokenizer.json post-processor's
+    (ours adds bos). A prepared dataset's directory says it, so a model exported from it does too."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer as HFTokenizer
+
+    def saved(name, post_processor=True, **config):
+        d = tmp_path / name
+        d.mkdir()
+        hf = HFTokenizer.from_str(tok.hf.to_str())
+        if not post_processor:
+            hf.post_processor = None
+        hf.save(str(d / "tokenizer.json"))
+        (d / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN,
+             "pad_token": PAD_TOKEN, **config}), encoding="utf-8")
+        return d
+
+    for d in (saved("unsaid"), saved("said_true", add_bos_token=True), saved("no_post", post_processor=False)):
+        ours = Tokenizer.from_file(d)
+        theirs = transformers.AutoTokenizer.from_pretrained(str(d))("print(x)")["input_ids"]
+        assert ours.add_bos_token == (theirs[0] == ours.bos_id), d.name
+    assert Tokenizer.from_file(saved("said_false", add_bos_token=False)).add_bos_token is False
+
+    from dsv3.data.dataset import prepare
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, doc in enumerate(corpus(40)):
+        (src / f"{i}.py").write_text(doc, encoding="utf-8")
+    prepare(str(src), tmp_path / "data", tok, val_fraction=0.1, progress=False)
+    assert Tokenizer.from_file(tmp_path / "data").add_bos_token is True

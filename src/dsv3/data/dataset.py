@@ -269,8 +269,8 @@ def prepare(source, out_dir: str | os.PathLike, tokenizer: Tokenizer | str | Non
         f.write(tokenizer.hf.to_str())
     with fs.open(f"{root}/tokenizer_config.json", "w", encoding="utf-8") as f:
         json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tokenizer.bos_token,
-                   "eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token}, f,
-                  ensure_ascii=False)
+                   "eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token,
+                   "add_bos_token": tokenizer.add_bos_token}, f, ensure_ascii=False)
     index = {"format": FORMAT, "dtype": np.dtype(dtype).name, "vocab_size": tokenizer.vocab_size,
              "tokenizer_sha256": tokenizer.fingerprint(), "bos_id": tokenizer.bos_id,
              "eos_id": tokenizer.eos_id, "source": _describe(source), "max_bytes": max_bytes,

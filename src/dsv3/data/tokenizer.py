@@ -197,7 +197,9 @@ class Tokenizer:
     def from_file(cls, path: str | os.PathLike) -> "Tokenizer":
         """Load a ``tokenizer.json`` (a file, or a directory holding one, local or an fsspec URL);
         special token names come from a ``tokenizer_config.json`` beside it when there is one
-        (DeepSeek's own files included), else DeepSeek-V3's defaults."""
+        (DeepSeek's own files included), else DeepSeek-V3's defaults. ``add_bos_token`` (served text
+        prompts start with bos) is the config's when it says, else what the tokenizer.json's post-processor
+        does — as transformers' fast tokenizer encodes the directory."""
         import fsspec
 
         path = os.fspath(path)
@@ -221,7 +223,7 @@ class Tokenizer:
         defaults = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN}
         names = dict(defaults)
         config = (file.rsplit("/", 1)[0] + "/" if "/" in file else "") + "tokenizer_config.json"
-        add_bos = False
+        add_bos = None
         if fs.exists(config):
             try:
                 with fs.open(config, "rb") as f:
@@ -230,7 +232,8 @@ class Tokenizer:
                 raise ValueError(f"{config} is not a valid JSON text file ({e})") from None
             if not isinstance(cfg, dict):
                 raise ValueError(f"{config} must hold a JSON object")
-            add_bos = cfg.get("add_bos_token") is True
+            if isinstance(cfg.get("add_bos_token"), bool):
+                add_bos = cfg["add_bos_token"]
             for key in names:
                 value = cfg.get(key, names[key])
                 names[key] = value.get("content") if isinstance(value, dict) else value
@@ -239,6 +242,9 @@ class Tokenizer:
             if isinstance(value, str) and value not in vocab and value != defaults[key]:
                 raise ValueError(f"{config}: {key} {value!r} is not in {file}'s vocabulary")
         names = {k: (v if isinstance(v, str) and v in vocab else None) for k, v in names.items()}
+        if add_bos is None:      # not said: as transformers' fast tokenizer encodes, by the file's post-processor
+            bos = vocab.get(names["bos_token"]) if names["bos_token"] else None
+            add_bos = bos is not None and tok.encode("", add_special_tokens=True).ids[:1] == [bos]
         return cls(tok, **names, add_bos_token=add_bos)
 
     def save(self, path: str | os.PathLike, model_max_length: int | None = None) -> str:
