@@ -178,8 +178,8 @@ def test_transformers_loads_saved_dir(tok, tmp_path):
 
 def test_text_prompts_start_with_bos_exactly_when_transformers_adds_it(tok, tmp_path):
     """``add_bos_token`` (whether served text prompts start with bos) as transformers encodes the same
-    directory: tokenizer_config.json's own word when it says; else the tokenizer.json post-processor's
-    (ours adds bos). A prepared dataset's directory says it, so a model exported from it does too."""
+    directory: by the tokenizer.json's post-processor (ours adds bos), whatever tokenizer_config.json says;
+    without one, by the config. A prepared dataset's directory says it too."""
     transformers = pytest.importorskip("transformers")
     from tokenizers import Tokenizer as HFTokenizer
 
@@ -195,11 +195,12 @@ def test_text_prompts_start_with_bos_exactly_when_transformers_adds_it(tok, tmp_
              "pad_token": PAD_TOKEN, **config}), encoding="utf-8")
         return d
 
-    for d in (saved("unsaid"), saved("said_true", add_bos_token=True), saved("no_post", post_processor=False)):
+    for d in (saved("unsaid"), saved("said_true", add_bos_token=True), saved("said_false", add_bos_token=False),
+              saved("no_post", post_processor=False)):
         ours = Tokenizer.from_file(d)
         theirs = transformers.AutoTokenizer.from_pretrained(str(d))("print(x)")["input_ids"]
         assert ours.add_bos_token == (theirs[0] == ours.bos_id), d.name
-    assert Tokenizer.from_file(saved("said_false", add_bos_token=False)).add_bos_token is False
+    assert Tokenizer.from_file(saved("no_post_said", post_processor=False, add_bos_token=True)).add_bos_token
 
     from dsv3.data.dataset import prepare
     src = tmp_path / "src"

@@ -198,8 +198,8 @@ class Tokenizer:
         """Load a ``tokenizer.json`` (a file, or a directory holding one, local or an fsspec URL);
         special token names come from a ``tokenizer_config.json`` beside it when there is one
         (DeepSeek's own files included), else DeepSeek-V3's defaults. ``add_bos_token`` (served text
-        prompts start with bos) is the config's when it says, else what the tokenizer.json's post-processor
-        does — as transformers' fast tokenizer encodes the directory."""
+        prompts start with bos) is what the tokenizer.json's post-processor does, as transformers encodes
+        the directory; without a post-processor, the config's ``add_bos_token``."""
         import fsspec
 
         path = os.fspath(path)
@@ -242,10 +242,12 @@ class Tokenizer:
             if isinstance(value, str) and value not in vocab and value != defaults[key]:
                 raise ValueError(f"{config}: {key} {value!r} is not in {file}'s vocabulary")
         names = {k: (v if isinstance(v, str) and v in vocab else None) for k, v in names.items()}
-        if add_bos is None:      # not said: as transformers' fast tokenizer encodes, by the file's post-processor
+        if tok.post_processor is not None:
+            # transformers (5.x, as vLLM runs it) encodes a byte-level tokenizer.json by its post-processor,
+            # whatever tokenizer_config.json's add_bos_token says: so does a served text prompt here
             bos = vocab.get(names["bos_token"]) if names["bos_token"] else None
             add_bos = bos is not None and tok.encode("", add_special_tokens=True).ids[:1] == [bos]
-        return cls(tok, **names, add_bos_token=add_bos)
+        return cls(tok, **names, add_bos_token=bool(add_bos))
 
     def save(self, path: str | os.PathLike, model_max_length: int | None = None) -> str:
         """Write ``tokenizer.json`` and ``tokenizer_config.json`` into the directory ``path``
