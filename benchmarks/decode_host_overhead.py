@@ -220,6 +220,8 @@ def main():
     codes = {"current": current(model)}
     if args.baseline:
         codes["baseline"] = baseline(args.baseline, model)
+    for moe in model.moe_layers():       # the current code's MoE as a GPU runs it ("auto" on a CPU takes
+        moe.experts.backend = "grouped_mm"   # the per-expert loop for a single request's few rows)
     load_before = os.getloadavg()
     res: dict = {}
     for b in args.batches:

@@ -487,10 +487,13 @@ def _fp32_model(seed):
 
 @pytest.mark.parametrize("batch", [1, 8])
 def test_decode_step_host_syncs_and_ops_are_fixed(batch, one_thread, monkeypatch):
-    """A greedy decode step (fp32, CPU: the MoE layers take the grouped GEMM) reads the device once — its
-    tokens — makes two tensors from Python data (the tokens fed, the cache view's indices: one copy
-    each) and dispatches the same number of ops every step, whatever the routing and the positions."""
+    """A greedy decode step (fp32, the MoE layers on the grouped GEMM as on a GPU; "auto" takes it on CPU
+    only for batched rows) reads the device once — its tokens — makes two tensors from Python data (the
+    tokens fed, the cache view's indices: one copy each) and dispatches the same number of ops every step,
+    whatever the routing and the positions."""
     m = _fp32_model(seed=11)
+    for mod in m.moe_layers():
+        mod.experts.backend = "grouped_mm"
     eng = Engine(m, max_batch=batch, max_len=128, block_size=16)
     g = torch.Generator().manual_seed(batch)
     reqs = [eng.submit(torch.randint(3, 97, (5 + 3 * i,), generator=g).tolist(), 30, GREEDY) for i in range(batch)]

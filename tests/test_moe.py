@@ -325,9 +325,9 @@ def _random_moe(seed: int, dtype=torch.float32) -> MoE:
 
 @pytest.mark.parametrize("tokens", [1, 2, 8])
 def test_decode_sized_moe_equals_the_per_segment_path(tokens, monkeypatch):
-    """Few tokens on CPU in fp32: "auto" runs the grouped GEMM (one op per GEMM, segment offsets on the
-    device, no loop over experts and no host read of the counts). It gives what the per-expert loop
-    (the path before) gives, to fp32 rounding, and both match the fp64 per-token reference."""
+    """Few tokens on CPU in fp32 on the grouped GEMM (one op per GEMM, segment offsets on the device, no
+    loop over experts and no host read of the counts: the path a GPU takes). It gives what the per-expert
+    loop gives, to fp32 rounding, and both match the fp64 per-token reference."""
     import dsv3.model.moe as moe_mod
 
     moe = _random_moe(10 + tokens)
@@ -336,6 +336,7 @@ def test_decode_sized_moe_equals_the_per_segment_path(tokens, monkeypatch):
     real = moe_mod._GroupedMM.apply
     monkeypatch.setattr(moe_mod._GroupedMM, "apply", lambda *a: grouped.append(1) or real(*a))
     with torch.no_grad():
+        moe.experts.backend = "grouped_mm"
         y_auto = moe(x)
         assert len(grouped) == 2                             # both expert GEMMs took the grouped op
         moe.experts.backend = "segments"
@@ -347,12 +348,15 @@ def test_decode_sized_moe_equals_the_per_segment_path(tokens, monkeypatch):
 
 
 def test_auto_backend_switch_on_cpu(monkeypatch):
-    """The grouped GEMM up to GROUPED_MM_CPU_MAX_ROWS expert-sorted rows on CPU (FP32), the per-segment
-    loop above it and for FP64; CUDA BF16 alone decides by alignment (not checked here)."""
+    """The grouped GEMM from GROUPED_MM_CPU_MIN_ROWS to GROUPED_MM_CPU_MAX_ROWS expert-sorted rows on CPU
+    (FP32), the per-segment loop outside that range and for FP64; CUDA BF16 alone decides by alignment
+    (not checked here)."""
     import dsv3.model.moe as moe_mod
 
     w = torch.randn(4, 8, 16)
-    limit = moe_mod.GROUPED_MM_CPU_MAX_ROWS
+    low, limit = moe_mod.GROUPED_MM_CPU_MIN_ROWS, moe_mod.GROUPED_MM_CPU_MAX_ROWS
+    assert not moe_mod._grouped_mm_ok(torch.randn(low - 1, 16), w)
+    assert moe_mod._grouped_mm_ok(torch.randn(low, 16), w)
     assert moe_mod._grouped_mm_ok(torch.randn(limit, 16), w)
     assert not moe_mod._grouped_mm_ok(torch.randn(limit + 1, 16), w)
     assert not moe_mod._grouped_mm_ok(torch.randn(4, 16, dtype=torch.float64), w.double())
@@ -360,10 +364,12 @@ def test_auto_backend_switch_on_cpu(monkeypatch):
     calls = []
     monkeypatch.setattr(moe_mod.torch.Tensor, "tolist", lambda t: calls.append(1) or t.numpy().tolist())
     with torch.no_grad():
-        moe(torch.randn(3, 16))                              # 9 rows: no host read of the counts
+        moe(torch.randn(low, 16))                            # 3·low rows: no host read of the counts
         assert calls == []
-        moe(torch.randn(limit // 3 + 1, 16))                 # above the limit: the loop reads them
+        moe(torch.randn(1, 16))                              # 3 rows: the loop reads them (each GEMM)
         assert len(calls) == 2
+        moe(torch.randn(limit // 3 + 1, 16))                 # above the limit: the loop reads them
+        assert len(calls) == 4
 
 
 def test_expert_counts_equal_bincount():
