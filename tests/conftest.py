@@ -29,19 +29,6 @@ def one_thread():
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory, data_dir):
     """A small random model saved in the HF layout with the corpus tokenizer (for generate / serve)."""
-    import json
-    import os
-    import shutil
+    from helpers import save_corpus_model
 
-    import torch
-
-    from dsv3 import Transformer, save_pretrained
-    from helpers import small_config
-
-    out = tmp_path_factory.mktemp("gen_model")
-    torch.manual_seed(0)
-    save_pretrained(Transformer(small_config(vocab_size=2048, max_position_embeddings=128)), out)
-    shutil.copy(os.path.join(data_dir, "tokenizer.json"), out / "tokenizer.json")
-    (out / "tokenizer_config.json").write_text(json.dumps(      # as DeepSeek's: text prompts start with bos
-        {"bos_token": "<｜begin▁of▁sentence｜>", "eos_token": "<｜end▁of▁sentence｜>", "add_bos_token": True}))
-    return str(out)
+    return save_corpus_model(tmp_path_factory.mktemp("gen_model"), data_dir, max_positions=128)

@@ -128,6 +128,36 @@ def save_served_model(out, seed: int, **config) -> str:
     return str(out)
 
 
+def save_corpus_model(out, data_dir, max_positions: int) -> str:
+    """A small random model (seed 0, 2048-id vocabulary) saved in the HF layout into ``out`` with the
+    corpus tokenizer and DeepSeek's tokenizer config (text prompts start with bos); returns the path."""
+    import shutil
+
+    import torch
+
+    from dsv3 import Transformer, save_pretrained
+
+    torch.manual_seed(0)
+    save_pretrained(Transformer(small_config(vocab_size=2048, max_position_embeddings=max_positions)), out)
+    shutil.copy(os.path.join(data_dir, "tokenizer.json"), os.path.join(out, "tokenizer.json"))
+    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": "<｜begin▁of▁sentence｜>", "eos_token": "<｜end▁of▁sentence｜>",
+                   "add_bos_token": True}, f)
+    return str(out)
+
+
+@contextlib.contextmanager
+def serve_plain_or_speculative(mode: str, model_dir: str, log_dir, name: str, key: str, **kw):
+    """``serve_openai`` decoding one token a step (``mode`` "plain") or two with MTP drafts ("speculative"),
+    for module fixtures parametrised over both; skips without the serve extra or xgrammar."""
+    import pytest
+
+    for module in ("fastapi", "openai", "xgrammar"):
+        pytest.importorskip(module)
+    flags = ["--speculative"] if mode == "speculative" else []
+    with serve_openai(model_dir, log_dir, name, key, *flags, **kw) as client:
+        yield client
+
 @contextlib.contextmanager
 def serve_openai(model_dir: str, log_dir, name: str, key: str, *flags: str, timeout: float = 120):
     """A real ``dsv3 serve`` of ``model_dir`` (one thread, batches of 4, ``flags`` added), yielding an

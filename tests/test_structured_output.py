@@ -211,13 +211,10 @@ KEY, NAME = "sk-test", "json-model"
 @pytest.fixture(scope="module", params=["plain", "speculative"])
 def served(request, model_dir, tmp_path_factory):
     """A server decoding one token a step, or two with MTP drafts (--speculative)."""
-    pytest.importorskip("fastapi")
-    pytest.importorskip("openai")
-    pytest.importorskip("xgrammar")
-    from helpers import serve_openai
+    from helpers import serve_plain_or_speculative
 
-    flags = ["--speculative"] if request.param == "speculative" else []
-    with serve_openai(model_dir, tmp_path_factory.mktemp("serve_json"), NAME, KEY, *flags) as client:
+    with serve_plain_or_speculative(request.param, model_dir, tmp_path_factory.mktemp("serve_json"), NAME,
+                                    KEY) as client:
         yield client
 
 def _chat(client, **kw):

@@ -262,33 +262,18 @@ KEY, NAME = "sk-test", "tool-model"
 @pytest.fixture(scope="module")
 def tool_model(tmp_path_factory, data_dir):
     """A random model (the corpus tokenizer, 2048 positions: the tools' description and the call markers are long)."""
-    import os
-    import shutil
+    from helpers import save_corpus_model
 
-    import torch
-
-    from dsv3 import Transformer, save_pretrained
-    from helpers import small_config
-
-    out = tmp_path_factory.mktemp("tool_model")
-    torch.manual_seed(0)
-    save_pretrained(Transformer(small_config(vocab_size=2048, max_position_embeddings=2048)), out)
-    shutil.copy(os.path.join(data_dir, "tokenizer.json"), out / "tokenizer.json")
-    (out / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<｜begin▁of▁sentence｜>", "eos_token": "<｜end▁of▁sentence｜>", "add_bos_token": True}))
-    return str(out)
+    return save_corpus_model(tmp_path_factory.mktemp("tool_model"), data_dir, max_positions=2048)
 
 
 @pytest.fixture(scope="module", params=["plain", "speculative"])
 def served(request, tool_model, tmp_path_factory):
     """The model behind dsv3 serve, decoding one token a step or two with MTP drafts (--speculative)."""
-    pytest.importorskip("fastapi")
-    pytest.importorskip("openai")
-    pytest.importorskip("xgrammar")
-    from helpers import serve_openai
+    from helpers import serve_plain_or_speculative
 
-    flags = ["--speculative"] if request.param == "speculative" else []
-    with serve_openai(tool_model, tmp_path_factory.mktemp("serve_tools"), NAME, KEY, *flags, timeout=300) as client:
+    with serve_plain_or_speculative(request.param, tool_model, tmp_path_factory.mktemp("serve_tools"), NAME, KEY,
+                                    timeout=300) as client:
         yield client
 
 MESSAGES = [{"role": "user", "content": "What is the weather in Rome?"}]
